@@ -1,0 +1,150 @@
+"""Drive a ``RequesterSession`` against a remote Custodian service.
+
+The session decides everything; this module only moves its messages over
+gRPC.  Blinding (request thread), custodian evaluation (remote) and
+finalization (this thread) overlap because the evaluation RPC is a
+bidirectional stream; the tag stream runs in parallel on its own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from proto import service_kit as kit
+from protocol.errors import ProtocolError
+from protocol.messages import EvaluatedChunk, TagChunk
+from protocol.sessions import Receipt, RequesterSession, SessionOutcome
+
+pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
+
+#: progress(phase, done, total)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class WireStats:
+    """Payload bytes moved in each direction, per phase (protobuf framing excluded)."""
+
+    a_to_b: dict[str, int] = field(default_factory=dict)
+    b_to_a: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, up: int = 0, down: int = 0) -> None:
+        self.a_to_b[phase] = self.a_to_b.get(phase, 0) + up
+        self.b_to_a[phase] = self.b_to_a.get(phase, 0) + down
+
+
+def _noop(phase: str, done: int, total: int) -> None:
+    return None
+
+
+def run_remote_session(
+    session: RequesterSession,
+    channel: grpc.Channel,
+    *,
+    progress: Progress = _noop,
+    stats: WireStats | None = None,
+    rpc_timeout: float = 6 * 3600,
+) -> SessionOutcome:
+    """Run one identity-tier session end to end over ``channel`` (mTLS)."""
+    stub = pb2_grpc.CustodianStub(channel)
+    stats = stats if stats is not None else WireStats()
+    lock = threading.Lock()
+    sid = session.session_id
+
+    t0 = time.perf_counter()
+    open_pb = kit.open_request_to_pb(session.open_request())
+    opened = stub.OpenSession(open_pb, timeout=600)
+    stats.add("open", open_pb.ByteSize(), opened.ByteSize())
+    session.handle(kit.open_response_from_pb(opened))
+    if session.custodian_key is None and opened.custodian_public_key:
+        session.custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
+    stats.seconds["open"] = time.perf_counter() - t0
+    progress("open", 1, 1)
+
+    tag_total = opened.tag_count
+    tag_error: list[BaseException] = []
+
+    def pull_tags() -> None:
+        got = 0
+        try:
+            for pb in stub.StreamTags(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
+                with lock:
+                    session.handle(TagChunk(seq=pb.seq, tags=pb.tags))
+                stats.add("tags", 0, len(pb.tags))
+                got += len(pb.tags) // max(opened.tag_size, 1)
+                progress("tags", got, tag_total)
+        except BaseException as exc:  # re-raised in the calling thread
+            tag_error.append(exc)
+
+    t_tags = time.perf_counter()
+    tag_thread = threading.Thread(target=pull_tags, name="tags", daemon=True)
+    tag_thread.start()
+
+    total = session.element_count
+    t_eval = time.perf_counter()
+
+    def requests():  # runs on gRPC's request thread: blinding overlaps evaluation
+        for seq in range(session.chunk_count):
+            with lock:
+                chunk = session.evaluation_chunk(seq)
+            stats.add("evaluate", len(chunk.elements), 0)
+            yield pb2.ElementChunk(session_id=sid, seq=seq, elements=chunk.elements)
+
+    done = 0
+    if session.chunk_count:
+        for pb in stub.Evaluate(requests(), timeout=rpc_timeout):
+            with lock:
+                session.handle(EvaluatedChunk(seq=pb.seq, elements=pb.elements))
+            stats.add("evaluate", 0, len(pb.elements))
+            done += len(pb.elements) // 32
+            progress("evaluate", done, total)
+    stats.seconds["evaluate"] = time.perf_counter() - t_eval
+    tag_thread.join()
+    stats.seconds["tags"] = time.perf_counter() - t_tags
+    if tag_error:
+        raise tag_error[0]
+
+    t_match = time.perf_counter()
+    matches = session.match()
+    stats.seconds["match"] = time.perf_counter() - t_match
+    progress("match", len(matches), len(matches))
+
+    t_disc = time.perf_counter()
+    disclosed = 0
+
+    def disclosure_requests():
+        for req in session.disclosure_requests():
+            pb = kit.disclosure_request_to_pb(sid, req)
+            stats.add("disclose", pb.ByteSize(), 0)
+            yield pb
+
+    if matches:
+        for pb in stub.Disclose(disclosure_requests(), timeout=rpc_timeout):
+            stats.add("disclose", 0, pb.ByteSize())
+            session.handle(kit.disclosure_response_from_pb(pb))
+            disclosed += len(pb.disclosures) + len(pb.rejected)
+            progress("disclose", disclosed, len(matches))
+    stats.seconds["disclose"] = time.perf_counter() - t_disc
+
+    t_close = time.perf_counter()
+    close = session.close_request()
+    receipt_pb = stub.CloseSession(
+        pb2.CloseSessionRequest(session_id=sid, transcript_hash=close.transcript_hash),
+        timeout=600,
+    )
+    countersigned = session.handle(kit.receipt_from_pb(receipt_pb))
+    if not isinstance(countersigned, Receipt):
+        raise ProtocolError("no receipt")
+    if countersigned.requester_signature:
+        stub.Countersign(kit.receipt_to_pb(countersigned), timeout=600)
+    stats.seconds["close"] = time.perf_counter() - t_close
+    progress("close", 1, 1)
+    return SessionOutcome(matches=session.matches, results=session.results,
+                          receipt=countersigned, rejected=session.rejected)

@@ -1,0 +1,175 @@
+"""Custodian gRPC service: a thin adapter from ``Custodian`` RPCs to ``CustodianSession``.
+
+It authenticates the caller from its mTLS certificate, finds the caller's
+session, passes messages in and replies out, and maps library errors to
+status codes.  Every decision is made by ``protocol.sessions`` and
+``protocol.policy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from proto import service_kit as kit
+from protocol.errors import ProtocolError, PSIError
+from protocol.messages import CloseRequest, EvaluateChunk, TagChunk
+from protocol.sessions import Custodian, CustodianSession
+
+pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
+log = logging.getLogger("agency_b")
+
+SERVICE_NAME = "gatedpsi.v1.Custodian"
+#: Live sessions kept in memory; the oldest idle ones are dropped beyond this.
+MAX_LIVE_SESSIONS = 256
+
+
+@dataclass
+class _Live:
+    session: CustodianSession
+    peer: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    touched: float = field(default_factory=time.monotonic)
+
+
+class CustodianService(pb2_grpc.CustodianServicer):
+    """gRPC face of a ``Custodian``; one ``CustodianSession`` per session id."""
+
+    def __init__(self, custodian: Custodian) -> None:
+        self.custodian = custodian
+        self._sessions: OrderedDict[str, _Live] = OrderedDict()
+        self._lock = threading.Lock()
+        self._public_key = custodian.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _live(self, session_id: str, peer: str, context: grpc.ServicerContext) -> _Live:
+        with self._lock:
+            live = self._sessions.get(session_id)
+        if live is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"unknown_session: no open session {session_id!r}")
+        if live.peer != peer:  # type: ignore[union-attr]
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "requester_mismatch: the session belongs to another agency")
+        live.touched = time.monotonic()  # type: ignore[union-attr]
+        return live  # type: ignore[return-value]
+
+    def _refuse(self, context: grpc.ServicerContext, exc: BaseException, **fields: Any) -> None:
+        kit.log_event(log, "refused", logging.WARNING, status=kit.status_for(exc).name,
+                      reason=kit.error_message(exc), **fields)
+        kit.abort_for(context, exc)
+
+    # -- RPCs --------------------------------------------------------------------
+
+    def OpenSession(self, request: Any, context: grpc.ServicerContext) -> Any:
+        peer = kit.peer_agency(context)
+        msg = kit.open_request_from_pb(request)
+        session = self.custodian.session()
+        try:
+            reply = session.handle(msg, peer_id=peer)
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="OpenSession", peer=peer, session=msg.session_id)
+        with self._lock:
+            self._sessions[msg.session_id] = _Live(session, peer)
+            self._sessions.move_to_end(msg.session_id)
+            while len(self._sessions) > MAX_LIVE_SESSIONS:
+                self._sessions.popitem(last=False)
+        kit.log_event(log, "session_opened", peer=peer, session=msg.session_id,
+                      authorization=reply.authorization_id, elements=reply.element_count,
+                      tags=reply.tag_count, budget_remaining=reply.budget_remaining)
+        return kit.open_response_to_pb(reply, self._public_key)
+
+    def StreamTags(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        peer = kit.peer_agency(context)
+        live = self._live(request.session_id, peer, context)
+        chunk_tags = request.chunk_tags or 65_536
+        chunk_tags = max(1, min(chunk_tags, 262_144))
+        try:
+            with live.lock:
+                chunks: list[TagChunk] = list(live.session.tag_chunks(chunk_tags))
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="StreamTags", peer=peer)
+        for chunk in chunks:
+            if not context.is_active():
+                return
+            yield pb2.TagChunk(seq=chunk.seq, tags=chunk.tags)
+
+    def Evaluate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+                 ) -> Iterator[Any]:
+        peer = kit.peer_agency(context)
+        count = 0
+        for pb in request_iterator:
+            live = self._live(pb.session_id, peer, context)
+            try:
+                with live.lock:
+                    reply = live.session.handle(EvaluateChunk(seq=pb.seq, elements=pb.elements))
+            except PSIError as exc:
+                self._refuse(context, exc, rpc="Evaluate", peer=peer, session=pb.session_id,
+                             seq=pb.seq)
+            count += len(pb.elements) // 32
+            yield pb2.ElementChunk(session_id=pb.session_id, seq=reply.seq,
+                                   elements=reply.elements)
+        kit.log_event(log, "evaluated", peer=peer, elements=count)
+
+    def Disclose(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+                 ) -> Iterator[Any]:
+        peer = kit.peer_agency(context)
+        for pb in request_iterator:
+            live = self._live(pb.session_id, peer, context)
+            try:
+                with live.lock:
+                    reply = live.session.handle(kit.disclosure_request_from_pb(pb))
+            except PSIError as exc:
+                self._refuse(context, exc, rpc="Disclose", peer=peer, session=pb.session_id)
+            kit.log_event(log, "disclosed", peer=peer, session=pb.session_id,
+                          released=len(reply.disclosures), rejected=len(reply.rejected))
+            yield kit.disclosure_response_to_pb(reply)
+
+    def CloseSession(self, request: Any, context: grpc.ServicerContext) -> Any:
+        peer = kit.peer_agency(context)
+        live = self._live(request.session_id, peer, context)
+        try:
+            with live.lock:
+                receipt = live.session.handle(
+                    CloseRequest(transcript_hash=request.transcript_hash))
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="CloseSession", peer=peer)
+        kit.log_event(log, "session_closed", peer=peer, session=request.session_id,
+                      evaluated=receipt.evaluated, disclosed=receipt.disclosed)
+        return kit.receipt_to_pb(receipt)
+
+    def Countersign(self, request: Any, context: grpc.ServicerContext) -> Any:
+        peer = kit.peer_agency(context)
+        live = self._live(request.session_id, peer, context)
+        try:
+            with live.lock:
+                live.session.countersign(kit.receipt_from_pb(request))
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="Countersign", peer=peer)
+        with self._lock:
+            self._sessions.pop(request.session_id, None)
+        return pb2.CountersignAck(stored=True)
+
+
+def serve(custodian: Custodian, tls: kit.TLSFiles, listen: str = "127.0.0.1:0",
+          *, max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """Start the custodian service; returns (server, port).  Caller stops it."""
+    service = CustodianService(custodian)
+    server, port, _health = kit.build_server(
+        [(pb2_grpc.add_CustodianServicer_to_server, service)], [SERVICE_NAME], tls, listen,
+        max_workers=max_workers,
+    )
+    server.start()
+    return server, port
+
+
+__all__ = ["SERVICE_NAME", "CustodianService", "ProtocolError", "serve"]

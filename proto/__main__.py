@@ -1,0 +1,3 @@
+from proto import generate
+
+print(generate(force=True))

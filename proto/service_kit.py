@@ -1,0 +1,307 @@
+"""What both gRPC services share: codec, status mapping, mTLS, health, logs.
+
+The services are thin adapters: they translate protobuf to ``protocol.messages``
+(``to_*`` / ``from_*`` here), hand them to sessions, and map library errors to
+gRPC status codes (``abort_for``).  Nothing here decides policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import load
+from protocol import messages as m
+from protocol.errors import (
+    BudgetExhausted,
+    DisclosureCapReached,
+    InvalidElementError,
+    InvalidRecordError,
+    LedgerError,
+    PolicyRefusal,
+    ProtocolError,
+    PSIError,
+)
+from protocol.pki import agency_id_from_auth_context
+from protocol.policy import REFUSAL_CATEGORY, Reason
+
+pb2, pb2_grpc = load()
+
+#: Largest message either side accepts: a 65,536-element chunk is 2 MiB; leave headroom.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+_CATEGORY_STATUS = {
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code that fits a library error."""
+    if isinstance(exc, PolicyRefusal):
+        first = exc.reasons[0] if exc.reasons else "malformed"
+        try:
+            category = REFUSAL_CATEGORY[Reason(first)]
+        except ValueError:
+            category = "invalid_argument"
+        return _CATEGORY_STATUS.get(category, grpc.StatusCode.PERMISSION_DENIED)
+    if isinstance(exc, BudgetExhausted | DisclosureCapReached):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, InvalidElementError | InvalidRecordError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, ProtocolError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, LedgerError):
+        return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode.INTERNAL
+
+
+def error_message(exc: BaseException) -> str:
+    """``<code>: <message>`` — the machine-readable reason first, then the human text."""
+    code = exc.code if isinstance(exc, PSIError) else "internal"
+    return f"{code}: {exc}"
+
+
+def abort_for(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    context.abort(status_for(exc), error_message(exc))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def peer_agency(context: grpc.ServicerContext) -> str:
+    """The authenticated agency id of the caller, from its mTLS client certificate."""
+    agency = agency_id_from_auth_context(context.auth_context())
+    if not agency:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                      "unauthenticated: no agency identity in the client certificate")
+    return agency  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ codec
+
+
+def open_request_to_pb(msg: m.OpenRequest) -> Any:
+    return pb2.OpenSessionRequest(
+        session_id=msg.session_id, signed_authorization=msg.signed_authorization,
+        tier=msg.tier, match_rules=list(msg.match_rules),
+        disclosure_fields=list(msg.disclosure_fields), element_count=msg.element_count,
+        engine=msg.engine,
+    )
+
+
+def open_request_from_pb(pb: Any) -> m.OpenRequest:
+    return m.OpenRequest(
+        session_id=pb.session_id, signed_authorization=pb.signed_authorization, tier=pb.tier,
+        match_rules=tuple(pb.match_rules), disclosure_fields=tuple(pb.disclosure_fields),
+        element_count=pb.element_count, engine=pb.engine or "oprf",
+    )
+
+
+def open_response_to_pb(msg: m.OpenResponse, custodian_public_key: bytes) -> Any:
+    return pb2.OpenSessionResponse(
+        session_id=msg.session_id, authorization_id=msg.authorization_id,
+        custodian_id=msg.custodian_id, match_rules=list(msg.match_rules),
+        disclosure_fields=list(msg.disclosure_fields), element_count=msg.element_count,
+        tag_count=msg.tag_count, tag_size=msg.tag_size, budget_remaining=msg.budget_remaining,
+        custodian_public_key=custodian_public_key,
+    )
+
+
+def open_response_from_pb(pb: Any) -> m.OpenResponse:
+    return m.OpenResponse(
+        session_id=pb.session_id, authorization_id=pb.authorization_id,
+        custodian_id=pb.custodian_id, match_rules=tuple(pb.match_rules),
+        disclosure_fields=tuple(pb.disclosure_fields), element_count=pb.element_count,
+        tag_count=pb.tag_count, tag_size=pb.tag_size, budget_remaining=pb.budget_remaining,
+    )
+
+
+def disclosure_request_to_pb(session_id: str, msg: m.DisclosureRequest) -> Any:
+    return pb2.DisclosureRequest(
+        session_id=session_id, seq=msg.seq,
+        items=[pb2.DisclosureItem(rule_id=r, output=o) for r, o in msg.outputs],
+    )
+
+
+def disclosure_request_from_pb(pb: Any) -> m.DisclosureRequest:
+    return m.DisclosureRequest(seq=pb.seq, outputs=tuple((i.rule_id, i.output) for i in pb.items))
+
+
+def disclosure_response_to_pb(msg: m.DisclosureResponse) -> Any:
+    return pb2.DisclosureResponse(
+        seq=msg.seq, rejected=list(msg.rejected),
+        disclosures=[
+            pb2.Disclosure(index=d.index, rule_id=d.rule_id, pseudonym=d.pseudonym,
+                           fields=[pb2.Field(name=k, value=v) for k, v in d.fields])
+            for d in msg.disclosures
+        ],
+    )
+
+
+def disclosure_response_from_pb(pb: Any) -> m.DisclosureResponse:
+    return m.DisclosureResponse(
+        seq=pb.seq, rejected=tuple(pb.rejected),
+        disclosures=tuple(
+            m.Disclosure(index=d.index, rule_id=d.rule_id, pseudonym=d.pseudonym,
+                         fields=tuple((f.name, f.value) for f in d.fields))
+            for d in pb.disclosures
+        ),
+    )
+
+
+def receipt_to_pb(r: m.Receipt) -> Any:
+    return pb2.ReceiptMessage(
+        authorization_id=r.authorization_id, session_id=r.session_id,
+        custodian_id=r.custodian_id, requester_id=r.requester_id, evaluated=r.evaluated,
+        disclosed=r.disclosed, transcript_hash=r.transcript_hash,
+        custodian_signature=r.custodian_signature, requester_signature=r.requester_signature,
+    )
+
+
+def receipt_from_pb(pb: Any) -> m.Receipt:
+    return m.Receipt(
+        authorization_id=pb.authorization_id, session_id=pb.session_id,
+        custodian_id=pb.custodian_id, requester_id=pb.requester_id, evaluated=pb.evaluated,
+        disclosed=pb.disclosed, transcript_hash=pb.transcript_hash,
+        custodian_signature=pb.custodian_signature, requester_signature=pb.requester_signature,
+    )
+
+
+# ------------------------------------------------------------------ TLS / servers
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files of one agency: the CA that it trusts, and its own cert and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_dir(cls, certs: Path, agency: str, role: str) -> TLSFiles:
+        """Conventional names written by ``psi-authority dev-ca``: <agency>.<role>.pem/.key."""
+        return cls(certs / "ca.pem", certs / f"{agency}.{role}.pem", certs / f"{agency}.{role}.key")
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        for p in (self.ca, self.cert, self.key):
+            if not p.is_file():
+                raise FileNotFoundError(f"TLS file not found: {p}")
+        return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
+
+
+def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
+    """mTLS only: clients must present a certificate from the configured CA."""
+    ca, cert, key = tls.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=True)
+
+
+def secure_channel(address: str, tls: TLSFiles) -> grpc.Channel:
+    ca, cert, key = tls.read()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                         certificate_chain=cert)
+    return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+
+
+def build_server(
+    services: Sequence[tuple[Any, Any]],
+    service_names: Sequence[str],
+    tls: TLSFiles,
+    listen: str,
+    *,
+    max_workers: int = 16,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A gRPC server with mTLS, health checking, reflection and explicit size limits.
+
+    ``services`` are (add_XServicer_to_server, servicer) pairs.  Returns the
+    server, the bound port (``listen`` may end in ``:0``) and the health servicer.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=CHANNEL_OPTIONS)
+    for add, servicer in services:
+        add(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in service_names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_secure_port(listen, server_credentials(tls))
+    if port == 0:
+        raise OSError(f"could not bind {listen}")
+    return server, port, health_servicer
+
+
+def wait_healthy(channel: grpc.Channel, service: str = "", timeout: float = 20.0) -> None:
+    """Block until the peer's health service reports SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"service not healthy after {timeout}s: {last}")
+
+
+def chunked(data: bytes, size: int) -> Iterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+# ------------------------------------------------------------------ logs
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: machine-readable logs for operators and auditors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "info", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    logger.log(level, event, extra={"fields": fields})

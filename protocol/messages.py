@@ -1,0 +1,294 @@
+"""Session messages exchanged between Requester and Custodian.
+
+These are transport-neutral: the gRPC services translate protobuf to and from
+these dataclasses, and the in-process driver passes them directly.  Each
+message has a canonical ``transcript_bytes()`` encoding so that both parties
+hash exactly the same bytes into the session transcript, whatever the wire
+format was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from protocol.errors import ProtocolError
+
+TRANSCRIPT_DOMAIN = b"gated-psi/transcript/v1"
+RECEIPT_DOMAIN = b"gated-psi/receipt/v1"
+COUNTERSIGN_DOMAIN = b"gated-psi/receipt-countersignature/v1"
+
+#: Elements per evaluation chunk by default: 4096 x 32 B = 128 KiB per message.
+DEFAULT_CHUNK = 4096
+#: Hard upper bound on elements in one chunk, enforced by the custodian.
+MAX_CHUNK_ELEMENTS = 65_536
+#: Hard upper bound on outputs in one disclosure request.
+MAX_DISCLOSURE_BATCH = 4096
+
+
+def _lp(data: bytes) -> bytes:
+    """Length-prefix ``data`` (4-byte big-endian) so concatenations are unambiguous."""
+    return struct.pack(">I", len(data)) + data
+
+
+def _lp_str(text: str) -> bytes:
+    return _lp(text.encode("utf-8"))
+
+
+def _lp_strs(items: Iterable[str]) -> bytes:
+    items = tuple(items)
+    return struct.pack(">I", len(items)) + b"".join(_lp_str(i) for i in items)
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """Requester -> Custodian: present the signed authorization and the session shape.
+
+    ``element_count`` is the number of OPRF evaluations the requester will ask for
+    (one per query and match rule); it is reserved against the persistent budget.
+    """
+
+    session_id: str
+    signed_authorization: bytes
+    tier: str
+    match_rules: tuple[str, ...]
+    disclosure_fields: tuple[str, ...]
+    element_count: int
+    engine: str = "oprf"
+
+    def transcript_bytes(self) -> bytes:
+        return b"".join(
+            [
+                b"open-request",
+                _lp_str(self.session_id),
+                _lp(self.signed_authorization),
+                _lp_str(self.tier),
+                _lp_strs(self.match_rules),
+                _lp_strs(self.disclosure_fields),
+                struct.pack(">Q", self.element_count),
+                _lp_str(self.engine),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class OpenResponse:
+    """Custodian -> Requester: the session is open; what was granted."""
+
+    session_id: str
+    authorization_id: str
+    custodian_id: str
+    match_rules: tuple[str, ...]
+    disclosure_fields: tuple[str, ...]
+    element_count: int
+    tag_count: int
+    tag_size: int
+    budget_remaining: int
+
+    def transcript_bytes(self) -> bytes:
+        return b"".join(
+            [
+                b"open-response",
+                _lp_str(self.session_id),
+                _lp_str(self.authorization_id),
+                _lp_str(self.custodian_id),
+                _lp_strs(self.match_rules),
+                _lp_strs(self.disclosure_fields),
+                struct.pack(
+                    ">QQQQ", self.element_count, self.tag_count, self.tag_size,
+                    self.budget_remaining,
+                ),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class TagChunk:
+    """Custodian -> Requester: a slice of the sorted tag set (``n * tag_size`` bytes)."""
+
+    seq: int
+    tags: bytes
+
+    def transcript_bytes(self) -> bytes:
+        return b"tags" + struct.pack(">Q", self.seq) + _lp(self.tags)
+
+
+@dataclass(frozen=True)
+class EvaluateChunk:
+    """Requester -> Custodian: blinded elements, ``n * 32`` bytes, compact."""
+
+    seq: int
+    elements: bytes
+
+    def transcript_bytes(self) -> bytes:
+        return b"evaluate" + struct.pack(">Q", self.seq) + _lp(self.elements)
+
+
+@dataclass(frozen=True)
+class EvaluatedChunk:
+    """Custodian -> Requester: the evaluated elements of chunk ``seq``, same order."""
+
+    seq: int
+    elements: bytes
+
+    def transcript_bytes(self) -> bytes:
+        return b"evaluated" + struct.pack(">Q", self.seq) + _lp(self.elements)
+
+
+@dataclass(frozen=True)
+class DisclosureRequest:
+    """Requester -> Custodian: OPRF outputs of matched queries (proof of having queried)."""
+
+    seq: int
+    outputs: tuple[tuple[str, bytes], ...]  # (rule_id, 64-byte OPRF output)
+
+    def transcript_bytes(self) -> bytes:
+        parts = [b"disclosure-request", struct.pack(">QI", self.seq, len(self.outputs))]
+        for rule_id, output in self.outputs:
+            parts.append(_lp_str(rule_id) + _lp(output))
+        return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """One released record: only permitted fields, keyed by a per-authorization pseudonym.
+
+    ``index`` points back into the request's ``outputs`` so the requester can join the
+    disclosure to its own query without the custodian learning which query it was.
+    """
+
+    index: int
+    rule_id: str
+    pseudonym: str
+    fields: tuple[tuple[str, str], ...]
+
+    def transcript_bytes(self) -> bytes:
+        parts = [struct.pack(">I", self.index), _lp_str(self.rule_id), _lp_str(self.pseudonym)]
+        parts.append(struct.pack(">I", len(self.fields)))
+        for name, value in self.fields:
+            parts.append(_lp_str(name) + _lp_str(value))
+        return b"".join(parts)
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.fields)
+
+
+@dataclass(frozen=True)
+class DisclosureResponse:
+    """Custodian -> Requester: disclosures for the verified outputs of request ``seq``.
+
+    ``rejected`` lists indexes whose output did not verify (invented or replayed).
+    """
+
+    seq: int
+    disclosures: tuple[Disclosure, ...]
+    rejected: tuple[int, ...] = ()
+
+    def transcript_bytes(self) -> bytes:
+        parts = [b"disclosure-response", struct.pack(">QI", self.seq, len(self.disclosures))]
+        parts.extend(d.transcript_bytes() for d in self.disclosures)
+        parts.append(struct.pack(">I", len(self.rejected)))
+        parts.extend(struct.pack(">I", i) for i in self.rejected)
+        return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class CloseRequest:
+    """Requester -> Custodian: done; carries the requester's transcript hash."""
+
+    transcript_hash: bytes
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Signed account of a session: what was evaluated and disclosed, over which transcript."""
+
+    authorization_id: str
+    session_id: str
+    custodian_id: str
+    requester_id: str
+    evaluated: int
+    disclosed: int
+    transcript_hash: bytes
+    custodian_signature: bytes = b""
+    requester_signature: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        """The bytes the custodian signs (everything except the signatures)."""
+        return b"".join(
+            [
+                RECEIPT_DOMAIN,
+                _lp_str(self.authorization_id),
+                _lp_str(self.session_id),
+                _lp_str(self.custodian_id),
+                _lp_str(self.requester_id),
+                struct.pack(">QQ", self.evaluated, self.disclosed),
+                _lp(self.transcript_hash),
+            ]
+        )
+
+    def countersigned_bytes(self) -> bytes:
+        """The requester countersigns the receipt together with the custodian's signature."""
+        return COUNTERSIGN_DOMAIN + _lp(self.signed_bytes()) + _lp(self.custodian_signature)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "authorization_id": self.authorization_id,
+            "session_id": self.session_id,
+            "custodian_id": self.custodian_id,
+            "requester_id": self.requester_id,
+            "evaluated": self.evaluated,
+            "disclosed": self.disclosed,
+            "transcript_hash": self.transcript_hash.hex(),
+            "custodian_signature": self.custodian_signature.hex(),
+            "requester_signature": self.requester_signature.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Receipt:
+        try:
+            return cls(
+                authorization_id=str(data["authorization_id"]),
+                session_id=str(data["session_id"]),
+                custodian_id=str(data["custodian_id"]),
+                requester_id=str(data["requester_id"]),
+                evaluated=int(data["evaluated"]),  # type: ignore[arg-type]
+                disclosed=int(data["disclosed"]),  # type: ignore[arg-type]
+                transcript_hash=bytes.fromhex(str(data["transcript_hash"])),
+                custodian_signature=bytes.fromhex(str(data.get("custodian_signature", ""))),
+                requester_signature=bytes.fromhex(str(data.get("requester_signature", ""))),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed receipt: {exc}") from exc
+
+
+@dataclass
+class Transcript:
+    """Running transcript hash, one SHA-512 per message stream.
+
+    Streams are hashed separately because over gRPC the tag stream and the
+    evaluation stream interleave differently on each side; within a stream the
+    order is fixed, so both parties compute the same digest.
+    """
+
+    streams: dict[str, hashlib._Hash] = field(default_factory=dict)  # type: ignore[name-defined]
+
+    STREAMS = ("open", "tags", "evaluate", "evaluated", "disclosure-request",
+               "disclosure-response")
+
+    def __post_init__(self) -> None:
+        for name in self.STREAMS:
+            h = hashlib.sha512()
+            h.update(TRANSCRIPT_DOMAIN + b"/" + name.encode())
+            self.streams[name] = h
+
+    def add(self, stream: str, message: object) -> None:
+        self.streams[stream].update(message.transcript_bytes())  # type: ignore[attr-defined]
+
+    def digest(self) -> bytes:
+        final = hashlib.sha256(TRANSCRIPT_DOMAIN)
+        for name in self.STREAMS:
+            final.update(_lp(self.streams[name].digest()))
+        return final.digest()

@@ -1,0 +1,606 @@
+"""RFC 9497 OPRF(ristretto255, SHA-512), base mode (mode 0): the hazmat layer.
+
+Names mirror the RFC in snake_case so the code can be read line by line beside it:
+RFC 9497 §3 (protocol), §4.1 (the ristretto255-SHA512 suite) and RFC 9380 §5.3
+(expand_message_xmd). All group and scalar arithmetic is done by libsodium through
+``rbcl``; Python integers are used only for arithmetic modulo the group order where
+they are faster (inversion).
+
+Encodings are those of the RFC: elements are 32-byte canonical ristretto255
+encodings, scalars are 32-byte little-endian integers below ``GROUP_ORDER``.
+
+The ``*_batch`` functions take and return *compact buffers* (``n * 32``
+concatenated encodings in one ``bytes``) because that is what goes on the wire and
+to worker processes. ``BatchPool`` spreads those batches over all cores.
+
+Nothing here is safe to use without the session layer: it does not decide who may
+evaluate what. It only guarantees that every element taken from outside passes
+``deserialize_element`` before it touches a secret scalar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from itertools import repeat
+from types import TracebackType
+from typing import Any, TypeVar
+
+import rbcl
+
+from protocol.errors import InvalidElementError, PSIError
+
+__all__ = [
+    "CONTEXT_STRING",
+    "ELEMENT_SIZE",
+    "GROUP_ORDER",
+    "MODE_OPRF",
+    "OUTPUT_SIZE",
+    "SCALAR_SIZE",
+    "BatchPool",
+    "DeriveKeyPairError",
+    "InvalidInputError",
+    "blind",
+    "blind_batch",
+    "blind_evaluate",
+    "blind_evaluate_batch",
+    "derive_key_pair",
+    "deserialize_element",
+    "deserialize_scalar",
+    "evaluate",
+    "evaluate_batch",
+    "expand_message_xmd",
+    "finalize",
+    "finalize_batch",
+    "hash_to_group",
+    "hash_to_scalar",
+    "random_scalar",
+]
+
+# --- suite constants (RFC 9497 §3.1, §4.1) ------------------------------------------------
+
+MODE_OPRF = 0
+CONTEXT_STRING = b"OPRFV1-\x00-ristretto255-SHA512"
+ELEMENT_SIZE = 32  # Noe
+SCALAR_SIZE = 32  # Ns
+OUTPUT_SIZE = 64  # Nh
+GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493  # L, prime
+
+# Domain-separation tags: one per use of the hash, as the RFC assigns them.
+_HASH_TO_GROUP_DST = b"HashToGroup-" + CONTEXT_STRING
+_HASH_TO_SCALAR_DST = b"HashToScalar-" + CONTEXT_STRING
+_DERIVE_KEY_PAIR_DST = b"DeriveKeyPair" + CONTEXT_STRING
+_FINALIZE_LABEL = b"Finalize"
+_OVERSIZE_DST_PREFIX = b"H2C-OVERSIZE-DST-"  # RFC 9380 §5.3.3
+
+_B_IN_BYTES = 64  # SHA-512 digest size
+_S_IN_BYTES = 128  # SHA-512 input block size
+_Z_PAD = bytes(_S_IN_BYTES)
+_MAX_INPUT_LEN = 0xFFFF  # inputs are length-prefixed with I2OSP(len, 2)
+_IDENTITY = bytes(ELEMENT_SIZE)  # the unique canonical encoding of the identity
+_ELEMENT_LEN_PREFIX = ELEMENT_SIZE.to_bytes(2, "big")
+
+# libsodium entry points bound once; the batch loops bind them again to locals.
+_sha512 = hashlib.sha512
+_from_hash = rbcl.crypto_core_ristretto255_from_hash
+_scalarmult = rbcl.crypto_scalarmult_ristretto255
+_scalarmult_base = rbcl.crypto_scalarmult_ristretto255_base
+_is_valid_point = rbcl.crypto_core_ristretto255_is_valid_point
+_scalar_random = rbcl.crypto_core_ristretto255_scalar_random
+_scalar_reduce = rbcl.crypto_core_ristretto255_scalar_reduce
+
+
+class InvalidInputError(PSIError):
+    """RFC 9497 InvalidInputError: an input that cannot be evaluated.
+
+    Raised when an input is longer than 65535 bytes or (with negligible
+    probability) hashes to the identity element.
+    """
+
+    code = "invalid_input"
+
+
+class DeriveKeyPairError(PSIError):
+    """RFC 9497 DeriveKeyPairError: 256 candidate keys in a row were zero."""
+
+    code = "derive_key_pair_error"
+
+
+# --- RFC 9380 §5.3.1 expand_message_xmd with SHA-512 --------------------------------------
+
+
+def expand_message_xmd(msg: bytes, dst: bytes, len_in_bytes: int) -> bytes:
+    """Expand ``msg`` into ``len_in_bytes`` uniform bytes (RFC 9380 §5.3.1, H = SHA-512).
+
+    A DST longer than 255 bytes is first replaced by
+    ``SHA-512("H2C-OVERSIZE-DST-" || DST)`` (§5.3.3). An empty DST is refused
+    because §3.1 requires a non-empty tag.
+    """
+    if not 1 <= len_in_bytes <= 65535:
+        raise ValueError(f"len_in_bytes must be in 1..65535, got {len_in_bytes}")
+    ell = -(-len_in_bytes // _B_IN_BYTES)
+    if ell > 255:
+        raise ValueError(f"len_in_bytes {len_in_bytes} needs ell = {ell} > 255 blocks")
+    if not dst:
+        raise ValueError("DST must not be empty")
+    if len(dst) > 255:
+        dst = _sha512(_OVERSIZE_DST_PREFIX + dst).digest()
+    dst_prime = dst + len(dst).to_bytes(1, "big")
+    msg_prime = _Z_PAD + msg + len_in_bytes.to_bytes(2, "big") + b"\x00" + dst_prime
+    b_0 = _sha512(msg_prime).digest()
+    b_i = _sha512(b_0 + b"\x01" + dst_prime).digest()
+    uniform = [b_i]
+    b_0_int = int.from_bytes(b_0, "big")
+    for i in range(2, ell + 1):
+        strxor = (b_0_int ^ int.from_bytes(b_i, "big")).to_bytes(_B_IN_BYTES, "big")
+        b_i = _sha512(strxor + i.to_bytes(1, "big") + dst_prime).digest()
+        uniform.append(b_i)
+    return b"".join(uniform)[:len_in_bytes]
+
+
+def _xmd64_suffixes(dst: bytes) -> tuple[bytes, bytes]:
+    """Precompute the constant tails of expand_message_xmd(·, dst, 64).
+
+    With SHA-512 and 64 output bytes, ell = 1, so the expansion is exactly
+    ``b_1 = H(H(Z_pad || msg || tail_0) || tail_1)``. The fast paths below use this.
+    """
+    dst_prime = dst + len(dst).to_bytes(1, "big")
+    return (64).to_bytes(2, "big") + b"\x00" + dst_prime, b"\x01" + dst_prime
+
+
+_HTG_TAIL_0, _HTG_TAIL_1 = _xmd64_suffixes(_HASH_TO_GROUP_DST)
+
+
+# --- group helpers (RFC 9497 §2.1, §4.1) --------------------------------------------------
+
+
+def hash_to_group(msg: bytes, dst: bytes | None = None) -> bytes:
+    """HashToGroup: ristretto255 one-way map of expand_message_xmd(msg, dst, 64).
+
+    Returns the 32-byte element encoding. The default DST is
+    ``"HashToGroup-" || contextString``.
+    """
+    if dst is None:
+        dst = _HASH_TO_GROUP_DST
+    return _from_hash(expand_message_xmd(msg, dst, 64))
+
+
+def hash_to_scalar(msg: bytes, dst: bytes | None = None) -> bytes:
+    """HashToScalar: expand_message_xmd(msg, dst, 64) read little-endian, reduced mod L.
+
+    The default DST is ``"HashToScalar-" || contextString``.
+    """
+    if dst is None:
+        dst = _HASH_TO_SCALAR_DST
+    return _scalar_reduce(expand_message_xmd(msg, dst, 64))
+
+
+def _hash_to_group_default(msg: bytes) -> bytes:
+    """Fast path of ``hash_to_group(msg)`` with the suite DST (same bytes, fewer copies)."""
+    return _from_hash(_sha512(_sha512(_Z_PAD + msg + _HTG_TAIL_0).digest() + _HTG_TAIL_1).digest())
+
+
+def deserialize_element(data: bytes) -> bytes:
+    """DeserializeElement: accept only a canonical, valid, non-identity encoding.
+
+    Every element received from a peer must pass here before it meets a secret
+    scalar: RFC 9497 §4.1 requires rejecting the identity, and libsodium's decoder
+    rejects non-canonical or off-group encodings.
+    """
+    if len(data) != ELEMENT_SIZE:
+        raise InvalidElementError(f"wrong length: got {len(data)} bytes")
+    data = bytes(data)
+    if not _is_valid_point(data):
+        raise InvalidElementError("not a canonical ristretto255 encoding")
+    if data == _IDENTITY:
+        raise InvalidElementError("identity element")
+    return data
+
+
+def deserialize_scalar(data: bytes) -> bytes:
+    """DeserializeScalar: 32 bytes, little-endian, canonical (< L) and non-zero."""
+    if len(data) != SCALAR_SIZE:
+        raise InvalidElementError(f"wrong length: got {len(data)} bytes")
+    value = int.from_bytes(data, "little")
+    if value >= GROUP_ORDER:
+        raise InvalidElementError("not a canonical scalar encoding")
+    if value == 0:
+        raise InvalidElementError("zero scalar")
+    return bytes(data)
+
+
+def random_scalar() -> bytes:
+    """RandomScalar: uniform in [1, L) from libsodium's CSPRNG."""
+    while True:
+        scalar = _scalar_random()
+        if any(scalar):
+            return scalar
+
+
+def _element_error(data: bytes, index: int, what: str) -> InvalidElementError:
+    """Name the offending element of a batch, with deserialize_element's reason."""
+    try:
+        deserialize_element(data)
+    except InvalidElementError as exc:
+        return InvalidElementError(f"{what} {index}: {exc}")
+    return InvalidElementError(f"{what} {index}: rejected")  # pragma: no cover
+
+
+def _check_input(data: bytes, index: int | None = None) -> None:
+    if len(data) > _MAX_INPUT_LEN:
+        where = "input" if index is None else f"input {index}"
+        raise InvalidInputError(f"{where}: longer than {_MAX_INPUT_LEN} bytes")
+
+
+def _finalize_hash(data: bytes, element: bytes) -> bytes:
+    """Hash(I2OSP(len(input), 2) || input || I2OSP(Noe, 2) || element || "Finalize")."""
+    return _sha512(
+        len(data).to_bytes(2, "big") + data + _ELEMENT_LEN_PREFIX + element + _FINALIZE_LABEL
+    ).digest()
+
+
+def _inverse(scalar: bytes) -> bytes:
+    value = int.from_bytes(scalar, "little") % GROUP_ORDER
+    if value == 0:
+        raise InvalidElementError("blind is zero")
+    return pow(value, -1, GROUP_ORDER).to_bytes(SCALAR_SIZE, "little")
+
+
+# --- RFC 9497 §3.2.1 key generation -------------------------------------------------------
+
+
+def derive_key_pair(seed: bytes, info: bytes) -> tuple[bytes, bytes]:
+    """DeriveKeyPair(seed, info) -> (skS, pkS), deterministic (RFC 9497 §3.2.1).
+
+    The custodian derives one key per authorization from its master seed, so the
+    key can be recomputed rather than stored. ``seed`` is Ns = 32 bytes.
+    """
+    if len(seed) != SCALAR_SIZE:
+        raise ValueError(f"seed must be {SCALAR_SIZE} bytes, got {len(seed)}")
+    if len(info) > 0xFFFF:
+        raise ValueError("info must be at most 65535 bytes")
+    derive_input = seed + len(info).to_bytes(2, "big") + info
+    for counter in range(256):
+        sk = hash_to_scalar(derive_input + counter.to_bytes(1, "big"), _DERIVE_KEY_PAIR_DST)
+        if any(sk):
+            return sk, _scalarmult_base(sk)
+    raise DeriveKeyPairError("DeriveKeyPair failed 256 times")
+
+
+# --- RFC 9497 §3.3.1 OPRF protocol, one element -------------------------------------------
+
+
+def blind(input: bytes, blind: bytes | None = None) -> tuple[bytes, bytes]:
+    """Blind(input) -> (blind, blindedElement = blind * HashToGroup(input)).
+
+    ``blind`` may be given only to reproduce test vectors; otherwise it is fresh.
+    """
+    _check_input(input)
+    r = random_scalar() if blind is None else deserialize_scalar(blind)
+    input_element = hash_to_group(input)
+    if input_element == _IDENTITY:
+        raise InvalidInputError("input hashes to the identity element")
+    return r, _scalarmult(r, input_element)
+
+
+def blind_evaluate(sk: bytes, blinded_element: bytes) -> bytes:
+    """BlindEvaluate(skS, blindedElement) -> evaluatedElement = skS * blindedElement.
+
+    The element comes from the requester, so it is validated first.
+    """
+    sk = deserialize_scalar(sk)
+    return _scalarmult(sk, deserialize_element(blinded_element))
+
+
+def finalize(input: bytes, blind: bytes, evaluated_element: bytes) -> bytes:
+    """Finalize: unblind N = blind^-1 * evaluatedElement and hash it with the input."""
+    _check_input(input)
+    element = deserialize_element(evaluated_element)
+    unblinded = _scalarmult(_inverse(blind), element)
+    return _finalize_hash(input, unblinded)
+
+
+def evaluate(sk: bytes, input: bytes) -> bytes:
+    """Evaluate(skS, input): the server computes the output directly (no blinding).
+
+    The custodian uses it to build its tag index over its own records.
+    """
+    sk = deserialize_scalar(sk)
+    _check_input(input)
+    input_element = hash_to_group(input)
+    if input_element == _IDENTITY:
+        raise InvalidInputError("input hashes to the identity element")
+    return _finalize_hash(input, _scalarmult(sk, input_element))
+
+
+# --- batch forms over compact buffers -----------------------------------------------------
+#
+# The ``_*_chunk`` functions are the loops; they take an ``offset`` so that a worker
+# process can name the failing element by its index in the whole batch.
+
+
+def _as_bytes(buffer: bytes | bytearray | memoryview) -> bytes:
+    return buffer if type(buffer) is bytes else bytes(buffer)
+
+
+def _count(buffer: bytes, size: int, what: str) -> int:
+    if len(buffer) % size:
+        raise InvalidElementError(
+            f"wrong length: {what} of {len(buffer)} bytes is not a multiple of {size}"
+        )
+    return len(buffer) // size
+
+
+def _blind_chunk(inputs: Sequence[bytes], blinds: bytes | None, offset: int) -> tuple[bytes, bytes]:
+    n = len(inputs)
+    if blinds is None:
+        scalars = [random_scalar() for _ in range(n)]
+    else:
+        if len(blinds) != n * SCALAR_SIZE:
+            raise ValueError(f"blinds buffer holds {len(blinds)} bytes, need {n * SCALAR_SIZE}")
+        scalars = []
+        for i in range(n):
+            try:
+                scalars.append(deserialize_scalar(blinds[i * SCALAR_SIZE : (i + 1) * SCALAR_SIZE]))
+            except InvalidElementError as exc:
+                raise InvalidElementError(f"blind {offset + i}: {exc}") from None
+    sha512, from_hash, mult = _sha512, _from_hash, _scalarmult
+    z_pad, tail_0, tail_1, identity = _Z_PAD, _HTG_TAIL_0, _HTG_TAIL_1, _IDENTITY
+    blinded = []
+    append = blinded.append
+    for i, (data, r) in enumerate(zip(inputs, scalars, strict=True)):
+        if len(data) > _MAX_INPUT_LEN:
+            _check_input(data, offset + i)
+        element = from_hash(sha512(sha512(z_pad + data + tail_0).digest() + tail_1).digest())
+        if element == identity:
+            raise InvalidInputError(f"input {offset + i}: hashes to the identity element")
+        append(mult(r, element))
+    return b"".join(scalars), b"".join(blinded)
+
+
+def _blind_evaluate_chunk(sk: bytes, blinded: bytes, offset: int) -> bytes:
+    _count(blinded, ELEMENT_SIZE, "blinded buffer")
+    is_valid, mult, identity = _is_valid_point, _scalarmult, _IDENTITY
+    evaluated = []
+    append = evaluated.append
+    for start in range(0, len(blinded), ELEMENT_SIZE):
+        element = blinded[start : start + ELEMENT_SIZE]
+        if element == identity or not is_valid(element):
+            raise _element_error(element, offset + start // ELEMENT_SIZE, "blinded element")
+        append(mult(sk, element))
+    return b"".join(evaluated)
+
+
+def _batch_invert(values: list[int]) -> list[int]:
+    """Montgomery's trick: n inverses mod L for one modular exponentiation and 3n products."""
+    order = GROUP_ORDER
+    prefix = []
+    acc = 1
+    for value in values:
+        acc = acc * value % order
+        prefix.append(acc)
+    inv = pow(acc, -1, order)  # acc != 0 because L is prime and every value is non-zero
+    inverses = [0] * len(values)
+    for i in range(len(values) - 1, 0, -1):
+        inverses[i] = inv * prefix[i - 1] % order
+        inv = inv * values[i] % order
+    if values:
+        inverses[0] = inv
+    return inverses
+
+
+def _finalize_chunk(
+    inputs: Sequence[bytes], blinds: bytes, evaluated: bytes, offset: int
+) -> list[bytes]:
+    n = len(inputs)
+    if len(blinds) != n * SCALAR_SIZE:
+        raise ValueError(f"blinds buffer holds {len(blinds)} bytes, need {n * SCALAR_SIZE}")
+    if len(evaluated) != n * ELEMENT_SIZE:
+        raise InvalidElementError(
+            f"wrong length: evaluated buffer holds {len(evaluated)} bytes, "
+            f"need {n * ELEMENT_SIZE} for {n} inputs"
+        )
+    order = GROUP_ORDER
+    values = []
+    for i in range(n):
+        value = int.from_bytes(blinds[i * SCALAR_SIZE : (i + 1) * SCALAR_SIZE], "little") % order
+        if value == 0:
+            raise InvalidElementError(f"blind {offset + i}: zero scalar")
+        values.append(value)
+    inverses = _batch_invert(values)
+    sha512, is_valid, mult, identity = _sha512, _is_valid_point, _scalarmult, _IDENTITY
+    prefix, label = _ELEMENT_LEN_PREFIX, _FINALIZE_LABEL
+    outputs = []
+    append = outputs.append
+    for i, (data, inv) in enumerate(zip(inputs, inverses, strict=True)):
+        element = evaluated[i * ELEMENT_SIZE : (i + 1) * ELEMENT_SIZE]
+        if element == identity or not is_valid(element):
+            raise _element_error(element, offset + i, "evaluated element")
+        if len(data) > _MAX_INPUT_LEN:
+            _check_input(data, offset + i)
+        unblinded = mult(inv.to_bytes(32, "little"), element)
+        append(sha512(len(data).to_bytes(2, "big") + data + prefix + unblinded + label).digest())
+    return outputs
+
+
+def _evaluate_chunk(sk: bytes, inputs: Sequence[bytes], offset: int) -> list[bytes]:
+    sha512, from_hash, mult = _sha512, _from_hash, _scalarmult
+    z_pad, tail_0, tail_1, identity = _Z_PAD, _HTG_TAIL_0, _HTG_TAIL_1, _IDENTITY
+    prefix, label = _ELEMENT_LEN_PREFIX, _FINALIZE_LABEL
+    outputs = []
+    append = outputs.append
+    for i, data in enumerate(inputs):
+        if len(data) > _MAX_INPUT_LEN:
+            _check_input(data, offset + i)
+        element = from_hash(sha512(sha512(z_pad + data + tail_0).digest() + tail_1).digest())
+        if element == identity:
+            raise InvalidInputError(f"input {offset + i}: hashes to the identity element")
+        issued = mult(sk, element)
+        append(sha512(len(data).to_bytes(2, "big") + data + prefix + issued + label).digest())
+    return outputs
+
+
+def blind_batch(inputs: Sequence[bytes], blinds: bytes | None = None) -> tuple[bytes, bytes]:
+    """Blind many inputs: returns (blinds_buffer, blinded_buffer), both n * 32 bytes.
+
+    ``blinds`` (a buffer of n scalars) may be given only to reproduce test vectors.
+    """
+    return _blind_chunk(inputs, None if blinds is None else _as_bytes(blinds), 0)
+
+
+def blind_evaluate_batch(sk: bytes, blinded_buffer: bytes) -> bytes:
+    """BlindEvaluate every element of a compact buffer; validates each one first.
+
+    A bad element raises InvalidElementError naming its index in the buffer, and
+    nothing is returned for the batch.
+    """
+    return _blind_evaluate_chunk(deserialize_scalar(sk), _as_bytes(blinded_buffer), 0)
+
+
+def finalize_batch(
+    inputs: Sequence[bytes], blinds_buffer: bytes, evaluated_buffer: bytes
+) -> list[bytes]:
+    """Finalize a batch; the blinds are inverted together (Montgomery's trick)."""
+    return _finalize_chunk(inputs, _as_bytes(blinds_buffer), _as_bytes(evaluated_buffer), 0)
+
+
+def evaluate_batch(sk: bytes, inputs: Sequence[bytes]) -> list[bytes]:
+    """Evaluate many inputs with the server key (the custodian's index build)."""
+    return _evaluate_chunk(deserialize_scalar(sk), inputs, 0)
+
+
+# --- process pool -------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _default_start_method() -> str:
+    """forkserver where it exists, else spawn: never fork a threaded (gRPC) process."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class BatchPool:
+    """Run the batch functions on several processes, with results in input order.
+
+    The scalar multiplications hold the GIL, so threads do not help; processes do.
+    Work is cut into chunks of at most ``chunk_size`` elements (fewer, if that is
+    what it takes to keep every worker busy); batches smaller than ``min_parallel``
+    run in-process because shipping them costs more than it saves. ``workers=1``
+    never starts a pool.
+
+    Use one long-lived pool per service: starting workers costs a fraction of a
+    second each (they import this module afresh under forkserver/spawn).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        chunk_size: int = 8192,
+        min_parallel: int = 512,
+        start_method: str | None = None,
+    ) -> None:
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.workers = workers
+        self.chunk_size = chunk_size
+        self.min_parallel = max(1, min_parallel)
+        self._executor: Executor | None = None
+        if workers > 1:
+            context = multiprocessing.get_context(start_method or _default_start_method())
+            self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+    def __enter__(self) -> BatchPool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers; pending chunks are cancelled."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _spans(self, n: int) -> list[tuple[int, int]] | None:
+        """Chunk boundaries for n elements, or None to run in-process."""
+        if self._executor is None or n < self.min_parallel:
+            return None
+        size = max(1, min(self.chunk_size, -(-n // self.workers)))
+        return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def _map(self, fn: Callable[..., _T], *iterables: Any) -> list[_T]:
+        assert self._executor is not None
+        return list(self._executor.map(fn, *iterables))
+
+    def blind(self, inputs: Sequence[bytes], blinds: bytes | None = None) -> tuple[bytes, bytes]:
+        """Parallel ``blind_batch``: returns (blinds_buffer, blinded_buffer)."""
+        if blinds is not None:
+            blinds = _as_bytes(blinds)
+        spans = self._spans(len(inputs))
+        if spans is None:
+            return _blind_chunk(inputs, blinds, 0)
+        parts = self._map(
+            _blind_chunk,
+            [inputs[a:b] for a, b in spans],
+            repeat(None) if blinds is None else [blinds[a * 32 : b * 32] for a, b in spans],
+            [a for a, _ in spans],
+        )
+        return b"".join(p[0] for p in parts), b"".join(p[1] for p in parts)
+
+    def blind_evaluate(self, sk: bytes, blinded_buffer: bytes) -> bytes:
+        """Parallel ``blind_evaluate_batch``; a bad element is named by its global index."""
+        sk = deserialize_scalar(sk)
+        blinded_buffer = _as_bytes(blinded_buffer)
+        n = _count(blinded_buffer, ELEMENT_SIZE, "blinded buffer")
+        spans = self._spans(n)
+        if spans is None:
+            return _blind_evaluate_chunk(sk, blinded_buffer, 0)
+        return b"".join(
+            self._map(
+                _blind_evaluate_chunk,
+                repeat(sk),
+                [blinded_buffer[a * 32 : b * 32] for a, b in spans],
+                [a for a, _ in spans],
+            )
+        )
+
+    def finalize(self, inputs: Sequence[bytes], blinds: bytes, evaluated: bytes) -> list[bytes]:
+        """Parallel ``finalize_batch`` (batch inversion happens per chunk)."""
+        blinds, evaluated = _as_bytes(blinds), _as_bytes(evaluated)
+        n = len(inputs)
+        spans = self._spans(n)
+        if spans is None or len(blinds) != n * 32 or len(evaluated) != n * 32:
+            # Wrong lengths are reported by the serial path with the full-batch sizes.
+            return _finalize_chunk(inputs, blinds, evaluated, 0)
+        parts = self._map(
+            _finalize_chunk,
+            [inputs[a:b] for a, b in spans],
+            [blinds[a * 32 : b * 32] for a, b in spans],
+            [evaluated[a * 32 : b * 32] for a, b in spans],
+            [a for a, _ in spans],
+        )
+        return [output for part in parts for output in part]
+
+    def evaluate(self, sk: bytes, inputs: Sequence[bytes]) -> list[bytes]:
+        """Parallel ``evaluate_batch``."""
+        sk = deserialize_scalar(sk)
+        spans = self._spans(len(inputs))
+        if spans is None:
+            return _evaluate_chunk(sk, inputs, 0)
+        parts = self._map(
+            _evaluate_chunk, repeat(sk), [inputs[a:b] for a, b in spans], [a for a, _ in spans]
+        )
+        return [output for part in parts for output in part]

@@ -1,0 +1,1043 @@
+"""Signed authorizations, the custodian's own policy, and the one decision function.
+
+Every policy check in the system lives here. The gRPC services and the session state
+machines call :func:`decide` (when a session opens) and :func:`check_disclosure` (before each
+disclosure); nothing else decides. Refusals carry a machine-readable :class:`Reason` and a
+human-readable message that reaches operators verbatim, so messages name the exact rule, field,
+identity or number that caused them.
+
+An :class:`Authorization` is signed offline by an authority (a court or oversight office) with
+Ed25519 over a canonical, length-prefixed encoding, so that no two different authorizations can
+ever share a signature input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol.errors import PolicyRefusal
+from protocol.records import DISCLOSABLE_FIELDS, MATCH_RULES, Strength
+
+__all__ = [
+    "AUTHORITY_KEY_ID_TAG",
+    "AUTHORIZATION_DIGEST_TAG",
+    "AUTHORIZATION_SIGNATURE_TAG",
+    "AUTHORIZATION_TAG",
+    "REFUSAL_CATEGORY",
+    "SIGNED_AUTHORIZATION_FORMAT",
+    "Authorization",
+    "CustodianPolicy",
+    "Decision",
+    "Mode",
+    "Reason",
+    "Refused",
+    "SessionRequest",
+    "SignedAuthorization",
+    "Tier",
+    "authority_key_id",
+    "check_disclosure",
+    "decide",
+    "new_authorization_id",
+    "permitted_fields",
+    "sign_authorization",
+    "verify_authorization_signature",
+]
+
+# Domain-separation tags: every hash / signature input in this module starts with its own tag.
+AUTHORIZATION_TAG = b"gated-psi/authorization/v1"
+AUTHORIZATION_SIGNATURE_TAG = b"gated-psi/authorization-signature/v1"
+AUTHORIZATION_DIGEST_TAG = b"gated-psi/signed-authorization-digest/v1"
+AUTHORITY_KEY_ID_TAG = b"gated-psi/authority-key-id/v1"
+SIGNED_AUTHORIZATION_FORMAT = "gated-psi/signed-authorization/v1"
+
+_E = TypeVar("_E", bound=StrEnum)
+
+_MAX_INT = 2**63 - 1  # fits 8-byte big-endian and a signed SQLite INTEGER
+_SIGNATURE_LEN = 64
+_COMMITMENT_LEN = 32
+_MAX_WIRE_BYTES = 1 << 20  # a signed authorization is a few hundred bytes; refuse absurd input
+
+
+class Tier(StrEnum):
+    """What the requester may learn: identities of matches, an aggregate, or only a count."""
+
+    IDENTITY = "identity"
+    AGGREGATE = "aggregate"
+    CARDINALITY = "cardinality"
+
+
+class Mode(StrEnum):
+    """Whether any query may be asked, or only subjects the authority reviewed one by one."""
+
+    BULK = "bulk"
+    NAMED_SUBJECTS = "named_subjects"
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers (raise ValueError with the field name, never TypeError/KeyError)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_str(name: str, value: object, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not encodable as UTF-8") from exc
+    return value
+
+
+def _check_int(name: str, value: object, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > _MAX_INT:
+        raise ValueError(f"{name} must be <= {_MAX_INT}, got {value}")
+    return value
+
+
+def _check_str_tuple(name: str, value: object, *, allow_empty: bool = True) -> tuple[str, ...]:
+    # A bare string is iterable; accepting it would silently turn "tin+dob" into characters.
+    if isinstance(value, str | bytes | bytearray) or not isinstance(value, list | tuple):
+        raise ValueError(f"{name} must be a list or tuple of strings, got {type(value).__name__}")
+    items = tuple(_check_str(f"{name}[{i}]", v) for i, v in enumerate(value))
+    if not allow_empty and not items:
+        raise ValueError(f"{name} must not be empty")
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"{name} contains {item!r} more than once")
+        seen.add(item)
+    return items
+
+
+def _check_str_set(name: str, value: object) -> frozenset[str]:
+    if isinstance(value, str | bytes | bytearray) or not isinstance(
+        value, set | frozenset | list | tuple
+    ):
+        raise ValueError(f"{name} must be a set of strings, got {type(value).__name__}")
+    return frozenset(_check_str(f"{name} item", v) for v in value)
+
+
+def _check_enum(name: str, enum: type[_E], value: object) -> _E:
+    if isinstance(value, enum):
+        return value
+    if isinstance(value, str):
+        try:
+            return enum(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(repr(m.value) for m in enum)
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Canonical encoding
+# --------------------------------------------------------------------------------------------
+
+
+def _lp(data: bytes) -> bytes:
+    """Length-prefix (4-byte big-endian) so concatenations are unambiguous."""
+    return struct.pack(">I", len(data)) + data
+
+
+def _enc_str(value: str) -> bytes:
+    return value.encode("utf-8")
+
+
+def _enc_int(value: int) -> bytes:
+    return value.to_bytes(8, "big")
+
+
+def _enc_tuple(value: tuple[str, ...]) -> bytes:
+    return struct.pack(">I", len(value)) + b"".join(_lp(_enc_str(v)) for v in value)
+
+
+def _enc_optional_bytes(value: bytes | None) -> bytes:
+    return b"\x00" if value is None else b"\x01" + value
+
+
+# Fixed field order of the canonical encoding. A test checks it covers every dataclass field,
+# so adding a field without deciding how it is signed fails loudly.
+_CANONICAL_ENCODERS: tuple[tuple[str, Callable[[Any], bytes]], ...] = (
+    ("authorization_id", _enc_str),
+    ("authority_key_id", _enc_str),
+    ("requester_id", _enc_str),
+    ("custodian_id", _enc_str),
+    ("statute", _enc_str),
+    ("purpose", _enc_str),
+    ("not_before", _enc_int),
+    ("not_after", _enc_int),
+    ("tier", lambda t: _enc_str(t.value)),
+    ("max_queries", _enc_int),
+    ("max_disclosures", _enc_int),
+    ("match_rules", _enc_tuple),
+    ("disclosure_fields", _enc_tuple),
+    ("retention_days", _enc_int),
+    ("mode", lambda m: _enc_str(m.value)),
+    ("subject_commitment", _enc_optional_bytes),
+    ("min_aggregate_count", _enc_int),
+    ("engines", _enc_tuple),
+)
+
+
+def new_authorization_id() -> str:
+    """A fresh random authorization id ("auth-" + 128 random bits in hex)."""
+    return "auth-" + secrets.token_hex(16)
+
+
+def authority_key_id(public_key: Ed25519PublicKey) -> str:
+    """Stable short id of an authority key, so authorizations name their signer compactly."""
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise ValueError("authority key must be an Ed25519 public key")
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(AUTHORITY_KEY_ID_TAG + raw).digest()[:16].hex()
+
+
+# --------------------------------------------------------------------------------------------
+# Authorization
+# --------------------------------------------------------------------------------------------
+
+_AUTH_REQUIRED_KEYS = (
+    "authorization_id",
+    "authority_key_id",
+    "requester_id",
+    "custodian_id",
+    "statute",
+    "purpose",
+    "not_before",
+    "not_after",
+    "tier",
+    "max_queries",
+    "max_disclosures",
+    "match_rules",
+    "disclosure_fields",
+    "retention_days",
+)
+_AUTH_OPTIONAL_KEYS = ("mode", "subject_commitment", "min_aggregate_count", "engines")
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """What an authority permits one requester to ask of one custodian, and for how long.
+
+    Validation happens on construction, so an ``Authorization`` object is always well-formed;
+    whether it is *acceptable* is decided only by :func:`decide`.
+    """
+
+    authorization_id: str
+    authority_key_id: str
+    requester_id: str
+    custodian_id: str
+    statute: str
+    purpose: str
+    not_before: int
+    not_after: int
+    tier: Tier
+    max_queries: int
+    max_disclosures: int
+    match_rules: tuple[str, ...]
+    disclosure_fields: tuple[str, ...]
+    retention_days: int
+    mode: Mode = Mode.BULK
+    subject_commitment: bytes | None = None
+    min_aggregate_count: int = 0
+    engines: tuple[str, ...] = ("oprf",)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "authorization_id",
+            "authority_key_id",
+            "requester_id",
+            "custodian_id",
+            "statute",
+            "purpose",
+        ):
+            _check_str(name, getattr(self, name))
+        for name in (
+            "not_before",
+            "not_after",
+            "max_queries",
+            "max_disclosures",
+            "retention_days",
+            "min_aggregate_count",
+        ):
+            _check_int(name, getattr(self, name))
+        if self.not_before >= self.not_after:
+            raise ValueError(
+                f"not_before ({self.not_before}) must be earlier than not_after ({self.not_after})"
+            )
+        _set(self, "tier", _check_enum("tier", Tier, self.tier))
+        _set(self, "mode", _check_enum("mode", Mode, self.mode))
+        _set(
+            self,
+            "match_rules",
+            _check_str_tuple("match_rules", self.match_rules, allow_empty=False),
+        )
+        _set(
+            self, "disclosure_fields", _check_str_tuple("disclosure_fields", self.disclosure_fields)
+        )
+        _set(self, "engines", _check_str_tuple("engines", self.engines, allow_empty=False))
+
+        commitment = self.subject_commitment
+        if commitment is not None:
+            if isinstance(commitment, bytearray | memoryview):
+                commitment = bytes(commitment)
+                _set(self, "subject_commitment", commitment)
+            if not isinstance(commitment, bytes):
+                raise ValueError("subject_commitment must be bytes or None")
+            if len(commitment) != _COMMITMENT_LEN:
+                raise ValueError(
+                    f"subject_commitment must be {_COMMITMENT_LEN} bytes, got {len(commitment)}"
+                )
+        # A commitment that the mode ignores would mislead a reviewer; a named-subject
+        # authorization without one would silently become bulk.
+        if self.mode is Mode.NAMED_SUBJECTS and commitment is None:
+            raise ValueError("mode 'named_subjects' requires a subject_commitment")
+        if self.mode is Mode.BULK and commitment is not None:
+            raise ValueError("subject_commitment is only meaningful in mode 'named_subjects'")
+
+    new_authorization_id = staticmethod(new_authorization_id)
+
+    def canonical_bytes(self) -> bytes:
+        """The exact bytes the authority signs; injective over all field values."""
+        parts = [_lp(AUTHORIZATION_TAG)]
+        parts.extend(_lp(encode(getattr(self, name))) for name, encode in _CANONICAL_ENCODERS)
+        return b"".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-friendly dict (enums as values, tuples as lists, bytes as hex)."""
+        return {
+            "authorization_id": self.authorization_id,
+            "authority_key_id": self.authority_key_id,
+            "requester_id": self.requester_id,
+            "custodian_id": self.custodian_id,
+            "statute": self.statute,
+            "purpose": self.purpose,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "tier": self.tier.value,
+            "max_queries": self.max_queries,
+            "max_disclosures": self.max_disclosures,
+            "match_rules": list(self.match_rules),
+            "disclosure_fields": list(self.disclosure_fields),
+            "retention_days": self.retention_days,
+            "mode": self.mode.value,
+            "subject_commitment": (
+                None if self.subject_commitment is None else self.subject_commitment.hex()
+            ),
+            "min_aggregate_count": self.min_aggregate_count,
+            "engines": list(self.engines),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Authorization:
+        """Parse :meth:`to_json` output strictly; unknown keys are refused (they'd be unsigned)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"authorization must be a JSON object, got {type(data).__name__}")
+        unknown = set(data) - set(_AUTH_REQUIRED_KEYS) - set(_AUTH_OPTIONAL_KEYS)
+        if unknown:
+            raise ValueError(f"authorization has unknown keys: {sorted(map(str, unknown))}")
+        missing = [k for k in _AUTH_REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"authorization is missing keys: {missing}")
+        kwargs: dict[str, Any] = {k: data[k] for k in _AUTH_REQUIRED_KEYS}
+        for key in ("mode", "min_aggregate_count", "engines"):
+            if key in data:
+                kwargs[key] = data[key]
+        commitment = data.get("subject_commitment")
+        if commitment is not None:
+            if not isinstance(commitment, str):
+                raise ValueError("subject_commitment must be a hex string or null")
+            try:
+                kwargs["subject_commitment"] = bytes.fromhex(commitment)
+            except ValueError as exc:
+                raise ValueError("subject_commitment is not valid hex") from exc
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# SignedAuthorization
+# --------------------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate JSON key {key!r}")
+        result[key] = value
+    return result
+
+
+@dataclass(frozen=True)
+class SignedAuthorization:
+    """An :class:`Authorization` together with the authority's Ed25519 signature."""
+
+    authorization: Authorization
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.authorization, Authorization):
+            raise ValueError("authorization must be an Authorization")
+        signature = self.signature
+        if isinstance(signature, bytearray | memoryview):
+            signature = bytes(signature)
+            _set(self, "signature", signature)
+        if not isinstance(signature, bytes) or len(signature) != _SIGNATURE_LEN:
+            raise ValueError(f"signature must be {_SIGNATURE_LEN} bytes")
+
+    def to_bytes(self) -> bytes:
+        """Wire/file format: compact, key-sorted UTF-8 JSON (deterministic)."""
+        doc = {
+            "format": SIGNED_AUTHORIZATION_FORMAT,
+            "authorization": self.authorization.to_json(),
+            "signature": self.signature.hex(),
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SignedAuthorization:
+        """Parse :meth:`to_bytes` output; any malformed input raises ``ValueError`` only.
+
+        The signature is *not* verified here; that is :func:`decide`'s job.
+        """
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            raise ValueError(f"signed authorization must be bytes, got {type(data).__name__}")
+        if len(data) > _MAX_WIRE_BYTES:
+            raise ValueError(f"signed authorization is too large ({len(data)} bytes)")
+        try:
+            doc = json.loads(
+                data.decode("utf-8"),
+                object_pairs_hook=_no_duplicate_keys,
+                parse_constant=_reject_constant,
+            )
+        except RecursionError as exc:
+            raise ValueError("signed authorization is nested too deeply") from exc
+        except ValueError as exc:  # includes JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"signed authorization is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ValueError("signed authorization must be a JSON object")
+        if set(doc) != {"format", "authorization", "signature"}:
+            raise ValueError(
+                "signed authorization must have exactly the keys "
+                "'format', 'authorization' and 'signature'"
+            )
+        if doc["format"] != SIGNED_AUTHORIZATION_FORMAT:
+            raise ValueError(f"unsupported signed authorization format {doc['format']!r}")
+        signature = doc["signature"]
+        if not isinstance(signature, str):
+            raise ValueError("signature must be a hex string")
+        try:
+            signature_bytes = bytes.fromhex(signature)
+        except ValueError as exc:
+            raise ValueError("signature is not valid hex") from exc
+        return cls(Authorization.from_json(doc["authorization"]), signature_bytes)
+
+    def digest(self) -> bytes:
+        """SHA-256 naming this exact signed authorization in transcripts and receipts."""
+        h = hashlib.sha256()
+        h.update(_lp(AUTHORIZATION_DIGEST_TAG))
+        h.update(_lp(self.authorization.canonical_bytes()))
+        h.update(_lp(self.signature))
+        return h.digest()
+
+
+def sign_authorization(auth: Authorization, key: Ed25519PrivateKey) -> SignedAuthorization:
+    """Sign as the authority; refuses if ``auth.authority_key_id`` names a different key."""
+    if not isinstance(auth, Authorization):
+        raise ValueError("auth must be an Authorization")
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("key must be an Ed25519 private key")
+    expected = authority_key_id(key.public_key())
+    if auth.authority_key_id != expected:
+        raise ValueError(
+            f"authorization names authority key {auth.authority_key_id!r} "
+            f"but the signing key's id is {expected!r}"
+        )
+    signature = key.sign(AUTHORIZATION_SIGNATURE_TAG + auth.canonical_bytes())
+    return SignedAuthorization(auth, signature)
+
+
+def verify_authorization_signature(
+    signed: SignedAuthorization, public_key: Ed25519PublicKey
+) -> bool:
+    """True iff ``public_key`` signed exactly this authorization."""
+    try:
+        public_key.verify(
+            signed.signature, AUTHORIZATION_SIGNATURE_TAG + signed.authorization.canonical_bytes()
+        )
+    except InvalidSignature:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# CustodianPolicy
+# --------------------------------------------------------------------------------------------
+
+
+def _raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _check_strength(value: object) -> Strength:
+    if isinstance(value, Strength):
+        return value
+    try:
+        if isinstance(value, str):
+            return Strength[value.upper()]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return Strength(value)
+    except (KeyError, ValueError):
+        pass
+    names = ", ".join(s.name for s in Strength)
+    raise ValueError(f"min_rule_strength must be one of {names}, got {value!r}")
+
+
+_POLICY_KEYS = (
+    "custodian_id",
+    "trusted_authorities",
+    "min_rule_strength",
+    "allowed_weak_rules",
+    "never_disclose",
+    "excluded_record_classes",
+    "allowed_tiers",
+    "allowed_engines",
+    "clock_skew_s",
+    "max_session_queries",
+)
+
+
+@dataclass(frozen=True)
+class CustodianPolicy:
+    """The custodian's own limits, applied on top of whatever an authorization permits.
+
+    Defaults are conservative: weak match rules (e.g. name+address) are refused unless named in
+    ``allowed_weak_rules``, and the TIN is never disclosed.
+    """
+
+    custodian_id: str
+    trusted_authorities: Mapping[str, Ed25519PublicKey]
+    min_rule_strength: Strength = Strength.MEDIUM
+    allowed_weak_rules: frozenset[str] = frozenset()
+    never_disclose: frozenset[str] = frozenset({"tin"})
+    excluded_record_classes: frozenset[str] = frozenset()
+    allowed_tiers: frozenset[Tier] = frozenset(Tier)
+    allowed_engines: frozenset[str] = frozenset({"oprf"})
+    clock_skew_s: int = 60
+    max_session_queries: int = 5_000_000
+
+    def __post_init__(self) -> None:
+        _check_str("custodian_id", self.custodian_id)
+        if not isinstance(self.trusted_authorities, Mapping):
+            raise ValueError("trusted_authorities must map key id -> Ed25519PublicKey")
+        trusted: dict[str, Ed25519PublicKey] = {}
+        for kid, key in self.trusted_authorities.items():
+            _check_str("trusted authority key id", kid)
+            if not isinstance(key, Ed25519PublicKey):
+                raise ValueError(f"trusted authority {kid!r} is not an Ed25519 public key")
+            expected = authority_key_id(key)
+            if kid != expected:
+                raise ValueError(
+                    f"trusted authority key id {kid!r} does not match its key (id {expected!r})"
+                )
+            trusted[kid] = key
+        # Read-only view: a frozen policy must not be mutable through its mapping.
+        _set(self, "trusted_authorities", MappingProxyType(trusted))
+        _set(self, "min_rule_strength", _check_strength(self.min_rule_strength))
+        for name in (
+            "allowed_weak_rules",
+            "never_disclose",
+            "excluded_record_classes",
+            "allowed_engines",
+        ):
+            _set(self, name, _check_str_set(name, getattr(self, name)))
+        tiers = self.allowed_tiers
+        if isinstance(tiers, str) or not isinstance(tiers, set | frozenset | list | tuple):
+            raise ValueError("allowed_tiers must be a set of tiers")
+        _set(self, "allowed_tiers", frozenset(_check_enum("allowed_tiers", Tier, t) for t in tiers))
+        _check_int("clock_skew_s", self.clock_skew_s)
+        _check_int("max_session_queries", self.max_session_queries)
+
+    def __hash__(self) -> int:
+        return hash((self.custodian_id, tuple(sorted(self.trusted_authorities))))
+
+    @classmethod
+    def trusting(
+        cls, custodian_id: str, authority_keys: Iterable[Ed25519PublicKey], **kwargs: Any
+    ) -> CustodianPolicy:
+        """Convenience: build a policy from authority public keys (ids are computed)."""
+        return cls(custodian_id, {authority_key_id(k): k for k in authority_keys}, **kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-friendly dict (public keys as raw hex, sets as sorted lists)."""
+        return {
+            "custodian_id": self.custodian_id,
+            "trusted_authorities": {
+                kid: _raw_public(key).hex() for kid, key in sorted(self.trusted_authorities.items())
+            },
+            "min_rule_strength": self.min_rule_strength.name,
+            "allowed_weak_rules": sorted(self.allowed_weak_rules),
+            "never_disclose": sorted(self.never_disclose),
+            "excluded_record_classes": sorted(self.excluded_record_classes),
+            "allowed_tiers": sorted(t.value for t in self.allowed_tiers),
+            "allowed_engines": sorted(self.allowed_engines),
+            "clock_skew_s": self.clock_skew_s,
+            "max_session_queries": self.max_session_queries,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CustodianPolicy:
+        """Parse :meth:`to_json` output; omitted optional keys take their defaults."""
+        if not isinstance(data, Mapping):
+            raise ValueError("custodian policy must be a JSON object")
+        unknown = set(data) - set(_POLICY_KEYS)
+        if unknown:
+            raise ValueError(f"custodian policy has unknown keys: {sorted(map(str, unknown))}")
+        for key in ("custodian_id", "trusted_authorities"):
+            if key not in data:
+                raise ValueError(f"custodian policy is missing {key!r}")
+        raw_trusted = data["trusted_authorities"]
+        if not isinstance(raw_trusted, Mapping):
+            raise ValueError("trusted_authorities must be an object of key id -> public key hex")
+        trusted: dict[str, Ed25519PublicKey] = {}
+        for kid, hexkey in raw_trusted.items():
+            if not isinstance(hexkey, str):
+                raise ValueError(f"trusted authority {kid!r} must be a hex string")
+            try:
+                trusted[kid] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(hexkey))
+            except ValueError as exc:
+                raise ValueError(f"trusted authority {kid!r} is not a valid Ed25519 key") from exc
+        kwargs: dict[str, Any] = {k: data[k] for k in _POLICY_KEYS[2:] if k in data}
+        return cls(custodian_id=data["custodian_id"], trusted_authorities=trusted, **kwargs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CustodianPolicy:
+        """Read a policy file written by :meth:`dump`."""
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"custodian policy file {path} is not valid JSON: {exc}") from exc
+        return cls.from_json(doc)
+
+    def dump(self, path: str | os.PathLike[str]) -> None:
+        """Write the policy as JSON, atomically (a crash never leaves a half-written policy)."""
+        target = Path(path)
+        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions
+# --------------------------------------------------------------------------------------------
+
+
+class Reason(StrEnum):
+    """Machine-readable refusal reasons; services map them to status codes."""
+
+    UNTRUSTED_SIGNER = "untrusted_signer"
+    BAD_SIGNATURE = "bad_signature"
+    NOT_YET_VALID = "not_yet_valid"
+    EXPIRED = "expired"
+    REQUESTER_MISMATCH = "requester_mismatch"
+    CUSTODIAN_MISMATCH = "custodian_mismatch"
+    TIER_NOT_PERMITTED = "tier_not_permitted"
+    ENGINE_NOT_PERMITTED = "engine_not_permitted"
+    RULE_NOT_PERMITTED = "rule_not_permitted"
+    RULE_UNKNOWN = "rule_unknown"
+    RULE_TOO_WEAK = "rule_too_weak"
+    FIELD_NOT_PERMITTED = "field_not_permitted"
+    FIELD_NEVER_DISCLOSED = "field_never_disclosed"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    DISCLOSURE_CAP_REACHED = "disclosure_cap_reached"
+    SESSION_TOO_LARGE = "session_too_large"
+    MALFORMED = "malformed"
+
+
+REFUSAL_CATEGORY: dict[Reason, str] = {
+    Reason.UNTRUSTED_SIGNER: "unauthenticated",
+    Reason.BAD_SIGNATURE: "unauthenticated",
+    Reason.REQUESTER_MISMATCH: "permission_denied",
+    Reason.CUSTODIAN_MISMATCH: "permission_denied",
+    Reason.TIER_NOT_PERMITTED: "permission_denied",
+    Reason.ENGINE_NOT_PERMITTED: "permission_denied",
+    Reason.RULE_NOT_PERMITTED: "permission_denied",
+    Reason.RULE_TOO_WEAK: "permission_denied",
+    Reason.FIELD_NOT_PERMITTED: "permission_denied",
+    Reason.FIELD_NEVER_DISCLOSED: "permission_denied",
+    Reason.NOT_YET_VALID: "failed_precondition",
+    Reason.EXPIRED: "failed_precondition",
+    Reason.BUDGET_EXHAUSTED: "resource_exhausted",
+    Reason.DISCLOSURE_CAP_REACHED: "resource_exhausted",
+    Reason.SESSION_TOO_LARGE: "resource_exhausted",
+    Reason.RULE_UNKNOWN: "invalid_argument",
+    Reason.MALFORMED: "invalid_argument",
+}
+
+
+@dataclass(frozen=True)
+class Refused:
+    """One refusal: why (machine-readable) and what exactly (for the operator)."""
+
+    reason: Reason
+    message: str
+
+    def __post_init__(self) -> None:
+        _set(self, "reason", _check_enum("reason", Reason, self.reason))
+        _check_str("message", self.message)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of a policy check; ``allowed`` is true exactly when nothing was refused."""
+
+    allowed: bool
+    refusals: tuple[Refused, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        refusals = tuple(self.refusals)
+        if not all(isinstance(r, Refused) for r in refusals):
+            raise ValueError("refusals must be Refused instances")
+        _set(self, "refusals", refusals)
+        if bool(self.allowed) != (not refusals):
+            raise ValueError("a Decision is allowed if and only if it has no refusals")
+
+    @classmethod
+    def allow(cls) -> Decision:
+        return cls(True, ())
+
+    @classmethod
+    def refuse(cls, *refusals: Refused) -> Decision:
+        if not refusals:
+            raise ValueError("a refusal needs at least one reason")
+        return cls(False, refusals)
+
+    def __bool__(self) -> bool:
+        # Guards against `if decide(...):` silently passing on a refused decision.
+        return self.allowed
+
+    @property
+    def reasons(self) -> tuple[Reason, ...]:
+        return tuple(r.reason for r in self.refusals)
+
+    @property
+    def message(self) -> str:
+        return "; ".join(r.message for r in self.refusals)
+
+    def raise_if_refused(self) -> None:
+        """Raise :class:`PolicyRefusal` carrying every reason, or return if allowed."""
+        if not self.allowed:
+            raise PolicyRefusal(self.message, reasons=tuple(str(r) for r in self.reasons))
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """What the requester asks for when opening a session (``peer_id`` comes from mTLS)."""
+
+    peer_id: str
+    tier: Tier
+    match_rules: tuple[str, ...]
+    disclosure_fields: tuple[str, ...]
+    query_count: int
+    engine: str = "oprf"
+
+    def __post_init__(self) -> None:
+        _check_str("peer_id", self.peer_id, allow_empty=True)
+        _set(self, "tier", _check_enum("tier", Tier, self.tier))
+        # Duplicates and emptiness are reported by decide() as `malformed`, not raised here,
+        # so the requester hears about them as a policy refusal.
+        for name in ("match_rules", "disclosure_fields"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes | bytearray) or not isinstance(value, list | tuple):
+                raise ValueError(f"{name} must be a list or tuple of strings")
+            _set(self, name, tuple(_check_str(f"{name} item", v, allow_empty=True) for v in value))
+        _check_int("query_count", self.query_count)
+        _check_str("engine", self.engine, allow_empty=True)
+
+
+def _duplicates(items: tuple[str, ...]) -> list[str]:
+    seen: set[str] = set()
+    dups: list[str] = []
+    for item in items:
+        if item in seen and item not in dups:
+            dups.append(item)
+        seen.add(item)
+    return dups
+
+
+def decide(
+    signed: SignedAuthorization,
+    request: SessionRequest,
+    policy: CustodianPolicy,
+    *,
+    now: float,
+    budget_remaining: int,
+) -> Decision:
+    """Decide whether a session may open. Collects every refusal so operators see them all.
+
+    Order: signer trusted, signature, validity window, identities, tier/engine, rules, fields,
+    budget. Signature failures stop evaluation, since nothing in an unverified authorization can
+    be trusted.
+    """
+    if not isinstance(policy, CustodianPolicy):
+        raise ValueError("policy must be a CustodianPolicy")
+    if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
+        raise ValueError(f"now must be a finite number of unix seconds, got {now!r}")
+    if isinstance(budget_remaining, bool) or not isinstance(budget_remaining, int):
+        raise ValueError("budget_remaining must be an integer")
+    if not isinstance(signed, SignedAuthorization):
+        return Decision.refuse(
+            Refused(Reason.MALFORMED, "the presented authorization is not a signed authorization")
+        )
+    if not isinstance(request, SessionRequest):
+        return Decision.refuse(Refused(Reason.MALFORMED, "the session request is malformed"))
+
+    auth = signed.authorization
+
+    # 1-2: authenticity. Nothing below is meaningful if these fail.
+    authority_key = policy.trusted_authorities.get(auth.authority_key_id)
+    if authority_key is None:
+        return Decision.refuse(
+            Refused(
+                Reason.UNTRUSTED_SIGNER,
+                f"authorization {auth.authorization_id} is signed by authority key "
+                f"{auth.authority_key_id}, which custodian {policy.custodian_id} does not trust",
+            )
+        )
+    if not verify_authorization_signature(signed, authority_key):
+        return Decision.refuse(
+            Refused(
+                Reason.BAD_SIGNATURE,
+                f"the signature on authorization {auth.authorization_id} does not verify under "
+                f"authority key {auth.authority_key_id}; it was altered or forged",
+            )
+        )
+
+    refusals: list[Refused] = []
+
+    def refuse(reason: Reason, message: str) -> None:
+        refusals.append(Refused(reason, message))
+
+    # 3: validity window (skew tolerated only at the start, never past the end).
+    if not now >= auth.not_before - policy.clock_skew_s:
+        refuse(
+            Reason.NOT_YET_VALID,
+            f"authorization {auth.authorization_id} is not valid before {auth.not_before} "
+            f"(now {int(now)}, clock skew allowance {policy.clock_skew_s}s)",
+        )
+    if not now <= auth.not_after:
+        refuse(
+            Reason.EXPIRED,
+            f"authorization {auth.authorization_id} expired at {auth.not_after} (now {int(now)})",
+        )
+
+    # 4: identities.
+    if request.peer_id != auth.requester_id:
+        refuse(
+            Reason.REQUESTER_MISMATCH,
+            f"authorization {auth.authorization_id} was issued to requester "
+            f"{auth.requester_id!r}, but the authenticated peer is {request.peer_id!r}",
+        )
+    if auth.custodian_id != policy.custodian_id:
+        refuse(
+            Reason.CUSTODIAN_MISMATCH,
+            f"authorization {auth.authorization_id} is addressed to custodian "
+            f"{auth.custodian_id!r}, not to {policy.custodian_id!r}",
+        )
+
+    # 5: tier and engine.
+    if request.tier != auth.tier:
+        refuse(
+            Reason.TIER_NOT_PERMITTED,
+            f"requested tier {request.tier.value!r} but authorization {auth.authorization_id} "
+            f"permits only tier {auth.tier.value!r}",
+        )
+    if request.tier not in policy.allowed_tiers:
+        refuse(
+            Reason.TIER_NOT_PERMITTED,
+            f"custodian policy does not permit tier {request.tier.value!r}",
+        )
+    if request.engine not in auth.engines:
+        refuse(
+            Reason.ENGINE_NOT_PERMITTED,
+            f"match engine {request.engine!r} is not permitted by authorization "
+            f"{auth.authorization_id} (permitted: {', '.join(auth.engines)})",
+        )
+    if request.engine not in policy.allowed_engines:
+        refuse(
+            Reason.ENGINE_NOT_PERMITTED,
+            f"custodian policy does not permit match engine {request.engine!r}",
+        )
+
+    # 6: match rules.
+    if not request.match_rules:
+        refuse(Reason.MALFORMED, "the session request names no match rule")
+    for dup in _duplicates(request.match_rules):
+        refuse(Reason.MALFORMED, f"match rule {dup!r} is requested more than once")
+    for rule_id in dict.fromkeys(request.match_rules):
+        rule = MATCH_RULES.get(rule_id)
+        if rule is None:
+            refuse(
+                Reason.RULE_UNKNOWN,
+                f"match rule {rule_id!r} is unknown (known rules: {', '.join(MATCH_RULES)})",
+            )
+            continue
+        if rule_id not in auth.match_rules:
+            refuse(
+                Reason.RULE_NOT_PERMITTED,
+                f"match rule {rule_id!r} is not permitted by authorization "
+                f"{auth.authorization_id} (permitted: {', '.join(auth.match_rules)})",
+            )
+        strength = Strength(rule.strength)
+        if strength < policy.min_rule_strength and rule_id not in policy.allowed_weak_rules:
+            refuse(
+                Reason.RULE_TOO_WEAK,
+                f"match rule {rule_id!r} is {strength.name}; custodian policy requires at "
+                f"least {policy.min_rule_strength.name}",
+            )
+
+    # 7: disclosure fields.
+    for dup in _duplicates(request.disclosure_fields):
+        refuse(Reason.MALFORMED, f"field {dup!r} is requested more than once")
+    for name in dict.fromkeys(request.disclosure_fields):
+        if name not in DISCLOSABLE_FIELDS:
+            refuse(
+                Reason.MALFORMED,
+                f"field {name!r} is not a disclosable field "
+                f"(known fields: {', '.join(DISCLOSABLE_FIELDS)})",
+            )
+            continue
+        if request.tier is not Tier.IDENTITY:
+            refuse(
+                Reason.FIELD_NOT_PERMITTED,
+                f"field {name!r} cannot be disclosed: tier {request.tier.value!r} discloses no "
+                "record fields",
+            )
+        elif name not in auth.disclosure_fields:
+            refuse(
+                Reason.FIELD_NOT_PERMITTED,
+                f"field {name!r} is not permitted for disclosure by authorization "
+                f"{auth.authorization_id}",
+            )
+        if name in policy.never_disclose:
+            refuse(
+                Reason.FIELD_NEVER_DISCLOSED,
+                f"custodian policy never discloses field {name!r}",
+            )
+
+    # 8: budget. The authorization's own cap bounds whatever the ledger reports.
+    remaining = max(0, min(budget_remaining, auth.max_queries))
+    if request.query_count > remaining:
+        refuse(
+            Reason.BUDGET_EXHAUSTED,
+            f"session asks to evaluate {request.query_count:,} queries but only {remaining:,} "
+            f"of the {auth.max_queries:,} permitted by authorization {auth.authorization_id} "
+            "remain",
+        )
+    if request.query_count > policy.max_session_queries:
+        refuse(
+            Reason.SESSION_TOO_LARGE,
+            f"session asks to evaluate {request.query_count:,} queries; custodian policy "
+            f"allows at most {policy.max_session_queries:,} per session",
+        )
+
+    return Decision(not refusals, tuple(refusals))
+
+
+def _authorization_of(signed_or_auth: SignedAuthorization | Authorization) -> Authorization:
+    if isinstance(signed_or_auth, SignedAuthorization):
+        return signed_or_auth.authorization
+    if isinstance(signed_or_auth, Authorization):
+        return signed_or_auth
+    raise ValueError("expected an Authorization or SignedAuthorization")
+
+
+def check_disclosure(
+    signed_or_auth: SignedAuthorization | Authorization,
+    disclosed_so_far: int,
+    *,
+    now: float,
+) -> Decision:
+    """May one more record be disclosed? Called before each disclosure is recorded.
+
+    Assumes :func:`decide` already authenticated the authorization when the session opened.
+    """
+    auth = _authorization_of(signed_or_auth)
+    _check_int("disclosed_so_far", disclosed_so_far)
+    if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
+        raise ValueError(f"now must be a finite number of unix seconds, got {now!r}")
+    refusals: list[Refused] = []
+    if disclosed_so_far >= auth.max_disclosures:
+        refusals.append(
+            Refused(
+                Reason.DISCLOSURE_CAP_REACHED,
+                f"authorization {auth.authorization_id} permits {auth.max_disclosures:,} "
+                f"disclosures and {disclosed_so_far:,} have been made",
+            )
+        )
+    if not now <= auth.not_after:
+        refusals.append(
+            Refused(
+                Reason.EXPIRED,
+                f"authorization {auth.authorization_id} expired at {auth.not_after} "
+                f"(now {int(now)}); no further disclosures",
+            )
+        )
+    return Decision(not refusals, tuple(refusals))
+
+
+def permitted_fields(
+    auth: Authorization | SignedAuthorization, policy: CustodianPolicy
+) -> tuple[str, ...]:
+    """Fields that may actually be released: authorized, known, and not barred by the custodian.
+
+    Only the identity tier discloses record fields; other tiers get an empty tuple.
+    """
+    authorization = _authorization_of(auth)
+    if authorization.tier is not Tier.IDENTITY:
+        return ()
+    return tuple(
+        name
+        for name in authorization.disclosure_fields
+        if name in DISCLOSABLE_FIELDS and name not in policy.never_disclose
+    )

@@ -1,0 +1,1366 @@
+"""Person records: schema, CSV, validation, normalization and match-rule keys.
+
+The court case behind this project turned on bad request records: placeholder addresses
+("Failed to Provide", "NA NA"), ZIP codes accepted as addresses, and name+address matching
+that misidentified people. This module is where such records are stopped. It refuses each bad
+query record individually with a machine-readable :class:`ReasonCode`, normalizes the fields
+that survive, and turns a record into the exact *match-key bytes* that the OPRF layer evaluates.
+
+Everything here is pure (no network, no global state besides read-only tables and LRU caches)
+and is tuned for ~1.3M records: regexes and translation tables are built once at import time
+and the normalization of repeated values (names, dates, ZIPs) is cached.
+
+Conventions:
+
+* String normalizers (:func:`normalize_name`, :func:`normalize_address`) return ``""`` when
+  nothing usable remains; value normalizers (:func:`normalize_dob`, :func:`normalize_tin`,
+  :func:`normalize_zip`) return ``None`` when the value is missing or malformed.
+* CSV line numbers are 1-based physical line numbers of the first line of a row (the header is
+  line 1). The ``*_with_lines`` readers return ``(line, record)`` pairs; refusals carry them.
+* A ``str`` passed as a CSV ``source``/``dest`` is a file path, never CSV text.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from enum import IntEnum, StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import TextIO
+
+from protocol.errors import InvalidRecordError
+
+__all__ = [
+    "DISCLOSABLE_FIELDS",
+    "MATCH_KEY_DST",
+    "MATCH_RULES",
+    "PERSON_FIELDS",
+    "QUERY_META_FIELDS",
+    "RULE_FIELDS",
+    "MatchRule",
+    "PersonRecord",
+    "QueryMetadata",
+    "QueryRecord",
+    "ReasonCode",
+    "Refusal",
+    "Strength",
+    "ValidationReport",
+    "address_problem",
+    "decode_match_key",
+    "encode_match_key",
+    "get_rule",
+    "match_keys_bulk",
+    "normalize_address",
+    "normalize_dob",
+    "normalize_name",
+    "normalize_tax_period",
+    "normalize_tin",
+    "normalize_zip",
+    "read_person_csv",
+    "read_person_csv_with_lines",
+    "read_query_csv",
+    "read_query_csv_with_lines",
+    "split_suffix",
+    "validate_person",
+    "validate_persons",
+    "validate_queries",
+    "validate_query",
+    "write_person_csv",
+    "write_query_csv",
+]
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+PERSON_FIELDS: tuple[str, ...] = (
+    "record_id",
+    "tin",
+    "first_name",
+    "last_name",
+    "dob",
+    "address",
+    "city",
+    "state",
+    "zip",
+)
+QUERY_META_FIELDS: tuple[str, ...] = ("tax_periods", "statute", "reason")
+RECORD_CLASS_FIELD = "record_class"
+
+#: Fields a custodian may be authorized to disclose. Extra CSV columns (e.g. ``tax_paid_cents``)
+#: are disclosable only when an authorization names them explicitly.
+DISCLOSABLE_FIELDS: tuple[str, ...] = (
+    "first_name",
+    "last_name",
+    "dob",
+    "address",
+    "city",
+    "state",
+    "zip",
+    "tin",
+)
+
+_PERSON_FIELD_SET = frozenset(PERSON_FIELDS)
+_RESERVED_COLUMNS = frozenset((*PERSON_FIELDS, *QUERY_META_FIELDS, RECORD_CLASS_FIELD))
+_TAX_PERIOD_SEP = ";"
+
+
+@dataclass(frozen=True, slots=True)
+class PersonRecord:
+    """One person as held by either agency; all fields are raw strings ("" when absent).
+
+    ``record_class`` is the custodian's classification (e.g. ``"protected"``) used by policy
+    exclusions; ``extra`` keeps every other CSV column in header order so nothing is lost.
+    """
+
+    record_id: str = ""
+    tin: str = ""
+    first_name: str = ""
+    last_name: str = ""
+    dob: str = ""
+    address: str = ""
+    city: str = ""
+    state: str = ""
+    zip: str = ""
+    record_class: str = ""
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def get(self, field_name: str, default: str | None = None) -> str:
+        """Value of a person field, ``record_class`` or extra column.
+
+        Disclosure code asks for fields by name, so one accessor covers both kinds. An unknown
+        name returns ``default`` if given, else raises ``KeyError`` (never a silent ``""``).
+        """
+        if field_name in _PERSON_FIELD_SET or field_name == RECORD_CLASS_FIELD:
+            return getattr(self, field_name)  # type: ignore[no-any-return]
+        for key, value in self.extra:
+            if key == field_name:
+                return value
+        if default is not None:
+            return default
+        raise KeyError(field_name)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMetadata:
+    """Per-subject request requirements: tax periods, statute and reason (legal basis)."""
+
+    tax_periods: tuple[str, ...]
+    statute: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRecord:
+    """A requester's subject: the person to locate plus the per-subject legal metadata."""
+
+    person: PersonRecord
+    metadata: QueryMetadata
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------------
+
+
+class ReasonCode(StrEnum):
+    """Why a record was refused; values are stable snake_case strings for reports and gRPC."""
+
+    MISSING_RECORD_ID = "missing_record_id"
+    DUPLICATE_RECORD_ID = "duplicate_record_id"
+    MISSING_NAME = "missing_name"
+    PLACEHOLDER_ADDRESS = "placeholder_address"
+    ZIP_ONLY_ADDRESS = "zip_only_address"
+    MISSING_ADDRESS = "missing_address"
+    MALFORMED_ZIP = "malformed_zip"
+    MALFORMED_TIN = "malformed_tin"
+    IMPOSSIBLE_DOB = "impossible_dob"
+    MISSING_TAX_PERIODS = "missing_tax_periods"
+    MALFORMED_TAX_PERIOD = "malformed_tax_period"
+    MISSING_STATUTE = "missing_statute"
+    MISSING_REASON = "missing_reason"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One reason one record was refused; ``line`` is its CSV line (0 when unknown)."""
+
+    record_id: str
+    line: int
+    code: ReasonCode
+    detail: str
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of validating a batch: every input is either accepted or refused, never dropped.
+
+    A record may carry several refusals (at most one per :class:`ReasonCode`). Refused records
+    are identified by their line number, so ``len(accepted) + refused_record_count ==
+    input_count`` as long as line numbers are distinct (they are, from the CSV readers).
+    """
+
+    accepted: list[QueryRecord]
+    refused: list[Refusal]
+    accepted_lines: list[int] = field(default_factory=list)
+    input_count: int = 0
+
+    def counts_by_reason(self) -> dict[str, int]:
+        """Refusals per reason code; since codes are not repeated per record, also records."""
+        counts = Counter(str(r.code) for r in self.refused)
+        return dict(sorted(counts.items()))
+
+    @property
+    def refused_record_count(self) -> int:
+        """Number of distinct refused records."""
+        return len({r.line for r in self.refused})
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization tables (built once)
+# --------------------------------------------------------------------------------------------
+
+_APOSTROPHES = "'`\u2018\u2019\u02bc\u00b4\u2032"
+# Letters that have no Unicode decomposition but an obvious ASCII reading.
+_TRANSLITERATE = {
+    "\u00f8": "o",  # ø
+    "\u0142": "l",  # ł
+    "\u00e6": "ae",  # æ
+    "\u0153": "oe",  # œ
+    "\u0111": "d",  # đ
+    "\u00f0": "d",  # ð
+    "\u00fe": "th",  # þ
+    "\u0131": "i",  # dotless i
+    "\u00df": "ss",  # ß (casefold covers it too)
+}
+
+
+def _build_translation(extra: dict[str, str]) -> dict[int, str | None]:
+    """Punctuation becomes a space, apostrophes vanish (so O'Brien == OBrien)."""
+    table: dict[int, str | None] = {}
+    for code in range(128):
+        ch = chr(code)
+        if not ch.isalnum() and not ch.isspace():
+            table[code] = " "
+    for ch in _APOSTROPHES:
+        table[ord(ch)] = None
+    for ch in "\u2010\u2011\u2012\u2013\u2014\u2015\u00b7\u00ab\u00bb\u00bf\u00a1\u201c\u201d":
+        table[ord(ch)] = " "
+    for src, dst in _TRANSLITERATE.items():
+        table[ord(src)] = dst
+    for src, dst in extra.items():
+        table[ord(src)] = dst
+    return table
+
+
+_NAME_TABLE = _build_translation({})
+_ADDRESS_TABLE = _build_translation({"#": " # "})
+_NON_WORD_RE = re.compile(r"[^\w\s]+")
+_WS_RE = re.compile(r"\s+")
+
+_HONORIFICS = frozenset({"mr", "mrs", "ms", "dr"})
+
+_SUFFIXES: dict[str, str] = {
+    "jr": "jr",
+    "junior": "jr",
+    "sr": "sr",
+    "senior": "sr",
+    "ii": "ii",
+    "2nd": "ii",
+    "iii": "iii",
+    "3rd": "iii",
+    "iv": "iv",
+    "4th": "iv",
+}
+
+#: Unit designators all fold to one token so "Apt 4", "Unit 4", "Suite 4" and "#4" agree.
+_UNIT_CANONICAL = "apt"
+_UNIT_WORDS = ("apartment", "apt", "unit", "suite", "ste", "#")
+
+# USPS Publication 28 (C1) street suffixes: common spellings -> standard abbreviation.
+_STREET_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "aly": ("alley", "allee", "ally"),
+    "anx": ("annex", "anex", "annx"),
+    "arc": ("arcade",),
+    "ave": ("avenue", "av", "aven", "avenu", "avn", "avnue"),
+    "byu": ("bayou", "bayoo"),
+    "bch": ("beach",),
+    "bnd": ("bend",),
+    "blf": ("bluff", "bluf"),
+    "btm": ("bottom", "bot", "bottm"),
+    "blvd": ("boulevard", "boul", "boulv"),
+    "br": ("branch", "brnch"),
+    "brg": ("bridge", "brdge"),
+    "brk": ("brook",),
+    "byp": ("bypass", "bypa", "bypas", "byps"),
+    "cp": ("camp", "cmp"),
+    "cyn": ("canyon", "canyn", "cnyn"),
+    "cpe": ("cape",),
+    "cswy": ("causeway", "causwa"),
+    "ctr": ("center", "centre", "cent", "centr", "cntr", "cnter"),
+    "cir": ("circle", "circ", "circl", "crcl", "crcle"),
+    "clf": ("cliff",),
+    "clfs": ("cliffs",),
+    "clb": ("club",),
+    "cmn": ("common",),
+    "cor": ("corner",),
+    "crse": ("course",),
+    "ct": ("court",),
+    "cts": ("courts",),
+    "cv": ("cove",),
+    "crk": ("creek",),
+    "cres": ("crescent", "crsent", "crsnt"),
+    "xing": ("crossing", "crssng"),
+    "dl": ("dale",),
+    "dm": ("dam",),
+    "dr": ("drive", "driv", "drv"),
+    "est": ("estate",),
+    "ests": ("estates",),
+    "expy": ("expressway", "exp", "expr", "express", "expw"),
+    "ext": ("extension", "extn", "extnsn"),
+    "fls": ("falls",),
+    "fry": ("ferry", "frry"),
+    "fld": ("field",),
+    "flds": ("fields",),
+    "flt": ("flat",),
+    "frd": ("ford",),
+    "frst": ("forest", "forests"),
+    "frg": ("forge", "forg"),
+    "frk": ("fork",),
+    "ft": ("fort", "frt"),
+    "fwy": ("freeway", "freewy", "frway", "frwy"),
+    "gdn": ("garden", "gardn", "grden", "grdn"),
+    "gdns": ("gardens", "grdns"),
+    "gtwy": ("gateway", "gatewy", "gatway", "gtway"),
+    "gln": ("glen",),
+    "grn": ("green",),
+    "grv": ("grove", "grov"),
+    "hbr": ("harbor", "harb", "harbr", "hrbor"),
+    "hvn": ("haven",),
+    "hts": ("heights", "ht"),
+    "hwy": ("highway", "highwy", "hiway", "hiwy", "hway"),
+    "hl": ("hill",),
+    "hls": ("hills",),
+    "holw": ("hollow", "hllw", "hollows", "holws"),
+    "is": ("island", "islnd"),
+    "iss": ("islands", "islnds"),
+    "jct": ("junction", "jction", "jctn", "junctn", "juncton"),
+    "ky": ("key",),
+    "knl": ("knoll", "knol"),
+    "lk": ("lake",),
+    "lks": ("lakes",),
+    "lndg": ("landing", "lndng"),
+    "ln": ("lane",),
+    "lgt": ("light",),
+    "lf": ("loaf",),
+    "lck": ("lock",),
+    "ldg": ("lodge", "ldge", "lodg"),
+    "mnr": ("manor",),
+    "mdw": ("meadow",),
+    "mdws": ("meadows", "medows"),
+    "ml": ("mill",),
+    "msn": ("mission", "missn", "mssn"),
+    "mtwy": ("motorway",),
+    "mt": ("mount", "mnt"),
+    "mtn": ("mountain", "mntain", "mntn", "mountin", "mtin"),
+    "nck": ("neck",),
+    "orch": ("orchard", "orchrd"),
+    "pkwy": ("parkway", "parkwy", "pkway", "pky", "parkways", "pkwys"),
+    "pne": ("pine",),
+    "pnes": ("pines",),
+    "pl": ("place",),
+    "pln": ("plain",),
+    "plns": ("plains",),
+    "plz": ("plaza", "plza"),
+    "pt": ("point",),
+    "pts": ("points",),
+    "prt": ("port",),
+    "pr": ("prairie", "prr"),
+    "radl": ("radial", "rad", "radiel"),
+    "rnch": ("ranch", "ranches", "rnchs"),
+    "rpd": ("rapid",),
+    "rpds": ("rapids",),
+    "rst": ("rest",),
+    "rdg": ("ridge", "rdge"),
+    "riv": ("river", "rvr", "rivr"),
+    "rd": ("road",),
+    "rds": ("roads",),
+    "rte": ("route",),
+    "shl": ("shoal",),
+    "shr": ("shore", "shoar"),
+    "spg": ("spring", "spng", "sprng"),
+    "spgs": ("springs", "spngs", "sprngs"),
+    "sq": ("square", "sqr", "sqre", "squ"),
+    "sta": ("station", "statn", "stn"),
+    "stra": ("stravenue", "strav", "straven", "stravn", "strvn", "strvnue"),
+    "strm": ("stream", "streme"),
+    "st": ("street", "strt", "str"),
+    "sts": ("streets",),
+    "smt": ("summit", "sumit", "sumitt"),
+    "ter": ("terrace", "terr"),
+    "trwy": ("throughway",),
+    "trce": ("trace", "traces"),
+    "trak": ("track", "tracks", "trk", "trks"),
+    "trfy": ("trafficway",),
+    "trl": ("trail", "trails", "trls"),
+    "trlr": ("trailer", "trlrs"),
+    "tunl": ("tunnel", "tunel", "tunls", "tunnels", "tunnl"),
+    "tpke": ("turnpike", "trnpk", "turnpk"),
+    "upas": ("underpass",),
+    "un": ("union",),
+    "vly": ("valley", "vally", "vlly"),
+    "via": ("viaduct", "vdct", "viadct"),
+    "vw": ("view",),
+    "vlg": ("village", "vill", "villag", "villg", "villiage"),
+    "vl": ("ville",),
+    "vis": ("vista", "vist", "vst", "vsta"),
+    "wy": ("way",),
+    "wl": ("well",),
+    "wls": ("wells",),
+}
+_DIRECTIONALS = {
+    "north": "n",
+    "south": "s",
+    "east": "e",
+    "west": "w",
+    "northeast": "ne",
+    "northwest": "nw",
+    "southeast": "se",
+    "southwest": "sw",
+}
+_ORDINAL_WORDS = {
+    "first": "1st",
+    "second": "2nd",
+    "third": "3rd",
+    "fourth": "4th",
+    "fifth": "5th",
+    "sixth": "6th",
+    "seventh": "7th",
+    "eighth": "8th",
+    "ninth": "9th",
+    "tenth": "10th",
+}
+
+
+def _build_address_tokens() -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    for abbr, spellings in _STREET_SUFFIXES.items():
+        for spelling in spellings:
+            tokens[spelling] = abbr
+    # "way" is far more common spelled out; keep the plain word as the canonical form.
+    tokens.pop("way", None)
+    tokens.update(_DIRECTIONALS)
+    tokens.update(_ORDINAL_WORDS)
+    for word in _UNIT_WORDS:
+        tokens[word] = _UNIT_CANONICAL
+    return tokens
+
+
+_ADDRESS_TOKENS = _build_address_tokens()
+_PO_BOX_RE = re.compile(r"\b(?:p o box|post office box|pobox)\b")
+
+# USPS state, territory and military codes: an address made only of these and a ZIP has no street.
+_STATE_CODES = (
+    "al ak az ar ca co ct de dc fl ga hi id il in ia ks ky la me md ma mi mn ms mo mt ne nv "
+    "nh nj nm ny nc nd oh ok or pa ri sc sd tn tx ut vt va wa wv wi wy pr vi gu as mp aa ae ap"
+)
+_US_STATES = frozenset(_STATE_CODES.split())
+_ZIP_WORDS = frozenset({"zip", "zipcode", "code", "postal", "postcode", "zip4"})
+
+# Phrases the brief names as placeholders; matched after address normalization.
+_PLACEHOLDER_PHRASES_RAW = (
+    "failed to provide",
+    "unknown address",
+    "unknown",
+    "na na",
+    "n/a",
+    "na",
+    "none",
+    "no address",
+    "not provided",
+    "address unknown",
+    "tbd",
+    "xxx",
+    "homeless",
+    "general delivery",
+    "same",
+    "-",
+    ".",
+)
+# Further words that, when they make up the *whole* address, still carry no location.
+_PLACEHOLDER_EXTRA_WORDS = (
+    "addr",
+    "unk",
+    "unkn",
+    "null",
+    "nil",
+    "missing",
+    "given",
+    "available",
+    "unavailable",
+    "not",
+    "on",
+    "file",
+    "record",
+    "refused",
+    "declined",
+    "blank",
+    "x",
+    "xx",
+    "xxxx",
+    "xxxxx",
+    "invalid",
+    "provided",
+    "as",
+    "above",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalizers
+# --------------------------------------------------------------------------------------------
+
+
+def _fold(s: str, table: dict[int, str | None]) -> str:
+    """Unicode-fold and strip punctuation; the shared core of name and address normalization."""
+    if s.isascii():
+        return s.lower().translate(table)
+    s = unicodedata.normalize("NFKC", s).casefold()
+    s = unicodedata.normalize("NFKD", s)
+    s = "".join(ch for ch in s if not unicodedata.combining(ch))
+    s = unicodedata.normalize("NFKC", s).translate(table)
+    if not s.isascii():
+        s = _NON_WORD_RE.sub(" ", s).replace("_", " ")
+    return s
+
+
+@lru_cache(maxsize=1 << 17)
+def normalize_name(s: str) -> str:
+    """Canonical form of a personal name; ``""`` when nothing usable remains.
+
+    NFKC, accents stripped (NFKD minus combining marks), casefolded, punctuation to spaces
+    (apostrophes are removed instead, so "O'Brien" and "OBrien" agree), whitespace collapsed,
+    honorifics (mr, mrs, ms, dr) dropped. Idempotent.
+    """
+    if not s:
+        return ""
+    return " ".join(t for t in _fold(s, _NAME_TABLE).split() if t not in _HONORIFICS)
+
+
+@lru_cache(maxsize=1 << 17)
+def split_suffix(last_name: str) -> tuple[str, str]:
+    """Split a generational suffix off a last name: ``"O'Brien Jr."`` -> ``("obrien", "jr")``.
+
+    The suffix stays a separate key component, so a Jr and a Sr at one address do not collide
+    when both sides record it. A lone suffix-like word (a surname "Junior") is kept as the name.
+    Returns ``("", "")`` when no name remains.
+    """
+    name = normalize_name(last_name)
+    head, sep, tail = name.rpartition(" ")
+    if sep and head:
+        canonical = _SUFFIXES.get(tail)
+        if canonical is not None:
+            return head, canonical
+    return name, ""
+
+
+def normalize_address(s: str) -> str:
+    """Canonical street line; ``""`` when nothing usable remains.
+
+    NFKC/accent folding, casefold, punctuation to spaces, "#" and unit designators (apartment,
+    apt, unit, suite, ste) to ``apt``, USPS street suffixes (STREET->st, AVENUE->ave, ...),
+    directionals (NORTH->n ... SOUTHWEST->sw), ordinal words (FIRST->1st) and PO boxes
+    (P.O. Box -> po box). Placeholder detection is separate: see :func:`address_problem`.
+    """
+    if not s:
+        return ""
+    tokens = _fold(s, _ADDRESS_TABLE).split()
+    out: list[str] = []
+    get = _ADDRESS_TOKENS.get
+    previous_unit = False
+    for tok in tokens:
+        tok = get(tok, tok)
+        if tok == _UNIT_CANONICAL:
+            if previous_unit:
+                continue  # "Apt #4" -> "apt 4"
+            previous_unit = True
+        else:
+            previous_unit = False
+        out.append(tok)
+    line = " ".join(out)
+    if "box" in line:
+        line = _PO_BOX_RE.sub("po box", line)
+    return line
+
+
+_PLACEHOLDER_PHRASES = frozenset(normalize_address(p) for p in _PLACEHOLDER_PHRASES_RAW) - {""}
+_PLACEHOLDER_WORDS = frozenset(
+    tok for phrase in _PLACEHOLDER_PHRASES for tok in phrase.split()
+) | frozenset(normalize_address(w) for w in _PLACEHOLDER_EXTRA_WORDS)
+
+
+def _zip_like(tok: str) -> bool:
+    return tok.isdigit() and len(tok) in (4, 5, 9)
+
+
+def _classify_address(
+    address: str, city: str, state: str
+) -> tuple[str, tuple[ReasonCode, str] | None]:
+    """(normalized street line, problem or None); one normalization serves both uses."""
+    if not address or address.isspace():
+        return "", (ReasonCode.MISSING_ADDRESS, "address is blank")
+    line = normalize_address(address)
+    if not line:
+        return line, (
+            ReasonCode.PLACEHOLDER_ADDRESS,
+            f"address {address!r} has no letters or digits",
+        )
+    if line in _PLACEHOLDER_PHRASES:
+        return line, (ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is a placeholder")
+    tokens = line.split()
+    if all(t in _PLACEHOLDER_WORDS for t in tokens):
+        return line, (
+            ReasonCode.PLACEHOLDER_ADDRESS,
+            f"address {address!r} is only placeholder words",
+        )
+    if all(t.isdigit() or t in _ZIP_WORDS for t in tokens):
+        if any(t.isdigit() for t in tokens):
+            return line, (
+                ReasonCode.ZIP_ONLY_ADDRESS,
+                f"address {address!r} is only a ZIP or digits",
+            )
+        return line, (ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is a placeholder")
+    if any(_zip_like(t) for t in tokens):
+        place = set(normalize_address(city).split()) | set(normalize_address(state).split())
+        if all(_zip_like(t) or t in _ZIP_WORDS or t in _US_STATES or t in place for t in tokens):
+            return line, (
+                ReasonCode.ZIP_ONLY_ADDRESS,
+                f"address {address!r} has no street line, only city/state/ZIP",
+            )
+    return line, None
+
+
+def address_problem(
+    address: str, *, city: str = "", state: str = ""
+) -> tuple[ReasonCode, str] | None:
+    """Why ``address`` is not a usable street line, or ``None`` if it is.
+
+    Blank -> MISSING_ADDRESS. Punctuation only ("-", "."), a known placeholder phrase
+    ("Failed to Provide", "N/A"), or only placeholder words ("NA NA", "Unknown Unknown") ->
+    PLACEHOLDER_ADDRESS. Only digits, only a ZIP/ZIP+4 ("zip 20500"), or only ZIP plus the
+    record's own city/state ("Washington DC 20500") -> ZIP_ONLY_ADDRESS.
+    """
+    return _classify_address(address, city, state)[1]
+
+
+_DOB_ISO_RE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})")
+_DOB_COMPACT_RE = re.compile(r"(\d{4})(\d{2})(\d{2})")
+_DOB_US_RE = re.compile(r"(\d{1,2})([/-])(\d{1,2})\2(\d{4})")
+_MIN_YEAR = 1900
+
+
+@lru_cache(maxsize=1 << 16)
+def _parse_dob(s: str) -> tuple[date | None, str]:
+    """(date, "") for a parseable, real date from 1900 on; else (None, why). Cached."""
+    s = s.strip()
+    if not s or not s.isascii():
+        return None, "not a date"
+    m = _DOB_ISO_RE.fullmatch(s) or _DOB_COMPACT_RE.fullmatch(s)
+    if m is not None:
+        y, mo, d = int(m[1]), int(m[2]), int(m[3])
+    else:
+        m = _DOB_US_RE.fullmatch(s)
+        if m is None:
+            return None, "not a date in a supported format"
+        y, mo, d = int(m[4]), int(m[1]), int(m[3])
+    try:
+        parsed = date(y, mo, d)
+    except ValueError:
+        return None, "not a calendar date"
+    if y < _MIN_YEAR:
+        return None, f"before {_MIN_YEAR}"
+    return parsed, ""
+
+
+def _dob_check(s: str, today: date | None) -> tuple[date | None, str]:
+    parsed, why = _parse_dob(s)
+    if parsed is not None and parsed > (today or date.today()):
+        return None, "in the future"
+    return parsed, why
+
+
+def normalize_dob(s: str, *, today: date | None = None) -> str | None:
+    """ISO ``YYYY-MM-DD`` from YYYY-MM-DD, YYYYMMDD, MM/DD/YYYY, M/D/YYYY or MM-DD-YYYY.
+
+    ``None`` when blank, unparseable, not a calendar date, before 1900 or after ``today``.
+    """
+    parsed = _dob_check(s, today)[0]
+    return None if parsed is None else parsed.isoformat()
+
+
+_ITIN_GROUPS = frozenset(
+    f"{g:02d}" for lo, hi in ((50, 65), (70, 88), (90, 92), (94, 99)) for g in range(lo, hi + 1)
+)
+
+
+def normalize_tin(s: str) -> str | None:
+    """Nine-digit SSN or ITIN with dashes/spaces removed; ``None`` when blank or malformed.
+
+    SSN: area not 000, 666 or 9xx; group not 00; serial not 0000. ITIN: area 9xx with digits
+    4-5 in 50-65, 70-88, 90-92 or 94-99.
+    """
+    if len(s) != 9 or not (s.isascii() and s.isdigit()):
+        s = s.strip().replace("-", "").replace(" ", "")
+        if len(s) != 9 or not (s.isascii() and s.isdigit()):
+            return None
+    area, group = s[:3], s[3:5]
+    if area[0] == "9":
+        return s if group in _ITIN_GROUPS else None
+    if area == "000" or area == "666" or group == "00" or s[5:] == "0000":
+        return None
+    return s
+
+
+def normalize_zip(s: str) -> str | None:
+    """The 5-digit ZIP from a ZIP or ZIP+4 ("20500", "20500-0003"); ``None`` if malformed.
+
+    A 4-digit value (a ZIP that lost its leading zero in a spreadsheet) is refused rather than
+    guessed, and so is the non-existent ZIP 00000.
+    """
+    if len(s) == 5 and s.isascii() and s.isdigit():
+        return s if s != "00000" else None
+    s = s.strip().replace("-", "").replace(" ", "")
+    if len(s) not in (5, 9) or not (s.isascii() and s.isdigit()) or s[:5] == "00000":
+        return None
+    return s[:5]
+
+
+_TAX_PERIOD_RE = re.compile(r"(\d{4})(?:[Qq]([1-4]))?")
+
+
+def normalize_tax_period(s: str, *, today: date | None = None) -> str | None:
+    """``"YYYY"`` or ``"YYYYQn"`` for a year 1900..current (a quarter must have begun)."""
+    m = _TAX_PERIOD_RE.fullmatch(s.strip())
+    if m is None:
+        return None
+    today = today or date.today()
+    year = int(m[1])
+    if year < _MIN_YEAR or year > today.year:
+        return None
+    if m[2] is None:
+        return m[1]
+    quarter = int(m[2])
+    if year == today.year and quarter > (today.month - 1) // 3 + 1:
+        return None
+    return f"{m[1]}Q{quarter}"
+
+
+def _fold_place(s: str) -> str:
+    return " ".join(_fold(s, _NAME_TABLE).split()) if s else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+_BLANKISH = frozenset({"", "n a", "na", "none", "null", "tbd", "unknown", "xxx"})
+
+
+def _is_blankish(s: str) -> bool:
+    """Blank, punctuation-only, or a bare placeholder ("N/A", "TBD") — no real statute/reason."""
+    return _fold_place(s) in _BLANKISH
+
+
+def _person_refusals(p: PersonRecord, line: int, today: date | None, out: list[Refusal]) -> None:
+    rid = p.record_id
+    if not rid.strip():
+        out.append(Refusal(rid, line, ReasonCode.MISSING_RECORD_ID, "record_id is blank"))
+    if p.tin.strip() and normalize_tin(p.tin) is None:
+        out.append(
+            Refusal(rid, line, ReasonCode.MALFORMED_TIN, "tin is not a well-formed SSN or ITIN")
+        )
+    if p.dob.strip():
+        parsed, why = _dob_check(p.dob, today)
+        if parsed is None:
+            out.append(Refusal(rid, line, ReasonCode.IMPOSSIBLE_DOB, f"dob {p.dob!r}: {why}"))
+
+
+def validate_person(p: PersonRecord, *, line: int = 0, today: date | None = None) -> list[Refusal]:
+    """Custodian-side check: record_id present, TIN and DOB well-formed when present.
+
+    Lighter than :func:`validate_query` because a custodian row lacking an address is still a
+    legitimate record; it simply never yields an address key.
+    """
+    out: list[Refusal] = []
+    _person_refusals(p, line, today, out)
+    return out
+
+
+def validate_query(q: QueryRecord, *, today: date | None = None, line: int = 0) -> list[Refusal]:
+    """Requester/authority-side check of one subject; empty list means acceptable.
+
+    At most one refusal per reason code. Duplicate record ids need the whole batch and are
+    detected by :func:`validate_queries`.
+    """
+    p, meta = q.person, q.metadata
+    rid = p.record_id
+    out: list[Refusal] = []
+    _person_refusals(p, line, today, out)
+
+    missing = [
+        name
+        for name, ok in (
+            ("first_name", normalize_name(p.first_name)),
+            ("last_name", split_suffix(p.last_name)[0]),
+        )
+        if not ok
+    ]
+    if missing:
+        out.append(Refusal(rid, line, ReasonCode.MISSING_NAME, " and ".join(missing) + " blank"))
+
+    problem = _classify_address(p.address, p.city, p.state)[1]
+    if problem is not None:
+        out.append(Refusal(rid, line, problem[0], problem[1]))
+
+    if normalize_zip(p.zip) is None:
+        why = "zip is blank" if not p.zip.strip() else f"zip {p.zip!r} is not 5 or 9 digits"
+        out.append(Refusal(rid, line, ReasonCode.MALFORMED_ZIP, why))
+
+    periods = [t for t in meta.tax_periods if t.strip()]
+    if not periods:
+        out.append(Refusal(rid, line, ReasonCode.MISSING_TAX_PERIODS, "no tax periods"))
+    else:
+        today_ = today or date.today()
+        bad = [t for t in periods if normalize_tax_period(t, today=today_) is None]
+        if bad:
+            out.append(
+                Refusal(
+                    rid,
+                    line,
+                    ReasonCode.MALFORMED_TAX_PERIOD,
+                    "tax periods not a year 1900..current or YYYYQn: " + ", ".join(bad),
+                )
+            )
+    if _is_blankish(meta.statute):
+        out.append(Refusal(rid, line, ReasonCode.MISSING_STATUTE, "statute is blank"))
+    if _is_blankish(meta.reason):
+        out.append(Refusal(rid, line, ReasonCode.MISSING_REASON, "reason is blank"))
+    return out
+
+
+def _duplicate_lines(items: Sequence[tuple[int, PersonRecord]]) -> dict[int, list[int]]:
+    """line -> other lines sharing its (stripped, non-blank) record_id."""
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for line, p in items:
+        rid = p.record_id.strip()
+        if rid:
+            by_id[rid].append(line)
+    dupes: dict[int, list[int]] = {}
+    for lines in by_id.values():
+        if len(lines) > 1:
+            for ln in lines:
+                dupes[ln] = [o for o in lines if o != ln]
+    return dupes
+
+
+def _dup_refusal(p: PersonRecord, line: int, others: list[int]) -> Refusal:
+    shown = ", ".join(map(str, others[:5])) + (" ..." if len(others) > 5 else "")
+    return Refusal(
+        p.record_id,
+        line,
+        ReasonCode.DUPLICATE_RECORD_ID,
+        f"record_id also on line(s) {shown}; every occurrence is refused",
+    )
+
+
+def validate_queries(
+    queries_with_lines: Iterable[tuple[int, QueryRecord]], *, today: date | None = None
+) -> ValidationReport:
+    """Validate a batch of ``(line, query)`` pairs, as from :func:`read_query_csv_with_lines`.
+
+    Adds duplicate-id detection: *every* occurrence of a repeated record_id is refused, since a
+    result could otherwise be attributed to the wrong subject. Plain lists of queries can be
+    passed as ``enumerate(queries, 1)``.
+    """
+    items = list(queries_with_lines)
+    today = today or date.today()
+    dupes = _duplicate_lines([(ln, q.person) for ln, q in items])
+    report = ValidationReport(accepted=[], refused=[], input_count=len(items))
+    for line, q in items:
+        refusals = validate_query(q, today=today, line=line)
+        others = dupes.get(line)
+        if others is not None:
+            refusals.append(_dup_refusal(q.person, line, others))
+        if refusals:
+            report.refused.extend(refusals)
+        else:
+            report.accepted.append(q)
+            report.accepted_lines.append(line)
+    return report
+
+
+def validate_persons(
+    persons_with_lines: Iterable[tuple[int, PersonRecord]], *, today: date | None = None
+) -> tuple[list[PersonRecord], list[Refusal]]:
+    """Custodian batch check: ``(usable records, refusals)``; duplicate ids are refused too."""
+    items = list(persons_with_lines)
+    today = today or date.today()
+    dupes = _duplicate_lines(items)
+    accepted: list[PersonRecord] = []
+    refused: list[Refusal] = []
+    for line, p in items:
+        refusals = validate_person(p, line=line, today=today)
+        others = dupes.get(line)
+        if others is not None:
+            refusals.append(_dup_refusal(p, line, others))
+        if refusals:
+            refused.extend(refusals)
+        else:
+            accepted.append(p)
+    return accepted, refused
+
+
+# --------------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _open_text(source: str | Path | TextIO, mode: str) -> Iterator[TextIO]:
+    if isinstance(source, str | Path):
+        encoding = "utf-8-sig" if mode == "r" else "utf-8"
+        with open(source, mode, newline="", encoding=encoding) as fh:
+            yield fh
+    else:
+        yield source
+
+
+def _iter_rows(
+    source: str | Path | TextIO, required: Sequence[str]
+) -> Iterator[tuple[int, dict[str, str], tuple[tuple[str, str], ...]]]:
+    """Yield (line, known-column values, extras) per non-blank data row."""
+    with _open_text(source, "r") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise InvalidRecordError("CSV is empty: a header row is required") from None
+        if len(set(header)) != len(header):
+            raise InvalidRecordError(f"CSV header has duplicate columns: {header}")
+        if "" in header:
+            raise InvalidRecordError("CSV header has an empty column name")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise InvalidRecordError(f"CSV header lacks required columns: {missing}")
+        known = [(i, h) for i, h in enumerate(header) if h in _RESERVED_COLUMNS]
+        extra_idx = [(i, h) for i, h in enumerate(header) if h not in _RESERVED_COLUMNS]
+        width = len(header)
+        previous_end = reader.line_num
+        for row in reader:
+            line = previous_end + 1
+            previous_end = reader.line_num
+            if not row:
+                continue  # a blank line is not a record
+            if len(row) != width:
+                raise InvalidRecordError(f"CSV line {line}: {len(row)} columns, header has {width}")
+            values = {h: row[i] for i, h in known}
+            extras = tuple((h, row[i]) for i, h in extra_idx)
+            yield line, values, extras
+
+
+def _person_from(values: dict[str, str], extras: tuple[tuple[str, str], ...]) -> PersonRecord:
+    return PersonRecord(
+        values["record_id"],
+        values["tin"],
+        values["first_name"],
+        values["last_name"],
+        values["dob"],
+        values["address"],
+        values["city"],
+        values["state"],
+        values["zip"],
+        values.get(RECORD_CLASS_FIELD, ""),
+        extras,
+    )
+
+
+def read_person_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, PersonRecord]]:
+    """``(line, record)`` for each data row; raises InvalidRecordError on a malformed file."""
+    return [
+        (line, _person_from(values, extras))
+        for line, values, extras in _iter_rows(source, PERSON_FIELDS)
+    ]
+
+
+def read_person_csv(source: str | Path | TextIO) -> list[PersonRecord]:
+    """Person records from a CSV with a header holding at least the nine person fields.
+
+    ``record_class`` is optional; other columns (including query metadata columns, which a
+    person file ignores) are kept in ``extra`` unless reserved. Values are kept verbatim.
+    """
+    return [p for _, p in read_person_csv_with_lines(source)]
+
+
+def _split_periods(s: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in s.split(_TAX_PERIOD_SEP) if t.strip())
+
+
+def read_query_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, QueryRecord]]:
+    """``(line, query)`` for each data row; feed straight into :func:`validate_queries`.
+
+    ``tax_periods`` is a ";"-separated list ("2022;2023"); empty entries are ignored.
+    """
+    out: list[tuple[int, QueryRecord]] = []
+    for line, values, extras in _iter_rows(source, (*PERSON_FIELDS, *QUERY_META_FIELDS)):
+        meta = QueryMetadata(
+            _split_periods(values["tax_periods"]), values["statute"], values["reason"]
+        )
+        out.append((line, QueryRecord(_person_from(values, extras), meta)))
+    return out
+
+
+def read_query_csv(source: str | Path | TextIO) -> list[QueryRecord]:
+    """Query records (person fields + tax_periods, statute, reason) from a CSV."""
+    return [q for _, q in read_query_csv_with_lines(source)]
+
+
+def _extra_columns(persons: Sequence[PersonRecord]) -> list[str]:
+    seen: dict[str, None] = {}
+    for p in persons:
+        for key, _ in p.extra:
+            if key in _RESERVED_COLUMNS:
+                raise ValueError(f"extra column {key!r} clashes with a schema column")
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def _write(
+    dest: str | Path | TextIO,
+    persons: Sequence[PersonRecord],
+    meta_rows: Sequence[list[str]] | None,
+) -> None:
+    extras = _extra_columns(persons)
+    with_class = any(p.record_class for p in persons)
+    header = [*PERSON_FIELDS]
+    if meta_rows is not None:
+        header += QUERY_META_FIELDS
+    if with_class:
+        header.append(RECORD_CLASS_FIELD)
+    header += extras
+    with _open_text(dest, "w") as fh:
+        writer = csv.writer(fh, lineterminator="\r\n")
+        writer.writerow(header)
+        for i, p in enumerate(persons):
+            row = [
+                p.record_id,
+                p.tin,
+                p.first_name,
+                p.last_name,
+                p.dob,
+                p.address,
+                p.city,
+                p.state,
+                p.zip,
+            ]
+            if meta_rows is not None:
+                row += meta_rows[i]
+            if with_class:
+                row.append(p.record_class)
+            if extras:
+                own = dict(p.extra)
+                row += [own.get(k, "") for k in extras]
+            writer.writerow(row)
+
+
+def write_person_csv(records: Iterable[PersonRecord], dest: str | Path | TextIO) -> None:
+    """Write records so that :func:`read_person_csv` returns them unchanged.
+
+    Exact when every record has the same extra columns in the same order (always true for
+    records read from one CSV); otherwise missing extras are written as "".
+    """
+    _write(dest, list(records), None)
+
+
+def write_query_csv(queries: Iterable[QueryRecord], dest: str | Path | TextIO) -> None:
+    """Write queries so that :func:`read_query_csv` returns them unchanged.
+
+    Raises ValueError for a tax period that could not survive the ";"-joined column (empty,
+    containing ";", or with surrounding whitespace) rather than altering it silently.
+    """
+    qs = list(queries)
+    meta_rows: list[list[str]] = []
+    for q in qs:
+        for t in q.metadata.tax_periods:
+            if not t or t != t.strip() or _TAX_PERIOD_SEP in t:
+                raise ValueError(f"tax period {t!r} cannot be written to a ';'-separated list")
+        meta_rows.append(
+            [_TAX_PERIOD_SEP.join(q.metadata.tax_periods), q.metadata.statute, q.metadata.reason]
+        )
+    _write(dest, [q.person for q in qs], meta_rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Match rules and match-key encoding
+# --------------------------------------------------------------------------------------------
+
+#: Domain-separation prefix of every match key (distinct from every other hash/KDF input).
+MATCH_KEY_DST = b"gated-psi/match-key/v1"
+_MAX_COMPONENT = 0xFFFF
+
+
+class Strength(IntEnum):
+    """How unlikely a rule is to misidentify a person; policy sets a minimum."""
+
+    WEAK = 1
+    MEDIUM = 2
+    STRONG = 3
+
+
+def _lp(value: str) -> bytes | None:
+    """I2OSP(len, 2) || UTF-8 value, or None if the value is too long to encode."""
+    raw = value.encode("utf-8")
+    if len(raw) > _MAX_COMPONENT:
+        return None
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _rule_prefix(rule_id: str) -> bytes:
+    raw = rule_id.encode("utf-8")
+    if not 1 <= len(raw) <= 0xFF:
+        raise ValueError("rule_id must be 1..255 UTF-8 bytes")
+    return MATCH_KEY_DST + len(raw).to_bytes(1, "big") + raw
+
+
+def encode_match_key(rule_id: str, components: Sequence[str]) -> bytes:
+    """DST || I2OSP(len(rule_id),1) || rule_id || (I2OSP(len(v),2) || v)* — injective.
+
+    Length prefixes make the byte string parse back to exactly one (rule_id, components)
+    pair (see :func:`decode_match_key`), so distinct inputs can never share a key.
+    """
+    parts = [_rule_prefix(rule_id)]
+    for v in components:
+        enc = _lp(v)
+        if enc is None:
+            raise ValueError("match-key component longer than 65535 bytes")
+        parts.append(enc)
+    return b"".join(parts)
+
+
+def decode_match_key(key: bytes) -> tuple[str, tuple[str, ...]]:
+    """Inverse of :func:`encode_match_key`; for audits and tests. Raises ValueError."""
+    if not key.startswith(MATCH_KEY_DST) or len(key) <= len(MATCH_KEY_DST):
+        raise ValueError("not a match key")
+    pos = len(MATCH_KEY_DST)
+    n = key[pos]
+    pos += 1
+    if n == 0 or pos + n > len(key):
+        raise ValueError("truncated rule id")
+    rule_id = key[pos : pos + n].decode("utf-8")
+    pos += n
+    comps: list[str] = []
+    while pos < len(key):
+        if pos + 2 > len(key):
+            raise ValueError("truncated component length")
+        ln = int.from_bytes(key[pos : pos + 2], "big")
+        pos += 2
+        if pos + ln > len(key):
+            raise ValueError("truncated component")
+        comps.append(key[pos : pos + ln].decode("utf-8"))
+        pos += ln
+    return rule_id, tuple(comps)
+
+
+# Per-field component encoders: each returns the length-prefixed component bytes of a field
+# (one or more components), or None when the field is missing or invalid. Repeated values are
+# cached; TINs are unique per person so caching them would only cost memory.
+
+
+@lru_cache(maxsize=1 << 17)
+def _first_part(raw: str) -> bytes | None:
+    name = normalize_name(raw)
+    return _lp(name) if name else None
+
+
+@lru_cache(maxsize=1 << 17)
+def _last_part(raw: str) -> bytes | None:
+    name, suffix = split_suffix(raw)
+    if not name:
+        return None
+    enc = _lp(name)
+    return None if enc is None else enc + len(suffix).to_bytes(2, "big") + suffix.encode()
+
+
+@lru_cache(maxsize=1 << 16)
+def _dob_part(raw: str) -> tuple[date, bytes] | None:
+    parsed = _parse_dob(raw)[0]
+    if parsed is None:
+        return None
+    return parsed, b"\x00\x0a" + parsed.isoformat().encode("ascii")
+
+
+@lru_cache(maxsize=1 << 16)
+def _zip_part(raw: str) -> bytes | None:
+    z = normalize_zip(raw)
+    return None if z is None else _lp(z)
+
+
+def _tin_part(r: PersonRecord, today: date) -> bytes | None:
+    tin = normalize_tin(r.tin)
+    return None if tin is None else b"\x00\x09" + tin.encode("ascii")
+
+
+def _dob_field(r: PersonRecord, today: date) -> bytes | None:
+    got = _dob_part(r.dob)
+    if got is None or got[0] > today:
+        return None
+    return got[1]
+
+
+def _address_part(r: PersonRecord, today: date) -> bytes | None:
+    z = _zip_part(r.zip)
+    if z is None:
+        return None
+    line, problem = _classify_address(r.address, r.city, r.state)
+    if problem is not None:
+        return None
+    street = _lp(line)
+    return None if street is None else street + z
+
+
+def _city_part(r: PersonRecord, today: date) -> bytes | None:
+    city = _fold_place(r.city)
+    return _lp(city) if city else None
+
+
+def _state_part(r: PersonRecord, today: date) -> bytes | None:
+    state = _fold_place(r.state)
+    return _lp(state) if state else None
+
+
+_FIELD_PARTS: dict[str, Callable[[PersonRecord, date], bytes | None]] = {
+    "tin": _tin_part,
+    "dob": _dob_field,
+    "first_name": lambda r, _t: _first_part(r.first_name),
+    "last_name": lambda r, _t: _last_part(r.last_name),
+    "zip": lambda r, _t: _zip_part(r.zip),
+    "address": _address_part,
+    "city": _city_part,
+    "state": _state_part,
+}
+
+#: Components each rule field contributes, in order. ``last_name`` is (name, suffix) so Jr and
+#: Sr stay distinct; ``address`` is (normalized street line, zip5).
+RULE_FIELDS: dict[str, tuple[str, ...]] = {
+    "tin": ("tin",),
+    "dob": ("dob",),
+    "first_name": ("first_name",),
+    "last_name": ("last_name", "suffix"),
+    "zip": ("zip5",),
+    "address": ("street", "zip5"),
+    "city": ("city",),
+    "state": ("state",),
+}
+
+
+@dataclass(frozen=True)
+class MatchRule:
+    """An ordered set of normalized fields that, together, identify one person."""
+
+    rule_id: str
+    fields: tuple[str, ...]
+    strength: Strength
+    description: str
+    _prefix: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.fields if f not in _FIELD_PARTS]
+        if unknown or not self.fields:
+            raise ValueError(f"match rule {self.rule_id!r}: unsupported fields {unknown}")
+        object.__setattr__(self, "_prefix", _rule_prefix(self.rule_id))
+
+    def match_key(self, record: PersonRecord, *, today: date | None = None) -> bytes | None:
+        """Match-key bytes for ``record``, or None when any component is missing or invalid."""
+        today = today or date.today()
+        parts = [self._prefix]
+        for f in self.fields:
+            part = _FIELD_PARTS[f](record, today)
+            if part is None:
+                return None
+            parts.append(part)
+        return b"".join(parts)
+
+
+MATCH_RULES: dict[str, MatchRule] = {
+    r.rule_id: r
+    for r in (
+        MatchRule("tin+dob", ("tin", "dob"), Strength.STRONG, "TIN and date of birth"),
+        MatchRule(
+            "tin+last_name",
+            ("tin", "last_name"),
+            Strength.STRONG,
+            "TIN and last name (with generational suffix)",
+        ),
+        MatchRule(
+            "first+last+dob+zip",
+            ("first_name", "last_name", "dob", "zip"),
+            Strength.MEDIUM,
+            "first name, last name, date of birth and 5-digit ZIP",
+        ),
+        MatchRule(
+            "first+last+address",
+            ("first_name", "last_name", "address"),
+            Strength.WEAK,
+            "first name, last name and street address with 5-digit ZIP; "
+            "high misidentification risk",
+        ),
+    )
+}
+
+
+def get_rule(rule_id: str) -> MatchRule:
+    """The built-in rule with this id; ValueError (not KeyError) for an unknown id."""
+    rule = MATCH_RULES.get(rule_id)
+    if rule is None:
+        raise ValueError(f"unknown match rule: {rule_id!r}")
+    return rule
+
+
+def match_keys_bulk(
+    records: Sequence[PersonRecord],
+    rule_ids: Sequence[str],
+    *,
+    today: date | None = None,
+) -> dict[str, list[bytes | None]]:
+    """Match keys of every record under every rule, normalizing each field once per record.
+
+    Result lists are parallel to ``records``; an entry is None where that rule has a missing
+    or invalid component. This is the fast path for million-row index builds.
+    """
+    rules = [get_rule(r) for r in dict.fromkeys(rule_ids)]
+    today = today or date.today()
+    needed = list(dict.fromkeys(f for rule in rules for f in rule.fields))
+    extractors = [(f, _FIELD_PARTS[f]) for f in needed]
+    plans = [(rule.rule_id, rule._prefix, rule.fields) for rule in rules]
+    out: dict[str, list[bytes | None]] = {rid: [] for rid, _, _ in plans}
+    appenders = [(out[rid].append, prefix, fields) for rid, prefix, fields in plans]
+    join = b"".join
+    for record in records:
+        parts = {f: fn(record, today) for f, fn in extractors}
+        for append, prefix, fields in appenders:
+            pieces = [prefix]
+            for f in fields:
+                p = parts[f]
+                if p is None:
+                    append(None)
+                    break
+                pieces.append(p)
+            else:
+                append(join(pieces))
+    return out

@@ -1,0 +1,891 @@
+"""Requester and Custodian session state machines (DESIGN §4), sans-I/O.
+
+Rules of this module, in the spirit of h11's ``_state.py``:
+
+1. Everything that changes a session's state lives here, and the allowed
+   transitions of each role are one table (``CUSTODIAN_TRANSITIONS``,
+   ``REQUESTER_TRANSITIONS``) that a reader can check at a glance.
+2. Sessions take message objects (``protocol.messages``) and return message
+   objects.  They never touch a socket; the gRPC services and the in-process
+   driver (``run_in_process``) only move messages between them.
+3. A message in the wrong state raises ``ProtocolError`` naming the state and
+   the message; policy refusals raise ``PolicyRefusal`` with machine-readable
+   reasons from ``protocol.policy``; budget and cap violations raise
+   ``BudgetExhausted`` / ``DisclosureCapReached``.
+
+Identity tier, one session:
+
+    Requester                                   Custodian
+    open_request()         --OpenRequest-->     handle(): decide, reserve budget
+                           <--OpenResponse--
+                           <--TagChunk*----     tag_chunks(): sorted tags of its records
+    evaluation_chunks()    --EvaluateChunk*->   handle(): count, validate, evaluate
+    handle(EvaluatedChunk) <-EvaluatedChunk*-
+    match()  (local; the custodian learns nothing)
+    disclosure_requests()  --DisclosureRequest->handle(): verify O_x, account, release
+    handle(DiscResponse)   <-DisclosureResponse-
+    close_request()        --CloseRequest-->    handle(): sign receipt
+    handle(Receipt)        <--Receipt-------
+    -> countersigned Receipt                    countersign()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from protocol import oprf
+from protocol.errors import (
+    DisclosureCapReached,
+    InvalidElementError,
+    PolicyRefusal,
+    ProtocolError,
+)
+from protocol.ledger import Ledger
+from protocol.messages import (
+    DEFAULT_CHUNK,
+    MAX_CHUNK_ELEMENTS,
+    MAX_DISCLOSURE_BATCH,
+    CloseRequest,
+    Disclosure,
+    DisclosureRequest,
+    DisclosureResponse,
+    EvaluateChunk,
+    EvaluatedChunk,
+    OpenRequest,
+    OpenResponse,
+    Receipt,
+    TagChunk,
+    Transcript,
+)
+from protocol.policy import (
+    CustodianPolicy,
+    SessionRequest,
+    SignedAuthorization,
+    Tier,
+    check_disclosure,
+    decide,
+    permitted_fields,
+)
+from protocol.records import MATCH_RULES, PersonRecord, QueryRecord, match_keys_bulk
+
+TAG_DOMAIN = b"gated-psi/tag/v1"
+PSEUDONYM_DOMAIN = b"gated-psi/disclosure-pseudonym/v1"
+AUTH_KEY_INFO_PREFIX = b"gated-psi/authorization-key/v1:"
+#: Tag length in bytes.  12 B = 96 bits: with 1.3M x 1.3M elements a false tag
+#: collision has probability < 2^-55, and disclosure re-verifies the full output.
+TAG_SIZE = 12
+
+
+def derive_tag(output: bytes, tag_size: int = TAG_SIZE) -> bytes:
+    """Short tag T = SHA-256(domain || O)[:tag_size] of an OPRF output O (DESIGN §4 step 2)."""
+    return hashlib.sha256(TAG_DOMAIN + output).digest()[:tag_size]
+
+
+def derive_tags(outputs: Sequence[bytes], tag_size: int = TAG_SIZE) -> bytes:
+    """Compact concatenation of ``derive_tag`` over many outputs."""
+    sha = hashlib.sha256
+    dom = TAG_DOMAIN
+    return b"".join([sha(dom + o).digest()[:tag_size] for o in outputs])
+
+
+def authorization_key(master_secret: bytes, authorization_id: str) -> bytes:
+    """Per-authorization OPRF key: DeriveKeyPair(master secret, info = authorization id)."""
+    sk, _pk = oprf.derive_key_pair(
+        master_secret, AUTH_KEY_INFO_PREFIX + authorization_id.encode("utf-8")
+    )
+    return sk
+
+
+class _SerialOps:
+    """In-process stand-in for ``oprf.BatchPool`` when no pool is given."""
+
+    def blind(self, inputs: Sequence[bytes]) -> tuple[bytes, bytes]:
+        return oprf.blind_batch(inputs)
+
+    def blind_evaluate(self, sk: bytes, blinded: bytes) -> bytes:
+        return oprf.blind_evaluate_batch(sk, blinded)
+
+    def finalize(self, inputs: Sequence[bytes], blinds: bytes, evaluated: bytes) -> list[bytes]:
+        return oprf.finalize_batch(inputs, blinds, evaluated)
+
+    def evaluate(self, sk: bytes, inputs: Sequence[bytes]) -> list[bytes]:
+        return oprf.evaluate_batch(sk, inputs)
+
+
+GroupOps = Any  # oprf.BatchPool or _SerialOps: blind / blind_evaluate / finalize / evaluate
+
+
+# --------------------------------------------------------------------------- custodian
+
+
+class CustodianState(StrEnum):
+    AWAIT_OPEN = "await_open"
+    SERVING = "serving"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+#: (state, message type) -> next state.  Anything else is a ProtocolError.
+CUSTODIAN_TRANSITIONS: dict[tuple[CustodianState, type], CustodianState] = {
+    (CustodianState.AWAIT_OPEN, OpenRequest): CustodianState.SERVING,
+    (CustodianState.SERVING, EvaluateChunk): CustodianState.SERVING,
+    (CustodianState.SERVING, DisclosureRequest): CustodianState.SERVING,
+    (CustodianState.SERVING, CloseRequest): CustodianState.CLOSED,
+}
+
+
+@dataclass
+class CustodianIndex:
+    """Sorted tag set of the custodian's in-scope records under one authorization key.
+
+    Kept as compact numpy arrays (never per-record Python objects) so 1.3M
+    records fit comfortably in memory and lookups are a binary search.
+    """
+
+    authorization_id: str
+    rules: tuple[str, ...]
+    tags: np.ndarray  # dtype S<tag_size>, sorted
+    record_idx: np.ndarray  # int64, index into Custodian.records
+    rule_idx: np.ndarray  # int8, index into rules
+    tag_size: int
+    build_seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.tags.shape[0])
+
+    def tag_bytes(self, start: int = 0, stop: int | None = None) -> bytes:
+        return self.tags[start:stop].tobytes()
+
+    def lookup(self, tag: bytes) -> list[tuple[int, str]]:
+        """Records (index, rule) whose tag equals ``tag``."""
+        key = np.array([tag], dtype=self.tags.dtype)
+        lo = int(np.searchsorted(self.tags, key, side="left")[0])
+        hi = int(np.searchsorted(self.tags, key, side="right")[0])
+        return [(int(self.record_idx[i]), self.rules[int(self.rule_idx[i])]) for i in range(lo, hi)]
+
+
+@dataclass
+class CustodianConfig:
+    """Everything a custodian needs: its data, policy, ledger and secrets."""
+
+    policy: CustodianPolicy
+    records: Sequence[PersonRecord]
+    ledger: Ledger
+    master_secret: bytes
+    signing_key: Ed25519PrivateKey
+    requester_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+    ops: GroupOps | None = None
+    tag_size: int = TAG_SIZE
+    clock: Callable[[], float] = time.time
+
+
+class Custodian:
+    """Long-lived custodian state shared by its sessions: records in scope and tag indexes.
+
+    Indexes are cached per (authorization, rules) so a custodian can build one
+    ahead of time (``prepare``) and serve several sessions of the same
+    authorization from it.
+    """
+
+    def __init__(self, config: CustodianConfig) -> None:
+        self.config = config
+        self.ops: GroupOps = config.ops or _SerialOps()
+        excluded = config.policy.excluded_record_classes
+        self.in_scope: list[int] = [
+            i for i, r in enumerate(config.records) if r.record_class not in excluded
+        ]
+        self.excluded_count = len(config.records) - len(self.in_scope)
+        self._keys_by_rule: dict[str, list[bytes | None]] = {}
+        self._indexes: dict[tuple[str, tuple[str, ...]], CustodianIndex] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def custodian_id(self) -> str:
+        return self.config.policy.custodian_id
+
+    def public_key(self) -> Ed25519PublicKey:
+        return self.config.signing_key.public_key()
+
+    def match_keys(self, rule_id: str) -> list[bytes | None]:
+        """Match keys of the in-scope records under ``rule_id`` (cached; position = in_scope)."""
+        with self._lock:
+            cached = self._keys_by_rule.get(rule_id)
+        if cached is None:
+            records = [self.config.records[i] for i in self.in_scope]
+            cached = match_keys_bulk(records, [rule_id])[rule_id]
+            with self._lock:
+                self._keys_by_rule[rule_id] = cached
+        return cached
+
+    def prepare(self, authorization_id: str, rules: Sequence[str]) -> CustodianIndex:
+        """Build (or fetch) the tag index for an authorization: DESIGN §4 step 2."""
+        rules_t = tuple(sorted(rules))
+        cache_key = (authorization_id, rules_t)
+        with self._lock:
+            idx = self._indexes.get(cache_key)
+        if idx is not None:
+            return idx
+        started = time.perf_counter()
+        sk = authorization_key(self.config.master_secret, authorization_id)
+        all_tags: list[bytes] = []
+        rec_idx: list[np.ndarray] = []
+        rule_idx: list[np.ndarray] = []
+        for r_i, rule_id in enumerate(rules_t):
+            keys = self.match_keys(rule_id)
+            positions = [p for p, k in enumerate(keys) if k is not None]
+            inputs = [keys[p] for p in positions]
+            outputs = self.ops.evaluate(sk, inputs) if inputs else []
+            all_tags.append(derive_tags(outputs, self.config.tag_size))
+            rec_idx.append(np.asarray([self.in_scope[p] for p in positions], dtype=np.int64))
+            rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
+        dtype = np.dtype(f"S{self.config.tag_size}")
+        tags = np.frombuffer(b"".join(all_tags), dtype=dtype)
+        records = np.concatenate(rec_idx) if rec_idx else np.zeros(0, np.int64)
+        rule_ids = np.concatenate(rule_idx) if rule_idx else np.zeros(0, np.int8)
+        order = np.argsort(tags, kind="stable")
+        idx = CustodianIndex(
+            authorization_id=authorization_id,
+            rules=rules_t,
+            tags=tags[order],
+            record_idx=records[order],
+            rule_idx=rule_ids[order],
+            tag_size=self.config.tag_size,
+            build_seconds=time.perf_counter() - started,
+        )
+        with self._lock:
+            self._indexes[cache_key] = idx
+        return idx
+
+    def session(self) -> CustodianSession:
+        return CustodianSession(self)
+
+
+class CustodianSession:
+    """One requester session on the custodian side.  Drive it with ``handle(message)``."""
+
+    def __init__(self, custodian: Custodian) -> None:
+        self.custodian = custodian
+        self.state = CustodianState.AWAIT_OPEN
+        self.transcript = Transcript()
+        self.signed: SignedAuthorization | None = None
+        self.session_id = ""
+        self.peer_id = ""
+        self.rules: tuple[str, ...] = ()
+        self.fields: tuple[str, ...] = ()
+        self.index: CustodianIndex | None = None
+        self.evaluated = 0
+        self.element_limit = 0
+        self.disclosed = 0
+        self._sk = b""
+        self.receipt: Receipt | None = None
+
+    # -- dispatch --------------------------------------------------------------
+
+    def handle(self, message: object, *, peer_id: str | None = None) -> object:
+        """Apply one requester message; return the reply message."""
+        next_state = CUSTODIAN_TRANSITIONS.get((self.state, type(message)))
+        if next_state is None:
+            raise ProtocolError(
+                f"custodian session in state {self.state.value!r} cannot accept "
+                f"{type(message).__name__}"
+            )
+        try:
+            if isinstance(message, OpenRequest):
+                if peer_id is None:
+                    raise ProtocolError("open requires the transport-authenticated peer id")
+                reply: object = self._open(message, peer_id)
+            elif isinstance(message, EvaluateChunk):
+                reply = self._evaluate(message)
+            elif isinstance(message, DisclosureRequest):
+                reply = self._disclose(message)
+            else:
+                assert isinstance(message, CloseRequest)
+                reply = self._close(message)
+        except (PolicyRefusal, InvalidElementError, ProtocolError):
+            if isinstance(message, OpenRequest):
+                self.state = CustodianState.FAILED
+            raise
+        self.state = next_state
+        return reply
+
+    @property
+    def authorization(self):  # -> Authorization
+        if self.signed is None:
+            raise ProtocolError("session is not open")
+        return self.signed.authorization
+
+    # -- steps -----------------------------------------------------------------
+
+    def _open(self, req: OpenRequest, peer_id: str) -> OpenResponse:
+        cfg = self.custodian.config
+        ledger = cfg.ledger
+        now = cfg.clock()
+        try:
+            signed = SignedAuthorization.from_bytes(req.signed_authorization)
+        except ValueError as exc:
+            ledger.audit("refusal", {"stage": "open", "reasons": ["malformed"],
+                                     "peer": peer_id, "message": str(exc)})
+            raise PolicyRefusal(f"malformed authorization: {exc}", reasons=("malformed",)) from exc
+        auth = signed.authorization
+        ledger.ensure_authorization(
+            auth.authorization_id, max_queries=auth.max_queries,
+            max_disclosures=auth.max_disclosures, not_after=auth.not_after,
+        )
+        remaining = ledger.budget(auth.authorization_id).remaining
+        try:
+            tier = Tier(req.tier)
+        except ValueError:
+            raise PolicyRefusal(f"unknown tier {req.tier!r}", reasons=("malformed",)) from None
+        request = SessionRequest(
+            peer_id=peer_id, tier=tier, match_rules=tuple(req.match_rules),
+            disclosure_fields=tuple(req.disclosure_fields), query_count=req.element_count,
+            engine=req.engine,
+        )
+        decision = decide(signed, request, cfg.policy, now=now, budget_remaining=remaining)
+        ledger.audit("decision", {
+            "stage": "open", "authorization_id": auth.authorization_id,
+            "session_id": req.session_id, "peer": peer_id, "allowed": decision.allowed,
+            "reasons": [str(r) for r in decision.reasons], "elements": req.element_count,
+            "rules": list(req.match_rules), "fields": list(req.disclosure_fields),
+        })
+        decision.raise_if_refused()
+        if tier is not Tier.IDENTITY:
+            raise PolicyRefusal(
+                f"tier {tier.value!r} is not served by the identity-tier session",
+                reasons=("tier_not_permitted",),
+            )
+        if not req.session_id or len(req.session_id) > 128:
+            raise ProtocolError("session id must be 1..128 characters")
+        # Reserve before any work; idempotent per session id, never refunded.
+        reservation = ledger.reserve(auth.authorization_id, req.session_id, req.element_count)
+        ledger.open_session(auth.authorization_id, req.session_id, {
+            "peer": peer_id, "rules": list(req.match_rules), "elements": req.element_count,
+        })
+        self.signed = signed
+        self.session_id = req.session_id
+        self.peer_id = peer_id
+        self.rules = tuple(req.match_rules)
+        allowed = set(permitted_fields(auth, cfg.policy))
+        self.fields = tuple(f for f in req.disclosure_fields if f in allowed)
+        self.element_limit = reservation.reserved
+        self.evaluated = reservation.evaluated
+        self._sk = authorization_key(cfg.master_secret, auth.authorization_id)
+        self.index = self.custodian.prepare(auth.authorization_id, self.rules)
+        resp = OpenResponse(
+            session_id=req.session_id, authorization_id=auth.authorization_id,
+            custodian_id=cfg.policy.custodian_id, match_rules=self.rules,
+            disclosure_fields=self.fields, element_count=reservation.reserved,
+            tag_count=len(self.index), tag_size=self.index.tag_size,
+            budget_remaining=reservation.remaining,
+        )
+        self.transcript.add("open", req)
+        self.transcript.add("open", resp)
+        return resp
+
+    def tag_chunks(self, chunk_tags: int = 65_536) -> Iterator[TagChunk]:
+        """The sorted tag set in bounded chunks (DESIGN §4 step 2); record order never leaks."""
+        if self.state is not CustodianState.SERVING or self.index is None:
+            raise ProtocolError(f"no tags in state {self.state.value!r}")
+        for seq, start in enumerate(range(0, max(len(self.index), 1), chunk_tags)):
+            chunk = TagChunk(seq=seq, tags=self.index.tag_bytes(start, start + chunk_tags))
+            self.transcript.add("tags", chunk)
+            yield chunk
+
+    def _evaluate(self, chunk: EvaluateChunk) -> EvaluatedChunk:
+        size = oprf.ELEMENT_SIZE
+        if len(chunk.elements) % size:
+            raise InvalidElementError(
+                f"chunk {chunk.seq}: {len(chunk.elements)} bytes is not a multiple of {size}"
+            )
+        n = len(chunk.elements) // size
+        if n == 0:
+            raise ProtocolError(f"chunk {chunk.seq} is empty")
+        if n > MAX_CHUNK_ELEMENTS:
+            raise ProtocolError(
+                f"chunk {chunk.seq} has {n} elements; the limit is {MAX_CHUNK_ELEMENTS}"
+            )
+        cfg = self.custodian.config
+        # Count before evaluating: an evaluation never exists without its accounting.
+        self.evaluated = cfg.ledger.record_evaluation(
+            self.authorization.authorization_id, self.session_id, n
+        )
+        evaluated = self.custodian.ops.blind_evaluate(self._sk, chunk.elements)
+        reply = EvaluatedChunk(seq=chunk.seq, elements=evaluated)
+        self.transcript.add("evaluate", chunk)
+        self.transcript.add("evaluated", reply)
+        return reply
+
+    def _record_fields(self, record: PersonRecord) -> tuple[tuple[str, str], ...]:
+        return tuple((f, record.get(f)) for f in self.fields)
+
+    def pseudonym(self, record: PersonRecord) -> str:
+        """Per-authorization pseudonym of a custodian record: stable within, unlinkable across."""
+        mac = hmac.new(self._sk, PSEUDONYM_DOMAIN + record.record_id.encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
+
+    def _disclose(self, req: DisclosureRequest) -> DisclosureResponse:
+        if len(req.outputs) > MAX_DISCLOSURE_BATCH:
+            raise ProtocolError(
+                f"disclosure request has {len(req.outputs)} outputs; "
+                f"the limit is {MAX_DISCLOSURE_BATCH}"
+            )
+        cfg = self.custodian.config
+        auth = self.authorization
+        assert self.index is not None
+        disclosures: list[Disclosure] = []
+        rejected: list[int] = []
+        for i, (rule_id, output) in enumerate(req.outputs):
+            if rule_id not in self.rules or len(output) != oprf.OUTPUT_SIZE:
+                rejected.append(i)
+                continue
+            record = self._verify_output(rule_id, output)
+            if record is None:
+                rejected.append(i)
+                continue
+            decision = check_disclosure(
+                self.signed, cfg.ledger.budget(auth.authorization_id).disclosed, now=cfg.clock()
+            )
+            if not decision.allowed and "disclosure_cap_reached" not in decision.reasons:
+                decision.raise_if_refused()
+            # The ledger re-checks the cap atomically and is the authority on it;
+            # the row is durable before any field leaves this function.
+            try:
+                row = cfg.ledger.record_disclosure(
+                    auth.authorization_id, self.session_id, record.record_id, rule_id
+                )
+            except DisclosureCapReached:
+                cfg.ledger.audit("refusal", {
+                    "stage": "disclosure", "authorization_id": auth.authorization_id,
+                    "session_id": self.session_id, "reasons": ["disclosure_cap_reached"],
+                })
+                raise
+            if not row.repeat:
+                self.disclosed += 1
+            disclosures.append(Disclosure(
+                index=i, rule_id=rule_id, pseudonym=self.pseudonym(record),
+                fields=self._record_fields(record),
+            ))
+        if rejected:
+            cfg.ledger.audit("disclosure_rejected", {
+                "authorization_id": auth.authorization_id, "session_id": self.session_id,
+                "count": len(rejected),
+            })
+        reply = DisclosureResponse(seq=req.seq, disclosures=tuple(disclosures),
+                                   rejected=tuple(rejected))
+        self.transcript.add("disclosure-request", req)
+        self.transcript.add("disclosure-response", reply)
+        return reply
+
+    def _verify_output(self, rule_id: str, output: bytes) -> PersonRecord | None:
+        """Find the record whose OPRF output equals ``output``; constant-time comparison.
+
+        Only a requester that queried this exact match key can know ``output``;
+        invented outputs and outputs from other authorizations find nothing.
+        """
+        assert self.index is not None
+        cfg = self.custodian.config
+        for rec_i, candidate_rule in self.index.lookup(derive_tag(output, self.index.tag_size)):
+            if candidate_rule != rule_id:
+                continue
+            record = cfg.records[rec_i]
+            key = MATCH_RULES[rule_id].match_key(record)
+            if key is None:
+                continue
+            expected = oprf.evaluate(self._sk, key)
+            if hmac.compare_digest(expected, output):
+                return record
+        return None
+
+    def _close(self, req: CloseRequest) -> Receipt:
+        cfg = self.custodian.config
+        auth = self.authorization
+        own = self.transcript.digest()
+        if not hmac.compare_digest(own, req.transcript_hash):
+            cfg.ledger.audit("transcript_mismatch", {
+                "authorization_id": auth.authorization_id, "session_id": self.session_id,
+            })
+            raise ProtocolError("transcript hash mismatch: the parties saw different messages")
+        unsigned = Receipt(
+            authorization_id=auth.authorization_id, session_id=self.session_id,
+            custodian_id=cfg.policy.custodian_id, requester_id=self.peer_id,
+            evaluated=self.evaluated, disclosed=self.disclosed, transcript_hash=own,
+        )
+        signature = cfg.signing_key.sign(unsigned.signed_bytes())
+        receipt = Receipt(**{**unsigned.__dict__, "custodian_signature": signature})
+        cfg.ledger.close_session(auth.authorization_id, self.session_id,
+                                 receipt.signed_bytes(), signature)
+        self.receipt = receipt
+        return receipt
+
+    def countersign(self, receipt: Receipt) -> None:
+        """Store the requester's countersignature after checking it against its known key."""
+        if self.state is not CustodianState.CLOSED or self.receipt is None:
+            raise ProtocolError("countersignature before the receipt was issued")
+        if receipt.signed_bytes() != self.receipt.signed_bytes():
+            raise ProtocolError("countersigned receipt differs from the one issued")
+        key = self.custodian.config.requester_keys.get(self.peer_id)
+        if key is None:
+            raise ProtocolError(f"no receipt key registered for requester {self.peer_id!r}")
+        try:
+            key.verify(receipt.requester_signature, receipt.countersigned_bytes())
+        except InvalidSignature:
+            raise ProtocolError("requester countersignature does not verify") from None
+        self.custodian.config.ledger.add_countersignature(self.session_id,
+                                                          receipt.requester_signature)
+        self.receipt = receipt
+
+
+# --------------------------------------------------------------------------- requester
+
+
+class RequesterState(StrEnum):
+    START = "start"
+    AWAIT_OPEN = "await_open"
+    EVALUATING = "evaluating"
+    MATCHED = "matched"
+    DISCLOSING = "disclosing"
+    AWAIT_RECEIPT = "await_receipt"
+    CLOSED = "closed"
+
+
+#: (state, message type received) -> next state.
+REQUESTER_TRANSITIONS: dict[tuple[RequesterState, type], RequesterState] = {
+    (RequesterState.AWAIT_OPEN, OpenResponse): RequesterState.EVALUATING,
+    (RequesterState.EVALUATING, TagChunk): RequesterState.EVALUATING,
+    (RequesterState.EVALUATING, EvaluatedChunk): RequesterState.EVALUATING,
+    (RequesterState.DISCLOSING, DisclosureResponse): RequesterState.DISCLOSING,
+    (RequesterState.AWAIT_RECEIPT, Receipt): RequesterState.CLOSED,
+}
+
+
+@dataclass(frozen=True)
+class Match:
+    """A query whose tag is in the custodian's set under ``rule_id`` (local, step 4)."""
+
+    query_index: int
+    query_record_id: str
+    rule_id: str
+    output: bytes
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """A verified disclosure joined back to the requester's own query."""
+
+    query_record_id: str
+    rule_id: str
+    pseudonym: str
+    fields: Mapping[str, str]
+
+
+class RequesterSession:
+    """The requester's side of one identity-tier session.
+
+    ``queries`` must already be validated (``records.validate_queries``);
+    refused records never enter the protocol.
+    """
+
+    def __init__(
+        self,
+        signed_authorization: SignedAuthorization,
+        queries: Sequence[QueryRecord],
+        *,
+        match_rules: Sequence[str] | None = None,
+        disclosure_fields: Sequence[str] | None = None,
+        ops: GroupOps | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        session_id: str | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
+        custodian_key: Ed25519PublicKey | None = None,
+    ) -> None:
+        auth = signed_authorization.authorization
+        self.signed = signed_authorization
+        self.queries = list(queries)
+        self.rules = tuple(match_rules if match_rules is not None else auth.match_rules)
+        self.fields = tuple(
+            disclosure_fields if disclosure_fields is not None else auth.disclosure_fields
+        )
+        if not 0 < chunk_size <= MAX_CHUNK_ELEMENTS:
+            raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_ELEMENTS}")
+        self.ops: GroupOps = ops or _SerialOps()
+        self.chunk_size = chunk_size
+        self.session_id = session_id or f"sess-{uuid.uuid4().hex}"
+        self.signing_key = signing_key
+        self.custodian_key = custodian_key
+        self.state = RequesterState.START
+        self.transcript = Transcript()
+        # Elements: one per (query, rule) with a usable match key, in a fixed order.
+        persons = [q.person for q in self.queries]
+        keys = match_keys_bulk(persons, list(self.rules)) if self.rules else {}
+        self.element_query: list[int] = []
+        self.element_rule: list[int] = []
+        self.element_input: list[bytes] = []
+        for r_i, rule_id in enumerate(self.rules):
+            for q_i, key in enumerate(keys[rule_id]):
+                if key is not None:
+                    self.element_query.append(q_i)
+                    self.element_rule.append(r_i)
+                    self.element_input.append(key)
+        n = len(self.element_input)
+        self.queries_without_key = len(self.queries) - len(set(self.element_query))
+        self._blinds: dict[int, bytes] = {}
+        self._outputs = bytearray(n * oprf.OUTPUT_SIZE)
+        self._tags = bytearray(n * TAG_SIZE)
+        self._evaluated_chunks: set[int] = set()
+        self._custodian_tags: list[bytes] = []
+        self._tag_chunks_seen = 0
+        self.open_response: OpenResponse | None = None
+        self.matches: list[Match] = []
+        self.results: list[MatchResult] = []
+        self.rejected = 0
+        self.receipt: Receipt | None = None
+        self._pending: dict[int, list[Match]] = {}
+
+    @property
+    def element_count(self) -> int:
+        return len(self.element_input)
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.element_count // self.chunk_size)
+
+    # -- dispatch --------------------------------------------------------------
+
+    def handle(self, message: object) -> object | None:
+        """Apply one custodian message; returns a reply for a Receipt (the countersigned one)."""
+        next_state = REQUESTER_TRANSITIONS.get((self.state, type(message)))
+        if next_state is None:
+            raise ProtocolError(
+                f"requester session in state {self.state.value!r} cannot accept "
+                f"{type(message).__name__}"
+            )
+        reply: object | None = None
+        if isinstance(message, OpenResponse):
+            self._on_open(message)
+        elif isinstance(message, TagChunk):
+            self._on_tags(message)
+        elif isinstance(message, EvaluatedChunk):
+            self._on_evaluated(message)
+        elif isinstance(message, DisclosureResponse):
+            self._on_disclosures(message)
+        else:
+            assert isinstance(message, Receipt)
+            reply = self._on_receipt(message)
+        self.state = next_state
+        return reply
+
+    # -- steps -----------------------------------------------------------------
+
+    def open_request(self) -> OpenRequest:
+        if self.state is not RequesterState.START:
+            raise ProtocolError(f"open_request in state {self.state.value!r}")
+        req = OpenRequest(
+            session_id=self.session_id, signed_authorization=self.signed.to_bytes(),
+            tier=Tier.IDENTITY.value, match_rules=self.rules,
+            disclosure_fields=self.fields, element_count=self.element_count,
+        )
+        self.transcript.add("open", req)
+        self.state = RequesterState.AWAIT_OPEN
+        return req
+
+    def _on_open(self, resp: OpenResponse) -> None:
+        if resp.session_id != self.session_id:
+            raise ProtocolError("open response for another session")
+        if resp.element_count != self.element_count:
+            raise ProtocolError("custodian granted a different element count")
+        if resp.tag_size != TAG_SIZE:
+            raise ProtocolError(f"unsupported tag size {resp.tag_size}")
+        if not set(resp.match_rules) <= set(self.rules):
+            raise ProtocolError("custodian granted rules that were not requested")
+        self.open_response = resp
+        self.transcript.add("open", resp)
+
+    def evaluation_chunks(self) -> Iterator[EvaluateChunk]:
+        """Blind the match keys chunk by chunk; blinds stay here until the reply arrives."""
+        if self.state is not RequesterState.EVALUATING:
+            raise ProtocolError(f"evaluation_chunks in state {self.state.value!r}")
+        for seq in range(self.chunk_count):
+            yield self.evaluation_chunk(seq)
+
+    def evaluation_chunk(self, seq: int) -> EvaluateChunk:
+        """Blind chunk ``seq`` (callable out of order so services can pipeline)."""
+        start = seq * self.chunk_size
+        inputs = self.element_input[start:start + self.chunk_size]
+        blinds, blinded = self.ops.blind(inputs)
+        self._blinds[seq] = blinds
+        chunk = EvaluateChunk(seq=seq, elements=blinded)
+        self.transcript.add("evaluate", chunk)
+        return chunk
+
+    def _on_evaluated(self, chunk: EvaluatedChunk) -> None:
+        blinds = self._blinds.pop(chunk.seq, None)
+        if blinds is None:
+            raise ProtocolError(f"evaluated chunk {chunk.seq} was not requested or is repeated")
+        start = chunk.seq * self.chunk_size
+        inputs = self.element_input[start:start + self.chunk_size]
+        if len(chunk.elements) != len(inputs) * oprf.ELEMENT_SIZE:
+            raise ProtocolError(f"evaluated chunk {chunk.seq} has the wrong length")
+        outputs = self.ops.finalize(inputs, blinds, chunk.elements)
+        o = oprf.OUTPUT_SIZE
+        self._outputs[start * o:(start + len(outputs)) * o] = b"".join(outputs)
+        self._tags[start * TAG_SIZE:(start + len(outputs)) * TAG_SIZE] = derive_tags(outputs)
+        self._evaluated_chunks.add(chunk.seq)
+        self.transcript.add("evaluated", chunk)
+
+    def _on_tags(self, chunk: TagChunk) -> None:
+        if chunk.seq != self._tag_chunks_seen:
+            raise ProtocolError(f"tag chunk {chunk.seq} out of order")
+        if len(chunk.tags) % TAG_SIZE:
+            raise ProtocolError("tag chunk length is not a multiple of the tag size")
+        self._custodian_tags.append(chunk.tags)
+        self._tag_chunks_seen += 1
+        self.transcript.add("tags", chunk)
+
+    @property
+    def tags_received(self) -> int:
+        return sum(len(c) for c in self._custodian_tags) // TAG_SIZE
+
+    def match(self) -> list[Match]:
+        """Local match (step 4): queries whose tag is in the custodian's set."""
+        if self.state is not RequesterState.EVALUATING or self.open_response is None:
+            raise ProtocolError(f"match in state {self.state.value!r}")
+        if len(self._evaluated_chunks) != self.chunk_count:
+            raise ProtocolError(
+                f"only {len(self._evaluated_chunks)} of {self.chunk_count} chunks evaluated"
+            )
+        if self.tags_received != self.open_response.tag_count:
+            raise ProtocolError(
+                f"received {self.tags_received} of {self.open_response.tag_count} tags"
+            )
+        dtype = np.dtype(f"S{TAG_SIZE}")
+        theirs = np.sort(np.frombuffer(b"".join(self._custodian_tags), dtype=dtype))
+        ours = np.frombuffer(bytes(self._tags), dtype=dtype)
+        hits = np.zeros(len(ours), dtype=bool)
+        if len(theirs) and len(ours):
+            pos = np.searchsorted(theirs, ours)
+            pos[pos >= len(theirs)] = 0
+            hits = theirs[pos] == ours
+        o = oprf.OUTPUT_SIZE
+        self.matches = [
+            Match(
+                query_index=self.element_query[e],
+                query_record_id=self.queries[self.element_query[e]].person.record_id,
+                rule_id=self.rules[self.element_rule[e]],
+                output=bytes(self._outputs[e * o:(e + 1) * o]),
+            )
+            for e in np.flatnonzero(hits).tolist()
+        ]
+        self.state = RequesterState.MATCHED
+        return self.matches
+
+    def disclosure_requests(self, batch: int = 1024) -> Iterator[DisclosureRequest]:
+        """Present the OPRF output of each match (step 5), in bounded batches."""
+        if self.state is not RequesterState.MATCHED:
+            raise ProtocolError(f"disclosure_requests in state {self.state.value!r}")
+        batch = min(batch, MAX_DISCLOSURE_BATCH)
+        self.state = RequesterState.DISCLOSING
+        for seq, start in enumerate(range(0, len(self.matches), batch)):
+            part = self.matches[start:start + batch]
+            self._pending[seq] = part
+            req = DisclosureRequest(seq=seq, outputs=tuple((m.rule_id, m.output) for m in part))
+            self.transcript.add("disclosure-request", req)
+            yield req
+
+    def _on_disclosures(self, resp: DisclosureResponse) -> None:
+        part = self._pending.pop(resp.seq, None)
+        if part is None:
+            raise ProtocolError(f"disclosure response {resp.seq} was not requested")
+        allowed = set(self.open_response.disclosure_fields if self.open_response else ())
+        for d in resp.disclosures:
+            if not 0 <= d.index < len(part):
+                raise ProtocolError("disclosure index out of range")
+            extra = {name for name, _ in d.fields} - allowed
+            if extra:
+                raise ProtocolError(f"custodian sent fields that were not granted: {extra}")
+            m = part[d.index]
+            self.results.append(MatchResult(
+                query_record_id=m.query_record_id, rule_id=d.rule_id,
+                pseudonym=d.pseudonym, fields=d.as_dict(),
+            ))
+        self.rejected += len(resp.rejected)
+        self.transcript.add("disclosure-response", resp)
+
+    def close_request(self) -> CloseRequest:
+        if self.state is RequesterState.MATCHED:
+            self.state = RequesterState.DISCLOSING
+        if self.state is not RequesterState.DISCLOSING or self._pending:
+            raise ProtocolError(f"close_request in state {self.state.value!r} "
+                                f"with {len(self._pending)} disclosure batches pending")
+        self.state = RequesterState.AWAIT_RECEIPT
+        return CloseRequest(transcript_hash=self.transcript.digest())
+
+    def _on_receipt(self, receipt: Receipt) -> Receipt:
+        if not hmac.compare_digest(receipt.transcript_hash, self.transcript.digest()):
+            raise ProtocolError("receipt transcript hash differs from ours")
+        if receipt.session_id != self.session_id:
+            raise ProtocolError("receipt for another session")
+        if self.custodian_key is not None:
+            try:
+                self.custodian_key.verify(receipt.custodian_signature, receipt.signed_bytes())
+            except InvalidSignature:
+                raise ProtocolError("custodian receipt signature does not verify") from None
+        if self.signing_key is not None:
+            sig = self.signing_key.sign(receipt.countersigned_bytes())
+            receipt = Receipt(**{**receipt.__dict__, "requester_signature": sig})
+        self.receipt = receipt
+        return receipt
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True)
+class SessionOutcome:
+    """What an in-process run produced, for library users and tests."""
+
+    matches: list[Match]
+    results: list[MatchResult]
+    receipt: Receipt
+    rejected: int
+
+
+def run_in_process(
+    requester: RequesterSession, custodian: CustodianSession, *, requester_id: str,
+) -> SessionOutcome:
+    """Run both sides of one session in this process, no network (DESIGN §3).
+
+    ``requester_id`` stands in for the identity the transport would authenticate.
+    """
+    opened = custodian.handle(requester.open_request(), peer_id=requester_id)
+    requester.handle(opened)
+    for tags in custodian.tag_chunks():
+        requester.handle(tags)
+    for chunk in requester.evaluation_chunks():
+        requester.handle(custodian.handle(chunk))
+    requester.match()
+    for req in requester.disclosure_requests():
+        requester.handle(custodian.handle(req))
+    receipt = custodian.handle(requester.close_request())
+    countersigned = requester.handle(receipt)
+    assert isinstance(countersigned, Receipt)
+    if countersigned.requester_signature:
+        custodian.countersign(countersigned)
+    return SessionOutcome(
+        matches=requester.matches, results=requester.results,
+        receipt=countersigned, rejected=requester.rejected,
+    )
