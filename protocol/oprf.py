@@ -187,13 +187,17 @@ def deserialize_element(data: bytes) -> bytes:
     """DeserializeElement: accept only a canonical, valid, non-identity encoding.
 
     Every element received from a peer must pass here before it meets a secret
-    scalar: RFC 9497 §4.1 requires rejecting the identity, and libsodium's decoder
-    rejects non-canonical or off-group encodings.
+    scalar: RFC 9497 §4.1 requires rejecting the identity, RFC 9496 §4.3.1 requires
+    rejecting every encoding but the canonical one, and an off-group string must
+    never be multiplied.
     """
     if len(data) != ELEMENT_SIZE:
         raise InvalidElementError(f"wrong length: got {len(data)} bytes")
     data = bytes(data)
-    if not _is_valid_point(data):
+    # The libsodium bundled with rbcl (1.0.18) ignores bit 255 when decoding, so it
+    # accepts a second, non-canonical encoding of every element (including
+    # 00..0080 for the identity). RFC 9496 §4.3.1 requires rejecting it.
+    if data[31] & 0x80 or not _is_valid_point(data):
         raise InvalidElementError("not a canonical ristretto255 encoding")
     if data == _IDENTITY:
         raise InvalidElementError("identity element")
@@ -368,7 +372,7 @@ def _blind_evaluate_chunk(sk: bytes, blinded: bytes, offset: int) -> bytes:
     append = evaluated.append
     for start in range(0, len(blinded), ELEMENT_SIZE):
         element = blinded[start : start + ELEMENT_SIZE]
-        if element == identity or not is_valid(element):
+        if element == identity or element[31] & 0x80 or not is_valid(element):
             raise _element_error(element, offset + start // ELEMENT_SIZE, "blinded element")
         append(mult(sk, element))
     return b"".join(evaluated)
@@ -417,7 +421,7 @@ def _finalize_chunk(
     append = outputs.append
     for i, (data, inv) in enumerate(zip(inputs, inverses, strict=True)):
         element = evaluated[i * ELEMENT_SIZE : (i + 1) * ELEMENT_SIZE]
-        if element == identity or not is_valid(element):
+        if element == identity or element[31] & 0x80 or not is_valid(element):
             raise _element_error(element, offset + i, "evaluated element")
         if len(data) > _MAX_INPUT_LEN:
             _check_input(data, offset + i)
@@ -485,7 +489,9 @@ def _default_start_method() -> str:
 class BatchPool:
     """Run the batch functions on several processes, with results in input order.
 
-    The scalar multiplications hold the GIL, so threads do not help; processes do.
+    ctypes releases the GIL inside libsodium, but the Python work around every
+    call (hashing, slicing, marshalling) does not, so processes, not threads, are
+    what fill every core.
     Work is cut into chunks of at most ``chunk_size`` elements (fewer, if that is
     what it takes to keep every worker busy); batches smaller than ``min_parallel``
     run in-process because shipping them costs more than it saves. ``workers=1``
@@ -550,7 +556,7 @@ class BatchPool:
         if blinds is not None:
             blinds = _as_bytes(blinds)
         spans = self._spans(len(inputs))
-        if spans is None:
+        if spans is None or (blinds is not None and len(blinds) != len(inputs) * 32):
             return _blind_chunk(inputs, blinds, 0)
         parts = self._map(
             _blind_chunk,

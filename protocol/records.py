@@ -260,8 +260,21 @@ def _build_translation(extra: dict[str, str]) -> dict[int, str | None]:
     return table
 
 
-_NAME_TABLE = _build_translation({})
-_ADDRESS_TABLE = _build_translation({"#": " # "})
+def _build_ascii_table() -> bytes:
+    """ASCII fast path in one C pass: lowercase letters, punctuation/controls to space."""
+    out = bytearray()
+    for code in range(256):
+        ch = chr(code)
+        if code < 128 and (ch.isalnum() or ch.isspace()):
+            out.append(ord(ch.lower()))
+        else:
+            out.append(ord(" "))
+    return bytes(out)
+
+
+_FOLD_TABLE = _build_translation({})
+_ASCII_TABLE = _build_ascii_table()
+_ASCII_DELETE = "".join(c for c in _APOSTROPHES if c.isascii()).encode("ascii")
 _NON_WORD_RE = re.compile(r"[^\w\s]+")
 _WS_RE = re.compile(r"\s+")
 
@@ -464,6 +477,7 @@ def _build_address_tokens() -> dict[str, str]:
 
 
 _ADDRESS_TOKENS = _build_address_tokens()
+_REPEATED_UNIT_RE = re.compile(r"\bapt(?: apt)+\b")
 _PO_BOX_RE = re.compile(r"\b(?:p o box|post office box|pobox)\b")
 
 # USPS state, territory and military codes: an address made only of these and a ZIP has no street.
@@ -528,14 +542,14 @@ _PLACEHOLDER_EXTRA_WORDS = (
 # --------------------------------------------------------------------------------------------
 
 
-def _fold(s: str, table: dict[int, str | None]) -> str:
+def _fold(s: str) -> str:
     """Unicode-fold and strip punctuation; the shared core of name and address normalization."""
     if s.isascii():
-        return s.lower().translate(table)
+        return s.encode("ascii").translate(_ASCII_TABLE, _ASCII_DELETE).decode("ascii")
     s = unicodedata.normalize("NFKC", s).casefold()
     s = unicodedata.normalize("NFKD", s)
     s = "".join(ch for ch in s if not unicodedata.combining(ch))
-    s = unicodedata.normalize("NFKC", s).translate(table)
+    s = unicodedata.normalize("NFKC", s).translate(_FOLD_TABLE)
     if not s.isascii():
         s = _NON_WORD_RE.sub(" ", s).replace("_", " ")
     return s
@@ -551,7 +565,7 @@ def normalize_name(s: str) -> str:
     """
     if not s:
         return ""
-    return " ".join(t for t in _fold(s, _NAME_TABLE).split() if t not in _HONORIFICS)
+    return " ".join(t for t in _fold(s).split() if t not in _HONORIFICS)
 
 
 @lru_cache(maxsize=1 << 17)
@@ -579,25 +593,23 @@ def normalize_address(s: str) -> str:
     directionals (NORTH->n ... SOUTHWEST->sw), ordinal words (FIRST->1st) and PO boxes
     (P.O. Box -> po box). Placeholder detection is separate: see :func:`address_problem`.
     """
-    if not s:
-        return ""
-    tokens = _fold(s, _ADDRESS_TABLE).split()
-    out: list[str] = []
+    return _address_tokens(s)[0] if s else ""
+
+
+def _address_tokens(s: str) -> tuple[str, list[str]]:
+    """(normalized line, its tokens); the classifier needs both, so split only once."""
+    if not s.isascii():
+        s = unicodedata.normalize("NFKC", s)  # full-width number sign -> "#"
+    if "#" in s:
+        s = s.replace("#", " apt ")
     get = _ADDRESS_TOKENS.get
-    previous_unit = False
-    for tok in tokens:
-        tok = get(tok, tok)
-        if tok == _UNIT_CANONICAL:
-            if previous_unit:
-                continue  # "Apt #4" -> "apt 4"
-            previous_unit = True
-        else:
-            previous_unit = False
-        out.append(tok)
-    line = " ".join(out)
-    if "box" in line:
+    tokens = [get(t, t) for t in _fold(s).split()]
+    line = " ".join(tokens)
+    if "apt apt" in line or "box" in line:
+        line = _REPEATED_UNIT_RE.sub(_UNIT_CANONICAL, line)  # "Apt #4" -> "apt 4"
         line = _PO_BOX_RE.sub("po box", line)
-    return line
+        tokens = line.split()
+    return line, tokens
 
 
 _PLACEHOLDER_PHRASES = frozenset(normalize_address(p) for p in _PLACEHOLDER_PHRASES_RAW) - {""}
@@ -606,8 +618,8 @@ _PLACEHOLDER_WORDS = frozenset(
 ) | frozenset(normalize_address(w) for w in _PLACEHOLDER_EXTRA_WORDS)
 
 
-def _zip_like(tok: str) -> bool:
-    return tok.isdigit() and len(tok) in (4, 5, 9)
+_NON_STREET_WORDS = _PLACEHOLDER_WORDS | _ZIP_WORDS | _US_STATES | {_UNIT_CANONICAL}
+_ZIP_TOKEN_RE = re.compile(r"\b\d{5}(?:\d{4})?\b")
 
 
 def _classify_address(
@@ -616,7 +628,7 @@ def _classify_address(
     """(normalized street line, problem or None); one normalization serves both uses."""
     if not address or address.isspace():
         return "", (ReasonCode.MISSING_ADDRESS, "address is blank")
-    line = normalize_address(address)
+    line, token_list = _address_tokens(address)
     if not line:
         return line, (
             ReasonCode.PLACEHOLDER_ADDRESS,
@@ -624,27 +636,46 @@ def _classify_address(
         )
     if line in _PLACEHOLDER_PHRASES:
         return line, (ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is a placeholder")
-    tokens = line.split()
-    if all(t in _PLACEHOLDER_WORDS for t in tokens):
-        return line, (
-            ReasonCode.PLACEHOLDER_ADDRESS,
-            f"address {address!r} is only placeholder words",
-        )
-    if all(t.isdigit() or t in _ZIP_WORDS for t in tokens):
-        if any(t.isdigit() for t in tokens):
-            return line, (
-                ReasonCode.ZIP_ONLY_ADDRESS,
-                f"address {address!r} is only a ZIP or digits",
-            )
-        return line, (ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is a placeholder")
-    if any(_zip_like(t) for t in tokens):
-        place = set(normalize_address(city).split()) | set(normalize_address(state).split())
-        if all(_zip_like(t) or t in _ZIP_WORDS or t in _US_STATES or t in place for t in tokens):
-            return line, (
+    tokens = set(token_list)
+    # Fast path (almost every real address): some token is a word that is neither a
+    # placeholder, a ZIP keyword, a state code, a unit designator, nor the record's city/state.
+    street = tokens - _NON_STREET_WORDS
+    if street:
+        street -= _place_tokens(city, state)
+        if street and not "".join(street).isdigit():
+            return line, None
+    return line, _address_refusal(address, line, tokens, city, state)
+
+
+def _address_refusal(
+    address: str, line: str, tokens: set[str], city: str, state: str
+) -> tuple[ReasonCode, str] | None:
+    """Slow path of :func:`_classify_address`: name the exact problem, or accept."""
+    if tokens <= _PLACEHOLDER_WORDS:
+        return ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is only placeholder words"
+    rest = tokens - _ZIP_WORDS
+    if not rest:
+        return ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is a placeholder"
+    if "".join(rest).isdigit():
+        return ReasonCode.ZIP_ONLY_ADDRESS, f"address {address!r} is only a ZIP or digits"
+    if _UNIT_CANONICAL in rest:
+        street = rest - {_UNIT_CANONICAL}
+        if not street or "".join(street).isdigit():
+            return ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is only a unit designator"
+    if _ZIP_TOKEN_RE.search(line) is not None:
+        allowed = _ZIP_WORDS | _US_STATES | _place_tokens(city, state)
+        if all(t in allowed or (t.isdigit() and len(t) in (4, 5, 9)) for t in rest):
+            return (
                 ReasonCode.ZIP_ONLY_ADDRESS,
                 f"address {address!r} has no street line, only city/state/ZIP",
             )
-    return line, None
+    return None
+
+
+@lru_cache(maxsize=1 << 15)
+def _place_tokens(city: str, state: str) -> frozenset[str]:
+    """Normalized words of a record's city and state (cities repeat, so this is cached)."""
+    return frozenset(normalize_address(city).split()) | frozenset(normalize_address(state).split())
 
 
 def address_problem(
@@ -747,10 +778,14 @@ _TAX_PERIOD_RE = re.compile(r"(\d{4})(?:[Qq]([1-4]))?")
 
 def normalize_tax_period(s: str, *, today: date | None = None) -> str | None:
     """``"YYYY"`` or ``"YYYYQn"`` for a year 1900..current (a quarter must have begun)."""
+    return _tax_period(s, today or date.today())
+
+
+@lru_cache(maxsize=1 << 12)
+def _tax_period(s: str, today: date) -> str | None:
     m = _TAX_PERIOD_RE.fullmatch(s.strip())
     if m is None:
         return None
-    today = today or date.today()
     year = int(m[1])
     if year < _MIN_YEAR or year > today.year:
         return None
@@ -763,7 +798,7 @@ def normalize_tax_period(s: str, *, today: date | None = None) -> str | None:
 
 
 def _fold_place(s: str) -> str:
-    return " ".join(_fold(s, _NAME_TABLE).split()) if s else ""
+    return " ".join(_fold(s).split()) if s else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,6 +808,7 @@ def _fold_place(s: str) -> str:
 _BLANKISH = frozenset({"", "n a", "na", "none", "null", "tbd", "unknown", "xxx"})
 
 
+@lru_cache(maxsize=1 << 12)
 def _is_blankish(s: str) -> bool:
     """Blank, punctuation-only, or a bare placeholder ("N/A", "TBD") — no real statute/reason."""
     return _fold_place(s) in _BLANKISH
@@ -811,19 +847,19 @@ def validate_query(q: QueryRecord, *, today: date | None = None, line: int = 0) 
     """
     p, meta = q.person, q.metadata
     rid = p.record_id
+    today = today or date.today()
     out: list[Refusal] = []
     _person_refusals(p, line, today, out)
 
-    missing = [
-        name
-        for name, ok in (
-            ("first_name", normalize_name(p.first_name)),
-            ("last_name", split_suffix(p.last_name)[0]),
+    no_first = not normalize_name(p.first_name)
+    no_last = not split_suffix(p.last_name)[0]
+    if no_first or no_last:
+        which = (
+            "first_name and last_name"
+            if no_first and no_last
+            else ("first_name" if no_first else "last_name")
         )
-        if not ok
-    ]
-    if missing:
-        out.append(Refusal(rid, line, ReasonCode.MISSING_NAME, " and ".join(missing) + " blank"))
+        out.append(Refusal(rid, line, ReasonCode.MISSING_NAME, f"{which} blank"))
 
     problem = _classify_address(p.address, p.city, p.state)[1]
     if problem is not None:
@@ -837,8 +873,7 @@ def validate_query(q: QueryRecord, *, today: date | None = None, line: int = 0) 
     if not periods:
         out.append(Refusal(rid, line, ReasonCode.MISSING_TAX_PERIODS, "no tax periods"))
     else:
-        today_ = today or date.today()
-        bad = [t for t in periods if normalize_tax_period(t, today=today_) is None]
+        bad = [t for t in periods if _tax_period(t, today) is None]
         if bad:
             out.append(
                 Refusal(
@@ -849,9 +884,13 @@ def validate_query(q: QueryRecord, *, today: date | None = None, line: int = 0) 
                 )
             )
     if _is_blankish(meta.statute):
-        out.append(Refusal(rid, line, ReasonCode.MISSING_STATUTE, "statute is blank"))
+        out.append(
+            Refusal(rid, line, ReasonCode.MISSING_STATUTE, "statute is blank or a placeholder")
+        )
     if _is_blankish(meta.reason):
-        out.append(Refusal(rid, line, ReasonCode.MISSING_REASON, "reason is blank"))
+        out.append(
+            Refusal(rid, line, ReasonCode.MISSING_REASON, "reason is blank or a placeholder")
+        )
     return out
 
 
@@ -1211,48 +1250,44 @@ def _zip_part(raw: str) -> bytes | None:
     return None if z is None else _lp(z)
 
 
-def _tin_part(r: PersonRecord, today: date) -> bytes | None:
-    tin = normalize_tin(r.tin)
+def _tin_bytes(raw: str) -> bytes | None:
+    tin = normalize_tin(raw)
     return None if tin is None else b"\x00\x09" + tin.encode("ascii")
 
 
-def _dob_field(r: PersonRecord, today: date) -> bytes | None:
-    got = _dob_part(r.dob)
-    if got is None or got[0] > today:
-        return None
-    return got[1]
+def _dob_bytes(raw: str, today: date) -> bytes | None:
+    got = _dob_part(raw)
+    return None if got is None or got[0] > today else got[1]
 
 
-def _address_part(r: PersonRecord, today: date) -> bytes | None:
-    z = _zip_part(r.zip)
+def _address_bytes(address: str, city: str, state: str, zip_code: str) -> bytes | None:
+    z = _zip_part(zip_code)
     if z is None:
         return None
-    line, problem = _classify_address(r.address, r.city, r.state)
+    line, problem = _classify_address(address, city, state)
     if problem is not None:
         return None
     street = _lp(line)
     return None if street is None else street + z
 
 
-def _city_part(r: PersonRecord, today: date) -> bytes | None:
-    city = _fold_place(r.city)
-    return _lp(city) if city else None
+def _place_bytes(raw: str) -> bytes | None:
+    folded = _fold_place(raw)
+    return _lp(folded) if folded else None
 
 
-def _state_part(r: PersonRecord, today: date) -> bytes | None:
-    state = _fold_place(r.state)
-    return _lp(state) if state else None
+_Column = list[bytes | None]
 
-
-_FIELD_PARTS: dict[str, Callable[[PersonRecord, date], bytes | None]] = {
-    "tin": _tin_part,
-    "dob": _dob_field,
-    "first_name": lambda r, _t: _first_part(r.first_name),
-    "last_name": lambda r, _t: _last_part(r.last_name),
-    "zip": lambda r, _t: _zip_part(r.zip),
-    "address": _address_part,
-    "city": _city_part,
-    "state": _state_part,
+# Column builders: one tight comprehension per field over all records (the bulk fast path).
+_FIELD_COLUMNS: dict[str, Callable[[Sequence[PersonRecord], date], _Column]] = {
+    "tin": lambda rs, _t: [_tin_bytes(r.tin) for r in rs],
+    "dob": lambda rs, t: [_dob_bytes(r.dob, t) for r in rs],
+    "first_name": lambda rs, _t: [_first_part(r.first_name) for r in rs],
+    "last_name": lambda rs, _t: [_last_part(r.last_name) for r in rs],
+    "zip": lambda rs, _t: [_zip_part(r.zip) for r in rs],
+    "address": lambda rs, _t: [_address_bytes(r.address, r.city, r.state, r.zip) for r in rs],
+    "city": lambda rs, _t: [_place_bytes(r.city) for r in rs],
+    "state": lambda rs, _t: [_place_bytes(r.state) for r in rs],
 }
 
 #: Components each rule field contributes, in order. ``last_name`` is (name, suffix) so Jr and
@@ -1280,7 +1315,7 @@ class MatchRule:
     _prefix: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        unknown = [f for f in self.fields if f not in _FIELD_PARTS]
+        unknown = [f for f in self.fields if f not in _FIELD_COLUMNS]
         if unknown or not self.fields:
             raise ValueError(f"match rule {self.rule_id!r}: unsupported fields {unknown}")
         object.__setattr__(self, "_prefix", _rule_prefix(self.rule_id))
@@ -1290,7 +1325,7 @@ class MatchRule:
         today = today or date.today()
         parts = [self._prefix]
         for f in self.fields:
-            part = _FIELD_PARTS[f](record, today)
+            part = _FIELD_COLUMNS[f]((record,), today)[0]
             if part is None:
                 return None
             parts.append(part)
@@ -1345,22 +1380,32 @@ def match_keys_bulk(
     """
     rules = [get_rule(r) for r in dict.fromkeys(rule_ids)]
     today = today or date.today()
-    needed = list(dict.fromkeys(f for rule in rules for f in rule.fields))
-    extractors = [(f, _FIELD_PARTS[f]) for f in needed]
-    plans = [(rule.rule_id, rule._prefix, rule.fields) for rule in rules]
-    out: dict[str, list[bytes | None]] = {rid: [] for rid, _, _ in plans}
-    appenders = [(out[rid].append, prefix, fields) for rid, prefix, fields in plans]
+    columns: dict[str, _Column] = {}
+    for rule in rules:
+        for f in rule.fields:
+            if f not in columns:
+                columns[f] = _FIELD_COLUMNS[f](records, today)
+    return {
+        rule.rule_id: _combine(rule._prefix, [columns[f] for f in rule.fields]) for rule in rules
+    }
+
+
+def _combine(prefix: bytes, cols: list[_Column]) -> _Column:
+    """prefix || parts, row by row; None wherever any part is None."""
+    if len(cols) == 2:
+        a, b = cols
+        return [
+            prefix + x + y if x is not None and y is not None else None
+            for x, y in zip(a, b, strict=True)
+        ]
+    if len(cols) == 3:
+        a, b, c = cols
+        return [
+            prefix + x + y + z if x is not None and y is not None and z is not None else None
+            for x, y, z in zip(a, b, c, strict=True)
+        ]
     join = b"".join
-    for record in records:
-        parts = {f: fn(record, today) for f, fn in extractors}
-        for append, prefix, fields in appenders:
-            pieces = [prefix]
-            for f in fields:
-                p = parts[f]
-                if p is None:
-                    append(None)
-                    break
-                pieces.append(p)
-            else:
-                append(join(pieces))
-    return out
+    return [
+        None if any(p is None for p in row) else prefix + join(row)  # type: ignore[arg-type]
+        for row in zip(*cols, strict=True)
+    ]

@@ -52,6 +52,7 @@ from protocol import oprf
 from protocol.errors import (
     DisclosureCapReached,
     InvalidElementError,
+    LedgerError,
     PolicyRefusal,
     ProtocolError,
 )
@@ -342,11 +343,15 @@ class CustodianSession:
                                      "peer": peer_id, "message": str(exc)})
             raise PolicyRefusal(f"malformed authorization: {exc}", reasons=("malformed",)) from exc
         auth = signed.authorization
-        ledger.ensure_authorization(
-            auth.authorization_id, max_queries=auth.max_queries,
-            max_disclosures=auth.max_disclosures, not_after=auth.not_after,
-        )
-        remaining = ledger.budget(auth.authorization_id).remaining
+        try:
+            remaining = ledger.budget(auth.authorization_id).remaining
+        except LedgerError:  # first use of this authorization
+            remaining = auth.max_queries
+        resumed = ledger.reservation(req.session_id)
+        if (resumed is not None and resumed.auth_id == auth.authorization_id
+                and resumed.reserved == req.element_count):
+            # Resuming a session: its reservation is already charged; it is not charged again.
+            remaining += resumed.reserved
         try:
             tier = Tier(req.tier)
         except ValueError:
@@ -371,6 +376,11 @@ class CustodianSession:
             )
         if not req.session_id or len(req.session_id) > 128:
             raise ProtocolError("session id must be 1..128 characters")
+        # Only a verified authorization is registered (an unverified one could squat its id).
+        ledger.ensure_authorization(
+            auth.authorization_id, max_queries=auth.max_queries,
+            max_disclosures=auth.max_disclosures, not_after=auth.not_after,
+        )
         # Reserve before any work; idempotent per session id, never refunded.
         reservation = ledger.reserve(auth.authorization_id, req.session_id, req.element_count)
         ledger.open_session(auth.authorization_id, req.session_id, {
@@ -391,7 +401,7 @@ class CustodianSession:
             custodian_id=cfg.policy.custodian_id, match_rules=self.rules,
             disclosure_fields=self.fields, element_count=reservation.reserved,
             tag_count=len(self.index), tag_size=self.index.tag_size,
-            budget_remaining=reservation.remaining,
+            budget_remaining=ledger.budget(auth.authorization_id).remaining,
         )
         self.transcript.add("open", req)
         self.transcript.add("open", resp)

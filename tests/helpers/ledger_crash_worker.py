@@ -4,7 +4,11 @@ The crash test runs this as a real process and SIGKILLs it at random moments. A 
 (and flushed) only *after* the ledger call that it reports has returned, so every reported line
 names an action that was committed; the test then checks that each one survived the kill.
 
-Usage: python -m tests.helpers.ledger_crash_worker DB AUTH_ID MAX_QUERIES MAX_DISCLOSURES SEED
+Two authorizations are used: a small one whose budget and disclosure cap run out within the
+first few runs (so the limits are hit while processes are being killed), and a large one that
+keeps reserve/evaluate/disclose commits flowing for the rest of the test.
+
+Usage: python -m tests.helpers.ledger_crash_worker DB SEED
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protocol.errors import BudgetExhausted, DisclosureCapReached
 from protocol.ledger import Ledger
 
+AUTHORIZATIONS: dict[str, tuple[int, int]] = {
+    # auth_id: (max_queries, max_disclosures)
+    "crash-small": (120, 15),
+    "crash-large": (1_000_000, 1_000_000),
+}
+NOT_AFTER = 4_102_444_800
 RECORD_POOL = 400
 RULES = ("tin+dob", "tin+last_name", "first+last+dob+zip")
 CHECKPOINT_KEY_SEED = hashlib.sha256(b"gated-psi/test/ledger-crash-checkpoint-key").digest()
@@ -30,50 +40,48 @@ def report(*parts: object) -> None:
 
 
 def main(argv: list[str]) -> int:
-    db, auth_id, max_queries, max_disclosures, seed = argv
+    db, seed = argv
     rng = random.Random(int(seed))
     key = Ed25519PrivateKey.from_private_bytes(CHECKPOINT_KEY_SEED)
     ledger = Ledger(db)
-    ledger.ensure_authorization(
-        auth_id,
-        max_queries=int(max_queries),
-        max_disclosures=int(max_disclosures),
-        not_after=4_102_444_800,
-    )
+    for auth_id, (max_queries, max_disclosures) in AUTHORIZATIONS.items():
+        ledger.ensure_authorization(
+            auth_id, max_queries=max_queries, max_disclosures=max_disclosures, not_after=NOT_AFTER
+        )
     report("READY")
-    # A fresh random prefix per run keeps session ids unique across restarts of one seed.
-    prefix = f"w{seed}-{secrets.token_hex(6)}"
+    prefix = f"w{seed}-{secrets.token_hex(6)}"  # unique across restarts with the same seed
     i = 0
     while True:
-        session_id = f"{prefix}-{i}"
         i += 1
+        auth_id = rng.choice(tuple(AUTHORIZATIONS))
+        session_id = f"{prefix}-{i}"
         ledger.open_session(auth_id, session_id, {"worker": seed, "i": i})
-        report("OPEN", session_id)
+        report("OPEN", auth_id, session_id)
         n = rng.randint(1, 9)
         try:
             ledger.reserve(auth_id, session_id, n)
         except BudgetExhausted:
-            report("REFUSED", "budget", session_id, n)
+            report("REFUSED", "budget", auth_id, session_id)
             n = 0
         else:
-            report("RESERVE", session_id, n)
+            report("RESERVE", auth_id, session_id, n)
         done = 0
         while done < n:
             step = min(n - done, rng.randint(1, 4))
             done = ledger.record_evaluation(auth_id, session_id, step)
-            report("EVAL", session_id, done)
+            report("EVAL", auth_id, session_id, done)
         for _ in range(rng.randint(0, 2)):
             record_id = f"rec-{rng.randrange(RECORD_POOL)}"
             try:
                 row = ledger.record_disclosure(auth_id, session_id, record_id, rng.choice(RULES))
             except DisclosureCapReached:
-                report("REFUSED", "cap", session_id, record_id)
+                report("REFUSED", "cap", auth_id, record_id)
             else:
-                report("DISCLOSE", session_id, record_id, int(row.repeat))
+                report("DISCLOSE", auth_id, session_id, record_id, int(row.repeat))
         if rng.random() < 0.7:
             receipt = hashlib.sha256(f"receipt:{session_id}".encode()).digest()
             ledger.close_session(auth_id, session_id, receipt, key.sign(receipt))
-            report("CLOSE", session_id)
+            report("CLOSE", auth_id, session_id)
         if i % 15 == 0:
             checkpoint = ledger.add_checkpoint(key.sign, "crash-test-key")
             report("CHECKPOINT", checkpoint.seq)

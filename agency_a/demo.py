@@ -1,0 +1,290 @@
+"""``make demo``: the whole system, for a reviewer, in one command.
+
+In a temporary working directory it generates keys, certificates and a seeded
+synthetic scenario, starts the custodian (agency-b) and the requester (agency-a)
+as separate processes on free loopback ports with mutual TLS, runs an
+authorized identity-tier match, prints who learned what, then shows three
+refusals (expired authorization, weak name+address rule, exhausted budget),
+stops both services and verifies both audit chains.  Exit status is non-zero
+if any step did not behave as it should.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from benchmarks.scenario import ScenarioSpec, generate
+from protocol.ledger import Ledger
+
+console = Console()
+PY = sys.executable
+FIELDS = "address,city,state,zip"
+RULES = "tin+dob,tin+last_name"
+
+
+class DemoFailure(RuntimeError):
+    """A step of the demo did not do what it should; the demo exits non-zero."""
+
+
+def run(args: list[str], *, check: bool = True, quiet: bool = False,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([PY, "-m", *args], text=True, capture_output=quiet, env=env,
+                          check=False)
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or "") + (proc.stdout or "") if quiet else ""
+        raise DemoFailure(f"step failed ({proc.returncode}): {' '.join(args)}\n{detail}")
+    return proc
+
+
+def wait_port(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoFailure(f"service exited early with status {proc.returncode}")
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        time.sleep(0.1)
+    raise DemoFailure(f"service did not report its port within {timeout}s")
+
+
+def issue(work: Path, name: str, *extra: str, queries: Path | None = None) -> Path:
+    out = work / f"{name}.auth.json"
+    args = ["protocol.authority_cli", "issue", "--key", str(work / "authority" / "authority.key"),
+            "--requester", "agency-a", "--custodian", "agency-b",
+            "--statute", "26 U.S.C. 6103(i)(2)", "--purpose", "locate subjects of open cases",
+            "--fields", FIELDS, "--out", str(out), *extra]
+    if queries is not None:
+        args += ["--queries", str(queries)]
+    run(args, quiet=queries is None)
+    return out
+
+
+def match(work: Path, auth: Path, queries: Path, ports: dict[str, int], name: str,
+          *, progress: bool = True) -> tuple[int, dict[str, Any]]:
+    summary = work / f"{name}.summary.json"
+    args = ["agency_a.cli", "match", "--server", f"127.0.0.1:{ports['a']}",
+            "--certs", str(work / "certs"), "--operator", "demo-analyst",
+            "--authorization", str(auth), "--queries", str(queries),
+            "--custodian", f"127.0.0.1:{ports['b']}", "--summary-json", str(summary),
+            "--show-refused", "5"]
+    if not progress:
+        args.append("--no-progress")
+    proc = run(args, check=False, quiet=not progress)
+    data = json.loads(summary.read_text()) if summary.exists() else {}
+    if not progress and proc.returncode != 0 and "failed" not in data:
+        data["failed"] = (proc.stdout or "") + (proc.stderr or "")
+    return proc.returncode, data
+
+
+def truth_queries(path: Path) -> set[str]:
+    with path.open(newline="") as fh:
+        return {row["query_record_id"] for row in csv.DictReader(fh)}
+
+
+def learned_table(summary: dict[str, Any], true_ids: set[str], matched_ids: set[str]) -> Table:
+    t = Table(title="who learned what", show_lines=True)
+    t.add_column("party")
+    t.add_column("learned")
+    t.add_column("did not learn")
+    correct = len(matched_ids & true_ids)
+    t.add_row(
+        "agency-a (requester)",
+        f"{summary.get('matched_queries', 0):,} of its {summary.get('queries_accepted', 0):,} "
+        f"accepted subjects are in the custodian file; for those only the fields "
+        f"{', '.join(summary.get('fields_disclosed', {}) or ['(none)'])}; the size of the "
+        f"custodian's tag set ({summary.get('custodian_tags', 0):,}).",
+        "anything about the custodian's other records: tags are pseudorandom under a "
+        "per-authorization key; no TIN, no record ids (pseudonyms only).",
+    )
+    t.add_row(
+        "agency-b (custodian)",
+        f"that {summary.get('elements_evaluated', 0):,} blinded elements were evaluated, and "
+        f"exactly which {summary.get('disclosed_records', 0):,} of its records were disclosed "
+        "(accounted in its ledger before release).",
+        f"who the other {summary.get('queries_accepted', 0) - summary.get('matched_queries', 0):,}"
+        " queried subjects are: blinded elements are uniformly random group elements.",
+    )
+    t.add_row(
+        "ground truth (measurement only)",
+        f"{correct:,} of {len(true_ids):,} true matches found; "
+        f"{len(matched_ids - true_ids):,} matched subjects are not true matches.",
+        "never shown to either party",
+    )
+    return t
+
+
+def expect_refusal(label: str, code: int, summary: dict[str, Any], want: str) -> bool:
+    text = str(summary.get("failed", ""))
+    ok = code != 0 and want in text
+    mark = "[green]refused as expected[/green]" if ok else "[red]NOT refused as expected[/red]"
+    console.print(f"  {label}: {mark}\n    {text.strip()}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="demo", description=__doc__.splitlines()[0])
+    p.add_argument("--scale", type=int, default=int(os.environ.get("SCALE", "20000")),
+                   help="queries and custodian records (default 20000; 1300000 = full size)")
+    p.add_argument("--workdir", help="keep everything here instead of a temporary directory")
+    p.add_argument("--keep", action="store_true", help="do not delete the working directory")
+    args = p.parse_args(argv)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gated-psi-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    ok = True
+    try:
+        ok = _demo(work, args.scale, procs)
+    except DemoFailure as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        ok = False
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if ok:
+            ok = _verify_chains(work) and ok
+        if args.workdir or args.keep or not ok:
+            console.print(f"working directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    console.print(Panel("[green]demo completed: every step behaved as expected[/green]" if ok
+                        else "[red]demo FAILED[/red]"))
+    return 0 if ok else 1
+
+
+def _verify_chains(work: Path) -> bool:
+    ok = True
+    for label, path in (("custodian ledger", work / "agency-b" / "ledger.sqlite"),
+                        ("requester ledger", work / "agency-a" / "data" /
+                         "requester-ledger.sqlite")):
+        if not path.exists():
+            console.print(f"{label}: [red]missing[/red]")
+            ok = False
+            continue
+        with Ledger(path) as ledger:
+            result = ledger.verify_audit_chain()
+        colour = "green" if result.ok else "red"
+        console.print(f"{label} audit chain: [{colour}]{result.detail}[/{colour}] "
+                      f"(head {result.head.hex()[:16]}…)")
+        ok = ok and result.ok
+    return ok
+
+
+def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]]) -> bool:
+    console.rule("[bold]policy-gated private matching: demo")
+    console.print(f"working directory: {work}")
+    t0 = time.perf_counter()
+    scenario = generate(ScenarioSpec().scaled(scale, scale), work / "scenario")
+    console.print(f"1. synthetic scenario: {scale:,} requester queries, {scale:,} custodian "
+                  f"records, seeded ({time.perf_counter() - t0:.1f}s)")
+
+    run(["protocol.authority_cli", "keygen", "--out", str(work / "authority")], quiet=True)
+    run(["protocol.authority_cli", "dev-ca", "--out", str(work / "certs"),
+         "--agency", "agency-a", "--agency", "agency-b",
+         "--server", "agency-a", "--server", "agency-b"], quiet=True)
+    run(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")], quiet=True)
+    run(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets")], quiet=True)
+    run(["protocol.authority_cli", "policy-template", "--custodian", "agency-b",
+         "--trust", str(work / "authority" / "authority.pub.json"),
+         "--out", str(work / "agency-b" / "policy.json")], quiet=True)
+    console.print("2. authority key, development CA with mTLS certificates, agency secrets and "
+                  "the custodian's default policy (weak rules refused, TIN never disclosed)")
+
+    console.print("3. the authority reviews the query file and signs an authorization:")
+    auth = issue(work, "main", "--rules", RULES, "--max-disclosures", str(scale),
+                 "--valid-days", "30", "--retention-days", "90", queries=scenario.queries)
+
+    ports: dict[str, int] = {}
+    b_dir = work / "agency-b"
+    procs.append(subprocess.Popen([
+        PY, "-m", "agency_b.cli", "serve", "--records", str(scenario.custodian),
+        "--policy", str(b_dir / "policy.json"), "--ledger", str(b_dir / "ledger.sqlite"),
+        "--secrets", str(b_dir / "secrets"), "--certs", str(work / "certs"),
+        "--listen", "127.0.0.1:0", "--port-file", str(b_dir / "port"),
+        "--requester-key", f"agency-a={work / 'agency-a' / 'secrets' / 'signing.pub.json'}",
+    ], stderr=(b_dir / "service.log").open("wb")))
+    a_dir = work / "agency-a"
+    procs.append(subprocess.Popen([
+        PY, "-m", "agency_a.cli", "serve", "--certs", str(work / "certs"),
+        "--secrets", str(a_dir / "secrets"), "--data", str(a_dir / "data"),
+        "--listen", "127.0.0.1:0", "--port-file", str(a_dir / "port"),
+        "--custodian-key", f"agency-b={b_dir / 'secrets' / 'signing.pub.json'}",
+    ], stderr=(a_dir / "service.log").open("wb")))
+    ports["b"] = wait_port(b_dir / "port", procs[0])
+    ports["a"] = wait_port(a_dir / "port", procs[1])
+    console.print(f"4. services up on loopback with mTLS: custodian :{ports['b']}, "
+                  f"requester :{ports['a']} (logs: service.log, JSON lines)")
+
+    console.rule("authorized identity-tier match")
+    code, summary = match(work, auth, scenario.queries, ports, "main")
+    if code != 0:
+        raise DemoFailure(f"authorized match failed: {summary}")
+    true_ids = truth_queries(scenario.truth)
+    results = run(["agency_a.cli", "results", "--server", f"127.0.0.1:{ports['a']}",
+                   "--certs", str(work / "certs"), "--operator", "demo-analyst",
+                   "--job", summary["job_id"], "--purpose", "demo review", "--limit",
+                   str(10**9)], quiet=True)
+    matched_ids = {line.split("\t")[0] for line in results.stdout.splitlines() if line}
+    console.print(learned_table(summary, true_ids, matched_ids))
+    receipt = summary["receipt"]
+    console.print(Panel(
+        f"authorization {receipt['authorization_id']}\nsession {receipt['session_id']}\n"
+        f"evaluated {receipt['evaluated']:,}  disclosed {receipt['disclosed']:,}\n"
+        f"transcript {receipt['transcript_hash'][:32]}…\n"
+        f"custodian signature {receipt['custodian_signature'][:32]}…\n"
+        f"requester countersignature {receipt['requester_signature'][:32]}…",
+        title="signed receipt (both parties keep both signatures)"))
+    console.print(f"results are stored encrypted at rest for "
+                  f"{summary['results_retention_days']} days, then purged; "
+                  f"the read above was logged for operator 'demo-analyst'.")
+
+    console.rule("refusals")
+    small = work / "scenario" / "small-queries.csv"
+    with scenario.queries.open(newline="") as src, small.open("w", newline="") as dst:
+        for i, line in enumerate(src):
+            if i > 200:
+                break
+            dst.write(line)
+    now = datetime.now(UTC)
+    expired = issue(work, "expired", "--rules", RULES, "--max-queries", "1000",
+                    "--max-disclosures", "100",
+                    "--not-before", (now - timedelta(days=60)).isoformat(),
+                    "--not-after", (now - timedelta(days=30)).isoformat())
+    weak = issue(work, "weak", "--rules", "first+last+address", "--max-queries", "1000",
+                 "--max-disclosures", "100", "--valid-days", "30")
+    checks = []
+    code, s = match(work, expired, small, ports, "expired", progress=False)
+    checks.append(expect_refusal("expired authorization", code, s, "expired"))
+    code, s = match(work, weak, small, ports, "weak", progress=False)
+    checks.append(expect_refusal("weak name+address rule under the default policy", code, s,
+                                 "rule_too_weak"))
+    code, s = match(work, auth, scenario.queries, ports, "replay", progress=False)
+    checks.append(expect_refusal("the main authorization again, budget used up", code, s,
+                                 "budget_exhausted"))
+    if not all(checks):
+        raise DemoFailure("a refusal did not happen as expected")
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""``agency-b``: the custodian's operator CLI (init secrets, serve)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from agency_b.service import serve
+from proto import service_kit as kit
+from protocol.ledger import Ledger
+from protocol.oprf import BatchPool
+from protocol.policy import CustodianPolicy
+from protocol.records import read_person_csv_with_lines, validate_persons
+from protocol.sessions import Custodian, CustodianConfig
+
+log = logging.getLogger("agency_b")
+
+
+def write_secret(path: Path, data: bytes, *, force: bool = False) -> None:
+    """Write a secret file with mode 0600; never silently overwrite one."""
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists (use --force to replace it)")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)
+
+
+def read_secret(path: Path) -> bytes:
+    """Read a secret file, refusing one that group or others can read."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise PermissionError(f"{path} is readable by group/others (mode {oct(mode & 0o777)}); "
+                              "chmod 600 it")
+    return path.read_bytes()
+
+
+def write_signing_key(out: Path, stem: str, *, force: bool) -> Ed25519PrivateKey:
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    write_secret(out / f"{stem}.key", pem, force=force)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    (out / f"{stem}.pub.json").write_text(json.dumps({"public_key": raw.hex()}) + "\n")
+    return key
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(read_secret(path), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_public_key_json(path: Path) -> Ed25519PublicKey:
+    data = json.loads(path.read_text())
+    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(data["public_key"]))
+
+
+def parse_agency_keys(items: list[str]) -> dict[str, Ed25519PublicKey]:
+    """``agency=path.pub.json`` pairs -> {agency: key}."""
+    out: dict[str, Ed25519PublicKey] = {}
+    for item in items:
+        agency, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected AGENCY=PATH, got {item!r}")
+        out[agency] = load_public_key_json(Path(path))
+    return out
+
+
+def wait_for_signal(stop: threading.Event) -> None:
+    """Block until SIGTERM/SIGINT; graceful shutdown follows."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        stop.wait(0.5)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_secret(out / "master.secret", os.urandom(32).hex().encode(), force=args.force)
+    write_signing_key(out, "signing", force=args.force)
+    print(f"custodian secrets written to {out} (master.secret, signing.key, signing.pub.json)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    kit.setup_logging(args.log_level)
+    secrets = Path(args.secrets)
+    master = bytes.fromhex(read_secret(secrets / "master.secret").decode().strip())
+    signing_key = load_signing_key(secrets / "signing.key")
+    policy = CustodianPolicy.load(args.policy)
+    t0 = time.perf_counter()
+    rows = read_person_csv_with_lines(args.records)
+    records, refused = validate_persons(rows)
+    kit.log_event(log, "records_loaded", records=len(rows), usable=len(records),
+                  refused=dict(Counter(str(r.code) for r in refused)),
+                  seconds=round(time.perf_counter() - t0, 2))
+    ledger = Ledger(args.ledger)
+    pool = BatchPool(args.workers) if args.workers > 1 else None
+    custodian = Custodian(CustodianConfig(
+        policy=policy, records=records, ledger=ledger, master_secret=master,
+        signing_key=signing_key, requester_keys=parse_agency_keys(args.requester_key),
+        ops=pool,
+    ))
+    tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
+    server, port = serve(custodian, tls, args.listen)
+    if args.port_file:
+        Path(args.port_file).write_text(f"{port}\n")
+    kit.log_event(log, "serving", service="custodian", port=port, agency=args.agency_id,
+                  in_scope=len(custodian.in_scope), excluded=custodian.excluded_count)
+    stop = threading.Event()
+    wait_for_signal(stop)
+    kit.log_event(log, "stopping", grace_seconds=args.grace)
+    server.stop(args.grace).wait()
+    if pool is not None:
+        pool.close()
+    ledger.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agency-b", description=(
+        "Custodian agency: holds the records, enforces its policy and the signed "
+        "authorization, evaluates the OPRF and accounts for every disclosure."))
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("init", help="generate the custodian's master secret and receipt key")
+    i.add_argument("--out", required=True, help="secrets directory (files are mode 0600)")
+    i.add_argument("--force", action="store_true", help="replace existing secrets")
+    i.set_defaults(func=cmd_init)
+    s = sub.add_parser("serve", help="run the custodian gRPC service (mTLS only)")
+    s.add_argument("--records", required=True, help="custodian records CSV")
+    s.add_argument("--policy", required=True, help="custodian policy JSON")
+    s.add_argument("--ledger", required=True, help="SQLite ledger file (created if absent)")
+    s.add_argument("--secrets", required=True, help="directory from 'agency-b init'")
+    s.add_argument("--certs", required=True, help="directory from 'psi-authority dev-ca'")
+    s.add_argument("--agency-id", default="agency-b", help="this agency's id (certificate name)")
+    s.add_argument("--listen", default="127.0.0.1:50052", help="host:port (port 0 = any free)")
+    s.add_argument("--port-file", help="write the bound port here (for port 0)")
+    s.add_argument("--requester-key", action="append", default=[], metavar="AGENCY=PUB.json",
+                   help="a requester's receipt-countersigning public key (repeatable)")
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for group operations (default: all cores)")
+    s.add_argument("--grace", type=float, default=5.0, help="shutdown grace period, seconds")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"agency-b: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

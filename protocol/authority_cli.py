@@ -1,0 +1,799 @@
+"""``psi-authority``: the offline tool a court or oversight office uses to sign Authorizations.
+
+Only argument parsing, file I/O and printing live here; every decision is made by the pure
+functions in :mod:`protocol.authority`, :mod:`protocol.records` and :mod:`protocol.policy`.
+Human output goes to stdout, errors to stderr. Exit codes: 0 success, 1 an authorization that
+does not verify (``inspect``), 2 a usage or validation error (with a message, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from protocol.authority import (
+    SignatureStatus,
+    ValidityStatus,
+    describe,
+    draft_authorization,
+    format_timestamp,
+    generate_authority_key,
+    private_key_from_pem,
+    private_key_to_pem,
+    public_key_from_json,
+    public_key_to_json,
+    subject_commitment,
+)
+from protocol.errors import PSIError
+from protocol.pki import validate_agency_id, write_dev_pki
+from protocol.policy import (
+    Authorization,
+    CustodianPolicy,
+    SignedAuthorization,
+    Tier,
+    authority_key_id,
+    sign_authorization,
+)
+from protocol.records import (
+    MATCH_RULES,
+    Refusal,
+    Strength,
+    read_query_csv_with_lines,
+    validate_queries,
+)
+
+__all__ = ["main"]
+
+PROG = "psi-authority"
+KEY_FILE = "authority.key"
+PUBLIC_KEY_FILE = "authority.pub.json"
+REFUSAL_LISTING_LIMIT = 50
+DEFAULT_VALID_DAYS = 30
+DEFAULT_RETENTION_DAYS = 90
+_DAY = 86_400
+_PRIVATE_MODE = 0o600
+_PUBLIC_MODE = 0o644
+
+
+class CliError(Exception):
+    """A user error: printed as one line on stderr, exit code 2, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _printable(text: object) -> str:
+    """Escape control characters so that data from a CSV cannot rewrite the operator's terminal."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in s)
+
+
+def _csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _write_file(path: Path, data: bytes, *, mode: int, force: bool) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves a half-written file.
+
+    The temporary file starts at 0600, so a private key never exists with looser permissions.
+    Without ``force`` an existing file (or dangling symlink) is refused.
+    """
+    if not force and (path.exists() or path.is_symlink()):
+        raise CliError(f"{path} already exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _passphrase(env_name: str | None) -> bytes | None:
+    if env_name is None:
+        return None
+    value = os.environ.get(env_name)
+    if not value:
+        raise CliError(f"--passphrase-env names {env_name!r}, which is unset or empty")
+    return value.encode("utf-8")
+
+
+def _load_private_key(path: Path, env_name: str | None) -> Ed25519PrivateKey:
+    data = path.read_bytes()
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        _warn(f"{path} is readable by other users (mode {mode & 0o777:o}); run chmod 600 on it")
+    try:
+        return private_key_from_pem(data, password=_passphrase(env_name))
+    except ValueError as exc:
+        hint = "" if env_name else " (if the key is encrypted, pass --passphrase-env)"
+        raise CliError(f"{path}: {exc}{hint}") from exc
+
+
+def _load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path} is not UTF-8 text") from exc
+    try:
+        return public_key_from_json(doc)
+    except ValueError as exc:
+        raise CliError(f"{path}: {exc}") from exc
+
+
+def _trusted_keys(paths: Sequence[str]) -> dict[str, Ed25519PublicKey]:
+    keys = [_load_public_key(Path(p)) for p in paths]
+    return {authority_key_id(k): k for k in keys}
+
+
+def _parse_time(flag: str, text: str) -> int:
+    """ISO 8601 date or date-time to unix seconds; a value without a zone is taken as UTC."""
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise CliError(
+            f"{flag} {text!r} is not an ISO 8601 date or date-time "
+            "(e.g. 2025-07-01 or 2025-07-01T09:00:00+00:00)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp())
+
+
+# --------------------------------------------------------------------------------------------
+# keygen
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    key_path, pub_path = out / KEY_FILE, out / PUBLIC_KEY_FILE
+    if not args.force:
+        existing = [str(p) for p in (key_path, pub_path) if p.exists() or p.is_symlink()]
+        if existing:
+            raise CliError(f"{' and '.join(existing)} already exist(s); pass --force to overwrite")
+    password = _passphrase(args.passphrase_env)
+    key = generate_authority_key()
+    public_doc = public_key_to_json(key.public_key())
+    _write_file(
+        key_path, private_key_to_pem(key, password=password), mode=_PRIVATE_MODE, force=True
+    )
+    _write_file(
+        pub_path,
+        (json.dumps(public_doc, indent=2, sort_keys=True) + "\n").encode(),
+        mode=_PUBLIC_MODE,
+        force=True,
+    )
+    print(f"authority key id: {public_doc['key_id']}")
+    print(f"private key:      {key_path} (mode 0600{', encrypted' if password else ''})")
+    print(f"public key:       {pub_path} (give this to custodians)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# issue
+# --------------------------------------------------------------------------------------------
+
+
+def _validity_window(args: argparse.Namespace, now: int) -> tuple[int, int]:
+    if args.valid_days is not None and args.not_after is not None:
+        raise CliError("use either --valid-days or --not-after, not both")
+    if args.valid_days is not None and args.valid_days <= 0:
+        raise CliError(f"--valid-days must be positive, got {args.valid_days}")
+    not_before = now if args.not_before is None else _parse_time("--not-before", args.not_before)
+    if args.not_after is not None:
+        not_after = _parse_time("--not-after", args.not_after)
+    else:
+        not_after = not_before + (args.valid_days or DEFAULT_VALID_DAYS) * _DAY
+    if not_after <= not_before:
+        raise CliError(
+            f"--not-after ({format_timestamp(not_after)}) must be later than "
+            f"--not-before ({format_timestamp(not_before)})"
+        )
+    if not_after <= now:
+        raise CliError(
+            f"the authorization would already have expired ({format_timestamp(not_after)})"
+        )
+    return not_before, not_after
+
+
+def _print_refusals(refused: Sequence[Refusal]) -> None:
+    shown = refused[:REFUSAL_LISTING_LIMIT]
+    print("Refused records (line, record id, code, detail):")
+    for r in shown:
+        record_id = _printable(r.record_id) if r.record_id.strip() else "<no id>"
+        print(f"  line {r.line}  {record_id}  {r.code}  {_printable(r.detail)}")
+    rest = len(refused) - len(shown)
+    if rest > 0:
+        print(f"  ... and {rest:,} more refusals (write them all with --refusals-out FILE.csv)")
+
+
+def _refusals_csv(refused: Sequence[Refusal]) -> bytes:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["record_id", "line", "code", "detail"])
+    for r in refused:
+        writer.writerow([r.record_id, r.line, str(r.code), r.detail])
+    return buffer.getvalue().encode("utf-8")
+
+
+def _review_queries(args: argparse.Namespace) -> tuple[int, bytes]:
+    """Validate the query file; return (accepted count, commitment over the accepted subjects)."""
+    path = Path(args.queries)
+    try:
+        items = read_query_csv_with_lines(path)
+    except PSIError as exc:
+        raise CliError(f"{path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path} is not UTF-8 text") from exc
+    report = validate_queries(items)
+    accepted, refused = len(report.accepted), report.refused_record_count
+    print(
+        f"Validated {len(items):,} query records from {path}: {accepted:,} accepted, "
+        f"{refused:,} refused"
+    )
+    if report.refused:
+        print("Refusals by reason:")
+        for code, count in report.counts_by_reason().items():
+            print(f"  {code:<24} {count:>9,}")
+        _print_refusals(report.refused)
+    if args.refusals_out is not None:
+        out = Path(args.refusals_out)
+        _write_file(out, _refusals_csv(report.refused), mode=_PUBLIC_MODE, force=True)
+        print(f"All {len(report.refused):,} refusals written to {out}")
+    if not report.accepted:
+        raise CliError(f"no query record in {path} passed validation; nothing to authorize")
+    return accepted, subject_commitment(report.accepted)
+
+
+def _draft(
+    args: argparse.Namespace,
+    key: Ed25519PrivateKey | Ed25519PublicKey,
+    window: tuple[int, int],
+    max_queries: int,
+    max_disclosures: int,
+    commitment: bytes | None,
+) -> Authorization:
+    try:
+        return draft_authorization(
+            authority_key=key,
+            requester_id=args.requester,
+            custodian_id=args.custodian,
+            statute=args.statute,
+            purpose=args.purpose,
+            tier=args.tier,
+            max_queries=max_queries,
+            max_disclosures=max_disclosures,
+            match_rules=_csv_list(args.rules),
+            disclosure_fields=_csv_list(args.fields),
+            retention_days=args.retention_days,
+            valid_from=window[0],
+            valid_seconds=window[1] - window[0],
+            subject_commitment=commitment,
+            engines=_csv_list(args.engines),
+            min_aggregate_count=args.min_aggregate_count,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not args.force and (out.exists() or out.is_symlink()):
+        raise CliError(f"{out} already exists; pass --force to overwrite it")
+    if args.refusals_out is not None and args.queries is None:
+        raise CliError("--refusals-out needs --queries")
+    if args.max_queries is not None and args.max_queries <= 0:
+        raise CliError(f"--max-queries must be positive, got {args.max_queries}")
+    if args.max_queries is None and args.queries is None:
+        raise CliError("--max-queries is required unless --queries is given")
+    if args.max_disclosures is None:
+        if args.tier == Tier.IDENTITY.value:
+            raise CliError("--max-disclosures is required for the identity tier")
+        args.max_disclosures = 0
+    if args.max_disclosures < 0:
+        raise CliError(f"--max-disclosures must not be negative, got {args.max_disclosures}")
+    if args.retention_days < 0:
+        raise CliError(f"--retention-days must not be negative, got {args.retention_days}")
+    window = _validity_window(args, int(time.time()))
+    rules = _csv_list(args.rules)
+
+    # Check every argument before any I/O, so a typo never costs a long validation run.
+    dummy_commitment = bytes(32) if args.queries is not None else None
+    _draft(
+        args,
+        generate_authority_key().public_key(),
+        window,
+        args.max_queries or 1,
+        args.max_disclosures,
+        dummy_commitment,
+    )
+    key = _load_private_key(Path(args.key), args.passphrase_env)
+
+    commitment: bytes | None = None
+    accepted = 0
+    if args.queries is not None:
+        accepted, commitment = _review_queries(args)
+    derived = accepted * len(rules)
+    max_queries = args.max_queries if args.max_queries is not None else derived
+    if args.queries is not None and args.max_queries is not None and args.max_queries != derived:
+        _warn(
+            f"--max-queries {args.max_queries:,} differs from the {derived:,} evaluations the "
+            f"{accepted:,} accepted subjects need under {len(rules)} rule(s)"
+        )
+
+    auth = _draft(args, key, window, max_queries, args.max_disclosures, commitment)
+    for rule_id in auth.match_rules:
+        if MATCH_RULES[rule_id].strength < Strength.MEDIUM:
+            _warn(
+                f"match rule {rule_id!r} is WEAK (high misidentification risk); custodians "
+                "refuse it unless their policy explicitly allows it"
+            )
+    if "tin" in auth.disclosure_fields:
+        _warn("'tin' is a disclosure field; the default custodian policy never discloses it")
+    signed = sign_authorization(auth, key)
+    _write_file(out, signed.to_bytes(), mode=_PUBLIC_MODE, force=args.force)
+
+    print(f"Signed authorization {auth.authorization_id} -> {out}")
+    print(f"  authority key:   {auth.authority_key_id}")
+    print(f"  requester:       {auth.requester_id} -> custodian {auth.custodian_id}")
+    print(f"  tier / mode:     {auth.tier.value} / {auth.mode.value}")
+    print(f"  match rules:     {', '.join(auth.match_rules)}")
+    print(f"  fields:          {', '.join(auth.disclosure_fields) or '(none)'}")
+    budget_note = (
+        f" (= {accepted:,} accepted subjects x {len(rules)} rules)"
+        if args.queries is not None and args.max_queries is None
+        else ""
+    )
+    print(f"  max queries:     {auth.max_queries:,}{budget_note}")
+    print(f"  max disclosures: {auth.max_disclosures:,}")
+    print(
+        f"  valid:           {format_timestamp(auth.not_before)} .. "
+        f"{format_timestamp(auth.not_after)}"
+    )
+    print(f"  retention:       {auth.retention_days} days")
+    if auth.subject_commitment is not None:
+        print(f"  subjects:        {accepted:,}, commitment {auth.subject_commitment.hex()}")
+    print(f"  digest:          {signed.digest().hex()}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------
+
+_STATUS_STYLE = {
+    SignatureStatus.VERIFIED: "bold green",
+    SignatureStatus.INVALID: "bold red",
+    SignatureStatus.UNTRUSTED: "bold red",
+    SignatureStatus.NOT_CHECKED: "bold yellow",
+    ValidityStatus.VALID: "green",
+    ValidityStatus.NOT_YET_VALID: "yellow",
+    ValidityStatus.EXPIRED: "red",
+}
+
+
+def _render(info: dict[str, Any]) -> None:
+    auth = info["authorization"]
+    validity = info["validity"]
+    signature = info["signature"]
+
+    def rules_text(rule_ids: list[str]) -> str:
+        return ", ".join(
+            f"{r} ({MATCH_RULES[r].strength.name})" if r in MATCH_RULES else f"{r} (unknown)"
+            for r in rule_ids
+        )
+
+    rows: list[tuple[str, str | Text]] = [
+        ("Authorization", auth["authorization_id"]),
+        ("Authority key", auth["authority_key_id"]),
+        ("Requester", auth["requester_id"]),
+        ("Custodian", auth["custodian_id"]),
+        ("Statute", auth["statute"]),
+        ("Purpose", auth["purpose"]),
+        ("Tier", auth["tier"]),
+        ("Mode", auth["mode"]),
+        ("Match rules", rules_text(auth["match_rules"])),
+        ("Disclosure fields", ", ".join(auth["disclosure_fields"]) or "(none)"),
+        ("Max queries", f"{auth['max_queries']:,}"),
+        ("Max disclosures", f"{auth['max_disclosures']:,}"),
+        ("Retention", f"{auth['retention_days']} days"),
+        ("Engines", ", ".join(auth["engines"])),
+    ]
+    if auth["tier"] != Tier.IDENTITY.value:
+        rows.append(("Min aggregate count", f"{auth['min_aggregate_count']:,}"))
+    rows.append(("Subject commitment", auth["subject_commitment"] or "(none)"))
+    rows.append(("Valid from", validity["not_before"]))
+    rows.append(("Valid until", validity["not_after"]))
+    rows.append(
+        (
+            "Validity now",
+            Text(
+                f"{validity['status']} (at {validity['now']})",
+                style=_STATUS_STYLE[validity["status"]],
+            ),
+        )
+    )
+    rows.append(
+        (
+            "Signature",
+            Text(
+                f"{signature['status']}: {signature['detail']}",
+                style=_STATUS_STYLE[signature["status"]],
+            ),
+        )
+    )
+    rows.append(("Digest", info["digest"]))
+
+    table = Table(title="Signed authorization", show_header=False, title_justify="left")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for label, value in rows:
+        # Text(...) so that brackets in a statute or purpose are never read as rich markup.
+        table.add_row(label, value if isinstance(value, Text) else Text(_printable(value)))
+    Console(file=sys.stdout, highlight=False).print(table)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    if args.no_verify and args.trusted:
+        raise CliError("--no-verify and --trusted contradict each other")
+    path = Path(args.file)
+    data = path.read_bytes()
+    trusted = _trusted_keys(args.trusted) if args.trusted else None
+    try:
+        signed = SignedAuthorization.from_bytes(data)
+    except ValueError as exc:
+        print(f"{PROG} inspect: {path} is not a valid signed authorization: {exc}", file=sys.stderr)
+        return 1
+    info = describe(signed, trusted)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        _render(info)
+    status = info["signature"]["status"]
+    if status == SignatureStatus.VERIFIED:
+        return 0
+    if status == SignatureStatus.NOT_CHECKED:
+        if args.no_verify:
+            return 0
+        print(
+            f"{PROG} inspect: signature not checked; pass --trusted {PUBLIC_KEY_FILE} "
+            "(or --no-verify to only display the file)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{PROG} inspect: {info['signature']['detail']}", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------------------------
+# dev-ca and policy-template
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_dev_ca(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    agencies = [validate_agency_id(a) for a in args.agency]
+    servers = [validate_agency_id(a) for a in (args.server or agencies)]
+    if not args.force:
+        existing = [str(out / n) for n in ("ca.pem", "ca.key") if (out / n).exists()]
+        if existing:
+            raise CliError(
+                f"{' and '.join(existing)} already exist(s); pass --force to replace the CA "
+                "(certificates issued by the old CA stop chaining)"
+            )
+    written = write_dev_pki(out, agencies, server_agencies=servers)
+    print(f"Development PKI written to {out} (not for production use):")
+    width = max(len(name) for name in written)
+    for name, path in written.items():
+        print(f"  {name:<{width}}  {path}")
+    return 0
+
+
+def _cmd_policy_template(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not args.force and (out.exists() or out.is_symlink()):
+        raise CliError(f"{out} already exists; pass --force to overwrite it")
+    validate_agency_id(args.custodian)
+    keys = [_load_public_key(Path(p)) for p in args.trust]
+    policy = CustodianPolicy.trusting(args.custodian, keys)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    policy.dump(out)
+    print(f"Custodian policy for {policy.custodian_id} written to {out}")
+    print(f"  trusted authority keys: {', '.join(sorted(policy.trusted_authorities))}")
+    print(
+        f"  minimum rule strength:  {policy.min_rule_strength.name} "
+        "(weaker rules refused unless listed in allowed_weak_rules)"
+    )
+    print(f"  never disclosed:        {', '.join(sorted(policy.never_disclose))}")
+    print(f"  allowed tiers:          {', '.join(sorted(t.value for t in policy.allowed_tiers))}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+
+def _subparser(
+    subparsers: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    help_text: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed so documentation tools can render it)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Offline tool of the authority (court or oversight office): create the signing "
+            "key, review a request and sign an Authorization, inspect signed files, and set "
+            "up development certificates and custodian policies."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _subparser(
+        sub,
+        "keygen",
+        _cmd_keygen,
+        "create the authority's Ed25519 signing key",
+        f"Write {KEY_FILE} (PKCS#8 PEM, mode 0600; keep it offline) and {PUBLIC_KEY_FILE} "
+        '({"key_id": ..., "public_key": hex}), which custodians add to their trusted keys.',
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the two files")
+    p.add_argument("--force", action="store_true", help="overwrite existing key files")
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="encrypt the private key with the passphrase in environment variable VAR",
+    )
+
+    p = _subparser(
+        sub,
+        "issue",
+        _cmd_issue,
+        "review a request and sign an Authorization",
+        "Sign an Authorization for one requester and one custodian.\n\n"
+        "With --queries, the request's query file is validated first: every refused record is "
+        "listed with its line, record id, reason code and detail (placeholder or ZIP-only "
+        "addresses, missing tax periods, ...). Refused records are excluded: the budget "
+        "defaults to accepted subjects x rules, and the authorization commits to exactly the "
+        "accepted subjects (mode named_subjects).\n\n"
+        "example:\n"
+        f"  {PROG} issue --key authority.key --requester agency-a --custodian agency-b \\\n"
+        "      --statute '26 USC 6103(i)(2)' --purpose 'locate subjects of case 24-117' \\\n"
+        "      --rules tin+dob,tin+last_name --fields address,city,state,zip \\\n"
+        "      --queries request.csv --max-disclosures 5000 --out auth.json",
+    )
+    p.add_argument("--key", required=True, metavar="FILE", help=f"the authority's {KEY_FILE}")
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding the key's passphrase, if encrypted",
+    )
+    p.add_argument(
+        "--requester",
+        required=True,
+        metavar="ID",
+        help="requesting agency id (must equal its mTLS certificate identity)",
+    )
+    p.add_argument("--custodian", required=True, metavar="ID", help="custodian agency id")
+    p.add_argument("--statute", required=True, metavar="S", help="legal basis of the request")
+    p.add_argument("--purpose", required=True, metavar="P", help="reason for the request")
+    p.add_argument(
+        "--tier",
+        default=Tier.IDENTITY.value,
+        choices=[t.value for t in Tier],
+        help="what the requester may learn (default: identity)",
+    )
+    p.add_argument(
+        "--rules",
+        required=True,
+        metavar="R1,R2",
+        help=f"permitted match rules, comma-separated ({', '.join(MATCH_RULES)})",
+    )
+    p.add_argument(
+        "--fields",
+        default="",
+        metavar="F1,F2",
+        help="permitted disclosure fields, comma-separated (identity tier: person "
+        "fields; aggregate tier: the value column to sum, e.g. tax_paid_cents)",
+    )
+    p.add_argument(
+        "--max-queries",
+        type=int,
+        metavar="N",
+        help="evaluation budget (default with --queries: accepted subjects x rules)",
+    )
+    p.add_argument(
+        "--max-disclosures",
+        type=int,
+        metavar="N",
+        help="cap on disclosed records (required for the identity tier; else 0)",
+    )
+    p.add_argument(
+        "--min-aggregate-count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="aggregate/cardinality tiers: smallest intersection that may be revealed",
+    )
+    p.add_argument(
+        "--engines",
+        default="oprf",
+        metavar="E1,E2",
+        help="permitted match engines, comma-separated (default: oprf)",
+    )
+    p.add_argument(
+        "--valid-days",
+        type=int,
+        metavar="N",
+        help=f"validity length from --not-before (default {DEFAULT_VALID_DAYS})",
+    )
+    p.add_argument(
+        "--not-before",
+        metavar="ISO",
+        help="start of validity, ISO 8601 (default: now; no zone means UTC)",
+    )
+    p.add_argument(
+        "--not-after", metavar="ISO", help="end of validity, ISO 8601 (instead of --valid-days)"
+    )
+    p.add_argument(
+        "--retention-days",
+        type=int,
+        default=DEFAULT_RETENTION_DAYS,
+        metavar="N",
+        help=f"how long the requester may keep results (default {DEFAULT_RETENTION_DAYS})",
+    )
+    p.add_argument(
+        "--queries", metavar="FILE.csv", help="the request's query file, validated before signing"
+    )
+    p.add_argument(
+        "--refusals-out",
+        metavar="FILE.csv",
+        help="write every refused record (record_id, line, code, detail) here",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="signed authorization to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+
+    p = _subparser(
+        sub,
+        "inspect",
+        _cmd_inspect,
+        "show a signed Authorization and verify its signature",
+        "Print the authorization's fields, its validity window and whether the signature "
+        "verifies under the given trusted authority keys.\n\n"
+        "exit status: 0 verified (or --no-verify), 1 bad signature, untrusted or unchecked "
+        "signer, or not a signed authorization; 2 usage error.",
+    )
+    p.add_argument("file", metavar="FILE", help="signed authorization file")
+    p.add_argument(
+        "--trusted",
+        action="append",
+        default=[],
+        metavar=PUBLIC_KEY_FILE,
+        help="a trusted authority public key file (repeatable)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="only display the file; do not require a trusted signature",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = _subparser(
+        sub,
+        "dev-ca",
+        _cmd_dev_ca,
+        "issue a development CA and agency mTLS certificates",
+        "Write ca.pem/ca.key and, per agency, <agency>.client.pem/.key and "
+        "<agency>.server.pem/.key (keys mode 0600). For development and tests only.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--agency",
+        action="append",
+        required=True,
+        metavar="ID",
+        help="agency that gets a client certificate (repeatable)",
+    )
+    p.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="agency that gets a server certificate (repeatable; default: every --agency)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
+
+    p = _subparser(
+        sub,
+        "policy-template",
+        _cmd_policy_template,
+        "write a default custodian policy",
+        "Write a CustodianPolicy that trusts the given authority keys with conservative "
+        "defaults: weak match rules (name+address) refused, the TIN never disclosed.",
+    )
+    p.add_argument("--custodian", required=True, metavar="ID", help="custodian agency id")
+    p.add_argument(
+        "--trust",
+        action="append",
+        required=True,
+        metavar=PUBLIC_KEY_FILE,
+        help="authority public key file to trust (repeatable)",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="policy file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``psi-authority``; returns the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: a command is required (see --help)", file=sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args))
+    except CliError as exc:
+        message = str(exc)
+    except (ValueError, PSIError) as exc:
+        message = str(exc)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = f"{where}{exc.strerror or exc}"
+    except KeyboardInterrupt:
+        return 130
+    print(f"{PROG} {args.command}: error: {_printable(message)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Small deterministic builders shared by the session and end-to-end tests."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol import policy as P
+from protocol.ledger import Ledger
+from protocol.records import PersonRecord, QueryMetadata, QueryRecord
+from protocol.sessions import Custodian, CustodianConfig
+
+FIRST = ["Ann", "Bob", "Carla", "Dmitri", "Eve", "Farah", "Gus", "Hana", "Ivan", "Jo"]
+LAST = ["Lee", "Smith", "Garcia", "Nguyen", "Okafor", "Brown", "Kim", "Patel", "Rossi", "Diaz"]
+STREETS = ["Main Street", "Oak Avenue", "Pine Road", "Elm Drive", "Cedar Lane"]
+META = QueryMetadata(("2023", "2024"), "26 U.S.C. 6103(i)(2)", "locate subject of case 42")
+
+
+def make_person(i: int, *, prefix: str = "c", **overrides: str) -> PersonRecord:
+    """Person ``i``: a valid SSN-format TIN, a real street address, a possible birth date."""
+    rng = random.Random(i)
+    fields = dict(
+        record_id=f"{prefix}{i}",
+        tin=f"{100 + i % 700:03d}-{10 + i % 89:02d}-{1000 + i:04d}",
+        first_name=rng.choice(FIRST),
+        last_name=f"{rng.choice(LAST)}{i}",
+        dob=f"{1950 + i % 50}-{1 + i % 12:02d}-{1 + i % 28:02d}",
+        address=f"{100 + i} {rng.choice(STREETS)}",
+        city="Springfield",
+        state="IL",
+        zip=f"{62700 + i % 50:05d}",
+    )
+    fields.update(overrides)
+    return PersonRecord(**fields)
+
+
+def as_query(p: PersonRecord, record_id: str | None = None) -> QueryRecord:
+    return QueryRecord(replace(p, record_id=record_id or f"q-{p.record_id}"), META)
+
+
+@dataclass
+class World:
+    """An authority, a custodian with records, and a signed authorization."""
+
+    authority: Ed25519PrivateKey
+    requester_key: Ed25519PrivateKey
+    custodian_key: Ed25519PrivateKey
+    policy: P.CustodianPolicy
+    records: list[PersonRecord]
+    ledger: Ledger
+    master_secret: bytes
+
+    def custodian(self, **kw: object) -> Custodian:
+        return Custodian(CustodianConfig(
+            policy=self.policy, records=self.records, ledger=self.ledger,
+            master_secret=self.master_secret, signing_key=self.custodian_key,
+            requester_keys={"agency-a": self.requester_key.public_key()}, **kw,  # type: ignore[arg-type]
+        ))
+
+    def authorize(self, *, rules: Sequence[str] = ("tin+dob",),
+                  fields: Sequence[str] = ("address", "city", "state", "zip"),
+                  max_queries: int = 10_000, max_disclosures: int = 10_000,
+                  requester: str = "agency-a", custodian: str = "agency-b",
+                  not_before: int | None = None, not_after: int | None = None,
+                  tier: P.Tier = P.Tier.IDENTITY, key: Ed25519PrivateKey | None = None,
+                  ) -> P.SignedAuthorization:
+        key = key or self.authority
+        now = int(time.time())
+        auth = P.Authorization(
+            authorization_id=P.new_authorization_id(),
+            authority_key_id=P.authority_key_id(key.public_key()),
+            requester_id=requester, custodian_id=custodian,
+            statute="26 U.S.C. 6103(i)(2)", purpose="locate subjects",
+            not_before=now - 60 if not_before is None else not_before,
+            not_after=now + 3600 if not_after is None else not_after,
+            tier=tier, max_queries=max_queries, max_disclosures=max_disclosures,
+            match_rules=tuple(rules), disclosure_fields=tuple(fields), retention_days=30,
+        )
+        return P.sign_authorization(auth, key)
+
+
+def make_world(tmp: Path, n_records: int = 60, **policy_kw: object) -> World:
+    authority = Ed25519PrivateKey.generate()
+    kid = P.authority_key_id(authority.public_key())
+    policy = P.CustodianPolicy(custodian_id="agency-b",
+                               trusted_authorities={kid: authority.public_key()},
+                               **policy_kw)  # type: ignore[arg-type]
+    return World(
+        authority=authority, requester_key=Ed25519PrivateKey.generate(),
+        custodian_key=Ed25519PrivateKey.generate(), policy=policy,
+        records=[make_person(i) for i in range(n_records)],
+        ledger=Ledger(tmp / "custodian-ledger.sqlite"), master_secret=bytes(range(32)),
+    )
