@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,9 @@ from rich.panel import Panel
 from rich.table import Table
 
 from benchmarks.scenario import ScenarioSpec, generate
+from protocol.authority import draft_authorization, private_key_from_pem
 from protocol.ledger import Ledger
+from protocol.policy import sign_authorization
 
 console = Console()
 PY = sys.executable
@@ -71,6 +72,26 @@ def issue(work: Path, name: str, *extra: str, queries: Path | None = None) -> Pa
     if queries is not None:
         args += ["--queries", str(queries)]
     run(args, quiet=queries is None)
+    return out
+
+
+def issue_expired(work: Path) -> Path:
+    """An authorization whose window closed 30 days ago.
+
+    The CLI refuses to issue one (rightly), so the demo signs it with the library,
+    as an authorization issued long ago and presented after it lapsed.
+    """
+    key = private_key_from_pem((work / "authority" / "authority.key").read_bytes())
+    start = int(time.time()) - 60 * 86400
+    auth = draft_authorization(
+        authority_key=key, requester_id="agency-a", custodian_id="agency-b",
+        statute="26 U.S.C. 6103(i)(2)", purpose="locate subjects of open cases",
+        tier="identity", max_queries=1000, max_disclosures=100,
+        match_rules=RULES.split(","), disclosure_fields=FIELDS.split(","), retention_days=90,
+        valid_from=start, valid_seconds=30 * 86400,
+    )
+    out = work / "expired.auth.json"
+    out.write_bytes(sign_authorization(auth, key).to_bytes())
     return out
 
 
@@ -265,11 +286,7 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]]) -> bool:
             if i > 200:
                 break
             dst.write(line)
-    now = datetime.now(UTC)
-    expired = issue(work, "expired", "--rules", RULES, "--max-queries", "1000",
-                    "--max-disclosures", "100",
-                    "--not-before", (now - timedelta(days=60)).isoformat(),
-                    "--not-after", (now - timedelta(days=30)).isoformat())
+    expired = issue_expired(work)
     weak = issue(work, "weak", "--rules", "first+last+address", "--max-queries", "1000",
                  "--max-disclosures", "100", "--valid-days", "30")
     checks = []

@@ -218,7 +218,11 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 "matches": len(outcome.matches),
                 "matched_queries": len({m.query_record_id for m in outcome.matches}),
                 "matches_by_rule": dict(by_rule),
-                "disclosed_records": len(outcome.results),
+                "disclosed_records": len({r.pseudonym for r in outcome.results}),
+                "disclosure_rows": len(outcome.results),
+                "custodian_records_in_scope": (session.open_response.tag_count
+                                               // max(len(session.rules), 1)
+                                               if session.open_response else 0),
                 "disclosures_rejected": outcome.rejected,
                 "fields_disclosed": dict(fields_disclosed),
                 "receipt": outcome.receipt.to_json(),

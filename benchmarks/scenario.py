@@ -1,34 +1,39 @@
 """Seeded synthetic population for the benchmark scenario (DESIGN §9).
 
-Why synthetic: accuracy of a match rule is only measurable against ground truth, and
+Why synthetic: the accuracy of a match rule is only measurable against ground truth, and
 real taxpayer or enforcement data can never sit in a repository.  Why this much realism:
 weak rules look fine on clean data; they misidentify people on data that has households,
 Jr/Sr pairs, common names, stale addresses and placeholder junk.  Each of those is
-generated here on purpose, at a rate the :class:`ScenarioSpec` names.
+generated here on purpose, at a rate that :class:`ScenarioSpec` names.
 
 The population is built in one vectorized pass:
 
-* a geography of cities and ZIP codes, consistent per state (ZIP ranges and names from
-  ``faker``'s en_US address provider, states weighted by 2020 census population);
+* a geography of cities and ZIP codes, consistent per state (ZIP ranges and city name
+  patterns from ``faker``'s en_US address provider, states weighted by 2020 census
+  population);
 * households of 1-6 people sharing an address and usually a surname, some with a father
-  and son of the same name (Jr/Sr), the suffix recorded only sometimes;
-* people whose first and last names follow real US frequencies (``faker``'s weighted
-  en_US name tables) and who each hold a unique SSN- or ITIN-format TIN;
+  and a son of the same name (Jr/Sr), the suffix written down only sometimes;
+* people whose first and last names follow real US frequencies (``faker``'s weighted en_US
+  name tables), each holding a unique SSN- or ITIN-format TIN;
 * a custodian file (the filers) and a request file holding exactly ``true_matches``
-  filers, everyone else in it being a non-filer, often a relative at a filer's address;
-* noise on the request file: missing TINs, placeholder and ZIP-only addresses, name
-  typos, moved addresses, suffix spelling, case and punctuation, date formats and typos.
+  filers, everyone else in it being a non-filer, often a relative living with a filer;
+* noise on the request file: missing TINs, placeholder and ZIP-only addresses, name typos,
+  moved addresses, street-suffix spellings, case and whitespace, date formats and typos.
 
-Ground truth is written to a separate file and is for measurement only.
+Text is assembled as fixed-width byte matrices (one zero-padded ``uint8`` block per field
+segment) and the padding is squeezed out when a file is written, so 2.6M rows never pass
+through a per-row Python loop.  The CSV dialect is the one ``protocol.records`` writes
+(``csv`` minimal quoting, CRLF), so ``read_person_csv``/``read_query_csv`` read the files
+and ``write_query_csv`` reproduces them byte for byte.
+
+Ground truth goes to a separate file and is for measurement only.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import sys
@@ -36,9 +41,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from numpy.dtypes import StringDType
 
 __all__ = [
     "CUSTODIAN_HEADER",
@@ -66,12 +71,10 @@ TRUTH_HEADER: tuple[str, ...] = ("query_record_id", "custodian_record_id")
 #: The junk that stood in for an address in the 2025 request file.
 PLACEHOLDER_ADDRESSES: tuple[str, ...] = ("Failed to Provide", "Unknown Address", "NA NA", "N/A")
 
-#: Fixed reference date for ages, so output never depends on the day it is generated.
+#: Fixed reference date for ages, so the output never depends on the day it is generated.
 REFERENCE_DATE = np.datetime64("2025-06-01", "D")
 
-_STR = StringDType()
-
-# 2020 census resident population in thousands (50 states + DC): weights where people live.
+# 2020 census resident population in thousands (50 states + DC): where people live.
 _STATE_POPULATION: dict[str, int] = {
     "AL": 5024, "AK": 733, "AZ": 7152, "AR": 3012, "CA": 39538, "CO": 5774, "CT": 3606,
     "DE": 990, "DC": 690, "FL": 21538, "GA": 10712, "HI": 1455, "ID": 1839, "IL": 12813,
@@ -84,7 +87,7 @@ _STATE_POPULATION: dict[str, int] = {
 }
 
 # Street suffix: (USPS abbreviation, full word, relative frequency).  Only common suffixes,
-# because the noise we inject ("Street" vs "St") must be something a normalizer can undo.
+# because the noise we inject ("Street" vs "St") must be noise a normalizer can undo.
 _STREET_SUFFIXES: tuple[tuple[str, str, float], ...] = (
     ("St", "Street", 0.30), ("Ave", "Avenue", 0.17), ("Rd", "Road", 0.13),
     ("Dr", "Drive", 0.13), ("Ln", "Lane", 0.07), ("Ct", "Court", 0.05),
@@ -93,8 +96,8 @@ _STREET_SUFFIXES: tuple[tuple[str, str, float], ...] = (
     ("Hwy", "Highway", 0.01),
 )
 
-# Street names that are not people's names; the rest come from faker's name tables, the
-# way faker's own en_US street_name_formats build them.
+# Street names that are not people's names; the rest are built from faker's name tables,
+# as faker's own en_US ``street_name_formats`` do.
 _COMMON_STREETS: tuple[str, ...] = (
     "Main", "Oak", "Pine", "Maple", "Cedar", "Elm", "Park", "Lake", "Hill", "Washington",
     "Lincoln", "Jefferson", "Church", "Spring", "Ridge", "Sunset", "Highland", "Forest",
@@ -102,23 +105,22 @@ _COMMON_STREETS: tuple[str, ...] = (
     "4th", "5th", "6th", "7th", "8th", "9th", "10th", "11th", "12th",
 )
 
-# Household size distribution, 1..6 people (roughly the US household size shares).
+# Household sizes 1..6 (roughly the US shares).
 _HOUSEHOLD_SIZES = np.array([0.28, 0.35, 0.15, 0.13, 0.06, 0.03])
 
-_TAX_PERIODS: tuple[str, ...] = ("2023;2024", "2022;2023", "2024", "2021;2022;2023;2024")
-_TAX_PERIOD_WEIGHTS = np.array([0.55, 0.2, 0.2, 0.05])
-_STATUTES: tuple[str, ...] = ("26 U.S.C. 6103(i)(2)", "26 U.S.C. 6103(i)(1)")
-_STATUTE_WEIGHTS = np.array([0.9, 0.1])
-_REASONS: tuple[str, ...] = (
-    "Locate subject of a pending nontax criminal investigation",
-    "Locate subject of a final order of removal",
-    "Locate witness in a pending federal proceeding",
-    "Verify last known address for service of process",
+_TAX_PERIODS = (("2023;2024", 0.55), ("2022;2023", 0.2), ("2024", 0.2),
+                ("2021;2022;2023;2024", 0.05))
+_STATUTES = (("26 U.S.C. 6103(i)(2)", 0.9), ("26 U.S.C. 6103(i)(1)", 0.1))
+_REASONS = (
+    ("Locate subject of a pending nontax criminal investigation", 0.4),
+    ("Locate subject of a final order of removal", 0.4),
+    ("Locate witness in a pending federal proceeding", 0.1),
+    ("Verify last known address for service of process", 0.1),
 )
-_REASON_WEIGHTS = np.array([0.4, 0.4, 0.1, 0.1])
 
-_JR_VARIANTS = np.array([" Jr", " Jr.", " JR", ", Jr."], dtype=_STR)
-_SR_VARIANTS = np.array([" Sr", " Sr.", " SR"], dtype=_STR)
+_JR_SPELLINGS = (" Jr", " Jr.", " JR", ", Jr.")
+_SR_SPELLINGS = (" Sr", " Sr.", " SR")
+_UNIT_WORDS = ((" Apt ", 0.6), (" Apt. ", 0.3), (" APT ", 0.1))
 
 # TIN spaces, linearised.  SSN: area 001-899 except 666, group 01-99, serial 0001-9999.
 # ITIN: area 900-999, group 70-88, serial 0001-9999.
@@ -126,12 +128,15 @@ _SSN_AREAS = 898
 _ITIN_GROUPS = 19
 _SERIALS = 9999
 
+_U8 = np.uint8
+_COMMA, _QUOTE, _CR, _LF = 44, 34, 13, 10
+
 
 @dataclass(frozen=True)
 class ScenarioSpec:
     """Every knob of the synthetic population; rates are per query unless said otherwise.
 
-    The defaults are the headline scenario.  ``scaled`` keeps every rate and scales the
+    The defaults are the headline scenario.  :meth:`scaled` keeps every rate and scales the
     number of true matches with the request file, so a small run has the same shape.
     """
 
@@ -144,6 +149,7 @@ class ScenarioSpec:
     missing_tin_rate: float = 0.05
     name_typo_rate: float = 0.03
     moved_rate: float = 0.15
+    #: Queries that spell the street suffix differently from the custodian ("St"/"Street").
     abbreviation_rate: float = 0.35
     case_noise_rate: float = 0.30
     whitespace_noise_rate: float = 0.02
@@ -152,7 +158,9 @@ class ScenarioSpec:
     tin_typo_rate: float = 0.002
     missing_request_field_rate: float = 0.002
     custodian_dob_format_rate: float = 0.01
+    #: Share of all people (not just queries) holding an ITIN rather than an SSN.
     itin_rate: float = 0.04
+    #: Share of custodian records in the "protected" record class.
     protected_rate: float = 0.001
     #: Share of households with a male head and >= 2 members that hold a Jr/Sr pair.
     jr_sr_rate: float = 0.03
@@ -177,13 +185,11 @@ class ScenarioSpec:
             raise ValueError("placeholder_rate + zip_only_rate must not exceed 1")
 
     def scaled(self, queries: int, records: int) -> ScenarioSpec:
-        """Same population shape at another size: match share of the request file kept."""
+        """The same population shape at another size: every rate and the share of the
+        request file that is a true match are kept (at least one match)."""
         share = self.true_matches / self.queries
-        matches = max(1, round(share * queries))
-        matches = min(matches, queries, records)
-        return dataclasses.replace(
-            self, queries=queries, records=records, true_matches=matches
-        )
+        matches = min(max(1, round(share * queries)), queries, records)
+        return dataclasses.replace(self, queries=queries, records=records, true_matches=matches)
 
 
 @dataclass(frozen=True)
@@ -220,42 +226,114 @@ class _Progress:
             print(f"[{elapsed:7.2f}s] {stage}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- tables
+# --------------------------------------------------------------------------- byte segments
+#
+# A segment is a (rows, width) uint8 matrix holding one piece of text per row, padded with
+# zero bytes.  Zero never occurs in text, so segments concatenate by placing them side by
+# side and the padding is dropped in one pass at write time.
+
+
+def _vocab(values: Sequence[str]) -> np.ndarray:
+    """A small vocabulary as fixed-width bytes (built once, indexed per row)."""
+    return np.array([v.encode("utf-8") for v in values], dtype=bytes)
+
+
+def _take(vocab: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    picked = vocab[idx]
+    return picked.view(_U8).reshape(len(picked), vocab.dtype.itemsize)
+
+
+def _lit(text: str, n: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """The same text on every row (or only where ``mask``)."""
+    row = np.frombuffer(text.encode("utf-8"), dtype=_U8)
+    block = np.broadcast_to(row, (n, row.size))
+    return block if mask is None else block * mask[:, None].astype(_U8)
+
+
+def _digits(values: np.ndarray, width: int, *, zero_pad: bool = True) -> np.ndarray:
+    """Decimal digits of non-negative integers, zero-padded to ``width`` or left-trimmed."""
+    v = np.asarray(values, dtype=np.int64)
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    out = ((v[:, None] // powers) % 10 + 48).astype(_U8)
+    if not zero_pad:
+        lead = v[:, None] < powers
+        lead[:, -1] = False
+        out[lead] = 0
+    return out
+
+
+def _cat(*segments: np.ndarray) -> np.ndarray:
+    return np.concatenate(segments, axis=1)
+
+
+def _pad(segment: np.ndarray, width: int) -> np.ndarray:
+    extra = width - segment.shape[1]
+    if extra <= 0:
+        return segment
+    return _cat(segment, np.zeros((segment.shape[0], extra), dtype=_U8))
+
+
+def _select(conds: Sequence[np.ndarray], choices: Sequence[np.ndarray],
+            default: np.ndarray) -> np.ndarray:
+    """Row-wise choice between segments of different widths; the first true condition wins."""
+    width = max(s.shape[1] for s in (*choices, default))
+    out = np.array(_pad(default, width))
+    for cond, choice in reversed(list(zip(conds, choices, strict=True))):
+        out[cond] = _pad(choice, width)[cond]
+    return out
+
+
+def _blank(segment: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return segment * (~mask)[:, None].astype(_U8)
+
+
+def _recase(segment: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """ASCII upper-case the rows in ``upper`` and lower-case those in ``lower``."""
+    out = np.array(segment)
+    is_lower = (segment >= 97) & (segment <= 122)
+    is_upper = (segment >= 65) & (segment <= 90)
+    out[is_lower & upper[:, None]] -= 32
+    out[is_upper & lower[:, None]] += 32
+    return out
+
+
+def _weighted_pick(rng: np.random.Generator, table: Sequence[tuple[str, float]],
+                   n: int) -> np.ndarray:
+    p = np.array([w for _, w in table])
+    return _take(_vocab([t for t, _ in table]), rng.choice(len(table), size=n, p=p / p.sum()))
+
+
+# --------------------------------------------------------------------------- faker tables
 
 
 @dataclass(frozen=True)
-class _NameTables:
-    female: np.ndarray
-    female_p: np.ndarray
-    male: np.ndarray
+class _Names:
+    first: np.ndarray  # female names, then male names (bytes vocabulary)
+    female_p: np.ndarray  # probabilities over the whole ``first`` vocabulary
     male_p: np.ndarray
     last: np.ndarray
     last_p: np.ndarray
+    first_text: tuple[str, ...]
+    last_text: tuple[str, ...]
 
 
-def _weighted(table: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-    names = np.array(list(table.keys()), dtype=_STR)
-    weights = np.array(list(table.values()), dtype=np.float64)
-    return names, weights / weights.sum()
+def _names() -> _Names:
+    """US first (by sex) and last name frequencies, as maintained in faker's en_US tables."""
+    from faker.providers.person.en_US import Provider
 
-
-def _name_tables() -> _NameTables:
-    """US first (by sex) and last name frequencies as maintained in faker's en_US tables."""
-    from faker.providers.person.en_US import Provider as PersonProvider
-
-    female, female_p = _weighted(PersonProvider.first_names_female)
-    male, male_p = _weighted(PersonProvider.first_names_male)
-    last, last_p = _weighted(PersonProvider.last_names)
-    return _NameTables(female, female_p, male, male_p, last, last_p)
-
-
-def _faker_address_tables() -> tuple[dict[str, tuple[int, int]], tuple[str, ...], tuple[str, ...]]:
-    from faker.providers.address.en_US import Provider as AddressProvider
-
-    return (
-        dict(AddressProvider.states_postcode),
-        tuple(AddressProvider.city_prefixes),
-        tuple(AddressProvider.city_suffixes),
+    female = dict(Provider.first_names_female)
+    male = dict(Provider.first_names_male)
+    last = dict(Provider.last_names)
+    first_text = (*female, *male)
+    if not all(n.isascii() for n in (*first_text, *last)):
+        raise ValueError("name tables must be ASCII (typos are made byte-wise)")
+    f_w = np.array([*female.values(), *np.zeros(len(male))])
+    m_w = np.array([*np.zeros(len(female)), *male.values()])
+    l_w = np.array(list(last.values()))
+    return _Names(
+        first=_vocab(first_text), female_p=f_w / f_w.sum(), male_p=m_w / m_w.sum(),
+        last=_vocab(tuple(last)), last_p=l_w / l_w.sum(),
+        first_text=first_text, last_text=tuple(last),
     )
 
 
@@ -265,29 +343,61 @@ def _faker_version() -> str:
     return str(faker.VERSION)
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- population
 
 
-def _sample(rng: np.random.Generator, values: np.ndarray, p: np.ndarray, n: int) -> np.ndarray:
-    return values[rng.choice(len(values), size=n, p=p)]
+@dataclass
+class _Geography:
+    zip_num: np.ndarray  # per ZIP: the 5-digit code as an integer
+    city: np.ndarray  # per ZIP: index into ``city_vocab``
+    state: np.ndarray  # per ZIP: index into ``state_vocab``
+    city_vocab: np.ndarray
+    state_vocab: np.ndarray
 
 
-def _str_of_int(values: np.ndarray, width: int = 0) -> np.ndarray:
-    out = np.asarray(values).astype(_STR)
-    return np.strings.zfill(out, width) if width else out
+def _geography(rng: np.random.Generator, n_zips: int, names: _Names) -> _Geography:
+    """Cities with ZIP codes inside their state's real ZIP range."""
+    from faker.providers.address.en_US import Provider
 
+    ranges: dict[str, tuple[int, int]] = dict(Provider.states_postcode)
+    prefixes, suffixes = tuple(Provider.city_prefixes), tuple(Provider.city_suffixes)
+    states = tuple(_STATE_POPULATION)
+    weights = np.array(list(_STATE_POPULATION.values()), dtype=np.float64)
+    n_cities = max(1, math.ceil(n_zips / 2.5))
+    city_state = rng.choice(len(states), size=n_cities, p=weights / weights.sum())
 
-def _cat(*parts: np.ndarray | str) -> np.ndarray:
-    """Element-wise concatenation of string arrays and scalars."""
-    out = parts[0]
-    for part in parts[1:]:
-        out = np.strings.add(out, part)
-    return np.asarray(out, dtype=_STR)
+    # City names follow faker's en_US city_formats; a loop over cities, not over rows.
+    first = rng.choice(len(names.first_text), size=n_cities, p=(names.female_p + names.male_p) / 2)
+    last = rng.choice(len(names.last_text), size=n_cities, p=names.last_p)
+    prefix = rng.integers(0, len(prefixes), n_cities)
+    suffix = rng.integers(0, len(suffixes), n_cities)
+    fmt = rng.integers(0, 4, n_cities)
+    patterns = ("{p} {f}{s}", "{p} {f}", "{f}{s}", "{last}{s}")
+    city_names = [
+        patterns[k].format(p=prefixes[a], f=names.first_text[b], s=suffixes[c],
+                           last=names.last_text[d])
+        for k, a, b, c, d in zip(fmt.tolist(), prefix.tolist(), first.tolist(),
+                                 suffix.tolist(), last.tolist(), strict=True)
+    ]
+
+    zip_city = np.concatenate([
+        np.arange(min(n_cities, n_zips)),
+        rng.integers(0, n_cities, size=max(0, n_zips - n_cities)),
+    ])
+    zip_state = city_state[zip_city]
+    zip_num = np.empty(n_zips, dtype=np.int64)
+    for s in np.unique(zip_state).tolist():  # one pass per state, not per row
+        members = np.flatnonzero(zip_state == s)
+        lo, hi = ranges[states[s]]
+        size = hi - lo + 1
+        zip_num[members] = lo + rng.choice(size, size=members.size, replace=members.size > size)
+    return _Geography(zip_num=zip_num, city=zip_city, state=zip_state,
+                      city_vocab=_vocab(city_names), state_vocab=_vocab(states))
 
 
 def _unique_draws(rng: np.random.Generator, space: int, n: int) -> np.ndarray:
-    """``n`` distinct integers from ``[0, space)``, in random order, without a Python loop
-    over rows: oversample, drop repeats keeping first occurrences, top up if short."""
+    """``n`` distinct integers from ``[0, space)`` in random order: oversample, drop
+    repeats keeping first occurrences, top up if short."""
     if n > space:
         raise ValueError("TIN space exhausted")
     taken = np.empty(0, dtype=np.int64)
@@ -301,214 +411,48 @@ def _unique_draws(rng: np.random.Generator, space: int, n: int) -> np.ndarray:
 
 
 def _tins(rng: np.random.Generator, n: int, itin_rate: float) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct 9-digit TINs: SSN format mostly, ITIN format for a share.
-
-    Returns the TIN digits as strings and a boolean ITIN mask.
-    """
+    """Distinct TINs as a (n, 9) digit segment, and the ITIN mask."""
     is_itin = rng.random(n) < itin_rate
-    n_itin = int(is_itin.sum())
     area = np.empty(n, dtype=np.int64)
     group = np.empty(n, dtype=np.int64)
     serial = np.empty(n, dtype=np.int64)
 
-    ssn = _unique_draws(rng, _SSN_AREAS * 99 * _SERIALS, n - n_itin)
+    ssn = _unique_draws(rng, _SSN_AREAS * 99 * _SERIALS, int((~is_itin).sum()))
     a, rest = np.divmod(ssn, 99 * _SERIALS)
     g, s = np.divmod(rest, _SERIALS)
     a = a + 1
     a = a + (a >= 666)  # area 666 is never issued
     area[~is_itin], group[~is_itin], serial[~is_itin] = a, g + 1, s + 1
 
-    itin = _unique_draws(rng, 100 * _ITIN_GROUPS * _SERIALS, n_itin)
+    itin = _unique_draws(rng, 100 * _ITIN_GROUPS * _SERIALS, int(is_itin.sum()))
     a, rest = np.divmod(itin, _ITIN_GROUPS * _SERIALS)
     g, s = np.divmod(rest, _SERIALS)
     area[is_itin], group[is_itin], serial[is_itin] = a + 900, g + 70, s + 1
 
-    digits = _cat(_str_of_int(area, 3), _str_of_int(group, 2), _str_of_int(serial, 4))
-    return digits, is_itin
-
-
-def _dash_tin(digits: np.ndarray) -> np.ndarray:
-    return _cat(
-        np.strings.slice(digits, 0, 3), "-", np.strings.slice(digits, 3, 5), "-",
-        np.strings.slice(digits, 5, 9),
-    )
-
-
-def _as_bytes_matrix(values: np.ndarray, extra: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """ASCII strings as a zero-padded uint8 matrix with ``extra`` spare columns."""
-    encoded = np.strings.encode(values, "ascii")
-    lengths = np.strings.str_len(encoded).astype(np.int64)
-    width = int(lengths.max(initial=0)) + extra
-    matrix = encoded.astype(f"S{width}").view(np.uint8).reshape(len(values), width)
-    return matrix.copy(), lengths, width
-
-
-def _from_bytes_matrix(matrix: np.ndarray) -> np.ndarray:
-    width = matrix.shape[1]
-    packed = np.ascontiguousarray(matrix).view(f"S{width}").reshape(-1)
-    return np.strings.decode(packed, "ascii").astype(_STR)
-
-
-def _typos(rng: np.random.Generator, names: np.ndarray) -> np.ndarray:
-    """One keyboard-style edit per name (substitute, delete, transpose or double a
-    letter), never on the first letter, which people rarely get wrong."""
-    if names.size == 0:
-        return names
-    mat, lengths, width = _as_bytes_matrix(names, extra=2)
-    n = len(names)
-    rows = np.arange(n)
-    kind = rng.integers(0, 4, size=n)
-    # Names of two letters only get substitutions; transpositions need three.
-    kind = np.where(lengths < 3, 0, kind)
-    kind = np.where((kind == 2) & (lengths < 4), 0, kind)
-    span = np.maximum(lengths - 1, 1)
-    pos = 1 + (rng.random(n) * span).astype(np.int64)
-    pos = np.minimum(pos, np.maximum(lengths - 1, 1))
-    tpos = np.minimum(pos, np.maximum(lengths - 2, 1))
-
-    # Transposing two equal letters changes nothing: substitute instead.
-    same = mat[rows, tpos] == mat[rows, np.minimum(tpos + 1, width - 1)]
-    kind = np.where((kind == 2) & same, 0, kind)
-
-    out = mat.copy()
-    cols = np.arange(width)[None, :]
-
-    sub = kind == 0
-    letter = (ord("a") + rng.integers(0, 26, size=n)).astype(np.uint8)
-    clash = letter == mat[rows, pos]
-    letter = np.where(clash, ord("a") + (letter - ord("a") + 1) % 26, letter).astype(np.uint8)
-    out[rows[sub], pos[sub]] = letter[sub]
-
-    dele = kind == 1
-    src = np.minimum(cols + (cols >= pos[:, None]), width - 1)
-    shifted = np.take_along_axis(mat, src, axis=1)
-    out[dele] = shifted[dele]
-
-    tr = kind == 2
-    r = rows[tr]
-    out[r, tpos[tr]] = mat[r, tpos[tr] + 1]
-    out[r, tpos[tr] + 1] = mat[r, tpos[tr]]
-
-    ins = kind == 3
-    src = np.maximum(cols - (cols > pos[:, None]), 0)
-    doubled = np.take_along_axis(mat, src, axis=1)
-    out[ins] = doubled[ins]
-    return _from_bytes_matrix(out)
-
-
-def _digit_typos(rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
-    """Swap two adjacent, different digits of a 9-digit TIN, or change one digit."""
-    if digits.size == 0:
-        return digits
-    mat, _, _ = _as_bytes_matrix(digits, extra=0)
-    n = len(digits)
-    rows = np.arange(n)
-    pos = rng.integers(0, 8, size=n)
-    a, b = mat[rows, pos].copy(), mat[rows, pos + 1].copy()
-    swap = a != b
-    mat[rows[swap], pos[swap]] = b[swap]
-    mat[rows[swap], pos[swap] + 1] = a[swap]
-    bump = ~swap
-    mat[rows[bump], pos[bump]] = (ord("0") + (a[bump] - ord("0") + 1) % 10).astype(np.uint8)
-    return _from_bytes_matrix(mat)
-
-
-def _dob_typos(rng: np.random.Generator, dob: np.ndarray) -> np.ndarray:
-    """A day off by one, a decade digit wrong, or day and month swapped where valid."""
-    years = dob.astype("datetime64[Y]")
-    months = dob.astype("datetime64[M]")
-    month_idx = (months - years.astype("datetime64[M]")).astype(np.int64)  # 0..11
-    day_idx = (dob - months.astype("datetime64[D]")).astype(np.int64)  # 0..30
-    kind = rng.integers(0, 3, size=dob.size)
-    kind = np.where((kind == 2) & ((day_idx > 11) | (day_idx == month_idx)), 0, kind)
-    off_by_one = dob + np.where(rng.random(dob.size) < 0.5, -1, 1).astype("timedelta64[D]")
-    decade = np.where(rng.random(dob.size) < 0.5, -10, 10).astype("timedelta64[Y]")
-    wrong_year = ((years + decade).astype("datetime64[M]") + month_idx.astype("timedelta64[M]"))
-    wrong_year = wrong_year.astype("datetime64[D]") + day_idx.astype("timedelta64[D]")
-    swapped = (years.astype("datetime64[M]") + day_idx.astype("timedelta64[M]"))
-    swapped = swapped.astype("datetime64[D]") + month_idx.astype("timedelta64[D]")
-    return np.select([kind == 0, kind == 1], [off_by_one, wrong_year], swapped)
-
-
-def _format_dob(dob: np.ndarray, us_format: np.ndarray) -> np.ndarray:
-    iso = np.datetime_as_string(dob, unit="D").astype(_STR)
-    us = _cat(
-        np.strings.slice(iso, 5, 7), "/", np.strings.slice(iso, 8, 10), "/",
-        np.strings.slice(iso, 0, 4),
-    )
-    return np.where(us_format, us, iso).astype(_STR)
-
-
-def _pick(rng: np.random.Generator, options: Sequence[str], p: np.ndarray, n: int) -> np.ndarray:
-    return _sample(rng, np.array(options, dtype=_STR), p / p.sum(), n)
-
-
-# --------------------------------------------------------------------------- population
-
-
-@dataclass
-class _Geography:
-    zip_code: np.ndarray  # str, one per zip
-    city: np.ndarray  # str, one per zip
-    state: np.ndarray  # str, one per zip
-
-
-def _geography(rng: np.random.Generator, n_zips: int, names: _NameTables) -> _Geography:
-    """Cities with ZIP codes inside their state's real ZIP range."""
-    ranges, prefixes, suffixes = _faker_address_tables()
-    states = np.array(list(_STATE_POPULATION), dtype=_STR)
-    weights = np.array(list(_STATE_POPULATION.values()), dtype=np.float64)
-    n_cities = max(1, math.ceil(n_zips / 2.5))
-    city_state = rng.choice(len(states), size=n_cities, p=weights / weights.sum())
-
-    # City names follow faker's en_US city_formats: prefix/first name/last name + suffix.
-    first = _sample(rng, np.concatenate([names.female, names.male]),
-                    np.concatenate([names.female_p, names.male_p]) / 2, n_cities)
-    last = _sample(rng, names.last, names.last_p, n_cities)
-    prefix = np.array(prefixes, dtype=_STR)[rng.integers(0, len(prefixes), n_cities)]
-    suffix = np.array(suffixes, dtype=_STR)[rng.integers(0, len(suffixes), n_cities)]
-    fmt = rng.integers(0, 4, size=n_cities)
-    city_names = np.select(
-        [fmt == 0, fmt == 1, fmt == 2],
-        [_cat(prefix, " ", first, suffix), _cat(prefix, " ", first), _cat(first, suffix)],
-        _cat(last, suffix),
-    ).astype(_STR)
-
-    zip_city = np.concatenate([
-        np.arange(min(n_cities, n_zips)),
-        rng.integers(0, n_cities, size=max(0, n_zips - n_cities)),
-    ])
-    zip_state = city_state[zip_city]
-    zip_num = np.empty(n_zips, dtype=np.int64)
-    for s in np.unique(zip_state):  # one pass per state, not per row
-        members = np.flatnonzero(zip_state == s)
-        lo, hi = ranges[str(states[s])]
-        size = hi - lo + 1
-        zip_num[members] = lo + rng.choice(size, size=members.size, replace=members.size > size)
-    return _Geography(
-        zip_code=_str_of_int(zip_num, 5), city=city_names[zip_city], state=states[zip_state]
-    )
+    return _cat(_digits(area, 3), _digits(group, 2), _digits(serial, 4)), is_itin
 
 
 @dataclass
 class _Population:
-    """Everyone who exists, filers or not; arrays indexed by person or by household."""
+    """Everyone who exists, filers or not; arrays by person, then by household."""
 
-    hh: np.ndarray  # person -> household
-    first: np.ndarray
-    last: np.ndarray
+    hh: np.ndarray
+    first: np.ndarray  # index into names.first
+    last: np.ndarray  # index into names.last
     dob: np.ndarray  # datetime64[D]
-    tin: np.ndarray  # 9 digits
+    tin: np.ndarray  # (people, 9) digits
     is_itin: np.ndarray
     suffix: np.ndarray  # 0 none, 1 Jr, 2 Sr
-    # Households:
     n_households: int
     house_no: np.ndarray
-    street: np.ndarray
-    suffix_idx: np.ndarray
-    suffix_style: np.ndarray  # 0 abbreviation, 1 full word: how the custodian writes it
-    unit: np.ndarray  # "" or the unit number
+    street: np.ndarray  # index into street_vocab
+    street_suffix: np.ndarray  # index into _STREET_SUFFIXES
+    suffix_style: np.ndarray  # 0 abbreviation, 1 full word: the custodian's spelling
+    unit_no: np.ndarray  # 0 = no unit
+    unit_letter: np.ndarray  # index into "", A, B, C
     zip_idx: np.ndarray
+    street_vocab: np.ndarray
+    names: _Names
     geo: _Geography
     jr_sr_pairs: int
 
@@ -519,16 +463,17 @@ def _ages_to_dob(rng: np.random.Generator, age_years: np.ndarray) -> np.ndarray:
 
 
 def _population(rng: np.random.Generator, spec: ScenarioSpec, size: int) -> _Population:
-    names = _name_tables()
+    names = _names()
     n_zips = max(3, math.ceil(size / spec.persons_per_zip))
     geo = _geography(rng, n_zips, names)
 
-    # Households: draw sizes until they cover everyone, trim the last one.
-    mean = float((_HOUSEHOLD_SIZES * np.arange(1, 7)).sum())
+    # Households: draw sizes until they cover everyone, then trim the last one.
+    options = np.arange(1, 7)
+    mean = float((_HOUSEHOLD_SIZES * options).sum())
     guess = int(size / mean * 1.1) + 16
-    sizes = rng.choice(np.arange(1, 7), size=guess, p=_HOUSEHOLD_SIZES)
+    sizes = rng.choice(options, size=guess, p=_HOUSEHOLD_SIZES)
     while sizes.sum() < size:
-        sizes = np.concatenate([sizes, rng.choice(np.arange(1, 7), size=guess, p=_HOUSEHOLD_SIZES)])
+        sizes = np.concatenate([sizes, rng.choice(options, size=guess, p=_HOUSEHOLD_SIZES)])
     ends = np.cumsum(sizes)
     n_h = int(np.searchsorted(ends, size) + 1)
     sizes = sizes[:n_h].copy()
@@ -537,29 +482,28 @@ def _population(rng: np.random.Generator, spec: ScenarioSpec, size: int) -> _Pop
     hh = np.repeat(np.arange(n_h), sizes)
     role = np.arange(size) - starts[hh]
 
-    # Household address.
-    street_kind = rng.random(n_h)
+    # Household address.  Street names: surnames, men's first names, or common names.
+    n_last, n_first = len(names.last_text), len(names.first_text)
+    street_vocab = _vocab((*names.last_text, *names.first_text, *_COMMON_STREETS))
+    kind = rng.random(n_h)
     street = np.where(
-        street_kind < 0.45,
-        _sample(rng, names.last, names.last_p, n_h),
+        kind < 0.45,
+        rng.choice(n_last, size=n_h, p=names.last_p),
         np.where(
-            street_kind < 0.70,
-            _sample(rng, names.male, names.male_p, n_h),
-            np.array(_COMMON_STREETS, dtype=_STR)[rng.integers(0, len(_COMMON_STREETS), n_h)],
+            kind < 0.70,
+            n_last + rng.choice(n_first, size=n_h, p=names.male_p),
+            n_last + n_first + rng.integers(0, len(_COMMON_STREETS), n_h),
         ),
-    ).astype(_STR)
+    )
     suffix_p = np.array([w for _, _, w in _STREET_SUFFIXES])
-    suffix_idx = rng.choice(len(_STREET_SUFFIXES), size=n_h, p=suffix_p / suffix_p.sum())
+    street_suffix = rng.choice(len(_STREET_SUFFIXES), size=n_h, p=suffix_p / suffix_p.sum())
     suffix_style = (rng.random(n_h) < 0.15).astype(np.int64)
     house_no = np.exp(rng.uniform(np.log(10), np.log(20000), n_h)).astype(np.int64)
-    has_unit = rng.random(n_h) < 0.12
-    unit_no = rng.integers(1, 40, n_h).astype(_STR)
-    unit_letter = np.array(["", "A", "B", "C"], dtype=_STR)[rng.integers(0, 4, n_h)]
-    unit = np.where(has_unit, _cat(unit_no, unit_letter), "").astype(_STR)
+    unit_no = np.where(rng.random(n_h) < 0.12, rng.integers(1, 40, n_h), 0)
+    unit_letter = rng.integers(0, 4, n_h)
     zip_idx = rng.integers(0, n_zips, n_h)
 
-    # Household head, partner, then children or other relatives.
-    head = starts[hh] == np.arange(size)
+    # Head, then partner, then children or other adult relatives.
     head_male = rng.random(n_h) < 0.55
     head_age = 22 + rng.beta(2.0, 2.6, n_h) * 66
     partner_opposite = rng.random(size) < 0.9
@@ -577,30 +521,24 @@ def _population(rng: np.random.Generator, spec: ScenarioSpec, size: int) -> _Pop
             head_age[hh] - rng.uniform(18, 38, size),
         ),
     )
-    young = age < 16
-    age = np.where(young, rng.uniform(18, 70, size), age)  # an adult relative instead
-    age = np.maximum(age, 16.0)
+    age = np.where(age < 16, rng.uniform(18, 70, size), age)  # an adult relative instead
 
-    surname = _sample(rng, names.last, names.last_p, n_h)
-    own_surname = rng.random(size) < np.where(role == 1, 0.3, 0.1)
-    last = np.where(
-        head | ~own_surname, surname[hh], _sample(rng, names.last, names.last_p, size)
-    ).astype(_STR)
+    surname = rng.choice(n_last, size=n_h, p=names.last_p)
+    own_surname = (role > 0) & (rng.random(size) < np.where(role == 1, 0.3, 0.1))
+    last = np.where(own_surname, rng.choice(n_last, size=size, p=names.last_p), surname[hh])
     first = np.where(
         male,
-        _sample(rng, names.male, names.male_p, size),
-        _sample(rng, names.female, names.female_p, size),
-    ).astype(_STR)
+        rng.choice(n_first, size=size, p=names.male_p),
+        rng.choice(n_first, size=size, p=names.female_p),
+    )
 
     # Jr/Sr: a father heading the household and a son of the same name living with him.
-    jr_household = head_male & (sizes >= 2) & (rng.random(n_h) < spec.jr_sr_rate)
-    jr_h = np.flatnonzero(jr_household)
+    jr_h = np.flatnonzero(head_male & (sizes >= 2) & (rng.random(n_h) < spec.jr_sr_rate))
     father = starts[jr_h]
     son = starts[jr_h] + sizes[jr_h] - 1
     father_age = rng.uniform(44, 88, jr_h.size)
     age[father] = father_age
     age[son] = father_age - rng.uniform(20, 32, jr_h.size)
-    male[son] = True
     first[son] = first[father]
     last[son] = last[father]
     suffix = np.zeros(size, dtype=np.int8)
@@ -611,147 +549,244 @@ def _population(rng: np.random.Generator, spec: ScenarioSpec, size: int) -> _Pop
     tin, is_itin = _tins(rng, size, spec.itin_rate)
     return _Population(
         hh=hh, first=first, last=last, dob=dob, tin=tin, is_itin=is_itin, suffix=suffix,
-        n_households=n_h, house_no=house_no, street=street, suffix_idx=suffix_idx,
-        suffix_style=suffix_style, unit=unit, zip_idx=zip_idx, geo=geo,
-        jr_sr_pairs=int(jr_h.size),
+        n_households=n_h, house_no=house_no, street=street, street_suffix=street_suffix,
+        suffix_style=suffix_style, unit_no=unit_no, unit_letter=unit_letter, zip_idx=zip_idx,
+        street_vocab=street_vocab, names=names, geo=geo, jr_sr_pairs=int(jr_h.size),
     )
 
 
-def _suffix_table() -> np.ndarray:
-    """(suffix, style) -> spelling; styles: 0 "St", 1 "Street", 2 "St."."""
-    return np.array(
-        [[abbr, full, abbr + "."] for abbr, full, _ in _STREET_SUFFIXES], dtype=_STR
-    )
+# --------------------------------------------------------------------------- noise
 
 
-def _street_address(pop: _Population, hh: np.ndarray, style: np.ndarray,
-                    unit_word: np.ndarray | str) -> np.ndarray:
-    spelled = _suffix_table()[pop.suffix_idx[hh], style]
-    base = _cat(_str_of_int(pop.house_no[hh]), " ", pop.street[hh], " ", spelled)
-    unit = pop.unit[hh]
-    return np.where(unit == "", base, _cat(base, unit_word, unit)).astype(_STR)
+def _typos(rng: np.random.Generator, names: np.ndarray) -> np.ndarray:
+    """One keyboard-style edit per row of a name segment (substitute, delete, transpose or
+    double a letter), never on the first letter, which people rarely get wrong.
+
+    The segment needs two spare zero columns on the right; the width is kept.
+    """
+    n = names.shape[0]
+    if n == 0:
+        return names
+    mat = names
+    width = mat.shape[1]
+    lengths = (mat != 0).sum(axis=1)
+    rows = np.arange(n)
+    kind = rng.integers(0, 4, size=n)
+    kind = np.where(lengths < 3, 0, kind)
+    kind = np.where((kind == 2) & (lengths < 4), 0, kind)
+    pos = 1 + (rng.random(n) * np.maximum(lengths - 1, 1)).astype(np.int64)
+    pos = np.minimum(pos, np.maximum(lengths - 1, 1))
+    tpos = np.minimum(pos, np.maximum(lengths - 2, 1))
+    same = mat[rows, tpos] == mat[rows, tpos + 1]
+    kind = np.where((kind == 2) & same, 0, kind)  # swapping equal letters changes nothing
+
+    out = mat.copy()
+    cols = np.arange(width)[None, :]
+
+    sub = kind == 0
+    letter = (ord("a") + rng.integers(0, 26, size=n)).astype(_U8)
+    clash = letter == mat[rows, pos]
+    letter = np.where(clash, ord("a") + (letter - ord("a") + 1) % 26, letter).astype(_U8)
+    out[rows[sub], pos[sub]] = letter[sub]
+
+    dele = kind == 1
+    shifted = np.take_along_axis(mat, np.minimum(cols + (cols >= pos[:, None]), width - 1), 1)
+    out[dele] = shifted[dele]
+
+    tr = rows[kind == 2]
+    out[tr, tpos[tr]] = mat[tr, tpos[tr] + 1]
+    out[tr, tpos[tr] + 1] = mat[tr, tpos[tr]]
+
+    ins = kind == 3
+    doubled = np.take_along_axis(mat, np.maximum(cols - (cols > pos[:, None]), 0), 1)
+    out[ins] = doubled[ins]
+    return out
 
 
-def _with_suffix(rng: np.random.Generator, pop: _Population, people: np.ndarray,
-                 last: np.ndarray, rate: float) -> np.ndarray:
+def _digit_typos(rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
+    """Swap two adjacent, different digits, or else bump one digit."""
+    out = np.array(digits)
+    n = out.shape[0]
+    rows = np.arange(n)
+    pos = rng.integers(0, out.shape[1] - 1, size=n)
+    a, b = out[rows, pos].copy(), out[rows, pos + 1].copy()
+    swap = a != b
+    out[rows[swap], pos[swap]] = b[swap]
+    out[rows[swap], pos[swap] + 1] = a[swap]
+    bump = rows[~swap]
+    out[bump, pos[bump]] = (48 + (a[~swap] - 48 + 1) % 10).astype(_U8)
+    return out
+
+
+def _dob_typos(rng: np.random.Generator, dob: np.ndarray) -> np.ndarray:
+    """A day off by one, a decade digit wrong, or day and month swapped where valid."""
+    years = dob.astype("datetime64[Y]")
+    months = dob.astype("datetime64[M]")
+    month_idx = (months - years.astype("datetime64[M]")).astype(np.int64)
+    day_idx = (dob - months.astype("datetime64[D]")).astype(np.int64)
+    kind = rng.integers(0, 3, size=dob.size)
+    kind = np.where((kind == 2) & ((day_idx > 11) | (day_idx == month_idx)), 0, kind)
+    off_by_one = dob + np.where(rng.random(dob.size) < 0.5, -1, 1).astype("timedelta64[D]")
+    decade = np.where(rng.random(dob.size) < 0.5, -10, 10).astype("timedelta64[Y]")
+    wrong_year = (years + decade).astype("datetime64[M]") + month_idx.astype("timedelta64[M]")
+    wrong_year = wrong_year.astype("datetime64[D]") + day_idx.astype("timedelta64[D]")
+    swapped = years.astype("datetime64[M]") + day_idx.astype("timedelta64[M]")
+    swapped = swapped.astype("datetime64[D]") + month_idx.astype("timedelta64[D]")
+    return np.select([kind == 0, kind == 1], [off_by_one, wrong_year], swapped)
+
+
+def _dob_text(dob: np.ndarray, us_format: np.ndarray) -> np.ndarray:
+    """ISO ``YYYY-MM-DD``, or ``MM/DD/YYYY`` where ``us_format``."""
+    years = dob.astype("datetime64[Y]")
+    months = dob.astype("datetime64[M]")
+    y = _digits(years.astype(np.int64) + 1970, 4)
+    m = _digits((months - years.astype("datetime64[M]")).astype(np.int64) + 1, 2)
+    d = _digits((dob - months.astype("datetime64[D]")).astype(np.int64) + 1, 2)
+    n = dob.size
+    iso = _cat(y, _lit("-", n), m, _lit("-", n), d)
+    us = _cat(m, _lit("/", n), d, _lit("/", n), y)
+    return np.where(us_format[:, None], us, iso)
+
+
+def _dashed(tin: np.ndarray, dash: np.ndarray) -> np.ndarray:
+    n = tin.shape[0]
+    sep = _lit("-", n, dash)
+    return _cat(tin[:, :3], sep, tin[:, 3:5], sep, tin[:, 5:])
+
+
+def _last_with_suffix(rng: np.random.Generator, pop: _Population, people: np.ndarray,
+                      last: np.ndarray, rate: float) -> np.ndarray:
     """Write the Jr/Sr suffix after the surname, but only sometimes, as real files do."""
+    n = people.size
     kind = pop.suffix[people]
-    recorded = (kind > 0) & (rng.random(people.size) < rate)
-    jr = _JR_VARIANTS[rng.integers(0, len(_JR_VARIANTS), people.size)]
-    sr = _SR_VARIANTS[rng.integers(0, len(_SR_VARIANTS), people.size)]
-    tag = np.where(kind == 1, jr, sr)
-    return np.where(recorded, _cat(last, tag), last).astype(_STR)
+    recorded = (kind > 0) & (rng.random(n) < rate)
+    jr = _take(_vocab(_JR_SPELLINGS), rng.integers(0, len(_JR_SPELLINGS), n))
+    sr = _take(_vocab(_SR_SPELLINGS), rng.integers(0, len(_SR_SPELLINGS), n))
+    tag = _select([kind == 1], [jr], sr)
+    return _cat(last, _blank(tag, ~recorded))
+
+
+def _street_line(pop: _Population, hh: np.ndarray, style: np.ndarray, unit_word: np.ndarray,
+                 spaced: np.ndarray) -> np.ndarray:
+    """``<no> <street> <suffix>[ Apt <unit>]``; style 0 "St", 1 "Street", 2 "St."."""
+    n = hh.size
+    spellings = [s for abbr, full, _ in _STREET_SUFFIXES for s in (abbr, full, abbr + ".")]
+    suffix = _take(_vocab(spellings), pop.street_suffix[hh] * 3 + style)
+    unit_no = pop.unit_no[hh]
+    has_unit = unit_no > 0
+    unit = _cat(
+        _blank(unit_word, ~has_unit),
+        _blank(_digits(unit_no, 2, zero_pad=False), ~has_unit),
+        _blank(_take(_vocab(("", "A", "B", "C")), pop.unit_letter[hh]), ~has_unit),
+    )
+    return _cat(
+        _digits(pop.house_no[hh], 5, zero_pad=False), _lit(" ", n), _lit(" ", n, spaced),
+        _take(pop.street_vocab, pop.street[hh]), _lit(" ", n), suffix, unit,
+    )
 
 
 # --------------------------------------------------------------------------- the two files
 
 
-def _custodian_columns(rng: np.random.Generator, spec: ScenarioSpec, pop: _Population,
-                       people: np.ndarray) -> dict[str, np.ndarray]:
+def _custodian_fields(rng: np.random.Generator, spec: ScenarioSpec, pop: _Population,
+                      people: np.ndarray) -> list[np.ndarray]:
     n = people.size
     hh = pop.hh[people]
-    geo = pop.geo
     zip_idx = pop.zip_idx[hh]
     tax = np.exp(rng.normal(np.log(650_000), 1.1, n)).astype(np.int64)
     tax = np.where(rng.random(n) < 0.08, 0, np.minimum(tax, 5_000_000_000))
-    record_class = np.where(rng.random(n) < spec.protected_rate, "protected", "").astype(_STR)
-    return {
-        "record_id": _cat("C", _str_of_int(np.arange(1, n + 1), 8)),
-        "tin": pop.tin[people],
-        "first_name": pop.first[people],
-        "last_name": _with_suffix(rng, pop, people, pop.last[people], spec.suffix_recorded_rate),
-        "dob": _format_dob(pop.dob[people], rng.random(n) < spec.custodian_dob_format_rate),
-        "address": _street_address(pop, hh, pop.suffix_style[hh], " Apt "),
-        "city": geo.city[zip_idx],
-        "state": geo.state[zip_idx],
-        "zip": geo.zip_code[zip_idx],
-        "record_class": record_class,
-        "tax_paid_cents": _str_of_int(tax),
-    }
+    protected = rng.random(n) < spec.protected_rate
+    last = _last_with_suffix(rng, pop, people, _take(pop.names.last, pop.last[people]),
+                             spec.suffix_recorded_rate)
+    no = np.zeros(n, dtype=bool)
+    return [
+        _cat(_lit("C", n), _digits(np.arange(1, n + 1), 8)),
+        pop.tin[people],
+        _take(pop.names.first, pop.first[people]),
+        last,
+        _dob_text(pop.dob[people], rng.random(n) < spec.custodian_dob_format_rate),
+        _street_line(pop, hh, pop.suffix_style[hh], _lit(" Apt ", n), no),
+        _take(pop.geo.city_vocab, pop.geo.city[zip_idx]),
+        _take(pop.geo.state_vocab, pop.geo.state[zip_idx]),
+        _digits(pop.geo.zip_num[zip_idx], 5),
+        _lit("protected", n, protected),
+        _digits(tax, 11, zero_pad=False),
+    ]
 
 
-def _case_noise(values: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
-    return np.where(
-        upper, np.strings.upper(values), np.where(lower, np.strings.lower(values), values)
-    ).astype(_STR)
-
-
-def _query_columns(rng: np.random.Generator, spec: ScenarioSpec, pop: _Population,
-                   people: np.ndarray, counts: dict[str, int]) -> dict[str, np.ndarray]:
+def _query_fields(rng: np.random.Generator, spec: ScenarioSpec, pop: _Population,
+                  people: np.ndarray, counts: dict[str, int]) -> list[np.ndarray]:
     n = people.size
     geo = pop.geo
 
-    # Names, with typos in one of the two.
-    first = pop.first[people].copy()
-    last = pop.last[people].copy()
+    # Names, with a typo in one of the two for some.
+    first = _pad(_take(pop.names.first, pop.first[people]), pop.names.first.itemsize + 2)
+    last = _pad(_take(pop.names.last, pop.last[people]), pop.names.last.itemsize + 2)
     typo = rng.random(n) < spec.name_typo_rate
     in_first = rng.random(n) < 0.5
-    idx = np.flatnonzero(typo & in_first)
-    first[idx] = _typos(rng, first[idx])
-    idx = np.flatnonzero(typo & ~in_first)
-    last[idx] = _typos(rng, last[idx])
-    last = _with_suffix(rng, pop, people, last, spec.suffix_recorded_rate)
+    rows = np.flatnonzero(typo & in_first)
+    first[rows] = _typos(rng, first[rows])
+    rows = np.flatnonzero(typo & ~in_first)
+    last[rows] = _typos(rng, last[rows])
+    last = _last_with_suffix(rng, pop, people, last, spec.suffix_recorded_rate)
 
-    # Address: the household's, or a previous one (another household's) if they moved.
+    # Address: the household's, or a previous one (another household's) after a move.
     hh = pop.hh[people]
-    moved = rng.random(n) < spec.moved_rate
+    moved = (rng.random(n) < spec.moved_rate) & (pop.n_households > 1)
     other = rng.integers(0, max(pop.n_households - 1, 1), n)
     other = np.where(other >= hh, other + 1, other) % pop.n_households
-    addr_hh = np.where(moved & (pop.n_households > 1), other, hh)
+    addr_hh = np.where(moved, other, hh)
     style = pop.suffix_style[addr_hh]
     restyle = rng.random(n) < spec.abbreviation_rate
     style = np.where(restyle, (style + rng.integers(1, 3, n)) % 3, style)
-    unit_word = np.array([" Apt ", " Apt. ", " APT "], dtype=_STR)[rng.choice(3, n, p=[0.6, 0.3, 0.1])]
-    address = _street_address(pop, addr_hh, style, unit_word)
+    unit_word = _weighted_pick(rng, _UNIT_WORDS, n)
+    spaced = rng.random(n) < spec.whitespace_noise_rate
+    street = _street_line(pop, addr_hh, style, unit_word, spaced)
     zip_idx = pop.zip_idx[addr_hh]
-    city = geo.city[zip_idx]
-    state = geo.state[zip_idx]
-    zip_code = geo.zip_code[zip_idx]
+    city = _take(geo.city_vocab, geo.city[zip_idx])
+    state = _take(geo.state_vocab, geo.state[zip_idx])
+    zip_code = _digits(geo.zip_num[zip_idx], 5)
 
-    # Case and whitespace noise on the free-text fields.
+    # Case noise on the free-text fields; a stray trailing space after some surnames.
     case = rng.random(n)
     upper = case < spec.case_noise_rate * 0.85
     lower = (case >= spec.case_noise_rate * 0.85) & (case < spec.case_noise_rate)
-    first, last, address, city = (_case_noise(v, upper, lower) for v in (first, last, address, city))
-    spaced = rng.random(n) < spec.whitespace_noise_rate
-    address = np.where(spaced, np.strings.replace(address, " ", "  ", 1), address).astype(_STR)
-    padded = rng.random(n) < spec.whitespace_noise_rate
-    last = np.where(padded, _cat(last, " "), last).astype(_STR)
+    first, last, street, city = (_recase(s, upper, lower) for s in (first, last, street, city))
+    last = _cat(last, _lit(" ", n, rng.random(n) < spec.whitespace_noise_rate))
 
-    # Placeholder and ZIP-only addresses replace the whole address block.
+    # Placeholder and ZIP-only addresses replace the street line.  A ZIP-only "address" is
+    # the ZIP itself or "City ST ZIP", with the city, state and ZIP columns still filled.
     bad = rng.random(n)
     placeholder = bad < spec.placeholder_rate
-    zip_only = (bad >= spec.placeholder_rate) & (bad < spec.placeholder_rate + spec.zip_only_rate)
-    junk = np.array(PLACEHOLDER_ADDRESSES, dtype=_STR)[rng.integers(0, len(PLACEHOLDER_ADDRESSES), n)]
-    keep_zip = rng.random(n) < 0.5
-    address = np.where(placeholder, junk, np.where(zip_only, "", address)).astype(_STR)
-    city = np.where(placeholder | zip_only, "", city).astype(_STR)
-    state = np.where(placeholder | zip_only, "", state).astype(_STR)
-    zip_code = np.where(placeholder & ~keep_zip, "", zip_code).astype(_STR)
+    zip_only = ~placeholder & (bad < spec.placeholder_rate + spec.zip_only_rate)
+    junk = _take(_vocab(PLACEHOLDER_ADDRESSES), rng.integers(0, len(PLACEHOLDER_ADDRESSES), n))
+    city_state_zip = _cat(city, _lit(" ", n), state, _lit(" ", n), zip_code)
+    zip_line = _select([rng.random(n) < 0.6], [zip_code], city_state_zip)
+    address = _select([placeholder, zip_only], [junk, zip_line], street)
+    city = _blank(city, placeholder)
+    state = _blank(state, placeholder)
+    zip_code = _blank(zip_code, placeholder & (rng.random(n) < 0.5))
 
     # Dates of birth: a few typos, some US-style formatting.
     dob = pop.dob[people].copy()
     dob_typo = rng.random(n) < spec.dob_typo_rate
     dob[dob_typo] = _dob_typos(rng, dob[dob_typo])
-    dob_text = _format_dob(dob, rng.random(n) < spec.dob_format_rate)
+    dob_text = _dob_text(dob, rng.random(n) < spec.dob_format_rate)
 
-    # TINs: often missing, sometimes mistyped, dashed or not.
-    tin = pop.tin[people].copy()
+    # TINs: sometimes mistyped, usually dashed, often missing.
+    tin = np.array(pop.tin[people])
     tin_typo = rng.random(n) < spec.tin_typo_rate
     tin[tin_typo] = _digit_typos(rng, tin[tin_typo])
-    tin = np.where(rng.random(n) < 0.7, _dash_tin(tin), tin).astype(_STR)
+    tin = _dashed(tin, rng.random(n) < 0.7)
     missing_tin = rng.random(n) < spec.missing_tin_rate
-    tin = np.where(missing_tin, "", tin).astype(_STR)
+    tin = _blank(tin, missing_tin)
 
     # The per-subject request fields the statute requires; rarely one is left blank.
-    tax_periods = _pick(rng, _TAX_PERIODS, _TAX_PERIOD_WEIGHTS, n)
-    statute = _pick(rng, _STATUTES, _STATUTE_WEIGHTS, n)
-    reason = _pick(rng, _REASONS, _REASON_WEIGHTS, n)
     blank = rng.random(n) < spec.missing_request_field_rate
     which = rng.integers(0, 3, n)
-    tax_periods = np.where(blank & (which == 0), "", tax_periods).astype(_STR)
-    statute = np.where(blank & (which == 1), "", statute).astype(_STR)
-    reason = np.where(blank & (which == 2), "", reason).astype(_STR)
+    tax_periods = _blank(_weighted_pick(rng, _TAX_PERIODS, n), blank & (which == 0))
+    statute = _blank(_weighted_pick(rng, _STATUTES, n), blank & (which == 1))
+    reason = _blank(_weighted_pick(rng, _REASONS, n), blank & (which == 2))
 
     counts.update(
         placeholder_addresses=int(placeholder.sum()),
@@ -763,58 +798,51 @@ def _query_columns(rng: np.random.Generator, spec: ScenarioSpec, pop: _Populatio
         tin_typos=int(tin_typo.sum()),
         missing_request_fields=int(blank.sum()),
     )
-    return {
-        "record_id": _cat("Q", _str_of_int(np.arange(1, n + 1), 8)),
-        "tin": tin,
-        "first_name": first,
-        "last_name": last,
-        "dob": dob_text,
-        "address": address,
-        "city": city,
-        "state": state,
-        "zip": zip_code,
-        "tax_periods": tax_periods,
-        "statute": statute,
-        "reason": reason,
-    }
+    return [
+        _cat(_lit("Q", n), _digits(np.arange(1, n + 1), 8)),
+        tin, first, last, dob_text, address, city, state, zip_code,
+        tax_periods, statute, reason,
+    ]
 
 
 # --------------------------------------------------------------------------- output
 
 
-def _write_csv(path: Path, header: Sequence[str], columns: dict[str, np.ndarray],
-               chunk: int = 250_000) -> int:
-    """Write columns as RFC 4180 CSV.
+def _csv_quoted(field: np.ndarray) -> np.ndarray:
+    """Minimal CSV quoting, as the ``csv`` module does it: only a field holding a comma,
+    quote or line break is quoted, and its quotes are doubled."""
+    special = (field == _COMMA) | (field == _QUOTE) | (field == _CR) | (field == _LF)
+    needs = special.any(axis=1)
+    if not needs.any():
+        return field
+    quotes = np.flatnonzero((field == _QUOTE).any(axis=1))
+    if quotes.size:  # never produced by this generator; kept so the writer is correct
+        texts = [bytes(row[row != 0]).replace(b'"', b'""') for row in field[quotes]]
+        width = max(field.shape[1], *(len(t) for t in texts))
+        field = _pad(field, width)
+        field[quotes] = np.array(texts, dtype=f"S{width}").view(_U8).reshape(-1, width)
+    mark = np.where(needs, _QUOTE, 0).astype(_U8)[:, None]
+    return _cat(mark, field, mark)
 
-    Rows are joined with plain commas in bulk; the rare row whose text then has the wrong
-    comma count or a quote or line break (a field like "Lee, Jr.") is re-rendered by the
-    csv module, which quotes exactly the fields that need it.
-    """
-    cols = [np.asarray(columns[name], dtype=_STR) for name in header]
-    n = len(cols[0]) if cols else 0
-    separators = len(header) - 1
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write(",".join(header) + "\n")
-        for lo in range(0, n, chunk):
-            parts = [c[lo:lo + chunk] for c in cols]
-            rows = parts[0]
-            for part in parts[1:]:
-                rows = np.strings.add(np.strings.add(rows, ","), part)
-            odd = np.strings.count(rows, ",") != separators
-            for special in ('"', "\n", "\r"):
-                odd |= np.strings.find(rows, special) >= 0
-            lines = rows.tolist()
-            if odd.any():
-                buffer = io.StringIO()
-                writer = csv.writer(buffer, lineterminator="")
-                for i in np.flatnonzero(odd).tolist():
-                    buffer.seek(0)
-                    buffer.truncate()
-                    writer.writerow([str(p[i]) for p in parts])
-                    lines[i] = buffer.getvalue()
-            fh.write("\n".join(lines))
-            fh.write("\n")
-    return n
+
+def _write_csv(fh: BinaryIO, header: Sequence[str], fields: Sequence[np.ndarray],
+               chunk: int = 131_072) -> None:
+    """One CSV file from field segments: rows of ``field,field,...\\r\\n``, padding removed."""
+    fields = [_csv_quoted(f) for f in fields]
+    n = fields[0].shape[0]
+    fh.write(",".join(header).encode("ascii") + b"\r\n")
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        rows = hi - lo
+        comma = np.full((rows, 1), _COMMA, dtype=_U8)
+        parts: list[np.ndarray] = []
+        for i, f in enumerate(fields):
+            if i:
+                parts.append(comma)
+            parts.append(f[lo:hi])
+        parts.append(np.broadcast_to(np.array([_CR, _LF], dtype=_U8), (rows, 2)))
+        flat = _cat(*parts).ravel()
+        fh.write(flat[flat != 0].tobytes())
 
 
 def _sha256(path: Path) -> str:
@@ -828,31 +856,31 @@ def _sha256(path: Path) -> str:
 def generate(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False) -> ScenarioFiles:
     """Write custodian.csv, queries.csv, truth.csv and manifest.json into ``out_dir``.
 
-    Same spec, same faker and numpy versions: byte-identical files.
+    Same spec with the same faker and numpy versions gives byte-identical files.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ScenarioFiles.in_dir(out_dir)
     tick = _Progress(progress)
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(5)]
-    rng_pop, rng_assign, rng_cust, rng_query, rng_order = streams
+    rng_pop, rng_assign, rng_cust, rng_query = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(4)
+    )
 
     non_filers = spec.queries - spec.true_matches
     size = spec.records + non_filers
     pop = _population(rng_pop, spec, size)
     tick(f"population: {size:,} people in {pop.n_households:,} households")
 
-    # Filers versus everyone else is independent of household, so non-filers often live
-    # with filers: exactly the relatives a weak rule mistakes for them.
+    # Filing is independent of household, so non-filers often live with filers: exactly
+    # the relatives a weak rule mistakes for them.  Custodian rows are in random order.
     perm = rng_assign.permutation(size)
     filers, others = perm[:spec.records], perm[spec.records:]
     matched_slots = rng_assign.choice(spec.records, size=spec.true_matches, replace=False)
-    query_people = np.concatenate([filers[matched_slots], others])
-    query_order = rng_order.permutation(spec.queries)
-    query_people = query_people[query_order]
-    # Query row i holds a filer iff its source index is < true_matches.
-    matched_rows = np.flatnonzero(query_order < spec.true_matches)
-    matched_custodian_rows = matched_slots[query_order[matched_rows]]
+    order = rng_assign.permutation(spec.queries)
+    query_people = np.concatenate([filers[matched_slots], others])[order]
+    # Query row i is a filer iff it came from the first ``true_matches`` sources.
+    matched_rows = np.flatnonzero(order < spec.true_matches)
+    matched_records = matched_slots[order[matched_rows]]
 
     counts: dict[str, int] = {
         "queries": spec.queries,
@@ -860,30 +888,32 @@ def generate(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False) -> Sc
         "true_matches": spec.true_matches,
         "people": size,
         "households": pop.n_households,
-        "zip_codes": int(pop.geo.zip_code.size),
+        "zip_codes": int(pop.geo.zip_num.size),
         "jr_sr_pairs": pop.jr_sr_pairs,
         "itin_holders": int(pop.is_itin.sum()),
     }
 
-    custodian = _custodian_columns(rng_cust, spec, pop, filers)
-    counts["protected_records"] = int((custodian["record_class"] == "protected").sum())
-    _write_csv(files.custodian, CUSTODIAN_HEADER, custodian)
-    custodian_ids = custodian["record_id"]
+    custodian = _custodian_fields(rng_cust, spec, pop, filers)
+    counts["protected_records"] = int(custodian[CUSTODIAN_HEADER.index("record_class")]
+                                      .any(axis=1).sum())
+    with open(files.custodian, "wb") as fh:
+        _write_csv(fh, CUSTODIAN_HEADER, custodian)
     del custodian
     tick(f"custodian.csv: {spec.records:,} records")
 
-    queries = _query_columns(rng_query, spec, pop, query_people, counts)
-    query_ids = queries["record_id"]
-    _write_csv(files.queries, QUERY_HEADER, queries)
+    queries = _query_fields(rng_query, spec, pop, query_people, counts)
+    with open(files.queries, "wb") as fh:
+        _write_csv(fh, QUERY_HEADER, queries)
     del queries
     tick(f"queries.csv: {spec.queries:,} queries")
 
-    truth = {
-        "query_record_id": query_ids[matched_rows],
-        "custodian_record_id": custodian_ids[matched_custodian_rows],
-    }
-    _write_csv(files.truth, TRUTH_HEADER, truth)
-    tick(f"truth.csv: {matched_rows.size:,} pairs")
+    m = matched_rows.size
+    with open(files.truth, "wb") as fh:
+        _write_csv(fh, TRUTH_HEADER, [
+            _cat(_lit("Q", m), _digits(matched_rows + 1, 8)),
+            _cat(_lit("C", m), _digits(matched_records + 1, 8)),
+        ])
+    tick(f"truth.csv: {m:,} pairs")
 
     manifest = {
         "generator": "benchmarks.scenario",
@@ -915,18 +945,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = ScenarioSpec()
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.scenario",
-        description="Generate the seeded synthetic matching scenario (custodian, queries, "
-        "ground truth). Without sizes it is the headline 1.28M x 1.3M scenario.",
+        description="Generate the seeded synthetic matching scenario: custodian.csv, "
+        "queries.csv, truth.csv (ground truth, for measurement only) and manifest.json. "
+        "Without sizes it is the headline 1.28M x 1.3M scenario.",
     )
     parser.add_argument("--queries", type=int, default=default.queries,
                         help="requester queries (default %(default)s)")
     parser.add_argument("--records", type=int, default=default.records,
                         help="custodian records (default %(default)s)")
     parser.add_argument("--true-matches", type=int, default=None,
-                        help="queries that are a custodian person (default: scaled from "
-                        f"{default.true_matches} per {default.queries} queries)")
+                        help="queries that are a custodian person (default: "
+                        f"{default.true_matches} per {default.queries} queries, scaled)")
     parser.add_argument("--seed", type=int, default=default.seed,
-                        help="seed of the generator (default %(default)s)")
+                        help="generator seed (default %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--quiet", action="store_true", help="no stage timings on stderr")
     args = parser.parse_args(argv)

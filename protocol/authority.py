@@ -18,7 +18,7 @@ import re
 import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -75,6 +75,8 @@ _ED25519_RAW_LEN = 32
 # Extra custodian columns (e.g. ``tax_paid_cents``) that an aggregate authorization may name.
 _EXTRA_FIELD_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _RESERVED_COLUMNS = frozenset((*PERSON_FIELDS, *QUERY_META_FIELDS, "record_class"))
+# A subject is 13 normalized components (see ``_encode_subject``), each preceded by its length.
+_SUBJECT_HEADER = struct.Struct(">13I")
 
 
 class SignatureStatus(StrEnum):
@@ -360,28 +362,40 @@ def _collapse(text: str) -> str:
     return " ".join(text.split())
 
 
-def _subject_components(query: QueryRecord) -> tuple[str, ...]:
-    """Normalized fields of one subject, in a fixed order; "" where a value is absent."""
+def _encode_subject(query: QueryRecord, today: date) -> tuple[str, bytes]:
+    """(record id, encoding) of one subject: every length first, then the normalized values.
+
+    The component count is fixed, so the length header makes the encoding injective.
+    """
     person, meta = query.person, query.metadata
     last, suffix = split_suffix(person.last_name)
     periods = sorted(
-        {normalize_tax_period(t) or _collapse(t).upper() for t in meta.tax_periods if t.strip()}
+        {
+            normalize_tax_period(t, today=today) or _collapse(t).upper()
+            for t in meta.tax_periods
+            if t.strip()
+        }
     )
-    return (
-        person.record_id.strip(),
-        normalize_tin(person.tin) or "",
-        normalize_name(person.first_name),
-        last,
-        suffix,
-        normalize_dob(person.dob) or "",
-        normalize_address(person.address),
-        normalize_name(person.city),
-        normalize_name(person.state),
-        normalize_zip(person.zip) or "",
-        ";".join(periods),
-        _collapse(meta.statute),
-        _collapse(meta.reason),
-    )
+    record_id = person.record_id.strip()
+    parts = [
+        c.encode("utf-8")
+        for c in (
+            record_id,
+            normalize_tin(person.tin) or "",
+            normalize_name(person.first_name),
+            last,
+            suffix,
+            normalize_dob(person.dob, today=today) or "",
+            normalize_address(person.address),
+            normalize_name(person.city),
+            normalize_name(person.state),
+            normalize_zip(person.zip) or "",
+            ";".join(periods),
+            _collapse(meta.statute),
+            _collapse(meta.reason),
+        )
+    ]
+    return record_id, _SUBJECT_HEADER.pack(*map(len, parts)) + b"".join(parts)
 
 
 def subject_commitment(queries: Iterable[QueryRecord]) -> bytes:
@@ -395,22 +409,19 @@ def subject_commitment(queries: Iterable[QueryRecord]) -> bytes:
     asked about changes it. Raises ValueError on an empty list or a repeated record id, since
     either would make "the reviewed list" ambiguous.
     """
+    today = date.today()
     encoded: list[bytes] = []
     seen: set[str] = set()
     for query in queries:
         if not isinstance(query, QueryRecord):
             raise ValueError(f"expected QueryRecord, got {type(query).__name__}")
-        components = _subject_components(query)
-        record_id = components[0]
+        record_id, subject = _encode_subject(query, today)
         if not record_id:
             raise ValueError("every subject needs a record_id")
         if record_id in seen:
             raise ValueError(f"record_id {record_id!r} occurs more than once")
         seen.add(record_id)
-        encoded.append(
-            struct.pack(">I", len(components))
-            + b"".join(_lp(c.encode("utf-8")) for c in components)
-        )
+        encoded.append(subject)
     if not encoded:
         raise ValueError("a subject commitment needs at least one subject")
     encoded.sort()

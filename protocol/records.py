@@ -477,6 +477,7 @@ def _build_address_tokens() -> dict[str, str]:
 
 
 _ADDRESS_TOKENS = _build_address_tokens()
+_DOTTED_INITIALS_RE = re.compile(r"(?<=\b[^\W\d_])\.(?=[^\W\d_]\b)")
 _REPEATED_UNIT_RE = re.compile(r"\bapt(?: apt)+\b")
 _PO_BOX_RE = re.compile(r"\b(?:p o box|post office box|pobox)\b")
 
@@ -602,6 +603,8 @@ def _address_tokens(s: str) -> tuple[str, list[str]]:
         s = unicodedata.normalize("NFKC", s)  # full-width number sign -> "#"
     if "#" in s:
         s = s.replace("#", " apt ")
+    if "." in s:
+        s = _DOTTED_INITIALS_RE.sub("", s)  # "N.W." -> "NW.", "P.O." -> "PO."
     get = _ADDRESS_TOKENS.get
     tokens = [get(t, t) for t in _fold(s).split()]
     line = " ".join(tokens)

@@ -300,7 +300,7 @@ def test_concurrent_sessions_are_served(world, certs, custodian_server) -> None:
                 outcomes.append(run_remote_session(RequesterSession(
                     signed, [as_query(world.records[i]), as_query(make_person(900 + i))],
                     signing_key=world.requester_key, chunk_size=1), ch))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]

@@ -113,7 +113,7 @@ def test_invented_and_replayed_outputs_disclose_nothing(tmp_path: Path) -> None:
     real_output = out1.matches[0].output
     # ... replayed under authorization 2 discloses nothing; invented outputs neither.
     signed2 = world.authorize()
-    _, cs, rs = _open_session(world, signed2, [as_query(world.records[50])])
+    _, cs, _rs = _open_session(world, signed2, [as_query(world.records[50])])
     forged = DisclosureRequest(seq=99, outputs=(
         ("tin+dob", real_output), ("tin+dob", os.urandom(64)), ("tin+dob", b"\x00" * 64),
         ("tin+last_name", real_output), ("tin+dob", b"short"),
@@ -146,7 +146,7 @@ def test_budget_never_exceeded_across_sessions_and_restarts(tmp_path: Path) -> N
 def test_evaluating_more_than_reserved_is_refused(tmp_path: Path) -> None:
     world = make_world(tmp_path)
     signed = world.authorize(max_queries=100)
-    _, cs, rs = _open_session(world, signed, [as_query(world.records[1])])
+    _, cs, _rs = _open_session(world, signed, [as_query(world.records[1])])
     blinded = oprf.blind(b"extra")[1]
     with pytest.raises(BudgetExhausted):
         cs.handle(EvaluateChunk(seq=5, elements=blinded))
@@ -198,7 +198,7 @@ def test_state_machine_rejects_out_of_order_messages(tmp_path: Path) -> None:
 
 def test_transcript_mismatch_is_detected(tmp_path: Path) -> None:
     world = make_world(tmp_path)
-    _, cs, rs = _open_session(world, world.authorize(), [as_query(world.records[2])])
+    _, cs, _rs = _open_session(world, world.authorize(), [as_query(world.records[2])])
     with pytest.raises(ProtocolError, match="transcript"):
         cs.handle(CloseRequest(transcript_hash=b"\x00" * 32))
 
