@@ -285,8 +285,8 @@ def draft_authorization(
 ) -> Authorization:
     """Build an unsigned Authorization after checking it against the known rules and fields.
 
-    ``mode`` defaults to ``named_subjects`` when a ``subject_commitment`` is given and to
-    ``bulk`` otherwise. The authorization id is fresh and random. Raises ValueError with a
+    ``mode`` defaults to ``bulk``; ``named_subjects`` is set by the review step, which issues
+    per-subject tokens. The authorization id is fresh and random. Raises ValueError with a
     message naming the offending argument.
     """
     if isinstance(authority_key, Ed25519PrivateKey):
@@ -326,7 +326,7 @@ def draft_authorization(
     if not engine_ids:
         raise ValueError("at least one match engine is required")
     if mode is None:
-        mode = Mode.BULK if subject_commitment is None else Mode.NAMED_SUBJECTS
+        mode = Mode.BULK
     return Authorization(
         authorization_id=new_authorization_id(),
         authority_key_id=authority_key_id(public_key),

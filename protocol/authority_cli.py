@@ -53,6 +53,7 @@ from protocol.records import (
     MATCH_RULES,
     Refusal,
     Strength,
+    match_keys_bulk,
     read_query_csv_with_lines,
     validate_queries,
 )
@@ -273,7 +274,11 @@ def _review_queries(args: argparse.Namespace) -> tuple[int, bytes]:
         print(f"All {len(report.refused):,} refusals written to {out}")
     if not report.accepted:
         raise CliError(f"no query record in {path} passed validation; nothing to authorize")
-    return accepted, subject_commitment(report.accepted)
+    rules = _csv_list(args.rules)
+    keys = match_keys_bulk([q.person for q in report.accepted], rules)
+    elements = sum(k is not None for rule in rules for k in keys[rule])
+    print(f"Evaluations needed ({len(rules)} rule(s), subjects with a usable key): {elements:,}")
+    return accepted, subject_commitment(report.accepted), elements
 
 
 def _draft(
@@ -342,9 +347,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 
     commitment: bytes | None = None
     accepted = 0
+    derived = 0
     if args.queries is not None:
-        accepted, commitment = _review_queries(args)
-    derived = accepted * len(rules)
+        accepted, commitment, derived = _review_queries(args)
     max_queries = args.max_queries if args.max_queries is not None else derived
     if args.queries is not None and args.max_queries is not None and args.max_queries != derived:
         _warn(

@@ -13,6 +13,7 @@ ever share a signature input.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import math
@@ -314,12 +315,11 @@ class Authorization:
                 raise ValueError(
                     f"subject_commitment must be {_COMMITMENT_LEN} bytes, got {len(commitment)}"
                 )
-        # A commitment that the mode ignores would mislead a reviewer; a named-subject
-        # authorization without one would silently become bulk.
+        # A named-subject authorization is bound to its reviewed list; a bulk one may
+        # carry a commitment too (DESIGN §5: "optionally a commitment to a named subject
+        # list"), recording which reviewed file it was issued for.
         if self.mode is Mode.NAMED_SUBJECTS and commitment is None:
             raise ValueError("mode 'named_subjects' requires a subject_commitment")
-        if self.mode is Mode.BULK and commitment is not None:
-            raise ValueError("subject_commitment is only meaningful in mode 'named_subjects'")
 
     new_authorization_id = staticmethod(new_authorization_id)
 
@@ -805,6 +805,11 @@ def _duplicates(items: tuple[str, ...]) -> list[str]:
     return dups
 
 
+def _utc(seconds: float) -> str:
+    """Timestamps in refusal messages are read by people: ISO 8601, UTC."""
+    return _dt.datetime.fromtimestamp(int(seconds), _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def decide(
     signed: SignedAuthorization,
     request: SessionRequest,
@@ -862,13 +867,14 @@ def decide(
     if not now >= auth.not_before - policy.clock_skew_s:
         refuse(
             Reason.NOT_YET_VALID,
-            f"authorization {auth.authorization_id} is not valid before {auth.not_before} "
-            f"(now {int(now)}, clock skew allowance {policy.clock_skew_s}s)",
+            f"authorization {auth.authorization_id} is not valid before {_utc(auth.not_before)} "
+            f"(now {_utc(now)}, clock skew allowance {policy.clock_skew_s}s)",
         )
     if not now <= auth.not_after:
         refuse(
             Reason.EXPIRED,
-            f"authorization {auth.authorization_id} expired at {auth.not_after} (now {int(now)})",
+            f"authorization {auth.authorization_id} expired at {_utc(auth.not_after)} "
+            f"(now {_utc(now)})",
         )
 
     # 4: identities.
@@ -1019,8 +1025,8 @@ def check_disclosure(
         refusals.append(
             Refused(
                 Reason.EXPIRED,
-                f"authorization {auth.authorization_id} expired at {auth.not_after} "
-                f"(now {int(now)}); no further disclosures",
+                f"authorization {auth.authorization_id} expired at {_utc(auth.not_after)} "
+                f"(now {_utc(now)}); no further disclosures",
             )
         )
     return Decision(not refusals, tuple(refusals))

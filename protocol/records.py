@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from enum import IntEnum, StrEnum
 from functools import lru_cache
+from operator import itemgetter
 from pathlib import Path
 from typing import TextIO
 
@@ -108,7 +109,6 @@ DISCLOSABLE_FIELDS: tuple[str, ...] = (
 )
 
 _PERSON_FIELD_SET = frozenset(PERSON_FIELDS)
-_RESERVED_COLUMNS = frozenset((*PERSON_FIELDS, *QUERY_META_FIELDS, RECORD_CLASS_FIELD))
 _TAX_PERIOD_SEP = ";"
 
 
@@ -622,7 +622,6 @@ _PLACEHOLDER_WORDS = frozenset(
 
 
 _NON_STREET_WORDS = _PLACEHOLDER_WORDS | _ZIP_WORDS | _US_STATES | {_UNIT_CANONICAL}
-_ZIP_TOKEN_RE = re.compile(r"\b\d{5}(?:\d{4})?\b")
 
 
 def _classify_address(
@@ -639,15 +638,18 @@ def _classify_address(
         )
     if line in _PLACEHOLDER_PHRASES:
         return line, (ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is a placeholder")
-    tokens = set(token_list)
     # Fast path (almost every real address): some token is a word that is neither a
-    # placeholder, a ZIP keyword, a state code, a unit designator, nor the record's city/state.
-    street = tokens - _NON_STREET_WORDS
-    if street:
-        street -= _place_tokens(city, state)
-        if street and not "".join(street).isdigit():
+    # placeholder, a ZIP keyword, a state code, a unit designator, digits, nor a word of the
+    # record's own city/state.
+    place: frozenset[str] | None = None
+    for tok in token_list:
+        if tok in _NON_STREET_WORDS or tok.isdigit():
+            continue
+        if place is None:
+            place = _place_tokens(city, state)
+        if tok not in place:
             return line, None
-    return line, _address_refusal(address, line, tokens, city, state)
+    return line, _address_refusal(address, line, set(token_list), city, state)
 
 
 def _address_refusal(
@@ -665,9 +667,17 @@ def _address_refusal(
         street = rest - {_UNIT_CANONICAL}
         if not street or "".join(street).isdigit():
             return ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is only a unit designator"
-    if _ZIP_TOKEN_RE.search(line) is not None:
-        allowed = _ZIP_WORDS | _US_STATES | _place_tokens(city, state)
-        if all(t in allowed or (t.isdigit() and len(t) in (4, 5, 9)) for t in rest):
+    words = {t for t in rest if not t.isdigit()}
+    if words <= _NON_STREET_WORDS | _place_tokens(city, state):
+        # No street word at all: only the record's own city/state, state codes, placeholder
+        # words and numbers. With a ZIP among the numbers this is the ZIP-only case again.
+        numbers = [t for t in rest if t.isdigit()]
+        if not numbers:
+            return (
+                ReasonCode.MISSING_ADDRESS,
+                f"address {address!r} has no street line, only city/state",
+            )
+        if any(len(t) in (5, 9) for t in numbers) and all(len(t) in (4, 5, 9) for t in numbers):
             return (
                 ReasonCode.ZIP_ONLY_ADDRESS,
                 f"address {address!r} has no street line, only city/state/ZIP",
@@ -686,7 +696,8 @@ def address_problem(
 ) -> tuple[ReasonCode, str] | None:
     """Why ``address`` is not a usable street line, or ``None`` if it is.
 
-    Blank -> MISSING_ADDRESS. Punctuation only ("-", "."), a known placeholder phrase
+    Blank, or only the record's own city/state ("Washington, DC") -> MISSING_ADDRESS.
+    Punctuation only ("-", "."), a known placeholder phrase
     ("Failed to Provide", "N/A"), or only placeholder words ("NA NA", "Unknown Unknown") ->
     PLACEHOLDER_ADDRESS. Only digits, only a ZIP/ZIP+4 ("zip 20500"), or only ZIP plus the
     record's own city/state ("Washington DC 20500") -> ZIP_ONLY_ADDRESS.
@@ -984,10 +995,18 @@ def _open_text(source: str | Path | TextIO, mode: str) -> Iterator[TextIO]:
         yield source
 
 
+_PERSON_COLUMNS = (*PERSON_FIELDS, RECORD_CLASS_FIELD)
+_QUERY_COLUMNS = (*PERSON_FIELDS, *QUERY_META_FIELDS, RECORD_CLASS_FIELD)
+
+
 def _iter_rows(
-    source: str | Path | TextIO, required: Sequence[str]
-) -> Iterator[tuple[int, dict[str, str], tuple[tuple[str, str], ...]]]:
-    """Yield (line, known-column values, extras) per non-blank data row."""
+    source: str | Path | TextIO, schema: Sequence[str]
+) -> Iterator[tuple[int, tuple[str, ...], tuple[tuple[str, str], ...]]]:
+    """Yield (line, schema values in ``schema`` order, extras) per non-blank data row.
+
+    Every column but ``record_class`` in ``schema`` is required; columns outside ``schema``
+    become extras in header order. An absent ``record_class`` reads as "".
+    """
     with _open_text(source, "r") as fh:
         reader = csv.reader(fh)
         try:
@@ -998,54 +1017,45 @@ def _iter_rows(
             raise InvalidRecordError(f"CSV header has duplicate columns: {header}")
         if "" in header:
             raise InvalidRecordError("CSV header has an empty column name")
-        missing = [c for c in required if c not in header]
+        missing = [c for c in schema if c not in header and c != RECORD_CLASS_FIELD]
         if missing:
             raise InvalidRecordError(f"CSV header lacks required columns: {missing}")
-        known = [(i, h) for i, h in enumerate(header) if h in _RESERVED_COLUMNS]
-        extra_idx = [(i, h) for i, h in enumerate(header) if h not in _RESERVED_COLUMNS]
         width = len(header)
+        # A missing record_class column reads from a padding cell appended to every row.
+        index = [header.index(c) if c in header else width for c in schema]
+        pick = itemgetter(*index)
+        extra_idx = [(i, h) for i, h in enumerate(header) if h not in schema]
         previous_end = reader.line_num
-        for row in reader:
-            line = previous_end + 1
-            previous_end = reader.line_num
-            if not row:
-                continue  # a blank line is not a record
-            if len(row) != width:
-                raise InvalidRecordError(f"CSV line {line}: {len(row)} columns, header has {width}")
-            values = {h: row[i] for i, h in known}
-            extras = tuple((h, row[i]) for i, h in extra_idx)
-            yield line, values, extras
-
-
-def _person_from(values: dict[str, str], extras: tuple[tuple[str, str], ...]) -> PersonRecord:
-    return PersonRecord(
-        values["record_id"],
-        values["tin"],
-        values["first_name"],
-        values["last_name"],
-        values["dob"],
-        values["address"],
-        values["city"],
-        values["state"],
-        values["zip"],
-        values.get(RECORD_CLASS_FIELD, ""),
-        extras,
-    )
+        try:
+            for row in reader:
+                line = previous_end + 1
+                previous_end = reader.line_num
+                if not row:
+                    continue  # a blank line is not a record
+                if len(row) != width:
+                    raise InvalidRecordError(
+                        f"CSV line {line}: {len(row)} columns, header has {width}"
+                    )
+                row.append("")
+                extras = tuple([(h, row[i]) for i, h in extra_idx]) if extra_idx else ()
+                yield line, pick(row), extras
+        except csv.Error as exc:
+            raise InvalidRecordError(f"CSV line {previous_end + 1}: {exc}") from exc
 
 
 def read_person_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, PersonRecord]]:
     """``(line, record)`` for each data row; raises InvalidRecordError on a malformed file."""
     return [
-        (line, _person_from(values, extras))
-        for line, values, extras in _iter_rows(source, PERSON_FIELDS)
+        (line, PersonRecord(*values, extras))
+        for line, values, extras in _iter_rows(source, _PERSON_COLUMNS)
     ]
 
 
 def read_person_csv(source: str | Path | TextIO) -> list[PersonRecord]:
-    """Person records from a CSV with a header holding at least the nine person fields.
+    """Person records from a CSV whose header holds at least the nine person fields.
 
-    ``record_class`` is optional; other columns (including query metadata columns, which a
-    person file ignores) are kept in ``extra`` unless reserved. Values are kept verbatim.
+    ``record_class`` is optional; every other column (even ``tax_periods`` of a query file) is
+    kept in ``extra`` in header order. Values are kept verbatim, never stripped.
     """
     return [p for _, p in read_person_csv_with_lines(source)]
 
@@ -1057,14 +1067,13 @@ def _split_periods(s: str) -> tuple[str, ...]:
 def read_query_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, QueryRecord]]:
     """``(line, query)`` for each data row; feed straight into :func:`validate_queries`.
 
-    ``tax_periods`` is a ";"-separated list ("2022;2023"); empty entries are ignored.
+    ``tax_periods`` is a ";"-separated list ("2022;2023"); entries are stripped and empty
+    entries ignored. Other columns behave as in :func:`read_person_csv`.
     """
     out: list[tuple[int, QueryRecord]] = []
-    for line, values, extras in _iter_rows(source, (*PERSON_FIELDS, *QUERY_META_FIELDS)):
-        meta = QueryMetadata(
-            _split_periods(values["tax_periods"]), values["statute"], values["reason"]
-        )
-        out.append((line, QueryRecord(_person_from(values, extras), meta)))
+    for line, v, extras in _iter_rows(source, _QUERY_COLUMNS):
+        person = PersonRecord(*v[:9], v[12], extras)
+        out.append((line, QueryRecord(person, QueryMetadata(_split_periods(v[9]), v[10], v[11]))))
     return out
 
 
@@ -1073,12 +1082,17 @@ def read_query_csv(source: str | Path | TextIO) -> list[QueryRecord]:
     return [q for _, q in read_query_csv_with_lines(source)]
 
 
-def _extra_columns(persons: Sequence[PersonRecord]) -> list[str]:
+def _extra_columns(persons: Sequence[PersonRecord], reserved: Sequence[str]) -> list[str]:
     seen: dict[str, None] = {}
     for p in persons:
-        for key, _ in p.extra:
-            if key in _RESERVED_COLUMNS:
+        keys = [key for key, _ in p.extra]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"record {p.record_id!r} repeats an extra column")
+        for key in keys:
+            if key in reserved:
                 raise ValueError(f"extra column {key!r} clashes with a schema column")
+            if not key or key != key.strip():
+                raise ValueError(f"extra column name {key!r} would not survive a CSV header")
             seen.setdefault(key, None)
     return list(seen)
 
@@ -1088,7 +1102,7 @@ def _write(
     persons: Sequence[PersonRecord],
     meta_rows: Sequence[list[str]] | None,
 ) -> None:
-    extras = _extra_columns(persons)
+    extras = _extra_columns(persons, _PERSON_COLUMNS if meta_rows is None else _QUERY_COLUMNS)
     with_class = any(p.record_class for p in persons)
     header = [*PERSON_FIELDS]
     if meta_rows is not None:
@@ -1270,8 +1284,10 @@ def _address_bytes(address: str, city: str, state: str, zip_code: str) -> bytes 
     line, problem = _classify_address(address, city, state)
     if problem is not None:
         return None
-    street = _lp(line)
-    return None if street is None else street + z
+    raw = line.encode("utf-8")
+    if len(raw) > _MAX_COMPONENT:
+        return None
+    return len(raw).to_bytes(2, "big") + raw + z
 
 
 def _place_bytes(raw: str) -> bytes | None:
@@ -1406,6 +1422,14 @@ def _combine(prefix: bytes, cols: list[_Column]) -> _Column:
         return [
             prefix + x + y + z if x is not None and y is not None and z is not None else None
             for x, y, z in zip(a, b, c, strict=True)
+        ]
+    if len(cols) == 4:
+        a, b, c, d = cols
+        return [
+            prefix + w + x + y + z
+            if w is not None and x is not None and y is not None and z is not None
+            else None
+            for w, x, y, z in zip(a, b, c, d, strict=True)
         ]
     join = b"".join
     return [

@@ -207,10 +207,14 @@ def test_draft_builds_a_signable_bulk_authorization() -> None:
     assert verify_authorization_signature(signed, AUTHORITY.public_key())
 
 
-def test_draft_with_commitment_is_named_subjects() -> None:
+def test_draft_with_commitment_stays_bulk_unless_reviewed() -> None:
+    # Only the per-subject review (named-subject tokens) makes an authorization named_subjects;
+    # a commitment alone records which reviewed file a bulk authorization was issued for.
     auth = draft(subject_commitment=bytes(range(32)))
-    assert auth.mode is Mode.NAMED_SUBJECTS
+    assert auth.mode is Mode.BULK
     assert auth.subject_commitment == bytes(range(32))
+    named = draft(subject_commitment=bytes(range(32)), mode=Mode.NAMED_SUBJECTS)
+    assert named.mode is Mode.NAMED_SUBJECTS
 
 
 def test_draft_allows_value_columns_in_aggregate_tier() -> None:
@@ -618,7 +622,7 @@ def test_issue_with_queries_lists_refusals_and_excludes_them_from_the_budget(
 
     auth = SignedAuthorization.from_bytes(out.read_bytes()).authorization
     assert auth.max_queries == 2 * 2  # accepted subjects x rules; the 3 refused do not count
-    assert auth.mode is Mode.NAMED_SUBJECTS
+    assert auth.mode is Mode.BULK
     from protocol.records import read_query_csv
 
     accepted = [q for q in read_query_csv(csv_path) if q.person.record_id in {"Q1", "Q5"}]

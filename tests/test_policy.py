@@ -510,7 +510,6 @@ def test_new_authorization_id_is_random_and_prefixed() -> None:
         ({"disclosure_fields": ("zip", 3)}, "disclosure_fields"),
         ({"engines": ()}, "engines"),
         ({"mode": Mode.NAMED_SUBJECTS}, "subject_commitment"),
-        ({"subject_commitment": bytes(32)}, "named_subjects"),
         ({"mode": Mode.NAMED_SUBJECTS, "subject_commitment": bytes(31)}, "32 bytes"),
         ({"mode": "partial"}, "mode"),
         ({"purpose": "\ud800"}, "UTF-8"),

@@ -263,8 +263,10 @@ def test_placeholder_addresses_refused(address: str) -> None:
     )
 
 
-@pytest.mark.parametrize("address", ["", " ", "  ", "\t\n"])
-def test_blank_addresses_refused_as_missing(address: str) -> None:
+@pytest.mark.parametrize(
+    "address", ["", " ", "  ", "\t\n", "Washington", "Washington, D.C.", "DC", "Washington NA"]
+)
+def test_blank_or_city_only_addresses_refused_as_missing(address: str) -> None:
     assert _codes(_query(address=address)) == {ReasonCode.MISSING_ADDRESS}
 
 
@@ -891,9 +893,34 @@ def test_write_query_csv_refuses_unrepresentable_periods() -> None:
             write_query_csv([_query(tax_periods=periods)], io.StringIO())
 
 
-def test_write_rejects_extra_clashing_with_schema() -> None:
+@pytest.mark.parametrize(
+    "extra", [(("zip", "1"),), (("", "1"),), ((" a", "1"),), (("a", "1"), ("a", "2"))]
+)
+def test_write_rejects_unrepresentable_extras(extra: tuple[tuple[str, str], ...]) -> None:
     with pytest.raises(ValueError):
-        write_person_csv([replace(GOOD_PERSON, extra=(("zip", "1"),))], io.StringIO())
+        write_person_csv([replace(GOOD_PERSON, extra=extra)], io.StringIO())
+
+
+def test_person_reader_keeps_query_columns_as_extras() -> None:
+    buf = io.StringIO(newline="")
+    write_query_csv([GOOD_QUERY], buf)
+    buf.seek(0)
+    (p,) = read_person_csv(buf)
+    assert p.get("tax_periods") == "2022;2023Q4"
+    assert p.get("statute") == GOOD_META.statute
+    out = io.StringIO(newline="")
+    write_person_csv([p], out)
+    out.seek(0)
+    assert read_person_csv(out) == [p]
+
+
+def test_mixed_extras_write_blank_for_missing() -> None:
+    a = replace(GOOD_PERSON, record_id="A", extra=(("x", "1"),))
+    b = replace(GOOD_PERSON, record_id="B")
+    buf = io.StringIO(newline="")
+    write_person_csv([a, b], buf)
+    buf.seek(0)
+    assert [p.extra for p in read_person_csv(buf)] == [(("x", "1"),), (("x", ""),)]
 
 
 csv_text = st.text(
