@@ -26,12 +26,15 @@ from agency_b.cli import (
     write_signing_key,
 )
 from proto import service_kit as kit
+from protocol.errors import PSIError
 from protocol.ledger import Ledger
 from protocol.oprf import BatchPool
+from protocol.oversight import Checkpointer, audit_verify_command, export_command
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_a")
 UPLOAD_CHUNK = 1 << 20
+LEDGER_FILE = "requester-ledger.sqlite"
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -52,7 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secrets = Path(args.secrets)
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
-    audit = Ledger(data / "requester-ledger.sqlite")
+    audit = Ledger(data / LEDGER_FILE)
+    signing_key = load_signing_key(secrets / "signing.key")
+    checkpointer = Checkpointer(audit, signing_key, args.checkpoint_interval).start()
     key_path = secrets / "results.key"
     store = ResultStore(data / "results.sqlite", load_key(key_path), audit, key_path=key_path)
     store.start_purger(args.purge_interval)
@@ -60,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = RequesterService(
         args.agency_id,
         kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "client"),
-        signing_key=load_signing_key(secrets / "signing.key"),
+        signing_key=signing_key,
         store=store, ops=pool, custodian_keys=parse_agency_keys(args.custodian_key),
         chunk_size=args.chunk_size,
     )
@@ -74,10 +79,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kit.log_event(log, "stopping", grace_seconds=args.grace)
     server.stop(args.grace).wait()
     store.stop_purger()
+    final = checkpointer.stop()
+    if final is not None:
+        kit.log_event(log, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
+                      reason="shutdown")
     if pool is not None:
         pool.close()
     audit.close()
     return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Verify the requester ledger's hash chain and, with a public key, its checkpoints."""
+    return audit_verify_command(Path(args.data) / LEDGER_FILE, args.public_key)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the requester's oversight export of one authorization (receipts, chain head)."""
+    key = load_signing_key(Path(args.secrets) / "signing.key") if args.secrets else None
+    return export_command("requester", Path(args.data) / LEDGER_FILE, args.authorization,
+                          args.out, signing_key=key, force=args.force)
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -234,8 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--purge-interval", type=float, default=60.0,
                    help="seconds between retention purges")
     s.add_argument("--grace", type=float, default=5.0)
+    s.add_argument("--checkpoint-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="sign an audit checkpoint this often (and always at shutdown; "
+                        "0 = only at shutdown)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("audit", help="audit-log tools")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    v = asub.add_parser("verify", help="verify the requester ledger's audit chain",
+                        description="Re-derive the hash chain of DIR/requester-ledger.sqlite "
+                        "and, with --public-key, every signed checkpoint. Prints OK with the "
+                        "entry count and head, or FAIL with the first bad position and the kind "
+                        "of damage; exit 0 or 1.")
+    v.add_argument("--data", required=True, help="the data directory given to 'serve'")
+    v.add_argument("--public-key", metavar="signing.pub.json",
+                   help="the requester's public key, to verify the signed checkpoints")
+    v.set_defaults(func=cmd_audit_verify)
+
+    e = sub.add_parser("export", help="write the oversight export of one authorization",
+                       description="Receipts with both signatures, result-store activity "
+                       "counts, the audit head and the newest signed checkpoint, as JSON for "
+                       "'psi-authority oversight'.")
+    e.add_argument("--data", required=True, help="the data directory given to 'serve'")
+    e.add_argument("--authorization", required=True, metavar="ID", help="authorization id")
+    e.add_argument("--out", required=True, help="JSON file to write (mode 0600)")
+    e.add_argument("--secrets", help="directory from 'agency-a init': sign a fresh checkpoint "
+                   "over the current head first")
+    e.add_argument("--force", action="store_true", help="overwrite --out")
+    e.set_defaults(func=cmd_export)
 
     m = sub.add_parser("match", help="submit a match job and follow it to the end")
     _client_args(m)
@@ -269,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, PSIError) as exc:
         print(f"agency-a: error: {exc}", file=sys.stderr)
         return 2
 

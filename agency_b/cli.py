@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from agency_b.service import serve
 from proto import service_kit as kit
+from protocol.errors import PSIError
 from protocol.ledger import Ledger
 from protocol.oprf import BatchPool
+from protocol.oversight import Checkpointer, audit_verify_command, export_command
 from protocol.policy import CustodianPolicy
 from protocol.records import read_person_csv_with_lines, validate_persons
 from protocol.sessions import Custodian, CustodianConfig
@@ -112,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   refused=dict(Counter(str(r.code) for r in refused)),
                   seconds=round(time.perf_counter() - t0, 2))
     ledger = Ledger(args.ledger)
+    checkpointer = Checkpointer(ledger, signing_key, args.checkpoint_interval).start()
     pool = BatchPool(args.workers) if args.workers > 1 else None
     custodian = Custodian(CustodianConfig(
         policy=policy, records=records, ledger=ledger, master_secret=master,
@@ -128,10 +131,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     wait_for_signal(stop)
     kit.log_event(log, "stopping", grace_seconds=args.grace)
     server.stop(args.grace).wait()
+    final = checkpointer.stop()
+    if final is not None:
+        kit.log_event(log, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
+                      reason="shutdown")
     if pool is not None:
         pool.close()
     ledger.close()
     return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Verify the custodian ledger's hash chain and, with a public key, its checkpoints."""
+    return audit_verify_command(args.ledger, args.public_key)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the oversight export of one authorization (see protocol.oversight)."""
+    key = load_signing_key(Path(args.secrets) / "signing.key") if args.secrets else None
+    return export_command("custodian", args.ledger, args.authorization, args.out,
+                          signing_key=key, force=args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,8 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes for group operations (default: all cores)")
     s.add_argument("--grace", type=float, default=5.0, help="shutdown grace period, seconds")
+    s.add_argument("--checkpoint-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="sign an audit checkpoint this often (and always at shutdown; "
+                        "0 = only at shutdown)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("audit", help="audit-log tools")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    v = asub.add_parser("verify", help="verify the ledger's audit chain (exit 0 OK, 1 FAIL)",
+                        description="Re-derive the hash chain and, with --public-key, every "
+                        "signed checkpoint. Prints OK with the entry count and head, or FAIL "
+                        "with the first bad position and the kind of damage.")
+    v.add_argument("--ledger", required=True, help="the custodian's SQLite ledger")
+    v.add_argument("--public-key", metavar="signing.pub.json",
+                   help="the custodian's public key, to verify the signed checkpoints")
+    v.set_defaults(func=cmd_audit_verify)
+
+    e = sub.add_parser("export", help="write the oversight export of one authorization",
+                       description="Counts, sessions, disclosures, receipts with both "
+                       "signatures, the audit head and the newest signed checkpoint, as JSON "
+                       "for 'psi-authority oversight'.")
+    e.add_argument("--ledger", required=True, help="the custodian's SQLite ledger")
+    e.add_argument("--authorization", required=True, metavar="ID", help="authorization id")
+    e.add_argument("--out", required=True, help="JSON file to write (mode 0600)")
+    e.add_argument("--secrets", help="directory from 'agency-b init': sign a fresh checkpoint "
+                   "over the current head first")
+    e.add_argument("--force", action="store_true", help="overwrite --out")
+    e.set_defaults(func=cmd_export)
     return p
 
 
@@ -166,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, PSIError) as exc:
         print(f"agency-b: error: {exc}", file=sys.stderr)
         return 2
 

@@ -86,17 +86,59 @@ def _read_truth(path: Path) -> dict[str, str]:
         return {row[0]: row[1] for row in reader if row}
 
 
-def _index(keys: list[bytes | None]) -> tuple[dict[bytes, int], dict[bytes, list[int]]]:
-    """key -> first record position, plus the rare keys shared by several records."""
-    first: dict[bytes, int] = {}
-    shared: dict[bytes, list[int]] = {}
-    for pos, key in enumerate(keys):
-        if key is None:
-            continue
-        seen = first.setdefault(key, pos)
-        if seen != pos:
-            shared.setdefault(key, [seen]).append(pos)
-    return first, shared
+#: Records per match-key batch: bounds the memory held by key bytes at full scale.
+_BATCH = 200_000
+
+
+class _KeyIndex:
+    """Custodian match keys of one rule -> record positions (most keys name one record)."""
+
+    def __init__(self) -> None:
+        self.first: dict[bytes, int] = {}
+        self.shared: dict[bytes, list[int]] = {}
+
+    def add(self, keys: list[bytes | None], offset: int) -> None:
+        first, shared = self.first, self.shared
+        for pos, key in enumerate(keys, offset):
+            if key is None:
+                continue
+            seen = first.setdefault(key, pos)
+            if seen != pos:
+                shared.setdefault(key, [seen]).append(pos)
+
+
+@dataclass
+class _Tally:
+    """Running counts of one rule over the query batches."""
+
+    no_key: int = 0
+    matched: int = 0
+    ambiguous: int = 0
+    tp: int = 0
+    fp: int = 0
+
+    def add(self, query_ids: list[str], keys: list[bytes | None], index: _KeyIndex,
+            record_ids: list[str], truth: dict[str, str]) -> None:
+        first, shared = index.first, index.shared
+        for qid, key in zip(query_ids, keys, strict=True):
+            if key is None:
+                self.no_key += 1
+                continue
+            pos = first.get(key)
+            if pos is None:
+                continue
+            self.matched += 1
+            want = truth.get(qid)
+            candidates = shared.get(key)
+            if candidates is None:
+                hit = int(record_ids[pos] == want)
+                self.tp += hit
+                self.fp += 1 - hit
+            else:
+                self.ambiguous += 1
+                hits = sum(record_ids[c] == want for c in candidates)
+                self.tp += hits
+                self.fp += len(candidates) - hits
 
 
 def measure_scenario(
@@ -115,12 +157,15 @@ def measure_scenario(
 
     truth = _read_truth(scenario_dir / "truth.csv")
 
-    # Custodian side: keys per rule, then only the ids are kept.
+    # Custodian side: an index per rule; of the records themselves only the ids are kept.
     persons = read_person_csv(scenario_dir / "custodian.csv")
     record_ids = [p.record_id for p in persons]
-    custodian_keys = match_keys_bulk(persons, rule_ids, today=today)
+    indexes = {r: _KeyIndex() for r in rule_ids}
+    for lo in range(0, len(persons), _BATCH):
+        keys = match_keys_bulk(persons[lo:lo + _BATCH], rule_ids, today=today)
+        for r in rule_ids:
+            indexes[r].add(keys[r], lo)
     del persons
-    indexes = {r: _index(custodian_keys.pop(r)) for r in rule_ids}
 
     # Requester side: what validation refuses never reaches matching.
     rows = read_query_csv_with_lines(scenario_dir / "queries.csv")
@@ -135,46 +180,33 @@ def measure_scenario(
             accepted.append(query.person)
     total, evaluated = len(rows), len(accepted)
     del rows
-    query_ids = [p.record_id for p in accepted]
-    query_keys = match_keys_bulk(accepted, rule_ids, today=today)
+
+    tallies = {r: _Tally() for r in rule_ids}
+    for lo in range(0, evaluated, _BATCH):
+        batch = accepted[lo:lo + _BATCH]
+        ids = [p.record_id for p in batch]
+        keys = match_keys_bulk(batch, rule_ids, today=today)
+        for r in rule_ids:
+            tallies[r].add(ids, keys[r], indexes[r], record_ids, truth)
     del accepted
 
     results = []
     for rule_id in rule_ids:
-        first, shared = indexes[rule_id]
-        tp = fp = no_key = matched = ambiguous = 0
-        for qid, key in zip(query_ids, query_keys[rule_id], strict=True):
-            if key is None:
-                no_key += 1
-                continue
-            pos = first.get(key)
-            if pos is None:
-                continue
-            matched += 1
-            candidates = shared.get(key)
-            if candidates is None:
-                hit = int(truth.get(qid) == record_ids[pos])
-                tp += hit
-                fp += 1 - hit
-            else:
-                ambiguous += 1
-                want = truth.get(qid)
-                hits = sum(record_ids[c] == want for c in candidates)
-                tp += hits
-                fp += len(candidates) - hits
+        t = tallies[rule_id]
+        tp, fp = t.tp, t.fp
         results.append(RuleAccuracy(
             rule_id=rule_id,
             strength=MATCH_RULES[rule_id].strength.name.lower(),
             queries=total,
             refused=total - evaluated,
             evaluated=evaluated,
-            no_key=no_key,
+            no_key=t.no_key,
             true_matches=len(truth),
             predicted_pairs=tp + fp,
             true_positives=tp,
             false_matches=fp,
-            matched_queries=matched,
-            ambiguous_queries=ambiguous,
+            matched_queries=t.matched,
+            ambiguous_queries=t.ambiguous,
             precision=_ratio(tp, tp + fp),
             recall=_ratio(tp, len(truth)),
             misidentification_rate=_ratio(fp, tp + fp),

@@ -531,12 +531,27 @@ def _population(rng: np.random.Generator, spec: ScenarioSpec, size: int) -> _Pop
         rng.choice(n_first, size=size, p=names.male_p),
         rng.choice(n_first, size=size, p=names.female_p),
     )
+    # Families rarely give two members the same name by accident; namesakes come only
+    # from the explicit Jr/Sr pairs below, so their rate is a knob and not an artifact.
+    for _ in range(8):
+        ident = (hh.astype(np.int64) * n_last + last) * n_first + first
+        _, keep = np.unique(ident, return_index=True)
+        clash = np.ones(size, dtype=bool)
+        clash[keep] = False
+        if not clash.any():
+            break
+        redraw = np.flatnonzero(clash)
+        first[redraw] = np.where(
+            male[redraw],
+            rng.choice(n_first, size=redraw.size, p=names.male_p),
+            rng.choice(n_first, size=redraw.size, p=names.female_p),
+        )
 
     # Jr/Sr: a father heading the household and a son of the same name living with him.
     jr_h = np.flatnonzero(head_male & (sizes >= 2) & (rng.random(n_h) < spec.jr_sr_rate))
     father = starts[jr_h]
     son = starts[jr_h] + sizes[jr_h] - 1
-    father_age = rng.uniform(44, 88, jr_h.size)
+    father_age = rng.uniform(48, 88, jr_h.size)  # so the son is at least 16
     age[father] = father_age
     age[son] = father_age - rng.uniform(20, 32, jr_h.size)
     first[son] = first[father]

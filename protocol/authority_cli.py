@@ -40,6 +40,7 @@ from protocol.authority import (
     subject_commitment,
 )
 from protocol.errors import PSIError
+from protocol.oversight import OVERSIGHT_DESCRIPTION, add_oversight_arguments, run_oversight_cli
 from protocol.pki import validate_agency_id, write_dev_pki
 from protocol.policy import (
     Authorization,
@@ -771,6 +772,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="FILE", help="policy file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+
+    p = _subparser(
+        sub,
+        "oversight",
+        run_oversight_cli,
+        "check that both agencies' exports for an authorization agree",
+        OVERSIGHT_DESCRIPTION,
+    )
+    add_oversight_arguments(p)
     return parser
 
 

@@ -246,6 +246,17 @@ def _finalize_hash(data: bytes, element: bytes) -> bytes:
     ).digest()
 
 
+def finalize_element(input: bytes, element: bytes) -> bytes:
+    """The RFC 9497 Finalize hash over an element that is already unblinded.
+
+    Used where the custodian multiplies a certified element ``c·H(x)`` instead
+    of hashing to the group (named-subject mode, protocol/named.py); the output
+    then has exactly the shape of an RFC 9497 OPRF output.
+    """
+    _check_input(input)
+    return _finalize_hash(input, deserialize_element(element))
+
+
 def _inverse(scalar: bytes) -> bytes:
     value = int.from_bytes(scalar, "little") % GROUP_ORDER
     if value == 0:

@@ -691,6 +691,7 @@ class Reason(StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     DISCLOSURE_CAP_REACHED = "disclosure_cap_reached"
     SESSION_TOO_LARGE = "session_too_large"
+    MODE_NOT_PERMITTED = "mode_not_permitted"
     MALFORMED = "malformed"
 
 
@@ -710,6 +711,7 @@ REFUSAL_CATEGORY: dict[Reason, str] = {
     Reason.BUDGET_EXHAUSTED: "resource_exhausted",
     Reason.DISCLOSURE_CAP_REACHED: "resource_exhausted",
     Reason.SESSION_TOO_LARGE: "resource_exhausted",
+    Reason.MODE_NOT_PERMITTED: "failed_precondition",
     Reason.RULE_UNKNOWN: "invalid_argument",
     Reason.MALFORMED: "invalid_argument",
 }
@@ -817,6 +819,7 @@ def decide(
     *,
     now: float,
     budget_remaining: int,
+    named_subjects_ready: bool = False,
 ) -> Decision:
     """Decide whether a session may open. Collects every refusal so operators see them all.
 
@@ -913,6 +916,15 @@ def decide(
         refuse(
             Reason.ENGINE_NOT_PERMITTED,
             f"custodian policy does not permit match engine {request.engine!r}",
+        )
+
+    # 5b: a named-subject authorization is served only with a certification of the
+    # custodian's records under that authority's token key (see protocol/named.py).
+    if auth.mode is Mode.NAMED_SUBJECTS and not named_subjects_ready:
+        refuse(
+            Reason.MODE_NOT_PERMITTED,
+            f"authorization {auth.authorization_id} is named_subjects but this custodian holds "
+            f"no certification for authority key {auth.authority_key_id}",
         )
 
     # 6: match rules.

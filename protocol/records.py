@@ -25,13 +25,14 @@ from __future__ import annotations
 import csv
 import re
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from enum import IntEnum, StrEnum
 from functools import lru_cache
+from itertools import islice
 from operator import itemgetter
 from pathlib import Path
 from typing import TextIO
@@ -44,6 +45,7 @@ __all__ = [
     "MATCH_RULES",
     "PERSON_FIELDS",
     "QUERY_META_FIELDS",
+    "RECORD_CLASS_FIELD",
     "RULE_FIELDS",
     "MatchRule",
     "PersonRecord",
@@ -242,7 +244,7 @@ _TRANSLITERATE = {
 }
 
 
-def _build_translation(extra: dict[str, str]) -> dict[int, str | None]:
+def _build_translation() -> dict[int, str | None]:
     """Punctuation becomes a space, apostrophes vanish (so O'Brien == OBrien)."""
     table: dict[int, str | None] = {}
     for code in range(128):
@@ -254,8 +256,6 @@ def _build_translation(extra: dict[str, str]) -> dict[int, str | None]:
     for ch in "\u2010\u2011\u2012\u2013\u2014\u2015\u00b7\u00ab\u00bb\u00bf\u00a1\u201c\u201d":
         table[ord(ch)] = " "
     for src, dst in _TRANSLITERATE.items():
-        table[ord(src)] = dst
-    for src, dst in extra.items():
         table[ord(src)] = dst
     return table
 
@@ -272,7 +272,7 @@ def _build_ascii_table() -> bytes:
     return bytes(out)
 
 
-_FOLD_TABLE = _build_translation({})
+_FOLD_TABLE = _build_translation()
 _ASCII_TABLE = _build_ascii_table()
 _ASCII_DELETE = "".join(c for c in _APOSTROPHES if c.isascii()).encode("ascii")
 _NON_WORD_RE = re.compile(r"[^\w\s]+")
@@ -622,6 +622,11 @@ _PLACEHOLDER_WORDS = frozenset(
 
 
 _NON_STREET_WORDS = _PLACEHOLDER_WORDS | _ZIP_WORDS | _US_STATES | {_UNIT_CANONICAL}
+# Suffixes and directionals alone do not name a street ("Unknown St" names nothing).
+_SUFFIX_WORDS = frozenset(_STREET_SUFFIXES) | frozenset(_DIRECTIONALS.values()) | {"way"}
+_FAST_NON_STREET_WORDS = _NON_STREET_WORDS | _SUFFIX_WORDS
+# Placeholder words long enough not to be an initial or a directional ("n", "a", "na").
+_STRONG_PLACEHOLDER_WORDS = frozenset(w for w in _PLACEHOLDER_WORDS if len(w) >= 3)
 
 
 def _classify_address(
@@ -639,21 +644,21 @@ def _classify_address(
     if line in _PLACEHOLDER_PHRASES:
         return line, (ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is a placeholder")
     # Fast path (almost every real address): some token is a word that is neither a
-    # placeholder, a ZIP keyword, a state code, a unit designator, digits, nor a word of the
-    # record's own city/state.
+    # placeholder, a ZIP keyword, a state code, a unit designator, a street suffix or
+    # directional, digits, nor a word of the record's own city/state.
     place: frozenset[str] | None = None
     for tok in token_list:
-        if tok in _NON_STREET_WORDS or tok.isdigit():
+        if tok in _FAST_NON_STREET_WORDS or tok.isdigit():
             continue
         if place is None:
             place = _place_tokens(city, state)
         if tok not in place:
             return line, None
-    return line, _address_refusal(address, line, set(token_list), city, state)
+    return line, _address_refusal(address, set(token_list), city, state)
 
 
 def _address_refusal(
-    address: str, line: str, tokens: set[str], city: str, state: str
+    address: str, tokens: set[str], city: str, state: str
 ) -> tuple[ReasonCode, str] | None:
     """Slow path of :func:`_classify_address`: name the exact problem, or accept."""
     if tokens <= _PLACEHOLDER_WORDS:
@@ -668,10 +673,16 @@ def _address_refusal(
         if not street or "".join(street).isdigit():
             return ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} is only a unit designator"
     words = {t for t in rest if not t.isdigit()}
+    numbers = [t for t in rest if t.isdigit()]
+    if (
+        not numbers
+        and words & _STRONG_PLACEHOLDER_WORDS
+        and words <= _PLACEHOLDER_WORDS | _SUFFIX_WORDS
+    ):
+        return ReasonCode.PLACEHOLDER_ADDRESS, f"address {address!r} names no street"
     if words <= _NON_STREET_WORDS | _place_tokens(city, state):
         # No street word at all: only the record's own city/state, state codes, placeholder
         # words and numbers. With a ZIP among the numbers this is the ZIP-only case again.
-        numbers = [t for t in rest if t.isdigit()]
         if not numbers:
             return (
                 ReasonCode.MISSING_ADDRESS,
@@ -705,9 +716,9 @@ def address_problem(
     return _classify_address(address, city, state)[1]
 
 
-_DOB_ISO_RE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})")
-_DOB_COMPACT_RE = re.compile(r"(\d{4})(\d{2})(\d{2})")
-_DOB_US_RE = re.compile(r"(\d{1,2})([/-])(\d{1,2})\2(\d{4})")
+_DOB_ISO_RE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})", re.ASCII)
+_DOB_COMPACT_RE = re.compile(r"(\d{4})(\d{2})(\d{2})", re.ASCII)
+_DOB_US_RE = re.compile(r"(\d{1,2})([/-])(\d{1,2})\2(\d{4})", re.ASCII)
 _MIN_YEAR = 1900
 
 
@@ -755,16 +766,22 @@ _ITIN_GROUPS = frozenset(
 )
 
 
-def normalize_tin(s: str) -> str | None:
-    """Nine-digit SSN or ITIN with dashes/spaces removed; ``None`` when blank or malformed.
+_TIN_RE = re.compile(r"(\d{3})([- ]?)(\d{2})\2(\d{4})", re.ASCII)
+_ZIP_RE = re.compile(r"(\d{5})(?:[- ]?\d{4})?", re.ASCII)
 
-    SSN: area not 000, 666 or 9xx; group not 00; serial not 0000. ITIN: area 9xx with digits
-    4-5 in 50-65, 70-88, 90-92 or 94-99.
+
+def normalize_tin(s: str) -> str | None:
+    """Nine ASCII digits of an SSN or ITIN; ``None`` when blank or malformed.
+
+    Accepts "123456789", "123-45-6789" and "123 45 6789". SSN: area not 000, 666 or 9xx;
+    group not 00; serial not 0000. ITIN: area 9xx with digits 4-5 in 50-65, 70-88, 90-92 or
+    94-99.
     """
     if len(s) != 9 or not (s.isascii() and s.isdigit()):
-        s = s.strip().replace("-", "").replace(" ", "")
-        if len(s) != 9 or not (s.isascii() and s.isdigit()):
+        m = _TIN_RE.fullmatch(s.strip())
+        if m is None:
             return None
+        s = m[1] + m[3] + m[4]
     area, group = s[:3], s[3:5]
     if area[0] == "9":
         return s if group in _ITIN_GROUPS else None
@@ -779,15 +796,15 @@ def normalize_zip(s: str) -> str | None:
     A 4-digit value (a ZIP that lost its leading zero in a spreadsheet) is refused rather than
     guessed, and so is the non-existent ZIP 00000.
     """
-    if len(s) == 5 and s.isascii() and s.isdigit():
-        return s if s != "00000" else None
-    s = s.strip().replace("-", "").replace(" ", "")
-    if len(s) not in (5, 9) or not (s.isascii() and s.isdigit()) or s[:5] == "00000":
-        return None
-    return s[:5]
+    if len(s) != 5 or not (s.isascii() and s.isdigit()):
+        m = _ZIP_RE.fullmatch(s.strip())
+        if m is None:
+            return None
+        s = m[1]
+    return s if s != "00000" else None
 
 
-_TAX_PERIOD_RE = re.compile(r"(\d{4})(?:[Qq]([1-4]))?")
+_TAX_PERIOD_RE = re.compile(r"(\d{4})(?:[Qq]([1-4]))?", re.ASCII)
 
 
 def normalize_tax_period(s: str, *, today: date | None = None) -> str | None:
@@ -908,22 +925,22 @@ def validate_query(q: QueryRecord, *, today: date | None = None, line: int = 0) 
     return out
 
 
-def _duplicate_lines(items: Sequence[tuple[int, PersonRecord]]) -> dict[int, list[int]]:
-    """line -> other lines sharing its (stripped, non-blank) record_id."""
-    by_id: dict[str, list[int]] = defaultdict(list)
-    for line, p in items:
+def _duplicate_groups(items: Sequence[tuple[int, PersonRecord]]) -> dict[int, list[int]]:
+    """Item index -> lines of every item sharing its (stripped, non-blank) record_id."""
+    counts = Counter(p.record_id.strip() for _, p in items)
+    shared: dict[str, list[int]] = {}
+    groups: dict[int, list[int]] = {}
+    for index, (line, p) in enumerate(items):
         rid = p.record_id.strip()
-        if rid:
-            by_id[rid].append(line)
-    dupes: dict[int, list[int]] = {}
-    for lines in by_id.values():
-        if len(lines) > 1:
-            for ln in lines:
-                dupes[ln] = [o for o in lines if o != ln]
-    return dupes
+        if rid and counts[rid] > 1:
+            group = shared.setdefault(rid, [])
+            group.append(line)
+            groups[index] = group  # the shared list is complete once the loop ends
+    return groups
 
 
-def _dup_refusal(p: PersonRecord, line: int, others: list[int]) -> Refusal:
+def _dup_refusal(p: PersonRecord, line: int, group: list[int]) -> Refusal:
+    others = list(islice((o for o in group if o != line), 6))
     shown = ", ".join(map(str, others[:5])) + (" ..." if len(others) > 5 else "")
     return Refusal(
         p.record_id,
@@ -944,13 +961,13 @@ def validate_queries(
     """
     items = list(queries_with_lines)
     today = today or date.today()
-    dupes = _duplicate_lines([(ln, q.person) for ln, q in items])
+    dupes = _duplicate_groups([(ln, q.person) for ln, q in items])
     report = ValidationReport(accepted=[], refused=[], input_count=len(items))
-    for line, q in items:
+    for index, (line, q) in enumerate(items):
         refusals = validate_query(q, today=today, line=line)
-        others = dupes.get(line)
-        if others is not None:
-            refusals.append(_dup_refusal(q.person, line, others))
+        group = dupes.get(index)
+        if group is not None:
+            refusals.append(_dup_refusal(q.person, line, group))
         if refusals:
             report.refused.extend(refusals)
         else:
@@ -965,14 +982,14 @@ def validate_persons(
     """Custodian batch check: ``(usable records, refusals)``; duplicate ids are refused too."""
     items = list(persons_with_lines)
     today = today or date.today()
-    dupes = _duplicate_lines(items)
+    dupes = _duplicate_groups(items)
     accepted: list[PersonRecord] = []
     refused: list[Refusal] = []
-    for line, p in items:
+    for index, (line, p) in enumerate(items):
         refusals = validate_person(p, line=line, today=today)
-        others = dupes.get(line)
-        if others is not None:
-            refusals.append(_dup_refusal(p, line, others))
+        group = dupes.get(index)
+        if group is not None:
+            refusals.append(_dup_refusal(p, line, group))
         if refusals:
             refused.extend(refusals)
         else:

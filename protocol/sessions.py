@@ -73,8 +73,10 @@ from protocol.messages import (
     TagChunk,
     Transcript,
 )
+from protocol.named import Certification, blind_tokens, custodian_session_key
 from protocol.policy import (
     CustodianPolicy,
+    Mode,
     SessionRequest,
     SignedAuthorization,
     Tier,
@@ -165,6 +167,8 @@ class CustodianIndex:
     rule_idx: np.ndarray  # int8, index into rules
     tag_size: int
     build_seconds: float = 0.0
+    #: named-subject mode: position of each entry's certified element, else empty
+    cert_pos: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.tags.shape[0])
@@ -172,12 +176,13 @@ class CustodianIndex:
     def tag_bytes(self, start: int = 0, stop: int | None = None) -> bytes:
         return self.tags[start:stop].tobytes()
 
-    def lookup(self, tag: bytes) -> list[tuple[int, str]]:
-        """Records (index, rule) whose tag equals ``tag``."""
+    def lookup(self, tag: bytes) -> list[tuple[int, str, int]]:
+        """Entries (record index, rule, entry position) whose tag equals ``tag``."""
         key = np.array([tag], dtype=self.tags.dtype)
         lo = int(np.searchsorted(self.tags, key, side="left")[0])
         hi = int(np.searchsorted(self.tags, key, side="right")[0])
-        return [(int(self.record_idx[i]), self.rules[int(self.rule_idx[i])]) for i in range(lo, hi)]
+        return [(int(self.record_idx[i]), self.rules[int(self.rule_idx[i])], i)
+                for i in range(lo, hi)]
 
 
 @dataclass
@@ -193,6 +198,8 @@ class CustodianConfig:
     ops: GroupOps | None = None
     tag_size: int = TAG_SIZE
     clock: Callable[[], float] = time.time
+    #: Named-subject certifications of these records, by authority key id (protocol.named).
+    certifications: Mapping[str, Certification] = field(default_factory=dict)
 
 
 class Custodian:
@@ -272,6 +279,59 @@ class Custodian:
             self._indexes[cache_key] = idx
         return idx
 
+    def prepare_named(self, authorization_id: str, rules: Sequence[str],
+                      certification: Certification, session_key: bytes) -> CustodianIndex:
+        """Tag index from certified elements ``c·H(y)`` (named-subject mode, protocol/named.py).
+
+        Output for record y: Finalize(y, k'_A · c·H(y)), the same shape the requester
+        gets from a reviewed token.  Records excluded by policy never enter the index.
+        """
+        rules_t = tuple(sorted(rules))
+        cache_key = (f"named:{authorization_id}", rules_t)
+        with self._lock:
+            idx = self._indexes.get(cache_key)
+        if idx is not None:
+            return idx
+        started = time.perf_counter()
+        position_of = {self.config.records[i].record_id: i for i in self.in_scope}
+        all_tags: list[bytes] = []
+        rec_idx: list[int] = []
+        rule_idx: list[int] = []
+        cert_pos: list[int] = []
+        for r_i, rule_id in enumerate(rules_t):
+            if rule_id not in certification.rules:
+                continue
+            code = certification.rules.index(rule_id)
+            picks = [p for p in np.flatnonzero(certification.rule_index == code).tolist()
+                     if certification.record_ids[p] in position_of]
+            if not picks:
+                continue
+            elements = b"".join(certification.elements[p * 32:(p + 1) * 32] for p in picks)
+            evaluated = self.ops.blind_evaluate(session_key, elements)
+            rule = MATCH_RULES[rule_id]
+            for j, p in enumerate(picks):
+                rec = position_of[certification.record_ids[p]]
+                key = rule.match_key(self.config.records[rec])
+                if key is None:
+                    continue
+                out = oprf.finalize_element(key, evaluated[j * 32:(j + 1) * 32])
+                all_tags.append(derive_tag(out, self.config.tag_size))
+                rec_idx.append(rec)
+                rule_idx.append(r_i)
+                cert_pos.append(p)
+        tags = np.frombuffer(b"".join(all_tags), dtype=np.dtype(f"S{self.config.tag_size}"))
+        order = np.argsort(tags, kind="stable")
+        idx = CustodianIndex(
+            authorization_id=authorization_id, rules=rules_t, tags=tags[order],
+            record_idx=np.asarray(rec_idx, dtype=np.int64)[order],
+            rule_idx=np.asarray(rule_idx, dtype=np.int8)[order],
+            tag_size=self.config.tag_size, build_seconds=time.perf_counter() - started,
+            cert_pos=np.asarray(cert_pos, dtype=np.int64)[order],
+        )
+        with self._lock:
+            self._indexes[cache_key] = idx
+        return idx
+
     def session(self) -> CustodianSession:
         return CustodianSession(self)
 
@@ -293,6 +353,9 @@ class CustodianSession:
         self.element_limit = 0
         self.disclosed = 0
         self._sk = b""
+        self._pseudonym_key = b""
+        self._index_key = b""
+        self._certification: Certification | None = None
         self.receipt: Receipt | None = None
 
     # -- dispatch --------------------------------------------------------------
@@ -361,7 +424,10 @@ class CustodianSession:
             disclosure_fields=tuple(req.disclosure_fields), query_count=req.element_count,
             engine=req.engine,
         )
-        decision = decide(signed, request, cfg.policy, now=now, budget_remaining=remaining)
+        certification = cfg.certifications.get(auth.authority_key_id)
+        named = auth.mode is Mode.NAMED_SUBJECTS
+        decision = decide(signed, request, cfg.policy, now=now, budget_remaining=remaining,
+                          named_subjects_ready=certification is not None)
         ledger.audit("decision", {
             "stage": "open", "authorization_id": auth.authorization_id,
             "session_id": req.session_id, "peer": peer_id, "allowed": decision.allowed,
@@ -395,7 +461,18 @@ class CustodianSession:
         self.element_limit = reservation.reserved
         self.evaluated = reservation.evaluated
         self._sk = authorization_key(cfg.master_secret, auth.authorization_id)
-        self.index = self.custodian.prepare(auth.authorization_id, self.rules)
+        self._pseudonym_key = self._sk
+        if named:
+            # Requester elements are evaluated with k_A; the index uses k_A·d_A on the
+            # certified c·H(y), matching k_A·(c·d_A·H(x)) from a reviewed token.
+            assert certification is not None
+            self._certification = certification
+            self._index_key = custodian_session_key(self._sk, certification.binding_secret,
+                                                    auth.authorization_id)
+            self.index = self.custodian.prepare_named(auth.authorization_id, self.rules,
+                                                      certification, self._index_key)
+        else:
+            self.index = self.custodian.prepare(auth.authorization_id, self.rules)
         resp = OpenResponse(
             session_id=req.session_id, authorization_id=auth.authorization_id,
             custodian_id=cfg.policy.custodian_id, match_rules=self.rules,
@@ -445,7 +522,8 @@ class CustodianSession:
 
     def pseudonym(self, record: PersonRecord) -> str:
         """Per-authorization pseudonym of a custodian record: stable within, unlinkable across."""
-        mac = hmac.new(self._sk, PSEUDONYM_DOMAIN + record.record_id.encode(), hashlib.sha256)
+        mac = hmac.new(self._pseudonym_key, PSEUDONYM_DOMAIN + record.record_id.encode(),
+                       hashlib.sha256)
         return mac.hexdigest()[:32]
 
     def _disclose(self, req: DisclosureRequest) -> DisclosureResponse:
@@ -509,14 +587,21 @@ class CustodianSession:
         """
         assert self.index is not None
         cfg = self.custodian.config
-        for rec_i, candidate_rule in self.index.lookup(derive_tag(output, self.index.tag_size)):
+        for rec_i, candidate_rule, pos in self.index.lookup(
+                derive_tag(output, self.index.tag_size)):
             if candidate_rule != rule_id:
                 continue
             record = cfg.records[rec_i]
             key = MATCH_RULES[rule_id].match_key(record)
             if key is None:
                 continue
-            expected = oprf.evaluate(self._sk, key)
+            if self._certification is not None and self.index.cert_pos is not None:
+                p = int(self.index.cert_pos[pos])
+                certified = self._certification.elements[p * 32:(p + 1) * 32]
+                expected = oprf.finalize_element(
+                    key, oprf.blind_evaluate(self._index_key, certified))
+            else:
+                expected = oprf.evaluate(self._sk, key)
             if hmac.compare_digest(expected, output):
                 return record
         return None
@@ -622,7 +707,10 @@ class RequesterSession:
         session_id: str | None = None,
         signing_key: Ed25519PrivateKey | None = None,
         custodian_key: Ed25519PublicKey | None = None,
+        tokens: Mapping[tuple[str, str], bytes] | None = None,
     ) -> None:
+        """``tokens`` ((record id, rule) -> token) are required for a named-subject
+        authorization: only subjects the authority reviewed are sent at all."""
         auth = signed_authorization.authorization
         self.signed = signed_authorization
         self.queries = list(queries)
@@ -645,12 +733,24 @@ class RequesterSession:
         self.element_query: list[int] = []
         self.element_rule: list[int] = []
         self.element_input: list[bytes] = []
+        self.named = auth.mode is Mode.NAMED_SUBJECTS
+        if self.named and tokens is None:
+            raise ProtocolError("a named-subject authorization needs the authority's tokens")
+        token_parts: list[bytes] = []
         for r_i, rule_id in enumerate(self.rules):
             for q_i, key in enumerate(keys[rule_id]):
-                if key is not None:
-                    self.element_query.append(q_i)
-                    self.element_rule.append(r_i)
-                    self.element_input.append(key)
+                if key is None:
+                    continue
+                if self.named:
+                    assert tokens is not None
+                    token = tokens.get((self.queries[q_i].person.record_id, rule_id))
+                    if token is None:
+                        continue  # not reviewed: never sent
+                    token_parts.append(token)
+                self.element_query.append(q_i)
+                self.element_rule.append(r_i)
+                self.element_input.append(key)
+        self._tokens = b"".join(token_parts)
         n = len(self.element_input)
         self.queries_without_key = len(self.queries) - len(set(self.element_query))
         self._blinds: dict[int, bytes] = {}
@@ -736,7 +836,10 @@ class RequesterSession:
         """Blind chunk ``seq`` (callable out of order so services can pipeline)."""
         start = seq * self.chunk_size
         inputs = self.element_input[start:start + self.chunk_size]
-        blinds, blinded = self.ops.blind(inputs)
+        if self.named:
+            blinds, blinded = blind_tokens(self._tokens[start * 32:(start + len(inputs)) * 32])
+        else:
+            blinds, blinded = self.ops.blind(inputs)
         self._blinds[seq] = blinds
         chunk = EvaluateChunk(seq=seq, elements=blinded)
         self.transcript.add("evaluate", chunk)
