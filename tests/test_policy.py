@@ -102,6 +102,7 @@ def run(
     *,
     now: float = NOW,
     budget_remaining: int = BUDGET,
+    named_subjects_ready: bool = True,
 ) -> Decision:
     return decide(
         signed or make_signed(),
@@ -109,6 +110,7 @@ def run(
         policy or make_policy(),
         now=now,
         budget_remaining=budget_remaining,
+        named_subjects_ready=named_subjects_ready,
     )
 
 
@@ -124,6 +126,16 @@ def tampered(signed: SignedAuthorization, **changes: Any) -> SignedAuthorization
 # --------------------------------------------------------------------------------------------
 
 REASON_CASES: list[tuple[str, Reason, dict[str, Any]]] = [
+    (
+        "named-subject authorization without a certification",
+        Reason.MODE_NOT_PERMITTED,
+        {
+            "signed": lambda: make_signed(
+                mode=Mode.NAMED_SUBJECTS, subject_commitment=bytes(range(32))
+            ),
+            "named_subjects_ready": False,
+        },
+    ),
     ("untrusted signer", Reason.UNTRUSTED_SIGNER, {"signed": lambda: make_signed(ROGUE)}),
     (
         "tampered purpose",
