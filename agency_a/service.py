@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from agency_a.client import WireStats, run_remote_session
 from proto import service_kit as kit
 from protocol.errors import PSIError
+from protocol.named import TokenSet
 from protocol.policy import SignedAuthorization
 from protocol.records import read_query_csv_with_lines, validate_queries
 from protocol.sessions import GroupOps, RequesterSession
@@ -147,6 +148,16 @@ class RequesterService(pb2_grpc.RequesterServicer):
             rows = read_query_csv_with_lines(io.StringIO(text))
         except (UnicodeDecodeError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid_records: {exc}")
+        tokens = None
+        if header.tokens:
+            try:
+                token_set = TokenSet.from_bytes(header.tokens)
+            except PSIError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed: tokens: {exc}")
+            if token_set.authorization_id != auth.authorization_id:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "malformed: the token file belongs to another authorization")
+            tokens = token_set.lookup()
         report = validate_queries(rows)
         job = Job(job_id=f"job-{uuid.uuid4().hex[:16]}", operator=header.operator)
         with self._lock:
@@ -162,7 +173,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
                       authorization=auth.authorization_id, queries=len(rows),
                       accepted=len(report.accepted), refused=refused_by_reason)
         thread = threading.Thread(
-            target=self._run, args=(job, signed, report.accepted, header), daemon=True,
+            target=self._run, args=(job, signed, report.accepted, header, tokens), daemon=True,
             name=job.job_id,
         )
         thread.start()
@@ -175,7 +186,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
         )
 
     def _run(self, job: Job, signed: SignedAuthorization, accepted: list[Any],
-             header: Any) -> None:
+             header: Any, tokens: dict[tuple[str, str], bytes] | None) -> None:
         job.state = "running"
         job.emit("validate", len(accepted), len(accepted), "query records validated")
         auth = signed.authorization
@@ -187,7 +198,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 disclosure_fields=tuple(header.disclosure_fields) or None,
                 ops=self.ops, chunk_size=self.chunk_size,
                 session_id=header.session_id or None, signing_key=self.signing_key,
-                custodian_key=self.custodian_keys.get(auth.custodian_id),
+                custodian_key=self.custodian_keys.get(auth.custodian_id), tokens=tokens,
             )
             stats = WireStats()
             last: dict[str, float] = {}
@@ -214,6 +225,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 "custodian_id": auth.custodian_id,
                 "elements_evaluated": session.element_count,
                 "queries_without_usable_key": session.queries_without_key,
+                "mode": auth.mode.value,
                 "custodian_tags": session.open_response.tag_count if session.open_response else 0,
                 "matches": len(outcome.matches),
                 "matched_queries": len({m.query_record_id for m in outcome.matches}),
