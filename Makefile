@@ -33,10 +33,12 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed-bench
+# OpenMined PSI pins its own protobuf, so benchmarks.scale installs it in .venv-openmined.
+bench: install
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet 'matplotlib>=3.8,<4'
 	$(PY) -m benchmarks.scale --sizes $(SIZES) --engines $(ENGINES)
 
-bench-micro: $(VENV)/.installed-bench
+bench-micro: install
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-enable -p no:cacheprovider
 
 accuracy: $(VENV)/.installed-bench

@@ -175,15 +175,18 @@ def canonical_json(payload: Mapping[str, Any]) -> str:
     lowercase hex so signatures and hashes can be logged directly; NaN and infinities are
     refused because JSON cannot represent them.
     """
+    return _canonical(payload)[1]
+
+
+def _canonical(payload: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The normalized payload (what a reader will parse back) and its canonical JSON."""
     if not isinstance(payload, Mapping):
         raise TypeError("audit payload must be a mapping")
-    return json.dumps(
-        _jsonable(payload),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
+    normalized = _jsonable(payload)
+    text = json.dumps(
+        normalized, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
+    return normalized, text
 
 
 def audit_entry_hash(prev_hash: bytes, seq: int, at: float, kind: str, payload_json: str) -> bytes:
@@ -218,6 +221,8 @@ def _u64(n: int) -> bytes:
 
 
 def _jsonable(value: Any) -> Any:
+    if value is None or type(value) is str or type(value) is int:  # the common case, fast
+        return value
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
     if isinstance(value, Mapping):
@@ -848,6 +853,7 @@ class Ledger:
             now = float(self._clock())
             out: list[DisclosureRow] = []
             disclosed = budget.disclosed
+            last: AuditEntry | None = None
             for record_id, rule_id in items:
                 prior = conn.execute(
                     "SELECT session_id, rule_id, disclosed_at FROM disclosures "
@@ -855,7 +861,7 @@ class Ledger:
                     (auth_id, record_id),
                 ).fetchone()
                 if prior is not None:
-                    self._append(
+                    last = self._append(
                         conn,
                         now,
                         "disclosure.repeated",
@@ -866,6 +872,7 @@ class Ledger:
                             "rule_id": rule_id,
                             "first_session_id": prior[0],
                         },
+                        after=last,
                     )
                     out.append(
                         DisclosureRow(auth_id, prior[0], record_id, prior[1], prior[2], True)
@@ -876,7 +883,7 @@ class Ledger:
                         f"authorization {auth_id!r}: disclosure cap of "
                         f"{budget.max_disclosures} records reached"
                     )
-                entry = self._append(
+                last = self._append(
                     conn,
                     now,
                     "disclosure.recorded",
@@ -886,12 +893,13 @@ class Ledger:
                         "record_id": record_id,
                         "rule_id": rule_id,
                     },
+                    after=last,
                 )
                 conn.execute(
                     "INSERT INTO disclosures "
                     "(auth_id, session_id, record_id, rule_id, disclosed_at, audit_seq) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    (auth_id, session_id, record_id, rule_id, now, entry.seq),
+                    (auth_id, session_id, record_id, rule_id, now, last.seq),
                 )
                 disclosed += 1
                 out.append(DisclosureRow(auth_id, session_id, record_id, rule_id, now, False))
@@ -922,21 +930,33 @@ class Ledger:
             return self._append(conn, float(self._clock()), kind, payload)
 
     def _append(
-        self, conn: sqlite3.Connection, at: float, kind: str, payload: Mapping[str, Any]
+        self,
+        conn: sqlite3.Connection,
+        at: float,
+        kind: str,
+        payload: Mapping[str, Any],
+        after: AuditEntry | None = None,
     ) -> AuditEntry:
-        """Append one entry inside the caller's transaction (the caller holds the write lock)."""
-        payload_json = canonical_json(payload)
-        last = conn.execute(
-            "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
-        seq, prev = (1, ZERO_HASH) if last is None else (last[0] + 1, bytes(last[1]))
+        """Append one entry inside the caller's transaction (the caller holds the write lock).
+
+        ``after`` is the entry this transaction appended last, if any; it saves re-reading
+        the head when a batch appends many entries.
+        """
+        normalized, payload_json = _canonical(payload)
+        if after is not None:
+            seq, prev = after.seq + 1, after.entry_hash
+        else:
+            last = conn.execute(
+                "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            seq, prev = (1, ZERO_HASH) if last is None else (last[0] + 1, bytes(last[1]))
         entry_hash = audit_entry_hash(prev, seq, at, kind, payload_json)
         conn.execute(
             "INSERT INTO audit_log (seq, at, kind, payload, prev_hash, entry_hash) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (seq, at, kind, payload_json, prev, entry_hash),
         )
-        return AuditEntry(seq, at, kind, json.loads(payload_json), prev, entry_hash)
+        return AuditEntry(seq, at, kind, normalized, prev, entry_hash)
 
     def audit_entries(self, start: int = 0) -> Iterator[AuditEntry]:
         """Entries with ``seq >= start`` in chain order (seq starts at 1).

@@ -1060,12 +1060,15 @@ def _iter_rows(
             raise InvalidRecordError(f"CSV line {previous_end + 1}: {exc}") from exc
 
 
+def iter_person_csv(source: str | Path | TextIO) -> Iterator[tuple[int, PersonRecord]]:
+    """Stream ``(line, record)`` pairs, so a 1.3M-row file never sits in memory twice."""
+    for line, values, extras in _iter_rows(source, _PERSON_COLUMNS):
+        yield line, PersonRecord(*values, extras)
+
+
 def read_person_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, PersonRecord]]:
     """``(line, record)`` for each data row; raises InvalidRecordError on a malformed file."""
-    return [
-        (line, PersonRecord(*values, extras))
-        for line, values, extras in _iter_rows(source, _PERSON_COLUMNS)
-    ]
+    return list(iter_person_csv(source))
 
 
 def read_person_csv(source: str | Path | TextIO) -> list[PersonRecord]:

@@ -85,6 +85,7 @@ from protocol.policy import (
     permitted_fields,
 )
 from protocol.records import MATCH_RULES, PersonRecord, QueryRecord, match_keys_bulk
+from protocol.recordstore import CompactRecords
 
 TAG_DOMAIN = b"gated-psi/tag/v1"
 PSEUDONYM_DOMAIN = b"gated-psi/disclosure-pseudonym/v1"
@@ -92,6 +93,8 @@ AUTH_KEY_INFO_PREFIX = b"gated-psi/authorization-key/v1:"
 #: Tag length in bytes.  12 B = 96 bits: with 1.3M x 1.3M elements a false tag
 #: collision has probability < 2^-55, and disclosure re-verifies the full output.
 TAG_SIZE = 12
+#: Records per slice of the custodian's index build (bounds its peak memory).
+INDEX_SLICE = 65_536
 
 
 def derive_tag(output: bytes, tag_size: int = TAG_SIZE) -> bytes:
@@ -214,11 +217,12 @@ class Custodian:
         self.config = config
         self.ops: GroupOps = config.ops or _SerialOps()
         excluded = config.policy.excluded_record_classes
-        self.in_scope: list[int] = [
-            i for i, r in enumerate(config.records) if r.record_class not in excluded
-        ]
+        classes = (config.records.record_classes()
+                   if isinstance(config.records, CompactRecords)
+                   else [r.record_class for r in config.records])
+        self.in_scope = np.asarray(
+            [i for i, c in enumerate(classes) if c not in excluded], dtype=np.int64)
         self.excluded_count = len(config.records) - len(self.in_scope)
-        self._keys_by_rule: dict[str, list[bytes | None]] = {}
         self._indexes: dict[tuple[str, tuple[str, ...]], CustodianIndex] = {}
         self._lock = threading.Lock()
 
@@ -229,16 +233,15 @@ class Custodian:
     def public_key(self) -> Ed25519PublicKey:
         return self.config.signing_key.public_key()
 
-    def match_keys(self, rule_id: str) -> list[bytes | None]:
-        """Match keys of the in-scope records under ``rule_id`` (cached; position = in_scope)."""
-        with self._lock:
-            cached = self._keys_by_rule.get(rule_id)
-        if cached is None:
-            records = [self.config.records[i] for i in self.in_scope]
-            cached = match_keys_bulk(records, [rule_id])[rule_id]
-            with self._lock:
-                self._keys_by_rule[rule_id] = cached
-        return cached
+    def match_keys(self, rule_id: str, start: int = 0, stop: int | None = None
+                   ) -> list[bytes | None]:
+        """Match keys of in-scope records ``in_scope[start:stop]`` under ``rule_id``.
+
+        Computed in slices and not cached, so the index build never holds all
+        records as objects at once (memory stays flat at 1.3M records).
+        """
+        records = [self.config.records[int(i)] for i in self.in_scope[start:stop]]
+        return match_keys_bulk(records, [rule_id])[rule_id]
 
     def prepare(self, authorization_id: str, rules: Sequence[str]) -> CustodianIndex:
         """Build (or fetch) the tag index for an authorization: DESIGN §4 step 2."""
@@ -253,14 +256,16 @@ class Custodian:
         all_tags: list[bytes] = []
         rec_idx: list[np.ndarray] = []
         rule_idx: list[np.ndarray] = []
+        step = INDEX_SLICE
         for r_i, rule_id in enumerate(rules_t):
-            keys = self.match_keys(rule_id)
-            positions = [p for p, k in enumerate(keys) if k is not None]
-            inputs = [keys[p] for p in positions]
-            outputs = self.ops.evaluate(sk, inputs) if inputs else []
-            all_tags.append(derive_tags(outputs, self.config.tag_size))
-            rec_idx.append(np.asarray([self.in_scope[p] for p in positions], dtype=np.int64))
-            rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
+            for start in range(0, len(self.in_scope), step):
+                keys = self.match_keys(rule_id, start, start + step)
+                positions = [p for p, k in enumerate(keys) if k is not None]
+                inputs = [keys[p] for p in positions]
+                outputs = self.ops.evaluate(sk, inputs) if inputs else []
+                all_tags.append(derive_tags(outputs, self.config.tag_size))
+                rec_idx.append(self.in_scope[start:start + step][positions])
+                rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
         dtype = np.dtype(f"S{self.config.tag_size}")
         tags = np.frombuffer(b"".join(all_tags), dtype=dtype)
         records = np.concatenate(rec_idx) if rec_idx else np.zeros(0, np.int64)
@@ -293,7 +298,7 @@ class Custodian:
         if idx is not None:
             return idx
         started = time.perf_counter()
-        position_of = {self.config.records[i].record_id: i for i in self.in_scope}
+        position_of = {self.config.records[i].record_id: i for i in self.in_scope.tolist()}
         all_tags: list[bytes] = []
         rec_idx: list[int] = []
         rule_idx: list[int] = []

@@ -184,10 +184,11 @@ def test_transcript_hash_mismatch_is_reported(agencies: Agencies) -> None:
     item["transcript_hash"] = hashlib.sha256(b"another transcript").hexdigest()
     item.pop("signed_bytes")  # as if the exporter re-encoded the receipt
     report = agencies.check(c2, r)
-    (finding,) = report.by_check("receipt.transcript_hash")[1:2] or [
-        f for f in report.by_check("receipt.transcript_hash") if not f.ok]
-    assert not finding.ok and finding.session_id == item["session_id"]
+    (finding,) = [f for f in report.by_check("receipt.transcript_hash") if not f.ok]
+    assert finding.session_id == item["session_id"]
     assert "transcript hashes differ" in finding.detail
+    # the other session's transcript hashes still agree
+    assert len(report.by_check("receipt.transcript_hash")) == 2
 
 
 def test_bad_signatures_are_reported(agencies: Agencies) -> None:
@@ -197,7 +198,7 @@ def test_bad_signatures_are_reported(agencies: Agencies) -> None:
     c2 = copy.deepcopy(c)
     c2["receipts"][0]["requester_signature"] = wrong.hex()
     report = agencies.check(c2, r)
-    bad = [f for f in report.failures]
+    bad = report.failures
     assert [(f.check, f.session_id) for f in bad] == [
         ("receipt.requester_signature", forged.session_id)]
     assert "custodian's copy" in bad[0].detail
@@ -438,7 +439,8 @@ def test_cli_names_weaker_forgeries_too(base_ledger, tmp_path, capsys) -> None:
 def test_any_single_tamper_is_located_exactly(kind, frac, base_ledger, tmp_path_factory) -> None:
     src, n, _pub = base_ledger
     lo = 2 if kind == "inserted" else 1
-    hi = n - 1 if kind == "reordered" else n
+    # deleting the newest entry is a truncation: only a checkpoint can tell (tested above)
+    hi = n - 1 if kind in ("reordered", "deleted") else n
     k = lo + round(frac * (hi - lo))
     path = _copy(src, tmp_path_factory.mktemp("h"))
     TAMPERS[kind](path, k)
@@ -514,6 +516,6 @@ def test_export_and_oversight_clis(agencies: Agencies, tmp_path: Path, capsys) -
     report = json.loads(capsys.readouterr().out)
     assert report["agree"] is False
     assert {f["check"] for f in report["findings"] if not f["ok"]} >= {
-        "receipt.fields", "counts.evaluated", "receipt.custodian_signature"}
+        "receipt.fields", "receipt.ledger", "receipt.custodian_signature"}
     assert isinstance(load_public_key(secrets_b / "signing.pub.json"), type(
         agencies.custodian_key.public_key()))

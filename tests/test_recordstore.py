@@ -1,0 +1,51 @@
+"""Compact custodian record storage: same records, same refusals, far less memory."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.records import PersonRecord, validate_persons, write_person_csv
+from protocol.recordstore import CompactRecords, load_custodian_csv
+from tests.factories import make_person
+
+text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x1f"),
+               max_size=12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(text, text, text, text), max_size=20))
+def test_round_trip(values) -> None:
+    records = [
+        PersonRecord(f"r{i}", "123-45-6789", a, b, "1980-01-01", c, "X", "IL", "62701",
+                     record_class=d, extra=(("tax_paid_cents", str(i)),))
+        for i, (a, b, c, d) in enumerate(values)
+    ]
+    store = CompactRecords.of(records)
+    assert list(store) == records
+    assert [store[i] for i in range(len(store))] == records
+    assert store.record_classes() == [r.record_class for r in records]
+
+
+def _csv(records) -> io.StringIO:
+    buf = io.StringIO()
+    write_person_csv(records, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_loader_refuses_like_validate_persons() -> None:
+    people = [make_person(i) for i in range(30)]
+    people[3] = replace(people[3], tin="000-00-0000")  # malformed TIN
+    people[7] = replace(people[7], dob="2023-02-30")  # impossible date
+    people[12] = replace(people[12], record_id=people[11].record_id)  # duplicate id
+    people.append(replace(make_person(40), record_id=people[20].record_id))  # another duplicate
+    store, refused, rows = load_custodian_csv(_csv(people))
+    expected_kept, expected_refused = validate_persons(enumerate(people, 2))
+    assert rows == len(people)
+    assert list(store) == expected_kept
+    assert {(r.record_id, r.code) for r in refused} == {
+        (r.record_id, r.code) for r in expected_refused}
