@@ -30,7 +30,7 @@ from proto import service_kit as kit
 from protocol.errors import PSIError
 from protocol.named import TokenSet
 from protocol.policy import SignedAuthorization
-from protocol.records import read_query_csv_with_lines, validate_queries
+from protocol.recordstore import load_query_csv
 from protocol.sessions import GroupOps, RequesterSession
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
@@ -144,10 +144,13 @@ class RequesterService(pb2_grpc.RequesterServicer):
                           f"requester_mismatch: the authorization names {auth.requester_id!r}, "
                           f"this service is {self.identity!r}")
         try:
-            text = b"".join(parts).decode("utf-8-sig")
-            rows = read_query_csv_with_lines(io.StringIO(text))
+            data = io.BytesIO(b"".join(parts))
+            parts.clear()
+            stream = io.TextIOWrapper(data, encoding="utf-8-sig", newline="")
+            accepted, refused, n_rows = load_query_csv(stream)
         except (UnicodeDecodeError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid_records: {exc}")
+        del data, stream
         tokens = None
         if header.tokens:
             try:
@@ -158,35 +161,35 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               "malformed: the token file belongs to another authorization")
             tokens = token_set.lookup()
-        report = validate_queries(rows)
         job = Job(job_id=f"job-{uuid.uuid4().hex[:16]}", operator=header.operator)
         with self._lock:
             self.jobs[job.job_id] = job
-        refused_by_reason = report.counts_by_reason()
+        refused_by_reason = dict(Counter(str(r.code) for r in refused))
         job.summary = {
             "job_id": job.job_id, "authorization_id": auth.authorization_id,
-            "queries_submitted": len(rows), "queries_accepted": len(report.accepted),
-            "queries_refused": len({r.record_id or f"line{r.line}" for r in report.refused}),
+            "queries_submitted": n_rows, "queries_accepted": len(accepted),
+            "queries_refused": n_rows - len(accepted),
             "refused_by_reason": refused_by_reason,
         }
         kit.log_event(log, "job_submitted", job=job.job_id, operator=header.operator,
-                      authorization=auth.authorization_id, queries=len(rows),
-                      accepted=len(report.accepted), refused=refused_by_reason)
+                      authorization=auth.authorization_id, queries=n_rows,
+                      accepted=len(accepted), refused=refused_by_reason)
+        work = [accepted]  # handed over and cleared by the job thread, not kept alive here
         thread = threading.Thread(
-            target=self._run, args=(job, signed, report.accepted, header, tokens), daemon=True,
+            target=self._run, args=(job, signed, work, header, tokens), daemon=True,
             name=job.job_id,
         )
         thread.start()
         return pb2.JobStatus(
-            job_id=job.job_id, state=job.state, queries=len(rows),
-            accepted=len(report.accepted),
+            job_id=job.job_id, state=job.state, queries=n_rows, accepted=len(accepted),
             refused=[pb2.RefusedRecord(record_id=r.record_id, line=r.line, code=str(r.code),
                                        detail=r.detail)
-                     for r in report.refused[:MAX_REFUSALS_IN_STATUS]],
+                     for r in refused[:MAX_REFUSALS_IN_STATUS]],
         )
 
-    def _run(self, job: Job, signed: SignedAuthorization, accepted: list[Any],
+    def _run(self, job: Job, signed: SignedAuthorization, work: list[Any],
              header: Any, tokens: dict[tuple[str, str], bytes] | None) -> None:
+        accepted = work.pop()
         job.state = "running"
         job.emit("validate", len(accepted), len(accepted), "query records validated")
         auth = signed.authorization
@@ -200,6 +203,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 session_id=header.session_id or None, signing_key=self.signing_key,
                 custodian_key=self.custodian_keys.get(auth.custodian_id), tokens=tokens,
             )
+            del accepted  # the session keeps ids and match keys only
             stats = WireStats()
             last: dict[str, float] = {}
 

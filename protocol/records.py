@@ -1084,17 +1084,20 @@ def _split_periods(s: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in s.split(_TAX_PERIOD_SEP) if t.strip())
 
 
+def iter_query_csv(source: str | Path | TextIO) -> Iterator[tuple[int, QueryRecord]]:
+    """Stream ``(line, query)`` pairs (a 1.28M-row request file never sits in memory twice)."""
+    for line, v, extras in _iter_rows(source, _QUERY_COLUMNS):
+        person = PersonRecord(*v[:9], v[12], extras)
+        yield line, QueryRecord(person, QueryMetadata(_split_periods(v[9]), v[10], v[11]))
+
+
 def read_query_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, QueryRecord]]:
     """``(line, query)`` for each data row; feed straight into :func:`validate_queries`.
 
     ``tax_periods`` is a ";"-separated list ("2022;2023"); entries are stripped and empty
     entries ignored. Other columns behave as in :func:`read_person_csv`.
     """
-    out: list[tuple[int, QueryRecord]] = []
-    for line, v, extras in _iter_rows(source, _QUERY_COLUMNS):
-        person = PersonRecord(*v[:9], v[12], extras)
-        out.append((line, QueryRecord(person, QueryMetadata(_split_periods(v[9]), v[10], v[11]))))
-    return out
+    return list(iter_query_csv(source))
 
 
 def read_query_csv(source: str | Path | TextIO) -> list[QueryRecord]:

@@ -20,7 +20,9 @@ from protocol.records import (
     ReasonCode,
     Refusal,
     iter_person_csv,
+    iter_query_csv,
     validate_person,
+    validate_query,
 )
 
 _SEP = "\x1f"  # ASCII unit separator
@@ -86,23 +88,16 @@ class CompactRecords(Sequence[PersonRecord]):
         return [b.decode("utf-8").split(_SEP)[n] for b in self._blobs]
 
 
-def load_custodian_csv(
-    source: str | Path | TextIO, *, today: date | None = None
-) -> tuple[CompactRecords, list[Refusal], int]:
-    """Stream, validate and pack a custodian file: ``(records, refusals, rows read)``.
-
-    Same rules as ``records.validate_persons`` (every occurrence of a duplicated
-    record id is refused), but never holds more than one record object at a time.
-    """
-    today = today or date.today()
+def _load(items: Iterable[tuple[int, PersonRecord, list[Refusal]]]
+          ) -> tuple[CompactRecords, list[Refusal], int]:
+    """Pack the records that pass, refusing every occurrence of a duplicated record id."""
     store = CompactRecords()
     refused: list[Refusal] = []
     first_seen: dict[str, tuple[int, int]] = {}  # record id -> (line, position or -1)
     keep: list[bool] = []
     rows = 0
-    for line, record in iter_person_csv(source):
+    for line, record, problems in items:
         rows += 1
-        problems = validate_person(record, line=line, today=today)
         rid = record.record_id
         prior = first_seen.get(rid) if rid else None
         if prior is not None:
@@ -127,3 +122,30 @@ def load_custodian_csv(
         kept._blobs = [b for b, k in zip(store._blobs, keep, strict=True) if k]
         store = kept
     return store, refused, rows
+
+
+def load_custodian_csv(
+    source: str | Path | TextIO, *, today: date | None = None
+) -> tuple[CompactRecords, list[Refusal], int]:
+    """Stream, validate and pack a custodian file: ``(records, refusals, rows read)``.
+
+    Same rules as ``records.validate_persons``, but never holds more than one record
+    object at a time.
+    """
+    today = today or date.today()
+    return _load((line, r, validate_person(r, line=line, today=today))
+                 for line, r in iter_person_csv(source))
+
+
+def load_query_csv(
+    source: str | Path | TextIO, *, today: date | None = None
+) -> tuple[CompactRecords, list[Refusal], int]:
+    """Requester side: stream and validate a query file; keep the accepted subjects only.
+
+    Same rules as ``records.validate_queries`` (placeholders, ZIP-only addresses,
+    missing statute/reason/periods, duplicates...).  The query metadata is needed
+    only to validate, so only the person part of each accepted query is kept.
+    """
+    today = today or date.today()
+    return _load((line, q.person, validate_query(q, today=today, line=line))
+                 for line, q in iter_query_csv(source))

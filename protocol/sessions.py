@@ -696,14 +696,15 @@ class MatchResult:
 class RequesterSession:
     """The requester's side of one identity-tier session.
 
-    ``queries`` must already be validated (``records.validate_queries``);
-    refused records never enter the protocol.
+    ``queries`` (query records, or just their persons, e.g. ``CompactRecords``)
+    must already be validated (``records.validate_queries`` or
+    ``recordstore.load_query_csv``); refused records never enter the protocol.
     """
 
     def __init__(
         self,
         signed_authorization: SignedAuthorization,
-        queries: Sequence[QueryRecord],
+        queries: Sequence[QueryRecord] | Sequence[PersonRecord],
         *,
         match_rules: Sequence[str] | None = None,
         disclosure_fields: Sequence[str] | None = None,
@@ -718,7 +719,6 @@ class RequesterSession:
         authorization: only subjects the authority reviewed are sent at all."""
         auth = signed_authorization.authorization
         self.signed = signed_authorization
-        self.queries = list(queries)
         self.rules = tuple(match_rules if match_rules is not None else auth.match_rules)
         self.fields = tuple(
             disclosure_fields if disclosure_fields is not None else auth.disclosure_fields
@@ -733,31 +733,37 @@ class RequesterSession:
         self.state = RequesterState.START
         self.transcript = Transcript()
         # Elements: one per (query, rule) with a usable match key, in a fixed order.
-        persons = [q.person for q in self.queries]
-        keys = match_keys_bulk(persons, list(self.rules)) if self.rules else {}
-        self.element_query: list[int] = []
-        self.element_rule: list[int] = []
-        self.element_input: list[bytes] = []
+        # Only ids and keys are kept, computed in slices, so 1.28M queries stay compact.
         self.named = auth.mode is Mode.NAMED_SUBJECTS
         if self.named and tokens is None:
             raise ProtocolError("a named-subject authorization needs the authority's tokens")
+        self.query_ids: list[str] = []
+        self.element_query: list[int] = []
+        self.element_rule: list[int] = []
+        self.element_input: list[bytes] = []
         token_parts: list[bytes] = []
-        for r_i, rule_id in enumerate(self.rules):
-            for q_i, key in enumerate(keys[rule_id]):
-                if key is None:
-                    continue
-                if self.named:
-                    assert tokens is not None
-                    token = tokens.get((self.queries[q_i].person.record_id, rule_id))
-                    if token is None:
-                        continue  # not reviewed: never sent
-                    token_parts.append(token)
-                self.element_query.append(q_i)
-                self.element_rule.append(r_i)
-                self.element_input.append(key)
+        for start in range(0, len(queries), INDEX_SLICE):
+            persons = [q.person if isinstance(q, QueryRecord) else q
+                       for q in queries[start:start + INDEX_SLICE]]
+            self.query_ids.extend(p.record_id for p in persons)
+            keys = match_keys_bulk(persons, list(self.rules)) if self.rules else {}
+            for r_i, rule_id in enumerate(self.rules):
+                for offset, key in enumerate(keys[rule_id]):
+                    if key is None:
+                        continue
+                    q_i = start + offset
+                    if self.named:
+                        assert tokens is not None
+                        token = tokens.get((self.query_ids[q_i], rule_id))
+                        if token is None:
+                            continue  # not reviewed: never sent
+                        token_parts.append(token)
+                    self.element_query.append(q_i)
+                    self.element_rule.append(r_i)
+                    self.element_input.append(key)
         self._tokens = b"".join(token_parts)
         n = len(self.element_input)
-        self.queries_without_key = len(self.queries) - len(set(self.element_query))
+        self.queries_without_key = len(self.query_ids) - len(set(self.element_query))
         self._blinds: dict[int, bytes] = {}
         self._outputs = bytearray(n * oprf.OUTPUT_SIZE)
         self._tags = bytearray(n * TAG_SIZE)
@@ -902,7 +908,7 @@ class RequesterSession:
         self.matches = [
             Match(
                 query_index=self.element_query[e],
-                query_record_id=self.queries[self.element_query[e]].person.record_id,
+                query_record_id=self.query_ids[self.element_query[e]],
                 rule_id=self.rules[self.element_rule[e]],
                 output=bytes(self._outputs[e * o:(e + 1) * o]),
             )

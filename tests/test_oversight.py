@@ -418,7 +418,7 @@ def test_cli_names_first_bad_position_and_kind(kind, base_ledger, tmp_path, caps
 
 
 def test_cli_names_weaker_forgeries_too(base_ledger, tmp_path, capsys) -> None:
-    src, n, _pub = base_ledger
+    src, _n, _pub = base_ledger
     path = _copy(src, tmp_path / "a")
     tamper.insert_entry(path, 7, valid_hash=False)
     assert "first bad position 7: inserted" in _verify_b(path, capsys)[1]

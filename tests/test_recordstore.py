@@ -49,3 +49,25 @@ def test_loader_refuses_like_validate_persons() -> None:
     assert list(store) == expected_kept
     assert {(r.record_id, r.code) for r in refused} == {
         (r.record_id, r.code) for r in expected_refused}
+
+
+def test_query_loader_matches_validate_queries() -> None:
+    from protocol.records import validate_queries, write_query_csv
+    from tests.factories import as_query
+
+    queries = [as_query(make_person(i)) for i in range(20)]
+    queries[2] = as_query(replace(make_person(2), address="Failed to Provide"))
+    queries[5] = as_query(replace(make_person(5), address="20500"))
+    queries[9] = replace(queries[9], metadata=replace(queries[9].metadata, statute=""))
+    queries[14] = as_query(make_person(13))  # duplicate id q-c13
+    buf = io.StringIO()
+    write_query_csv(queries, buf)
+    buf.seek(0)
+    from protocol.recordstore import load_query_csv
+
+    store, refused, rows = load_query_csv(buf)
+    report = validate_queries(enumerate(queries, 2))
+    assert rows == 20
+    assert list(store) == [q.person for q in report.accepted]
+    assert {(r.record_id, r.code) for r in refused} == {
+        (r.record_id, r.code) for r in report.refused}
