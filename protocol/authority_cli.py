@@ -40,11 +40,19 @@ from protocol.authority import (
     subject_commitment,
 )
 from protocol.errors import PSIError
+from protocol.named import (
+    CertificationRequest,
+    TokenSet,
+    certify,
+    issue_tokens,
+    new_token_key,
+)
 from protocol.oversight import OVERSIGHT_DESCRIPTION, add_oversight_arguments, run_oversight_cli
 from protocol.pki import validate_agency_id, write_dev_pki
 from protocol.policy import (
     Authorization,
     CustodianPolicy,
+    Mode,
     SignedAuthorization,
     Tier,
     authority_key_id,
@@ -64,6 +72,7 @@ __all__ = ["main"]
 PROG = "psi-authority"
 KEY_FILE = "authority.key"
 PUBLIC_KEY_FILE = "authority.pub.json"
+TOKEN_KEY_FILE = "authority.token.key"  # noqa: S105 - a file name
 REFUSAL_LISTING_LIMIT = 50
 DEFAULT_VALID_DAYS = 30
 DEFAULT_RETENTION_DAYS = 90
@@ -279,7 +288,7 @@ def _review_queries(args: argparse.Namespace) -> tuple[int, bytes]:
     keys = match_keys_bulk([q.person for q in report.accepted], rules)
     elements = sum(k is not None for rule in rules for k in keys[rule])
     print(f"Evaluations needed ({len(rules)} rule(s), subjects with a usable key): {elements:,}")
-    return accepted, subject_commitment(report.accepted), elements
+    return accepted, subject_commitment(report.accepted), elements, report.accepted
 
 
 def _draft(
@@ -306,11 +315,75 @@ def _draft(
             valid_from=window[0],
             valid_seconds=window[1] - window[0],
             subject_commitment=commitment,
+            mode=Mode.NAMED_SUBJECTS if getattr(args, "named", False) else None,
             engines=_csv_list(args.engines),
             min_aggregate_count=args.min_aggregate_count,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
+
+
+def _named_inputs(args: argparse.Namespace) -> tuple[bytes, bytes]:
+    """(token key c, the custodian's binding secret) for a named-subject review."""
+    if args.queries is None:
+        raise CliError("a named-subject review needs --queries (the subjects to review)")
+    if args.max_queries is not None:
+        raise CliError("--max-queries is fixed by the review: the number of tokens issued")
+    token_key = bytes.fromhex(Path(args.token_key).read_text().strip())
+    binding = bytes.fromhex(Path(args.binding).read_text().strip())
+    if len(token_key) != 32 or len(binding) != 32:
+        raise CliError("token key and binding secret must be 32 bytes (hex)")
+    return token_key, binding
+
+
+def _write_tokens(args: argparse.Namespace, auth: Authorization,
+                  named_inputs: tuple[bytes, bytes], accepted_queries: list[Any]) -> None:
+    """One token c·d_A·H(key) per approved subject and rule (protocol/named.py)."""
+    token_key, binding = named_inputs
+    keys = match_keys_bulk([q.person for q in accepted_queries], list(auth.match_rules))
+    entries = [(q.person.record_id, rule, keys[rule][i])
+               for rule in auth.match_rules for i, q in enumerate(accepted_queries)
+               if keys[rule][i] is not None]
+    if len(entries) != auth.max_queries:
+        raise CliError("internal: token count differs from the signed budget")
+    tokens = issue_tokens(token_key, binding, auth.authorization_id, [k for *_, k in entries])
+    token_set = TokenSet(auth.authorization_id, tuple(
+        (rid, rule, tokens[i * 32:(i + 1) * 32]) for i, (rid, rule, _) in enumerate(entries)))
+    _write_file(Path(args.tokens_out), token_set.to_bytes(), mode=_PRIVATE_MODE,
+                force=args.force)
+    print(f"Named-subject tokens: {len(entries):,} -> {args.tokens_out} (mode 0600; give them "
+          "to the requester with the authorization)")
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    """``issue`` in named-subject mode: only the reviewed subjects will be able to match."""
+    args.named = True
+    return _cmd_issue(args)
+
+
+def _cmd_token_keygen(args: argparse.Namespace) -> int:
+    path = Path(args.out) / TOKEN_KEY_FILE
+    if path.exists() and not args.force:
+        raise CliError(f"{path} already exists; pass --force to overwrite it")
+    _write_file(path, (new_token_key().hex() + "\n").encode(), mode=_PRIVATE_MODE, force=True)
+    print(f"token key: {path} (mode 0600; keep it offline with the signing key)")
+    return 0
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    """Multiply a custodian's blinded elements by c; remember its binding secret."""
+    token_key = bytes.fromhex(Path(args.token_key).read_text().strip())
+    public = _load_public_key(Path(args.public_key))
+    request = CertificationRequest.from_bytes(Path(args.request).read_bytes())
+    response = certify(token_key, authority_key_id(public), request)
+    _write_file(Path(args.out), response.to_bytes(), mode=_PUBLIC_MODE, force=args.force)
+    binding_path = Path(args.binding_out)
+    _write_file(binding_path, (request.binding_secret.hex() + "\n").encode(),
+                mode=_PRIVATE_MODE, force=args.force)
+    print(f"certified {len(request.elements) // 32:,} elements of custodian "
+          f"{request.custodian_id!r} (that count is all this step reveals) -> {args.out}")
+    print(f"binding secret for reviews: {binding_path} (mode 0600)")
+    return 0
 
 
 def _cmd_issue(args: argparse.Namespace) -> int:
@@ -333,6 +406,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         raise CliError(f"--retention-days must not be negative, got {args.retention_days}")
     window = _validity_window(args, int(time.time()))
     rules = _csv_list(args.rules)
+    named_inputs = _named_inputs(args) if getattr(args, "named", False) else None
 
     # Check every argument before any I/O, so a typo never costs a long validation run.
     dummy_commitment = bytes(32) if args.queries is not None else None
@@ -349,8 +423,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     commitment: bytes | None = None
     accepted = 0
     derived = 0
+    accepted_queries: list[Any] = []
     if args.queries is not None:
-        accepted, commitment, derived = _review_queries(args)
+        accepted, commitment, derived, accepted_queries = _review_queries(args)
     max_queries = args.max_queries if args.max_queries is not None else derived
     if args.queries is not None and args.max_queries is not None and args.max_queries != derived:
         _warn(
@@ -369,6 +444,8 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         _warn("'tin' is a disclosure field; the default custodian policy never discloses it")
     signed = sign_authorization(auth, key)
     _write_file(out, signed.to_bytes(), mode=_PUBLIC_MODE, force=args.force)
+    if named_inputs is not None:
+        _write_tokens(args, auth, named_inputs, accepted_queries)
 
     print(f"Signed authorization {auth.authorization_id} -> {out}")
     print(f"  authority key:   {auth.authority_key_id}")
@@ -568,51 +645,8 @@ def _subparser(
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed so documentation tools can render it)."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
-            "Offline tool of the authority (court or oversight office): create the signing "
-            "key, review a request and sign an Authorization, inspect signed files, and set "
-            "up development certificates and custodian policies."
-        ),
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = _subparser(
-        sub,
-        "keygen",
-        _cmd_keygen,
-        "create the authority's Ed25519 signing key",
-        f"Write {KEY_FILE} (PKCS#8 PEM, mode 0600; keep it offline) and {PUBLIC_KEY_FILE} "
-        '({"key_id": ..., "public_key": hex}), which custodians add to their trusted keys.',
-    )
-    p.add_argument("--out", required=True, metavar="DIR", help="directory for the two files")
-    p.add_argument("--force", action="store_true", help="overwrite existing key files")
-    p.add_argument(
-        "--passphrase-env",
-        metavar="VAR",
-        help="encrypt the private key with the passphrase in environment variable VAR",
-    )
-
-    p = _subparser(
-        sub,
-        "issue",
-        _cmd_issue,
-        "review a request and sign an Authorization",
-        "Sign an Authorization for one requester and one custodian.\n\n"
-        "With --queries, the request's query file is validated first: every refused record is "
-        "listed with its line, record id, reason code and detail (placeholder or ZIP-only "
-        "addresses, missing tax periods, ...). Refused records are excluded: the budget "
-        "defaults to accepted subjects x rules, and the authorization commits to exactly the "
-        "accepted subjects (mode named_subjects).\n\n"
-        "example:\n"
-        f"  {PROG} issue --key authority.key --requester agency-a --custodian agency-b \\\n"
-        "      --statute '26 USC 6103(i)(2)' --purpose 'locate subjects of case 24-117' \\\n"
-        "      --rules tin+dob,tin+last_name --fields address,city,state,zip \\\n"
-        "      --queries request.csv --max-disclosures 5000 --out auth.json",
-    )
+def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by issue and review."""
     p.add_argument("--key", required=True, metavar="FILE", help=f"the authority's {KEY_FILE}")
     p.add_argument(
         "--passphrase-env",
@@ -703,6 +737,100 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="FILE", help="signed authorization to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed so documentation tools can render it)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Offline tool of the authority (court or oversight office): create the signing "
+            "key, review a request and sign an Authorization, inspect signed files, and set "
+            "up development certificates and custodian policies."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _subparser(
+        sub,
+        "keygen",
+        _cmd_keygen,
+        "create the authority's Ed25519 signing key",
+        f"Write {KEY_FILE} (PKCS#8 PEM, mode 0600; keep it offline) and {PUBLIC_KEY_FILE} "
+        '({"key_id": ..., "public_key": hex}), which custodians add to their trusted keys.',
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the two files")
+    p.add_argument("--force", action="store_true", help="overwrite existing key files")
+    p.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="encrypt the private key with the passphrase in environment variable VAR",
+    )
+
+    p = _subparser(
+        sub,
+        "issue",
+        _cmd_issue,
+        "review a request and sign an Authorization",
+        "Sign an Authorization for one requester and one custodian.\n\n"
+        "With --queries, the request's query file is validated first: every refused record is "
+        "listed with its line, record id, reason code and detail (placeholder or ZIP-only "
+        "addresses, missing tax periods, ...). Refused records are excluded: the budget "
+        "defaults to accepted subjects x rules, and the authorization commits to exactly the "
+        "accepted subjects (mode stays bulk; use review for named subjects).\n\n"
+        "example:\n"
+        f"  {PROG} issue --key authority.key --requester agency-a --custodian agency-b \\\n"
+        "      --statute '26 USC 6103(i)(2)' --purpose 'locate subjects of case 24-117' \\\n"
+        "      --rules tin+dob,tin+last_name --fields address,city,state,zip \\\n"
+        "      --queries request.csv --max-disclosures 5000 --out auth.json",
+    )
+    _add_issue_arguments(p)
+
+    p = _subparser(
+        sub,
+        "review",
+        _cmd_review,
+        "review named subjects: sign a named-subject authorization and issue tokens",
+        "Like issue, but the authorization is mode named_subjects: every accepted subject "
+        "gets one token per rule, c·d·H(match key), and only those subjects can match. "
+        "Refused subjects (placeholder or ZIP-only address, missing tax periods, statute or "
+        "reason) are listed and get no token. The budget is exactly the number of tokens.",
+    )
+    _add_issue_arguments(p)
+    p.add_argument("--token-key", required=True, metavar="FILE",
+                   help=f"the authority's {TOKEN_KEY_FILE}")
+    p.add_argument("--binding", required=True, metavar="FILE",
+                   help="the custodian's binding secret, saved by 'certify'")
+    p.add_argument("--tokens-out", required=True, metavar="FILE",
+                   help="where to write the tokens for the requester")
+
+    p = _subparser(
+        sub,
+        "token-keygen",
+        _cmd_token_keygen,
+        "create the authority's named-subject token key c",
+        f"Write {TOKEN_KEY_FILE} (a ristretto255 scalar, hex, mode 0600).",
+    )
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true")
+
+    p = _subparser(
+        sub,
+        "certify",
+        _cmd_certify,
+        "certify a custodian's blinded records under the token key (once per epoch)",
+        "Multiply every blinded element b·H(y) of the custodian's request by c. The elements "
+        "are pseudorandom: the authority learns only how many records there are.",
+    )
+    p.add_argument("--token-key", required=True, metavar="FILE")
+    p.add_argument("--public-key", required=True, metavar="FILE",
+                   help=f"the authority's {PUBLIC_KEY_FILE} (names the key epoch)")
+    p.add_argument("--request", required=True, metavar="FILE")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--binding-out", required=True, metavar="FILE",
+                   help="where to keep the custodian's binding secret (mode 0600)")
+    p.add_argument("--force", action="store_true")
 
     p = _subparser(
         sub,
