@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "client"),
         signing_key=signing_key,
         store=store, ops=pool, custodian_keys=parse_agency_keys(args.custodian_key),
-        chunk_size=args.chunk_size,
+        chunk_size=args.chunk_size, audit=audit,
     )
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     server, port = serve(service, tls, args.listen)
@@ -128,6 +128,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         match_rules=[r for r in (args.rules or "").split(",") if r],
         disclosure_fields=[f for f in (args.fields or "").split(",") if f],
         session_id=args.session_id or "",
+        tokens=Path(args.tokens).read_bytes() if args.tokens else b"",
     )
     with _channel(args) as channel:
         stub = pb2_grpc.RequesterStub(channel)
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rules", help="comma-separated subset of the authorized match rules")
     m.add_argument("--fields", help="comma-separated subset of the authorized fields")
     m.add_argument("--session-id", help="resume this session id")
+    m.add_argument("--tokens", help="named-subject tokens from 'psi-authority review'")
     m.add_argument("--show-refused", type=int, default=10, help="refused records to list")
     m.add_argument("--summary-json", help="write the final summary here")
     m.add_argument("--no-progress", action="store_true")

@@ -29,13 +29,13 @@ from rich.table import Table
 
 from benchmarks.scenario import ScenarioSpec, generate
 from protocol.authority import draft_authorization, private_key_from_pem
-from protocol.ledger import Ledger
 from protocol.policy import sign_authorization
 
 console = Console()
 PY = sys.executable
 FIELDS = "address,city,state,zip"
 RULES = "tin+dob,tin+last_name"
+NAMED_RULE = "tin+dob"
 
 
 class DemoFailure(RuntimeError):
@@ -96,7 +96,7 @@ def issue_expired(work: Path) -> Path:
 
 
 def match(work: Path, auth: Path, queries: Path, ports: dict[str, int], name: str,
-          *, progress: bool = True) -> tuple[int, dict[str, Any]]:
+          *, progress: bool = True, tokens: Path | None = None) -> tuple[int, dict[str, Any]]:
     summary = work / f"{name}.summary.json"
     args = ["agency_a.cli", "match", "--server", f"127.0.0.1:{ports['a']}",
             "--certs", str(work / "certs"), "--operator", "demo-analyst",
@@ -105,6 +105,8 @@ def match(work: Path, auth: Path, queries: Path, ports: dict[str, int], name: st
             "--show-refused", "5"]
     if not progress:
         args.append("--no-progress")
+    if tokens is not None:
+        args += ["--tokens", str(tokens)]
     proc = run(args, check=False, quiet=not progress)
     data = json.loads(summary.read_text()) if summary.exists() else {}
     if not progress and proc.returncode != 0 and "failed" not in data:
@@ -115,6 +117,76 @@ def match(work: Path, auth: Path, queries: Path, ports: dict[str, int], name: st
 def truth_queries(path: Path) -> set[str]:
     with path.open(newline="") as fh:
         return {row["query_record_id"] for row in csv.DictReader(fh)}
+
+
+def certify_custodian(work: Path, custodian_csv: Path) -> Path:
+    """Once per epoch: the custodian's records certified under the authority's token key."""
+    a, b = work / "authority", work / "agency-b"
+    t0 = time.perf_counter()
+    run(["protocol.authority_cli", "token-keygen", "--out", str(a)], quiet=True)
+    run(["agency_b.cli", "certify-request", "--records", str(custodian_csv), "--policy",
+         str(b / "policy.json"), "--rules", NAMED_RULE, "--out", str(b / "cert.request"),
+         "--state", str(b / "cert.state")], quiet=True)
+    out = run(["protocol.authority_cli", "certify", "--token-key", str(a / "authority.token.key"),
+               "--public-key", str(a / "authority.pub.json"), "--request",
+               str(b / "cert.request"), "--out", str(b / "cert.response"), "--binding-out",
+               str(a / "agency-b.binding")], quiet=True)
+    run(["agency_b.cli", "certify-finish", "--state", str(b / "cert.state"), "--response",
+         str(b / "cert.response"), "--out", str(b / "named.cert")], quiet=True)
+    console.print(f"   named-subject certification of the custodian's records "
+                  f"({time.perf_counter() - t0:.1f}s): {out.stdout.splitlines()[0]}")
+    return b / "named.cert"
+
+
+def named_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
+    """Only subjects the authority reviewed can match; an unreviewed one in the file cannot."""
+    console.rule("named-subject authorization")
+    with scenario.queries.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    truth = truth_queries(scenario.truth)
+    placeholders = {"failed to provide", "unknown address", "na na", "n/a"}
+    good = [r for r in rows if r["record_id"] in truth and r["tin"] and r["dob"][:1].isdigit()
+            and r["address"].strip().lower() not in placeholders]
+    bad = [r for r in rows if r["address"].strip().lower() in placeholders][:3]
+    reviewed, intruder = good[:12], good[12]
+    review_file = work / "scenario" / "named-review.csv"
+    submit_file = work / "scenario" / "named-submit.csv"
+    for path, subset in ((review_file, reviewed + bad), (submit_file, reviewed + bad + [intruder])):
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=header)
+            w.writeheader()
+            w.writerows(subset)
+    console.print(f"the requester asks to review {len(reviewed) + len(bad)} named subjects "
+                  f"({len(bad)} with placeholder addresses):")
+    auth = work / "named.auth.json"
+    tokens = work / "named.tokens.json"
+    run(["protocol.authority_cli", "review", "--key", str(work / "authority" / "authority.key"),
+         "--token-key", str(work / "authority" / "authority.token.key"),
+         "--binding", str(work / "authority" / "agency-b.binding"),
+         "--requester", "agency-a", "--custodian", "agency-b",
+         "--statute", "26 U.S.C. 6103(i)(2)", "--purpose", "named subjects of case 24-117",
+         "--rules", NAMED_RULE, "--fields", FIELDS, "--max-disclosures", "100",
+         "--queries", str(review_file), "--out", str(auth), "--tokens-out", str(tokens)])
+    console.print(f"the requester submits those subjects plus one it did not have reviewed "
+                  f"({intruder['record_id']}, who IS in the custodian's file):")
+    code, summary = match(work, auth, submit_file, ports, "named", progress=False,
+                          tokens=tokens)
+    if code != 0:
+        raise DemoFailure(f"named-subject match failed: {summary}")
+    results = run(["agency_a.cli", "results", "--server", f"127.0.0.1:{ports['a']}",
+                   "--certs", str(work / "certs"), "--operator", "demo-analyst",
+                   "--job", summary["job_id"], "--purpose", "demo review"], quiet=True)
+    matched = {line.split("\t")[0] for line in results.stdout.splitlines() if line}
+    reviewed_ids = {r["record_id"] for r in reviewed}
+    console.print(f"  matched {len(matched & reviewed_ids)} of {len(reviewed)} reviewed subjects "
+                  f"who are in the custodian file; refused at review: {len(bad)} "
+                  "(placeholder addresses, no token issued)")
+    if intruder["record_id"] in matched or not matched <= reviewed_ids or not matched:
+        raise DemoFailure("named-subject mode let an unreviewed subject match")
+    console.print(f"  unreviewed subject {intruder['record_id']}: [green]no match[/green] "
+                  "(no token from the authority, so its output matches nothing)")
 
 
 def learned_table(summary: dict[str, Any], true_ids: set[str], matched_ids: set[str]) -> Table:
@@ -168,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     ok = True
+    state: dict[str, str] = {}
     try:
-        ok = _demo(work, args.scale, procs)
+        ok = _demo(work, args.scale, procs, state)
     except DemoFailure as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         ok = False
@@ -183,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         if ok:
-            ok = _verify_chains(work) and ok
+            ok = _verify_chains(work, state.get("auth_id", "")) and ok
         if args.workdir or args.keep or not ok:
             console.print(f"working directory kept: {work}")
         else:
@@ -193,25 +266,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def _verify_chains(work: Path) -> bool:
+def _verify_chains(work: Path, auth_id: str) -> bool:
+    """After both services stopped: both audit chains, then the inspector's oversight check."""
+    console.rule("accountability")
     ok = True
-    for label, path in (("custodian ledger", work / "agency-b" / "ledger.sqlite"),
-                        ("requester ledger", work / "agency-a" / "data" /
-                         "requester-ledger.sqlite")):
-        if not path.exists():
-            console.print(f"{label}: [red]missing[/red]")
-            ok = False
-            continue
-        with Ledger(path) as ledger:
-            result = ledger.verify_audit_chain()
-        colour = "green" if result.ok else "red"
-        console.print(f"{label} audit chain: [{colour}]{result.detail}[/{colour}] "
-                      f"(head {result.head.hex()[:16]}…)")
-        ok = ok and result.ok
-    return ok
+    for cmd in (["agency_b.cli", "audit", "verify", "--ledger", str(work / "agency-b" /
+                 "ledger.sqlite"), "--public-key",
+                 str(work / "agency-b" / "secrets" / "signing.pub.json")],
+                ["agency_a.cli", "audit", "verify", "--data", str(work / "agency-a" / "data"),
+                 "--public-key", str(work / "agency-a" / "secrets" / "signing.pub.json")]):
+        proc = run(cmd, check=False, quiet=True)
+        console.print(f"{cmd[0].split('.')[0]} audit chain: {proc.stdout.strip()}")
+        ok = ok and proc.returncode == 0
+    if not auth_id:
+        return False
+    for agency, where in (("agency_b", ["--ledger", str(work / "agency-b" / "ledger.sqlite")]),
+                          ("agency_a", ["--data", str(work / "agency-a" / "data")])):
+        side = agency[-1]
+        run([f"{agency}.cli", "export", *where, "--authorization", auth_id,
+             "--out", str(work / f"export-{side}.json"),
+             "--secrets", str(work / f"agency-{side}" / "secrets")], quiet=True)
+    proc = run(["protocol.authority_cli", "oversight",
+                "--custodian-export", str(work / "export-b.json"),
+                "--requester-export", str(work / "export-a.json"),
+                "--custodian-key", str(work / "agency-b" / "secrets" / "signing.pub.json"),
+                "--requester-key", str(work / "agency-a" / "secrets" / "signing.pub.json")],
+               check=False, quiet=True)
+    console.print(Panel(proc.stdout.strip() or proc.stderr.strip(),
+                        title="oversight check (what an inspector general runs)"))
+    return ok and proc.returncode == 0
 
 
-def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]]) -> bool:
+def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
+          state: dict[str, str]) -> bool:
     console.rule("[bold]policy-gated private matching: demo")
     console.print(f"working directory: {work}")
     t0 = time.perf_counter()
@@ -235,6 +322,9 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]]) -> bool:
     auth = issue(work, "main", "--rules", RULES, "--max-disclosures", str(scale),
                  "--valid-days", "30", "--retention-days", "90", queries=scenario.queries)
 
+    state["auth_id"] = json.loads(auth.read_text())["authorization"]["authorization_id"]
+    certification = certify_custodian(work, scenario.custodian)
+
     ports: dict[str, int] = {}
     b_dir = work / "agency-b"
     procs.append(subprocess.Popen([
@@ -242,6 +332,7 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]]) -> bool:
         "--policy", str(b_dir / "policy.json"), "--ledger", str(b_dir / "ledger.sqlite"),
         "--secrets", str(b_dir / "secrets"), "--certs", str(work / "certs"),
         "--listen", "127.0.0.1:0", "--port-file", str(b_dir / "port"),
+        "--certification", str(certification),
         "--requester-key", f"agency-a={work / 'agency-a' / 'secrets' / 'signing.pub.json'}",
     ], stderr=(b_dir / "service.log").open("wb")))
     a_dir = work / "agency-a"
@@ -278,6 +369,8 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]]) -> bool:
     console.print(f"results are stored encrypted at rest for "
                   f"{summary['results_retention_days']} days, then purged; "
                   f"the read above was logged for operator 'demo-analyst'.")
+
+    named_scene(work, scenario, ports)
 
     console.rule("refusals")
     small = work / "scenario" / "small-queries.csv"

@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from agency_a.client import WireStats, run_remote_session
 from proto import service_kit as kit
 from protocol.errors import PSIError
+from protocol.ledger import Ledger
 from protocol.named import TokenSet
+from protocol.oversight import record_receipt
 from protocol.policy import SignedAuthorization
 from protocol.recordstore import load_query_csv
 from protocol.sessions import GroupOps, RequesterSession
@@ -81,8 +83,10 @@ class RequesterService(pb2_grpc.RequesterServicer):
         ops: GroupOps | None = None,
         custodian_keys: dict[str, Ed25519PublicKey] | None = None,
         chunk_size: int = 4096,
+        audit: Ledger | None = None,
     ) -> None:
         self.identity = identity
+        self.audit = audit
         self.client_tls = client_tls
         self.signing_key = signing_key
         self.store = store
@@ -215,6 +219,9 @@ class RequesterService(pb2_grpc.RequesterServicer):
 
             with kit.secure_channel(header.custodian_address, self.client_tls) as channel:
                 outcome = run_remote_session(session, channel, progress=progress, stats=stats)
+            if self.audit is not None:
+                # both signatures, kept on the requester's own hash-chained ledger
+                record_receipt(self.audit, outcome.receipt)
             rows = [
                 {"query_record_id": r.query_record_id, "rule_id": r.rule_id,
                  "pseudonym": r.pseudonym, "fields": dict(r.fields)}

@@ -19,14 +19,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from agency_b.certification import register as register_certification
 from agency_b.service import serve
 from proto import service_kit as kit
 from protocol.errors import PSIError
 from protocol.ledger import Ledger
+from protocol.named import Certification
 from protocol.oprf import BatchPool
 from protocol.oversight import Checkpointer, audit_verify_command, export_command
 from protocol.policy import CustodianPolicy
-from protocol.records import read_person_csv_with_lines, validate_persons
+from protocol.recordstore import load_custodian_csv
 from protocol.sessions import Custodian, CustodianConfig
 
 log = logging.getLogger("agency_b")
@@ -108,9 +110,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signing_key = load_signing_key(secrets / "signing.key")
     policy = CustodianPolicy.load(args.policy)
     t0 = time.perf_counter()
-    rows = read_person_csv_with_lines(args.records)
-    records, refused = validate_persons(rows)
-    kit.log_event(log, "records_loaded", records=len(rows), usable=len(records),
+    records, refused, rows = load_custodian_csv(args.records)
+    certifications = {}
+    for path in args.certification:
+        cert = Certification.load(Path(path))
+        certifications[cert.authority_key_id] = cert
+    kit.log_event(log, "records_loaded", records=rows, usable=len(records),
+                  certifications=sorted(certifications),
                   refused=dict(Counter(str(r.code) for r in refused)),
                   seconds=round(time.perf_counter() - t0, 2))
     ledger = Ledger(args.ledger)
@@ -119,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     custodian = Custodian(CustodianConfig(
         policy=policy, records=records, ledger=ledger, master_secret=master,
         signing_key=signing_key, requester_keys=parse_agency_keys(args.requester_key),
-        ops=pool,
+        ops=pool, certifications=certifications,
     ))
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     server, port = serve(custodian, tls, args.listen)
@@ -158,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Custodian agency: holds the records, enforces its policy and the signed "
         "authorization, evaluates the OPRF and accounts for every disclosure."))
     sub = p.add_subparsers(dest="command", required=True)
+    register_certification(sub)
     i = sub.add_parser("init", help="generate the custodian's master secret and receipt key")
     i.add_argument("--out", required=True, help="secrets directory (files are mode 0600)")
     i.add_argument("--force", action="store_true", help="replace existing secrets")
@@ -173,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port-file", help="write the bound port here (for port 0)")
     s.add_argument("--requester-key", action="append", default=[], metavar="AGENCY=PUB.json",
                    help="a requester's receipt-countersigning public key (repeatable)")
+    s.add_argument("--certification", action="append", default=[], metavar="FILE",
+                   help="named-subject certification from certify-finish (repeatable)")
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes for group operations (default: all cores)")
     s.add_argument("--grace", type=float, default=5.0, help="shutdown grace period, seconds")

@@ -331,8 +331,9 @@ def render_markdown(runs: Sequence[Run], plot_name: str = "latest.png") -> str:
     out += ["", "## Runs", "", *_runs_table(runs), "",
             "wall = the match session (open, incl. the custodian's index build and both sides' "
             "match-key derivation, through the countersigned receipt); CPU = both service "
-            "process trees incl. pool workers for the whole job; bytes = protocol payload "
-            "counted by the requester (OpenMined: serialized setup + response, request); "
+            "process trees incl. pool workers during the session (OpenMined: its process); "
+            "bytes = protocol payload counted by the requester "
+            "(OpenMined: serialized setup + response, request); "
             "peak RSS = the service process itself (OpenMined: its one process). "
             "expected = matches of the plaintext join of the same keys.", ""]
     ratio = _ratio_table(runs)
@@ -367,6 +368,7 @@ def render_plot(runs: Sequence[Run], path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return None
@@ -388,6 +390,11 @@ def render_plot(runs: Sequence[Run], path: Path) -> Path | None:
                 label=f"target {FLOOR_FACTOR_TARGET} x floor")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _pos: f"{v:,.0f}" if str(round(v, 6))[0] in "25" else ""))
     ax.set_xlabel("custodian records N (queries ≈ N)")
     ax.set_ylabel("wall time of the match step (s)")
     ax.set_title("Identity-tier match step vs size")

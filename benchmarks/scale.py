@@ -30,6 +30,7 @@ import csv
 import dataclasses
 import datetime as dt
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -234,6 +235,7 @@ class TreeSampler:
         self._cpu: dict[str, dict[tuple[int, float], float]] = {}
         self.peak_rss: dict[str, int] = {}
         self.peak_tree_rss: dict[str, int] = {}
+        self._history: dict[str, list[tuple[float, float]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
@@ -252,6 +254,7 @@ class TreeSampler:
             self._cpu[label] = {}
             self.peak_rss[label] = 0
             self.peak_tree_rss[label] = 0
+            self._history[label] = []
         self.sample()
 
     def unwatch(self, label: str) -> None:
@@ -284,12 +287,33 @@ class TreeSampler:
                     if p.pid == root.pid:
                         self.peak_rss[label] = max(self.peak_rss[label], rss)
                 self.peak_tree_rss[label] = max(self.peak_tree_rss[label], tree_rss)
+                self._history[label].append((time.perf_counter(), sum(cpu.values())))
 
     def cpu_seconds(self, label: str) -> float:
         """CPU seconds of the tree so far (samples first, so the value is current)."""
         self.sample()
         with self._lock:
             return sum(self._cpu.get(label, {}).values())
+
+    def cpu_between(self, label: str, start: float, stop: float) -> float:
+        """CPU seconds of the tree between two ``time.perf_counter()`` instants.
+
+        Interpolated linearly between samples, so it is exact to about one interval.
+        """
+        with self._lock:
+            hist = list(self._history.get(label, []))
+        if not hist:
+            return 0.0
+
+        def at(t: float) -> float:
+            if t <= hist[0][0]:
+                return hist[0][1]
+            for (t0, c0), (t1, c1) in itertools.pairwise(hist):
+                if t0 <= t <= t1:
+                    return c0 + (c1 - c0) * ((t - t0) / (t1 - t0) if t1 > t0 else 1.0)
+            return hist[-1][1]
+
+        return max(at(stop) - at(start), 0.0)
 
     def processes(self, label: str) -> int:
         with self._lock:
@@ -550,13 +574,18 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
                 "--custodian", f"127.0.0.1:{svc.b_port}", "--summary-json", str(summary_path),
                 "--no-progress", "--show-refused", "0",
             ], text=True, capture_output=True, check=False, cwd=REPO)
-        e2e = time.perf_counter() - t0
-        cpu_a = sampler.cpu_seconds("a") - cpu_a0
-        cpu_b = sampler.cpu_seconds("b") - cpu_b0
+        t_end = time.perf_counter()
+        e2e = t_end - t0
+        cpu_a_e2e = sampler.cpu_seconds("a") - cpu_a0
+        cpu_b_e2e = sampler.cpu_seconds("b") - cpu_b0
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if proc.returncode != 0 or "failed" in summary:
             raise RuntimeError(f"agency-a match failed: {summary.get('failed', '')}\n"
                                f"{proc.stdout}{proc.stderr}")
+        # The session ends just before the CLI exits; its wall time dates its start.
+        t_session = t_end - float(summary["wall_seconds"])
+        cpu_a = sampler.cpu_between("a", t_session, t_end)
+        cpu_b = sampler.cpu_between("b", t_session, t_end)
         got = _cli(["agency_a.cli", "results", "--server", f"127.0.0.1:{svc.a_port}",
                     "--certs", str(work / "certs"), "--operator", "bench",
                     "--job", summary["job_id"], "--purpose", "benchmark accuracy check",
@@ -576,6 +605,7 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
         "cpu_s": round(cpu_a + cpu_b, 3),
         "cpu_a_s": round(cpu_a, 3),
         "cpu_b_s": round(cpu_b, 3),
+        "cpu_e2e_s": round(cpu_a_e2e + cpu_b_e2e, 3),
         "floor_s": round(floor, 3),
         "e2e_wall_s": round(e2e, 3),
         "bytes_a_to_b": int(summary["bytes_a_to_b"]),
@@ -756,11 +786,6 @@ def run_benchmark(
     if "openmined" in engines:
         ensure_openmined_venv(venv, console)
 
-    with console.status(f"measuring per-op group costs on {op_sample:,} elements"):
-        costs = measure_op_costs(op_sample)
-    console.log("per-op cost (single core, µs): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in costs.as_dict().items() if k != "sample"))
-
     work = Path(tempfile.mkdtemp(prefix="gated-psi-bench-"))
     new_runs: list[dict[str, Any]] = []
     try:
@@ -781,6 +806,8 @@ def run_benchmark(
                 size_runs = []
                 for engine in engines:
                     if engine == "oprf":
+                        # Measured right before the run it bounds, so both see the same box.
+                        costs = _measure_costs(op_sample, console)
                         run = run_oprf(files, spec, plain, rules, costs, work, sampler, console,
                                        workers=workers)
                     else:
@@ -809,6 +836,14 @@ def run_benchmark(
     outputs = report.render(runs, results_dir)
     console.log(f"wrote {latest}, " + ", ".join(str(p) for p in outputs))
     return new_runs
+
+
+def _measure_costs(sample: int, console: Console) -> OpCosts:
+    with console.status(f"measuring per-op group costs on {sample:,} elements"):
+        costs = measure_op_costs(sample)
+    console.log("per-op cost (single core, µs): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in costs.as_dict().items() if k != "sample"))
+    return costs
 
 
 def _sizes(text: str) -> list[int]:

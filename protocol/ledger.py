@@ -1089,9 +1089,9 @@ class Ledger:
         for seq, at, kind, payload, _prev, _hash in self._raw_entries():
             if not pending:
                 break
-            if seq != expected_seq:
+            if seq != expected_seq or not _well_typed(at, kind, payload):
                 return False
-            computed = audit_entry_hash(computed, seq, at, kind, payload)
+            computed = audit_entry_hash(computed, seq, float(at), kind, payload)
             for cp in pending.pop(seq, []):
                 if not hmac.compare_digest(cp.head, computed):
                     return False
@@ -1231,13 +1231,23 @@ def _check_link(
         if seq > expected_seq:
             return expected_seq, f"entry {expected_seq} is missing (next stored seq is {seq})"
         return seq, f"entry {seq} is out of sequence (expected {expected_seq})"
-    if not isinstance(at, float | int) or not isinstance(kind, str) or not isinstance(payload, str):
+    if not _well_typed(at, kind, payload):
         return seq, f"entry {seq} has malformed columns"
     if not hmac.compare_digest(stored_prev, prev):
         return seq, f"entry {seq} does not link to entry {seq - 1} (prev_hash mismatch)"
     if not hmac.compare_digest(audit_entry_hash(prev, seq, float(at), kind, payload), stored_hash):
         return seq, f"entry {seq} content does not match its hash"
     return None
+
+
+def _well_typed(at: object, kind: object, payload: object) -> bool:
+    """Stored columns have the types hashing needs (SQLite does not enforce column types)."""
+    return (
+        isinstance(at, float | int)
+        and not isinstance(at, bool)
+        and isinstance(kind, str)
+        and isinstance(payload, str)
+    )
 
 
 def _same_bytes(stored: bytes | None, given: bytes) -> bool:

@@ -21,9 +21,9 @@ precomputed table ``T[i][d] = h^(d * 2^(w*i))``: writing ``x`` in base ``2^w`` (
 ceil(l / w)`` digits ``d_i``), ``h^x = prod_i T[i][d_i]``, i.e. ``W - 1`` modular
 multiplications and no squaring at all (21 at the defaults ``l = 256``, ``w = 12``, against
 ~2,300 for a full ``r^n``).  The randomizer ``h^x`` with a short ``x`` is the encryption of
-Damgård–Jurik (PKC 2001) and Damgård–Jurik–Nielsen (IJIS 2010), there with ``|x| = |n|/2``
+Damgård-Jurik (PKC 2001) and Damgård-Jurik-Nielsen (IJIS 2010), there with ``|x| = |n|/2``
 and ``h = (-y^2)^n``; ABY's DJN code and SecretFlow HEU implement it the same way.  The
-table is the classic fixed-base windowing (Brickell–Gordon–McCurley–Wilson, Lim–Lee).
+table is the classic fixed-base windowing (Brickell-Gordon-McCurley-Wilson, Lim-Lee).
 
 Security argument (IND-CPA against anyone without the factorization, even given ``h``)
 -------------------------------------------------------------------------------------------
@@ -35,11 +35,11 @@ Assumptions:
   n-th residue, ``{h^x : x <- [0, 2^l)}`` is computationally indistinguishable from
   ``{h^x : x <- [0, 2^L)}`` with ``L = 2|n| + kappa`` (i.e. from a full-length exponent).
   This is the composite-modulus analogue of the short-exponent assumptions of
-  Koshiba–Kurosawa (PKC 2004).  The best known attacks are generic (Pollard lambda /
-  van Oorschot–Wiener, ~``2^(l/2)`` group operations), so ``l = 2*kappa`` gives ``kappa``
+  Koshiba-Kurosawa (PKC 2004).  The best known attacks are generic (Pollard lambda /
+  van Oorschot-Wiener, ~``2^(l/2)`` group operations), so ``l = 2*kappa`` gives ``kappa``
   bits; the group order is also unknown to the attacker (it would factor ``n``).  Whoever
   wants a reduction to factoring rather than a short-exponent assumption can set
-  ``exponent_bits = |n| / 2`` as DJ01 and ABY do (4x the cost); Håstad–Schrift–Shamir
+  ``exponent_bits = |n| / 2`` as DJ01 and ABY do (4x the cost); Håstad-Schrift-Shamir
   (JCSS 1993) is the classic result that exponents of half the modulus length are as good
   as full ones under factoring.
 
@@ -61,8 +61,10 @@ homomorphic operations must be re-randomized with a full-strength ``r^n``
 ``gmpy2``
 ---------
 ``phe`` uses ``gmpy2`` automatically when it is installed, and so does this module; it makes
-each multiplication modulo ``n^2`` ~6-7x faster than Python integers.  Everything works
-without it (Python ``int``), only slower.
+each multiplication modulo ``n^2`` ~7x faster than Python integers.  Everything works
+without it (Python ``int``), only slower.  Measured CPU per encryption, 2048-bit ``n``, on
+the project's 2-core box (loaded): plain ``phe`` 10.6 ms with gmpy2 / 91 ms without; this
+module (``l = 256``, ``w = 12``) 0.13 ms with gmpy2 / 0.92 ms without.
 """
 
 from __future__ import annotations
@@ -107,7 +109,9 @@ __all__ = [
     "encrypt_plain",
     "generate_keypair",
     "multiply_ciphertexts",
+    "new_spec",
     "rerandomize",
+    "to_modular",
 ]
 
 #: Production minimum for the Paillier modulus (~112-bit security, NIST SP 800-57).
@@ -215,6 +219,23 @@ def multiply_ciphertexts(
     for c in ciphertexts:
         acc = acc * c % mod
     return int(acc)
+
+
+def to_modular(value: int) -> object:
+    """``value`` in the fastest integer type for modular products (gmpy2.mpz if installed)."""
+    return _number(None)(value)
+
+
+def new_spec(
+    public_key: paillier.PaillierPublicKey,
+    *,
+    exponent_bits: int = DEFAULT_EXPONENT_BITS,
+    window_bits: int = DEFAULT_WINDOW_BITS,
+) -> EncryptorSpec:
+    """A fresh random base ``h = r0^n mod n^2`` for ``public_key``, as a spec (no tables)."""
+    n, nsquare = public_key.n, public_key.nsquare
+    base = int(powmod(_random_unit(n), n, nsquare))
+    return EncryptorSpec(n=n, base=base, exponent_bits=exponent_bits, window_bits=window_bits)
 
 
 def _random_unit(n: int) -> int:

@@ -465,6 +465,9 @@ class CustodianSession:
         self.fields = tuple(f for f in req.disclosure_fields if f in allowed)
         self.element_limit = reservation.reserved
         self.evaluated = reservation.evaluated
+        # A resumed session continues its account: disclosures made before a reconnect count.
+        self.disclosed = sum(1 for row in ledger.disclosures(auth.authorization_id)
+                             if row.session_id == req.session_id and not row.repeat)
         self._sk = authorization_key(cfg.master_secret, auth.authorization_id)
         self._pseudonym_key = self._sk
         if named:

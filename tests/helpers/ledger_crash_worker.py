@@ -8,7 +8,13 @@ Two authorizations are used: a small one whose budget and disclosure cap run out
 first few runs (so the limits are hit while processes are being killed), and a large one that
 keeps reserve/evaluate/disclose commits flowing for the rest of the test.
 
-Usage: python -m tests.helpers.ledger_crash_worker DB SEED
+Start-up is staged through stdin so that it stays off the test's critical path: the worker
+imports everything and prints ``WARM``, waits for ``GO``, opens the ledger and registers the
+authorizations, prints ``READY``, then waits for ``RUN``. The test can thus spawn the next pair
+while the current pair runs, and let both workers of a pair register before either starts
+hammering (a busy SQLite writer can otherwise starve the other's registration for seconds).
+
+Usage: python -m tests.helpers.ledger_crash_worker DB SEED   (then "GO\n", "RUN\n" on stdin)
 """
 
 from __future__ import annotations
@@ -43,12 +49,17 @@ def main(argv: list[str]) -> int:
     db, seed = argv
     rng = random.Random(int(seed))
     key = Ed25519PrivateKey.from_private_bytes(CHECKPOINT_KEY_SEED)
+    report("WARM")
+    if sys.stdin.readline() != "GO\n":
+        return 2  # the test went away before starting this worker
     ledger = Ledger(db)
     for auth_id, (max_queries, max_disclosures) in AUTHORIZATIONS.items():
         ledger.ensure_authorization(
             auth_id, max_queries=max_queries, max_disclosures=max_disclosures, not_after=NOT_AFTER
         )
     report("READY")
+    if sys.stdin.readline() != "RUN\n":
+        return 2
     prefix = f"w{seed}-{secrets.token_hex(6)}"  # unique across restarts with the same seed
     i = 0
     while True:

@@ -47,8 +47,9 @@ def entry_count(path: Path) -> int:
 def edit_entry(path: Path, seq: int) -> None:
     """Replace entry ``seq``'s payload with other valid JSON (hash left as it was)."""
     with raw(path) as c:
-        c.execute("UPDATE audit_log SET payload = ? WHERE seq = ?",
-                  (canonical_json({"edited": seq}), seq))
+        c.execute(
+            "UPDATE audit_log SET payload = ? WHERE seq = ?", (canonical_json({"edited": seq}), seq)
+        )
 
 
 def delete_entry(path: Path, seq: int) -> None:
@@ -101,8 +102,10 @@ def swap_entries(path: Path, a: int, b: int) -> None:
 def rewrite_from(path: Path, seq: int) -> None:
     """Edit entry ``seq`` and recompute every hash and link after it (a wholesale rewrite)."""
     with raw(path) as c:
-        c.execute("UPDATE audit_log SET payload = ? WHERE seq = ?",
-                  (canonical_json({"rewritten": seq}), seq))
+        c.execute(
+            "UPDATE audit_log SET payload = ? WHERE seq = ?",
+            (canonical_json({"rewritten": seq}), seq),
+        )
         prev_row = c.execute(
             "SELECT entry_hash FROM audit_log WHERE seq = ?", (seq - 1,)
         ).fetchone()
@@ -112,8 +115,9 @@ def rewrite_from(path: Path, seq: int) -> None:
         ).fetchall()
         for s, at, kind, payload in rows:
             h = audit_entry_hash(prev, s, float(at), kind, payload)
-            c.execute("UPDATE audit_log SET prev_hash = ?, entry_hash = ? WHERE seq = ?",
-                      (prev, h, s))
+            c.execute(
+                "UPDATE audit_log SET prev_hash = ?, entry_hash = ? WHERE seq = ?", (prev, h, s)
+            )
             prev = h
 
 
