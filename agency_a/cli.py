@@ -26,6 +26,7 @@ from agency_b.cli import (
     write_signing_key,
 )
 from proto import service_kit as kit
+from protocol.aggregate import AggregatePool
 from protocol.errors import PSIError
 from protocol.ledger import Ledger
 from protocol.oprf import BatchPool
@@ -62,12 +63,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = ResultStore(data / "results.sqlite", load_key(key_path), audit, key_path=key_path)
     store.start_purger(args.purge_interval)
     pool = BatchPool(args.workers) if args.workers > 1 else None
+    agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
     service = RequesterService(
         args.agency_id,
         kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "client"),
         signing_key=signing_key,
         store=store, ops=pool, custodian_keys=parse_agency_keys(args.custodian_key),
-        chunk_size=args.chunk_size, audit=audit,
+        chunk_size=args.chunk_size, audit=audit, aggregate_ops=agg_pool,
     )
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     server, port = serve(service, tls, args.listen)
@@ -83,8 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if final is not None:
         kit.log_event(log, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
                       reason="shutdown")
-    if pool is not None:
-        pool.close()
+    for p in (pool, agg_pool):
+        if p is not None:
+            p.close()
     audit.close()
     return 0
 
@@ -169,6 +172,9 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 
 def print_summary(console: Console, s: dict[str, Any]) -> None:
+    if s.get("tier") in ("aggregate", "cardinality"):
+        print_aggregate_summary(console, s)
+        return
     t = Table(title="match job summary", show_header=False)
     t.add_column("item")
     t.add_column("value", justify="right")
@@ -193,6 +199,30 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
                        ("fields disclosed", "fields_disclosed")):
         items = s.get(key) or {}
         console.print(f"{label}: " + (", ".join(f"{k}={v:,}" for k, v in items.items()) or "none"))
+
+
+def print_aggregate_summary(console: Console, s: dict[str, Any]) -> None:
+    """Aggregate tiers: a count (and a sum), never an identity."""
+    t = Table(title=f"{s['tier']} job summary", show_header=False)
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    total = s.get("aggregate_sum")
+    rows = [
+        ("queries submitted", f"{s.get('queries_submitted', 0):,}"),
+        ("queries accepted", f"{s.get('queries_accepted', 0):,}"),
+        ("match rule", s.get("match_rule")),
+        ("intersection count", f"{s.get('aggregate_count', 0):,}"),
+        ("intersection sum", "withheld: " + str(s.get("aggregate_reason"))
+         if s.get("aggregate_withheld") else
+         ("-" if total is None else f"{total:,} (${total / 100:,.2f} if cents)")),
+        ("custodian pairs received", f"{s.get('custodian_pairs', 0):,}"),
+        ("bytes requester -> custodian", f"{s.get('bytes_a_to_b', 0):,}"),
+        ("bytes custodian -> requester", f"{s.get('bytes_b_to_a', 0):,}"),
+        ("wall seconds", str(s.get("wall_seconds"))),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    console.print(t)
 
 
 def cmd_results(args: argparse.Namespace) -> int:

@@ -17,6 +17,14 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proto import service_kit as kit
+from protocol.aggregate import (
+    AggregateOpenResponse,
+    AggregateOutcome,
+    AggregateRequesterSession,
+    CustodianPairsChunk,
+    DoubleBlindedChunk,
+    SumReveal,
+)
 from protocol.errors import ProtocolError
 from protocol.messages import EvaluatedChunk, TagChunk
 from protocol.sessions import Receipt, RequesterSession, SessionOutcome
@@ -148,3 +156,88 @@ def run_remote_session(
     progress("close", 1, 1)
     return SessionOutcome(matches=session.matches, results=session.results,
                           receipt=countersigned, rejected=session.rejected)
+
+
+def run_remote_aggregate(
+    session: AggregateRequesterSession,
+    channel: grpc.Channel,
+    *,
+    progress: Progress = _noop,
+    stats: WireStats | None = None,
+    rpc_timeout: float = 6 * 3600,
+) -> AggregateOutcome:
+    """Run one aggregate or cardinality session (protocol/aggregate.py) over ``channel``."""
+    stub = pb2_grpc.CustodianStub(channel)
+    stats = stats if stats is not None else WireStats()
+    sid = session.session_id
+    t0 = time.perf_counter()
+    req = session.open_request()
+    opened = stub.AggregateOpen(pb2.AggregateOpenRequest(
+        session_id=req.session_id, signed_authorization=req.signed_authorization, tier=req.tier,
+        match_rule=req.match_rule, value_field=req.value_field,
+        element_count=req.element_count, engine=req.engine), timeout=600)
+    session.handle(AggregateOpenResponse(
+        session_id=opened.session_id, authorization_id=opened.authorization_id,
+        custodian_id=opened.custodian_id, tier=opened.tier, match_rule=opened.match_rule,
+        value_field=opened.value_field, element_count=opened.element_count,
+        pair_count=opened.pair_count, paillier_n=opened.paillier_n,
+        min_aggregate_count=opened.min_aggregate_count,
+        budget_remaining=opened.budget_remaining))
+    if session.custodian_key is None and opened.custodian_public_key:
+        session.custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
+    stats.seconds["open"] = time.perf_counter() - t0
+    progress("open", 1, 1)
+
+    t1 = time.perf_counter()
+    total = req.element_count
+
+    def upload():
+        done = 0
+        for chunk in session.blinded_chunks():
+            stats.add("evaluate", len(chunk.elements), 0)
+            done += len(chunk.elements) // 32
+            progress("evaluate", done, total)
+            yield pb2.ElementChunk(session_id=sid, seq=chunk.seq, elements=chunk.elements)
+
+    stub.AggregateUpload(upload(), timeout=rpc_timeout)
+    got = 0
+    for pb in stub.AggregateDoubleBlinded(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
+        session.handle(DoubleBlindedChunk(seq=pb.seq, elements=pb.elements))
+        stats.add("evaluate", 0, len(pb.elements))
+        got += len(pb.elements) // 32
+        progress("evaluate", got, total)
+    stats.seconds["evaluate"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    pairs_total, pairs = opened.pair_count, 0
+    for pb in stub.AggregatePairs(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
+        session.handle(CustodianPairsChunk(seq=pb.seq, elements=pb.elements,
+                                           ciphertexts=pb.ciphertexts))
+        stats.add("tags", 0, len(pb.elements) + len(pb.ciphertexts))
+        pairs += len(pb.elements) // 32
+        progress("tags", pairs, pairs_total)
+    stats.seconds["tags"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    masked = session.masked_sum()
+    stats.add("disclose", len(masked.ciphertext) + 8, 0)
+    reveal = stub.AggregateReveal(pb2.MaskedSumMessage(
+        session_id=sid, count=masked.count, ciphertext=masked.ciphertext), timeout=600)
+    session.handle(SumReveal(count=reveal.count, withheld=reveal.withheld,
+                             masked_sum=reveal.masked_sum, reason=reveal.reason))
+    stats.add("disclose", 0, reveal.ByteSize())
+    stats.seconds["disclose"] = time.perf_counter() - t3
+    progress("disclose", 1, 1)
+
+    close = session.close_request()
+    receipt_pb = stub.CloseSession(
+        pb2.CloseSessionRequest(session_id=sid, transcript_hash=close.transcript_hash),
+        timeout=600)
+    countersigned = session.handle(kit.receipt_from_pb(receipt_pb))
+    if not isinstance(countersigned, Receipt) or session.result is None:
+        raise ProtocolError("aggregate session ended without a receipt or a result")
+    if countersigned.requester_signature:
+        stub.Countersign(kit.receipt_to_pb(countersigned), timeout=600)
+    progress("close", 1, 1)
+    return AggregateOutcome(result=session.result, receipt=countersigned,
+                            requester_stats=dict(session.stats), custodian_stats={})

@@ -28,8 +28,11 @@ from rich.panel import Panel
 from rich.table import Table
 
 from benchmarks.scenario import ScenarioSpec, generate
+from protocol.aggregate import plaintext_answer
 from protocol.authority import draft_authorization, private_key_from_pem
 from protocol.policy import sign_authorization
+from protocol.records import MATCH_RULES
+from protocol.recordstore import load_custodian_csv, load_query_csv
 
 console = Console()
 PY = sys.executable
@@ -63,7 +66,8 @@ def wait_port(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -
     raise DemoFailure(f"service did not report its port within {timeout}s")
 
 
-def issue(work: Path, name: str, *extra: str, queries: Path | None = None) -> Path:
+def issue(work: Path, name: str, *extra: str, queries: Path | None = None,
+          quiet: bool = False) -> Path:
     out = work / f"{name}.auth.json"
     args = ["protocol.authority_cli", "issue", "--key", str(work / "authority" / "authority.key"),
             "--requester", "agency-a", "--custodian", "agency-b",
@@ -71,7 +75,7 @@ def issue(work: Path, name: str, *extra: str, queries: Path | None = None) -> Pa
             "--fields", FIELDS, "--out", str(out), *extra]
     if queries is not None:
         args += ["--queries", str(queries)]
-    run(args, quiet=queries is None)
+    run(args, quiet=quiet or queries is None)
     return out
 
 
@@ -187,6 +191,37 @@ def named_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
         raise DemoFailure("named-subject mode let an unreviewed subject match")
     console.print(f"  unreviewed subject {intruder['record_id']}: [green]no match[/green] "
                   "(no token from the authority, so its output matches nothing)")
+
+
+def aggregate_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
+    """Statistics without identities: how many are filers, and what they paid together."""
+    console.rule("aggregate tier: a count and a sum, no identities")
+    auth = issue(work, "aggregate", "--tier", "aggregate", "--rules", NAMED_RULE,
+                 "--fields", "tax_paid_cents", "--valid-days", "30", "--min-aggregate-count",
+                 "10", queries=scenario.queries, quiet=True)
+    code, summary = match(work, auth, scenario.queries, ports, "aggregate", progress=False)
+    if code != 0:
+        raise DemoFailure(f"aggregate match failed: {summary}")
+    accepted, _refused, _rows = load_query_csv(scenario.queries)
+    records, _r, _n = load_custodian_csv(scenario.custodian)
+    policy = json.loads((work / "agency-b" / "policy.json").read_text())
+    excluded = set(policy.get("excluded_record_classes", []))
+    in_scope = [r for r in records if r.record_class not in excluded]
+    rule = MATCH_RULES[NAMED_RULE]
+    want_count, want_sum = plaintext_answer(
+        (rule.match_key(p) for p in accepted),
+        ((rule.match_key(r), int(r.get("tax_paid_cents") or 0)) for r in in_scope))
+    got_count, got_sum = summary["aggregate_count"], summary["aggregate_sum"]
+    console.print(f"  the requester learned: [bold]{got_count:,}[/bold] of its "
+                  f"{summary['queries_accepted']:,} subjects are in the custodian's file, and "
+                  f"together they paid [bold]${got_sum / 100:,.2f}[/bold]")
+    console.print("  it learned nothing about which ones: both sides' elements were shuffled, "
+                  "values were Paillier-encrypted and summed homomorphically; the custodian "
+                  "decrypted one masked sum and learned nothing about it")
+    console.print(f"  plaintext check (measurement only): count {want_count:,}, "
+                  f"sum ${want_sum / 100:,.2f}")
+    if (got_count, got_sum) != (want_count, want_sum):
+        raise DemoFailure("aggregate result differs from the plaintext answer")
 
 
 def learned_table(summary: dict[str, Any], true_ids: set[str], matched_ids: set[str]) -> Table:
@@ -371,6 +406,7 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
                   f"the read above was logged for operator 'demo-analyst'.")
 
     named_scene(work, scenario, ports)
+    aggregate_scene(work, scenario, ports)
 
     console.rule("refusals")
     small = work / "scenario" / "small-queries.csv"

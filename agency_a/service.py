@@ -25,13 +25,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from agency_a.client import WireStats, run_remote_session
+from agency_a.client import WireStats, run_remote_aggregate, run_remote_session
 from proto import service_kit as kit
+from protocol.aggregate import AggregateRequesterSession
 from protocol.errors import PSIError
 from protocol.ledger import Ledger
 from protocol.named import TokenSet
 from protocol.oversight import record_receipt
-from protocol.policy import SignedAuthorization
+from protocol.policy import SignedAuthorization, Tier
 from protocol.recordstore import load_query_csv
 from protocol.sessions import GroupOps, RequesterSession
 
@@ -84,9 +85,11 @@ class RequesterService(pb2_grpc.RequesterServicer):
         custodian_keys: dict[str, Ed25519PublicKey] | None = None,
         chunk_size: int = 4096,
         audit: Ledger | None = None,
+        aggregate_ops: Any = None,
     ) -> None:
         self.identity = identity
         self.audit = audit
+        self.aggregate_ops = aggregate_ops
         self.client_tls = client_tls
         self.signing_key = signing_key
         self.store = store
@@ -199,6 +202,9 @@ class RequesterService(pb2_grpc.RequesterServicer):
         auth = signed.authorization
         started = time.perf_counter()
         try:
+            if auth.tier is not Tier.IDENTITY:
+                self._run_aggregate(job, signed, accepted, header, started)
+                return
             session = RequesterSession(
                 signed, accepted,
                 match_rules=tuple(header.match_rules) or None,
@@ -272,6 +278,56 @@ class RequesterService(pb2_grpc.RequesterServicer):
             job.error = kit.error_message(exc)
             kit.log_event(log, "job_failed", logging.WARNING, job=job.job_id, reason=job.error)
             job.emit("failed", 0, 0, f"{job.error_code}: {job.error}")
+
+    def _progress(self, job: Job) -> Any:
+        last: dict[str, float] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if done >= total or now - last.get(phase, 0.0) > 0.2:
+                last[phase] = now
+                job.emit(phase, done, total)
+
+        return progress
+
+    def _run_aggregate(self, job: Job, signed: SignedAuthorization, accepted: Any,
+                       header: Any, started: float) -> None:
+        """Aggregate / cardinality tier: the requester learns a count (and a sum), no one."""
+        auth = signed.authorization
+        rules = tuple(header.match_rules) or auth.match_rules
+        session = AggregateRequesterSession(
+            signed, accepted, match_rule=rules[0], ops=self.aggregate_ops,
+            session_id=header.session_id or None, signing_key=self.signing_key,
+            custodian_key=self.custodian_keys.get(auth.custodian_id))
+        del accepted
+        stats = WireStats()
+        with kit.secure_channel(header.custodian_address, self.client_tls) as channel:
+            outcome = run_remote_aggregate(session, channel, progress=self._progress(job),
+                                           stats=stats)
+        if self.audit is not None:
+            record_receipt(self.audit, outcome.receipt)
+        result = outcome.result
+        row = {"query_record_id": "", "rule_id": rules[0], "pseudonym": f"{result.tier}",
+               "fields": {"count": str(result.count),
+                          "sum": "" if result.sum is None else str(result.sum),
+                          "withheld": str(result.withheld).lower()}}
+        self.store.put_results(job.job_id, auth.authorization_id, auth.retention_days, [row],
+                               operator=job.operator)
+        job.summary.update({
+            "tier": result.tier, "match_rule": rules[0], "aggregate_count": result.count,
+            "aggregate_sum": result.sum, "aggregate_withheld": result.withheld,
+            "aggregate_reason": result.reason, "elements_evaluated": result.elements,
+            "custodian_pairs": result.custodian_pairs,
+            "receipt": outcome.receipt.to_json(),
+            "bytes_a_to_b": sum(stats.a_to_b.values()),
+            "bytes_b_to_a": sum(stats.b_to_a.values()),
+            "phase_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
+            "wall_seconds": round(time.perf_counter() - started, 3),
+        })
+        job.state = "done"
+        kit.log_event(log, "job_done", job=job.job_id, tier=result.tier, count=result.count,
+                      withheld=result.withheld)
+        job.emit("done", 1, 1, "aggregate complete", summary=job.summary)
 
     def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._operator_peer(context)

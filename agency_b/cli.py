@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from agency_b.certification import register as register_certification
 from agency_b.service import serve
 from proto import service_kit as kit
+from protocol.aggregate import AggregateCustodian, AggregatePool
 from protocol.errors import PSIError
 from protocol.ledger import Ledger
 from protocol.named import Certification
@@ -128,7 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ops=pool, certifications=certifications,
     ))
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
-    server, port = serve(custodian, tls, args.listen)
+    agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
+    aggregate = AggregateCustodian(custodian, ops=agg_pool)
+    server, port = serve(custodian, tls, args.listen, aggregate=aggregate)
     if args.port_file:
         Path(args.port_file).write_text(f"{port}\n")
     kit.log_event(log, "serving", service="custodian", port=port, agency=args.agency_id,
@@ -141,8 +144,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if final is not None:
         kit.log_event(log, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
                       reason="shutdown")
-    if pool is not None:
-        pool.close()
+    for p in (pool, agg_pool):
+        if p is not None:
+            p.close()
     ledger.close()
     return 0
 

@@ -20,6 +20,14 @@ import grpc
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from proto import service_kit as kit
+from protocol.aggregate import ENGINE as AGG_ENGINE
+from protocol.aggregate import (
+    AggregateCustodian,
+    AggregateCustodianSession,
+    AggregateOpenRequest,
+    BlindedChunk,
+    MaskedSum,
+)
 from protocol.errors import ProtocolError, PSIError
 from protocol.messages import CloseRequest, EvaluateChunk, TagChunk
 from protocol.sessions import Custodian, CustodianSession
@@ -34,7 +42,7 @@ MAX_LIVE_SESSIONS = 256
 
 @dataclass
 class _Live:
-    session: CustodianSession
+    session: CustodianSession | AggregateCustodianSession
     peer: str
     lock: threading.Lock = field(default_factory=threading.Lock)
     touched: float = field(default_factory=time.monotonic)
@@ -43,8 +51,10 @@ class _Live:
 class CustodianService(pb2_grpc.CustodianServicer):
     """gRPC face of a ``Custodian``; one ``CustodianSession`` per session id."""
 
-    def __init__(self, custodian: Custodian) -> None:
+    def __init__(self, custodian: Custodian,
+                 aggregate: AggregateCustodian | None = None) -> None:
         self.custodian = custodian
+        self.aggregate = aggregate
         self._sessions: OrderedDict[str, _Live] = OrderedDict()
         self._lock = threading.Lock()
         self._public_key = custodian.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -70,6 +80,95 @@ class CustodianService(pb2_grpc.CustodianServicer):
 
     # -- RPCs --------------------------------------------------------------------
 
+    def _register(self, session_id: str, live: _Live) -> None:
+        with self._lock:
+            self._sessions[session_id] = live
+            self._sessions.move_to_end(session_id)
+            while len(self._sessions) > MAX_LIVE_SESSIONS:
+                self._sessions.popitem(last=False)
+
+    # -- aggregate tiers -----------------------------------------------------------
+
+    def AggregateOpen(self, request: Any, context: grpc.ServicerContext) -> Any:
+        peer = kit.peer_agency(context)
+        if self.aggregate is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "tier_not_permitted: this custodian serves no aggregate tier")
+        msg = AggregateOpenRequest(
+            session_id=request.session_id, signed_authorization=request.signed_authorization,
+            tier=request.tier, match_rule=request.match_rule, value_field=request.value_field,
+            element_count=request.element_count, engine=request.engine or AGG_ENGINE)
+        session = self.aggregate.session()
+        try:
+            reply = session.handle(msg, peer_id=peer)
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="AggregateOpen", peer=peer,
+                         session=request.session_id)
+        self._register(request.session_id, _Live(session, peer))
+        kit.log_event(log, "aggregate_opened", peer=peer, session=request.session_id,
+                      tier=reply.tier, elements=reply.element_count, pairs=reply.pair_count)
+        return pb2.AggregateOpenResponse(
+            session_id=reply.session_id, authorization_id=reply.authorization_id,
+            custodian_id=reply.custodian_id, tier=reply.tier, match_rule=reply.match_rule,
+            value_field=reply.value_field, element_count=reply.element_count,
+            pair_count=reply.pair_count, paillier_n=reply.paillier_n,
+            min_aggregate_count=reply.min_aggregate_count,
+            budget_remaining=reply.budget_remaining, custodian_public_key=self._public_key)
+
+    def AggregateUpload(self, request_iterator: Iterator[Any],
+                        context: grpc.ServicerContext) -> Any:
+        peer = kit.peer_agency(context)
+        count = 0
+        for pb in request_iterator:
+            live = self._live(pb.session_id, peer, context)
+            try:
+                with live.lock:
+                    live.session.handle(BlindedChunk(seq=pb.seq, elements=pb.elements))
+            except PSIError as exc:
+                self._refuse(context, exc, rpc="AggregateUpload", peer=peer)
+            count += len(pb.elements) // 32
+        return pb2.UploadAck(elements=count)
+
+    def AggregateDoubleBlinded(self, request: Any, context: grpc.ServicerContext
+                               ) -> Iterator[Any]:
+        peer = kit.peer_agency(context)
+        live = self._live(request.session_id, peer, context)
+        try:
+            with live.lock:
+                chunks = list(live.session.double_blinded_chunks())
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="AggregateDoubleBlinded", peer=peer)
+        for c in chunks:
+            yield pb2.ElementChunk(session_id=request.session_id, seq=c.seq, elements=c.elements)
+
+    def AggregatePairs(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        peer = kit.peer_agency(context)
+        live = self._live(request.session_id, peer, context)
+        try:
+            with live.lock:
+                chunks = live.session.pair_chunks()
+                for c in chunks:
+                    yield pb2.PairsChunk(seq=c.seq, elements=c.elements,
+                                         ciphertexts=c.ciphertexts)
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="AggregatePairs", peer=peer)
+
+    def AggregateReveal(self, request: Any, context: grpc.ServicerContext) -> Any:
+        peer = kit.peer_agency(context)
+        live = self._live(request.session_id, peer, context)
+        try:
+            with live.lock:
+                reveal = live.session.handle(MaskedSum(count=request.count,
+                                                       ciphertext=request.ciphertext))
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="AggregateReveal", peer=peer)
+        kit.log_event(log, "aggregate_released", peer=peer, session=request.session_id,
+                      withheld=reveal.withheld, reason=reveal.reason)
+        return pb2.SumRevealMessage(count=reveal.count, withheld=reveal.withheld,
+                                    masked_sum=reveal.masked_sum, reason=reveal.reason)
+
+    # -- identity tier -------------------------------------------------------------
+
     def OpenSession(self, request: Any, context: grpc.ServicerContext) -> Any:
         peer = kit.peer_agency(context)
         msg = kit.open_request_from_pb(request)
@@ -78,11 +177,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
             reply = session.handle(msg, peer_id=peer)
         except PSIError as exc:
             self._refuse(context, exc, rpc="OpenSession", peer=peer, session=msg.session_id)
-        with self._lock:
-            self._sessions[msg.session_id] = _Live(session, peer)
-            self._sessions.move_to_end(msg.session_id)
-            while len(self._sessions) > MAX_LIVE_SESSIONS:
-                self._sessions.popitem(last=False)
+        self._register(msg.session_id, _Live(session, peer))
         kit.log_event(log, "session_opened", peer=peer, session=msg.session_id,
                       authorization=reply.authorization_id, elements=reply.element_count,
                       tags=reply.tag_count, budget_remaining=reply.budget_remaining)
@@ -161,9 +256,10 @@ class CustodianService(pb2_grpc.CustodianServicer):
 
 
 def serve(custodian: Custodian, tls: kit.TLSFiles, listen: str = "127.0.0.1:0",
-          *, max_workers: int = 16) -> tuple[grpc.Server, int]:
+          *, max_workers: int = 16, aggregate: AggregateCustodian | None = None,
+          ) -> tuple[grpc.Server, int]:
     """Start the custodian service; returns (server, port).  Caller stops it."""
-    service = CustodianService(custodian)
+    service = CustodianService(custodian, aggregate)
     server, port, _health = kit.build_server(
         [(pb2_grpc.add_CustodianServicer_to_server, service)], [SERVICE_NAME], tls, listen,
         max_workers=max_workers,

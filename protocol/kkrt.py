@@ -107,6 +107,7 @@ __all__ = [
     "OUTPUT_SIZE",
     "PROTOCOL_VERSION",
     "TAG_SIZE",
+    "BaseOTSender",
     "CuckooHashingError",
     "KKRTBaseOTReply",
     "KKRTCustodian",
@@ -116,6 +117,7 @@ __all__ = [
     "KKRTRunResult",
     "KKRTSetup",
     "KKRTTagChunk",
+    "base_ot_receive",
     "derive_tags",
     "key_digests",
     "make_executor",
@@ -348,10 +350,79 @@ def units_for(n_distinct: int, stash: int = 0) -> int:
     return table_size(n_distinct, stash) + stash
 
 
+# --------------------------------------------------------------------------- base OTs
+#
+# Chou-Orlandi "simplest OT" over ristretto255, semi-honest use, 512 in parallel.
+# Sender (the requester): a, A = a*G.  Receiver (the custodian), choice bit c_i:
+# B_i = b_i*G + c_i*A.  Sender keys: k_i^0 = KDF(a*B_i), k_i^1 = KDF(a*(B_i - A));
+# receiver key: k_i^{c_i} = KDF(b_i*A).  The KDF binds the session seed, i, A and B_i.
+
+
 def _ot_key(seed: bytes, index: int, a: bytes, b: bytes, point: bytes) -> bytes:
     """Base-OT seed: hash of the session, the OT index, the transcript and the DH point."""
     msg = _DST_BASE_OT + seed + struct.pack(">I", index) + a + b + point
     return hashlib.sha256(msg).digest()[:16]
+
+
+class BaseOTSender:
+    """The requester's half of the base OTs: learns both seeds of every OT."""
+
+    def __init__(self, session_seed: bytes) -> None:
+        self._seed = session_seed
+        self._a = oprf.random_scalar()
+        self.a_point = _scalarmult_base(self._a)
+
+    def keys(self, b_buffer: bytes) -> tuple[list[bytes], list[bytes]]:
+        """Both seeds of each OT from the receiver's B_1..B_n (validated one by one)."""
+        size = oprf.ELEMENT_SIZE
+        if len(b_buffer) % size or not b_buffer:
+            raise InvalidElementError(
+                f"wrong length: base-OT buffer of {len(b_buffer)} bytes is not a positive "
+                f"multiple of {size}"
+            )
+        a, a_point = self._a, self.a_point
+        a_a = _scalarmult(a, a_point)  # a*A, subtracted to get a*(B - A)
+        seeds0: list[bytes] = []
+        seeds1: list[bytes] = []
+        for i in range(len(b_buffer) // size):
+            b = b_buffer[i * size : (i + 1) * size]
+            try:
+                oprf.deserialize_element(b)
+            except InvalidElementError as exc:
+                raise InvalidElementError(f"base-OT element {i}: {exc}") from None
+            if hmac.compare_digest(b, a_point):  # B = A would make k^1 = KDF(identity)
+                raise InvalidElementError(f"base-OT element {i}: equals A")
+            a_b = _scalarmult(a, b)
+            seeds0.append(_ot_key(self._seed, i, a_point, b, a_b))
+            seeds1.append(_ot_key(self._seed, i, a_point, b, _point_sub(a_b, a_a)))
+        self._a = b""  # one use only
+        return seeds0, seeds1
+
+
+def base_ot_receive(
+    session_seed: bytes, a_point: bytes, choices: np.ndarray, scalars: Sequence[bytes]
+) -> tuple[bytes, list[bytes]]:
+    """The custodian's half: (B_1..B_n concatenated, seed k_i^{c_i} of each OT).
+
+    ``a_point`` comes from the peer and is validated; ``scalars`` are the receiver's
+    secret b_i (non-zero, reduced).
+    """
+    try:
+        a_point = oprf.deserialize_element(a_point)
+    except InvalidElementError as exc:
+        raise InvalidElementError(f"base-OT element A: {exc}") from None
+    if len(scalars) != len(choices):
+        raise ValueError("one scalar per choice bit")
+    points: list[bytes] = []
+    seeds: list[bytes] = []
+    for i, (b_i, c_i) in enumerate(zip(scalars, choices.tolist(), strict=True)):
+        b_i = oprf.deserialize_scalar(b_i)  # non-zero and canonical
+        point = _scalarmult_base(b_i)
+        if c_i:
+            point = _point_add(point, a_point)
+        points.append(point)
+        seeds.append(_ot_key(session_seed, i, a_point, point, _scalarmult(b_i, a_point)))
+    return b"".join(points), seeds
 
 
 def _tag_prefix(tags: np.ndarray) -> np.ndarray:
@@ -512,8 +583,7 @@ class KKRTRequester:
         self.attempt, self._placement = self._cuckoo(max_attempts)
         self.timings["cuckoo"] = time.perf_counter() - started
         self.state = RequesterState.START
-        self._a = b""
-        self._a_point = b""
+        self._base_ot: BaseOTSender | None = None
         self._prg0: ColumnPRG | None = None
         self._prg1: ColumnPRG | None = None
         self._dummy = Cipher(algorithms.AES(os.urandom(16)), modes.CTR(bytes(16))).encryptor()
@@ -524,6 +594,7 @@ class KKRTRequester:
         self._next_chunk = 0
         self._tag_parts: dict[int, list[bytes]] = {}
         self._tag_sizes: dict[int, int] = {}
+        self._tag_counts: dict[int, int] = {}
         self._tag_seq = 0
         self.timings["extension"] = 0.0
 
@@ -557,13 +628,12 @@ class KKRTRequester:
         """First message: the table shape and the base-OT sender's A = a*G."""
         if self.state is not RequesterState.START:
             raise ProtocolError(f"setup in state {self.state.value!r}")
-        self._a = oprf.random_scalar()
-        self._a_point = _scalarmult_base(self._a)
+        self._base_ot = BaseOTSender(self._seed)
         self.state = RequesterState.AWAIT_BASE_OT
         return KKRTSetup(
             version=PROTOCOL_VERSION, context=self._keys.confirm, bins=self.bins,
             stash=self.stash, chunk_bins=self.chunk_bins, attempt=self.attempt,
-            base_ot_a=self._a_point,
+            base_ot_a=self._base_ot.a_point,
         )
 
     # -- dispatch --------------------------------------------------------------
@@ -583,35 +653,20 @@ class KKRTRequester:
         return []
 
     def _on_base_ot(self, reply: KKRTBaseOTReply) -> None:
-        if self.state is not RequesterState.AWAIT_BASE_OT:
+        if self.state is not RequesterState.AWAIT_BASE_OT or self._base_ot is None:
             raise ProtocolError(f"base-OT reply in state {self.state.value!r}")
         if len(reply.code_nonce) != 32:
             raise ProtocolError("code nonce must be 32 bytes")
-        size = oprf.ELEMENT_SIZE
-        if len(reply.base_ot_b) != BASE_OTS * size:
+        if len(reply.base_ot_b) != BASE_OTS * oprf.ELEMENT_SIZE:
             raise InvalidElementError(
                 f"wrong length: base-OT reply holds {len(reply.base_ot_b)} bytes, "
-                f"need {BASE_OTS * size}"
+                f"need {BASE_OTS * oprf.ELEMENT_SIZE}"
             )
-        a, a_point = self._a, self._a_point
-        a_a = _scalarmult(a, a_point)  # a*A, subtracted to get a*(B - A)
-        seeds0: list[bytes] = []
-        seeds1: list[bytes] = []
-        for i in range(BASE_OTS):
-            b = reply.base_ot_b[i * size : (i + 1) * size]
-            try:
-                oprf.deserialize_element(b)
-            except InvalidElementError as exc:
-                raise InvalidElementError(f"base-OT element {i}: {exc}") from None
-            if hmac.compare_digest(b, a_point):
-                raise InvalidElementError(f"base-OT element {i}: equals A")
-            a_b = _scalarmult(a, b)
-            seeds0.append(_ot_key(self._seed, i, a_point, b, a_b))
-            seeds1.append(_ot_key(self._seed, i, a_point, b, _point_sub(a_b, a_a)))
+        seeds0, seeds1 = self._base_ot.keys(reply.base_ot_b)
+        self._base_ot = None
         self._keys.set_code_nonce(reply.code_nonce)
         self._prg0 = ColumnPRG(seeds0)
         self._prg1 = ColumnPRG(seeds1)
-        self._a = b""
         self.state = RequesterState.EXTENDING
 
     # -- extension -------------------------------------------------------------
@@ -670,11 +725,11 @@ class KKRTRequester:
         size = self._tag_sizes.setdefault(chunk.table, chunk.table_size)
         if size != chunk.table_size or size < 0:
             raise ProtocolError(f"tag chunk disagrees on the size of table {chunk.table}")
-        parts = self._tag_parts.setdefault(chunk.table, [])
-        have = sum(len(p) for p in parts) // TAG_SIZE
-        if have + len(chunk.tags) // TAG_SIZE > size:
+        have = self._tag_counts.get(chunk.table, 0) + len(chunk.tags) // TAG_SIZE
+        if have > size:
             raise ProtocolError(f"more tags than announced for table {chunk.table}")
-        parts.append(chunk.tags)
+        self._tag_parts.setdefault(chunk.table, []).append(chunk.tags)
+        self._tag_counts[chunk.table] = have
         self._tag_seq += 1
 
     def _finish_outputs(self) -> None:
@@ -718,10 +773,7 @@ class KKRTRequester:
         want = CUCKOO_HASHES + self.stash
         if len(self._tag_sizes) != want:
             return False
-        return all(
-            sum(len(p) for p in self._tag_parts[t]) // TAG_SIZE == self._tag_sizes[t]
-            for t in self._tag_sizes
-        )
+        return all(self._tag_counts.get(t, 0) == size for t, size in self._tag_sizes.items())
 
     def matches(self) -> list[int]:
         """Indices of the keys whose tag is in the custodian's set for their table (local)."""
@@ -906,19 +958,9 @@ class KKRTCustodian:
             raise ProtocolError(
                 f"setup asks for {setup.units} instances; {self.max_units} were reserved"
             )
-        try:
-            a_point = oprf.deserialize_element(setup.base_ot_a)
-        except InvalidElementError as exc:
-            raise InvalidElementError(f"base-OT element A: {exc}") from None
-        b_points: list[bytes] = []
-        seeds: list[bytes] = []
-        for i in range(BASE_OTS):
-            b_i = self._b_scalars[i]
-            point = _scalarmult_base(b_i)
-            if self._s_bits[i]:
-                point = _point_add(point, a_point)
-            b_points.append(point)
-            seeds.append(_ot_key(self._seed, i, a_point, point, _scalarmult(b_i, a_point)))
+        b_points, seeds = base_ot_receive(
+            self._seed, setup.base_ot_a, self._s_bits, self._b_scalars
+        )
         self._b_scalars = []
         self._prg = ColumnPRG(seeds)
         self._q = np.zeros((setup.units, CODE_BYTES), dtype=np.uint8)
@@ -926,7 +968,7 @@ class KKRTCustodian:
         self._index_records(setup)
         self.state = CustodianState.EXTENDING
         self.timings["setup"] = time.perf_counter() - started
-        return KKRTBaseOTReply(code_nonce=self.nonce, base_ot_b=b"".join(b_points))
+        return KKRTBaseOTReply(code_nonce=self.nonce, base_ot_b=b_points)
 
     def _index_records(self, setup: KKRTSetup) -> None:
         """Simple hashing: every record into its 3 bins, entries grouped by chunk."""

@@ -126,10 +126,10 @@ class ColumnPRG:
         self._offset = 0
 
     def next(self, nbytes: int) -> np.ndarray:
-        """The next ``nbytes`` of every column, as a (width, nbytes) uint8 array (a view)."""
+        """The next ``nbytes`` of every column, as a contiguous (width, nbytes) uint8 array."""
         if self._buffer.shape[1] - self._offset < nbytes:
             self._refill(nbytes)
-        out = self._buffer[:, self._offset : self._offset + nbytes]
+        out = np.ascontiguousarray(self._buffer[:, self._offset : self._offset + nbytes])
         self._offset += nbytes
         self.position += nbytes
         return out

@@ -1,0 +1,111 @@
+"""Aggregate and cardinality tiers over real gRPC with mTLS (issue 5)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agency_a.client import run_remote_aggregate, run_remote_session
+from agency_b.service import serve as serve_custodian
+from proto import service_kit as kit
+from protocol import policy as P
+from protocol.aggregate import (
+    AggregateCustodian,
+    AggregateRequesterSession,
+    PaillierSettings,
+    plaintext_answer,
+)
+from protocol.records import MATCH_RULES
+from protocol.sessions import RequesterSession
+from tests.factories import as_query, make_person, make_world
+
+TEST_PAILLIER = PaillierSettings(key_bits=1024, test_mode=True)
+
+
+@pytest.fixture()
+def setup(tmp_path: Path):
+    from protocol.pki import write_dev_pki
+
+    world = make_world(tmp_path, n_records=60)
+    world.records = [replace(r, extra=(("tax_paid_cents", str(1000 + 37 * i)),))
+                     for i, r in enumerate(world.records)]
+    write_dev_pki(tmp_path / "pki", ["agency-a", "agency-b"], server_agencies=["agency-b"])
+    custodian = world.custodian()
+    aggregate = AggregateCustodian(custodian, paillier_settings=TEST_PAILLIER)
+    server, port = serve_custodian(
+        custodian, kit.TLSFiles.from_dir(tmp_path / "pki", "agency-b", "server"),
+        "127.0.0.1:0", aggregate=aggregate)
+    tls = kit.TLSFiles.from_dir(tmp_path / "pki", "agency-a", "client")
+    try:
+        yield world, f"127.0.0.1:{port}", tls
+    finally:
+        server.stop(0)
+
+
+def _authorize(world, tier: P.Tier, *, min_count: int = 0):
+    now = int(time.time())
+    auth = P.Authorization(
+        authorization_id=P.new_authorization_id(),
+        authority_key_id=P.authority_key_id(world.authority.public_key()),
+        requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
+        purpose="statistics", not_before=now - 60, not_after=now + 3600, tier=tier,
+        max_queries=1000, max_disclosures=0, match_rules=("tin+dob",),
+        disclosure_fields=("tax_paid_cents",) if tier is P.Tier.AGGREGATE else (),
+        retention_days=30, min_aggregate_count=min_count,
+    )
+    return P.sign_authorization(auth, world.authority)
+
+
+@pytest.mark.parametrize("tier", [P.Tier.AGGREGATE, P.Tier.CARDINALITY])
+def test_count_and_sum_equal_plaintext(setup, tier) -> None:
+    world, address, tls = setup
+    queries = [as_query(world.records[i]) for i in range(20, 45)]
+    queries += [as_query(make_person(900 + i, prefix="z")) for i in range(10)]
+    rule = MATCH_RULES["tin+dob"]
+    want = plaintext_answer((rule.match_key(q.person) for q in queries),
+                            ((rule.match_key(r), int(r.get("tax_paid_cents")))
+                             for r in world.records))
+    session = AggregateRequesterSession(_authorize(world, tier), queries,
+                                        signing_key=world.requester_key, min_key_bits=1024)
+    with kit.secure_channel(address, tls) as ch:
+        out = run_remote_aggregate(session, ch)
+    assert out.result.count == want[0] == 25
+    if tier is P.Tier.AGGREGATE:
+        assert out.result.sum == want[1]
+    else:
+        assert out.result.sum is None
+    assert out.receipt.requester_signature and out.receipt.custodian_signature
+
+
+def test_minimum_count_withholds_the_sum(setup) -> None:
+    world, address, tls = setup
+    queries = [as_query(world.records[i]) for i in range(3)]
+    session = AggregateRequesterSession(_authorize(world, P.Tier.AGGREGATE, min_count=10),
+                                        queries, min_key_bits=1024)
+    with kit.secure_channel(address, tls) as ch:
+        out = run_remote_aggregate(session, ch)
+    assert out.result.count == 3 and out.result.withheld and out.result.sum is None
+
+
+def test_tier_mismatch_refused_over_grpc(setup) -> None:
+    world, address, tls = setup
+    identity_auth = world.authorize()
+    aggregate_auth = _authorize(world, P.Tier.AGGREGATE)
+    with kit.secure_channel(address, tls) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            run_remote_session(RequesterSession(aggregate_auth,
+                                                [as_query(world.records[0])]), ch)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "tier_not_permitted" in err.value.details()
+        stub = kit.pb2_grpc.CustodianStub(ch)
+        with pytest.raises(grpc.RpcError) as err2:
+            stub.AggregateOpen(kit.pb2.AggregateOpenRequest(
+                session_id="agg-x", signed_authorization=identity_auth.to_bytes(),
+                tier="aggregate", match_rule="tin+dob", value_field="",
+                element_count=3, engine="oprf"), timeout=30)
+        assert err2.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "tier_not_permitted" in err2.value.details()
