@@ -545,37 +545,38 @@ class CustodianSession:
         assert self.index is not None
         disclosures: list[Disclosure] = []
         rejected: list[int] = []
+        # Expiry and an already-reached cap refuse the whole request (RESOURCE_EXHAUSTED /
+        # FAILED_PRECONDITION); a cap reached inside this batch withholds the rest.
+        budget = cfg.ledger.budget(auth.authorization_id)
+        check_disclosure(self.signed, budget.disclosed, now=cfg.clock()).raise_if_refused()
+        verified: list[tuple[int, str, PersonRecord]] = []
         for i, (rule_id, output) in enumerate(req.outputs):
-            if rule_id not in self.rules or len(output) != oprf.OUTPUT_SIZE:
-                rejected.append(i)
-                continue
-            record = self._verify_output(rule_id, output)
+            record = (self._verify_output(rule_id, output)
+                      if rule_id in self.rules and len(output) == oprf.OUTPUT_SIZE else None)
             if record is None:
                 rejected.append(i)
+            else:
+                verified.append((i, rule_id, record))
+        # The ledger checks the cap atomically and is the authority on it; the rows are
+        # durable (one transaction per batch) before any field leaves this function.
+        rows = self._account(auth.authorization_id, verified)
+        withheld = [i for (i, _, _), row in zip(verified, rows, strict=True) if row is None]
+        for (i, rule_id, record), row in zip(verified, rows, strict=True):
+            if row is None:
                 continue
-            decision = check_disclosure(
-                self.signed, cfg.ledger.budget(auth.authorization_id).disclosed, now=cfg.clock()
-            )
-            if not decision.allowed and "disclosure_cap_reached" not in decision.reasons:
-                decision.raise_if_refused()
-            # The ledger re-checks the cap atomically and is the authority on it;
-            # the row is durable before any field leaves this function.
-            try:
-                row = cfg.ledger.record_disclosure(
-                    auth.authorization_id, self.session_id, record.record_id, rule_id
-                )
-            except DisclosureCapReached:
-                cfg.ledger.audit("refusal", {
-                    "stage": "disclosure", "authorization_id": auth.authorization_id,
-                    "session_id": self.session_id, "reasons": ["disclosure_cap_reached"],
-                })
-                raise
             if not row.repeat:
                 self.disclosed += 1
             disclosures.append(Disclosure(
                 index=i, rule_id=rule_id, pseudonym=self.pseudonym(record),
                 fields=self._record_fields(record),
             ))
+        if withheld:
+            cfg.ledger.audit("refusal", {
+                "stage": "disclosure", "authorization_id": auth.authorization_id,
+                "session_id": self.session_id, "reasons": ["disclosure_cap_reached"],
+                "withheld": len(withheld),
+            })
+            rejected = sorted(rejected + withheld)
         if rejected:
             cfg.ledger.audit("disclosure_rejected", {
                 "authorization_id": auth.authorization_id, "session_id": self.session_id,
@@ -586,6 +587,29 @@ class CustodianSession:
         self.transcript.add("disclosure-request", req)
         self.transcript.add("disclosure-response", reply)
         return reply
+
+    def _account(self, auth_id: str, verified: list[tuple[int, str, PersonRecord]]
+                 ) -> list[Any]:
+        """Ledger rows for the verified disclosures, in order; ``None`` where the cap withholds.
+
+        The batch commits in one transaction; only a batch that crosses the cap falls back
+        to one row at a time, so exactly the records under the cap are released.
+        """
+        ledger = self.custodian.config.ledger
+        items = [(record.record_id, rule_id) for _, rule_id, record in verified]
+        if not items:
+            return []
+        try:
+            return list(ledger.record_disclosures(auth_id, self.session_id, items))
+        except DisclosureCapReached:
+            rows: list[Any] = []
+            for record_id, rule_id in items:
+                try:
+                    rows.append(ledger.record_disclosure(auth_id, self.session_id, record_id,
+                                                         rule_id))
+                except DisclosureCapReached:
+                    rows.append(None)
+            return rows
 
     def _verify_output(self, rule_id: str, output: bytes) -> PersonRecord | None:
         """Find the record whose OPRF output equals ``output``; constant-time comparison.

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import oprf
-from protocol.errors import BudgetExhausted, DisclosureCapReached, PolicyRefusal, ProtocolError
+from protocol.errors import BudgetExhausted, PolicyRefusal, ProtocolError
 from protocol.ledger import Ledger
 from protocol.messages import CloseRequest, DisclosureRequest, EvaluateChunk, TagChunk
 from protocol.records import MATCH_RULES
@@ -157,8 +157,16 @@ def test_disclosure_cap(tmp_path: Path) -> None:
     world = make_world(tmp_path)
     signed = world.authorize(max_disclosures=3)
     queries = [as_query(world.records[i]) for i in range(6)]
-    with pytest.raises(DisclosureCapReached):
+    # the cap is reached inside the batch: exactly 3 are accounted and released, the rest
+    # withheld (never accounted, never released)
+    out, _ = _run(world, signed, queries)
+    assert len(out.results) == 3 and out.rejected == 3
+    assert len(world.ledger.disclosures(signed.authorization.authorization_id)) == 3
+    assert out.receipt.disclosed == 3
+    # any further disclosure request under this authorization is refused outright
+    with pytest.raises(PolicyRefusal) as err:
         _run(world, signed, queries)
+    assert err.value.reasons == ("disclosure_cap_reached",)
     assert len(world.ledger.disclosures(signed.authorization.authorization_id)) == 3
 
 
