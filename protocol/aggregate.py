@@ -83,7 +83,6 @@ one-time secrets is not worth repairing.
 
 from __future__ import annotations
 
-import hmac
 import math
 import multiprocessing
 import os
@@ -97,11 +96,10 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import rbcl
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from phe import paillier
 
@@ -115,7 +113,13 @@ from protocol.errors import (
     ProtocolError,
     PSIError,
 )
-from protocol.messages import MAX_CHUNK_ELEMENTS, CloseRequest, Receipt, Transcript
+from protocol.messages import (
+    MAX_CHUNK_ELEMENTS,
+    CloseRequest,
+    Receipt,
+    Transcript,
+    transition,
+)
 from protocol.policy import (
     Authorization,
     Decision,
@@ -127,6 +131,7 @@ from protocol.policy import (
     Tier,
     decide,
 )
+from protocol.receipts import countersign, issue_receipt, store_countersignature
 from protocol.records import (
     PERSON_FIELDS,
     RECORD_CLASS_FIELD,
@@ -780,13 +785,9 @@ class AggregateCustodianSession:
 
     def handle(self, message: object, *, peer_id: str | None = None) -> object | None:
         """Apply one requester message; return the reply (``None`` for a BlindedChunk)."""
-        next_state = AGGREGATE_CUSTODIAN_TRANSITIONS.get((self.state, type(message)))
         try:
-            if next_state is None:
-                raise ProtocolError(
-                    f"aggregate custodian session in state {self.state.value!r} cannot accept "
-                    f"{type(message).__name__}"
-                )
+            next_state = transition(AGGREGATE_CUSTODIAN_TRANSITIONS, self.state, message,
+                                    "aggregate custodian")
             reply: object | None
             if isinstance(message, AggregateOpenRequest):
                 if peer_id is None:
@@ -1112,44 +1113,25 @@ class AggregateCustodianSession:
 
     def _close(self, req: CloseRequest) -> Receipt:
         cfg = self.owner.config
-        auth = self.authorization
-        own = self.transcript.digest()
-        if not hmac.compare_digest(own, req.transcript_hash):
-            cfg.ledger.audit("transcript_mismatch", {
-                "authorization_id": auth.authorization_id, "session_id": self.session_id,
-            })
-            raise ProtocolError("transcript hash mismatch: the parties saw different messages")
-        unsigned = Receipt(
-            authorization_id=auth.authorization_id, session_id=self.session_id,
+        self.receipt = issue_receipt(
+            ledger=cfg.ledger, signing_key=cfg.signing_key,
             custodian_id=cfg.policy.custodian_id, requester_id=self.peer_id,
-            evaluated=self.evaluated, disclosed=0, transcript_hash=own,
+            authorization_id=self.authorization.authorization_id, session_id=self.session_id,
+            evaluated=self.evaluated, disclosed=0,
+            own_transcript=self.transcript.digest(), presented_transcript=req.transcript_hash,
         )
-        signature = cfg.signing_key.sign(unsigned.signed_bytes())
-        receipt = Receipt(**{**unsigned.__dict__, "custodian_signature": signature})
-        cfg.ledger.close_session(auth.authorization_id, self.session_id,
-                                 receipt.signed_bytes(), signature)
-        self.receipt = receipt
         self._private_key = None
         self._b = b""
-        return receipt
+        return self.receipt
 
     def countersign(self, receipt: Receipt) -> None:
         """Store the requester's countersignature after checking it against its known key."""
-        if self.state is not AggregateCustodianState.CLOSED or self.receipt is None:
+        if self.state is not AggregateCustodianState.CLOSED:
             raise ProtocolError("countersignature before the receipt was issued")
-        if receipt.signed_bytes() != self.receipt.signed_bytes():
-            raise ProtocolError("countersigned receipt differs from the one issued")
-        key = self.owner.config.requester_keys.get(self.peer_id)
-        if key is None:
-            raise ProtocolError(f"no receipt key registered for requester {self.peer_id!r}")
-        try:
-            key.verify(receipt.requester_signature, receipt.countersigned_bytes())
-        except InvalidSignature:
-            raise ProtocolError("requester countersignature does not verify") from None
-        self.owner.config.ledger.add_countersignature(self.session_id,
-                                                      receipt.requester_signature)
-        self.receipt = receipt
-
+        cfg = self.owner.config
+        self.receipt = store_countersignature(
+            ledger=cfg.ledger, requester_keys=cfg.requester_keys, peer_id=self.peer_id,
+            issued=self.receipt, presented=receipt)
 
 # --------------------------------------------------------------------------- requester
 
@@ -1196,6 +1178,11 @@ class AggregateRequesterSession:
     match keys are sent, in a random order, and nothing per query is kept after blinding:
     the session could not link a result to a query even if it wanted to.
     """
+
+    _HANDLERS: ClassVar[dict[type, str]] = {
+        AggregateOpenResponse: "_on_open", DoubleBlindedChunk: "_on_double",
+        CustodianPairsChunk: "_on_pairs", SumReveal: "_on_reveal", Receipt: "_on_receipt",
+    }
 
     def __init__(
         self,
@@ -1285,24 +1272,9 @@ class AggregateRequesterSession:
 
     def handle(self, message: object) -> object | None:
         """Apply one custodian message; returns the countersigned Receipt for a Receipt."""
-        next_state = AGGREGATE_REQUESTER_TRANSITIONS.get((self.state, type(message)))
-        if next_state is None:
-            raise ProtocolError(
-                f"aggregate requester session in state {self.state.value!r} cannot accept "
-                f"{type(message).__name__}"
-            )
-        reply: object | None = None
-        if isinstance(message, AggregateOpenResponse):
-            self._on_open(message)
-        elif isinstance(message, DoubleBlindedChunk):
-            self._on_double(message)
-        elif isinstance(message, CustodianPairsChunk):
-            self._on_pairs(message)
-        elif isinstance(message, SumReveal):
-            self._on_reveal(message)
-        else:
-            assert isinstance(message, Receipt)
-            reply = self._on_receipt(message)
+        next_state = transition(AGGREGATE_REQUESTER_TRANSITIONS, self.state, message,
+                                "aggregate requester")
+        reply = getattr(self, self._HANDLERS[type(message)])(message)
         self.state = next_state
         return reply
 
@@ -1506,21 +1478,10 @@ class AggregateRequesterSession:
         return CloseRequest(transcript_hash=self.transcript.digest())
 
     def _on_receipt(self, receipt: Receipt) -> Receipt:
-        if not hmac.compare_digest(receipt.transcript_hash, self.transcript.digest()):
-            raise ProtocolError("receipt transcript hash differs from ours")
-        if receipt.session_id != self.session_id:
-            raise ProtocolError("receipt for another session")
-        if self.custodian_key is not None:
-            try:
-                self.custodian_key.verify(receipt.custodian_signature, receipt.signed_bytes())
-            except InvalidSignature:
-                raise ProtocolError("custodian receipt signature does not verify") from None
-        if self.signing_key is not None:
-            sig = self.signing_key.sign(receipt.countersigned_bytes())
-            receipt = Receipt(**{**receipt.__dict__, "requester_signature": sig})
-        self.receipt = receipt
-        return receipt
-
+        self.receipt = countersign(
+            receipt, session_id=self.session_id, own_transcript=self.transcript.digest(),
+            custodian_key=self.custodian_key, signing_key=self.signing_key)
+        return self.receipt
 
 # --------------------------------------------------------------------------- driver
 

@@ -13,6 +13,7 @@ import hashlib
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol.errors import ProtocolError
 
@@ -26,6 +27,21 @@ DEFAULT_CHUNK = 4096
 MAX_CHUNK_ELEMENTS = 65_536
 #: Hard upper bound on outputs in one disclosure request.
 MAX_DISCLOSURE_BATCH = 4096
+
+
+def transition(table: Mapping[tuple[Any, type], Any], state: Any, message: object,
+               role: str) -> Any:
+    """The next state for ``message`` in ``state``, from a role's transition table.
+
+    Anything not in the table is a ProtocolError naming the state and the message,
+    so every state machine refuses out-of-order messages the same way.
+    """
+    next_state = table.get((state, type(message)))
+    if next_state is None:
+        raise ProtocolError(
+            f"{role} session in state {state.value!r} cannot accept {type(message).__name__}"
+        )
+    return next_state
 
 
 def _lp(data: bytes) -> bytes:

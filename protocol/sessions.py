@@ -39,10 +39,9 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -72,6 +71,7 @@ from protocol.messages import (
     Receipt,
     TagChunk,
     Transcript,
+    transition,
 )
 from protocol.named import Certification, blind_tokens, custodian_session_key
 from protocol.policy import (
@@ -84,6 +84,7 @@ from protocol.policy import (
     decide,
     permitted_fields,
 )
+from protocol.receipts import countersign, issue_receipt, store_countersignature
 from protocol.records import MATCH_RULES, PersonRecord, QueryRecord, match_keys_bulk
 from protocol.recordstore import CompactRecords
 
@@ -367,12 +368,7 @@ class CustodianSession:
 
     def handle(self, message: object, *, peer_id: str | None = None) -> object:
         """Apply one requester message; return the reply message."""
-        next_state = CUSTODIAN_TRANSITIONS.get((self.state, type(message)))
-        if next_state is None:
-            raise ProtocolError(
-                f"custodian session in state {self.state.value!r} cannot accept "
-                f"{type(message).__name__}"
-            )
+        next_state = transition(CUSTODIAN_TRANSITIONS, self.state, message, "custodian")
         try:
             if isinstance(message, OpenRequest):
                 if peer_id is None:
@@ -640,42 +636,23 @@ class CustodianSession:
 
     def _close(self, req: CloseRequest) -> Receipt:
         cfg = self.custodian.config
-        auth = self.authorization
-        own = self.transcript.digest()
-        if not hmac.compare_digest(own, req.transcript_hash):
-            cfg.ledger.audit("transcript_mismatch", {
-                "authorization_id": auth.authorization_id, "session_id": self.session_id,
-            })
-            raise ProtocolError("transcript hash mismatch: the parties saw different messages")
-        unsigned = Receipt(
-            authorization_id=auth.authorization_id, session_id=self.session_id,
+        self.receipt = issue_receipt(
+            ledger=cfg.ledger, signing_key=cfg.signing_key,
             custodian_id=cfg.policy.custodian_id, requester_id=self.peer_id,
-            evaluated=self.evaluated, disclosed=self.disclosed, transcript_hash=own,
+            authorization_id=self.authorization.authorization_id, session_id=self.session_id,
+            evaluated=self.evaluated, disclosed=self.disclosed,
+            own_transcript=self.transcript.digest(), presented_transcript=req.transcript_hash,
         )
-        signature = cfg.signing_key.sign(unsigned.signed_bytes())
-        receipt = Receipt(**{**unsigned.__dict__, "custodian_signature": signature})
-        cfg.ledger.close_session(auth.authorization_id, self.session_id,
-                                 receipt.signed_bytes(), signature)
-        self.receipt = receipt
-        return receipt
+        return self.receipt
 
     def countersign(self, receipt: Receipt) -> None:
         """Store the requester's countersignature after checking it against its known key."""
-        if self.state is not CustodianState.CLOSED or self.receipt is None:
+        if self.state is not CustodianState.CLOSED:
             raise ProtocolError("countersignature before the receipt was issued")
-        if receipt.signed_bytes() != self.receipt.signed_bytes():
-            raise ProtocolError("countersigned receipt differs from the one issued")
-        key = self.custodian.config.requester_keys.get(self.peer_id)
-        if key is None:
-            raise ProtocolError(f"no receipt key registered for requester {self.peer_id!r}")
-        try:
-            key.verify(receipt.requester_signature, receipt.countersigned_bytes())
-        except InvalidSignature:
-            raise ProtocolError("requester countersignature does not verify") from None
-        self.custodian.config.ledger.add_countersignature(self.session_id,
-                                                          receipt.requester_signature)
-        self.receipt = receipt
-
+        cfg = self.custodian.config
+        self.receipt = store_countersignature(
+            ledger=cfg.ledger, requester_keys=cfg.requester_keys, peer_id=self.peer_id,
+            issued=self.receipt, presented=receipt)
 
 # --------------------------------------------------------------------------- requester
 
@@ -727,6 +704,11 @@ class RequesterSession:
     must already be validated (``records.validate_queries`` or
     ``recordstore.load_query_csv``); refused records never enter the protocol.
     """
+
+    _HANDLERS: ClassVar[dict[type, str]] = {
+        OpenResponse: "_on_open", TagChunk: "_on_tags", EvaluatedChunk: "_on_evaluated",
+        DisclosureResponse: "_on_disclosures", Receipt: "_on_receipt",
+    }
 
     def __init__(
         self,
@@ -815,25 +797,9 @@ class RequesterSession:
     # -- dispatch --------------------------------------------------------------
 
     def handle(self, message: object) -> object | None:
-        """Apply one custodian message; returns a reply for a Receipt (the countersigned one)."""
-        next_state = REQUESTER_TRANSITIONS.get((self.state, type(message)))
-        if next_state is None:
-            raise ProtocolError(
-                f"requester session in state {self.state.value!r} cannot accept "
-                f"{type(message).__name__}"
-            )
-        reply: object | None = None
-        if isinstance(message, OpenResponse):
-            self._on_open(message)
-        elif isinstance(message, TagChunk):
-            self._on_tags(message)
-        elif isinstance(message, EvaluatedChunk):
-            self._on_evaluated(message)
-        elif isinstance(message, DisclosureResponse):
-            self._on_disclosures(message)
-        else:
-            assert isinstance(message, Receipt)
-            reply = self._on_receipt(message)
+        """Apply one custodian message; returns the countersigned Receipt for a Receipt."""
+        next_state = transition(REQUESTER_TRANSITIONS, self.state, message, "requester")
+        reply = getattr(self, self._HANDLERS[type(message)])(message)
         self.state = next_state
         return reply
 
@@ -986,21 +952,10 @@ class RequesterSession:
         return CloseRequest(transcript_hash=self.transcript.digest())
 
     def _on_receipt(self, receipt: Receipt) -> Receipt:
-        if not hmac.compare_digest(receipt.transcript_hash, self.transcript.digest()):
-            raise ProtocolError("receipt transcript hash differs from ours")
-        if receipt.session_id != self.session_id:
-            raise ProtocolError("receipt for another session")
-        if self.custodian_key is not None:
-            try:
-                self.custodian_key.verify(receipt.custodian_signature, receipt.signed_bytes())
-            except InvalidSignature:
-                raise ProtocolError("custodian receipt signature does not verify") from None
-        if self.signing_key is not None:
-            sig = self.signing_key.sign(receipt.countersigned_bytes())
-            receipt = Receipt(**{**receipt.__dict__, "requester_signature": sig})
-        self.receipt = receipt
-        return receipt
-
+        self.receipt = countersign(
+            receipt, session_id=self.session_id, own_transcript=self.transcript.digest(),
+            custodian_key=self.custodian_key, signing_key=self.signing_key)
+        return self.receipt
 
 # --------------------------------------------------------------------------- driver
 
