@@ -132,6 +132,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         disclosure_fields=[f for f in (args.fields or "").split(",") if f],
         session_id=args.session_id or "",
         tokens=Path(args.tokens).read_bytes() if args.tokens else b"",
+        engine=args.engine,
     )
     with _channel(args) as channel:
         stub = pb2_grpc.RequesterStub(channel)
@@ -182,6 +183,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         ("queries submitted", s.get("queries_submitted")),
         ("queries refused before blinding", s.get("queries_refused")),
         ("queries accepted", s.get("queries_accepted")),
+        ("match engine", s.get("engine")),
         ("elements evaluated (query x rule)", s.get("elements_evaluated")),
         ("custodian tags received", s.get("custodian_tags")),
         ("matches", s.get("matches")),
@@ -325,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fields", help="comma-separated subset of the authorized fields")
     m.add_argument("--session-id", help="resume this session id")
     m.add_argument("--tokens", help="named-subject tokens from 'psi-authority review'")
+    m.add_argument("--engine", default="oprf", choices=["oprf", "kkrt"],
+                   help="match engine: RFC 9497 OPRF (default) or KKRT OT-extension OPRF "
+                        "(the authorization and the custodian policy must permit it)")
     m.add_argument("--show-refused", type=int, default=10, help="refused records to list")
     m.add_argument("--summary-json", help="write the final summary here")
     m.add_argument("--no-progress", action="store_true")

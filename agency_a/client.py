@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -26,6 +27,7 @@ from protocol.aggregate import (
     SumReveal,
 )
 from protocol.errors import ProtocolError
+from protocol.kkrt import KKRTBaseOTReply, KKRTTagChunk
 from protocol.messages import EvaluatedChunk, TagChunk
 from protocol.sessions import Receipt, RequesterSession, SessionOutcome
 
@@ -76,6 +78,10 @@ def run_remote_session(
     stats.seconds["open"] = time.perf_counter() - t0
     progress("open", 1, 1)
 
+    if session.engine == "kkrt":
+        _kkrt_exchange(session, stub, progress, stats, rpc_timeout)
+        return _finish(session, stub, progress, stats, rpc_timeout)
+
     tag_total = opened.tag_count
     tag_error: list[BaseException] = []
 
@@ -119,6 +125,51 @@ def run_remote_session(
     if tag_error:
         raise tag_error[0]
 
+    return _finish(session, stub, progress, stats, rpc_timeout)
+
+
+def _kkrt_exchange(session: RequesterSession, stub: Any, progress: Progress, stats: WireStats,
+                   rpc_timeout: float) -> None:
+    """KKRT engine: base OTs, the extension matrix (streamed), then the custodian's tags."""
+    sid = session.session_id
+    t0 = time.perf_counter()
+    setup = session.kkrt_setup()
+    reply = stub.KKRTSetup(pb2.KKRTSetupMessage(
+        session_id=sid, version=setup.version, context=setup.context, bins=setup.bins,
+        stash=setup.stash, chunk_bins=setup.chunk_bins, attempt=setup.attempt,
+        base_ot_a=setup.base_ot_a), timeout=600)
+    stats.add("evaluate", len(setup.base_ot_a) + len(setup.context),
+              len(reply.base_ot_b) + len(reply.code_nonce))
+    session.handle(KKRTBaseOTReply(code_nonce=reply.code_nonce, base_ot_b=reply.base_ot_b))
+    total = session.element_count
+
+    def extension():
+        done = 0
+        for chunk in session.kkrt_extension_chunks():
+            stats.add("evaluate", len(chunk.columns), 0)
+            done += chunk.bins
+            progress("evaluate", done, total)
+            yield pb2.KKRTExtensionChunkMessage(session_id=sid, seq=chunk.seq,
+                                                start=chunk.start, bins=chunk.bins,
+                                                columns=chunk.columns)
+
+    stub.KKRTExtend(extension(), timeout=rpc_timeout)
+    stats.seconds["evaluate"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    got = 0
+    for pb in stub.KKRTTags(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
+        session.handle(KKRTTagChunk(seq=pb.seq, table=pb.table, table_size=pb.table_size,
+                                    tags=pb.tags))
+        stats.add("tags", 0, len(pb.tags))
+        got += len(pb.tags) // 12
+        progress("tags", got, got)
+    stats.seconds["tags"] = time.perf_counter() - t1
+
+
+def _finish(session: RequesterSession, stub: Any, progress: Progress, stats: WireStats,
+            rpc_timeout: float) -> SessionOutcome:
+    """Local match, verified disclosure and the receipt: the same for every engine."""
+    sid = session.session_id
     t_match = time.perf_counter()
     matches = session.match()
     stats.seconds["match"] = time.perf_counter() - t_match

@@ -100,7 +100,8 @@ def issue_expired(work: Path) -> Path:
 
 
 def match(work: Path, auth: Path, queries: Path, ports: dict[str, int], name: str,
-          *, progress: bool = True, tokens: Path | None = None) -> tuple[int, dict[str, Any]]:
+          *, progress: bool = True, tokens: Path | None = None, engine: str = "oprf",
+          ) -> tuple[int, dict[str, Any]]:
     summary = work / f"{name}.summary.json"
     args = ["agency_a.cli", "match", "--server", f"127.0.0.1:{ports['a']}",
             "--certs", str(work / "certs"), "--operator", "demo-analyst",
@@ -111,6 +112,7 @@ def match(work: Path, auth: Path, queries: Path, ports: dict[str, int], name: st
         args.append("--no-progress")
     if tokens is not None:
         args += ["--tokens", str(tokens)]
+    args += ["--engine", engine]
     proc = run(args, check=False, quiet=not progress)
     data = json.loads(summary.read_text()) if summary.exists() else {}
     if not progress and proc.returncode != 0 and "failed" not in data:
@@ -140,6 +142,36 @@ def certify_custodian(work: Path, custodian_csv: Path) -> Path:
     console.print(f"   named-subject certification of the custodian's records "
                   f"({time.perf_counter() - t0:.1f}s): {out.stdout.splitlines()[0]}")
     return b / "named.cert"
+
+
+def matched_ids_of(work: Path, ports: dict[str, int], job_id: str) -> set[str]:
+    results = run(["agency_a.cli", "results", "--server", f"127.0.0.1:{ports['a']}",
+                   "--certs", str(work / "certs"), "--operator", "demo-analyst",
+                   "--job", job_id, "--purpose", "demo review", "--limit", str(10**9)],
+                  quiet=True)
+    return {line.split("\t")[0] for line in results.stdout.splitlines() if line}
+
+
+def kkrt_scene(work: Path, scenario: Any, ports: dict[str, int], oprf_summary: dict[str, Any],
+               oprf_ids: set[str]) -> None:
+    """The same authorized match on the OT-extension engine: same matches, less time."""
+    console.rule("second match engine: KKRT OT-extension OPRF")
+    auth = issue(work, "kkrt", "--rules", RULES, "--engines", "kkrt", "--max-disclosures",
+                 str(oprf_summary["queries_submitted"]), "--max-queries",
+                 str(4 * oprf_summary["elements_evaluated"]), "--valid-days", "30",
+                 quiet=True)
+    code, summary = match(work, auth, scenario.queries, ports, "kkrt", progress=False,
+                          engine="kkrt")
+    if code != 0:
+        raise DemoFailure(f"KKRT match failed: {summary}")
+    ids = matched_ids_of(work, ports, summary["job_id"])
+    same = ids == oprf_ids
+    console.print(f"  KKRT engine: {summary['matches']:,} matches in "
+                  f"{summary['wall_seconds']:.1f} s (OPRF engine: {oprf_summary['matches']:,} "
+                  f"in {oprf_summary['wall_seconds']:.1f} s); same matched subjects: "
+                  + ("[green]yes[/green]" if same else "[red]NO[/red]"))
+    if not same:
+        raise DemoFailure("the two engines disagree")
 
 
 def named_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
@@ -179,10 +211,7 @@ def named_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
                           tokens=tokens)
     if code != 0:
         raise DemoFailure(f"named-subject match failed: {summary}")
-    results = run(["agency_a.cli", "results", "--server", f"127.0.0.1:{ports['a']}",
-                   "--certs", str(work / "certs"), "--operator", "demo-analyst",
-                   "--job", summary["job_id"], "--purpose", "demo review"], quiet=True)
-    matched = {line.split("\t")[0] for line in results.stdout.splitlines() if line}
+    matched = matched_ids_of(work, ports, summary["job_id"])
     reviewed_ids = {r["record_id"] for r in reviewed}
     console.print(f"  matched {len(matched & reviewed_ids)} of {len(reviewed)} reviewed subjects "
                   f"who are in the custodian file; refused at review: {len(bad)} "
@@ -348,7 +377,7 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
     run(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")], quiet=True)
     run(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets")], quiet=True)
     run(["protocol.authority_cli", "policy-template", "--custodian", "agency-b",
-         "--trust", str(work / "authority" / "authority.pub.json"),
+         "--trust", str(work / "authority" / "authority.pub.json"), "--engines", "oprf,kkrt",
          "--out", str(work / "agency-b" / "policy.json")], quiet=True)
     console.print("2. authority key, development CA with mTLS certificates, agency secrets and "
                   "the custodian's default policy (weak rules refused, TIN never disclosed)")
@@ -387,11 +416,7 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
     if code != 0:
         raise DemoFailure(f"authorized match failed: {summary}")
     true_ids = truth_queries(scenario.truth)
-    results = run(["agency_a.cli", "results", "--server", f"127.0.0.1:{ports['a']}",
-                   "--certs", str(work / "certs"), "--operator", "demo-analyst",
-                   "--job", summary["job_id"], "--purpose", "demo review", "--limit",
-                   str(10**9)], quiet=True)
-    matched_ids = {line.split("\t")[0] for line in results.stdout.splitlines() if line}
+    matched_ids = matched_ids_of(work, ports, summary["job_id"])
     console.print(learned_table(summary, true_ids, matched_ids))
     receipt = summary["receipt"]
     console.print(Panel(
@@ -405,6 +430,7 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
                   f"{summary['results_retention_days']} days, then purged; "
                   f"the read above was logged for operator 'demo-analyst'.")
 
+    kkrt_scene(work, scenario, ports, summary, matched_ids)
     named_scene(work, scenario, ports)
     aggregate_scene(work, scenario, ports)
 

@@ -212,6 +212,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 ops=self.ops, chunk_size=self.chunk_size,
                 session_id=header.session_id or None, signing_key=self.signing_key,
                 custodian_key=self.custodian_keys.get(auth.custodian_id), tokens=tokens,
+                engine=header.engine or "oprf",
             )
             del accepted  # the session keeps ids and match keys only
             stats = WireStats()
@@ -243,6 +244,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 "elements_evaluated": session.element_count,
                 "queries_without_usable_key": session.queries_without_key,
                 "mode": auth.mode.value,
+                "engine": session.engine,
                 "custodian_tags": session.open_response.tag_count if session.open_response else 0,
                 "matches": len(outcome.matches),
                 "matched_queries": len({m.query_record_id for m in outcome.matches}),

@@ -29,6 +29,7 @@ from protocol.aggregate import (
     MaskedSum,
 )
 from protocol.errors import ProtocolError, PSIError
+from protocol.kkrt import KKRTExtensionChunk, KKRTSetup
 from protocol.messages import CloseRequest, EvaluateChunk, TagChunk
 from protocol.sessions import Custodian, CustodianSession
 
@@ -166,6 +167,50 @@ class CustodianService(pb2_grpc.CustodianServicer):
                       withheld=reveal.withheld, reason=reveal.reason)
         return pb2.SumRevealMessage(count=reveal.count, withheld=reveal.withheld,
                                     masked_sum=reveal.masked_sum, reason=reveal.reason)
+
+    # -- KKRT engine ----------------------------------------------------------------
+
+    def KKRTSetup(self, request: Any, context: grpc.ServicerContext) -> Any:
+        peer = kit.peer_agency(context)
+        live = self._live(request.session_id, peer, context)
+        msg = KKRTSetup(version=request.version, context=request.context, bins=request.bins,
+                        stash=request.stash, chunk_bins=request.chunk_bins,
+                        attempt=request.attempt, base_ot_a=request.base_ot_a)
+        try:
+            with live.lock:
+                reply = live.session.handle(msg)
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="KKRTSetup", peer=peer)
+        return pb2.KKRTBaseOTReplyMessage(code_nonce=reply.code_nonce,
+                                          base_ot_b=reply.base_ot_b)
+
+    def KKRTExtend(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+                   ) -> Any:
+        peer = kit.peer_agency(context)
+        bins = 0
+        for pb in request_iterator:
+            live = self._live(pb.session_id, peer, context)
+            chunk = KKRTExtensionChunk(seq=pb.seq, start=pb.start, bins=pb.bins,
+                                       columns=pb.columns)
+            try:
+                with live.lock:
+                    live.session.handle(chunk)
+            except PSIError as exc:
+                self._refuse(context, exc, rpc="KKRTExtend", peer=peer)
+            bins += pb.bins
+        kit.log_event(log, "evaluated", peer=peer, engine="kkrt", bins=bins)
+        return pb2.UploadAck(elements=bins)
+
+    def KKRTTags(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        peer = kit.peer_agency(context)
+        live = self._live(request.session_id, peer, context)
+        try:
+            with live.lock:
+                for c in live.session.kkrt_tag_chunks(request.chunk_tags or 65_536):
+                    yield pb2.KKRTTagChunkMessage(seq=c.seq, table=c.table,
+                                                  table_size=c.table_size, tags=c.tags)
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="KKRTTags", peer=peer)
 
     # -- identity tier -------------------------------------------------------------
 

@@ -20,8 +20,10 @@ import os
 import pstats
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+import psutil
 
 from protocol import kkrt
 
@@ -41,6 +43,20 @@ def synthetic_keys(n_queries: int, n_records: int, matches: int, seed: int = 7
     return [queries[i] for i in order.tolist()], records
 
 
+def _worker_cpu(executor: ProcessPoolExecutor | None) -> float:
+    """CPU seconds used so far by the pool's workers (children of the forkserver)."""
+    if executor is None:
+        return 0.0
+    total = 0.0
+    for pid in list(getattr(executor, "_processes", {}) or {}):
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def run_once(n: int, records: int, matches: int, workers: int, chunk_bins: int,
              profile: bool) -> None:
     queries, record_keys = synthetic_keys(n, records, matches)
@@ -49,7 +65,7 @@ def run_once(n: int, records: int, matches: int, workers: int, chunk_bins: int,
         list(executor.map(abs, range(workers * 2)))
     load_before = os.getloadavg()
     cpu0 = time.process_time()
-    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker0 = _worker_cpu(executor)
     wall0 = time.perf_counter()
     profiler = cProfile.Profile() if profile else None
     if profiler:
@@ -62,10 +78,9 @@ def run_once(n: int, records: int, matches: int, workers: int, chunk_bins: int,
         profiler.disable()
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
+    child_cpu = _worker_cpu(executor) - worker0
     if executor is not None:
         executor.shutdown()
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child_cpu = (children.ru_utime + children.ru_stime) - (children0.ru_utime + children0.ru_stime)
     got = {queries[i] for i in result.matches}
     want = set(queries) & set(record_keys)
     status = "OK" if got == want else f"MISMATCH ({len(got)} vs {len(want)})"
@@ -75,8 +90,9 @@ def run_once(n: int, records: int, matches: int, workers: int, chunk_bins: int,
     print(f"   instances m+s = {result.requester.units:,} "
           f"(m/n = {result.requester.units / max(n, 1):.3f}), cuckoo attempt "
           f"{result.requester.attempt}")
+    print(f"   {'phase':<26} {'wall s':>8} {'CPU s':>8}")
     for phase, seconds in result.timings.items():
-        print(f"   {phase:<26} {seconds:8.3f} s")
+        print(f"   {phase:<26} {seconds:8.3f} {result.cpu[phase]:8.3f}")
     print(f"   {'wall (driver)':<26} {wall:8.3f} s   process CPU {cpu:.3f} s, "
           f"worker CPU {child_cpu:.3f} s")
     print("   requester:", {k: round(v, 3) for k, v in result.requester.timings.items()})

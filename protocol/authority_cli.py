@@ -609,7 +609,11 @@ def _cmd_policy_template(args: argparse.Namespace) -> int:
         raise CliError(f"{out} already exists; pass --force to overwrite it")
     validate_agency_id(args.custodian)
     keys = [_load_public_key(Path(p)) for p in args.trust]
-    policy = CustodianPolicy.trusting(args.custodian, keys)
+    engines = frozenset(_csv_list(args.engines))
+    unknown = engines - {"oprf", "kkrt"}
+    if unknown or not engines:
+        raise CliError(f"--engines must name oprf and/or kkrt, got {args.engines!r}")
+    policy = CustodianPolicy.trusting(args.custodian, keys, allowed_engines=engines)
     out.parent.mkdir(parents=True, exist_ok=True)
     policy.dump(out)
     print(f"Custodian policy for {policy.custodian_id} written to {out}")
@@ -620,6 +624,7 @@ def _cmd_policy_template(args: argparse.Namespace) -> int:
     )
     print(f"  never disclosed:        {', '.join(sorted(policy.never_disclose))}")
     print(f"  allowed tiers:          {', '.join(sorted(t.value for t in policy.allowed_tiers))}")
+    print(f"  allowed engines:        {', '.join(sorted(policy.allowed_engines))}")
     return 0
 
 
@@ -899,6 +904,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="authority public key file to trust (repeatable)",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="policy file to write")
+    p.add_argument("--engines", default="oprf", metavar="E1,E2",
+                   help="match engines this custodian serves (oprf, kkrt; default oprf)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     p = _subparser(

@@ -22,22 +22,25 @@ Parameters: computational security kappa = 128, statistical security lambda = 40
   ``s``; the requester is the base-OT sender.  Every group element from the peer passes
   ``oprf.deserialize_element`` (canonical, on the group, not the identity).
 * Pseudorandom code, width w = 512 bits (KKRT need >= 424 at these parameters):
-  ``C(x) = AES_k1(d) || AES_k2(d) || AES_k3(d) || AES_k4(d)`` with ``d = BLAKE2b-128(x)``
-  and four AES-128 keys derived from the session seed and a fresh custodian nonce.  For
-  random code words two of them are closer than kappa = 128 bits with probability
-  P[Bin(512, 1/2) < 128] < 2^-98, so over all <= 2^44 pairs at n, N <= 2^21 the
-  minimum-distance condition fails with probability < 2^-54.
+  ``C(x) = AES_kc(d xor 0) || AES_kc(d xor 1) || AES_kc(d xor 2) || AES_kc(d xor 3)``
+  (tweak in the last byte) with ``d = BLAKE2b-128(x)`` and an AES-128 key ``kc`` derived
+  from the session seed and a fresh custodian nonce (AES as a PRP/PRF).  Two random
+  512-bit code words are closer than kappa = 128 bits with probability
+  P[Bin(512, 1/2) < 128] = 2^-102.3, so over all pairs of the <= 2^22 inputs
+  (n, N <= 2^21) KKRT's minimum-distance condition fails with probability < 2^-59.
+  (At w = 424 the same tail is 2^-54.3 per pair, too weak for this many pairs.)
 * OT extension (IKNP, KKRT's 1-out-of-2^kappa variant): columns of ``T0`` and ``T1`` are
   AES-128-CTR keystreams of the base-OT seeds; the requester sends
   ``u = T0 xor T1 xor C`` column-wise; the custodian forms ``q_j = t0_j xor (C(x_j) and s)``.
   The OPRF is ``F(k_j, x) = H(j, q_j xor (C(x) and s))`` with ``k_j = (q_j, s)`` and
   ``H = BLAKE2b-128`` (personalized, salted per session; modelled as a random oracle,
   as KKRT do).  Outputs are 16 bytes (kappa bits).
-* Tags: ``T(O) = (AES_kt(O) xor O)[:12]``, the Matyas-Meyer-Oseas compression under a
-  per-session key (fixed-key-AES correlation-robust hashing in the sense of
-  Guo-Katz-Wang-Yu, S&P 2020): recovering O from T costs ~2^96 AES calls, so tags do not
-  reveal outputs, and disclosure can still look records up by tag.  False matches:
-  < n * N * 2^-96 < 2^-54.
+* Tags: ``T(O) = (pi(O) xor O)[:12]`` with pi = AES under a per-session public key
+  (the fixed-key-AES hash analysed by Guo-Katz-Wang-Yu, S&P 2020, in the random
+  permutation model).  O is uniform and unknown to the requester unless it matched, and
+  even finding *some* preimage of a 96-bit T takes ~2^96 AES calls, so the tag set does
+  not reveal outputs, while disclosure can still look records up by tag.  False
+  matches: < n * N * 2^-96 < 2^-54.
 * Cuckoo hashing: see ``protocol.kkrt_cuckoo`` (3 hash functions, m = ceil(1.30 n), no
   stash, failure <= 2^-40 for every n by a first-moment bound evaluated in code).  On
   failure the requester re-hashes with keys of the next ``attempt`` (the custodian sees
@@ -71,6 +74,19 @@ Message flow
     (disclosure: bin, output)  ---------------->  find(bin, output) / verify(bin, output, key)
 
 The engine does no I/O and holds no locks; one session object per protocol run.
+
+Wiring into ``protocol.sessions`` (engine ``"kkrt"``)
+-----------------------------------------------------
+* Requester: ``KKRTRequester(element_inputs, seed_context=auth_id | session_id)``;
+  ``OpenRequest.element_count = requester.units``.  After the open response: send
+  ``setup()``, feed back the ``KKRTBaseOTReply``, stream ``extension_chunks()``, feed
+  every ``KKRTTagChunk``; ``matches()`` are element indices; a disclosure presents
+  ``output_for(e).proof`` (20 bytes) in place of the 64-byte OPRF output.
+* Custodian: ``KKRTCustodian(record_keys, authorization_key=<per-authorization secret>,
+  seed_context=..., max_units=<reserved budget>, digests=<cached key_digests>)``; for
+  each chunk, ``ledger.record_evaluation(..., chunk.bins)`` *then* ``handle(chunk)``;
+  when ``state`` is ``EXTENDED`` stream ``tag_chunks()``; at disclosure
+  ``find(*parse_proof(proof), record_keys)`` gives the verified record positions.
 """
 
 from __future__ import annotations
@@ -105,6 +121,7 @@ __all__ = [
     "CODE_BITS",
     "DEFAULT_CHUNK_BINS",
     "OUTPUT_SIZE",
+    "PROOF_SIZE",
     "PROTOCOL_VERSION",
     "TAG_SIZE",
     "BaseOTSender",
@@ -121,6 +138,7 @@ __all__ = [
     "derive_tags",
     "key_digests",
     "make_executor",
+    "parse_proof",
     "run_kkrt_in_process",
     "table_size",
     "units_for",
@@ -138,9 +156,11 @@ MAX_CHUNK_BINS = 65_536
 DEFAULT_TAG_CHUNK = 65_536  # 768 KiB per tag chunk
 MAX_TAG_CHUNK = 262_144
 MAX_BINS = 1 << 22  # custodian memory bound: 4M q rows = 256 MiB
-MAX_STASH = 64
+MAX_STASH = 8  # each stash slot costs the custodian one evaluation of every record
 MAX_ATTEMPTS = 8
 DEFAULT_ATTEMPTS = 4
+_CODE_BLOCKS = CODE_BYTES // 16
+_CODE_TWEAKS = np.arange(_CODE_BLOCKS, dtype=np.uint8)
 _ROW_BYTES = 8 + CODE_BYTES  # H input: instance index (u64 LE) || 512-bit row
 _PARALLEL_MIN = 16_384  # hash jobs smaller than this stay in-process
 
@@ -224,10 +244,18 @@ def _digest_list(keys: Sequence[bytes]) -> bytes:
     return _blake2b_each(list(keys), DIGEST_SIZE, _PERSON_KEY, b"")
 
 
-def _hash_rows(buf: bytes, salt: bytes) -> bytes:
-    """H over a buffer of 72-byte (index || row) records: one BLAKE2b-128 per record."""
-    records = np.frombuffer(buf, dtype=f"V{_ROW_BYTES}").tolist()
-    return _blake2b_each(records, OUTPUT_SIZE, _PERSON_OPRF, salt)
+def _digest_packed(buffer: bytes, lengths: np.ndarray) -> bytes:
+    """Digests of keys packed end to end (what goes to a worker: one buffer, no list)."""
+    ends = np.cumsum(lengths).tolist()
+    starts = [0, *ends[:-1]]
+    return _blake2b_each([buffer[a:b] for a, b in zip(starts, ends, strict=True)],
+                         DIGEST_SIZE, _PERSON_KEY, b"")
+
+
+def _hash_rows(records: np.ndarray, salt: bytes) -> bytes:
+    """H over (k, 72) uint8 records (index || row): one BLAKE2b-128 per record."""
+    items = np.ascontiguousarray(records).view(f"V{_ROW_BYTES}").ravel().tolist()
+    return _blake2b_each(items, OUTPUT_SIZE, _PERSON_OPRF, salt)
 
 
 def make_executor(workers: int | None = None) -> ProcessPoolExecutor:
@@ -246,22 +274,28 @@ def key_digests(keys: Sequence[bytes], executor: Executor | None = None) -> np.n
     """
     n = len(keys)
     if executor is not None and n >= 2 * _PARALLEL_MIN:
-        parts = 8
-        step = -(-n // parts)
-        spans = [(a, min(a + step, n)) for a in range(0, n, step)]
-        buf = b"".join(executor.map(_digest_list, [list(keys[a:b]) for a, b in spans]))
+        lengths = np.fromiter(map(len, keys), dtype=np.int64, count=n)
+        packed = b"".join(keys)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        step = -(-n // 8)
+        jobs = [
+            executor.submit(_digest_packed, packed[offsets[a] : offsets[min(a + step, n)]],
+                            lengths[a : a + step])
+            for a in range(0, n, step)
+        ]
+        buf = b"".join(job.result() for job in jobs)
     else:
         buf = _digest_list(keys)
     return np.frombuffer(buf, dtype=np.uint8).reshape(n, DIGEST_SIZE)
 
 
-def _instance_rows(instances: np.ndarray, rows: np.ndarray) -> bytes:
-    """Pack (j as u64 LE || 64-byte row) records for H."""
+def _instance_rows(instances: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Pack (j as u64 LE || 64-byte row) records for H: (k, 72) uint8."""
     k = rows.shape[0]
     buf = np.empty((k, _ROW_BYTES), dtype=np.uint8)
     buf[:, :8] = instances.astype("<u8").view(np.uint8).reshape(k, 8)
     buf[:, 8:] = rows
-    return buf.tobytes()
+    return buf
 
 
 class _Hasher:
@@ -271,22 +305,24 @@ class _Hasher:
         self.salt = salt
         self.executor = executor
         self._jobs: list[Future[bytes] | bytes] = []
-        self._pending: list[bytes] = []
+        self._pending: list[np.ndarray] = []
         self._pending_size = 0
 
-    def submit(self, buf: bytes) -> None:
+    def submit(self, records: np.ndarray) -> None:
+        """Queue H over (k, 72) records."""
         if self.executor is None:
-            self._jobs.append(_hash_rows(buf, self.salt))
+            self._jobs.append(_hash_rows(records, self.salt))
             return
-        self._pending.append(buf)
-        self._pending_size += len(buf)
-        if self._pending_size >= _PARALLEL_MIN * _ROW_BYTES:
+        self._pending.append(records)
+        self._pending_size += records.shape[0]
+        if self._pending_size >= _PARALLEL_MIN:
             self.flush()
 
     def flush(self) -> None:
         if self._pending:
             assert self.executor is not None
-            self._jobs.append(self.executor.submit(_hash_rows, b"".join(self._pending), self.salt))
+            batch = np.concatenate(self._pending)
+            self._jobs.append(self.executor.submit(_hash_rows, batch, self.salt))
             self._pending, self._pending_size = [], 0
 
     def results(self) -> np.ndarray:
@@ -305,31 +341,37 @@ class _SessionKeys:
         self.salt = _derive(seed, _LABEL_SALT)
         self.tag = _ecb(_derive(seed, _LABEL_TAG))
         self.confirm = _derive(seed, _LABEL_CONFIRM, size=32)
-        self.code: list = []
+        self.code = None
+        self._cuckoo: dict[int, tuple] = {}
         if code_nonce is not None:
             self.set_code_nonce(code_nonce)
 
     def set_code_nonce(self, nonce: bytes) -> None:
-        self.code = [_ecb(_derive(self.seed, _LABEL_CODE, nonce, bytes([i]))) for i in range(4)]
+        self.code = _ecb(_derive(self.seed, _LABEL_CODE, nonce))
 
     def cuckoo_words(self, digests: np.ndarray, attempt: int) -> np.ndarray:
         """(n, 4) uint64 pseudorandom words per item for the bins of ``attempt``."""
-        a = attempt.to_bytes(2, "big")
-        first = _aes_blocks(_ecb(_derive(self.seed, _LABEL_CUCKOO, a, b"\x00")), digests)
-        second = _aes_blocks(_ecb(_derive(self.seed, _LABEL_CUCKOO, a, b"\x01")), digests)
+        pair = self._cuckoo.get(attempt)
+        if pair is None:
+            a = attempt.to_bytes(2, "big")
+            pair = tuple(_ecb(_derive(self.seed, _LABEL_CUCKOO, a, bytes([i]))) for i in (0, 1))
+            self._cuckoo[attempt] = pair
+        first, second = (_aes_blocks(enc, digests) for enc in pair)
         return np.concatenate([first, second], axis=1).view("<u8")
 
     def bins(self, digests: np.ndarray, attempt: int, bins: int) -> np.ndarray:
         return candidate_bins(self.cuckoo_words(digests, attempt), bins)
 
     def code_rows(self, digests: np.ndarray) -> np.ndarray:
-        """C(x) for each digest: (k, 64) uint8."""
+        """C(x) = AES_kc(d xor 0) || .. || AES_kc(d xor 3) per digest d: (k, 64) uint8.
+
+        One AES call over the whole batch, and the output is already in row layout.
+        """
         k = digests.shape[0]
-        out = np.empty((k, CODE_BYTES), dtype=np.uint8)
-        data = np.ascontiguousarray(digests).tobytes()
-        for i, enc in enumerate(self.code):
-            out[:, 16 * i : 16 * (i + 1)] = np.frombuffer(enc.update(data), np.uint8).reshape(k, 16)
-        return out
+        blocks = np.repeat(digests, _CODE_BLOCKS, axis=0).reshape(k, _CODE_BLOCKS, 16)
+        blocks[:, :, 15] ^= _CODE_TWEAKS
+        out = self.code.update(blocks.tobytes())
+        return np.frombuffer(out, dtype=np.uint8).reshape(k, CODE_BYTES)
 
     def tags(self, outputs: np.ndarray) -> np.ndarray:
         """T(O) = (AES_kt(O) xor O)[:12] for (k, 16) outputs -> (k, 12)."""
@@ -374,6 +416,8 @@ class BaseOTSender:
 
     def keys(self, b_buffer: bytes) -> tuple[list[bytes], list[bytes]]:
         """Both seeds of each OT from the receiver's B_1..B_n (validated one by one)."""
+        if not self._a:
+            raise ProtocolError("a base-OT sender is used once")
         size = oprf.ELEMENT_SIZE
         if len(b_buffer) % size or not b_buffer:
             raise InvalidElementError(
@@ -517,6 +561,21 @@ class KKRTOutput:
     output: bytes  # F(k_bin, x), 16 bytes: presented at disclosure
     tag: bytes  # T(output), 12 bytes
     table: int  # hash function 0..2 (or 3 + l): the custodian tag set to compare with
+
+    @property
+    def proof(self) -> bytes:
+        """What disclosure presents: bin index (u32 big-endian) || output, 20 bytes."""
+        return struct.pack(">I", self.bin_index) + self.output
+
+
+PROOF_SIZE = 4 + OUTPUT_SIZE
+
+
+def parse_proof(proof: bytes) -> tuple[int, bytes]:
+    """(bin index, output) from a disclosure proof; ProtocolError if malformed."""
+    if len(proof) != PROOF_SIZE:
+        raise ProtocolError(f"a KKRT disclosure proof is {PROOF_SIZE} bytes, got {len(proof)}")
+    return struct.unpack(">I", proof[:4])[0], bytes(proof[4:])
 
 
 # --------------------------------------------------------------------------- requester
@@ -910,9 +969,9 @@ class KKRTCustodian:
         self._prg: ColumnPRG | None = None
         self._q = np.zeros((0, CODE_BYTES), dtype=np.uint8)
         self._hasher = _Hasher(self._keys.salt, executor)
-        self._entry_record = np.zeros(0, dtype=np.int64)
-        self._entry_table = np.zeros(0, dtype=np.int64)
-        self._entry_bin = np.zeros(0, dtype=np.int64)
+        self._entry_record = np.zeros(0, dtype=np.int32)
+        self._entry_table = np.zeros(0, dtype=np.int8)
+        self._entry_bin = np.zeros(0, dtype=np.int32)
         self._chunk_starts = np.zeros(1, dtype=np.int64)
         self._tables: list[_TagTable] | None = None
         self.timings["digest"] = time.perf_counter() - started
@@ -976,9 +1035,9 @@ class KKRTCustodian:
         chunk = cands // setup.chunk_bins
         narrow = np.uint16 if setup.chunk_count < (1 << 16) else np.uint32
         order = np.argsort(chunk.astype(narrow), kind="stable")  # radix sort for uint16
-        self._entry_bin = cands[order]
-        self._entry_record = order // CUCKOO_HASHES
-        self._entry_table = order % CUCKOO_HASHES
+        self._entry_bin = cands[order].astype(np.int32)  # < MAX_BINS
+        self._entry_record = (order // CUCKOO_HASHES).astype(np.int32)
+        self._entry_table = (order % CUCKOO_HASHES).astype(np.int8)
         self._chunk_starts = np.searchsorted(
             chunk[order], np.arange(setup.chunk_count + 1), side="left"
         )
@@ -1003,14 +1062,15 @@ class KKRTCustodian:
             )
         started = time.perf_counter()
         u = np.frombuffer(chunk.columns, dtype=np.uint8).reshape(BASE_OTS, nb // 8)
-        q = self._prg.next(nb // 8) ^ (u & self._s_mask)
-        q_rows = cols_to_rows(q)
-        self._q[lo:hi] = q_rows
+        q = self._prg.next(nb // 8)
+        q ^= u & self._s_mask
+        q_rows = cols_to_rows(q, out=self._q[lo:hi])
         a, b = int(self._chunk_starts[seq]), int(self._chunk_starts[seq + 1])
         if b > a:
             bins = self._entry_bin[a:b]
             code = self._keys.code_rows(self._digests[self._entry_record[a:b]])
-            rows = q_rows[bins - lo] ^ (code & self._s_row)
+            rows = np.bitwise_and(code, self._s_row)
+            rows ^= q_rows[bins - lo]
             self._hasher.submit(_instance_rows(bins, rows))
         for row in range(max(lo, setup.bins), hi):  # stash slots: every record
             self._evaluate_everything(row)
@@ -1155,7 +1215,8 @@ class KKRTRunResult:
     matches: list[int]  # requester key indices whose tag matched
     requester: KKRTRequester
     custodian: KKRTCustodian
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase
+    cpu: dict[str, float] = field(default_factory=dict)  # this process's CPU seconds
     wire_bytes: dict[str, int] = field(default_factory=dict)
 
 
@@ -1171,42 +1232,49 @@ def run_kkrt_in_process(
     bins: int | None = None,
     custodian_digests: np.ndarray | None = None,
 ) -> KKRTRunResult:
-    """Run both sides of one KKRT match in this process, no network (for tests and benches)."""
+    """Run both sides of one KKRT match in this process, no network (for tests and benches).
+
+    Phases run one after the other (no overlap between the parties); only the BLAKE2b
+    work goes to ``executor`` when one is given.
+    """
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     wire: dict[str, int] = {}
-    clock = time.perf_counter
-    t = clock()
+    last = [time.perf_counter(), time.process_time()]
+
+    def lap(phase: str) -> None:
+        now = [time.perf_counter(), time.process_time()]
+        timings[phase] = now[0] - last[0]
+        cpu[phase] = now[1] - last[1]
+        last[:] = now
+
     custodian = KKRTCustodian(
         record_keys, authorization_key or os.urandom(32), seed_context=seed_context,
         digests=custodian_digests, executor=executor,
     )
-    timings["custodian_digest"] = clock() - t
-    t = clock()
+    lap("custodian_digest")
     requester = KKRTRequester(keys, seed_context, stash=stash, bins=bins,
                               chunk_bins=chunk_bins, executor=executor)
-    timings["requester_digest_cuckoo"] = clock() - t
-    t = clock()
+    lap("requester_digest_cuckoo")
     setup = requester.setup()
     (reply,) = custodian.handle(setup)
     requester.handle(reply)
-    timings["base_ot"] = clock() - t
+    lap("base_ot_and_index")
     wire["setup"] = len(setup.transcript_bytes())
     wire["base_ot_reply"] = len(reply.transcript_bytes())
-    t = clock()
     wire["extension"] = 0
     for chunk in requester.extension_chunks():
         wire["extension"] += len(chunk.columns)
         custodian.handle(chunk)
-    timings["extension"] = clock() - t
-    t = clock()
+    lap("extension")
     wire["tags"] = 0
     for tags in custodian.tag_chunks():
         wire["tags"] += len(tags.tags)
         requester.handle(tags)
-    timings["custodian_tags"] = clock() - t
-    t = clock()
+    lap("custodian_tags")
     matches = requester.matches()
-    timings["requester_outputs_match"] = clock() - t
+    lap("requester_outputs_match")
     timings["total"] = sum(timings.values())
+    cpu["total"] = sum(cpu.values())
     return KKRTRunResult(matches=matches, requester=requester, custodian=custodian,
-                         timings=timings, wire_bytes=wire)
+                         timings=timings, cpu=cpu, wire_bytes=wire)

@@ -74,17 +74,27 @@ def rows_to_cols(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(blocks.transpose(1, 2, 0)).reshape(row_bytes * 8, groups)
 
 
-def cols_to_rows(cols: np.ndarray) -> np.ndarray:
-    """(W, R/8) packed columns -> (R, W/8) packed rows; the inverse of ``rows_to_cols``."""
+def cols_to_rows(cols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(W, R/8) packed columns -> (R, W/8) packed rows; the inverse of ``rows_to_cols``.
+
+    ``out`` (a C-contiguous (R, W/8) uint8 array) receives the rows without a copy.
+    """
     _check_2d(cols, "cols")
     width, groups = cols.shape
     if width % 8:
         raise ValueError(f"column count {width} is not a multiple of 8")
     row_bytes = width // 8
     words = np.ascontiguousarray(cols.reshape(row_bytes, 8, groups)[:, ::-1, :].transpose(2, 0, 1))
-    out = _transpose_8x8(words.view(np.uint64).reshape(groups, row_bytes))
-    blocks = out.view(np.uint8).reshape(groups, row_bytes, 8)[:, :, ::-1]
-    return np.ascontiguousarray(blocks.transpose(0, 2, 1)).reshape(groups * 8, row_bytes)
+    done = _transpose_8x8(words.view(np.uint64).reshape(groups, row_bytes))
+    blocks = done.view(np.uint8).reshape(groups, row_bytes, 8)[:, :, ::-1].transpose(0, 2, 1)
+    if out is None:
+        return np.ascontiguousarray(blocks).reshape(groups * 8, row_bytes)
+    if out.shape != (groups * 8, row_bytes) or out.dtype != np.uint8:
+        raise ValueError("out has the wrong shape or dtype")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    np.copyto(out.reshape(groups, 8, row_bytes), blocks)
+    return out
 
 
 def naive_rows_to_cols(rows: np.ndarray) -> np.ndarray:

@@ -918,6 +918,13 @@ def decide(
             f"custodian policy does not permit match engine {request.engine!r}",
         )
 
+    if auth.mode is Mode.NAMED_SUBJECTS and request.engine != "oprf":
+        refuse(
+            Reason.ENGINE_NOT_PERMITTED,
+            f"named-subject authorization {auth.authorization_id} runs on the oprf engine "
+            f"only (its tokens are group elements), not {request.engine!r}",
+        )
+
     # 5b: a named-subject authorization is served only with a certification of the
     # custodian's records under that authority's token key (see protocol/named.py).
     if auth.mode is Mode.NAMED_SUBJECTS and not named_subjects_ready:

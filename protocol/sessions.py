@@ -49,11 +49,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from protocol import oprf
 from protocol.errors import (
+    BudgetExhausted,
     DisclosureCapReached,
     InvalidElementError,
     LedgerError,
     PolicyRefusal,
     ProtocolError,
+)
+from protocol.kkrt import (
+    KKRTBaseOTReply,
+    KKRTCustodian,
+    KKRTExtensionChunk,
+    KKRTRequester,
+    KKRTSetup,
+    KKRTTagChunk,
+    key_digests,
+    parse_proof,
 )
 from protocol.ledger import Ledger
 from protocol.messages import (
@@ -94,6 +105,17 @@ AUTH_KEY_INFO_PREFIX = b"gated-psi/authorization-key/v1:"
 #: Tag length in bytes.  12 B = 96 bits: with 1.3M x 1.3M elements a false tag
 #: collision has probability < 2^-55, and disclosure re-verifies the full output.
 TAG_SIZE = 12
+#: Match engines behind the session interface (DESIGN §8).
+ENGINE_OPRF = "oprf"
+ENGINE_KKRT = "kkrt"
+#: Bytes of what the requester presents at disclosure, per engine.
+DISCLOSURE_PROOF_SIZE = {ENGINE_OPRF: 64, ENGINE_KKRT: 20}
+
+
+def kkrt_context(authorization_id: str, session_id: str) -> bytes:
+    """Seed context of the OT-extension engine: per authorization and per session."""
+    return b"gated-psi/kkrt-session/v1" + hashlib.sha256(
+        authorization_id.encode() + b"\0" + session_id.encode()).digest()
 #: Records per slice of the custodian's index build (bounds its peak memory).
 INDEX_SLICE = 65_536
 
@@ -151,6 +173,8 @@ class CustodianState(StrEnum):
 CUSTODIAN_TRANSITIONS: dict[tuple[CustodianState, type], CustodianState] = {
     (CustodianState.AWAIT_OPEN, OpenRequest): CustodianState.SERVING,
     (CustodianState.SERVING, EvaluateChunk): CustodianState.SERVING,
+    (CustodianState.SERVING, KKRTSetup): CustodianState.SERVING,
+    (CustodianState.SERVING, KKRTExtensionChunk): CustodianState.SERVING,
     (CustodianState.SERVING, DisclosureRequest): CustodianState.SERVING,
     (CustodianState.SERVING, CloseRequest): CustodianState.CLOSED,
 }
@@ -224,6 +248,7 @@ class Custodian:
         self.in_scope = np.asarray(
             [i for i, c in enumerate(classes) if c not in excluded], dtype=np.int64)
         self.excluded_count = len(config.records) - len(self.in_scope)
+        self._kkrt_cache: dict[tuple[str, ...], Any] = {}
         self._indexes: dict[tuple[str, tuple[str, ...]], CustodianIndex] = {}
         self._lock = threading.Lock()
 
@@ -284,6 +309,32 @@ class Custodian:
         with self._lock:
             self._indexes[cache_key] = idx
         return idx
+
+    def kkrt_keys(self, rules: Sequence[str]) -> tuple[list[bytes], np.ndarray, np.ndarray,
+                                                       np.ndarray]:
+        """(keys, record index, rule index, key digests) of in-scope records for the KKRT
+        engine; cached per rule set (the digests do not depend on any key)."""
+        rules_t = tuple(sorted(rules))
+        with self._lock:
+            cached = self._kkrt_cache.get(rules_t)
+        if cached is not None:
+            return cached
+        keys: list[bytes] = []
+        rec: list[np.ndarray] = []
+        rule_idx: list[np.ndarray] = []
+        for r_i, rule_id in enumerate(rules_t):
+            for start in range(0, len(self.in_scope), INDEX_SLICE):
+                part = self.match_keys(rule_id, start, start + INDEX_SLICE)
+                positions = [p for p, k in enumerate(part) if k is not None]
+                keys.extend(part[p] for p in positions)
+                rec.append(self.in_scope[start:start + INDEX_SLICE][positions])
+                rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
+        cached = (keys, np.concatenate(rec) if rec else np.zeros(0, np.int64),
+                  np.concatenate(rule_idx) if rule_idx else np.zeros(0, np.int8),
+                  key_digests(keys))
+        with self._lock:
+            self._kkrt_cache[rules_t] = cached
+        return cached
 
     def prepare_named(self, authorization_id: str, rules: Sequence[str],
                       certification: Certification, session_key: bytes) -> CustodianIndex:
@@ -361,6 +412,10 @@ class CustodianSession:
         self._sk = b""
         self._pseudonym_key = b""
         self._index_key = b""
+        self.engine = ENGINE_OPRF
+        self._kkrt: KKRTCustodian | None = None
+        self._kkrt_rules: tuple[str, ...] = ()
+        self._kkrt_index: Any = None
         self._certification: Certification | None = None
         self.receipt: Receipt | None = None
 
@@ -376,6 +431,10 @@ class CustodianSession:
                 reply: object = self._open(message, peer_id)
             elif isinstance(message, EvaluateChunk):
                 reply = self._evaluate(message)
+            elif isinstance(message, KKRTSetup):
+                reply = self._kkrt_setup(message)
+            elif isinstance(message, KKRTExtensionChunk):
+                reply = self._kkrt_extend(message)
             elif isinstance(message, DisclosureRequest):
                 reply = self._disclose(message)
             else:
@@ -466,7 +525,16 @@ class CustodianSession:
                              if row.session_id == req.session_id and not row.repeat)
         self._sk = authorization_key(cfg.master_secret, auth.authorization_id)
         self._pseudonym_key = self._sk
-        if named:
+        self.engine = req.engine
+        if self.engine == ENGINE_KKRT:
+            keys, rec_idx, rule_idx, digests = self.custodian.kkrt_keys(self.rules)
+            self._kkrt_rules = tuple(sorted(self.rules))
+            self._kkrt_index = (keys, rec_idx, rule_idx)
+            self._kkrt = KKRTCustodian(
+                keys, self._sk, seed_context=kkrt_context(auth.authorization_id, req.session_id),
+                digests=digests, max_units=reservation.reserved)
+            self.index = None
+        elif named:
             # Requester elements are evaluated with k_A; the index uses k_A·d_A on the
             # certified c·H(y), matching k_A·(c·d_A·H(x)) from a reviewed token.
             assert certification is not None
@@ -481,7 +549,9 @@ class CustodianSession:
             session_id=req.session_id, authorization_id=auth.authorization_id,
             custodian_id=cfg.policy.custodian_id, match_rules=self.rules,
             disclosure_fields=self.fields, element_count=reservation.reserved,
-            tag_count=len(self.index), tag_size=self.index.tag_size,
+            tag_count=(len(self.index) if self.index is not None
+                       else 3 * len(self._kkrt_index[0])),
+            tag_size=TAG_SIZE if self.index is None else self.index.tag_size,
             budget_remaining=ledger.budget(auth.authorization_id).remaining,
         )
         self.transcript.add("open", req)
@@ -497,7 +567,38 @@ class CustodianSession:
             self.transcript.add("tags", chunk)
             yield chunk
 
+    def kkrt_tag_chunks(self, chunk_tags: int = 65_536) -> Iterator[KKRTTagChunk]:
+        """KKRT engine: the custodian's sorted tag sets, once the extension is complete."""
+        if self.state is not CustodianState.SERVING or self._kkrt is None:
+            raise ProtocolError(f"no KKRT tags in state {self.state.value!r}")
+        for chunk in self._kkrt.tag_chunks(chunk_tags):
+            self.transcript.add("tags", chunk)
+            yield chunk
+
+    def _kkrt_setup(self, setup: KKRTSetup) -> KKRTBaseOTReply:
+        if self._kkrt is None:
+            raise ProtocolError("KKRT setup in a session that runs another engine")
+        if setup.units > self.element_limit:
+            raise BudgetExhausted(f"KKRT setup asks for {setup.units} units; "
+                                  f"{self.element_limit} were reserved")
+        (reply,) = self._kkrt.handle(setup)
+        self.transcript.add("evaluate", setup)
+        self.transcript.add("evaluated", reply)
+        return reply
+
+    def _kkrt_extend(self, chunk: KKRTExtensionChunk) -> None:
+        if self._kkrt is None:
+            raise ProtocolError("KKRT extension in a session that runs another engine")
+        # one bin = one unit, counted before the chunk is processed
+        self.evaluated = self.custodian.config.ledger.record_evaluation(
+            self.authorization.authorization_id, self.session_id, chunk.bins)
+        self._kkrt.handle(chunk)
+        self.transcript.add("evaluate", chunk)
+        return None
+
     def _evaluate(self, chunk: EvaluateChunk) -> EvaluatedChunk:
+        if self.engine != ENGINE_OPRF:
+            raise ProtocolError("OPRF evaluation in a session that runs another engine")
         size = oprf.ELEMENT_SIZE
         if len(chunk.elements) % size:
             raise InvalidElementError(
@@ -538,7 +639,6 @@ class CustodianSession:
             )
         cfg = self.custodian.config
         auth = self.authorization
-        assert self.index is not None
         disclosures: list[Disclosure] = []
         rejected: list[int] = []
         # Expiry and an already-reached cap refuse the whole request (RESOURCE_EXHAUSTED /
@@ -548,7 +648,8 @@ class CustodianSession:
         verified: list[tuple[int, str, PersonRecord]] = []
         for i, (rule_id, output) in enumerate(req.outputs):
             record = (self._verify_output(rule_id, output)
-                      if rule_id in self.rules and len(output) == oprf.OUTPUT_SIZE else None)
+                      if rule_id in self.rules
+                      and len(output) == DISCLOSURE_PROOF_SIZE[self.engine] else None)
             if record is None:
                 rejected.append(i)
             else:
@@ -613,8 +714,15 @@ class CustodianSession:
         Only a requester that queried this exact match key can know ``output``;
         invented outputs and outputs from other authorizations find nothing.
         """
-        assert self.index is not None
         cfg = self.custodian.config
+        if self._kkrt is not None:
+            keys, rec_idx, rule_idx = self._kkrt_index
+            bin_index, value = parse_proof(output)
+            for k in self._kkrt.find(bin_index, value, keys):
+                if self._kkrt_rules[int(rule_idx[k])] == rule_id:
+                    return cfg.records[int(rec_idx[k])]
+            return None
+        assert self.index is not None
         for rec_i, candidate_rule, pos in self.index.lookup(
                 derive_tag(output, self.index.tag_size)):
             if candidate_rule != rule_id:
@@ -672,6 +780,8 @@ REQUESTER_TRANSITIONS: dict[tuple[RequesterState, type], RequesterState] = {
     (RequesterState.AWAIT_OPEN, OpenResponse): RequesterState.EVALUATING,
     (RequesterState.EVALUATING, TagChunk): RequesterState.EVALUATING,
     (RequesterState.EVALUATING, EvaluatedChunk): RequesterState.EVALUATING,
+    (RequesterState.EVALUATING, KKRTBaseOTReply): RequesterState.EVALUATING,
+    (RequesterState.EVALUATING, KKRTTagChunk): RequesterState.EVALUATING,
     (RequesterState.DISCLOSING, DisclosureResponse): RequesterState.DISCLOSING,
     (RequesterState.AWAIT_RECEIPT, Receipt): RequesterState.CLOSED,
 }
@@ -708,6 +818,7 @@ class RequesterSession:
     _HANDLERS: ClassVar[dict[type, str]] = {
         OpenResponse: "_on_open", TagChunk: "_on_tags", EvaluatedChunk: "_on_evaluated",
         DisclosureResponse: "_on_disclosures", Receipt: "_on_receipt",
+        KKRTBaseOTReply: "_on_kkrt", KKRTTagChunk: "_on_kkrt",
     }
 
     def __init__(
@@ -723,9 +834,11 @@ class RequesterSession:
         signing_key: Ed25519PrivateKey | None = None,
         custodian_key: Ed25519PublicKey | None = None,
         tokens: Mapping[tuple[str, str], bytes] | None = None,
+        engine: str = ENGINE_OPRF,
     ) -> None:
         """``tokens`` ((record id, rule) -> token) are required for a named-subject
-        authorization: only subjects the authority reviewed are sent at all."""
+        authorization: only subjects the authority reviewed are sent at all.
+        ``engine`` is ``"oprf"`` (RFC 9497) or ``"kkrt"`` (OT-extension batched OPRF)."""
         auth = signed_authorization.authorization
         self.signed = signed_authorization
         self.rules = tuple(match_rules if match_rules is not None else auth.match_rules)
@@ -771,6 +884,15 @@ class RequesterSession:
                     self.element_rule.append(r_i)
                     self.element_input.append(key)
         self._tokens = b"".join(token_parts)
+        if engine not in DISCLOSURE_PROOF_SIZE:
+            raise ValueError(f"unknown match engine {engine!r}")
+        if engine == ENGINE_KKRT and self.named:
+            raise ProtocolError("named-subject authorizations run on the oprf engine")
+        self.engine = engine
+        self._kkrt = (KKRTRequester(self.element_input,
+                                    seed_context=kkrt_context(auth.authorization_id,
+                                                              self.session_id))
+                      if engine == ENGINE_KKRT else None)
         n = len(self.element_input)
         self.queries_without_key = len(self.query_ids) - len(set(self.element_query))
         self._blinds: dict[int, bytes] = {}
@@ -788,11 +910,12 @@ class RequesterSession:
 
     @property
     def element_count(self) -> int:
-        return len(self.element_input)
+        """Budget units this session asks for: elements (OPRF) or bins (KKRT)."""
+        return self._kkrt.units if self._kkrt is not None else len(self.element_input)
 
     @property
     def chunk_count(self) -> int:
-        return -(-self.element_count // self.chunk_size)
+        return -(-len(self.element_input) // self.chunk_size)
 
     # -- dispatch --------------------------------------------------------------
 
@@ -812,6 +935,7 @@ class RequesterSession:
             session_id=self.session_id, signed_authorization=self.signed.to_bytes(),
             tier=Tier.IDENTITY.value, match_rules=self.rules,
             disclosure_fields=self.fields, element_count=self.element_count,
+            engine=self.engine,
         )
         self.transcript.add("open", req)
         self.state = RequesterState.AWAIT_OPEN
@@ -828,6 +952,29 @@ class RequesterSession:
             raise ProtocolError("custodian granted rules that were not requested")
         self.open_response = resp
         self.transcript.add("open", resp)
+
+    def kkrt_setup(self) -> KKRTSetup:
+        """KKRT engine: base-OT setup (the custodian answers with a KKRTBaseOTReply)."""
+        if self.state is not RequesterState.EVALUATING or self._kkrt is None:
+            raise ProtocolError(f"kkrt_setup in state {self.state.value!r}")
+        setup = self._kkrt.setup()
+        self.transcript.add("evaluate", setup)
+        return setup
+
+    def kkrt_extension_chunks(self) -> Iterator[KKRTExtensionChunk]:
+        """KKRT engine: the OT-extension matrix in bounded chunks."""
+        if self.state is not RequesterState.EVALUATING or self._kkrt is None:
+            raise ProtocolError(f"kkrt_extension_chunks in state {self.state.value!r}")
+        for chunk in self._kkrt.extension_chunks():
+            self.transcript.add("evaluate", chunk)
+            yield chunk
+
+    def _on_kkrt(self, message: KKRTBaseOTReply | KKRTTagChunk) -> None:
+        if self._kkrt is None:
+            raise ProtocolError("KKRT message in a session that runs another engine")
+        self._kkrt.handle(message)
+        self.transcript.add("evaluated" if isinstance(message, KKRTBaseOTReply) else "tags",
+                            message)
 
     def evaluation_chunks(self) -> Iterator[EvaluateChunk]:
         """Blind the match keys chunk by chunk; blinds stay here until the reply arrives."""
@@ -881,6 +1028,16 @@ class RequesterSession:
         """Local match (step 4): queries whose tag is in the custodian's set."""
         if self.state is not RequesterState.EVALUATING or self.open_response is None:
             raise ProtocolError(f"match in state {self.state.value!r}")
+        if self._kkrt is not None:
+            self.matches = [
+                Match(query_index=self.element_query[e],
+                      query_record_id=self.query_ids[self.element_query[e]],
+                      rule_id=self.rules[self.element_rule[e]],
+                      output=self._kkrt.output_for(e).proof)
+                for e in self._kkrt.matches()
+            ]
+            self.state = RequesterState.MATCHED
+            return self.matches
         if len(self._evaluated_chunks) != self.chunk_count:
             raise ProtocolError(
                 f"only {len(self._evaluated_chunks)} of {self.chunk_count} chunks evaluated"
@@ -979,10 +1136,17 @@ def run_in_process(
     """
     opened = custodian.handle(requester.open_request(), peer_id=requester_id)
     requester.handle(opened)
-    for tags in custodian.tag_chunks():
-        requester.handle(tags)
-    for chunk in requester.evaluation_chunks():
-        requester.handle(custodian.handle(chunk))
+    if requester.engine == ENGINE_KKRT:
+        requester.handle(custodian.handle(requester.kkrt_setup()))
+        for ext in requester.kkrt_extension_chunks():
+            custodian.handle(ext)
+        for kkrt_tags in custodian.kkrt_tag_chunks():
+            requester.handle(kkrt_tags)
+    else:
+        for tags in custodian.tag_chunks():
+            requester.handle(tags)
+        for chunk in requester.evaluation_chunks():
+            requester.handle(custodian.handle(chunk))
     requester.match()
     for req in requester.disclosure_requests():
         requester.handle(custodian.handle(req))

@@ -68,6 +68,7 @@ class World:
                   requester: str = "agency-a", custodian: str = "agency-b",
                   not_before: int | None = None, not_after: int | None = None,
                   tier: P.Tier = P.Tier.IDENTITY, key: Ed25519PrivateKey | None = None,
+                  engines: Sequence[str] = ("oprf",),
                   ) -> P.SignedAuthorization:
         key = key or self.authority
         now = int(time.time())
@@ -80,6 +81,7 @@ class World:
             not_after=now + 3600 if not_after is None else not_after,
             tier=tier, max_queries=max_queries, max_disclosures=max_disclosures,
             match_rules=tuple(rules), disclosure_fields=tuple(fields), retention_days=30,
+            engines=tuple(engines),
         )
         return P.sign_authorization(auth, key)
 

@@ -65,6 +65,9 @@ def test_transpose_matches_naive_reference(rows: int, width: int, seed: int) -> 
     assert np.array_equal(cols, naive_rows_to_cols(matrix))
     assert np.array_equal(cols_to_rows(cols), matrix)
     assert np.array_equal(naive_cols_to_rows(cols), matrix)
+    target = np.zeros((8 * rows + 8, width), dtype=np.uint8)
+    cols_to_rows(cols, out=target[8:])
+    assert np.array_equal(target[8:], matrix) and not target[:8].any()
 
 
 def test_transpose_bit_convention_is_msb_first() -> None:
@@ -293,6 +296,9 @@ def test_verified_disclosure() -> None:
         assert not custodian.verify(out.bin_index, forged, mine[i])
         assert not custodian.verify(out.bin_index, out.output[:15], mine[i])
         assert custodian.find(out.bin_index, forged, theirs) == []
+        assert kkrt.parse_proof(out.proof) == (out.bin_index, out.output)
+    with pytest.raises(ProtocolError):
+        kkrt.parse_proof(b"\x00" * 19)
     # a bin that is not one of the record's three candidate bins never verifies
     out = requester.output_for(result.matches[0])
     cands = custodian._keys.bins(kkrt.key_digests([mine[result.matches[0]]]), 0, requester.bins)

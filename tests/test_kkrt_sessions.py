@@ -1,0 +1,99 @@
+"""The KKRT engine behind the same session interface (issue 8): same matches, same policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agency_a.client import run_remote_session
+from agency_b.service import serve as serve_custodian
+from proto import service_kit as kit
+from protocol.errors import PolicyRefusal
+from protocol.pki import write_dev_pki
+from protocol.sessions import RequesterSession, run_in_process
+from tests.factories import as_query, make_person, make_world
+
+ENGINES = frozenset({"oprf", "kkrt"})
+RULES = ("tin+dob", "first+last+dob+zip")
+
+
+def _queries(world):
+    inside = [as_query(world.records[i]) for i in range(30, 70)]
+    return inside + [as_query(make_person(2000 + i, prefix="k")) for i in range(25)]
+
+
+def _result_set(results):
+    return {(r.query_record_id, r.rule_id, tuple(sorted(r.fields.items()))) for r in results}
+
+
+def test_both_engines_find_exactly_the_same_matches(tmp_path: Path) -> None:
+    world = make_world(tmp_path, n_records=80, allowed_engines=ENGINES)
+    queries = _queries(world)
+    outcomes = {}
+    for engine in ("oprf", "kkrt"):
+        signed = world.authorize(rules=RULES, engines=("oprf", "kkrt"))
+        rs = RequesterSession(signed, queries, engine=engine, signing_key=world.requester_key)
+        outcomes[engine] = run_in_process(rs, world.custodian().session(),
+                                          requester_id="agency-a")
+    assert _result_set(outcomes["kkrt"].results) == _result_set(outcomes["oprf"].results)
+    assert len(outcomes["kkrt"].results) == 80
+    assert outcomes["kkrt"].receipt.disclosed == 40
+    # one bin = one unit: the KKRT session was charged its bins, not its elements
+    assert outcomes["kkrt"].receipt.evaluated > len(queries) * len(RULES)
+
+
+def test_engine_must_be_permitted(tmp_path: Path) -> None:
+    world = make_world(tmp_path)  # default policy: oprf only
+    signed = world.authorize(engines=("oprf", "kkrt"))
+    rs = RequesterSession(signed, [as_query(world.records[0])], engine="kkrt")
+    with pytest.raises(PolicyRefusal) as err:
+        run_in_process(rs, world.custodian().session(), requester_id="agency-a")
+    assert err.value.reasons == ("engine_not_permitted",)
+
+
+def test_invented_kkrt_proofs_disclose_nothing(tmp_path: Path) -> None:
+    from protocol.messages import DisclosureRequest
+
+    world = make_world(tmp_path, allowed_engines=ENGINES)
+    signed = world.authorize(engines=("kkrt",))
+    cs = world.custodian().session()
+    rs = RequesterSession(signed, [as_query(world.records[5])], engine="kkrt")
+    rs.handle(cs.handle(rs.open_request(), peer_id="agency-a"))
+    rs.handle(cs.handle(rs.kkrt_setup()))
+    for ext in rs.kkrt_extension_chunks():
+        cs.handle(ext)
+    for tags in cs.kkrt_tag_chunks():
+        rs.handle(tags)
+    (m,) = rs.match()
+    forged = bytearray(m.output)
+    forged[-1] ^= 1
+    resp = cs.handle(DisclosureRequest(seq=0, outputs=(
+        ("tin+dob", bytes(forged)), ("tin+dob", b"\x00" * 20), ("tin+dob", m.output[:19]))))
+    assert resp.disclosures == () and resp.rejected == (0, 1, 2)
+    ok = cs.handle(DisclosureRequest(seq=1, outputs=(("tin+dob", m.output),)))
+    assert len(ok.disclosures) == 1
+
+
+def test_kkrt_over_grpc(tmp_path: Path) -> None:
+    world = make_world(tmp_path, n_records=80, allowed_engines=ENGINES)
+    write_dev_pki(tmp_path / "pki", ["agency-a", "agency-b"], server_agencies=["agency-b"])
+    server, port = serve_custodian(
+        world.custodian(), kit.TLSFiles.from_dir(tmp_path / "pki", "agency-b", "server"),
+        "127.0.0.1:0")
+    tls = kit.TLSFiles.from_dir(tmp_path / "pki", "agency-a", "client")
+    try:
+        queries = _queries(world)
+        signed = world.authorize(rules=RULES, engines=("kkrt",))
+        with kit.secure_channel(f"127.0.0.1:{port}", tls) as ch:
+            out = run_remote_session(RequesterSession(
+                signed, queries, engine="kkrt", signing_key=world.requester_key), ch)
+        assert len(out.results) == 80 and out.receipt.requester_signature
+        # an oprf session under a kkrt-only authorization is refused
+        with kit.secure_channel(f"127.0.0.1:{port}", tls) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                run_remote_session(RequesterSession(signed, queries), ch)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        server.stop(0)
