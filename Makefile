@@ -36,7 +36,7 @@ test: install lint
 # OpenMined PSI pins its own protobuf, so benchmarks.scale installs it in .venv-openmined.
 bench: install
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install --quiet 'matplotlib>=3.8,<4'
-	$(PY) -m benchmarks.scale --sizes $(SIZES) --engines $(ENGINES)
+	$(PY) -m benchmarks.scale --sizes $(SIZES) --engines $(ENGINES) $(if $(REPEAT),--repeat $(REPEAT))
 
 bench-micro: install
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-enable -p no:cacheprovider

@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key_path = secrets / "results.key"
     store = ResultStore(data / "results.sqlite", load_key(key_path), audit, key_path=key_path)
     store.start_purger(args.purge_interval)
-    pool = BatchPool(args.workers) if args.workers > 1 else None
+    pool = BatchPool(args.workers).warm() if args.workers > 1 else None
     agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
     service = RequesterService(
         args.agency_id,

@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   seconds=round(time.perf_counter() - t0, 2))
     ledger = Ledger(args.ledger)
     checkpointer = Checkpointer(ledger, signing_key, args.checkpoint_interval).start()
-    pool = BatchPool(args.workers) if args.workers > 1 else None
+    pool = BatchPool(args.workers).warm() if args.workers > 1 else None
     custodian = Custodian(CustodianConfig(
         policy=policy, records=records, ledger=ledger, master_secret=master,
         signing_key=signing_key, requester_keys=parse_agency_keys(args.requester_key),

@@ -79,7 +79,9 @@ OPENMINED_RUNNER = Path(__file__).resolve().parent / "openmined_runner.py"
 #: ``--sizes 1300000`` means the headline scenario (1.28M queries x 1.3M records).
 HEADLINE_SIZE = 1_300_000
 DEFAULT_RULES = ("tin+dob",)
-ENGINES = ("oprf", "openmined")
+ENGINES = ("oprf", "kkrt", "openmined")
+#: engines that run through our two services (the others run in-process)
+SERVICE_ENGINES = ("oprf", "kkrt")
 PY = sys.executable
 OPENMINED_FPR = 1e-9
 SERVICE_START_TIMEOUT = 1800.0
@@ -439,7 +441,7 @@ def setup_credentials(work: Path) -> None:
     _cli(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")])
     _cli(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets")])
     _cli(["protocol.authority_cli", "policy-template", "--custodian", "agency-b",
-          "--trust", str(work / "authority" / "authority.pub.json"),
+          "--trust", str(work / "authority" / "authority.pub.json"), "--engines", "oprf,kkrt",
           "--out", str(work / "agency-b" / "policy.json")])
 
 
@@ -451,7 +453,8 @@ def _issue(work: Path, name: str, rules: Sequence[str], max_queries: int,
           "--statute", "26 U.S.C. 6103(i)(2)", "--purpose", "benchmark of the match step",
           "--rules", ",".join(rules), "--fields", "address,city,state,zip",
           "--max-queries", str(max_queries), "--max-disclosures", str(max_disclosures),
-          "--valid-days", "2", "--retention-days", "1", "--out", str(out), "--force"])
+          "--valid-days", "2", "--retention-days", "1", "--engines", "oprf,kkrt",
+          "--out", str(out), "--force"])
     return out
 
 
@@ -553,12 +556,18 @@ def _now() -> str:
 
 def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectation,
              rules: Sequence[str], costs: OpCosts, work: Path, sampler: TreeSampler,
-             console: Console, *, workers: int | None = None) -> dict[str, Any]:
-    """One identity-tier session over gRPC/mTLS between the two service processes."""
-    cores = workers or os.cpu_count() or 1
+             console: Console, *, workers: int | None = None,
+             engine: str = "oprf") -> dict[str, Any]:
+    """One identity-tier session over gRPC/mTLS between the two service processes.
+
+    ``engine`` is the match engine of the session: ``oprf`` (RFC 9497) or ``kkrt``
+    (OT extension; one budget unit per cuckoo bin, so its budget is larger).
+    """
+    # Both services share this machine, so the floor divides by its cores, not by --workers.
+    cores = os.cpu_count() or 1
     machine = _machine()
     run_dir = Path(tempfile.mkdtemp(prefix=f"q{spec.queries}-", dir=work))
-    auth = _issue(work, run_dir.name, rules, max_queries=spec.queries * len(rules),
+    auth = _issue(work, run_dir.name, rules, max_queries=2 * spec.queries * len(rules),
                   max_disclosures=max(spec.queries, 1))
     summary_path = run_dir / "summary.json"
     with _services(work, run_dir, files, sampler, workers) as svc:
@@ -566,13 +575,14 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
                     f"{svc.b_startup_s:.1f}s), requester :{svc.a_port}")
         cpu_a0, cpu_b0 = sampler.cpu_seconds("a"), sampler.cpu_seconds("b")
         t0 = time.perf_counter()
-        with console.status(f"oprf: matching {spec.queries:,} x {spec.records:,} over gRPC/mTLS"):
+        with console.status(f"{engine}: matching {spec.queries:,} x {spec.records:,} "
+                            "over gRPC/mTLS"):
             proc = subprocess.run([
                 PY, "-m", "agency_a.cli", "match", "--server", f"127.0.0.1:{svc.a_port}",
                 "--certs", str(work / "certs"), "--operator", "bench",
                 "--authorization", str(auth), "--queries", str(files.queries),
                 "--custodian", f"127.0.0.1:{svc.b_port}", "--summary-json", str(summary_path),
-                "--no-progress", "--show-refused", "0",
+                "--no-progress", "--show-refused", "0", "--engine", engine,
             ], text=True, capture_output=True, check=False, cwd=REPO)
         t_end = time.perf_counter()
         e2e = t_end - t0
@@ -595,9 +605,10 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
     phases = {k: float(v) for k, v in summary.get("phase_seconds", {}).items()}
     wall = float(summary["wall_seconds"])
     q_el, r_el = int(summary["elements_evaluated"]), int(summary["custodian_tags"])
-    floor = costs.floor_seconds(q_el, r_el, cores)
+    # The group-operation floor bounds the OPRF engine only; KKRT does no per-element EC work.
+    floor = costs.floor_seconds(q_el, r_el, cores) if engine == "oprf" else None
     return {
-        "engine": "oprf",
+        "engine": engine,
         "queries": spec.queries,
         "records": spec.records,
         "rules": list(rules),
@@ -606,7 +617,7 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
         "cpu_a_s": round(cpu_a, 3),
         "cpu_b_s": round(cpu_b, 3),
         "cpu_e2e_s": round(cpu_a_e2e + cpu_b_e2e, 3),
-        "floor_s": round(floor, 3),
+        "floor_s": None if floor is None else round(floor, 3),
         "e2e_wall_s": round(e2e, 3),
         "bytes_a_to_b": int(summary["bytes_a_to_b"]),
         "bytes_b_to_a": int(summary["bytes_b_to_a"]),
@@ -719,6 +730,14 @@ def run_openmined(spec: ScenarioSpec, plain: PlaintextExpectation, work: Path,
 # --------------------------------------------------------------------------- driver
 
 
+def _best(tries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest of repeated runs (noise on a shared box only ever adds time)."""
+    best = dict(min(tries, key=lambda r: r["wall_s"]))
+    best["repeats"] = len(tries)
+    best["wall_s_all"] = [r["wall_s"] for r in tries]
+    return best
+
+
 def _merge(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """New runs replace earlier runs of the same engine and size; the rest are kept."""
     keys = {(r["engine"], r["queries"], r["records"]) for r in new}
@@ -770,6 +789,7 @@ def run_benchmark(
     workers: int | None = None,
     fresh: bool = False,
     keep_work: bool = False,
+    repeat: int = 1,
     console: Console | None = None,
     venv: Path = OPENMINED_VENV,
 ) -> list[dict[str, Any]]:
@@ -778,6 +798,8 @@ def run_benchmark(
     from protocol.policy import CustodianPolicy
 
     console = console or (Console() if sys.stdout.isatty() else Console(width=150))
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engines {unknown}; choose from {ENGINES}")
@@ -803,18 +825,21 @@ def run_benchmark(
                             f"{len(plain.expected):,} expected matches "
                             f"({plain.correct:,} of {plain.true_matches:,} true) "
                             f"in {plain.seconds:.1f}s")
-                size_runs = []
-                for engine in engines:
-                    if engine == "oprf":
-                        # Measured right before the run it bounds, so both see the same box.
-                        costs = _measure_costs(op_sample, console)
-                        run = run_oprf(files, spec, plain, rules, costs, work, sampler, console,
-                                       workers=workers)
-                    else:
-                        run = run_openmined(spec, plain, work, sampler, console, venv=venv)
-                    console.log(f"{engine}: wall {run['wall_s']:.2f}s, {run['matches']:,} "
-                                "matches")
-                    size_runs.append(run)
+                tries: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+                # Engines alternate within each repeat so a noisy spell hits both alike.
+                for attempt in range(repeat):
+                    for engine in engines:
+                        if engine in SERVICE_ENGINES:
+                            # Measured right before the run it bounds: both see the same box.
+                            costs = _measure_costs(op_sample, console)
+                            run = run_oprf(files, spec, plain, rules, costs, work, sampler,
+                                           console, workers=workers, engine=engine)
+                        else:
+                            run = run_openmined(spec, plain, work, sampler, console, venv=venv)
+                        console.log(f"{engine} (try {attempt + 1}/{repeat}): wall "
+                                    f"{run['wall_s']:.2f}s, {run['matches']:,} matches")
+                        tries[engine].append(run)
+                size_runs = [_best(tries[e]) for e in engines]
                 _print_size(console, size_runs)
                 new_runs.extend(size_runs)
                 del plain
@@ -882,6 +907,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="elements for the per-op cost measurement (default 20000)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes per service (default: all cores)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per engine and size; the fastest is kept, all walls recorded")
     p.add_argument("--fresh", action="store_true",
                    help="replace latest.json instead of merging into it")
     p.add_argument("--keep-work", action="store_true", help="keep keys, ledgers and logs")
@@ -893,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_benchmark(args.sizes, engines, rules, data_dir=args.data_dir,
                       results_dir=args.results_dir, op_sample=args.op_sample,
                       workers=args.workers, fresh=args.fresh, keep_work=args.keep_work,
+                      repeat=args.repeat,
                       venv=args.openmined_venv)
     except (RuntimeError, ValueError, OSError, subprocess.CalledProcessError) as exc:
         Console(stderr=True).print(f"[red]benchmark failed:[/red] {exc}")

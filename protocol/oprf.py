@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from itertools import repeat
@@ -497,6 +498,11 @@ def _default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+def _warm_worker(_: int) -> None:
+    """Runs once per worker so its interpreter and libsodium are loaded ahead of work."""
+    time.sleep(0.05)
+
+
 class BatchPool:
     """Run the batch functions on several processes, with results in input order.
 
@@ -544,6 +550,12 @@ class BatchPool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def warm(self) -> BatchPool:
+        """Start every worker now (services call this at start-up), not in the first session."""
+        if self._executor is not None:
+            list(self._executor.map(_warm_worker, range(self.workers)))
+        return self
 
     def close(self) -> None:
         """Stop the workers; pending chunks are cancelled."""
