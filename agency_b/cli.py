@@ -128,6 +128,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signing_key=signing_key, requester_keys=parse_agency_keys(args.requester_key),
         ops=pool, certifications=certifications,
     ))
+    if args.prepare_kkrt:
+        # authorization-independent KKRT key preparation, before the service reports ready
+        t1 = time.perf_counter()
+        rules = [r for r in args.prepare_kkrt.split(",") if r]
+        custodian.kkrt_keys(rules)
+        kit.log_event(log, "kkrt_prepared", rules=rules,
+                      seconds=round(time.perf_counter() - t1, 2))
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
     aggregate = AggregateCustodian(custodian, ops=agg_pool)
@@ -184,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port-file", help="write the bound port here (for port 0)")
     s.add_argument("--requester-key", action="append", default=[], metavar="AGENCY=PUB.json",
                    help="a requester's receipt-countersigning public key (repeatable)")
+    s.add_argument("--prepare-kkrt", metavar="R1,R2",
+                   help="prepare the KKRT engine's key digests for this rule set at start-up "
+                        "(independent of any authorization), so sessions skip that step")
     s.add_argument("--certification", action="append", default=[], metavar="FILE",
                    help="named-subject certification from certify-finish (repeatable)")
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1,

@@ -404,6 +404,8 @@ def render_plot(runs: Sequence[Run], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     styles = {"oprf": ("C0", "o", "ours (RFC 9497 OPRF, 2 services, gRPC/mTLS)"),
+              "kkrt": ("C2", "^", "ours (KKRT OT-extension OPRF, 2 services, gRPC/mTLS)"),
+              "kkrt-prepared": ("C4", "v", "ours (KKRT, custodian keys prepared at start-up)"),
               "openmined": ("C3", "s", "OpenMined PSI (in-process)")}
     for engine in sorted({r["engine"] for r in runs}):
         pts = sorted((r["records"], r["wall_s"]) for r in runs if r["engine"] == engine)

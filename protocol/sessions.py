@@ -249,6 +249,7 @@ class Custodian:
             [i for i, c in enumerate(classes) if c not in excluded], dtype=np.int64)
         self.excluded_count = len(config.records) - len(self.in_scope)
         self._kkrt_cache: dict[tuple[str, ...], Any] = {}
+        self._kkrt_locks: dict[tuple[str, ...], threading.Lock] = {}
         self._indexes: dict[tuple[str, tuple[str, ...]], CustodianIndex] = {}
         self._lock = threading.Lock()
 
@@ -316,9 +317,18 @@ class Custodian:
         engine; cached per rule set (the digests do not depend on any key)."""
         rules_t = tuple(sorted(rules))
         with self._lock:
-            cached = self._kkrt_cache.get(rules_t)
-        if cached is not None:
-            return cached
+            build_lock = self._kkrt_locks.setdefault(rules_t, threading.Lock())
+        with build_lock:  # one build per rule set; concurrent sessions wait for it
+            with self._lock:
+                cached = self._kkrt_cache.get(rules_t)
+            if cached is None:
+                cached = self._build_kkrt_keys(rules_t)
+                with self._lock:
+                    self._kkrt_cache[rules_t] = cached
+        return cached
+
+    def _build_kkrt_keys(self, rules_t: tuple[str, ...]) -> tuple[list[bytes], np.ndarray,
+                                                                 np.ndarray, np.ndarray]:
         keys: list[bytes] = []
         rec: list[np.ndarray] = []
         rule_idx: list[np.ndarray] = []
@@ -329,12 +339,9 @@ class Custodian:
                 keys.extend(part[p] for p in positions)
                 rec.append(self.in_scope[start:start + INDEX_SLICE][positions])
                 rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
-        cached = (keys, np.concatenate(rec) if rec else np.zeros(0, np.int64),
-                  np.concatenate(rule_idx) if rule_idx else np.zeros(0, np.int8),
-                  key_digests(keys))
-        with self._lock:
-            self._kkrt_cache[rules_t] = cached
-        return cached
+        return (keys, np.concatenate(rec) if rec else np.zeros(0, np.int64),
+                np.concatenate(rule_idx) if rule_idx else np.zeros(0, np.int8),
+                key_digests(keys))
 
     def prepare_named(self, authorization_id: str, rules: Sequence[str],
                       certification: Certification, session_key: bytes) -> CustodianIndex:
