@@ -30,7 +30,12 @@ from protocol.aggregate import AggregatePool
 from protocol.errors import PSIError
 from protocol.ledger import Ledger
 from protocol.oprf import BatchPool
-from protocol.oversight import Checkpointer, audit_verify_command, export_command
+from protocol.oversight import (
+    Checkpointer,
+    add_ledger_commands,
+    audit_verify_command,
+    export_command,
+)
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_a")
@@ -294,29 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
-    a = sub.add_parser("audit", help="audit-log tools")
-    asub = a.add_subparsers(dest="audit_command", required=True)
-    v = asub.add_parser("verify", help="verify the requester ledger's audit chain",
-                        description="Re-derive the hash chain of DIR/requester-ledger.sqlite "
-                        "and, with --public-key, every signed checkpoint. Prints OK with the "
-                        "entry count and head, or FAIL with the first bad position and the kind "
-                        "of damage; exit 0 or 1.")
-    v.add_argument("--data", required=True, help="the data directory given to 'serve'")
-    v.add_argument("--public-key", metavar="signing.pub.json",
-                   help="the requester's public key, to verify the signed checkpoints")
-    v.set_defaults(func=cmd_audit_verify)
-
-    e = sub.add_parser("export", help="write the oversight export of one authorization",
-                       description="Receipts with both signatures, result-store activity "
-                       "counts, the audit head and the newest signed checkpoint, as JSON for "
-                       "'psi-authority oversight'.")
-    e.add_argument("--data", required=True, help="the data directory given to 'serve'")
-    e.add_argument("--authorization", required=True, metavar="ID", help="authorization id")
-    e.add_argument("--out", required=True, help="JSON file to write (mode 0600)")
-    e.add_argument("--secrets", help="directory from 'agency-a init': sign a fresh checkpoint "
-                   "over the current head first")
-    e.add_argument("--force", action="store_true", help="overwrite --out")
-    e.set_defaults(func=cmd_export)
+    add_ledger_commands(sub, agency="requester", location="--data",
+                        location_help="the data directory given to 'serve'",
+                        verify=cmd_audit_verify,
+                        export=cmd_export)
 
     m = sub.add_parser("match", help="submit a match job and follow it to the end")
     _client_args(m)

@@ -27,7 +27,12 @@ from protocol.errors import PSIError
 from protocol.ledger import Ledger
 from protocol.named import Certification
 from protocol.oprf import BatchPool
-from protocol.oversight import Checkpointer, audit_verify_command, export_command
+from protocol.oversight import (
+    Checkpointer,
+    add_ledger_commands,
+    audit_verify_command,
+    export_command,
+)
 from protocol.policy import CustodianPolicy
 from protocol.recordstore import load_custodian_csv
 from protocol.sessions import Custodian, CustodianConfig
@@ -205,28 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
-    a = sub.add_parser("audit", help="audit-log tools")
-    asub = a.add_subparsers(dest="audit_command", required=True)
-    v = asub.add_parser("verify", help="verify the ledger's audit chain (exit 0 OK, 1 FAIL)",
-                        description="Re-derive the hash chain and, with --public-key, every "
-                        "signed checkpoint. Prints OK with the entry count and head, or FAIL "
-                        "with the first bad position and the kind of damage.")
-    v.add_argument("--ledger", required=True, help="the custodian's SQLite ledger")
-    v.add_argument("--public-key", metavar="signing.pub.json",
-                   help="the custodian's public key, to verify the signed checkpoints")
-    v.set_defaults(func=cmd_audit_verify)
-
-    e = sub.add_parser("export", help="write the oversight export of one authorization",
-                       description="Counts, sessions, disclosures, receipts with both "
-                       "signatures, the audit head and the newest signed checkpoint, as JSON "
-                       "for 'psi-authority oversight'.")
-    e.add_argument("--ledger", required=True, help="the custodian's SQLite ledger")
-    e.add_argument("--authorization", required=True, metavar="ID", help="authorization id")
-    e.add_argument("--out", required=True, help="JSON file to write (mode 0600)")
-    e.add_argument("--secrets", help="directory from 'agency-b init': sign a fresh checkpoint "
-                   "over the current head first")
-    e.add_argument("--force", action="store_true", help="overwrite --out")
-    e.set_defaults(func=cmd_export)
+    add_ledger_commands(sub, agency="custodian", location="--ledger",
+                        location_help="the custodian's SQLite ledger", verify=cmd_audit_verify,
+                        export=cmd_export)
     return p
 
 

@@ -981,3 +981,32 @@ def run_oversight_cli(args: argparse.Namespace, out: TextIO | None = None) -> in
             print(line, file=out)
     return 0 if report.agree else 1
 
+
+
+def add_ledger_commands(sub: Any, *, agency: str, location: str, location_help: str,
+                        verify: Callable[..., int], export: Callable[..., int]) -> None:
+    """``audit verify`` and ``export`` subcommands, the same for both agencies' CLIs.
+
+    ``location`` is the flag naming where the agency's ledger is (``--ledger`` for the
+    custodian, ``--data`` for the requester).
+    """
+    a = sub.add_parser("audit", help="audit-log tools")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    v = asub.add_parser("verify", help="verify the ledger's audit chain (exit 0 OK, 1 FAIL)",
+                        description="Re-derive the hash chain and, with --public-key, every "
+                        "signed checkpoint. Prints OK with the entry count and head, or FAIL "
+                        "with the first bad position and the kind of damage.")
+    v.add_argument(location, required=True, help=location_help)
+    v.add_argument("--public-key", metavar="signing.pub.json",
+                   help=f"the {agency}'s public key, to verify the signed checkpoints")
+    v.set_defaults(func=verify)
+    e = sub.add_parser("export", help="write the oversight export of one authorization",
+                       description="Counts, receipts with both signatures, the audit head and "
+                       "the newest signed checkpoint, as JSON for 'psi-authority oversight'.")
+    e.add_argument(location, required=True, help=location_help)
+    e.add_argument("--authorization", required=True, metavar="ID", help="authorization id")
+    e.add_argument("--out", required=True, help="JSON file to write (mode 0600)")
+    e.add_argument("--secrets", help="the agency's secrets directory: sign a fresh checkpoint "
+                   "over the current head first")
+    e.add_argument("--force", action="store_true", help="overwrite --out")
+    e.set_defaults(func=export)
