@@ -22,12 +22,12 @@ from agency_a.store import ResultStore, generate_key_file, load_key
 from agency_b.cli import (
     load_signing_key,
     parse_agency_keys,
+    run_cli,
     wait_for_signal,
     write_signing_key,
 )
 from proto import service_kit as kit
 from protocol.aggregate import AggregatePool
-from protocol.errors import PSIError
 from protocol.ledger import Ledger
 from protocol.oprf import BatchPool
 from protocol.oversight import (
@@ -337,12 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (OSError, ValueError, KeyError, PSIError) as exc:
-        print(f"agency-a: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

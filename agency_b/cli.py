@@ -216,13 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Run a subcommand; user errors print one line (no traceback) and exit 2."""
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except (OSError, ValueError, KeyError, PSIError) as exc:
-        print(f"agency-b: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":
