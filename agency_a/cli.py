@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from agency_b.cli import (
     load_signing_key,
     parse_agency_keys,
     run_cli,
+    stop_on_signal,
     wait_for_signal,
     write_signing_key,
 )
@@ -78,10 +78,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     server, port = serve(service, tls, args.listen)
+    stop = stop_on_signal()
     if args.port_file:
         Path(args.port_file).write_text(f"{port}\n")
     kit.log_event(log, "serving", service="requester", port=port, agency=args.agency_id)
-    stop = threading.Event()
     wait_for_signal(stop)
     kit.log_event(log, "stopping", grace_seconds=args.grace)
     server.stop(args.grace).wait()

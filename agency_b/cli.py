@@ -92,10 +92,20 @@ def parse_agency_keys(items: list[str]) -> dict[str, Ed25519PublicKey]:
     return out
 
 
-def wait_for_signal(stop: threading.Event) -> None:
-    """Block until SIGTERM/SIGINT; graceful shutdown follows."""
+def stop_on_signal() -> threading.Event:
+    """An event set by SIGTERM/SIGINT.
+
+    Installed before the service announces its port, so a signal that arrives as soon
+    as the port is known still leads to a graceful shutdown (checkpoint, ledger close).
+    """
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_signal(stop: threading.Event) -> None:
+    """Block until the event from ``stop_on_signal`` is set; graceful shutdown follows."""
     while not stop.is_set():
         stop.wait(0.5)
 
@@ -144,11 +154,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
     aggregate = AggregateCustodian(custodian, ops=agg_pool)
     server, port = serve(custodian, tls, args.listen, aggregate=aggregate)
+    stop = stop_on_signal()
     if args.port_file:
         Path(args.port_file).write_text(f"{port}\n")
     kit.log_event(log, "serving", service="custodian", port=port, agency=args.agency_id,
                   in_scope=len(custodian.in_scope), excluded=custodian.excluded_count)
-    stop = threading.Event()
     wait_for_signal(stop)
     kit.log_event(log, "stopping", grace_seconds=args.grace)
     server.stop(args.grace).wait()
