@@ -216,6 +216,8 @@ class RequesterService(pb2_grpc.RequesterServicer):
             )
             del accepted  # the session keeps ids and match keys only
             stats = WireStats()
+            # session construction (match keys, cuckoo table): part of the timed job
+            stats.seconds["prepare"] = time.perf_counter() - started
             last: dict[str, float] = {}
 
             def progress(phase: str, done: int, total: int) -> None:
@@ -226,6 +228,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
 
             with kit.secure_channel(header.custodian_address, self.client_tls) as channel:
                 outcome = run_remote_session(session, channel, progress=progress, stats=stats)
+            stored = time.perf_counter()
             if self.audit is not None:
                 # both signatures, kept on the requester's own hash-chained ledger
                 record_receipt(self.audit, outcome.receipt)
@@ -236,6 +239,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
             ]
             self.store.put_results(job.job_id, auth.authorization_id, auth.retention_days,
                                    rows, operator=job.operator)
+            stats.seconds["store"] = time.perf_counter() - stored
             by_rule = Counter(m.rule_id for m in outcome.matches)
             fields_disclosed = Counter(f for r in outcome.results for f in r.fields)
             job.summary.update({

@@ -139,6 +139,7 @@ from protocol.records import (
     QueryRecord,
     match_keys_bulk,
 )
+from protocol.recordstore import bulk_match_keys, persons_of
 from protocol.sessions import INDEX_SLICE, Custodian, CustodianConfig
 
 __all__ = [
@@ -460,6 +461,11 @@ class AggregatePool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @property
+    def executor(self) -> Executor | None:
+        """The worker processes (None for one worker), shared with the match-key build."""
+        return self._executor
 
     def close(self) -> None:
         if self._executor is not None:
@@ -1230,17 +1236,12 @@ class AggregateRequesterSession:
         self.min_key_bits = min_key_bits
         self.state = AggregateRequesterState.START
         self.transcript = AggregateTranscript()
-        seen: dict[bytes, None] = {}
         self.queries_total = len(queries)
-        self.queries_without_key = 0
-        for start in range(0, len(queries), INDEX_SLICE):
-            persons = [q.person if isinstance(q, QueryRecord) else q
-                       for q in queries[start:start + INDEX_SLICE]]
-            for key in match_keys_bulk(persons, [match_rule])[match_rule]:
-                if key is None:
-                    self.queries_without_key += 1
-                else:
-                    seen[key] = None
+        keys = bulk_match_keys(persons_of(queries), [match_rule],
+                               executor=getattr(self.ops, "executor", None))[match_rule]
+        seen = dict.fromkeys(k for k in keys if k is not None)
+        self.queries_without_key = len(keys) - sum(1 for k in keys if k is not None)
+        del keys
         distinct = list(seen)
         del seen
         self._keys: list[bytes] | None = _shuffled(distinct)

@@ -1129,29 +1129,58 @@ class KKRTCustodian:
         """Records whose tag (in any table) equals ``tag``: candidates for verification."""
         if len(tag) != TAG_SIZE:
             return []
-        want = np.frombuffer(tag, dtype=np.uint8).reshape(1, TAG_SIZE)
-        prefix = _tag_prefix(want)[0]
-        found: set[int] = set()
+        _, records = self._lookup_many(np.frombuffer(tag, dtype=np.uint8).reshape(1, TAG_SIZE))
+        return sorted(set(records.tolist()))
+
+    def _lookup_many(self, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query position, record) for every full-tag hit of (k, 12) ``tags``, all tables."""
+        prefix = _tag_prefix(tags)
+        hit_q: list[np.ndarray] = []
+        hit_r: list[np.ndarray] = []
         for table in self._finish_tables():
-            a = int(np.searchsorted(table.prefix, prefix, side="left"))
-            b = int(np.searchsorted(table.prefix, prefix, side="right"))
-            for i in range(a, b):
-                if table.tags[i].tobytes() == tag:
-                    found.add(int(table.records[i]))
-        return sorted(found)
+            lo = np.searchsorted(table.prefix, prefix, side="left")
+            counts = np.searchsorted(table.prefix, prefix, side="right") - lo
+            q = np.repeat(np.arange(prefix.size), counts)
+            if not q.size:
+                continue
+            first = np.cumsum(counts) - counts  # where each query's run starts in q
+            pos = np.repeat(lo, counts) + (np.arange(q.size) - np.repeat(first, counts))
+            same = (table.tags[pos] == tags[q]).all(axis=1)  # the prefix is only 8 of 12 bytes
+            hit_q.append(q[same])
+            hit_r.append(table.records[pos[same]].astype(np.int64))
+        if not hit_q:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(hit_q), np.concatenate(hit_r)
+
+    def _extended(self, what: str) -> KKRTSetup:
+        setup = self.setup_message
+        if self.state is not CustodianState.EXTENDED or setup is None:
+            raise ProtocolError(f"{what} before the extension finished ({self.state.value!r})")
+        return setup
+
+    def _evaluations(self, bins: np.ndarray, digests: np.ndarray) -> np.ndarray:
+        """F(k_bin, x) for parallel arrays of instances and key digests: (m, 16) uint8."""
+        code = self._keys.code_rows(digests)
+        rows = self._q[bins] ^ (code & self._s_row)
+        return np.frombuffer(_hash_rows(_instance_rows(bins, rows), self._keys.salt),
+                             dtype=np.uint8).reshape(-1, OUTPUT_SIZE)
+
+    def _bin_allowed(self, bins: np.ndarray, digests: np.ndarray) -> np.ndarray:
+        """Is each instance one of its key's three cuckoo bins, or a stash slot?"""
+        setup = self._extended("verify")
+        ok = (bins >= 0) & (bins < setup.units)
+        in_table = bins < setup.bins
+        if in_table.any():
+            cands = self._keys.bins(digests[in_table], setup.attempt, setup.bins)
+            ok[in_table] &= (cands == bins[in_table][:, None]).any(axis=1)
+        return ok
 
     def evaluate(self, bin_index: int, record_key: bytes) -> bytes:
         """F(k_bin, record_key): the custodian's own OPRF output for one instance."""
-        setup = self.setup_message
-        if self.state is not CustodianState.EXTENDED or setup is None:
-            raise ProtocolError(f"evaluate before the extension finished ({self.state.value!r})")
+        setup = self._extended("evaluate")
         if not 0 <= bin_index < setup.units:
             raise ProtocolError(f"instance {bin_index} out of range")
-        digest = key_digests([record_key])
-        code = self._keys.code_rows(digest)
-        row = self._q[bin_index] ^ (code[0] & self._s_row)
-        out = _hash_rows(_instance_rows(np.array([bin_index]), row[None, :]), self._keys.salt)
-        return out
+        return self._evaluations(np.array([bin_index]), key_digests([record_key]))[0].tobytes()
 
     def verify(self, bin_index: int, output: bytes, record_key: bytes) -> bool:
         """Does ``output`` equal F(k_bin, record_key), for a bin the record can occupy?
@@ -1160,26 +1189,48 @@ class KKRTCustodian:
         know the output.  The bin must be one of the record's three cuckoo bins or a
         stash slot; the comparison is constant-time.
         """
-        setup = self.setup_message
-        if self.state is not CustodianState.EXTENDED or setup is None:
-            raise ProtocolError(f"verify before the extension finished ({self.state.value!r})")
-        if len(output) != OUTPUT_SIZE or not 0 <= bin_index < setup.units:
+        self._extended("verify")
+        if len(output) != OUTPUT_SIZE:
             return False
-        if bin_index < setup.bins:
-            cands = self._keys.bins(key_digests([record_key]), setup.attempt, setup.bins)
-            if bin_index not in cands[0].tolist():
-                return False
-        return hmac.compare_digest(self.evaluate(bin_index, record_key), output)
+        bins, digest = np.array([bin_index], dtype=np.int64), key_digests([record_key])
+        if not self._bin_allowed(bins, digest)[0]:
+            return False
+        return hmac.compare_digest(self._evaluations(bins, digest)[0].tobytes(), output)
 
-    def find(self, bin_index: int, output: bytes, record_keys: Sequence[bytes]) -> list[int]:
+    def find(self, bin_index: int, output: bytes) -> list[int]:
         """Records found by the output's tag whose verification succeeds (disclosure step)."""
         if len(output) != OUTPUT_SIZE:
             return []
-        tag = self._keys.tags(np.frombuffer(output, dtype=np.uint8).reshape(1, OUTPUT_SIZE))
-        return [
-            r for r in self.lookup(tag[0].tobytes())
-            if self.verify(bin_index, output, record_keys[r])
-        ]
+        return self.find_many([(bin_index, output)])[0]
+
+    def find_many(self, proofs: Sequence[tuple[int, bytes]]) -> list[list[int]]:
+        """``find`` for a whole disclosure batch: one vectorized lookup and evaluation.
+
+        Each (bin, output) yields the records whose tag matches and whose re-computed
+        F(k_bin, key) equals the output (constant-time compare), for an allowed bin.
+        """
+        setup = self._extended("find")
+        found: list[list[int]] = [[] for _ in proofs]
+        valid = [i for i, (b, out) in enumerate(proofs)
+                 if len(out) == OUTPUT_SIZE and 0 <= b < setup.units]
+        if not valid:
+            return found
+        outputs = np.frombuffer(b"".join(proofs[i][1] for i in valid),
+                                dtype=np.uint8).reshape(-1, OUTPUT_SIZE)
+        bins_all = np.array([proofs[i][0] for i in valid], dtype=np.int64)
+        q, records = self._lookup_many(self._keys.tags(outputs))
+        if not q.size:
+            return found
+        pairs = np.unique(q * self.record_count + records)  # a record in two tables: once
+        q, records = pairs // self.record_count, pairs % self.record_count
+        bins, digests = bins_all[q], self._digests[records]
+        allowed = self._bin_allowed(bins, digests)
+        q, records, bins, digests = q[allowed], records[allowed], bins[allowed], digests[allowed]
+        expected = self._evaluations(bins, digests)
+        for j, (qi, rec) in enumerate(zip(q.tolist(), records.tolist(), strict=True)):
+            if hmac.compare_digest(expected[j].tobytes(), outputs[qi].tobytes()):
+                found[valid[qi]].append(rec)
+        return found
 
 
 def _sorted_table(tags: np.ndarray, records: np.ndarray) -> _TagTable:

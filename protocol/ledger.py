@@ -71,6 +71,8 @@ ZERO_HASH = bytes(32)
 _RECEIPT_DIGEST_TAG = b"gated-psi/ledger-receipt-digest/v1"
 _BUSY_TIMEOUT_MS = 30_000
 _PAGE = 1000
+#: Record ids per "IN (...)" lookup: under SQLite's historical 999-variable limit.
+_IN_LIST = 500
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,11 +184,17 @@ def _canonical(payload: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """The normalized payload (what a reader will parse back) and its canonical JSON."""
     if not isinstance(payload, Mapping):
         raise TypeError("audit payload must be a mapping")
-    normalized = _jsonable(payload)
-    text = json.dumps(
-        normalized, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-    return normalized, text
+    if all(type(k) is str and type(v) is str for k, v in payload.items()):
+        normalized = dict(payload)  # flat text (every disclosure entry): nothing to convert
+    else:
+        normalized = _jsonable(payload)
+    return normalized, _CANONICAL_JSON.encode(normalized)
+
+
+#: One encoder for every entry (a disclosure batch writes one entry per record).
+_CANONICAL_JSON = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
 
 
 def audit_entry_hash(prev_hash: bytes, seq: int, at: float, kind: str, payload_json: str) -> bytes:
@@ -202,11 +210,7 @@ def audit_entry_hash(prev_hash: bytes, seq: int, at: float, kind: str, payload_j
         kind.encode("utf-8"),
         payload_json.encode("utf-8"),
     )
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(_u64(len(part)))
-        h.update(part)
-    return h.digest()
+    return hashlib.sha256(b"".join(_u64(len(part)) + part for part in parts)).digest()
 
 
 def checkpoint_message(seq: int, head: bytes) -> bytes:
@@ -851,58 +855,51 @@ class Ledger:
             if row["closed_at"] is not None:
                 raise LedgerError(f"session {session_id!r} is closed")
             now = float(self._clock())
+            # (session, rule, time) of every record of this batch already disclosed under
+            # this authorization; records first disclosed by this batch join as they go.
+            first: dict[str, tuple[str, str, float]] = {}
+            distinct = list(dict.fromkeys(record_id for record_id, _ in items))
+            for a in range(0, len(distinct), _IN_LIST):
+                part = distinct[a:a + _IN_LIST]
+                for rid, sid, rule, at in conn.execute(
+                    "SELECT record_id, session_id, rule_id, disclosed_at FROM disclosures "
+                    f"WHERE auth_id = ? AND record_id IN ({','.join('?' * len(part))})",
+                    (auth_id, *part),
+                ):
+                    first[rid] = (sid, rule, at)
             out: list[DisclosureRow] = []
+            entries: list[tuple[str, dict[str, Any]]] = []
+            new_rows: list[tuple[str, str, str, str, float]] = []
+            new_rows_entry: list[int] = []
             disclosed = budget.disclosed
-            last: AuditEntry | None = None
             for record_id, rule_id in items:
-                prior = conn.execute(
-                    "SELECT session_id, rule_id, disclosed_at FROM disclosures "
-                    "WHERE auth_id = ? AND record_id = ?",
-                    (auth_id, record_id),
-                ).fetchone()
+                payload = {"auth_id": auth_id, "session_id": session_id,
+                           "record_id": record_id, "rule_id": rule_id}
+                prior = first.get(record_id)
                 if prior is not None:
-                    last = self._append(
-                        conn,
-                        now,
-                        "disclosure.repeated",
-                        {
-                            "auth_id": auth_id,
-                            "session_id": session_id,
-                            "record_id": record_id,
-                            "rule_id": rule_id,
-                            "first_session_id": prior[0],
-                        },
-                        after=last,
-                    )
-                    out.append(
-                        DisclosureRow(auth_id, prior[0], record_id, prior[1], prior[2], True)
-                    )
+                    payload["first_session_id"] = prior[0]
+                    entries.append(("disclosure.repeated", payload))
+                    out.append(DisclosureRow(auth_id, prior[0], record_id, prior[1], prior[2],
+                                             True))
                     continue
                 if disclosed >= budget.max_disclosures:
                     raise DisclosureCapReached(
                         f"authorization {auth_id!r}: disclosure cap of "
                         f"{budget.max_disclosures} records reached"
                     )
-                last = self._append(
-                    conn,
-                    now,
-                    "disclosure.recorded",
-                    {
-                        "auth_id": auth_id,
-                        "session_id": session_id,
-                        "record_id": record_id,
-                        "rule_id": rule_id,
-                    },
-                    after=last,
-                )
-                conn.execute(
-                    "INSERT INTO disclosures "
-                    "(auth_id, session_id, record_id, rule_id, disclosed_at, audit_seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (auth_id, session_id, record_id, rule_id, now, last.seq),
-                )
+                new_rows_entry.append(len(entries))
+                entries.append(("disclosure.recorded", payload))
+                new_rows.append((auth_id, session_id, record_id, rule_id, now))
+                first[record_id] = (session_id, rule_id, now)
                 disclosed += 1
                 out.append(DisclosureRow(auth_id, session_id, record_id, rule_id, now, False))
+            appended = self._append_many(conn, now, entries)
+            conn.executemany(
+                "INSERT INTO disclosures "
+                "(auth_id, session_id, record_id, rule_id, disclosed_at, audit_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(*r, appended[e].seq) for r, e in zip(new_rows, new_rows_entry, strict=True)],
+            )
             if disclosed != budget.disclosed:
                 conn.execute(
                     "UPDATE authorizations SET disclosed_total = ? WHERE auth_id = ?",
@@ -935,28 +932,41 @@ class Ledger:
         at: float,
         kind: str,
         payload: Mapping[str, Any],
-        after: AuditEntry | None = None,
     ) -> AuditEntry:
-        """Append one entry inside the caller's transaction (the caller holds the write lock).
+        """Append one entry inside the caller's transaction (the caller holds the write lock)."""
+        return self._append_many(conn, at, [(kind, payload)])[0]
 
-        ``after`` is the entry this transaction appended last, if any; it saves re-reading
-        the head when a batch appends many entries.
+    def _append_many(
+        self,
+        conn: sqlite3.Connection,
+        at: float,
+        entries: Sequence[tuple[str, Mapping[str, Any]]],
+    ) -> list[AuditEntry]:
+        """Append entries, chained in order, inside the caller's transaction.
+
+        The head is read once and the rows go in with one ``executemany``: a disclosure
+        batch writes one entry per record, so this is on the per-match path.
         """
-        normalized, payload_json = _canonical(payload)
-        if after is not None:
-            seq, prev = after.seq + 1, after.entry_hash
-        else:
-            last = conn.execute(
-                "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            seq, prev = (1, ZERO_HASH) if last is None else (last[0] + 1, bytes(last[1]))
-        entry_hash = audit_entry_hash(prev, seq, at, kind, payload_json)
-        conn.execute(
+        if not entries:
+            return []
+        last = conn.execute(
+            "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        seq, prev = (1, ZERO_HASH) if last is None else (last[0] + 1, bytes(last[1]))
+        out: list[AuditEntry] = []
+        rows: list[tuple[int, float, str, str, bytes, bytes]] = []
+        for kind, payload in entries:
+            normalized, payload_json = _canonical(payload)
+            entry_hash = audit_entry_hash(prev, seq, at, kind, payload_json)
+            rows.append((seq, at, kind, payload_json, prev, entry_hash))
+            out.append(AuditEntry(seq, at, kind, normalized, prev, entry_hash))
+            seq, prev = seq + 1, entry_hash
+        conn.executemany(
             "INSERT INTO audit_log (seq, at, kind, payload, prev_hash, entry_hash) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (seq, at, kind, payload_json, prev, entry_hash),
+            rows,
         )
-        return AuditEntry(seq, at, kind, normalized, prev, entry_hash)
+        return out
 
     def audit_entries(self, start: int = 0) -> Iterator[AuditEntry]:
         """Entries with ``seq >= start`` in chain order (seq starts at 1).

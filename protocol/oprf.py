@@ -551,6 +551,11 @@ class BatchPool:
     ) -> None:
         self.close()
 
+    @property
+    def executor(self) -> Executor | None:
+        """The worker processes (None when ``workers == 1``), for other bulk jobs to share."""
+        return self._executor
+
     def warm(self) -> BatchPool:
         """Start every worker now (services call this at start-up), not in the first session."""
         if self._executor is not None:

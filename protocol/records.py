@@ -60,6 +60,7 @@ __all__ = [
     "encode_match_key",
     "get_rule",
     "match_keys_bulk",
+    "match_keys_from_columns",
     "normalize_address",
     "normalize_dob",
     "normalize_name",
@@ -1319,17 +1320,23 @@ def _place_bytes(raw: str) -> bytes | None:
 
 
 _Column = list[bytes | None]
+#: A field name -> that field's raw values, one per record (PersonRecord attributes, or
+#: columns cut straight out of packed storage without building records).
+ColumnSource = Callable[[str], Sequence[str]]
 
 # Column builders: one tight comprehension per field over all records (the bulk fast path).
-_FIELD_COLUMNS: dict[str, Callable[[Sequence[PersonRecord], date], _Column]] = {
-    "tin": lambda rs, _t: [_tin_bytes(r.tin) for r in rs],
-    "dob": lambda rs, t: [_dob_bytes(r.dob, t) for r in rs],
-    "first_name": lambda rs, _t: [_first_part(r.first_name) for r in rs],
-    "last_name": lambda rs, _t: [_last_part(r.last_name) for r in rs],
-    "zip": lambda rs, _t: [_zip_part(r.zip) for r in rs],
-    "address": lambda rs, _t: [_address_bytes(r.address, r.city, r.state, r.zip) for r in rs],
-    "city": lambda rs, _t: [_place_bytes(r.city) for r in rs],
-    "state": lambda rs, _t: [_place_bytes(r.state) for r in rs],
+_FIELD_COLUMNS: dict[str, Callable[[ColumnSource, date], _Column]] = {
+    "tin": lambda col, _t: [_tin_bytes(v) for v in col("tin")],
+    "dob": lambda col, t: [_dob_bytes(v, t) for v in col("dob")],
+    "first_name": lambda col, _t: [_first_part(v) for v in col("first_name")],
+    "last_name": lambda col, _t: [_last_part(v) for v in col("last_name")],
+    "zip": lambda col, _t: [_zip_part(v) for v in col("zip")],
+    "address": lambda col, _t: [
+        _address_bytes(a, c, s, z)
+        for a, c, s, z in zip(col("address"), col("city"), col("state"), col("zip"), strict=True)
+    ],
+    "city": lambda col, _t: [_place_bytes(v) for v in col("city")],
+    "state": lambda col, _t: [_place_bytes(v) for v in col("state")],
 }
 
 #: Components each rule field contributes, in order. ``last_name`` is (name, suffix) so Jr and
@@ -1367,7 +1374,7 @@ class MatchRule:
         today = today or date.today()
         parts = [self._prefix]
         for f in self.fields:
-            part = _FIELD_COLUMNS[f]((record,), today)[0]
+            part = _FIELD_COLUMNS[f](lambda name: (getattr(record, name),), today)[0]
             if part is None:
                 return None
             parts.append(part)
@@ -1420,15 +1427,27 @@ def match_keys_bulk(
     Result lists are parallel to ``records``; an entry is None where that rule has a missing
     or invalid component. This is the fast path for million-row index builds.
     """
+    return match_keys_from_columns(
+        lambda name: [getattr(r, name) for r in records], rule_ids, today=today)
+
+
+def match_keys_from_columns(
+    columns: ColumnSource,
+    rule_ids: Sequence[str],
+    *,
+    today: date | None = None,
+) -> dict[str, list[bytes | None]]:
+    """``match_keys_bulk`` over raw field columns: storage that keeps records packed
+    (``recordstore.CompactRecords``) feeds its columns here without building records."""
     rules = [get_rule(r) for r in dict.fromkeys(rule_ids)]
     today = today or date.today()
-    columns: dict[str, _Column] = {}
+    built: dict[str, _Column] = {}
     for rule in rules:
         for f in rule.fields:
-            if f not in columns:
-                columns[f] = _FIELD_COLUMNS[f](records, today)
+            if f not in built:
+                built[f] = _FIELD_COLUMNS[f](columns, today)
     return {
-        rule.rule_id: _combine(rule._prefix, [columns[f] for f in rule.fields]) for rule in rules
+        rule.rule_id: _combine(rule._prefix, [built[f] for f in rule.fields]) for rule in rules
     }
 
 

@@ -10,22 +10,98 @@ again only when it is needed (index build, disclosure).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from datetime import date
+from itertools import repeat
 from pathlib import Path
 from typing import TextIO, overload
 
 from protocol.records import (
+    MATCH_RULES,
     PERSON_FIELDS,
     PersonRecord,
+    QueryRecord,
     ReasonCode,
     Refusal,
     iter_person_csv,
     iter_query_csv,
+    match_keys_bulk,
+    match_keys_from_columns,
     validate_person,
     validate_query,
 )
 
 _SEP = "\x1f"  # ASCII unit separator
+_FIELD_INDEX = {name: i for i, name in enumerate(PERSON_FIELDS)}
+#: Raw columns each rule reads (an address needs city, state and ZIP too).
+_RULE_COLUMNS = {
+    rule_id: {c for f in rule.fields for c in (("address", "city", "state", "zip")
+                                               if f == "address" else (f,))}
+    for rule_id, rule in MATCH_RULES.items()
+}
+#: Records per match-key job handed to a worker process: big enough that shipping the
+#: blobs and keys costs little next to normalizing them, small enough to balance two cores.
+KEY_JOB_RECORDS = 32_768
+
+Keys = dict[str, list[bytes | None]]
+
+
+def _blob_match_keys(blobs: Sequence[bytes], rule_ids: tuple[str, ...], today: date) -> Keys:
+    """Match keys straight from packed blobs: each blob is split once, no record is built."""
+    needed = {f for r in rule_ids for f in _RULE_COLUMNS[r]}
+    sep = _SEP.encode()
+    cut = max(_FIELD_INDEX[f] for f in needed) + 1  # split only as far as the last one used
+    rows = [b.split(sep, cut) for b in blobs]  # UTF-8 never has 0x1f inside a character
+    cache: dict[str, list[str]] = {}
+
+    def column(name: str) -> list[str]:
+        got = cache.get(name)
+        if got is None:
+            i = _FIELD_INDEX[name]
+            got = cache[name] = [r[i].decode("utf-8") for r in rows]
+        return got
+
+    return match_keys_from_columns(column, rule_ids, today=today)
+
+
+def persons_of(queries: Sequence[QueryRecord] | Sequence[PersonRecord]
+               ) -> Sequence[PersonRecord]:
+    """The people a query list is about (packed storage stays packed, not unpacked)."""
+    if isinstance(queries, CompactRecords):
+        return queries
+    return [q.person if isinstance(q, QueryRecord) else q for q in queries]
+
+
+def bulk_match_keys(
+    records: Sequence[PersonRecord],
+    rule_ids: Sequence[str],
+    *,
+    positions: Sequence[int] | None = None,
+    executor: Executor | None = None,
+    today: date | None = None,
+) -> Keys:
+    """Match keys of ``records`` (or of ``records[positions]``) under every rule.
+
+    Packed storage skips building ``PersonRecord`` objects and, given an ``executor``
+    (a process pool), spreads the normalization over its workers; results are in input
+    order either way, so both parties' key order never depends on the pool.
+    """
+    today = today or date.today()
+    if not isinstance(records, CompactRecords):
+        chosen = records if positions is None else [records[int(i)] for i in positions]
+        return match_keys_bulk(chosen, rule_ids, today=today)
+    blobs = records.blobs(positions)
+    rules = tuple(dict.fromkeys(rule_ids))
+    jobs = [blobs[a:a + KEY_JOB_RECORDS] for a in range(0, len(blobs), KEY_JOB_RECORDS)]
+    if executor is None or len(jobs) < 2:
+        parts = [_blob_match_keys(job, rules, today) for job in jobs]
+    else:
+        parts = list(executor.map(_blob_match_keys, jobs, repeat(rules), repeat(today)))
+    out: Keys = {r: [] for r in rules}
+    for part in parts:
+        for r in rules:
+            out[r].extend(part[r])
+    return out
 
 
 class CompactRecords(Sequence[PersonRecord]):
@@ -81,6 +157,19 @@ class CompactRecords(Sequence[PersonRecord]):
         unpack = self._unpack
         for blob in self._blobs:
             yield unpack(blob)
+
+    def blobs(self, positions: Sequence[int] | None = None) -> list[bytes]:
+        """The packed records (all, or at ``positions``): what worker processes receive."""
+        if positions is None:
+            return list(self._blobs)
+        blobs = self._blobs
+        chosen = positions.tolist() if hasattr(positions, "tolist") else positions
+        return [blobs[i] for i in chosen]
+
+    def record_ids(self) -> list[str]:
+        """Every record's id, without building the records."""
+        sep = _SEP.encode()
+        return [b.split(sep, 1)[0].decode("utf-8") for b in self._blobs]
 
     def record_classes(self) -> list[str]:
         """Each record's class, without building the records."""

@@ -96,8 +96,8 @@ from protocol.policy import (
     permitted_fields,
 )
 from protocol.receipts import countersign, issue_receipt, store_countersignature
-from protocol.records import MATCH_RULES, PersonRecord, QueryRecord, match_keys_bulk
-from protocol.recordstore import CompactRecords
+from protocol.records import MATCH_RULES, PersonRecord, QueryRecord
+from protocol.recordstore import CompactRecords, bulk_match_keys, persons_of
 
 TAG_DOMAIN = b"gated-psi/tag/v1"
 PSEUDONYM_DOMAIN = b"gated-psi/disclosure-pseudonym/v1"
@@ -142,6 +142,8 @@ def authorization_key(master_secret: bytes, authorization_id: str) -> bytes:
 
 class _SerialOps:
     """In-process stand-in for ``oprf.BatchPool`` when no pool is given."""
+
+    executor = None  # no worker processes: everything runs in the caller
 
     def blind(self, inputs: Sequence[bytes]) -> tuple[bytes, bytes]:
         return oprf.blind_batch(inputs)
@@ -267,8 +269,9 @@ class Custodian:
         Computed in slices and not cached, so the index build never holds all
         records as objects at once (memory stays flat at 1.3M records).
         """
-        records = [self.config.records[int(i)] for i in self.in_scope[start:stop]]
-        return match_keys_bulk(records, [rule_id])[rule_id]
+        return bulk_match_keys(self.config.records, [rule_id],
+                               positions=self.in_scope[start:stop],
+                               executor=self.ops.executor)[rule_id]
 
     def prepare(self, authorization_id: str, rules: Sequence[str]) -> CustodianIndex:
         """Build (or fetch) the tag index for an authorization: DESIGN §4 step 2."""
@@ -536,10 +539,13 @@ class CustodianSession:
         if self.engine == ENGINE_KKRT:
             keys, rec_idx, rule_idx, digests = self.custodian.kkrt_keys(self.rules)
             self._kkrt_rules = tuple(sorted(self.rules))
-            self._kkrt_index = (keys, rec_idx, rule_idx)
+            self._kkrt_index = (rec_idx, rule_idx)
             self._kkrt = KKRTCustodian(
                 keys, self._sk, seed_context=kkrt_context(auth.authorization_id, req.session_id),
-                digests=digests, max_units=reservation.reserved)
+                digests=digests, max_units=reservation.reserved,
+                # H over every record entry is the custodian's bulk of the extension; its
+                # workers take it while this thread keeps up with the requester's stream
+                executor=self.custodian.ops.executor)
             self.index = None
         elif named:
             # Requester elements are evaluated with k_A; the index uses k_A·d_A on the
@@ -652,11 +658,14 @@ class CustodianSession:
         # FAILED_PRECONDITION); a cap reached inside this batch withholds the rest.
         budget = cfg.ledger.budget(auth.authorization_id)
         check_disclosure(self.signed, budget.disclosed, now=cfg.clock()).raise_if_refused()
+        proof_size = DISCLOSURE_PROOF_SIZE[self.engine]
+        found = self._verify_outputs([
+            (i, rule_id, output) for i, (rule_id, output) in enumerate(req.outputs)
+            if rule_id in self.rules and len(output) == proof_size
+        ])
         verified: list[tuple[int, str, PersonRecord]] = []
-        for i, (rule_id, output) in enumerate(req.outputs):
-            record = (self._verify_output(rule_id, output)
-                      if rule_id in self.rules
-                      and len(output) == DISCLOSURE_PROOF_SIZE[self.engine] else None)
+        for i, (rule_id, _) in enumerate(req.outputs):
+            record = found.get(i)
             if record is None:
                 rejected.append(i)
             else:
@@ -715,39 +724,51 @@ class CustodianSession:
                     rows.append(None)
             return rows
 
-    def _verify_output(self, rule_id: str, output: bytes) -> PersonRecord | None:
-        """Find the record whose OPRF output equals ``output``; constant-time comparison.
+    def _verify_outputs(self, items: Sequence[tuple[int, str, bytes]]
+                        ) -> dict[int, PersonRecord]:
+        """Position -> record whose OPRF output equals the presented one (constant-time).
 
-        Only a requester that queried this exact match key can know ``output``;
-        invented outputs and outputs from other authorizations find nothing.
+        Only a requester that queried this exact match key can know the output; invented
+        outputs and outputs from other authorizations find nothing.  The whole batch is
+        checked at once: vectorized for KKRT, on the worker pool for the OPRF engine.
         """
-        cfg = self.custodian.config
+        records = self.custodian.config.records
         if self._kkrt is not None:
-            keys, rec_idx, rule_idx = self._kkrt_index
-            bin_index, value = parse_proof(output)
-            for k in self._kkrt.find(bin_index, value, keys):
-                if self._kkrt_rules[int(rule_idx[k])] == rule_id:
-                    return cfg.records[int(rec_idx[k])]
-            return None
+            rec_idx, rule_idx = self._kkrt_index
+            found = self._kkrt.find_many([parse_proof(output) for _, _, output in items])
+            out: dict[int, PersonRecord] = {}
+            for (i, rule_id, _), hits in zip(items, found, strict=True):
+                for k in hits:
+                    if self._kkrt_rules[int(rule_idx[k])] == rule_id:
+                        out[i] = records[int(rec_idx[k])]
+                        break
+            return out
         assert self.index is not None
-        for rec_i, candidate_rule, pos in self.index.lookup(
-                derive_tag(output, self.index.tag_size)):
-            if candidate_rule != rule_id:
-                continue
-            record = cfg.records[rec_i]
-            key = MATCH_RULES[rule_id].match_key(record)
-            if key is None:
-                continue
-            if self._certification is not None and self.index.cert_pos is not None:
+        # Every (presented output, candidate record) pair the tag index proposes.
+        pending: list[tuple[int, bytes, PersonRecord, bytes, int]] = []
+        for i, rule_id, output in items:
+            for rec_i, candidate_rule, pos in self.index.lookup(
+                    derive_tag(output, self.index.tag_size)):
+                if candidate_rule != rule_id:
+                    continue
+                record = records[rec_i]
+                key = MATCH_RULES[rule_id].match_key(record)
+                if key is not None:
+                    pending.append((i, output, record, key, pos))
+        if self._certification is not None and self.index.cert_pos is not None:
+            expected = []
+            for _, _, _, key, pos in pending:
                 p = int(self.index.cert_pos[pos])
                 certified = self._certification.elements[p * 32:(p + 1) * 32]
-                expected = oprf.finalize_element(
-                    key, oprf.blind_evaluate(self._index_key, certified))
-            else:
-                expected = oprf.evaluate(self._sk, key)
-            if hmac.compare_digest(expected, output):
-                return record
-        return None
+                expected.append(oprf.finalize_element(
+                    key, oprf.blind_evaluate(self._index_key, certified)))
+        else:
+            expected = self.custodian.ops.evaluate(self._sk, [p[3] for p in pending])
+        verified: dict[int, PersonRecord] = {}
+        for (i, output, record, _, _), want in zip(pending, expected, strict=True):
+            if i not in verified and hmac.compare_digest(want, output):
+                verified[i] = record
+        return verified
 
     def _close(self, req: CloseRequest) -> Receipt:
         cfg = self.custodian.config
@@ -866,36 +887,37 @@ class RequesterSession:
         self.named = auth.mode is Mode.NAMED_SUBJECTS
         if self.named and tokens is None:
             raise ProtocolError("a named-subject authorization needs the authority's tokens")
-        self.query_ids: list[str] = []
+        executor = getattr(self.ops, "executor", None)
+        people = persons_of(queries)
+        self.query_ids: list[str] = (people.record_ids() if isinstance(people, CompactRecords)
+                                     else [p.record_id for p in people])
         self.element_query: list[int] = []
         self.element_rule: list[int] = []
         self.element_input: list[bytes] = []
         token_parts: list[bytes] = []
-        for start in range(0, len(queries), INDEX_SLICE):
-            persons = [q.person if isinstance(q, QueryRecord) else q
-                       for q in queries[start:start + INDEX_SLICE]]
-            self.query_ids.extend(p.record_id for p in persons)
-            keys = match_keys_bulk(persons, list(self.rules)) if self.rules else {}
-            for r_i, rule_id in enumerate(self.rules):
-                for offset, key in enumerate(keys[rule_id]):
-                    if key is None:
-                        continue
-                    q_i = start + offset
-                    if self.named:
-                        assert tokens is not None
-                        token = tokens.get((self.query_ids[q_i], rule_id))
-                        if token is None:
-                            continue  # not reviewed: never sent
-                        token_parts.append(token)
-                    self.element_query.append(q_i)
-                    self.element_rule.append(r_i)
-                    self.element_input.append(key)
+        keys = bulk_match_keys(people, self.rules, executor=executor) if self.rules else {}
+        del people
+        for r_i, rule_id in enumerate(self.rules):
+            column = keys.pop(rule_id)
+            if self.named:  # only subjects the authority reviewed are sent at all
+                assert tokens is not None
+                ids = self.query_ids
+                positions = [i for i, k in enumerate(column)
+                             if k is not None and (ids[i], rule_id) in tokens]
+                token_parts.extend(tokens[(ids[i], rule_id)] for i in positions)
+            else:
+                positions = [i for i, k in enumerate(column) if k is not None]
+            self.element_query.extend(positions)
+            self.element_rule.extend([r_i] * len(positions))
+            self.element_input.extend([column[i] for i in positions])
         self._tokens = b"".join(token_parts)
         if engine not in DISCLOSURE_PROOF_SIZE:
             raise ValueError(f"unknown match engine {engine!r}")
         if engine == ENGINE_KKRT and self.named:
             raise ProtocolError("named-subject authorizations run on the oprf engine")
         self.engine = engine
+        # No worker pool for KKRT here: during the extension the requester and the
+        # custodian already fill both cores, and shipping H jobs to workers measured slower.
         self._kkrt = (KKRTRequester(self.element_input,
                                     seed_context=kkrt_context(auth.authorization_id,
                                                               self.session_id))
@@ -1074,8 +1096,12 @@ class RequesterSession:
         self.state = RequesterState.MATCHED
         return self.matches
 
-    def disclosure_requests(self, batch: int = 1024) -> Iterator[DisclosureRequest]:
-        """Present the OPRF output of each match (step 5), in bounded batches."""
+    def disclosure_requests(self, batch: int = MAX_DISCLOSURE_BATCH
+                            ) -> Iterator[DisclosureRequest]:
+        """Present the OPRF output of each match (step 5), in bounded batches.
+
+        Batches default to the largest allowed: each one costs the custodian a durable
+        (fsynced) ledger commit, which dominates small batches."""
         if self.state is not RequesterState.MATCHED:
             raise ProtocolError(f"disclosure_requests in state {self.state.value!r}")
         batch = min(batch, MAX_DISCLOSURE_BATCH)

@@ -113,6 +113,25 @@ def test_targets_judged_from_numbers() -> None:
     assert missing[0].met is None and missing[1].met is None
 
 
+def test_kkrt_targets_judged_from_numbers() -> None:
+    """Issue 8: the best full-scale KKRT run against 20 s and 15 x OpenMined, 2 GiB each."""
+    assert all(t.met is None for t in report.evaluate_kkrt_targets([_run("oprf", 10_000, 1.0)]))
+    runs = [_run("openmined", 1_300_000, 400.0), _run("kkrt", 1_300_000, 30.0),
+            _run("kkrt-prepared", 1_300_000, 19.5)]
+    wall, speed, rss, per = report.evaluate_kkrt_targets(runs)
+    assert (wall.met, speed.met, rss.met, per.met) == (True, True, True, True)
+    assert "kkrt (cold custodian): 30.0 s" in wall.detail
+    assert "kkrt-prepared: 20.5 x" in speed.detail
+    assert "32.0 B/query" in per.detail
+    runs[2]["wall_s"] = 27.0  # 400 / 27 < 15
+    runs[2]["peak_rss_b"] = 3 * 2**30
+    wall, speed, rss, _ = report.evaluate_kkrt_targets(runs)
+    assert (wall.met, speed.met, rss.met) == (False, False, False)
+    md = report.render_markdown(runs)
+    assert "## Targets of issue 8 (KKRT engine)" in md and "| kkrt-prepared | 1,280,000" in md
+    assert "KKRT 1.28M x 1.3M" in report.readme_block(runs, "p.png", "r.md")
+
+
 def test_readme_block_replaced_in_place(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# X\n\nintro\n\n{report.README_START}\nold\n{report.README_END}\n\ntail\n")

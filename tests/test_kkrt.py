@@ -289,13 +289,13 @@ def test_verified_disclosure() -> None:
         out = requester.output_for(i)
         record = theirs.index(mine[i])
         assert custodian.lookup(out.tag) == [record]
-        assert custodian.find(out.bin_index, out.output, theirs) == [record]
+        assert custodian.find(out.bin_index, out.output) == [record]
         assert custodian.verify(out.bin_index, out.output, mine[i])
         assert not custodian.verify(out.bin_index, out.output, theirs[(record + 1) % 60])
         forged = bytes([out.output[0] ^ 1]) + out.output[1:]
         assert not custodian.verify(out.bin_index, forged, mine[i])
         assert not custodian.verify(out.bin_index, out.output[:15], mine[i])
-        assert custodian.find(out.bin_index, forged, theirs) == []
+        assert custodian.find(out.bin_index, forged) == []
         assert kkrt.parse_proof(out.proof) == (out.bin_index, out.output)
     with pytest.raises(ProtocolError):
         kkrt.parse_proof(b"\x00" * 19)
@@ -305,6 +305,29 @@ def test_verified_disclosure() -> None:
     outside = next(j for j in range(requester.bins) if j not in cands[0].tolist())
     assert not custodian.verify(outside, out.output, mine[result.matches[0]])
     assert not custodian.verify(requester.units + 5, out.output, mine[result.matches[0]])
+
+
+def test_find_many_equals_find_one_by_one() -> None:
+    """The batched disclosure check gives each proof exactly what ``find`` gives it,
+    whatever else shares the batch: genuine, forged, short, out-of-range, repeated."""
+    mine = _keys("b", range(0, 80, 2))
+    theirs = _keys("b", range(80))
+    result = kkrt.run_kkrt_in_process(mine, theirs, seed_context=CTX)
+    requester, custodian = result.requester, result.custodian
+    genuine = [requester.output_for(i) for i in result.matches]
+    proofs: list[tuple[int, bytes]] = []
+    for out in genuine[:12]:
+        proofs.append((out.bin_index, out.output))
+        proofs.append((out.bin_index, bytes([out.output[0] ^ 0x80]) + out.output[1:]))
+        proofs.append(((out.bin_index + 1) % requester.units, out.output))
+    proofs += [(genuine[0].bin_index, genuine[0].output[:15]), (requester.units, bytes(16)),
+               (-1, genuine[1].output), (genuine[2].bin_index, genuine[2].output)]
+    batched = custodian.find_many(proofs)
+    assert batched == [custodian.find(b, o) for b, o in proofs]
+    assert [bool(hits) for hits in batched[:36:3]] == [True] * 12
+    assert not any(batched[i] for i in range(36) if i % 3)
+    assert batched[-1] == [theirs.index(mine[result.matches[2]])]
+    assert custodian.find_many([]) == []
 
 
 # --------------------------------------------------------------------------- malformed input

@@ -8,8 +8,19 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.records import PersonRecord, validate_persons, write_person_csv
-from protocol.recordstore import CompactRecords, load_custodian_csv
+from protocol.records import (
+    MATCH_RULES,
+    PersonRecord,
+    match_keys_bulk,
+    validate_persons,
+    write_person_csv,
+)
+from protocol.recordstore import (
+    KEY_JOB_RECORDS,
+    CompactRecords,
+    bulk_match_keys,
+    load_custodian_csv,
+)
 from tests.factories import make_person
 
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x1f"),
@@ -28,6 +39,7 @@ def test_round_trip(values) -> None:
     assert list(store) == records
     assert [store[i] for i in range(len(store))] == records
     assert store.record_classes() == [r.record_class for r in records]
+    assert store.record_ids() == [r.record_id for r in records]
 
 
 def _csv(records) -> io.StringIO:
@@ -71,3 +83,43 @@ def test_query_loader_matches_validate_queries() -> None:
     assert list(store) == [q.person for q in report.accepted]
     assert {(r.record_id, r.code) for r in refused} == {
         (r.record_id, r.code) for r in report.refused}
+
+
+def _varied_people(n: int) -> list[PersonRecord]:
+    """Records that exercise every rule: suffixes, dashed TINs, unit designators, bad parts."""
+    people = []
+    for i in range(n):
+        p = make_person(i)
+        if i % 5 == 0:
+            p = replace(p, last_name=p.last_name + " Jr.", tin=f"{p.tin[:3]}-{p.tin[3:5]}-"
+                        f"{p.tin[5:]}")
+        if i % 7 == 0:
+            p = replace(p, address=p.address + " Apt 4", zip=p.zip + "-0001")
+        if i % 11 == 0:
+            p = replace(p, dob="not a date")  # no key under the dob rules
+        if i % 13 == 0:
+            p = replace(p, first_name="Zoë", city="Saint-Étienne")
+        people.append(p)
+    return people
+
+
+def test_bulk_match_keys_from_packed_storage_equals_the_record_path() -> None:
+    """Keys cut straight from packed blobs, serially or on worker processes, in any
+    selection, are exactly the keys of the records themselves."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    people = _varied_people(2 * KEY_JOB_RECORDS + 123)
+    store = CompactRecords.of(people)
+    rules = list(MATCH_RULES)
+    want = match_keys_bulk(people, rules)
+    assert sum(k is None for k in want["tin+dob"]) > 0  # the bad dates really drop out
+    assert bulk_match_keys(store, rules) == want
+    assert bulk_match_keys(people, rules) == want
+    positions = list(range(len(people) - 1, -1, -3))
+    picked = match_keys_bulk([people[i] for i in positions], rules)
+    assert bulk_match_keys(store, rules, positions=positions) == picked
+    assert bulk_match_keys(people, rules, positions=positions) == picked
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        assert bulk_match_keys(store, rules, executor=pool) == want
+        assert bulk_match_keys(store, ["tin+dob"], positions=positions,
+                               executor=pool) == {"tin+dob": picked["tin+dob"]}
