@@ -145,7 +145,15 @@ def _kkrt_exchange(session: RequesterSession, stub: Any, progress: Progress, sta
 
     def extension():
         done = 0
-        for chunk in session.kkrt_extension_chunks():
+        chunks = session.kkrt_extension_chunks()
+        while True:
+            started = time.perf_counter()
+            chunk = next(chunks, None)
+            # time this side spends computing the matrix (the rest is waiting on the wire)
+            stats.seconds["evaluate_compute"] = (stats.seconds.get("evaluate_compute", 0.0)
+                                                 + time.perf_counter() - started)
+            if chunk is None:
+                return
             stats.add("evaluate", len(chunk.columns), 0)
             done += chunk.bins
             progress("evaluate", done, total)

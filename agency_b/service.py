@@ -187,18 +187,22 @@ class CustodianService(pb2_grpc.CustodianServicer):
     def KKRTExtend(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
                    ) -> Any:
         peer = kit.peer_agency(context)
-        bins = 0
+        bins, busy, started = 0, 0.0, time.perf_counter()
         for pb in request_iterator:
             live = self._live(pb.session_id, peer, context)
             chunk = KKRTExtensionChunk(seq=pb.seq, start=pb.start, bins=pb.bins,
                                        columns=pb.columns)
+            t = time.perf_counter()
             try:
                 with live.lock:
                     live.session.handle(chunk)
             except PSIError as exc:
                 self._refuse(context, exc, rpc="KKRTExtend", peer=peer)
+            busy += time.perf_counter() - t
             bins += pb.bins
-        kit.log_event(log, "evaluated", peer=peer, engine="kkrt", bins=bins)
+        kit.log_event(log, "evaluated", peer=peer, engine="kkrt", bins=bins,
+                      seconds=round(time.perf_counter() - started, 3),
+                      compute_seconds=round(busy, 3))
         return pb2.UploadAck(elements=bins)
 
     def KKRTTags(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:

@@ -794,10 +794,15 @@ def run_benchmark(
     fresh: bool = False,
     keep_work: bool = False,
     repeat: int = 1,
+    repeat_engines: Sequence[str] | None = None,
     console: Console | None = None,
     venv: Path = OPENMINED_VENV,
 ) -> list[dict[str, Any]]:
-    """Run every engine at every size; merge into ``results_dir/latest.json`` and render it."""
+    """Run every engine at every size; merge into ``results_dir/latest.json`` and render it.
+
+    ``repeat_engines`` (default: all) are the engines run ``repeat`` times; the others run
+    once, so the short KKRT runs can be repeated in the same run as a 7-minute OpenMined one.
+    """
     from benchmarks import report
     from protocol.policy import CustodianPolicy
 
@@ -833,6 +838,9 @@ def run_benchmark(
                 # Engines alternate within each repeat so a noisy spell hits both alike.
                 for attempt in range(repeat):
                     for engine in engines:
+                        if attempt and repeat_engines is not None \
+                                and engine not in repeat_engines:
+                            continue
                         if engine in SERVICE_ENGINES:
                             # Measured right before the run it bounds: both see the same box.
                             costs = _measure_costs(op_sample, console)
@@ -913,6 +921,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="worker processes per service (default: all cores)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per engine and size; the fastest is kept, all walls recorded")
+    p.add_argument("--repeat-engines", default=None,
+                   help="comma-separated engines that --repeat applies to (default: all); "
+                        "the others run once")
     p.add_argument("--fresh", action="store_true",
                    help="replace latest.json instead of merging into it")
     p.add_argument("--keep-work", action="store_true", help="keep keys, ledgers and logs")
@@ -925,6 +936,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       results_dir=args.results_dir, op_sample=args.op_sample,
                       workers=args.workers, fresh=args.fresh, keep_work=args.keep_work,
                       repeat=args.repeat,
+                      repeat_engines=(None if args.repeat_engines is None else
+                                      [e.strip() for e in args.repeat_engines.split(",")]),
                       venv=args.openmined_venv)
     except (RuntimeError, ValueError, OSError, subprocess.CalledProcessError) as exc:
         Console(stderr=True).print(f"[red]benchmark failed:[/red] {exc}")

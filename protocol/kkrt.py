@@ -120,6 +120,7 @@ from protocol.kkrt_matrix import ColumnPRG, cols_to_rows, rows_to_cols
 __all__ = [
     "CODE_BITS",
     "DEFAULT_CHUNK_BINS",
+    "DIGEST_SIZE",
     "OUTPUT_SIZE",
     "PROOF_SIZE",
     "PROTOCOL_VERSION",
@@ -136,6 +137,7 @@ __all__ = [
     "KKRTTagChunk",
     "base_ot_receive",
     "derive_tags",
+    "digest_bytes",
     "key_digests",
     "make_executor",
     "parse_proof",
@@ -240,7 +242,8 @@ def _blake2b_each(items: list[bytes], size: int, person: bytes, salt: bytes) -> 
     return b"".join([one(item) for item in items])
 
 
-def _digest_list(keys: Sequence[bytes]) -> bytes:
+def digest_bytes(keys: Sequence[bytes]) -> bytes:
+    """``key_digests`` packed end to end: what a match-key worker returns with its keys."""
     return _blake2b_each(list(keys), DIGEST_SIZE, _PERSON_KEY, b"")
 
 
@@ -285,7 +288,7 @@ def key_digests(keys: Sequence[bytes], executor: Executor | None = None) -> np.n
         ]
         buf = b"".join(job.result() for job in jobs)
     else:
-        buf = _digest_list(keys)
+        buf = digest_bytes(keys)
     return np.frombuffer(buf, dtype=np.uint8).reshape(n, DIGEST_SIZE)
 
 
@@ -822,6 +825,14 @@ class KKRTRequester:
             bin_index=int(self._placement.bin_of[item]), output=self._outputs[item].tobytes(),
             tag=self._item_tags[item].tobytes(), table=int(self._placement.table_of[item]),
         )
+
+    def proofs(self, key_indices: Sequence[int]) -> list[bytes]:
+        """``output_for(i).proof`` for many keys at once (the matches, at disclosure)."""
+        bins, outputs, _, _ = self.output_arrays()
+        picked = np.asarray(key_indices, dtype=np.int64)
+        packed = np.concatenate(
+            [bins[picked].astype(">u4").view(np.uint8).reshape(-1, 4), outputs[picked]], axis=1)
+        return [row.tobytes() for row in packed]
 
     def outputs(self) -> list[KKRTOutput]:
         """Per requester key: (bin index, output, tag, table); ``output_arrays`` at scale."""

@@ -369,6 +369,24 @@ class Ledger:
         self._clock = clock
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        # Opening right after another process was killed can meet that file's WAL recovery:
+        # SQLite then answers "database is locked" at once, without waiting on the busy
+        # handler, so opening retries (with backoff) for as long as the busy timeout.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        pause = 0.01
+        while True:
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise LedgerError(f"ledger {self._path} stayed locked: {exc}") from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
+    def _open(self) -> None:
         conn = sqlite3.connect(
             self._path,
             isolation_level=None,

@@ -9,7 +9,7 @@ again only when it is needed (index build, disclosure).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from datetime import date
 from itertools import repeat
@@ -44,10 +44,17 @@ _RULE_COLUMNS = {
 KEY_JOB_RECORDS = 32_768
 
 Keys = dict[str, list[bytes | None]]
+#: Digests of a list of match keys, packed end to end (e.g. ``kkrt.digest_bytes``); a
+#: module-level function, so it can travel to a worker process.
+KeyDigest = Callable[[list[bytes]], bytes]
 
 
-def _blob_match_keys(blobs: Sequence[bytes], rule_ids: tuple[str, ...], today: date) -> Keys:
-    """Match keys straight from packed blobs: each blob is split once, no record is built."""
+def _blob_match_keys(blobs: Sequence[bytes], rule_ids: tuple[str, ...], today: date,
+                     digest: KeyDigest | None = None) -> tuple[Keys, dict[str, bytes]]:
+    """Match keys straight from packed blobs: each blob is split once, no record is built.
+
+    With ``digest``, also each rule's usable keys digested (in order) in the same job.
+    """
     needed = {f for r in rule_ids for f in _RULE_COLUMNS[r]}
     sep = _SEP.encode()
     cut = max(_FIELD_INDEX[f] for f in needed) + 1  # split only as far as the last one used
@@ -61,7 +68,14 @@ def _blob_match_keys(blobs: Sequence[bytes], rule_ids: tuple[str, ...], today: d
             got = cache[name] = [r[i].decode("utf-8") for r in rows]
         return got
 
-    return match_keys_from_columns(column, rule_ids, today=today)
+    keys = match_keys_from_columns(column, rule_ids, today=today)
+    return keys, _digests(keys, digest)
+
+
+def _digests(keys: Keys, digest: KeyDigest | None) -> dict[str, bytes]:
+    if digest is None:
+        return {}
+    return {r: digest([k for k in column if k is not None]) for r, column in keys.items()}
 
 
 def persons_of(queries: Sequence[QueryRecord] | Sequence[PersonRecord]
@@ -86,22 +100,49 @@ def bulk_match_keys(
     (a process pool), spreads the normalization over its workers; results are in input
     order either way, so both parties' key order never depends on the pool.
     """
+    return _key_jobs(records, rule_ids, positions, executor, today, None)[0]
+
+
+def bulk_match_keys_digested(
+    records: Sequence[PersonRecord],
+    rule_ids: Sequence[str],
+    digest: KeyDigest,
+    *,
+    executor: Executor | None = None,
+    today: date | None = None,
+) -> tuple[Keys, dict[str, bytes]]:
+    """``bulk_match_keys`` plus, per rule, ``digest`` of its usable keys in order, computed
+    by the same workers (the KKRT engine digests every key; shipping them back and forth
+    again would cost more than the hashing)."""
+    return _key_jobs(records, rule_ids, None, executor, today, digest)
+
+
+def _key_jobs(records: Sequence[PersonRecord], rule_ids: Sequence[str],
+              positions: Sequence[int] | None, executor: Executor | None,
+              today: date | None, digest: KeyDigest | None) -> tuple[Keys, dict[str, bytes]]:
     today = today or date.today()
+    rules = tuple(dict.fromkeys(rule_ids))
+    if not rules:
+        return {}, {}
     if not isinstance(records, CompactRecords):
         chosen = records if positions is None else [records[int(i)] for i in positions]
-        return match_keys_bulk(chosen, rule_ids, today=today)
+        keys = match_keys_bulk(chosen, rules, today=today)
+        return keys, _digests(keys, digest)
     blobs = records.blobs(positions)
-    rules = tuple(dict.fromkeys(rule_ids))
     jobs = [blobs[a:a + KEY_JOB_RECORDS] for a in range(0, len(blobs), KEY_JOB_RECORDS)]
     if executor is None or len(jobs) < 2:
-        parts = [_blob_match_keys(job, rules, today) for job in jobs]
+        parts = [_blob_match_keys(job, rules, today, digest) for job in jobs]
     else:
-        parts = list(executor.map(_blob_match_keys, jobs, repeat(rules), repeat(today)))
-    out: Keys = {r: [] for r in rules}
-    for part in parts:
+        parts = list(executor.map(_blob_match_keys, jobs, repeat(rules), repeat(today),
+                                  repeat(digest)))
+    keys: Keys = {r: [] for r in rules}
+    digests: dict[str, list[bytes]] = {r: [] for r in rules}
+    for part_keys, part_digests in parts:
         for r in rules:
-            out[r].extend(part[r])
-    return out
+            keys[r].extend(part_keys[r])
+            if digest is not None:
+                digests[r].append(part_digests[r])
+    return keys, ({r: b"".join(d) for r, d in digests.items()} if digest is not None else {})
 
 
 class CompactRecords(Sequence[PersonRecord]):

@@ -57,12 +57,14 @@ from protocol.errors import (
     ProtocolError,
 )
 from protocol.kkrt import (
+    DIGEST_SIZE,
     KKRTBaseOTReply,
     KKRTCustodian,
     KKRTExtensionChunk,
     KKRTRequester,
     KKRTSetup,
     KKRTTagChunk,
+    digest_bytes,
     key_digests,
     parse_proof,
 )
@@ -97,7 +99,12 @@ from protocol.policy import (
 )
 from protocol.receipts import countersign, issue_receipt, store_countersignature
 from protocol.records import MATCH_RULES, PersonRecord, QueryRecord
-from protocol.recordstore import CompactRecords, bulk_match_keys, persons_of
+from protocol.recordstore import (
+    CompactRecords,
+    bulk_match_keys,
+    bulk_match_keys_digested,
+    persons_of,
+)
 
 TAG_DOMAIN = b"gated-psi/tag/v1"
 PSEUDONYM_DOMAIN = b"gated-psi/disclosure-pseudonym/v1"
@@ -883,10 +890,15 @@ class RequesterSession:
         self.state = RequesterState.START
         self.transcript = Transcript()
         # Elements: one per (query, rule) with a usable match key, in a fixed order.
-        # Only ids and keys are kept, computed in slices, so 1.28M queries stay compact.
+        # Only ids and keys are kept (packed queries are never unpacked into records).
         self.named = auth.mode is Mode.NAMED_SUBJECTS
         if self.named and tokens is None:
             raise ProtocolError("a named-subject authorization needs the authority's tokens")
+        if engine not in DISCLOSURE_PROOF_SIZE:
+            raise ValueError(f"unknown match engine {engine!r}")
+        if engine == ENGINE_KKRT and self.named:
+            raise ProtocolError("named-subject authorizations run on the oprf engine")
+        self.engine = engine
         executor = getattr(self.ops, "executor", None)
         people = persons_of(queries)
         self.query_ids: list[str] = (people.record_ids() if isinstance(people, CompactRecords)
@@ -895,7 +907,12 @@ class RequesterSession:
         self.element_rule: list[int] = []
         self.element_input: list[bytes] = []
         token_parts: list[bytes] = []
-        keys = bulk_match_keys(people, self.rules, executor=executor) if self.rules else {}
+        digests: dict[str, bytes] = {}
+        if engine == ENGINE_KKRT:  # the workers digest the keys they just derived
+            keys, digests = bulk_match_keys_digested(people, self.rules, digest_bytes,
+                                                     executor=executor)
+        else:
+            keys = bulk_match_keys(people, self.rules, executor=executor)
         del people
         for r_i, rule_id in enumerate(self.rules):
             column = keys.pop(rule_id)
@@ -911,16 +928,13 @@ class RequesterSession:
             self.element_rule.extend([r_i] * len(positions))
             self.element_input.extend([column[i] for i in positions])
         self._tokens = b"".join(token_parts)
-        if engine not in DISCLOSURE_PROOF_SIZE:
-            raise ValueError(f"unknown match engine {engine!r}")
-        if engine == ENGINE_KKRT and self.named:
-            raise ProtocolError("named-subject authorizations run on the oprf engine")
-        self.engine = engine
         # No worker pool for KKRT here: during the extension the requester and the
         # custodian already fill both cores, and shipping H jobs to workers measured slower.
-        self._kkrt = (KKRTRequester(self.element_input,
-                                    seed_context=kkrt_context(auth.authorization_id,
-                                                              self.session_id))
+        self._kkrt = (KKRTRequester(
+            self.element_input,
+            seed_context=kkrt_context(auth.authorization_id, self.session_id),
+            digests=np.frombuffer(b"".join(digests[r] for r in self.rules),
+                                  dtype=np.uint8).reshape(-1, DIGEST_SIZE))
                       if engine == ENGINE_KKRT else None)
         n = len(self.element_input)
         self.queries_without_key = len(self.query_ids) - len(set(self.element_query))
@@ -1058,12 +1072,13 @@ class RequesterSession:
         if self.state is not RequesterState.EVALUATING or self.open_response is None:
             raise ProtocolError(f"match in state {self.state.value!r}")
         if self._kkrt is not None:
+            hits = self._kkrt.matches()
             self.matches = [
                 Match(query_index=self.element_query[e],
                       query_record_id=self.query_ids[self.element_query[e]],
                       rule_id=self.rules[self.element_rule[e]],
-                      output=self._kkrt.output_for(e).proof)
-                for e in self._kkrt.matches()
+                      output=proof)
+                for e, proof in zip(hits, self._kkrt.proofs(hits), strict=True)
             ]
             self.state = RequesterState.MATCHED
             return self.matches

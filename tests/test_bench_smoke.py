@@ -54,7 +54,10 @@ def test_json_schema(smoke_run: tuple[Path, Path, list[dict]]) -> None:
         assert isinstance(run[key], typ), (key, run.get(key))
     assert run["engine"] == "oprf"
     assert run["queries"] == run["records"] == SIZE
-    assert run["floor_s"] > 0 and run["wall_s"] > 0 and run["cpu_s"] > 0
+    assert run["floor_s"] > 0 and run["wall_s"] > 0
+    # A 300-record session can end between two CPU samples (its share then reads 0);
+    # the whole match command always spans several.
+    assert run["cpu_s"] >= 0 and run["cpu_e2e_s"] > 0
     # Every blinded element goes up and comes back: at least 32 B each way per element.
     assert run["bytes_a_to_b"] >= 32 * run["query_elements"]
     assert run["bytes_b_to_a"] >= 32 * run["query_elements"] + 12 * run["custodian_elements"]

@@ -297,6 +297,8 @@ def test_verified_disclosure() -> None:
         assert not custodian.verify(out.bin_index, out.output[:15], mine[i])
         assert custodian.find(out.bin_index, forged) == []
         assert kkrt.parse_proof(out.proof) == (out.bin_index, out.output)
+    assert requester.proofs(result.matches) == [
+        requester.output_for(i).proof for i in result.matches]
     with pytest.raises(ProtocolError):
         kkrt.parse_proof(b"\x00" * 19)
     # a bin that is not one of the record's three candidate bins never verifies

@@ -1074,3 +1074,37 @@ def _is_registered(led: Ledger, auth_id: str) -> bool:
     except LedgerError:
         return False
     return True
+
+
+def test_open_retries_while_another_process_recovers_the_file(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite answers "database is locked" at once (no busy wait) while another process
+    runs WAL recovery after a crash; opening retries instead of failing (this was the
+    intermittent failure of the SIGKILL test), and gives up with a clear error."""
+    real_open = Ledger._open
+    failures = iter([True, True, False])
+
+    def flaky_open(self: Ledger) -> None:
+        if next(failures):
+            raise sqlite3.OperationalError("database is locked")
+        real_open(self)
+
+    monkeypatch.setattr(Ledger, "_open", flaky_open)
+    with Ledger(db_path) as led:
+        assert led.verify_audit_chain().ok
+
+    def locked(self: Ledger) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Ledger, "_open", locked)
+    monkeypatch.setattr("protocol.ledger._BUSY_TIMEOUT_MS", 50)
+    with pytest.raises(LedgerError, match="stayed locked"):
+        Ledger(db_path)
+
+    def broken(self: Ledger) -> None:
+        raise sqlite3.OperationalError("no such table: nonsense")
+
+    monkeypatch.setattr(Ledger, "_open", broken)
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        Ledger(db_path)  # not a lock: no retry, the real error

@@ -8,6 +8,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.kkrt import digest_bytes
 from protocol.records import (
     MATCH_RULES,
     PersonRecord,
@@ -19,6 +20,7 @@ from protocol.recordstore import (
     KEY_JOB_RECORDS,
     CompactRecords,
     bulk_match_keys,
+    bulk_match_keys_digested,
     load_custodian_csv,
 )
 from tests.factories import make_person
@@ -121,5 +123,12 @@ def test_bulk_match_keys_from_packed_storage_equals_the_record_path() -> None:
     assert bulk_match_keys(people, rules, positions=positions) == picked
     with ProcessPoolExecutor(max_workers=2) as pool:
         assert bulk_match_keys(store, rules, executor=pool) == want
+        # the KKRT requester's keys and their digests, from the same worker jobs
+        for source in (store, people):
+            keys, digests = bulk_match_keys_digested(source, rules, digest_bytes,
+                                                     executor=pool)
+            assert keys == want
+            assert digests == {r: digest_bytes([k for k in want[r] if k is not None])
+                               for r in rules}
         assert bulk_match_keys(store, ["tin+dob"], positions=positions,
                                executor=pool) == {"tin+dob": picked["tin+dob"]}
