@@ -71,7 +71,7 @@ Message flow
     extension_chunks()      --KKRTExtensionChunk*->handle(): q rows, evaluate records
     handle(tag chunk)       <-KKRTTagChunk*-----  tag_chunks(): sorted per hash function
     matches(), outputs()    (local)
-    (disclosure: bin, output)  ---------------->  find(bin, output) / verify(bin, output, key)
+    (disclosure: bin, output)* --------------->  find_many(proofs): one vectorized check
 
 The engine does no I/O and holds no locks; one session object per protocol run.
 
@@ -86,7 +86,8 @@ Wiring into ``protocol.sessions`` (engine ``"kkrt"``)
   seed_context=..., max_units=<reserved budget>, digests=<cached key_digests>)``; for
   each chunk, ``ledger.record_evaluation(..., chunk.bins)`` *then* ``handle(chunk)``;
   when ``state`` is ``EXTENDED`` stream ``tag_chunks()``; at disclosure
-  ``find(*parse_proof(proof), record_keys)`` gives the verified record positions.
+  ``find_many([parse_proof(p) for p in batch])`` gives each proof's verified record
+  positions (tag lookup, bin check and re-evaluation for the whole batch at once).
 """
 
 from __future__ import annotations
