@@ -108,13 +108,14 @@ def bulk_match_keys_digested(
     rule_ids: Sequence[str],
     digest: KeyDigest,
     *,
+    positions: Sequence[int] | None = None,
     executor: Executor | None = None,
     today: date | None = None,
 ) -> tuple[Keys, dict[str, bytes]]:
     """``bulk_match_keys`` plus, per rule, ``digest`` of its usable keys in order, computed
     by the same workers (the KKRT engine digests every key; shipping them back and forth
     again would cost more than the hashing)."""
-    return _key_jobs(records, rule_ids, None, executor, today, digest)
+    return _key_jobs(records, rule_ids, positions, executor, today, digest)
 
 
 def _key_jobs(records: Sequence[PersonRecord], rule_ids: Sequence[str],

@@ -65,7 +65,6 @@ from protocol.kkrt import (
     KKRTSetup,
     KKRTTagChunk,
     digest_bytes,
-    key_digests,
     parse_proof,
 )
 from protocol.ledger import Ledger
@@ -339,19 +338,23 @@ class Custodian:
 
     def _build_kkrt_keys(self, rules_t: tuple[str, ...]) -> tuple[list[bytes], np.ndarray,
                                                                  np.ndarray, np.ndarray]:
+        # One pass on the worker pool: the workers digest the keys they derive.
+        columns, digests = bulk_match_keys_digested(
+            self.config.records, rules_t, digest_bytes, positions=self.in_scope,
+            executor=self.ops.executor)
         keys: list[bytes] = []
         rec: list[np.ndarray] = []
         rule_idx: list[np.ndarray] = []
         for r_i, rule_id in enumerate(rules_t):
-            for start in range(0, len(self.in_scope), INDEX_SLICE):
-                part = self.match_keys(rule_id, start, start + INDEX_SLICE)
-                positions = [p for p, k in enumerate(part) if k is not None]
-                keys.extend(part[p] for p in positions)
-                rec.append(self.in_scope[start:start + INDEX_SLICE][positions])
-                rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
+            column = columns.pop(rule_id)
+            positions = [p for p, k in enumerate(column) if k is not None]
+            keys.extend(column[p] for p in positions)
+            rec.append(self.in_scope[positions])
+            rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
         return (keys, np.concatenate(rec) if rec else np.zeros(0, np.int64),
                 np.concatenate(rule_idx) if rule_idx else np.zeros(0, np.int8),
-                key_digests(keys))
+                np.frombuffer(b"".join(digests[r] for r in rules_t),
+                              dtype=np.uint8).reshape(-1, DIGEST_SIZE))
 
     def prepare_named(self, authorization_id: str, rules: Sequence[str],
                       certification: Certification, session_key: bytes) -> CustodianIndex:

@@ -97,3 +97,28 @@ def test_kkrt_over_grpc(tmp_path: Path) -> None:
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         server.stop(0)
+
+
+def test_engines_agree_on_packed_records_with_exclusions(tmp_path: Path) -> None:
+    """The custodian's packed storage (the services' case) and a policy that excludes a
+    record class: both engines key only in-scope records, and agree exactly."""
+    from dataclasses import replace
+
+    from protocol.recordstore import CompactRecords
+
+    world = make_world(tmp_path, n_records=80, allowed_engines=ENGINES,
+                       excluded_record_classes=frozenset({"protected"}))
+    people = [replace(p, record_class="protected") if i % 4 == 0 else p
+              for i, p in enumerate(world.records)]
+    world.records = CompactRecords.of(people)
+    queries = _queries(world)
+    results = {}
+    for engine in ("oprf", "kkrt"):
+        signed = world.authorize(rules=RULES, engines=("oprf", "kkrt"))
+        rs = RequesterSession(signed, queries, engine=engine, signing_key=world.requester_key)
+        results[engine] = _result_set(run_in_process(rs, world.custodian().session(),
+                                                     requester_id="agency-a").results)
+    assert results["kkrt"] == results["oprf"]
+    matched = {qid for qid, _, _ in results["kkrt"]}
+    # queries 30..69 hit records 30..69; every fourth record is protected and never matches
+    assert matched == {f"q-{world.records[i].record_id}" for i in range(30, 70) if i % 4}
