@@ -22,6 +22,7 @@ from agency_b.cli import (
     load_signing_key,
     parse_agency_keys,
     run_cli,
+    shut_down,
     stop_on_signal,
     wait_for_signal,
     write_signing_key,
@@ -83,16 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         Path(args.port_file).write_text(f"{port}\n")
     kit.log_event(log, "serving", service="requester", port=port, agency=args.agency_id)
     wait_for_signal(stop)
-    kit.log_event(log, "stopping", grace_seconds=args.grace)
-    server.stop(args.grace).wait()
-    store.stop_purger()
-    final = checkpointer.stop()
-    if final is not None:
-        kit.log_event(log, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
-                      reason="shutdown")
-    for p in (pool, agg_pool):
-        if p is not None:
-            p.close()
+    store.stop_purger()  # its audit entries land before the final checkpoint
+    shut_down(log, server, args.grace, checkpointer, (pool, agg_pool))
     audit.close()
     return 0
 

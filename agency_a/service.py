@@ -218,16 +218,9 @@ class RequesterService(pb2_grpc.RequesterServicer):
             stats = WireStats()
             # session construction (match keys, cuckoo table): part of the timed job
             stats.seconds["prepare"] = time.perf_counter() - started
-            last: dict[str, float] = {}
-
-            def progress(phase: str, done: int, total: int) -> None:
-                now = time.monotonic()
-                if done >= total or now - last.get(phase, 0.0) > 0.2:
-                    last[phase] = now
-                    job.emit(phase, done, total)
-
             with kit.secure_channel(header.custodian_address, self.client_tls) as channel:
-                outcome = run_remote_session(session, channel, progress=progress, stats=stats)
+                outcome = run_remote_session(session, channel, progress=self._progress(job),
+                                             stats=stats)
             stored = time.perf_counter()
             if self.audit is not None:
                 # both signatures, kept on the requester's own hash-chained ledger

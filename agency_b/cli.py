@@ -11,7 +11,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -110,6 +112,20 @@ def wait_for_signal(stop: threading.Event) -> None:
         stop.wait(0.5)
 
 
+def shut_down(logger: logging.Logger, server: Any, grace: float, checkpointer: Any,
+              pools: Sequence[Any]) -> None:
+    """Graceful stop for either agency: drain RPCs, sign the final checkpoint, stop pools."""
+    kit.log_event(logger, "stopping", grace_seconds=grace)
+    server.stop(grace).wait()
+    final = checkpointer.stop()
+    if final is not None:
+        kit.log_event(logger, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
+                      reason="shutdown")
+    for pool in pools:
+        if pool is not None:
+            pool.close()
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,15 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kit.log_event(log, "serving", service="custodian", port=port, agency=args.agency_id,
                   in_scope=len(custodian.in_scope), excluded=custodian.excluded_count)
     wait_for_signal(stop)
-    kit.log_event(log, "stopping", grace_seconds=args.grace)
-    server.stop(args.grace).wait()
-    final = checkpointer.stop()
-    if final is not None:
-        kit.log_event(log, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
-                      reason="shutdown")
-    for p in (pool, agg_pool):
-        if p is not None:
-            p.close()
+    shut_down(log, server, args.grace, checkpointer, (pool, agg_pool))
     ledger.close()
     return 0
 

@@ -84,7 +84,6 @@ one-time secrets is not worth repairing.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import secrets
 import struct
@@ -92,10 +91,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
-from types import TracebackType
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -141,6 +139,7 @@ from protocol.records import (
 )
 from protocol.recordstore import bulk_match_keys, persons_of
 from protocol.sessions import INDEX_SLICE, Custodian, CustodianConfig
+from protocol.workers import WorkerPool
 
 __all__ = [
     "AGGREGATE_CUSTODIAN_TRANSITIONS",
@@ -427,7 +426,7 @@ class SerialAggregateOps:
             yield _pairs_job(scalar, spec, keys, values)
 
 
-class AggregatePool:
+class AggregatePool(WorkerPool):
     """Process pool for the aggregate tier: group operations and Paillier encryptions.
 
     Same conventions as ``oprf.BatchPool`` (forkserver, results in input order, small
@@ -439,38 +438,8 @@ class AggregatePool:
         self, workers: int | None = None, *, min_parallel: int = 256,
         start_method: str | None = None,
     ) -> None:
-        workers = workers or os.cpu_count() or 1
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self.workers = workers
-        self.min_parallel = max(1, min_parallel)
-        self._executor: Executor | None = None
-        if workers > 1:
-            methods = multiprocessing.get_all_start_methods()
-            method = start_method or ("forkserver" if "forkserver" in methods else "spawn")
-            self._executor = ProcessPoolExecutor(
-                max_workers=workers, mp_context=multiprocessing.get_context(method)
-            )
+        super().__init__(workers, min_parallel=min_parallel, start_method=start_method)
         self._serial = SerialAggregateOps()
-
-    def __enter__(self) -> AggregatePool:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def executor(self) -> Executor | None:
-        """The worker processes (None for one worker), shared with the match-key build."""
-        return self._executor
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
 
     def _spans(self, n: int) -> list[tuple[int, int]] | None:
         if self._executor is None or n < self.min_parallel:

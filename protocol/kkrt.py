@@ -94,7 +94,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import multiprocessing
 import os
 import struct
 import time
@@ -117,6 +116,7 @@ from protocol.kkrt_cuckoo import (
     table_size,
 )
 from protocol.kkrt_matrix import ColumnPRG, cols_to_rows, rows_to_cols
+from protocol.workers import process_pool
 
 __all__ = [
     "CODE_BITS",
@@ -263,10 +263,8 @@ def _hash_rows(records: np.ndarray, salt: bytes) -> bytes:
 
 
 def make_executor(workers: int | None = None) -> ProcessPoolExecutor:
-    """A process pool for the hashing work (forkserver: never fork a threaded process)."""
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=ctx)
+    """A process pool for the hashing work (``workers.process_pool``)."""
+    return process_pool(workers)
 
 
 def key_digests(keys: Sequence[bytes], executor: Executor | None = None) -> np.ndarray:

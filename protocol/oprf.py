@@ -21,18 +21,14 @@ evaluate what. It only guarantees that every element taken from outside passes
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import os
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
 from itertools import repeat
-from types import TracebackType
 from typing import Any, TypeVar
 
 import rbcl
 
 from protocol.errors import InvalidElementError, PSIError
+from protocol.workers import WorkerPool
 
 __all__ = [
     "CONTEXT_STRING",
@@ -493,17 +489,7 @@ def evaluate_batch(sk: bytes, inputs: Sequence[bytes]) -> list[bytes]:
 _T = TypeVar("_T")
 
 
-def _default_start_method() -> str:
-    """forkserver where it exists, else spawn: never fork a threaded (gRPC) process."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def _warm_worker(_: int) -> None:
-    """Runs once per worker so its interpreter and libsodium are loaded ahead of work."""
-    time.sleep(0.05)
-
-
-class BatchPool:
+class BatchPool(WorkerPool):
     """Run the batch functions on several processes, with results in input order.
 
     ctypes releases the GIL inside libsodium, but the Python work around every
@@ -514,8 +500,7 @@ class BatchPool:
     run in-process because shipping them costs more than it saves. ``workers=1``
     never starts a pool.
 
-    Use one long-lived pool per service: starting workers costs a fraction of a
-    second each (they import this module afresh under forkserver/spawn).
+    Lifecycle (start method, ``warm``, ``close``, ``executor``): ``workers.WorkerPool``.
     """
 
     def __init__(
@@ -526,47 +511,10 @@ class BatchPool:
         min_parallel: int = 512,
         start_method: str | None = None,
     ) -> None:
-        if workers is None:
-            workers = os.cpu_count() or 1
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.workers = workers
+        super().__init__(workers, min_parallel=min_parallel, start_method=start_method)
         self.chunk_size = chunk_size
-        self.min_parallel = max(1, min_parallel)
-        self._executor: Executor | None = None
-        if workers > 1:
-            context = multiprocessing.get_context(start_method or _default_start_method())
-            self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-
-    def __enter__(self) -> BatchPool:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def executor(self) -> Executor | None:
-        """The worker processes (None when ``workers == 1``), for other bulk jobs to share."""
-        return self._executor
-
-    def warm(self) -> BatchPool:
-        """Start every worker now (services call this at start-up), not in the first session."""
-        if self._executor is not None:
-            list(self._executor.map(_warm_worker, range(self.workers)))
-        return self
-
-    def close(self) -> None:
-        """Stop the workers; pending chunks are cancelled."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
 
     def _spans(self, n: int) -> list[tuple[int, int]] | None:
         """Chunk boundaries for n elements, or None to run in-process."""

@@ -666,6 +666,22 @@ def test_pool_rejects_bad_configuration() -> None:
         oprf.BatchPool(workers=1, chunk_size=0)
 
 
+def test_every_pool_shares_one_lifecycle() -> None:
+    """The OPRF and aggregate pools validate, start, share and stop workers the same way."""
+    from protocol.aggregate import AggregatePool
+
+    for pool_class in (oprf.BatchPool, AggregatePool):
+        with pytest.raises(ValueError, match="workers"):
+            pool_class(workers=0)
+        with pool_class(workers=1) as single:
+            assert single.executor is None and single.warm() is single
+        with pool_class(workers=2) as pool:
+            assert pool.warm() is pool and pool.executor is not None
+            assert pool.executor.submit(sum, [1, 2]).result() == 3
+        assert pool.executor is None  # closed on exit
+        pool.close()  # twice is fine
+
+
 def test_pool_spans_cover_input_in_order() -> None:
     p = oprf.BatchPool(workers=1)
     p._executor = object()  # type: ignore[assignment]  # only _spans is exercised
