@@ -848,7 +848,9 @@ def run_benchmark(
                                            console, workers=workers, engine=engine)
                         else:
                             run = run_openmined(spec, plain, work, sampler, console, venv=venv)
-                        console.log(f"{engine} (try {attempt + 1}/{repeat}): wall "
+                        planned = repeat if repeat_engines is None or engine in repeat_engines \
+                            else 1
+                        console.log(f"{engine} (try {attempt + 1}/{planned}): wall "
                                     f"{run['wall_s']:.2f}s, {run['matches']:,} matches")
                         tries[engine].append(run)
                 size_runs = [_best(tries[e]) for e in engines]
