@@ -28,15 +28,15 @@ from agency_b.cli import (
     write_signing_key,
 )
 from proto import service_kit as kit
-from protocol.aggregate import AggregatePool
-from protocol.ledger import Ledger
-from protocol.oprf import BatchPool
-from protocol.oversight import (
+from protocol.accounting.oversight import (
     Checkpointer,
     add_ledger_commands,
     audit_verify_command,
     export_command,
 )
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.crypto.oprf import BatchPool
+from protocol.sessions.aggregate import AggregatePool
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_a")

@@ -18,7 +18,10 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from proto import service_kit as kit
-from protocol.aggregate import (
+from protocol.crypto.kkrt import KKRTBaseOTReply, KKRTTagChunk
+from protocol.domain.messages import EvaluatedChunk, TagChunk
+from protocol.errors import ProtocolError
+from protocol.sessions.aggregate import (
     AggregateOpenResponse,
     AggregateOutcome,
     AggregateRequesterSession,
@@ -26,10 +29,7 @@ from protocol.aggregate import (
     DoubleBlindedChunk,
     SumReveal,
 )
-from protocol.errors import ProtocolError
-from protocol.kkrt import KKRTBaseOTReply, KKRTTagChunk
-from protocol.messages import EvaluatedChunk, TagChunk
-from protocol.sessions import Receipt, RequesterSession, SessionOutcome
+from protocol.sessions.core import Receipt, RequesterSession, SessionOutcome
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 
@@ -225,7 +225,7 @@ def run_remote_aggregate(
     stats: WireStats | None = None,
     rpc_timeout: float = 6 * 3600,
 ) -> AggregateOutcome:
-    """Run one aggregate or cardinality session (protocol/aggregate.py) over ``channel``."""
+    """Run one aggregate or cardinality session over ``channel``."""
     stub = pb2_grpc.CustodianStub(channel)
     stats = stats if stats is not None else WireStats()
     sid = session.session_id

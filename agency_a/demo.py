@@ -27,12 +27,12 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from benchmarks.scenario import ScenarioSpec, generate
-from protocol.aggregate import plaintext_answer
-from protocol.authority import draft_authorization, private_key_from_pem
-from protocol.policy import sign_authorization
-from protocol.records import MATCH_RULES
-from protocol.recordstore import load_custodian_csv, load_query_csv
+from protocol.adapters.scenario import ScenarioSpec, generate
+from protocol.domain.records import MATCH_RULES
+from protocol.domain.recordstore import load_custodian_csv, load_query_csv
+from protocol.policy.authority import draft_authorization, private_key_from_pem
+from protocol.policy.decide import sign_authorization
+from protocol.sessions.aggregate import plaintext_answer
 
 console = Console()
 PY = sys.executable
@@ -69,7 +69,7 @@ def wait_port(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -
 def issue(work: Path, name: str, *extra: str, queries: Path | None = None,
           quiet: bool = False) -> Path:
     out = work / f"{name}.auth.json"
-    args = ["protocol.authority_cli", "issue", "--key", str(work / "authority" / "authority.key"),
+    args = ["protocol.cli.authority", "issue", "--key", str(work / "authority" / "authority.key"),
             "--requester", "agency-a", "--custodian", "agency-b",
             "--statute", "26 U.S.C. 6103(i)(2)", "--purpose", "locate subjects of open cases",
             "--fields", FIELDS, "--out", str(out), *extra]
@@ -129,11 +129,11 @@ def certify_custodian(work: Path, custodian_csv: Path) -> Path:
     """Once per epoch: the custodian's records certified under the authority's token key."""
     a, b = work / "authority", work / "agency-b"
     t0 = time.perf_counter()
-    run(["protocol.authority_cli", "token-keygen", "--out", str(a)], quiet=True)
+    run(["protocol.cli.authority", "token-keygen", "--out", str(a)], quiet=True)
     run(["agency_b.cli", "certify-request", "--records", str(custodian_csv), "--policy",
          str(b / "policy.json"), "--rules", NAMED_RULE, "--out", str(b / "cert.request"),
          "--state", str(b / "cert.state")], quiet=True)
-    out = run(["protocol.authority_cli", "certify", "--token-key", str(a / "authority.token.key"),
+    out = run(["protocol.cli.authority", "certify", "--token-key", str(a / "authority.token.key"),
                "--public-key", str(a / "authority.pub.json"), "--request",
                str(b / "cert.request"), "--out", str(b / "cert.response"), "--binding-out",
                str(a / "agency-b.binding")], quiet=True)
@@ -198,7 +198,7 @@ def named_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
                   f"({len(bad)} with placeholder addresses):")
     auth = work / "named.auth.json"
     tokens = work / "named.tokens.json"
-    run(["protocol.authority_cli", "review", "--key", str(work / "authority" / "authority.key"),
+    run(["protocol.cli.authority", "review", "--key", str(work / "authority" / "authority.key"),
          "--token-key", str(work / "authority" / "authority.token.key"),
          "--binding", str(work / "authority" / "agency-b.binding"),
          "--requester", "agency-a", "--custodian", "agency-b",
@@ -350,7 +350,7 @@ def _verify_chains(work: Path, auth_id: str) -> bool:
         run([f"{agency}.cli", "export", *where, "--authorization", auth_id,
              "--out", str(work / f"export-{side}.json"),
              "--secrets", str(work / f"agency-{side}" / "secrets")], quiet=True)
-    proc = run(["protocol.authority_cli", "oversight",
+    proc = run(["protocol.cli.authority", "oversight",
                 "--custodian-export", str(work / "export-b.json"),
                 "--requester-export", str(work / "export-a.json"),
                 "--custodian-key", str(work / "agency-b" / "secrets" / "signing.pub.json"),
@@ -370,13 +370,13 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
     console.print(f"1. synthetic scenario: {scale:,} requester queries, {scale:,} custodian "
                   f"records, seeded ({time.perf_counter() - t0:.1f}s)")
 
-    run(["protocol.authority_cli", "keygen", "--out", str(work / "authority")], quiet=True)
-    run(["protocol.authority_cli", "dev-ca", "--out", str(work / "certs"),
+    run(["protocol.cli.authority", "keygen", "--out", str(work / "authority")], quiet=True)
+    run(["protocol.cli.authority", "dev-ca", "--out", str(work / "certs"),
          "--agency", "agency-a", "--agency", "agency-b",
          "--server", "agency-a", "--server", "agency-b"], quiet=True)
     run(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")], quiet=True)
     run(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets")], quiet=True)
-    run(["protocol.authority_cli", "policy-template", "--custodian", "agency-b",
+    run(["protocol.cli.authority", "policy-template", "--custodian", "agency-b",
          "--trust", str(work / "authority" / "authority.pub.json"), "--engines", "oprf,kkrt",
          "--out", str(work / "agency-b" / "policy.json")], quiet=True)
     console.print("2. authority key, development CA with mTLS certificates, agency secrets and "

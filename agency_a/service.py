@@ -1,6 +1,6 @@
 """Requester gRPC service: operators submit match jobs; the service runs them against a custodian.
 
-Thin adapter: it validates the uploaded query file with ``protocol.records``,
+Thin adapter: it validates the uploaded query file with ``protocol.domain.records``,
 builds a ``RequesterSession`` and hands it to ``agency_a.client`` which moves
 messages over mTLS to the custodian.  Results go only to the encrypted
 ``ResultStore``; reads require an operator and a purpose and are logged.
@@ -27,14 +27,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from agency_a.client import WireStats, run_remote_aggregate, run_remote_session
 from proto import service_kit as kit
-from protocol.aggregate import AggregateRequesterSession
+from protocol.accounting.oversight import record_receipt
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.domain.recordstore import load_query_csv
+from protocol.engines.named import TokenSet
 from protocol.errors import PSIError
-from protocol.ledger import Ledger
-from protocol.named import TokenSet
-from protocol.oversight import record_receipt
-from protocol.policy import SignedAuthorization, Tier
-from protocol.recordstore import load_query_csv
-from protocol.sessions import GroupOps, RequesterSession
+from protocol.policy.decide import SignedAuthorization, Tier
+from protocol.sessions.aggregate import AggregateRequesterSession
+from protocol.sessions.core import GroupOps, RequesterSession
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_a")

@@ -19,7 +19,7 @@ accounting. This module is the answer on the requester's side:
   store uses a rollback journal (``journal_mode=DELETE``), not WAL, because a WAL file keeps old
   page images around after they are deleted from the database.
 * **Accounting.** Storing, reading, exporting and purging each append an entry to the
-  requester's hash-chained audit :class:`~protocol.ledger.Ledger` (a separate file). Reads and
+  requester's hash-chained audit ledger (a separate file). Reads and
   exports need an operator identity and a purpose. Entries carry counts and ids, never content.
   Each entry is committed to the ledger *before* the data moves (and, when storing or purging,
   before the store's own transaction commits), so a failure can over-report access but never
@@ -59,8 +59,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import PSIError
-from protocol.ledger import Ledger
 
 __all__ = [
     "AUDIT_KINDS",

@@ -3,7 +3,7 @@
 The custodian blinds ``b·H(y)`` for every in-scope record and rule, the authority
 multiplies by its token key ``c`` (``psi-authority certify``), and the custodian
 removes ``b`` and keeps ``c·H(y)`` in a certification file that ``serve``
-loads with ``--certification``.  See protocol/named.py for the argument.
+loads with ``--certification``.  See protocol/engines/named.py for the argument.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from protocol.named import (
+from protocol.crypto.oprf import BatchPool
+from protocol.domain.records import match_keys_bulk
+from protocol.domain.recordstore import load_custodian_csv
+from protocol.engines.named import (
     CertificationResponse,
     PendingCertification,
     finish_certification,
     start_certification,
 )
-from protocol.oprf import BatchPool
-from protocol.policy import CustodianPolicy
-from protocol.records import match_keys_bulk
-from protocol.recordstore import load_custodian_csv
+from protocol.policy.decide import CustodianPolicy
 
 PENDING_FORMAT = "gated-psi/named-certification-pending/v1"
 

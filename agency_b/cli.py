@@ -24,20 +24,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from agency_b.certification import register as register_certification
 from agency_b.service import serve
 from proto import service_kit as kit
-from protocol.aggregate import AggregateCustodian, AggregatePool
-from protocol.errors import PSIError
-from protocol.ledger import Ledger
-from protocol.named import Certification
-from protocol.oprf import BatchPool
-from protocol.oversight import (
+from protocol.accounting.oversight import (
     Checkpointer,
     add_ledger_commands,
     audit_verify_command,
     export_command,
 )
-from protocol.policy import CustodianPolicy
-from protocol.recordstore import load_custodian_csv
-from protocol.sessions import Custodian, CustodianConfig
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.crypto.oprf import BatchPool
+from protocol.domain.recordstore import load_custodian_csv
+from protocol.engines.named import Certification
+from protocol.errors import PSIError
+from protocol.policy.decide import CustodianPolicy
+from protocol.sessions.aggregate import AggregateCustodian, AggregatePool
+from protocol.sessions.core import Custodian, CustodianConfig
 
 log = logging.getLogger("agency_b")
 
@@ -187,7 +187,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the oversight export of one authorization (see protocol.oversight)."""
+    """Write the oversight export of one authorization (see protocol.accounting.oversight)."""
     key = load_signing_key(Path(args.secrets) / "signing.key") if args.secrets else None
     return export_command("custodian", args.ledger, args.authorization, args.out,
                           signing_key=key, force=args.force)

@@ -2,8 +2,8 @@
 
 It authenticates the caller from its mTLS certificate, finds the caller's
 session, passes messages in and replies out, and maps library errors to
-status codes.  Every decision is made by ``protocol.sessions`` and
-``protocol.policy``.
+status codes.  Every decision is made by ``protocol.sessions.core`` and
+``protocol.policy.decide``.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import grpc
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from proto import service_kit as kit
-from protocol.aggregate import ENGINE as AGG_ENGINE
-from protocol.aggregate import (
+from protocol.crypto.kkrt import KKRTExtensionChunk, KKRTSetup
+from protocol.domain.messages import CloseRequest, EvaluateChunk, TagChunk
+from protocol.errors import ProtocolError, PSIError
+from protocol.sessions.aggregate import ENGINE as AGG_ENGINE
+from protocol.sessions.aggregate import (
     AggregateCustodian,
     AggregateCustodianSession,
     AggregateOpenRequest,
     BlindedChunk,
     MaskedSum,
 )
-from protocol.errors import ProtocolError, PSIError
-from protocol.kkrt import KKRTExtensionChunk, KKRTSetup
-from protocol.messages import CloseRequest, EvaluateChunk, TagChunk
-from protocol.sessions import Custodian, CustodianSession
+from protocol.sessions.core import Custodian, CustodianSession
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_b")

@@ -23,18 +23,18 @@ from agency_a.client import WireStats, run_remote_aggregate
 from agency_b.service import serve as serve_custodian
 from benchmarks.scale import ensure_scenario, scenario_spec
 from proto import service_kit as kit
-from protocol import policy as P
-from protocol.aggregate import (
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.cli.dev_pki import write_dev_pki
+from protocol.domain.records import MATCH_RULES
+from protocol.domain.recordstore import load_custodian_csv, load_query_csv
+from protocol.policy import decide as P
+from protocol.sessions.aggregate import (
     AggregateCustodian,
     AggregatePool,
     AggregateRequesterSession,
     plaintext_answer,
 )
-from protocol.ledger import Ledger
-from protocol.pki import write_dev_pki
-from protocol.records import MATCH_RULES
-from protocol.recordstore import load_custodian_csv, load_query_csv
-from protocol.sessions import Custodian, CustodianConfig
+from protocol.sessions.core import Custodian, CustodianConfig
 
 RULE = "tin+dob"
 VALUE = "tax_paid_cents"

@@ -1,6 +1,6 @@
 """In-process throughput of the KKRT engine (issue 8), phase by phase.
 
-Runs both parties of ``protocol.kkrt`` in one process, no network, on synthetic match
+Runs both parties of ``protocol.crypto.kkrt`` in one process, no network, on synthetic match
 keys shaped like the real ones (rule id + TIN + date of birth), with a known number of
 true matches, and checks the match set against a plain set intersection.
 
@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import psutil
 
-from protocol import kkrt
+from protocol.crypto import kkrt
 
 
 def synthetic_keys(n_queries: int, n_records: int, matches: int, seed: int = 7

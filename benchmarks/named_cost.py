@@ -21,13 +21,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from benchmarks.scenario import ScenarioFiles, ScenarioSpec, generate
-from protocol import named, oprf
-from protocol import policy as P
-from protocol.ledger import Ledger
-from protocol.records import match_keys_bulk
-from protocol.recordstore import load_custodian_csv, load_query_csv
-from protocol.sessions import Custodian, CustodianConfig, RequesterSession, run_in_process
+from protocol.adapters.scenario import ScenarioFiles, ScenarioSpec, generate
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.crypto import oprf
+from protocol.domain.records import match_keys_bulk
+from protocol.domain.recordstore import load_custodian_csv, load_query_csv
+from protocol.engines import named
+from protocol.policy import decide as P
+from protocol.sessions.core import Custodian, CustodianConfig, RequesterSession, run_in_process
 
 RULE = "tin+dob"
 

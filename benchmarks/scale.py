@@ -52,7 +52,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.scenario import GENERATOR_VERSION, ScenarioFiles, ScenarioSpec, generate
+from protocol.adapters.scenario import GENERATOR_VERSION, ScenarioFiles, ScenarioSpec, generate
 
 __all__ = [
     "HEADLINE_SIZE",
@@ -169,7 +169,7 @@ class OpCosts:
 
 def _synthetic_keys(n: int) -> list[bytes]:
     """tin+dob match keys of the real encoding and length (values made up)."""
-    from protocol.records import encode_match_key
+    from protocol.domain.records import encode_match_key
 
     return [
         encode_match_key("tin+dob", [f"{100000000 + 7919 * i:09d}",
@@ -192,7 +192,7 @@ def measure_op_costs(sample: int = 20_000, blocks: int = 4) -> OpCosts:
     """Measure each group operation on ``sample`` elements in this process, single core."""
     import rbcl
 
-    from protocol import oprf
+    from protocol.crypto import oprf
 
     per = max(1, sample // blocks)
     inputs = [_synthetic_keys(per) for _ in range(blocks)]
@@ -354,7 +354,7 @@ def _read_truth(path: Path) -> dict[str, str]:
 def plaintext_expectation(files: ScenarioFiles, rules: Sequence[str],
                           excluded_classes: frozenset[str] = frozenset()) -> PlaintextExpectation:
     """Join the plaintext match keys exactly as the two services would select them."""
-    from protocol.records import (
+    from protocol.domain.records import (
         match_keys_bulk,
         read_person_csv_with_lines,
         read_query_csv_with_lines,
@@ -435,13 +435,13 @@ def setup_credentials(work: Path) -> None:
 
     Same layout as ``agency_a.demo`` so its helpers apply.
     """
-    _cli(["protocol.authority_cli", "keygen", "--out", str(work / "authority")])
-    _cli(["protocol.authority_cli", "dev-ca", "--out", str(work / "certs"),
+    _cli(["protocol.cli.authority", "keygen", "--out", str(work / "authority")])
+    _cli(["protocol.cli.authority", "dev-ca", "--out", str(work / "certs"),
           "--agency", "agency-a", "--agency", "agency-b",
           "--server", "agency-a", "--server", "agency-b"])
     _cli(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")])
     _cli(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets")])
-    _cli(["protocol.authority_cli", "policy-template", "--custodian", "agency-b",
+    _cli(["protocol.cli.authority", "policy-template", "--custodian", "agency-b",
           "--trust", str(work / "authority" / "authority.pub.json"), "--engines", "oprf,kkrt",
           "--out", str(work / "agency-b" / "policy.json")])
 
@@ -449,7 +449,7 @@ def setup_credentials(work: Path) -> None:
 def _issue(work: Path, name: str, rules: Sequence[str], max_queries: int,
            max_disclosures: int) -> Path:
     out = work / f"{name}.auth.json"
-    _cli(["protocol.authority_cli", "issue", "--key", str(work / "authority" / "authority.key"),
+    _cli(["protocol.cli.authority", "issue", "--key", str(work / "authority" / "authority.key"),
           "--requester", "agency-a", "--custodian", "agency-b",
           "--statute", "26 U.S.C. 6103(i)(2)", "--purpose", "benchmark of the match step",
           "--rules", ",".join(rules), "--fields", "address,city,state,zip",
@@ -804,7 +804,7 @@ def run_benchmark(
     once, so the short KKRT runs can be repeated in the same run as a 7-minute OpenMined one.
     """
     from benchmarks import report
-    from protocol.policy import CustodianPolicy
+    from protocol.policy.decide import CustodianPolicy
 
     console = console or (Console() if sys.stdout.isatty() else Console(width=150))
     if repeat < 1:

@@ -15,8 +15,8 @@ import os
 import numpy as np
 import pytest
 
-from protocol import oprf
-from protocol.records import encode_match_key
+from protocol.crypto import oprf
+from protocol.domain.records import encode_match_key
 
 N = 10_000
 CUSTODIAN_TAGS = 1_300_000

@@ -1,6 +1,6 @@
 """What both gRPC services share: codec, status mapping, mTLS, health, logs.
 
-The services are thin adapters: they translate protobuf to ``protocol.messages``
+The services are thin adapters: they translate protobuf to ``protocol.domain.messages``
 (``to_*`` / ``from_*`` here), hand them to sessions, and map library errors to
 gRPC status codes (``abort_for``).  Nothing here decides policy.
 """
@@ -22,7 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto import load
-from protocol import messages as m
+from protocol.cli.dev_pki import agency_id_from_auth_context
+from protocol.domain import messages as m
 from protocol.errors import (
     BudgetExhausted,
     DisclosureCapReached,
@@ -33,8 +34,7 @@ from protocol.errors import (
     ProtocolError,
     PSIError,
 )
-from protocol.pki import agency_id_from_auth_context
-from protocol.policy import REFUSAL_CATEGORY, Reason
+from protocol.policy.decide import REFUSAL_CATEGORY, Reason
 
 pb2, pb2_grpc = load()
 

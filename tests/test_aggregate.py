@@ -1,4 +1,4 @@
-"""Aggregate and cardinality tiers (protocol.aggregate): exact answers, no linkage, policy."""
+"""Aggregate and cardinality tiers (sessions.aggregate): exact answers, no linkage, policy."""
 
 from __future__ import annotations
 
@@ -10,17 +10,9 @@ import rbcl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import aggregate as A
-from protocol import oprf
-from protocol import paillier_fast as pf
-from protocol import policy as P
-from protocol.errors import (
-    InvalidElementError,
-    InvalidRecordError,
-    PolicyRefusal,
-    ProtocolError,
-)
-from protocol.messages import (
+from protocol.crypto import oprf
+from protocol.crypto import paillier as pf
+from protocol.domain.messages import (
     CloseRequest,
     DisclosureRequest,
     DisclosureResponse,
@@ -30,9 +22,17 @@ from protocol.messages import (
     OpenResponse,
     TagChunk,
 )
-from protocol.records import PersonRecord, match_keys_bulk
-from protocol.recordstore import CompactRecords
-from protocol.sessions import CustodianSession, RequesterSession
+from protocol.domain.records import PersonRecord, match_keys_bulk
+from protocol.domain.recordstore import CompactRecords
+from protocol.errors import (
+    InvalidElementError,
+    InvalidRecordError,
+    PolicyRefusal,
+    ProtocolError,
+)
+from protocol.policy import decide as P
+from protocol.sessions import aggregate as A
+from protocol.sessions.core import CustodianSession, RequesterSession
 from tests.factories import World, as_query, make_person, make_world
 
 VALUE = "tax_paid_cents"

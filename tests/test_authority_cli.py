@@ -1,4 +1,4 @@
-"""Tests for protocol.authority (pure helpers) and the ``psi-authority`` CLI.
+"""Tests for protocol.policy.authority (pure helpers) and the ``psi-authority`` CLI.
 
 The CLI is driven in-process through ``main([...])`` with ``tmp_path``; one test runs the
 installed console script to prove the entry point exists.
@@ -22,7 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.authority import (
+from protocol.cli.authority import REFUSAL_LISTING_LIMIT, main
+from protocol.cli.dev_pki import agency_id_from_cert_pem
+from protocol.domain.records import PersonRecord, QueryMetadata, QueryRecord
+from protocol.policy.authority import (
     SUBJECT_COMMITMENT_TAG,
     SignatureStatus,
     ValidityStatus,
@@ -36,9 +39,7 @@ from protocol.authority import (
     public_key_to_json,
     subject_commitment,
 )
-from protocol.authority_cli import REFUSAL_LISTING_LIMIT, main
-from protocol.pki import agency_id_from_cert_pem
-from protocol.policy import (
+from protocol.policy.decide import (
     CustodianPolicy,
     Mode,
     SessionRequest,
@@ -49,7 +50,6 @@ from protocol.policy import (
     sign_authorization,
     verify_authorization_signature,
 )
-from protocol.records import PersonRecord, QueryMetadata, QueryRecord
 
 AUTHORITY = Ed25519PrivateKey.from_private_bytes(bytes([7]) * 32)
 OTHER_AUTHORITY = Ed25519PrivateKey.from_private_bytes(bytes([8]) * 32)
@@ -147,7 +147,7 @@ def draft(**changes: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# protocol.authority: keys
+# protocol.policy.authority: keys
 # --------------------------------------------------------------------------------------------
 
 
@@ -191,7 +191,7 @@ def test_public_key_json_refuses_a_key_id_naming_another_key() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# protocol.authority: draft_authorization
+# protocol.policy.authority: draft_authorization
 # --------------------------------------------------------------------------------------------
 
 
@@ -269,7 +269,7 @@ def test_draft_refuses_invalid_requests(changes: dict[str, Any], message: str) -
 
 
 # --------------------------------------------------------------------------------------------
-# protocol.authority: subject_commitment
+# protocol.policy.authority: subject_commitment
 # --------------------------------------------------------------------------------------------
 
 
@@ -352,7 +352,7 @@ def test_subject_commitment_components_are_unambiguous(a: str, b: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# protocol.authority: describe
+# protocol.policy.authority: describe
 # --------------------------------------------------------------------------------------------
 
 
@@ -623,7 +623,7 @@ def test_issue_with_queries_lists_refusals_and_excludes_them_from_the_budget(
     auth = SignedAuthorization.from_bytes(out.read_bytes()).authorization
     assert auth.max_queries == 2 * 2  # accepted subjects x rules; the 3 refused do not count
     assert auth.mode is Mode.BULK
-    from protocol.records import read_query_csv
+    from protocol.domain.records import read_query_csv
 
     accepted = [q for q in read_query_csv(csv_path) if q.person.record_id in {"Q1", "Q5"}]
     assert auth.subject_commitment == subject_commitment(accepted)

@@ -42,12 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agency_a.client import run_remote_session
 from agency_b import cli as cli_b
 from proto import service_kit as kit
-from protocol import authority_cli
-from protocol import policy as P
-from protocol.authority import public_key_to_json
-from protocol.errors import LedgerError, PSIError
-from protocol.ledger import Ledger
-from protocol.oversight import (
+from protocol.accounting.oversight import (
     add_signed_checkpoint,
     check,
     custodian_export,
@@ -56,9 +51,14 @@ from protocol.oversight import (
     requester_export,
     verify_ledger,
 )
-from protocol.pki import write_dev_pki
-from protocol.records import write_person_csv
-from protocol.sessions import RequesterSession
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.cli import authority as authority_cli
+from protocol.cli.dev_pki import write_dev_pki
+from protocol.domain.records import write_person_csv
+from protocol.errors import LedgerError, PSIError
+from protocol.policy import decide as P
+from protocol.policy.authority import public_key_to_json
+from protocol.sessions.core import RequesterSession
 from tests.factories import as_query, make_person
 from tests.test_oversight import write_pub
 

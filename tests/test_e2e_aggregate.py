@@ -12,15 +12,15 @@ import pytest
 from agency_a.client import run_remote_aggregate, run_remote_session
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
-from protocol import policy as P
-from protocol.aggregate import (
+from protocol.domain.records import MATCH_RULES
+from protocol.policy import decide as P
+from protocol.sessions.aggregate import (
     AggregateCustodian,
     AggregateRequesterSession,
     PaillierSettings,
     plaintext_answer,
 )
-from protocol.records import MATCH_RULES
-from protocol.sessions import RequesterSession
+from protocol.sessions.core import RequesterSession
 from tests.factories import as_query, make_person, make_world
 
 TEST_PAILLIER = PaillierSettings(key_bits=1024, test_mode=True)
@@ -28,7 +28,7 @@ TEST_PAILLIER = PaillierSettings(key_bits=1024, test_mode=True)
 
 @pytest.fixture()
 def setup(tmp_path: Path):
-    from protocol.pki import write_dev_pki
+    from protocol.cli.dev_pki import write_dev_pki
 
     world = make_world(tmp_path, n_records=60)
     world.records = [replace(r, extra=(("tax_paid_cents", str(1000 + 37 * i)),))

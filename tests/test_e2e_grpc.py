@@ -13,12 +13,12 @@ import pytest
 from agency_a.client import run_remote_session
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
-from protocol import oprf
+from protocol.cli.dev_pki import write_dev_pki
+from protocol.crypto import oprf
+from protocol.domain.messages import MAX_CHUNK_ELEMENTS
 from protocol.errors import LedgerError
-from protocol.messages import MAX_CHUNK_ELEMENTS
-from protocol.pki import write_dev_pki
-from protocol.policy import SignedAuthorization
-from protocol.sessions import RequesterSession, run_in_process
+from protocol.policy.decide import SignedAuthorization
+from protocol.sessions.core import RequesterSession, run_in_process
 from tests.factories import as_query, make_person, make_world
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc

@@ -1,4 +1,4 @@
-"""The KKRT engine (protocol.kkrt): base OTs, transposes, cuckoo hashing, OPRF, PSI, checks."""
+"""The KKRT engine (kkrt): base OTs, transposes, cuckoo hashing, OPRF, PSI, checks."""
 
 from __future__ import annotations
 
@@ -11,22 +11,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import kkrt, oprf
-from protocol.errors import InvalidElementError, ProtocolError
-from protocol.kkrt_cuckoo import (
+from protocol.crypto import kkrt, oprf
+from protocol.crypto.kkrt_cuckoo import (
     EXPANSION,
     candidate_bins,
     failure_bound_log2,
     place,
     table_size,
 )
-from protocol.kkrt_matrix import (
+from protocol.crypto.kkrt_matrix import (
     ColumnPRG,
     cols_to_rows,
     naive_cols_to_rows,
     naive_rows_to_cols,
     rows_to_cols,
 )
+from protocol.errors import InvalidElementError, ProtocolError
 
 CTX = b"auth-test|session-1"
 

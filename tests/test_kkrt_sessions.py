@@ -10,9 +10,9 @@ import pytest
 from agency_a.client import run_remote_session
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
+from protocol.cli.dev_pki import write_dev_pki
 from protocol.errors import PolicyRefusal
-from protocol.pki import write_dev_pki
-from protocol.sessions import RequesterSession, run_in_process
+from protocol.sessions.core import RequesterSession, run_in_process
 from tests.factories import as_query, make_person, make_world
 
 ENGINES = frozenset({"oprf", "kkrt"})
@@ -54,7 +54,7 @@ def test_engine_must_be_permitted(tmp_path: Path) -> None:
 
 
 def test_invented_kkrt_proofs_disclose_nothing(tmp_path: Path) -> None:
-    from protocol.messages import DisclosureRequest
+    from protocol.domain.messages import DisclosureRequest
 
     world = make_world(tmp_path, allowed_engines=ENGINES)
     signed = world.authorize(engines=("kkrt",))
@@ -104,7 +104,7 @@ def test_engines_agree_on_packed_records_with_exclusions(tmp_path: Path) -> None
     record class: both engines key only in-scope records, and agree exactly."""
     from dataclasses import replace
 
-    from protocol.recordstore import CompactRecords
+    from protocol.domain.recordstore import CompactRecords
 
     world = make_world(tmp_path, n_records=80, allowed_engines=ENGINES,
                        excluded_record_classes=frozenset({"protected"}))

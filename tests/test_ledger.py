@@ -1,4 +1,4 @@
-"""Tests for protocol.ledger: accounting, idempotency, concurrency, audit chain, crash safety."""
+"""Tests for the SQLite ledger: accounting, idempotency, concurrency, audit chain, crash safety."""
 
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import BudgetExhausted, DisclosureCapReached, LedgerError
-from protocol.ledger import (
+from protocol.adapters.sqlite_ledger import (
     ZERO_HASH,
     Ledger,
     audit_entry_hash,
     canonical_json,
     checkpoint_message,
 )
+from protocol.errors import BudgetExhausted, DisclosureCapReached, LedgerError
 from tests.helpers.ledger_crash_worker import AUTHORIZATIONS, CHECKPOINT_KEY_SEED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -1098,7 +1098,7 @@ def test_open_retries_while_another_process_recovers_the_file(
         raise sqlite3.OperationalError("database is locked")
 
     monkeypatch.setattr(Ledger, "_open", locked)
-    monkeypatch.setattr("protocol.ledger._BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr("protocol.adapters.sqlite_ledger._BUSY_TIMEOUT_MS", 50)
     with pytest.raises(LedgerError, match="stayed locked"):
         Ledger(db_path)
 

@@ -12,12 +12,13 @@ import pytest
 from agency_a.client import run_remote_session
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
-from protocol import named, oprf
-from protocol import policy as P
+from protocol.cli.dev_pki import write_dev_pki
+from protocol.crypto import oprf
+from protocol.domain.records import match_keys_bulk
+from protocol.engines import named
 from protocol.errors import PolicyRefusal
-from protocol.pki import write_dev_pki
-from protocol.records import match_keys_bulk
-from protocol.sessions import RequesterSession, run_in_process
+from protocol.policy import decide as P
+from protocol.sessions.core import RequesterSession, run_in_process
 from tests.factories import as_query, make_person, make_world
 
 RULES = ("tin+dob", "tin+last_name")

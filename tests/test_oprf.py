@@ -1,4 +1,4 @@
-"""protocol.oprf against the published vectors, plus validation and property tests.
+"""protocol.crypto.oprf against the published vectors, plus validation and property tests.
 
 Vectors are data outside the code: RFC 9497 Appendix A comes from
 shared/vectors/rfc9497.json (or $PSI_VECTORS); RFC 9380 K.3 and RFC 9496 A.2 are
@@ -20,7 +20,7 @@ import rbcl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import oprf
+from protocol.crypto import oprf
 from protocol.errors import InvalidElementError, PSIError
 
 L = oprf.GROUP_ORDER
@@ -668,7 +668,7 @@ def test_pool_rejects_bad_configuration() -> None:
 
 def test_every_pool_shares_one_lifecycle() -> None:
     """The OPRF and aggregate pools validate, start, share and stop workers the same way."""
-    from protocol.aggregate import AggregatePool
+    from protocol.sessions.aggregate import AggregatePool
 
     for pool_class in (oprf.BatchPool, AggregatePool):
         with pytest.raises(ValueError, match="workers"):

@@ -21,12 +21,7 @@ from hypothesis import strategies as st
 
 from agency_a import cli as cli_a
 from agency_b import cli as cli_b
-from protocol import authority_cli
-from protocol.errors import LedgerError, ProtocolError
-from protocol.ledger import Ledger
-from protocol.messages import EvaluateChunk, Receipt
-from protocol.oprf import blind_batch
-from protocol.oversight import (
+from protocol.accounting.oversight import (
     EXPORT_FORMAT,
     Checkpointer,
     add_signed_checkpoint,
@@ -39,7 +34,12 @@ from protocol.oversight import (
     signing_key_id,
     verify_ledger,
 )
-from protocol.sessions import RequesterSession, run_in_process
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.cli import authority as authority_cli
+from protocol.crypto.oprf import blind_batch
+from protocol.domain.messages import EvaluateChunk, Receipt
+from protocol.errors import LedgerError, ProtocolError
+from protocol.sessions.core import RequesterSession, run_in_process
 from tests.factories import World, as_query, make_person, make_world
 from tests.helpers import tamper
 

@@ -1,4 +1,4 @@
-"""Fixed-base, short-exponent Paillier (protocol.paillier_fast): correctness, validation, limits."""
+"""Fixed-base, short-exponent Paillier (crypto.paillier): correctness, validation, limits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phe import paillier
 
-from protocol import paillier_fast as pf
+from protocol.crypto import paillier as pf
 from protocol.errors import InvalidElementError
 
 # 1024-bit keys keep these tests fast; the production floor is tested separately.

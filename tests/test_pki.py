@@ -1,4 +1,4 @@
-"""Tests for protocol.pki: certificate profiles, identity extraction, and real mTLS over gRPC."""
+"""Tests for cli.dev_pki: certificate profiles, identity extraction, and real mTLS over gRPC."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.pki import (
+from protocol.cli.dev_pki import (
     AGENCY_URN_PREFIX,
     Issued,
     agency_id_from_auth_context,

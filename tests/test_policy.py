@@ -1,4 +1,4 @@
-"""Tests for protocol.policy: signed authorizations, custodian policy and the decision function."""
+"""Tests for policy.decide: signed authorizations, custodian policy and the decision function."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 
-from protocol import policy as pol
+from protocol.domain.records import DISCLOSABLE_FIELDS, MATCH_RULES, Strength
 from protocol.errors import PolicyRefusal
-from protocol.policy import (
+from protocol.policy import decide as pol
+from protocol.policy.decide import (
     REFUSAL_CATEGORY,
     Authorization,
     CustodianPolicy,
@@ -33,7 +34,6 @@ from protocol.policy import (
     permitted_fields,
     sign_authorization,
 )
-from protocol.records import DISCLOSABLE_FIELDS, MATCH_RULES, Strength
 
 # Fixed keys keep the suite deterministic and fast.
 AUTHORITY = Ed25519PrivateKey.from_private_bytes(bytes([1]) * 32)

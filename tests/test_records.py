@@ -1,4 +1,4 @@
-"""Tests for protocol.records: refusal reasons, normalization, match keys, CSV."""
+"""Tests for protocol.domain.records: refusal reasons, normalization, match keys, CSV."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import InvalidRecordError
-from protocol.records import (
+from protocol.domain.records import (
     DISCLOSABLE_FIELDS,
     MATCH_KEY_DST,
     MATCH_RULES,
@@ -50,6 +49,7 @@ from protocol.records import (
     write_person_csv,
     write_query_csv,
 )
+from protocol.errors import InvalidRecordError
 
 TODAY = date(2025, 6, 15)
 

@@ -8,15 +8,15 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.kkrt import digest_bytes
-from protocol.records import (
+from protocol.crypto.kkrt import digest_bytes
+from protocol.domain.records import (
     MATCH_RULES,
     PersonRecord,
     match_keys_bulk,
     validate_persons,
     write_person_csv,
 )
-from protocol.recordstore import (
+from protocol.domain.recordstore import (
     KEY_JOB_RECORDS,
     CompactRecords,
     bulk_match_keys,
@@ -66,7 +66,7 @@ def test_loader_refuses_like_validate_persons() -> None:
 
 
 def test_query_loader_matches_validate_queries() -> None:
-    from protocol.records import validate_queries, write_query_csv
+    from protocol.domain.records import validate_queries, write_query_csv
     from tests.factories import as_query
 
     queries = [as_query(make_person(i)) for i in range(20)]
@@ -77,7 +77,7 @@ def test_query_loader_matches_validate_queries() -> None:
     buf = io.StringIO()
     write_query_csv(queries, buf)
     buf.seek(0)
-    from protocol.recordstore import load_query_csv
+    from protocol.domain.recordstore import load_query_csv
 
     store, refused, rows = load_query_csv(buf)
     report = validate_queries(enumerate(queries, 2))

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import accuracy, scenario
-from benchmarks.scenario import PLACEHOLDER_ADDRESSES, ScenarioSpec, generate
-from protocol import records
+from benchmarks import accuracy
+from protocol.adapters import scenario
+from protocol.adapters.scenario import PLACEHOLDER_ADDRESSES, ScenarioSpec, generate
+from protocol.domain import records
 
 SMALL = ScenarioSpec().scaled(4_000, 4_000)
 DEMO = ScenarioSpec().scaled(20_000, 20_000)

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import oprf
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.crypto import oprf
+from protocol.domain.messages import CloseRequest, DisclosureRequest, EvaluateChunk, TagChunk
+from protocol.domain.records import MATCH_RULES
 from protocol.errors import BudgetExhausted, PolicyRefusal, ProtocolError
-from protocol.ledger import Ledger
-from protocol.messages import CloseRequest, DisclosureRequest, EvaluateChunk, TagChunk
-from protocol.records import MATCH_RULES
-from protocol.sessions import (
+from protocol.sessions.core import (
     CUSTODIAN_TRANSITIONS,
     REQUESTER_TRANSITIONS,
     RequesterSession,

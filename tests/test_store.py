@@ -26,8 +26,8 @@ from agency_a.store import (
     generate_key_file,
     load_key,
 )
+from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import PSIError
-from protocol.ledger import Ledger
 
 DAY = 86_400
 STREET = "Quillfeather Hollow Lane"  # distinctive plaintext that must never hit the disk

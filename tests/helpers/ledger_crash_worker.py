@@ -26,8 +26,8 @@ import sys
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import BudgetExhausted, DisclosureCapReached
-from protocol.ledger import Ledger
 
 AUTHORIZATIONS: dict[str, tuple[int, int]] = {
     # auth_id: (max_queries, max_disclosures)

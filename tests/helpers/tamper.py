@@ -2,7 +2,7 @@
 
 Each function drops the append-only triggers first (an attacker with the file can), edits the
 ``audit_log`` or ``checkpoints`` table directly and commits. None of them go through
-:class:`protocol.ledger.Ledger`; the ledger must be closed (or at least idle) while they run.
+SQLite ledger; the ledger must be closed (or at least idle) while they run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from protocol.ledger import audit_entry_hash, canonical_json
+from protocol.adapters.sqlite_ledger import audit_entry_hash, canonical_json
 
 _TRIGGERS = (
     "audit_log_no_update",

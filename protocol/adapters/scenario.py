@@ -22,7 +22,7 @@ The population is built in one vectorized pass:
 
 Text is assembled as fixed-width byte matrices (one zero-padded ``uint8`` block per field
 segment) and the padding is squeezed out when a file is written, so 2.6M rows never pass
-through a per-row Python loop.  The CSV dialect is the one ``protocol.records`` writes
+through a per-row Python loop.  The CSV dialect is the one ``protocol.domain.records`` writes
 (``csv`` minimal quoting, CRLF), so ``read_person_csv``/``read_query_csv`` read the files
 and ``write_query_csv`` reproduces them byte for byte.
 
@@ -931,7 +931,7 @@ def generate(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False) -> Sc
     tick(f"truth.csv: {m:,} pairs")
 
     manifest = {
-        "generator": "benchmarks.scenario",
+        "generator": "protocol.adapters.scenario",
         "generator_version": GENERATOR_VERSION,
         "faker_version": _faker_version(),
         "numpy_version": np.__version__,
@@ -956,10 +956,10 @@ def generate(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False) -> Sc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.scenario``: generate one scenario directory."""
+    """``python -m protocol.adapters.scenario``: generate one scenario directory."""
     default = ScenarioSpec()
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.scenario",
+        prog="python -m protocol.adapters.scenario",
         description="Generate the seeded synthetic matching scenario: custodian.csv, "
         "queries.csv, truth.csv (ground truth, for measurement only) and manifest.json. "
         "Without sizes it is the headline 1.28M x 1.3M scenario.",

@@ -1,7 +1,7 @@
 """``psi-authority``: the offline tool a court or oversight office uses to sign Authorizations.
 
 Only argument parsing, file I/O and printing live here; every decision is made by the pure
-functions in :mod:`protocol.authority`, :mod:`protocol.records` and :mod:`protocol.policy`.
+functions in :mod:`protocol.policy.authority`, records and decide.
 Human output goes to stdout, errors to stderr. Exit codes: 0 success, 1 an authorization that
 does not verify (``inspect``), 2 a usage or validation error (with a message, never a traceback).
 """
@@ -26,7 +26,29 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from protocol.authority import (
+from protocol.accounting.oversight import (
+    OVERSIGHT_DESCRIPTION,
+    add_oversight_arguments,
+    run_oversight_cli,
+)
+from protocol.cli.dev_pki import validate_agency_id, write_dev_pki
+from protocol.domain.records import (
+    MATCH_RULES,
+    Refusal,
+    Strength,
+    match_keys_bulk,
+    read_query_csv_with_lines,
+    validate_queries,
+)
+from protocol.engines.named import (
+    CertificationRequest,
+    TokenSet,
+    certify,
+    issue_tokens,
+    new_token_key,
+)
+from protocol.errors import PSIError
+from protocol.policy.authority import (
     SignatureStatus,
     ValidityStatus,
     describe,
@@ -39,17 +61,7 @@ from protocol.authority import (
     public_key_to_json,
     subject_commitment,
 )
-from protocol.errors import PSIError
-from protocol.named import (
-    CertificationRequest,
-    TokenSet,
-    certify,
-    issue_tokens,
-    new_token_key,
-)
-from protocol.oversight import OVERSIGHT_DESCRIPTION, add_oversight_arguments, run_oversight_cli
-from protocol.pki import validate_agency_id, write_dev_pki
-from protocol.policy import (
+from protocol.policy.decide import (
     Authorization,
     CustodianPolicy,
     Mode,
@@ -57,14 +69,6 @@ from protocol.policy import (
     Tier,
     authority_key_id,
     sign_authorization,
-)
-from protocol.records import (
-    MATCH_RULES,
-    Refusal,
-    Strength,
-    match_keys_bulk,
-    read_query_csv_with_lines,
-    validate_queries,
 )
 
 __all__ = ["main"]
@@ -338,7 +342,7 @@ def _named_inputs(args: argparse.Namespace) -> tuple[bytes, bytes]:
 
 def _write_tokens(args: argparse.Namespace, auth: Authorization,
                   named_inputs: tuple[bytes, bytes], accepted_queries: list[Any]) -> None:
-    """One token c·d_A·H(key) per approved subject and rule (protocol/named.py)."""
+    """One token c·d_A·H(key) per approved subject and rule (protocol/engines/named.py)."""
     token_key, binding = named_inputs
     keys = match_keys_bulk([q.person for q in accepted_queries], list(auth.match_rules))
     entries = [(q.person.record_id, rule, keys[rule][i])

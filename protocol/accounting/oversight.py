@@ -2,7 +2,7 @@
 oversight exports and the cross-agency oversight check (DESIGN §4 step 6, issue 6).
 
 The court found that nobody could check what had been disclosed. Each agency therefore keeps a
-hash-chained audit log (:mod:`protocol.ledger`) and pins its head with Ed25519 signatures; at the
+hash-chained audit log (the ledger) and pins its head with Ed25519 signatures; at the
 end of every session both agencies hold the same receipt with both signatures. This module is
 what an inspector runs on top of that:
 
@@ -19,7 +19,7 @@ what an inspector runs on top of that:
 * :func:`check` compares the two exports: counts, transcript hashes, both signatures on every
   receipt, and coverage of both chain heads by valid checkpoints. Each finding is reported.
 
-Everything here is pure library code over a :class:`~protocol.ledger.Ledger`; the small
+Everything here is pure library code over a ledger; the small
 ``*_command`` helpers at the end are the shared bodies of the agency and authority CLIs.
 """
 
@@ -46,8 +46,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.errors import LedgerError, ProtocolError, PSIError
-from protocol.ledger import (
+from protocol.adapters.sqlite_ledger import (
     ZERO_HASH,
     Checkpoint,
     Ledger,
@@ -55,7 +54,8 @@ from protocol.ledger import (
     canonical_json,
     checkpoint_message,
 )
-from protocol.messages import RECEIPT_DOMAIN, Receipt
+from protocol.domain.messages import RECEIPT_DOMAIN, Receipt
+from protocol.errors import LedgerError, ProtocolError, PSIError
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -82,7 +82,7 @@ __all__ = [
     "write_export",
 ]
 
-log = logging.getLogger("protocol.oversight")
+log = logging.getLogger("protocol.accounting.oversight")
 
 EXPORT_FORMAT = "gated-psi/oversight-export/v1"
 RECEIPT_AUDIT_KIND = "receipt"

@@ -1,8 +1,8 @@
 """KKRT16 batched OPRF from OT extension: the second identity-tier match engine (issue 8).
 
-Sans-I/O, like ``protocol.sessions``: the Requester and the Custodian take message
+Sans-I/O, like ``protocol.sessions.core``: the Requester and the Custodian take message
 objects and return message objects; the services (or ``run_kkrt_in_process``) only move
-them.  The policy, budget, disclosure and receipt logic stays in ``protocol.sessions``;
+them.  The policy, budget, disclosure and receipt logic stays in ``protocol.sessions.core``;
 this module is the engine underneath it.
 
 Security (stated plainly)
@@ -41,7 +41,7 @@ Parameters: computational security kappa = 128, statistical security lambda = 40
   even finding *some* preimage of a 96-bit T takes ~2^96 AES calls, so the tag set does
   not reveal outputs, while disclosure can still look records up by tag.  False
   matches: < n * N * 2^-96 < 2^-54.
-* Cuckoo hashing: see ``protocol.kkrt_cuckoo`` (3 hash functions, m = ceil(1.30 n), no
+* Cuckoo hashing: see ``protocol.crypto.kkrt_cuckoo`` (3 hash functions, m = ceil(1.30 n), no
   stash, failure <= 2^-40 for every n by a first-moment bound evaluated in code).  On
   failure the requester re-hashes with keys of the next ``attempt`` (the custodian sees
   the attempt number: that one bit says a 2^-40 event happened); after ``max_attempts``
@@ -75,7 +75,7 @@ Message flow
 
 The engine does no I/O and holds no locks; one session object per protocol run.
 
-Wiring into ``protocol.sessions`` (engine ``"kkrt"``)
+Wiring into ``protocol.sessions.core`` (engine ``"kkrt"``)
 -----------------------------------------------------
 * Requester: ``KKRTRequester(element_inputs, seed_context=auth_id | session_id)``;
   ``OpenRequest.element_count = requester.units``.  After the open response: send
@@ -106,17 +106,17 @@ import numpy as np
 import rbcl
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from protocol import oprf
-from protocol.errors import InvalidElementError, ProtocolError, PSIError
-from protocol.kkrt_cuckoo import (
+from protocol.adapters.workers import process_pool
+from protocol.crypto import oprf
+from protocol.crypto.kkrt_cuckoo import (
     CUCKOO_HASHES,
     CuckooPlacement,
     candidate_bins,
     place,
     table_size,
 )
-from protocol.kkrt_matrix import ColumnPRG, cols_to_rows, rows_to_cols
-from protocol.workers import process_pool
+from protocol.crypto.kkrt_matrix import ColumnPRG, cols_to_rows, rows_to_cols
+from protocol.errors import InvalidElementError, ProtocolError, PSIError
 
 __all__ = [
     "CODE_BITS",

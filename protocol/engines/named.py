@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import rbcl
 
-from protocol import oprf
+from protocol.crypto import oprf
 from protocol.errors import InvalidElementError, ProtocolError
 
 BINDING_DST = b"gated-psi/named-binding/v1"

@@ -32,8 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocol.domain.records import DISCLOSABLE_FIELDS, MATCH_RULES, Strength
 from protocol.errors import PolicyRefusal
-from protocol.records import DISCLOSABLE_FIELDS, MATCH_RULES, Strength
 
 __all__ = [
     "AUTHORITY_KEY_ID_TAG",
@@ -926,7 +926,7 @@ def decide(
         )
 
     # 5b: a named-subject authorization is served only with a certification of the
-    # custodian's records under that authority's token key (see protocol/named.py).
+    # custodian's records under that authority's token key (see protocol/engines/named.py).
     if auth.mode is Mode.NAMED_SUBJECTS and not named_subjects_ready:
         refuse(
             Reason.MODE_NOT_PERMITTED,

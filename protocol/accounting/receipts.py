@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.domain.messages import Receipt
 from protocol.errors import ProtocolError
-from protocol.ledger import Ledger
-from protocol.messages import Receipt
 
 
 def issue_receipt(

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 
 import rbcl
 
+from protocol.adapters.workers import WorkerPool
 from protocol.errors import InvalidElementError, PSIError
-from protocol.workers import WorkerPool
 
 __all__ = [
     "CONTEXT_STRING",
@@ -247,7 +247,7 @@ def finalize_element(input: bytes, element: bytes) -> bytes:
     """The RFC 9497 Finalize hash over an element that is already unblinded.
 
     Used where the custodian multiplies a certified element ``c·H(x)`` instead
-    of hashing to the group (named-subject mode, protocol/named.py); the output
+    of hashing to the group (named-subject mode, protocol/engines/named.py); the output
     then has exactly the shape of an RFC 9497 OPRF output.
     """
     _check_input(input)

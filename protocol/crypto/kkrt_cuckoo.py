@@ -41,7 +41,7 @@ placement exists, or (to bound the work on tables far over capacity) when more t
 ``_SEARCH_LIMIT`` items; at the default load neither happens (the walk alone places
 everything, and a free bin is found within a few steps).  Items that cannot be placed
 go to the stash; beyond the stash the caller re-hashes with fresh keys (see
-``protocol.kkrt``).  Empirically (n = 1024, 2000 trials each) not one placement failed
+``protocol.crypto.kkrt``).  Empirically (n = 1024, 2000 trials each) not one placement failed
 at m/n = 1.15, 1.20, 1.25, 1.27 or 1.30; no experiment can show 2^-40, hence the bound.
 """
 

@@ -1,7 +1,7 @@
 """The authority's side: keys, drafting Authorizations, subject commitments, review summaries.
 
 The authority (a court or an oversight office) is not a service. It reviews a request offline,
-signs an :class:`~protocol.policy.Authorization` with its Ed25519 key, and hands the signed file
+signs an :class:`Authorization` with its Ed25519 key, and hands the signed file
 to the requester. This module holds the pure part of that work; ``authority_cli`` only adds
 argument parsing and file I/O on top.
 
@@ -25,17 +25,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.pki import validate_agency_id
-from protocol.policy import (
-    Authorization,
-    Mode,
-    SignedAuthorization,
-    Tier,
-    authority_key_id,
-    new_authorization_id,
-    verify_authorization_signature,
-)
-from protocol.records import (
+from protocol.cli.dev_pki import validate_agency_id
+from protocol.domain.records import (
     DISCLOSABLE_FIELDS,
     MATCH_RULES,
     PERSON_FIELDS,
@@ -48,6 +39,15 @@ from protocol.records import (
     normalize_tin,
     normalize_zip,
     split_suffix,
+)
+from protocol.policy.decide import (
+    Authorization,
+    Mode,
+    SignedAuthorization,
+    Tier,
+    authority_key_id,
+    new_authorization_id,
+    verify_authorization_signature,
 )
 
 __all__ = [

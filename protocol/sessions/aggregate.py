@@ -3,7 +3,7 @@
 The protocol is the one of Ion et al. ("On Deploying Secure Computing: Private
 Intersection-Sum-with-Cardinality", EuroS&P 2020; Google's Private Join and Compute), with
 the sum delivered to the *requester* through a one-time-pad mask.  Sans-I/O like
-``protocol.sessions``: sessions take message objects and return message objects, and the
+``protocol.sessions.core``: sessions take message objects and return message objects, and the
 allowed transitions of each role are one table (``AGGREGATE_CUSTODIAN_TRANSITIONS``,
 ``AGGREGATE_REQUESTER_TRANSITIONS``) holding only this tier's messages, so an identity-tier
 message in an aggregate session (or the reverse) is a ``ProtocolError``.
@@ -13,7 +13,7 @@ Notation: ``H`` = hash-to-group into ristretto255 with this tier's own DST
 custodian; ``V`` = the requester's distinct match keys under the session's one match rule;
 ``W`` = the custodian's distinct match keys of in-scope records, each with the value ``t``
 (the sum of the value column over the records sharing that key); ``Enc`` = Paillier under a
-fresh per-session key of the custodian (``protocol.paillier_fast``, >= 2048-bit modulus).
+fresh per-session key of the custodian (``protocol.crypto.paillier``, >= 2048-bit modulus).
 
 ::
 
@@ -101,8 +101,25 @@ import rbcl
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from phe import paillier
 
-from protocol import oprf
-from protocol import paillier_fast as pf
+from protocol.accounting.receipts import countersign, issue_receipt, store_countersignature
+from protocol.adapters.workers import WorkerPool
+from protocol.crypto import oprf
+from protocol.crypto import paillier as pf
+from protocol.domain.messages import (
+    MAX_CHUNK_ELEMENTS,
+    CloseRequest,
+    Receipt,
+    Transcript,
+    transition,
+)
+from protocol.domain.records import (
+    PERSON_FIELDS,
+    RECORD_CLASS_FIELD,
+    PersonRecord,
+    QueryRecord,
+    match_keys_bulk,
+)
+from protocol.domain.recordstore import bulk_match_keys, persons_of
 from protocol.errors import (
     InvalidElementError,
     InvalidRecordError,
@@ -111,14 +128,7 @@ from protocol.errors import (
     ProtocolError,
     PSIError,
 )
-from protocol.messages import (
-    MAX_CHUNK_ELEMENTS,
-    CloseRequest,
-    Receipt,
-    Transcript,
-    transition,
-)
-from protocol.policy import (
+from protocol.policy.decide import (
     Authorization,
     Decision,
     Mode,
@@ -129,17 +139,7 @@ from protocol.policy import (
     Tier,
     decide,
 )
-from protocol.receipts import countersign, issue_receipt, store_countersignature
-from protocol.records import (
-    PERSON_FIELDS,
-    RECORD_CLASS_FIELD,
-    PersonRecord,
-    QueryRecord,
-    match_keys_bulk,
-)
-from protocol.recordstore import bulk_match_keys, persons_of
-from protocol.sessions import INDEX_SLICE, Custodian, CustodianConfig
-from protocol.workers import WorkerPool
+from protocol.sessions.core import INDEX_SLICE, Custodian, CustodianConfig
 
 __all__ = [
     "AGGREGATE_CUSTODIAN_TRANSITIONS",
@@ -624,7 +624,7 @@ class ValueIndex:
 
 
 class AggregateCustodian:
-    """The aggregate tier on top of an identity-tier :class:`~protocol.sessions.Custodian`.
+    """The aggregate tier on top of an identity-tier :class:`~protocol.sessions.core.Custodian`.
 
     Shares its records, policy, ledger and signing key; adds value indexes and the
     aggregate ops.  ``session()`` starts one requester session.

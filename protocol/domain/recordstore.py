@@ -16,7 +16,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import TextIO, overload
 
-from protocol.records import (
+from protocol.domain.records import (
     MATCH_RULES,
     PERSON_FIELDS,
     PersonRecord,

@@ -5,12 +5,12 @@ Rules of this module, in the spirit of h11's ``_state.py``:
 1. Everything that changes a session's state lives here, and the allowed
    transitions of each role are one table (``CUSTODIAN_TRANSITIONS``,
    ``REQUESTER_TRANSITIONS``) that a reader can check at a glance.
-2. Sessions take message objects (``protocol.messages``) and return message
+2. Sessions take message objects (``protocol.domain.messages``) and return message
    objects.  They never touch a socket; the gRPC services and the in-process
    driver (``run_in_process``) only move messages between them.
 3. A message in the wrong state raises ``ProtocolError`` naming the state and
    the message; policy refusals raise ``PolicyRefusal`` with machine-readable
-   reasons from ``protocol.policy``; budget and cap violations raise
+   reasons from ``protocol.policy.decide``; budget and cap violations raise
    ``BudgetExhausted`` / ``DisclosureCapReached``.
 
 Identity tier, one session:
@@ -47,16 +47,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from protocol import oprf
-from protocol.errors import (
-    BudgetExhausted,
-    DisclosureCapReached,
-    InvalidElementError,
-    LedgerError,
-    PolicyRefusal,
-    ProtocolError,
-)
-from protocol.kkrt import (
+from protocol.accounting.receipts import countersign, issue_receipt, store_countersignature
+from protocol.adapters.sqlite_ledger import Ledger
+from protocol.crypto import oprf
+from protocol.crypto.kkrt import (
     DIGEST_SIZE,
     KKRTBaseOTReply,
     KKRTCustodian,
@@ -67,8 +61,7 @@ from protocol.kkrt import (
     digest_bytes,
     parse_proof,
 )
-from protocol.ledger import Ledger
-from protocol.messages import (
+from protocol.domain.messages import (
     DEFAULT_CHUNK,
     MAX_CHUNK_ELEMENTS,
     MAX_DISCLOSURE_BATCH,
@@ -85,8 +78,23 @@ from protocol.messages import (
     Transcript,
     transition,
 )
-from protocol.named import Certification, blind_tokens, custodian_session_key
-from protocol.policy import (
+from protocol.domain.records import MATCH_RULES, PersonRecord, QueryRecord
+from protocol.domain.recordstore import (
+    CompactRecords,
+    bulk_match_keys,
+    bulk_match_keys_digested,
+    persons_of,
+)
+from protocol.engines.named import Certification, blind_tokens, custodian_session_key
+from protocol.errors import (
+    BudgetExhausted,
+    DisclosureCapReached,
+    InvalidElementError,
+    LedgerError,
+    PolicyRefusal,
+    ProtocolError,
+)
+from protocol.policy.decide import (
     CustodianPolicy,
     Mode,
     SessionRequest,
@@ -95,14 +103,6 @@ from protocol.policy import (
     check_disclosure,
     decide,
     permitted_fields,
-)
-from protocol.receipts import countersign, issue_receipt, store_countersignature
-from protocol.records import MATCH_RULES, PersonRecord, QueryRecord
-from protocol.recordstore import (
-    CompactRecords,
-    bulk_match_keys,
-    bulk_match_keys_digested,
-    persons_of,
 )
 
 TAG_DOMAIN = b"gated-psi/tag/v1"
@@ -234,7 +234,7 @@ class CustodianConfig:
     ops: GroupOps | None = None
     tag_size: int = TAG_SIZE
     clock: Callable[[], float] = time.time
-    #: Named-subject certifications of these records, by authority key id (protocol.named).
+    #: Named-subject certifications of these records, by authority key id (protocol.engines.named).
     certifications: Mapping[str, Certification] = field(default_factory=dict)
 
 
@@ -358,7 +358,7 @@ class Custodian:
 
     def prepare_named(self, authorization_id: str, rules: Sequence[str],
                       certification: Certification, session_key: bytes) -> CustodianIndex:
-        """Tag index from certified elements ``c·H(y)`` (named-subject mode, protocol/named.py).
+        """Tag index from certified elements ``c·H(y)`` (named-subject mode).
 
         Output for record y: Finalize(y, k'_A · c·H(y)), the same shape the requester
         gets from a reviewed token.  Records excluded by policy never enter the index.

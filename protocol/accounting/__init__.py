@@ -1,0 +1,1 @@
+"""Accounting: the ledger port, audit-chain hashing, receipts, oversight checks."""

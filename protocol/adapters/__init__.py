@@ -1,0 +1,1 @@
+"""I/O at the edge: the SQLite ledger, worker pools, files."""

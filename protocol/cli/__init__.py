@@ -1,0 +1,1 @@
+"""Command-line front ends: psi-authority and the development PKI."""

@@ -1,0 +1,1 @@
+"""Domain layer: records, validation, normalization, match rules, protocol messages."""

@@ -1,0 +1,1 @@
+"""Match engines behind one interface, and their registry."""

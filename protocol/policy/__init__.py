@@ -1,0 +1,1 @@
+"""Policy layer: authorizations, custodian policy and the one decide() gate."""

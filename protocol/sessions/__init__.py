@@ -1,0 +1,1 @@
+"""The session core and the thin tiers over it (identity, aggregate)."""
