@@ -27,8 +27,11 @@ proto: install
 demo: install
 	$(PY) -m agency_a.demo --scale $(SCALE)
 
+# Style, then the layers (import-linter contracts in pyproject.toml), then types (mypy).
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 
 test: install lint
 	$(PY) -m pytest -q
@@ -41,8 +44,17 @@ bench: install
 bench-micro: install
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-enable -p no:cacheprovider
 
+# Per-rule accuracy on the headline scenario (generated into benchmarks/data, not committed).
+ACCURACY_QUERIES ?= 1280000
+ACCURACY_RECORDS ?= 1300000
+ACCURACY_SCENARIO ?= benchmarks/data/scenario-$(ACCURACY_QUERIES)x$(ACCURACY_RECORDS)
+ACCURACY_OUT ?= benchmarks/results/accuracy
+
 accuracy: $(VENV)/.installed-bench
-	$(PY) -m benchmarks.accuracy_run --queries 1280000 --records 1300000
+	$(PY) -m protocol.adapters.scenario --queries $(ACCURACY_QUERIES) \
+		--records $(ACCURACY_RECORDS) --out $(ACCURACY_SCENARIO)
+	$(PY) -m benchmarks.accuracy $(ACCURACY_SCENARIO) \
+		--markdown $(ACCURACY_OUT).md --json $(ACCURACY_OUT).json
 
 clean:
 	rm -rf $(VENV) proto/_generated .pytest_cache .ruff_cache

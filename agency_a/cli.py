@@ -18,25 +18,15 @@ from rich.table import Table
 
 from agency_a.service import RequesterService, serve
 from agency_a.store import ResultStore, generate_key_file, load_key
-from agency_b.cli import (
-    load_signing_key,
-    parse_agency_keys,
-    run_cli,
-    shut_down,
-    stop_on_signal,
-    wait_for_signal,
-    write_signing_key,
-)
 from proto import service_kit as kit
-from protocol.accounting.oversight import (
-    Checkpointer,
-    add_ledger_commands,
-    audit_verify_command,
-    export_command,
-)
+from proto.lifecycle import run_cli, shut_down, stop_on_signal, wait_for_signal
+from protocol.adapters.checkpointer import Checkpointer
+from protocol.adapters.keys import load_signing_key, parse_agency_keys, write_signing_key
+from protocol.adapters.pools import AggregatePool, BatchPool
 from protocol.adapters.sqlite_ledger import Ledger
-from protocol.crypto.oprf import BatchPool
-from protocol.sessions.aggregate import AggregatePool
+from protocol.cli.oversight import add_ledger_commands, audit_verify_command, export_command
+from protocol.domain.engine import Engine
+from protocol.engines import registry as engine_registry
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_a")
@@ -306,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fields", help="comma-separated subset of the authorized fields")
     m.add_argument("--session-id", help="resume this session id")
     m.add_argument("--tokens", help="named-subject tokens from 'psi-authority review'")
-    m.add_argument("--engine", default="oprf", choices=["oprf", "kkrt"],
+    m.add_argument("--engine", default=Engine.OPRF.value, choices=list(engine_registry.names()),
                    help="match engine: RFC 9497 OPRF (default) or KKRT OT-extension OPRF "
                         "(the authorization and the custodian policy must permit it)")
     m.add_argument("--show-refused", type=int, default=10, help="refused records to list")

@@ -1,25 +1,36 @@
 """Drive a ``RequesterSession`` against a remote Custodian service.
 
 The session decides everything; this module only moves its messages over
-gRPC.  Blinding (request thread), custodian evaluation (remote) and
-finalization (this thread) overlap because the evaluation RPC is a
-bidirectional stream; the tag stream runs in parallel on its own thread.
+gRPC.  Whatever the engine, it walks the engine's declared exchanges
+(``protocol.engines.base.Exchange``) and maps each message type to its RPC
+(``_WIRE``).  For the OPRF engine, blinding (request thread), custodian
+evaluation (remote) and finalization (this thread) overlap because the
+evaluation RPC is a bidirectional stream, and the tag stream, declared as
+overlapping, runs in parallel on its own thread.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from proto import codec
 from proto import service_kit as kit
-from protocol.crypto.kkrt import KKRTBaseOTReply, KKRTTagChunk
-from protocol.domain.messages import EvaluatedChunk, TagChunk
+from protocol.crypto.kkrt import KKRTBaseOTReply, KKRTExtensionChunk, KKRTSetup, KKRTTagChunk
+from protocol.domain.messages import (
+    DisclosureResponse,
+    EvaluateChunk,
+    EvaluatedChunk,
+    OpenResponse,
+    TagChunk,
+)
+from protocol.engines.base import Exchange, Flow
 from protocol.errors import ProtocolError
 from protocol.sessions.aggregate import (
     AggregateOpenResponse,
@@ -65,113 +76,152 @@ def run_remote_session(
     """Run one identity-tier session end to end over ``channel`` (mTLS)."""
     stub = pb2_grpc.CustodianStub(channel)
     stats = stats if stats is not None else WireStats()
-    lock = threading.Lock()
-    sid = session.session_id
 
     t0 = time.perf_counter()
-    open_pb = kit.open_request_to_pb(session.open_request())
+    open_pb = codec.to_pb(session.open_request())
     opened = stub.OpenSession(open_pb, timeout=600)
     stats.add("open", open_pb.ByteSize(), opened.ByteSize())
-    session.handle(kit.open_response_from_pb(opened))
+    session.handle(codec.from_pb(OpenResponse, opened))
     if session.custodian_key is None and opened.custodian_public_key:
         session.custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
     stats.seconds["open"] = time.perf_counter() - t0
     progress("open", 1, 1)
 
-    if session.engine == "kkrt":
-        _kkrt_exchange(session, stub, progress, stats, rpc_timeout)
-        return _finish(session, stub, progress, stats, rpc_timeout)
-
-    tag_total = opened.tag_count
-    tag_error: list[BaseException] = []
-
-    def pull_tags() -> None:
-        got = 0
-        try:
-            for pb in stub.StreamTags(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
-                with lock:
-                    session.handle(TagChunk(seq=pb.seq, tags=pb.tags))
-                stats.add("tags", 0, len(pb.tags))
-                got += len(pb.tags) // max(opened.tag_size, 1)
-                progress("tags", got, tag_total)
-        except BaseException as exc:  # re-raised in the calling thread
-            tag_error.append(exc)
-
-    t_tags = time.perf_counter()
-    tag_thread = threading.Thread(target=pull_tags, name="tags", daemon=True)
-    tag_thread.start()
-
-    total = session.element_count
-    t_eval = time.perf_counter()
-
-    def requests():  # runs on gRPC's request thread: blinding overlaps evaluation
-        for seq in range(session.chunk_count):
-            with lock:
-                chunk = session.evaluation_chunk(seq)
-            stats.add("evaluate", len(chunk.elements), 0)
-            yield pb2.ElementChunk(session_id=sid, seq=seq, elements=chunk.elements)
-
-    done = 0
-    if session.chunk_count:
-        for pb in stub.Evaluate(requests(), timeout=rpc_timeout):
-            with lock:
-                session.handle(EvaluatedChunk(seq=pb.seq, elements=pb.elements))
-            stats.add("evaluate", 0, len(pb.elements))
-            done += len(pb.elements) // 32
-            progress("evaluate", done, total)
-    stats.seconds["evaluate"] = time.perf_counter() - t_eval
-    tag_thread.join()
-    stats.seconds["tags"] = time.perf_counter() - t_tags
-    if tag_error:
-        raise tag_error[0]
-
+    _run_exchanges(session, stub, opened, progress, stats, rpc_timeout)
     return _finish(session, stub, progress, stats, rpc_timeout)
 
 
-def _kkrt_exchange(session: RequesterSession, stub: Any, progress: Progress, stats: WireStats,
-                   rpc_timeout: float) -> None:
-    """KKRT engine: base OTs, the extension matrix (streamed), then the custodian's tags."""
-    sid = session.session_id
-    t0 = time.perf_counter()
-    setup = session.kkrt_setup()
-    reply = stub.KKRTSetup(pb2.KKRTSetupMessage(
-        session_id=sid, version=setup.version, context=setup.context, bins=setup.bins,
-        stash=setup.stash, chunk_bins=setup.chunk_bins, attempt=setup.attempt,
-        base_ot_a=setup.base_ot_a), timeout=600)
-    stats.add("evaluate", len(setup.base_ot_a) + len(setup.context),
-              len(reply.base_ot_b) + len(reply.code_nonce))
-    session.handle(KKRTBaseOTReply(code_nonce=reply.code_nonce, base_ot_b=reply.base_ot_b))
-    total = session.element_count
+@dataclass(frozen=True)
+class _Wire:
+    """How one engine message type travels: the RPC it opens, and what it counts for.
 
-    def extension():
-        done = 0
-        chunks = session.kkrt_extension_chunks()
-        while True:
-            started = time.perf_counter()
-            chunk = next(chunks, None)
-            # time this side spends computing the matrix (the rest is waiting on the wire)
-            stats.seconds["evaluate_compute"] = (stats.seconds.get("evaluate_compute", 0.0)
-                                                 + time.perf_counter() - started)
-            if chunk is None:
-                return
-            stats.add("evaluate", len(chunk.columns), 0)
-            done += chunk.bins
-            progress("evaluate", done, total)
-            yield pb2.KKRTExtensionChunkMessage(session_id=sid, seq=chunk.seq,
-                                                start=chunk.start, bins=chunk.bins,
-                                                columns=chunk.columns)
+    An exchange runs on the RPC of the message type it starts with (the requester's, or
+    for a server stream the custodian's); ``proto.codec`` translates every message.
+    """
 
-    stub.KKRTExtend(extension(), timeout=rpc_timeout)
-    stats.seconds["evaluate"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    got = 0
-    for pb in stub.KKRTTags(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
-        session.handle(KKRTTagChunk(seq=pb.seq, table=pb.table, table_size=pb.table_size,
-                                    tags=pb.tags))
-        stats.add("tags", 0, len(pb.tags))
-        got += len(pb.tags) // 12
-        progress("tags", got, got)
-    stats.seconds["tags"] = time.perf_counter() - t1
+    rpc: str | None  # stub method, for the exchange's leading message type
+    payload: Callable[[Any], int]  # bytes counted in WireStats
+    units: Callable[[Any, int], int] = lambda message, tag_size: 0  # progress units
+
+
+def _tag_units(message: Any, tag_size: int) -> int:
+    return len(message.tags) // max(tag_size, 1)
+
+
+_WIRE: dict[type, _Wire] = {
+    TagChunk: _Wire("StreamTags", lambda m: len(m.tags), _tag_units),
+    EvaluateChunk: _Wire("Evaluate", lambda m: len(m.elements)),
+    EvaluatedChunk: _Wire(None, lambda m: len(m.elements), lambda m, _: len(m.elements) // 32),
+    KKRTSetup: _Wire("KKRTSetup", lambda m: len(m.base_ot_a) + len(m.context)),
+    KKRTBaseOTReply: _Wire(None, lambda m: len(m.base_ot_b) + len(m.code_nonce)),
+    KKRTExtensionChunk: _Wire("KKRTExtend", lambda m: len(m.columns), lambda m, _: m.bins),
+    KKRTTagChunk: _Wire("KKRTTags", lambda m: len(m.tags), _tag_units),
+}
+
+
+def _run_exchanges(session: RequesterSession, stub: Any, opened: Any, progress: Progress,
+                   stats: WireStats, rpc_timeout: float) -> None:
+    """Run the engine's exchanges in its declared order, whatever the engine.
+
+    An exchange that may overlap the next ones (the OPRF engine's tag stream) runs on its
+    own thread; the session is only ever touched under one lock, so blinding (gRPC's
+    request thread), finalization (this thread) and the tag stream interleave safely.
+    """
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    background: list[tuple[str, threading.Thread, float]] = []
+
+    def guarded(exchange: Exchange) -> None:
+        try:
+            _run_exchange(session, stub, exchange, opened, lock, progress, stats, rpc_timeout)
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    for exchange in session.exchanges:
+        started = time.perf_counter()
+        if exchange.overlaps_next:
+            thread = threading.Thread(target=guarded, args=(exchange,), name=exchange.phase,
+                                      daemon=True)
+            thread.start()
+            background.append((exchange.phase, thread, started))
+            continue
+        _run_exchange(session, stub, exchange, opened, lock, progress, stats, rpc_timeout)
+        stats.seconds[exchange.phase] = (stats.seconds.get(exchange.phase, 0.0)
+                                         + time.perf_counter() - started)
+    for phase, thread, started in background:
+        thread.join()
+        stats.seconds[phase] = stats.seconds.get(phase, 0.0) + time.perf_counter() - started
+    if errors:
+        raise errors[0]
+
+
+def _run_exchange(session: RequesterSession, stub: Any, exchange: Exchange, opened: Any,
+                  lock: threading.Lock, progress: Progress, stats: WireStats,
+                  rpc_timeout: float) -> None:
+    """One exchange over its RPC, in the exchange's flow."""
+    sid, phase = session.session_id, exchange.phase
+    tag_size = opened.tag_size
+    total = opened.tag_count if exchange.flow is Flow.SERVER_STREAM else session.element_count
+    done = 0
+
+    def received(pb: Any) -> None:
+        nonlocal done
+        assert exchange.replies is not None
+        wire = _WIRE[exchange.replies]
+        message: object = codec.from_pb(exchange.replies, pb)
+        with lock:
+            session.handle(message)
+        stats.add(phase, 0, wire.payload(message))
+        done += wire.units(message, tag_size)
+        progress(phase, done, total)
+
+    if exchange.flow is Flow.SERVER_STREAM:
+        assert exchange.replies is not None
+        rpc = getattr(stub, _WIRE[exchange.replies].rpc or "")
+        for pb in rpc(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
+            received(pb)
+        return
+    assert exchange.sends is not None
+    out = _WIRE[exchange.sends]
+    assert out.rpc is not None
+    rpc = getattr(stub, out.rpc)
+    pending = session.requests(exchange)
+    # requester computing time, apart from waiting on the wire (reported for client streams,
+    # where the requester's own work paces the stream)
+    compute_key = f"{phase}_compute" if exchange.flow is Flow.CLIENT_STREAM else None
+
+    def pull() -> object | None:
+        started = time.perf_counter()
+        with lock:
+            message = next(pending, None)
+        if compute_key is not None:
+            stats.seconds[compute_key] = (stats.seconds.get(compute_key, 0.0)
+                                          + time.perf_counter() - started)
+        return message
+
+    first = pull()
+    if first is None:
+        return  # nothing to send: no call at all
+
+    def outgoing() -> Iterator[Any]:  # on gRPC's request thread for streams
+        nonlocal done
+        message = first
+        while message is not None:
+            stats.add(phase, out.payload(message), 0)
+            done += out.units(message, tag_size)
+            if out.units(message, tag_size):
+                progress(phase, done, total)
+            yield codec.to_pb(message, session_id=sid)
+            message = pull()
+
+    if exchange.flow is Flow.UNARY:
+        stats.add(phase, out.payload(first), 0)
+        received(rpc(codec.to_pb(first, session_id=sid), timeout=600))
+    elif exchange.flow is Flow.CLIENT_STREAM:
+        rpc(outgoing(), timeout=rpc_timeout)
+    else:
+        for pb in rpc(outgoing(), timeout=rpc_timeout):
+            received(pb)
 
 
 def _finish(session: RequesterSession, stub: Any, progress: Progress, stats: WireStats,
@@ -188,29 +238,26 @@ def _finish(session: RequesterSession, stub: Any, progress: Progress, stats: Wir
 
     def disclosure_requests():
         for req in session.disclosure_requests():
-            pb = kit.disclosure_request_to_pb(sid, req)
+            pb = codec.to_pb(req, session_id=sid)
             stats.add("disclose", pb.ByteSize(), 0)
             yield pb
 
     if matches:
         for pb in stub.Disclose(disclosure_requests(), timeout=rpc_timeout):
             stats.add("disclose", 0, pb.ByteSize())
-            session.handle(kit.disclosure_response_from_pb(pb))
+            session.handle(codec.from_pb(DisclosureResponse, pb))
             disclosed += len(pb.disclosures) + len(pb.rejected)
             progress("disclose", disclosed, len(matches))
     stats.seconds["disclose"] = time.perf_counter() - t_disc
 
     t_close = time.perf_counter()
     close = session.close_request()
-    receipt_pb = stub.CloseSession(
-        pb2.CloseSessionRequest(session_id=sid, transcript_hash=close.transcript_hash),
-        timeout=600,
-    )
-    countersigned = session.handle(kit.receipt_from_pb(receipt_pb))
+    receipt_pb = stub.CloseSession(codec.to_pb(close, session_id=sid), timeout=600)
+    countersigned = session.handle(codec.from_pb(Receipt, receipt_pb))
     if not isinstance(countersigned, Receipt):
         raise ProtocolError("no receipt")
     if countersigned.requester_signature:
-        stub.Countersign(kit.receipt_to_pb(countersigned), timeout=600)
+        stub.Countersign(codec.to_pb(countersigned), timeout=600)
     stats.seconds["close"] = time.perf_counter() - t_close
     progress("close", 1, 1)
     return SessionOutcome(matches=session.matches, results=session.results,
@@ -231,17 +278,8 @@ def run_remote_aggregate(
     sid = session.session_id
     t0 = time.perf_counter()
     req = session.open_request()
-    opened = stub.AggregateOpen(pb2.AggregateOpenRequest(
-        session_id=req.session_id, signed_authorization=req.signed_authorization, tier=req.tier,
-        match_rule=req.match_rule, value_field=req.value_field,
-        element_count=req.element_count, engine=req.engine), timeout=600)
-    session.handle(AggregateOpenResponse(
-        session_id=opened.session_id, authorization_id=opened.authorization_id,
-        custodian_id=opened.custodian_id, tier=opened.tier, match_rule=opened.match_rule,
-        value_field=opened.value_field, element_count=opened.element_count,
-        pair_count=opened.pair_count, paillier_n=opened.paillier_n,
-        min_aggregate_count=opened.min_aggregate_count,
-        budget_remaining=opened.budget_remaining))
+    opened = stub.AggregateOpen(codec.to_pb(req), timeout=600)
+    session.handle(codec.from_pb(AggregateOpenResponse, opened))
     if session.custodian_key is None and opened.custodian_public_key:
         session.custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
     stats.seconds["open"] = time.perf_counter() - t0
@@ -256,12 +294,12 @@ def run_remote_aggregate(
             stats.add("evaluate", len(chunk.elements), 0)
             done += len(chunk.elements) // 32
             progress("evaluate", done, total)
-            yield pb2.ElementChunk(session_id=sid, seq=chunk.seq, elements=chunk.elements)
+            yield codec.to_pb(chunk, session_id=sid)
 
     stub.AggregateUpload(upload(), timeout=rpc_timeout)
     got = 0
     for pb in stub.AggregateDoubleBlinded(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
-        session.handle(DoubleBlindedChunk(seq=pb.seq, elements=pb.elements))
+        session.handle(codec.from_pb(DoubleBlindedChunk, pb))
         stats.add("evaluate", 0, len(pb.elements))
         got += len(pb.elements) // 32
         progress("evaluate", got, total)
@@ -270,8 +308,7 @@ def run_remote_aggregate(
     t2 = time.perf_counter()
     pairs_total, pairs = opened.pair_count, 0
     for pb in stub.AggregatePairs(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
-        session.handle(CustodianPairsChunk(seq=pb.seq, elements=pb.elements,
-                                           ciphertexts=pb.ciphertexts))
+        session.handle(codec.from_pb(CustodianPairsChunk, pb))
         stats.add("tags", 0, len(pb.elements) + len(pb.ciphertexts))
         pairs += len(pb.elements) // 32
         progress("tags", pairs, pairs_total)
@@ -280,23 +317,19 @@ def run_remote_aggregate(
     t3 = time.perf_counter()
     masked = session.masked_sum()
     stats.add("disclose", len(masked.ciphertext) + 8, 0)
-    reveal = stub.AggregateReveal(pb2.MaskedSumMessage(
-        session_id=sid, count=masked.count, ciphertext=masked.ciphertext), timeout=600)
-    session.handle(SumReveal(count=reveal.count, withheld=reveal.withheld,
-                             masked_sum=reveal.masked_sum, reason=reveal.reason))
+    reveal = stub.AggregateReveal(codec.to_pb(masked, session_id=sid), timeout=600)
+    session.handle(codec.from_pb(SumReveal, reveal))
     stats.add("disclose", 0, reveal.ByteSize())
     stats.seconds["disclose"] = time.perf_counter() - t3
     progress("disclose", 1, 1)
 
     close = session.close_request()
-    receipt_pb = stub.CloseSession(
-        pb2.CloseSessionRequest(session_id=sid, transcript_hash=close.transcript_hash),
-        timeout=600)
-    countersigned = session.handle(kit.receipt_from_pb(receipt_pb))
+    receipt_pb = stub.CloseSession(codec.to_pb(close, session_id=sid), timeout=600)
+    countersigned = session.handle(codec.from_pb(Receipt, receipt_pb))
     if not isinstance(countersigned, Receipt) or session.result is None:
         raise ProtocolError("aggregate session ended without a receipt or a result")
     if countersigned.requester_signature:
-        stub.Countersign(kit.receipt_to_pb(countersigned), timeout=600)
+        stub.Countersign(codec.to_pb(countersigned), timeout=600)
     progress("close", 1, 1)
     return AggregateOutcome(result=session.result, receipt=countersigned,
                             requester_stats=dict(session.stats), custodian_stats={})

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from protocol.adapters.files import open_csv
 from protocol.adapters.scenario import ScenarioSpec, generate
+from protocol.domain.engine import Engine
 from protocol.domain.records import MATCH_RULES
 from protocol.domain.recordstore import load_custodian_csv, load_query_csv
 from protocol.policy.authority import draft_authorization, private_key_from_pem
@@ -100,7 +103,7 @@ def issue_expired(work: Path) -> Path:
 
 
 def match(work: Path, auth: Path, queries: Path, ports: dict[str, int], name: str,
-          *, progress: bool = True, tokens: Path | None = None, engine: str = "oprf",
+          *, progress: bool = True, tokens: Path | None = None, engine: str = Engine.OPRF.value,
           ) -> tuple[int, dict[str, Any]]:
     summary = work / f"{name}.summary.json"
     args = ["agency_a.cli", "match", "--server", f"127.0.0.1:{ports['a']}",
@@ -156,12 +159,12 @@ def kkrt_scene(work: Path, scenario: Any, ports: dict[str, int], oprf_summary: d
                oprf_ids: set[str]) -> None:
     """The same authorized match on the OT-extension engine: same matches, less time."""
     console.rule("second match engine: KKRT OT-extension OPRF")
-    auth = issue(work, "kkrt", "--rules", RULES, "--engines", "kkrt", "--max-disclosures",
+    auth = issue(work, "kkrt", "--rules", RULES, "--engines", Engine.KKRT, "--max-disclosures",
                  str(oprf_summary["queries_submitted"]), "--max-queries",
                  str(4 * oprf_summary["elements_evaluated"]), "--valid-days", "30",
                  quiet=True)
     code, summary = match(work, auth, scenario.queries, ports, "kkrt", progress=False,
-                          engine="kkrt")
+                          engine=Engine.KKRT)
     if code != 0:
         raise DemoFailure(f"KKRT match failed: {summary}")
     ids = matched_ids_of(work, ports, summary["job_id"])
@@ -231,15 +234,18 @@ def aggregate_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
     code, summary = match(work, auth, scenario.queries, ports, "aggregate", progress=False)
     if code != 0:
         raise DemoFailure(f"aggregate match failed: {summary}")
-    accepted, _refused, _rows = load_query_csv(scenario.queries)
-    records, _r, _n = load_custodian_csv(scenario.custodian)
+    today = date.today()
+    with open_csv(scenario.queries) as fh:
+        accepted, _refused, _rows = load_query_csv(fh, today=today)
+    with open_csv(scenario.custodian) as fh:
+        records, _r, _n = load_custodian_csv(fh, today=today)
     policy = json.loads((work / "agency-b" / "policy.json").read_text())
     excluded = set(policy.get("excluded_record_classes", []))
     in_scope = [r for r in records if r.record_class not in excluded]
     rule = MATCH_RULES[NAMED_RULE]
     want_count, want_sum = plaintext_answer(
-        (rule.match_key(p) for p in accepted),
-        ((rule.match_key(r), int(r.get("tax_paid_cents") or 0)) for r in in_scope))
+        (rule.match_key(p, today=today) for p in accepted),
+        ((rule.match_key(r, today=today), int(r.get("tax_paid_cents") or 0)) for r in in_scope))
     got_count, got_sum = summary["aggregate_count"], summary["aggregate_sum"]
     console.print(f"  the requester learned: [bold]{got_count:,}[/bold] of its "
                   f"{summary['queries_accepted']:,} subjects are in the custodian's file, and "

@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 import grpc
@@ -27,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from agency_a.client import WireStats, run_remote_aggregate, run_remote_session
 from proto import service_kit as kit
-from protocol.accounting.oversight import record_receipt
+from protocol.accounting.export import record_receipt
 from protocol.adapters.sqlite_ledger import Ledger
+from protocol.domain.engine import Engine
 from protocol.domain.recordstore import load_query_csv
 from protocol.engines.named import TokenSet
 from protocol.errors import PSIError
@@ -154,7 +156,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
             data = io.BytesIO(b"".join(parts))
             parts.clear()
             stream = io.TextIOWrapper(data, encoding="utf-8-sig", newline="")
-            accepted, refused, n_rows = load_query_csv(stream)
+            accepted, refused, n_rows = load_query_csv(stream, today=date.today())
         except (UnicodeDecodeError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid_records: {exc}")
         del data, stream
@@ -212,7 +214,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 ops=self.ops, chunk_size=self.chunk_size,
                 session_id=header.session_id or None, signing_key=self.signing_key,
                 custodian_key=self.custodian_keys.get(auth.custodian_id), tokens=tokens,
-                engine=header.engine or "oprf",
+                engine=header.engine or Engine.OPRF.value,
             )
             del accepted  # the session keeps ids and match keys only
             stats = WireStats()
@@ -248,9 +250,9 @@ class RequesterService(pb2_grpc.RequesterServicer):
                 "matches_by_rule": dict(by_rule),
                 "disclosed_records": len({r.pseudonym for r in outcome.results}),
                 "disclosure_rows": len(outcome.results),
-                "custodian_records_in_scope": (session.open_response.tag_count
-                                               // max(len(session.rules), 1)
-                                               if session.open_response else 0),
+                # entries, not tags: an engine may send several tags per entry (KKRT: 3)
+                "custodian_records_in_scope": (session.custodian_entries
+                                               // max(len(session.rules), 1)),
                 "disclosures_rejected": outcome.rejected,
                 "fields_disclosed": dict(fields_disclosed),
                 "receipt": outcome.receipt.to_json(),

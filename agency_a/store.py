@@ -49,7 +49,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocol.adapters.sqlite_ledger import Ledger
+from protocol.accounting.port import AuditLog
+from protocol.adapters.sqlite import SqliteDatabase
+from protocol.crypto.encoding import encode
 from protocol.errors import PSIError
 
 __all__ = [
@@ -92,7 +93,6 @@ _KEY_CHECK_TAG = STORE_DOMAIN + b"/key-check-value"
 _SCHEMA_VERSION = 1
 _NONCE_LEN = 12
 _DAY = 86_400
-_BUSY_TIMEOUT_MS = 30_000
 _REQUIRED_ROW_KEYS = ("query_record_id", "rule_id", "pseudonym", "fields")
 _FIXED_CSV_COLUMNS = ("job_id", "row", "authorization_id", "expires_at_utc")
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -210,15 +210,10 @@ def _subkey(key: bytes, info: bytes) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def _lp(*parts: bytes) -> bytes:
-    """Length-prefix every part, so distinct tuples never encode to the same bytes."""
-    return b"".join(len(p).to_bytes(8, "big") + p for p in parts)
-
-
 def _row_ad(
     store_id: str, job_id: str, row_no: int, authorization_id: str, expires_at: float
 ) -> bytes:
-    return _lp(
+    return encode(
         _ROW_AD_TAG,
         store_id.encode(),
         job_id.encode(),
@@ -237,7 +232,7 @@ def _job_header(
     expires_at: float,
     retention_days: int,
 ) -> bytes:
-    return _lp(
+    return encode(
         _JOB_MAC_TAG,
         store_id.encode(),
         job_id.encode(),
@@ -319,7 +314,7 @@ class ResultStore:
         self,
         path: str | os.PathLike[str],
         key: bytes,
-        audit: Ledger,
+        audit: AuditLog,
         *,
         clock: Callable[[], float] = time.time,
         key_path: str | os.PathLike[str] | None = None,
@@ -331,29 +326,21 @@ class ResultStore:
             _refuse_key_beside(Path(key_path), self._path)
         self._audit = audit
         self._clock = clock
-        self._lock = threading.RLock()
         self._aead = AESGCM(_subkey(bytes(key), _ROW_AEAD_INFO))
         self._mac_key = _subkey(bytes(key), _JOB_MAC_INFO)
         check_key = _subkey(bytes(key), _KEY_CHECK_INFO)
         self._stop = threading.Event()
         self._purger: threading.Thread | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._store_id = ""
 
         _create_private(self._path)
-        conn = sqlite3.connect(
-            self._path,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
+        # The ledger's connection and transaction discipline (protocol.adapters.sqlite),
+        # with this store's pragmas: rollback journal and secure_delete.
+        self._db = SqliteDatabase(
+            self._path, configure=_configure, error=ValueError, name="result store",
+            initialize=lambda db: self._init_schema(db, check_key),
         )
-        try:
-            _configure(conn)
-            self._conn = conn
-            self._store_id = self._init_schema(check_key)
-        except BaseException:
-            self._conn = None
-            conn.close()
-            raise
+        self._lock = self._db.lock
         # Enforce retention before anything else can see lapsed data.
         self.purge_expired()
 
@@ -371,10 +358,7 @@ class ResultStore:
     def close(self) -> None:
         """Stop the purger (if any) and close the database; safe to call twice."""
         self.stop_purger()
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._db.close()
 
     def __enter__(self) -> ResultStore:
         return self
@@ -383,32 +367,17 @@ class ResultStore:
         self.close()
 
     def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise ValueError("result store is closed")
-        return self._conn
+        return self._db.connection()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE ... COMMIT``; any exception rolls everything back."""
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    def _init_schema(self, check_key: bytes) -> str:
-        with self._write() as conn:
+    def _init_schema(self, db: SqliteDatabase, check_key: bytes) -> None:
+        """Create the store's tables and identity, or check that the key opens them."""
+        with db.write() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
             meta = dict(conn.execute("SELECT key, value FROM store_meta").fetchall())
             if not meta:
                 store_id = uuid.uuid4().hex
-                check = hmac.new(check_key, _lp(_KEY_CHECK_TAG, store_id.encode()), "sha256")
+                check = hmac.new(check_key, encode(_KEY_CHECK_TAG, store_id.encode()), "sha256")
                 conn.executemany(
                     "INSERT INTO store_meta (key, value) VALUES (?, ?)",
                     [
@@ -418,7 +387,8 @@ class ResultStore:
                         ("created_at", repr(float(self._clock()))),
                     ],
                 )
-                return store_id
+                self._store_id = store_id
+                return
         if str(meta.get("schema_version")) != str(_SCHEMA_VERSION):
             raise ValueError(
                 f"result store schema version {meta.get('schema_version')!r} is not supported "
@@ -426,13 +396,13 @@ class ResultStore:
             )
         store_id = str(meta.get("store_id", ""))
         stored_check = meta.get("key_check")
-        expected = hmac.new(check_key, _lp(_KEY_CHECK_TAG, store_id.encode()), "sha256").digest()
+        expected = hmac.new(check_key, encode(_KEY_CHECK_TAG, store_id.encode()), "sha256").digest()
         if not isinstance(stored_check, bytes) or not hmac.compare_digest(stored_check, expected):
             raise ResultIntegrityError(
                 f"the key does not open result store {self._path} (wrong key, or the store's "
                 "metadata was altered)"
             )
-        return store_id
+        self._store_id = store_id
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -458,7 +428,7 @@ class ResultStore:
         if retention_days < 0:
             raise ValueError(f"retention_days must be >= 0, got {retention_days}")
         plaintexts = [_row_plaintext(row, i) for i, row in enumerate(rows)]
-        with self._write() as conn:
+        with self._db.write() as conn:
             if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone():
                 raise ValueError(f"results for job {job_id!r} are already stored")
             stored_at = float(self._clock())
@@ -665,7 +635,7 @@ class ResultStore:
         """
         when = float(self._clock()) if now is None else float(now)
         with self._lock:
-            with self._write() as conn:
+            with self._db.write() as conn:
                 lapsed = conn.execute(
                     "SELECT job_id, authorization_id, expires_at FROM jobs WHERE expires_at <= ? "
                     "ORDER BY expires_at, job_id",
@@ -698,7 +668,7 @@ class ResultStore:
         _require_text("operator", operator)
         _require_text("reason", reason)
         with self._lock:
-            with self._write() as conn:
+            with self._db.write() as conn:
                 row = conn.execute(
                     "SELECT authorization_id FROM jobs WHERE job_id = ?", (job_id,)
                 ).fetchone()
@@ -847,7 +817,6 @@ def _configure(conn: sqlite3.Connection) -> None:
         raise ValueError("this SQLite build cannot enable secure_delete")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA temp_store=MEMORY")  # VACUUM's scratch copy never touches disk
-    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
 
 def _csv_cell(value: Any) -> str:

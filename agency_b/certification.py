@@ -3,7 +3,7 @@
 The custodian blinds ``b·H(y)`` for every in-scope record and rule, the authority
 multiplies by its token key ``c`` (``psi-authority certify``), and the custodian
 removes ``b`` and keeps ``c·H(y)`` in a certification file that ``serve``
-loads with ``--certification``.  See protocol/engines/named.py for the argument.
+loads with ``--certification``.  See docs/architecture.md, Named-subject mode.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from protocol.crypto.oprf import BatchPool
+from protocol.adapters.files import open_csv, read_policy, write_certification, write_file_atomic
+from protocol.adapters.pools import BatchPool
 from protocol.domain.records import match_keys_bulk
 from protocol.domain.recordstore import load_custodian_csv
 from protocol.engines.named import (
@@ -25,15 +27,8 @@ from protocol.engines.named import (
     finish_certification,
     start_certification,
 )
-from protocol.policy.decide import CustodianPolicy
 
 PENDING_FORMAT = "gated-psi/named-certification-pending/v1"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def save_pending(pending: PendingCertification, path: Path) -> None:
@@ -41,7 +36,7 @@ def save_pending(pending: PendingCertification, path: Path) -> None:
     doc = {"format": PENDING_FORMAT, "blind": pending.blind.hex(),
            "binding_secret": pending.binding_secret.hex(), "rules": list(pending.rules),
            "record_ids": pending.record_ids, "rule_index": pending.rule_index.tolist()}
-    _write_private(path, json.dumps(doc).encode())
+    write_file_atomic(path, json.dumps(doc).encode())
 
 
 def load_pending(path: Path) -> PendingCertification:
@@ -57,11 +52,13 @@ def load_pending(path: Path) -> PendingCertification:
 
 
 def cmd_certify_request(args: argparse.Namespace) -> int:
-    policy = CustodianPolicy.load(args.policy)
-    records, refused, rows = load_custodian_csv(args.records)
+    policy = read_policy(args.policy)
+    today = date.today()
+    with open_csv(args.records) as fh:
+        records, refused, rows = load_custodian_csv(fh, today=today)
     in_scope = [r for r in records if r.record_class not in policy.excluded_record_classes]
     rules = [r for r in args.rules.split(",") if r]
-    keys = match_keys_bulk(in_scope, rules)
+    keys = match_keys_bulk(in_scope, rules, today=today)
     with BatchPool(args.workers) as pool:
         request, pending = start_certification(
             policy.custodian_id, keys, [r.record_id for r in in_scope], ops=pool)
@@ -78,7 +75,7 @@ def cmd_certify_finish(args: argparse.Namespace) -> int:
     response = CertificationResponse.from_bytes(Path(args.response).read_bytes())
     with BatchPool(args.workers) as pool:
         cert = finish_certification(pending, response, ops=pool)
-    cert.save(Path(args.out))
+    write_certification(cert, args.out)
     Path(args.state).unlink()
     print(f"certification for authority key {cert.authority_key_id}: {len(cert):,} elements "
           f"-> {args.out} (load it with serve --certification)")

@@ -3,127 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
 
 from agency_b.certification import register as register_certification
 from agency_b.service import serve
 from proto import service_kit as kit
-from protocol.accounting.oversight import (
-    Checkpointer,
-    add_ledger_commands,
-    audit_verify_command,
-    export_command,
+from proto.lifecycle import run_cli, shut_down, stop_on_signal, wait_for_signal
+from protocol.adapters.checkpointer import Checkpointer
+from protocol.adapters.files import (
+    open_csv,
+    read_certification,
+    read_policy,
+    read_secret,
+    write_secret,
 )
+from protocol.adapters.keys import load_signing_key, parse_agency_keys, write_signing_key
+from protocol.adapters.pools import AggregatePool, BatchPool
 from protocol.adapters.sqlite_ledger import Ledger
-from protocol.crypto.oprf import BatchPool
+from protocol.cli.oversight import add_ledger_commands, audit_verify_command, export_command
+from protocol.domain.engine import Engine
 from protocol.domain.recordstore import load_custodian_csv
-from protocol.engines.named import Certification
-from protocol.errors import PSIError
-from protocol.policy.decide import CustodianPolicy
-from protocol.sessions.aggregate import AggregateCustodian, AggregatePool
+from protocol.sessions.aggregate import AggregateCustodian
 from protocol.sessions.core import Custodian, CustodianConfig
 
 log = logging.getLogger("agency_b")
-
-
-def write_secret(path: Path, data: bytes, *, force: bool = False) -> None:
-    """Write a secret file with mode 0600; never silently overwrite one."""
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists (use --force to replace it)")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
-
-
-def read_secret(path: Path) -> bytes:
-    """Read a secret file, refusing one that group or others can read."""
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise PermissionError(f"{path} is readable by group/others (mode {oct(mode & 0o777)}); "
-                              "chmod 600 it")
-    return path.read_bytes()
-
-
-def write_signing_key(out: Path, stem: str, *, force: bool) -> Ed25519PrivateKey:
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    write_secret(out / f"{stem}.key", pem, force=force)
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    (out / f"{stem}.pub.json").write_text(json.dumps({"public_key": raw.hex()}) + "\n")
-    return key
-
-
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(read_secret(path), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an Ed25519 private key")
-    return key
-
-
-def load_public_key_json(path: Path) -> Ed25519PublicKey:
-    data = json.loads(path.read_text())
-    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(data["public_key"]))
-
-
-def parse_agency_keys(items: list[str]) -> dict[str, Ed25519PublicKey]:
-    """``agency=path.pub.json`` pairs -> {agency: key}."""
-    out: dict[str, Ed25519PublicKey] = {}
-    for item in items:
-        agency, sep, path = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected AGENCY=PATH, got {item!r}")
-        out[agency] = load_public_key_json(Path(path))
-    return out
-
-
-def stop_on_signal() -> threading.Event:
-    """An event set by SIGTERM/SIGINT.
-
-    Installed before the service announces its port, so a signal that arrives as soon
-    as the port is known still leads to a graceful shutdown (checkpoint, ledger close).
-    """
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
-
-
-def wait_for_signal(stop: threading.Event) -> None:
-    """Block until the event from ``stop_on_signal`` is set; graceful shutdown follows."""
-    while not stop.is_set():
-        stop.wait(0.5)
-
-
-def shut_down(logger: logging.Logger, server: Any, grace: float, checkpointer: Any,
-              pools: Sequence[Any]) -> None:
-    """Graceful stop for either agency: drain RPCs, sign the final checkpoint, stop pools."""
-    kit.log_event(logger, "stopping", grace_seconds=grace)
-    server.stop(grace).wait()
-    final = checkpointer.stop()
-    if final is not None:
-        kit.log_event(logger, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
-                      reason="shutdown")
-    for pool in pools:
-        if pool is not None:
-            pool.close()
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -140,12 +50,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     secrets = Path(args.secrets)
     master = bytes.fromhex(read_secret(secrets / "master.secret").decode().strip())
     signing_key = load_signing_key(secrets / "signing.key")
-    policy = CustodianPolicy.load(args.policy)
+    policy = read_policy(args.policy)
     t0 = time.perf_counter()
-    records, refused, rows = load_custodian_csv(args.records)
+    with open_csv(args.records) as fh:
+        records, refused, rows = load_custodian_csv(fh, today=date.today())
     certifications = {}
     for path in args.certification:
-        cert = Certification.load(Path(path))
+        cert = read_certification(path)
         certifications[cert.authority_key_id] = cert
     kit.log_event(log, "records_loaded", records=rows, usable=len(records),
                   certifications=sorted(certifications),
@@ -158,12 +69,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy=policy, records=records, ledger=ledger, master_secret=master,
         signing_key=signing_key, requester_keys=parse_agency_keys(args.requester_key),
         ops=pool, certifications=certifications,
+        new_lock=threading.Lock,  # the service serves sessions from several threads
     ))
     if args.prepare_kkrt:
         # authorization-independent KKRT key preparation, before the service reports ready
         t1 = time.perf_counter()
         rules = [r for r in args.prepare_kkrt.split(",") if r]
-        custodian.kkrt_keys(rules)
+        custodian.prepare(Engine.KKRT, rules)
         kit.log_event(log, "kkrt_prepared", rules=rules,
                       seconds=round(time.perf_counter() - t1, 2))
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
@@ -187,7 +99,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the oversight export of one authorization (see protocol.accounting.oversight)."""
+    """Write the oversight export of one authorization (see protocol.accounting.export)."""
     key = load_signing_key(Path(args.secrets) / "signing.key") if args.secrets else None
     return export_command("custodian", args.ledger, args.authorization, args.out,
                           signing_key=key, force=args.force)
@@ -232,16 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
                         location_help="the custodian's SQLite ledger", verify=cmd_audit_verify,
                         export=cmd_export)
     return p
-
-
-def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Run a subcommand; user errors print one line (no traceback) and exit 2."""
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (OSError, ValueError, KeyError, PSIError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

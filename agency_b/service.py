@@ -2,8 +2,9 @@
 
 It authenticates the caller from its mTLS certificate, finds the caller's
 session, passes messages in and replies out, and maps library errors to
-status codes.  Every decision is made by ``protocol.sessions.core`` and
-``protocol.policy.decide``.
+status codes.  Every decision is made by the sessions (``protocol.sessions``) and
+``protocol.policy.decide``.  An RPC of one tier on a session of another reaches the session,
+whose transition table refuses it with a ``ProtocolError`` (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
@@ -19,18 +20,29 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from proto import codec
 from proto import service_kit as kit
-from protocol.crypto.kkrt import KKRTExtensionChunk, KKRTSetup
-from protocol.domain.messages import CloseRequest, EvaluateChunk, TagChunk
+from protocol.crypto.kkrt import KKRTExtensionChunk, KKRTSetup, KKRTTagChunk
+from protocol.domain.engine import Engine
+from protocol.domain.messages import (
+    CloseRequest,
+    DisclosureRequest,
+    EvaluateChunk,
+    OpenRequest,
+    Receipt,
+    TagChunk,
+)
 from protocol.errors import ProtocolError, PSIError
-from protocol.sessions.aggregate import ENGINE as AGG_ENGINE
 from protocol.sessions.aggregate import (
     AggregateCustodian,
     AggregateCustodianSession,
     AggregateOpenRequest,
     BlindedChunk,
+    CustodianPairsChunk,
+    DoubleBlindedChunk,
     MaskedSum,
 )
+from protocol.sessions.base import CustodianCore
 from protocol.sessions.core import Custodian, CustodianSession
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
@@ -39,6 +51,22 @@ log = logging.getLogger("agency_b")
 SERVICE_NAME = "gatedpsi.v1.Custodian"
 #: Live sessions kept in memory; the oldest idle ones are dropped beyond this.
 MAX_LIVE_SESSIONS = 256
+
+
+def _stream(session: CustodianSession | CustodianCore, kind: type, peer: str,
+            *args: Any) -> Iterator[Any]:
+    """What ``session`` sends of ``kind``; a session of another tier refuses it (ProtocolError).
+
+    Sessions on the session core (``protocol.sessions.base``) send through ``send``, so
+    their table decides; the identity session streams through ``tag_chunks`` until it moves
+    onto the core, and has no stream of another kind.
+    """
+    if isinstance(session, CustodianCore):
+        return session.send(kind, *args, peer_id=peer)  # type: ignore[no-any-return]
+    if kind in (TagChunk, KKRTTagChunk):
+        return session.tag_chunks(*args, kind=kind)
+    raise ProtocolError(f"an identity-tier session cannot send {kind.__name__}: it is a "
+                        "message of another tier")
 
 
 @dataclass
@@ -95,10 +123,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         if self.aggregate is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "tier_not_permitted: this custodian serves no aggregate tier")
-        msg = AggregateOpenRequest(
-            session_id=request.session_id, signed_authorization=request.signed_authorization,
-            tier=request.tier, match_rule=request.match_rule, value_field=request.value_field,
-            element_count=request.element_count, engine=request.engine or AGG_ENGINE)
+        msg = codec.from_pb(AggregateOpenRequest, request)
         session = self.aggregate.session()
         try:
             reply = session.handle(msg, peer_id=peer)
@@ -108,13 +133,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         self._register(request.session_id, _Live(session, peer))
         kit.log_event(log, "aggregate_opened", peer=peer, session=request.session_id,
                       tier=reply.tier, elements=reply.element_count, pairs=reply.pair_count)
-        return pb2.AggregateOpenResponse(
-            session_id=reply.session_id, authorization_id=reply.authorization_id,
-            custodian_id=reply.custodian_id, tier=reply.tier, match_rule=reply.match_rule,
-            value_field=reply.value_field, element_count=reply.element_count,
-            pair_count=reply.pair_count, paillier_n=reply.paillier_n,
-            min_aggregate_count=reply.min_aggregate_count,
-            budget_remaining=reply.budget_remaining, custodian_public_key=self._public_key)
+        return codec.to_pb(reply, custodian_public_key=self._public_key)
 
     def AggregateUpload(self, request_iterator: Iterator[Any],
                         context: grpc.ServicerContext) -> Any:
@@ -124,7 +143,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
             live = self._live(pb.session_id, peer, context)
             try:
                 with live.lock:
-                    live.session.handle(BlindedChunk(seq=pb.seq, elements=pb.elements))
+                    live.session.handle(codec.from_pb(BlindedChunk, pb), peer_id=peer)
             except PSIError as exc:
                 self._refuse(context, exc, rpc="AggregateUpload", peer=peer)
             count += len(pb.elements) // 32
@@ -136,21 +155,19 @@ class CustodianService(pb2_grpc.CustodianServicer):
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                chunks = list(live.session.double_blinded_chunks())
+                chunks = list(_stream(live.session, DoubleBlindedChunk, peer))
         except PSIError as exc:
             self._refuse(context, exc, rpc="AggregateDoubleBlinded", peer=peer)
         for c in chunks:
-            yield pb2.ElementChunk(session_id=request.session_id, seq=c.seq, elements=c.elements)
+            yield codec.to_pb(c, session_id=request.session_id)
 
     def AggregatePairs(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         peer = kit.peer_agency(context)
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                chunks = live.session.pair_chunks()
-                for c in chunks:
-                    yield pb2.PairsChunk(seq=c.seq, elements=c.elements,
-                                         ciphertexts=c.ciphertexts)
+                for c in _stream(live.session, CustodianPairsChunk, peer):
+                    yield codec.to_pb(c)
         except PSIError as exc:
             self._refuse(context, exc, rpc="AggregatePairs", peer=peer)
 
@@ -159,30 +176,25 @@ class CustodianService(pb2_grpc.CustodianServicer):
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                reveal = live.session.handle(MaskedSum(count=request.count,
-                                                       ciphertext=request.ciphertext))
+                reveal = live.session.handle(codec.from_pb(MaskedSum, request), peer_id=peer)
         except PSIError as exc:
             self._refuse(context, exc, rpc="AggregateReveal", peer=peer)
         kit.log_event(log, "aggregate_released", peer=peer, session=request.session_id,
                       withheld=reveal.withheld, reason=reveal.reason)
-        return pb2.SumRevealMessage(count=reveal.count, withheld=reveal.withheld,
-                                    masked_sum=reveal.masked_sum, reason=reveal.reason)
+        return codec.to_pb(reveal)
 
     # -- KKRT engine ----------------------------------------------------------------
 
     def KKRTSetup(self, request: Any, context: grpc.ServicerContext) -> Any:
         peer = kit.peer_agency(context)
         live = self._live(request.session_id, peer, context)
-        msg = KKRTSetup(version=request.version, context=request.context, bins=request.bins,
-                        stash=request.stash, chunk_bins=request.chunk_bins,
-                        attempt=request.attempt, base_ot_a=request.base_ot_a)
+        msg = codec.from_pb(KKRTSetup, request)
         try:
             with live.lock:
                 reply = live.session.handle(msg)
         except PSIError as exc:
             self._refuse(context, exc, rpc="KKRTSetup", peer=peer)
-        return pb2.KKRTBaseOTReplyMessage(code_nonce=reply.code_nonce,
-                                          base_ot_b=reply.base_ot_b)
+        return codec.to_pb(reply)
 
     def KKRTExtend(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
                    ) -> Any:
@@ -190,8 +202,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         bins, busy, started = 0, 0.0, time.perf_counter()
         for pb in request_iterator:
             live = self._live(pb.session_id, peer, context)
-            chunk = KKRTExtensionChunk(seq=pb.seq, start=pb.start, bins=pb.bins,
-                                       columns=pb.columns)
+            chunk = codec.from_pb(KKRTExtensionChunk, pb)
             t = time.perf_counter()
             try:
                 with live.lock:
@@ -200,7 +211,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
                 self._refuse(context, exc, rpc="KKRTExtend", peer=peer)
             busy += time.perf_counter() - t
             bins += pb.bins
-        kit.log_event(log, "evaluated", peer=peer, engine="kkrt", bins=bins,
+        kit.log_event(log, "evaluated", peer=peer, engine=Engine.KKRT.value, bins=bins,
                       seconds=round(time.perf_counter() - started, 3),
                       compute_seconds=round(busy, 3))
         return pb2.UploadAck(elements=bins)
@@ -210,9 +221,9 @@ class CustodianService(pb2_grpc.CustodianServicer):
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                for c in live.session.kkrt_tag_chunks(request.chunk_tags or 65_536):
-                    yield pb2.KKRTTagChunkMessage(seq=c.seq, table=c.table,
-                                                  table_size=c.table_size, tags=c.tags)
+                for c in _stream(live.session, KKRTTagChunk, peer,
+                                 request.chunk_tags or 65_536):
+                    yield codec.to_pb(c)
         except PSIError as exc:
             self._refuse(context, exc, rpc="KKRTTags", peer=peer)
 
@@ -220,7 +231,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
 
     def OpenSession(self, request: Any, context: grpc.ServicerContext) -> Any:
         peer = kit.peer_agency(context)
-        msg = kit.open_request_from_pb(request)
+        msg = codec.from_pb(OpenRequest, request)
         session = self.custodian.session()
         try:
             reply = session.handle(msg, peer_id=peer)
@@ -230,7 +241,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         kit.log_event(log, "session_opened", peer=peer, session=msg.session_id,
                       authorization=reply.authorization_id, elements=reply.element_count,
                       tags=reply.tag_count, budget_remaining=reply.budget_remaining)
-        return kit.open_response_to_pb(reply, self._public_key)
+        return codec.to_pb(reply, custodian_public_key=self._public_key)
 
     def StreamTags(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         peer = kit.peer_agency(context)
@@ -239,13 +250,13 @@ class CustodianService(pb2_grpc.CustodianServicer):
         chunk_tags = max(1, min(chunk_tags, 262_144))
         try:
             with live.lock:
-                chunks: list[TagChunk] = list(live.session.tag_chunks(chunk_tags))
+                chunks = list(_stream(live.session, TagChunk, peer, chunk_tags))
         except PSIError as exc:
             self._refuse(context, exc, rpc="StreamTags", peer=peer)
         for chunk in chunks:
             if not context.is_active():
                 return
-            yield pb2.TagChunk(seq=chunk.seq, tags=chunk.tags)
+            yield codec.to_pb(chunk)
 
     def Evaluate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
                  ) -> Iterator[Any]:
@@ -255,13 +266,12 @@ class CustodianService(pb2_grpc.CustodianServicer):
             live = self._live(pb.session_id, peer, context)
             try:
                 with live.lock:
-                    reply = live.session.handle(EvaluateChunk(seq=pb.seq, elements=pb.elements))
+                    reply = live.session.handle(codec.from_pb(EvaluateChunk, pb))
             except PSIError as exc:
                 self._refuse(context, exc, rpc="Evaluate", peer=peer, session=pb.session_id,
                              seq=pb.seq)
             count += len(pb.elements) // 32
-            yield pb2.ElementChunk(session_id=pb.session_id, seq=reply.seq,
-                                   elements=reply.elements)
+            yield codec.to_pb(reply, session_id=pb.session_id)
         kit.log_event(log, "evaluated", peer=peer, elements=count)
 
     def Disclose(self, request_iterator: Iterator[Any], context: grpc.ServicerContext
@@ -271,32 +281,31 @@ class CustodianService(pb2_grpc.CustodianServicer):
             live = self._live(pb.session_id, peer, context)
             try:
                 with live.lock:
-                    reply = live.session.handle(kit.disclosure_request_from_pb(pb))
+                    reply = live.session.handle(codec.from_pb(DisclosureRequest, pb))
             except PSIError as exc:
                 self._refuse(context, exc, rpc="Disclose", peer=peer, session=pb.session_id)
             kit.log_event(log, "disclosed", peer=peer, session=pb.session_id,
                           released=len(reply.disclosures), rejected=len(reply.rejected))
-            yield kit.disclosure_response_to_pb(reply)
+            yield codec.to_pb(reply)
 
     def CloseSession(self, request: Any, context: grpc.ServicerContext) -> Any:
         peer = kit.peer_agency(context)
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                receipt = live.session.handle(
-                    CloseRequest(transcript_hash=request.transcript_hash))
+                receipt = live.session.handle(codec.from_pb(CloseRequest, request))
         except PSIError as exc:
             self._refuse(context, exc, rpc="CloseSession", peer=peer)
         kit.log_event(log, "session_closed", peer=peer, session=request.session_id,
                       evaluated=receipt.evaluated, disclosed=receipt.disclosed)
-        return kit.receipt_to_pb(receipt)
+        return codec.to_pb(receipt)
 
     def Countersign(self, request: Any, context: grpc.ServicerContext) -> Any:
         peer = kit.peer_agency(context)
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                live.session.countersign(kit.receipt_from_pb(request))
+                live.session.countersign(codec.from_pb(Receipt, request))
         except PSIError as exc:
             self._refuse(context, exc, rpc="Countersign", peer=peer)
         with self._lock:

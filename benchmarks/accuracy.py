@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from protocol.adapters.files import open_csv
 from protocol.domain.records import (
     MATCH_RULES,
     match_keys_bulk,
@@ -158,7 +159,8 @@ def measure_scenario(
     truth = _read_truth(scenario_dir / "truth.csv")
 
     # Custodian side: an index per rule; of the records themselves only the ids are kept.
-    persons = read_person_csv(scenario_dir / "custodian.csv")
+    with open_csv(scenario_dir / "custodian.csv") as fh:
+        persons = read_person_csv(fh)
     record_ids = [p.record_id for p in persons]
     indexes = {r: _KeyIndex() for r in rule_ids}
     for lo in range(0, len(persons), _BATCH):
@@ -168,7 +170,8 @@ def measure_scenario(
     del persons
 
     # Requester side: what validation refuses never reaches matching.
-    rows = read_query_csv_with_lines(scenario_dir / "queries.csv")
+    with open_csv(scenario_dir / "queries.csv") as fh:
+        rows = read_query_csv_with_lines(fh)
     refusals: dict[str, int] = {}
     accepted = []
     for line, query in rows:

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,6 +24,8 @@ from agency_a.client import WireStats, run_remote_aggregate
 from agency_b.service import serve as serve_custodian
 from benchmarks.scale import ensure_scenario, scenario_spec
 from proto import service_kit as kit
+from protocol.adapters.files import open_csv
+from protocol.adapters.pools import AggregatePool
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.domain.records import MATCH_RULES
@@ -30,7 +33,6 @@ from protocol.domain.recordstore import load_custodian_csv, load_query_csv
 from protocol.policy import decide as P
 from protocol.sessions.aggregate import (
     AggregateCustodian,
-    AggregatePool,
     AggregateRequesterSession,
     plaintext_answer,
 )
@@ -43,11 +45,15 @@ VALUE = "tax_paid_cents"
 def run_size(size: int, data_dir: Path, workers: int) -> dict[str, object]:
     files = ensure_scenario(scenario_spec(size), data_dir, Console())
     spec = scenario_spec(size)
-    records, _r, _n = load_custodian_csv(files.custodian)
-    queries, _q, _m = load_query_csv(files.queries)
+    today = date.today()
+    with open_csv(files.custodian) as fh:
+        records, _r, _n = load_custodian_csv(fh, today=today)
+    with open_csv(files.queries) as fh:
+        queries, _q, _m = load_query_csv(fh, today=today)
     rule = MATCH_RULES[RULE]
-    want = plaintext_answer((rule.match_key(q) for q in queries),
-                            ((rule.match_key(r), int(r.get(VALUE) or 0)) for r in records))
+    want = plaintext_answer(
+        (rule.match_key(q, today=today) for q in queries),
+        ((rule.match_key(r, today=today), int(r.get(VALUE) or 0)) for r in records))
     work = Path(tempfile.mkdtemp(prefix="agg-bench-"))
     write_dev_pki(work / "pki", ["agency-a", "agency-b"], server_agencies=["agency-b"])
     authority = Ed25519PrivateKey.generate()

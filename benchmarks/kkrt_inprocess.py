@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import psutil
 
+from protocol.adapters.workers import process_pool
 from protocol.crypto import kkrt
 
 
@@ -60,7 +61,7 @@ def _worker_cpu(executor: ProcessPoolExecutor | None) -> float:
 def run_once(n: int, records: int, matches: int, workers: int, chunk_bins: int,
              profile: bool) -> None:
     queries, record_keys = synthetic_keys(n, records, matches)
-    executor = kkrt.make_executor(workers) if workers > 0 else None
+    executor = process_pool(workers) if workers > 0 else None
     if executor is not None:  # start the workers before timing (forkserver start-up)
         list(executor.map(abs, range(workers * 2)))
     load_before = os.getloadavg()

@@ -17,13 +17,15 @@ import argparse
 import json
 import os
 import time
+from datetime import date
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from protocol.adapters.files import open_csv
+from protocol.adapters.pools import BatchPool
 from protocol.adapters.scenario import ScenarioFiles, ScenarioSpec, generate
 from protocol.adapters.sqlite_ledger import Ledger
-from protocol.crypto import oprf
 from protocol.domain.records import match_keys_bulk
 from protocol.domain.recordstore import load_custodian_csv, load_query_csv
 from protocol.engines import named
@@ -61,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     files = ScenarioFiles.in_dir(folder)
     if not files.manifest.exists():
         generate(spec, folder)
-    records, _refused, _rows = load_custodian_csv(files.custodian)
-    queries, _qr, _n = load_query_csv(files.queries)
+    today = date.today()
+    with open_csv(files.custodian) as fh:
+        records, _refused, _rows = load_custodian_csv(fh, today=today)
+    with open_csv(files.queries) as fh:
+        queries, _qr, _n = load_query_csv(fh, today=today)
     subjects = list(queries)[: args.subjects]
     out: dict[str, object] = {"records": len(records), "subjects": len(subjects),
                               "workers": args.workers, "load_average": os.getloadavg()}
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     authority = Ed25519PrivateKey.generate()
     kid = P.authority_key_id(authority.public_key())
     token_key = named.new_token_key()
-    with oprf.BatchPool(args.workers) as pool:
-        keys = match_keys_bulk(records, [RULE])
+    with BatchPool(args.workers) as pool:
+        keys = match_keys_bulk(records, [RULE], today=today)
         t0 = time.perf_counter()
         request, pending = named.start_certification(
             "agency-b", keys, [r.record_id for r in records], ops=pool)
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             tokens = None
             if mode is P.Mode.NAMED_SUBJECTS:
-                subject_keys = match_keys_bulk(subjects, [RULE])[RULE]
+                subject_keys = match_keys_bulk(subjects, [RULE], today=today)[RULE]
                 pairs = [(s.record_id, k) for s, k in zip(subjects, subject_keys, strict=True)
                          if k is not None]
                 buf = named.issue_tokens(token_key, cert.binding_secret,

@@ -2,7 +2,8 @@
 
 Why a separate runner and not a pytest-benchmark suite: the claim to check is about the
 whole system (two service processes, gRPC with mTLS on loopback, every worker process),
-at sizes up to the headline 1.28M queries x 1.3M records of DESIGN §9.  For each size it
+at sizes up to the headline 1.28M queries x 1.3M records (docs/architecture.md, Benchmark
+scenario).  For each size it
 
 1. generates (or reuses, from ``benchmarks/data/``) the seeded scenario;
 2. works out in plaintext which queries *should* match under the rule (the same
@@ -52,6 +53,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from protocol.adapters.files import open_csv
 from protocol.adapters.scenario import GENERATOR_VERSION, ScenarioFiles, ScenarioSpec, generate
 
 __all__ = [
@@ -92,7 +94,8 @@ SERVICE_START_TIMEOUT = 1800.0
 
 
 def scenario_spec(size: int) -> ScenarioSpec:
-    """N queries x N records, except the headline size, which is DESIGN §9's scenario."""
+    """N queries x N records, except the headline size: the scenario of docs/architecture.md,
+    Benchmark scenario."""
     if size == HEADLINE_SIZE:
         return ScenarioSpec()
     return ScenarioSpec().scaled(size, size)
@@ -363,13 +366,15 @@ def plaintext_expectation(files: ScenarioFiles, rules: Sequence[str],
     )
 
     t0 = time.perf_counter()
-    rows = read_person_csv_with_lines(files.custodian)
+    today = dt.date.today()
+    with open_csv(files.custodian) as fh:
+        rows = read_person_csv_with_lines(fh)
     n_records = len(rows)
-    persons, _refused = validate_persons(rows)
+    persons, _refused = validate_persons(rows, today=today)
     del rows
     persons = [p for p in persons if p.record_class not in excluded_classes]
     ids = [p.record_id for p in persons]
-    ckeys = match_keys_bulk(persons, list(rules))
+    ckeys = match_keys_bulk(persons, list(rules), today=today)
     del persons
     by_key: dict[bytes, list[str]] = {}
     custodian_keys: list[bytes] = []
@@ -380,13 +385,14 @@ def plaintext_expectation(files: ScenarioFiles, rules: Sequence[str],
                 by_key.setdefault(key, []).append(rid)
     del ckeys
 
-    qrows = read_query_csv_with_lines(files.queries)
+    with open_csv(files.queries) as fh:
+        qrows = read_query_csv_with_lines(fh)
     n_queries = len(qrows)
-    report = validate_queries(qrows)
+    report = validate_queries(qrows, today=today)
     del qrows
     accepted = [q.person for q in report.accepted]
     qids = [p.record_id for p in accepted]
-    qkeys = match_keys_bulk(accepted, list(rules))
+    qkeys = match_keys_bulk(accepted, list(rules), today=today)
     del accepted, report
     truth = _read_truth(files.truth)
     query_keys: list[bytes] = []
@@ -804,7 +810,7 @@ def run_benchmark(
     once, so the short KKRT runs can be repeated in the same run as a 7-minute OpenMined one.
     """
     from benchmarks import report
-    from protocol.policy.decide import CustodianPolicy
+    from protocol.adapters.files import read_policy
 
     console = console or (Console() if sys.stdout.isatty() else Console(width=150))
     if repeat < 1:
@@ -821,7 +827,7 @@ def run_benchmark(
     new_runs: list[dict[str, Any]] = []
     try:
         setup_credentials(work)
-        excluded = CustodianPolicy.load(work / "agency-b" / "policy.json").excluded_record_classes
+        excluded = read_policy(work / "agency-b" / "policy.json").excluded_record_classes
         with TreeSampler() as sampler:
             for size in sizes:
                 spec = scenario_spec(size)

@@ -1,7 +1,7 @@
-"""What both gRPC services share: codec, status mapping, mTLS, health, logs.
+"""What both gRPC services share: status mapping, mTLS, health, logs.
 
-The services are thin adapters: they translate protobuf to ``protocol.domain.messages``
-(``to_*`` / ``from_*`` here), hand them to sessions, and map library errors to
+The services are thin adapters: they translate protobuf to protocol messages
+(:mod:`proto.codec`), hand them to sessions, and map library errors to
 gRPC status codes (``abort_for``).  Nothing here decides policy.
 """
 
@@ -23,7 +23,6 @@ from grpc_reflection.v1alpha import reflection
 
 from proto import load
 from protocol.cli.dev_pki import agency_id_from_auth_context
-from protocol.domain import messages as m
 from protocol.errors import (
     BudgetExhausted,
     DisclosureCapReached,
@@ -36,6 +35,9 @@ from protocol.errors import (
 )
 from protocol.policy.decide import REFUSAL_CATEGORY, Reason
 
+# Generated at build time (proto.load): typed Any, since mypy cannot see generated classes.
+pb2: Any
+pb2_grpc: Any
 pb2, pb2_grpc = load()
 
 #: Largest message either side accepts: a 65,536-element chunk is 2 MiB; leave headroom.
@@ -93,96 +95,6 @@ def peer_agency(context: grpc.ServicerContext) -> str:
         context.abort(grpc.StatusCode.UNAUTHENTICATED,
                       "unauthenticated: no agency identity in the client certificate")
     return agency  # type: ignore[return-value]
-
-
-# ------------------------------------------------------------------ codec
-
-
-def open_request_to_pb(msg: m.OpenRequest) -> Any:
-    return pb2.OpenSessionRequest(
-        session_id=msg.session_id, signed_authorization=msg.signed_authorization,
-        tier=msg.tier, match_rules=list(msg.match_rules),
-        disclosure_fields=list(msg.disclosure_fields), element_count=msg.element_count,
-        engine=msg.engine,
-    )
-
-
-def open_request_from_pb(pb: Any) -> m.OpenRequest:
-    return m.OpenRequest(
-        session_id=pb.session_id, signed_authorization=pb.signed_authorization, tier=pb.tier,
-        match_rules=tuple(pb.match_rules), disclosure_fields=tuple(pb.disclosure_fields),
-        element_count=pb.element_count, engine=pb.engine or "oprf",
-    )
-
-
-def open_response_to_pb(msg: m.OpenResponse, custodian_public_key: bytes) -> Any:
-    return pb2.OpenSessionResponse(
-        session_id=msg.session_id, authorization_id=msg.authorization_id,
-        custodian_id=msg.custodian_id, match_rules=list(msg.match_rules),
-        disclosure_fields=list(msg.disclosure_fields), element_count=msg.element_count,
-        tag_count=msg.tag_count, tag_size=msg.tag_size, budget_remaining=msg.budget_remaining,
-        custodian_public_key=custodian_public_key,
-    )
-
-
-def open_response_from_pb(pb: Any) -> m.OpenResponse:
-    return m.OpenResponse(
-        session_id=pb.session_id, authorization_id=pb.authorization_id,
-        custodian_id=pb.custodian_id, match_rules=tuple(pb.match_rules),
-        disclosure_fields=tuple(pb.disclosure_fields), element_count=pb.element_count,
-        tag_count=pb.tag_count, tag_size=pb.tag_size, budget_remaining=pb.budget_remaining,
-    )
-
-
-def disclosure_request_to_pb(session_id: str, msg: m.DisclosureRequest) -> Any:
-    return pb2.DisclosureRequest(
-        session_id=session_id, seq=msg.seq,
-        items=[pb2.DisclosureItem(rule_id=r, output=o) for r, o in msg.outputs],
-    )
-
-
-def disclosure_request_from_pb(pb: Any) -> m.DisclosureRequest:
-    return m.DisclosureRequest(seq=pb.seq, outputs=tuple((i.rule_id, i.output) for i in pb.items))
-
-
-def disclosure_response_to_pb(msg: m.DisclosureResponse) -> Any:
-    return pb2.DisclosureResponse(
-        seq=msg.seq, rejected=list(msg.rejected),
-        disclosures=[
-            pb2.Disclosure(index=d.index, rule_id=d.rule_id, pseudonym=d.pseudonym,
-                           fields=[pb2.Field(name=k, value=v) for k, v in d.fields])
-            for d in msg.disclosures
-        ],
-    )
-
-
-def disclosure_response_from_pb(pb: Any) -> m.DisclosureResponse:
-    return m.DisclosureResponse(
-        seq=pb.seq, rejected=tuple(pb.rejected),
-        disclosures=tuple(
-            m.Disclosure(index=d.index, rule_id=d.rule_id, pseudonym=d.pseudonym,
-                         fields=tuple((f.name, f.value) for f in d.fields))
-            for d in pb.disclosures
-        ),
-    )
-
-
-def receipt_to_pb(r: m.Receipt) -> Any:
-    return pb2.ReceiptMessage(
-        authorization_id=r.authorization_id, session_id=r.session_id,
-        custodian_id=r.custodian_id, requester_id=r.requester_id, evaluated=r.evaluated,
-        disclosed=r.disclosed, transcript_hash=r.transcript_hash,
-        custodian_signature=r.custodian_signature, requester_signature=r.requester_signature,
-    )
-
-
-def receipt_from_pb(pb: Any) -> m.Receipt:
-    return m.Receipt(
-        authorization_id=pb.authorization_id, session_id=pb.session_id,
-        custodian_id=pb.custodian_id, requester_id=pb.requester_id, evaluated=pb.evaluated,
-        disclosed=pb.disclosed, transcript_hash=pb.transcript_hash,
-        custodian_signature=pb.custodian_signature, requester_signature=pb.requester_signature,
-    )
 
 
 # ------------------------------------------------------------------ TLS / servers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import rbcl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol.adapters.pools import AggregatePool
 from protocol.crypto import oprf
 from protocol.crypto import paillier as pf
 from protocol.domain.messages import (
@@ -20,6 +22,7 @@ from protocol.domain.messages import (
     EvaluatedChunk,
     OpenRequest,
     OpenResponse,
+    Receipt,
     TagChunk,
 )
 from protocol.domain.records import PersonRecord, match_keys_bulk
@@ -32,6 +35,7 @@ from protocol.errors import (
 )
 from protocol.policy import decide as P
 from protocol.sessions import aggregate as A
+from protocol.sessions.base import Send
 from protocol.sessions.core import CustodianSession, RequesterSession
 from tests.factories import World, as_query, make_person, make_world
 
@@ -103,9 +107,19 @@ def release_entries(world: World) -> list[dict]:
 def test_transition_tables_hold_only_this_tiers_messages() -> None:
     identity_types = {OpenRequest, OpenResponse, TagChunk, EvaluateChunk, EvaluatedChunk,
                       DisclosureRequest, DisclosureResponse}
-    custodian_types = {t for _, t in A.AGGREGATE_CUSTODIAN_TRANSITIONS}
-    requester_types = {t for _, t in A.AGGREGATE_REQUESTER_TRANSITIONS}
-    assert custodian_types == {A.AggregateOpenRequest, A.BlindedChunk, A.MaskedSum, CloseRequest}
+
+    def message_types(table) -> set[type]:
+        return {e.message if isinstance(e, Send) else e for _, e in table}
+
+    custodian_types = message_types(A.AGGREGATE_CUSTODIAN_TRANSITIONS)
+    requester_types = message_types(A.AGGREGATE_REQUESTER_TRANSITIONS)
+    # The tables cover both directions: what each side receives and what it sends.
+    assert {e for _, e in A.AGGREGATE_CUSTODIAN_TRANSITIONS} == {
+        A.AggregateOpenRequest, A.BlindedChunk, A.MaskedSum, CloseRequest, Receipt,
+        Send(A.DoubleBlindedChunk), Send(A.CustodianPairsChunk)}
+    # Replies (open response, sum reveal) are what a received message's handler returns.
+    replies = {A.AggregateOpenResponse, A.SumReveal}
+    assert custodian_types == requester_types - replies
     assert not identity_types & (custodian_types | requester_types)
     # MaskedSum is accepted in exactly one state: one decryption per session.
     assert [s for s, t in A.AGGREGATE_CUSTODIAN_TRANSITIONS if t is A.MaskedSum] == [
@@ -153,8 +167,8 @@ def test_count_and_sum_equal_the_plaintext_answer(
     assert outcome.result.custodian_pairs == len(set(custodian_ids))
     assert outcome.result.elements == (len(set(members)) + strangers or 1)
     # The helper that states the ideal functionality agrees.
-    q_keys = match_keys_bulk([q.person for q in queries], [RULE])[RULE]
-    c_keys = match_keys_bulk(records, [RULE])[RULE]
+    q_keys = match_keys_bulk([q.person for q in queries], [RULE], today=date.today())[RULE]
+    c_keys = match_keys_bulk(records, [RULE], today=date.today())[RULE]
     assert A.plaintext_answer(q_keys, zip(c_keys, values, strict=False)) == (
         expected_count, expected_sum)
 
@@ -227,14 +241,14 @@ def test_requester_view_has_no_per_record_linkage(tmp_path: Path) -> None:
         return rbcl.crypto_scalarmult_ristretto255(scalar, element)
 
     # A sends its distinct keys in a random order, not in query order.
-    q_keys = match_keys_bulk([q.person for q in queries], [RULE])[RULE]
+    q_keys = match_keys_bulk([q.person for q in queries], [RULE], today=date.today())[RULE]
     in_query_order = [h2g_times(a, k) for k in q_keys]
     assert sorted(split(sent)) == sorted(in_query_order) and split(sent) != in_query_order
     # B returns b * (each element A sent), as one set in a fresh order.
     expected = [rbcl.crypto_scalarmult_ristretto255(b, e) for e in split(sent)]
     assert sorted(split(returned)) == sorted(expected) and split(returned) != expected
     # B's pairs are b * H(w) for its keys, in a fresh order (not record order).
-    c_keys = match_keys_bulk(records, [RULE])[RULE]
+    c_keys = match_keys_bulk(records, [RULE], today=date.today())[RULE]
     in_record_order = [h2g_times(b, k) for k in c_keys]
     pair_elems = split(b"".join(p.elements for p in pairs))
     assert sorted(pair_elems) == sorted(in_record_order) and pair_elems != in_record_order
@@ -507,11 +521,17 @@ def test_requester_rejects_invalid_pairs(tmp_path: Path) -> None:
         with pytest.raises(InvalidElementError):
             requester._on_pairs(bad)
     assert requester.count == 0  # nothing was accepted from the bad chunks
+    requester.handle(pairs)
+    assert requester.count == 4
+    # Through handle(), a bad chunk fails the session with its reason (issue 12).
+    _, requester, _, pairs = _all_pairs_match(tmp_path / "twice")
     twice = replace(pairs, elements=pairs.elements[:32] * 2 + pairs.elements[64:])
     with pytest.raises(ProtocolError, match="same key twice"):
         requester.handle(twice)
-    requester.handle(pairs)
-    assert requester.count == 4
+    assert requester.state is A.AggregateRequesterState.FAILED
+    assert requester.failure_reason.startswith("protocol_error: custodian sent the same key")
+    with pytest.raises(ProtocolError, match="failed earlier"):
+        requester.handle(pairs)
 
 
 def test_custodian_rejects_invalid_masked_sum_without_decrypting(tmp_path: Path) -> None:
@@ -529,27 +549,44 @@ def test_custodian_rejects_invalid_masked_sum_without_decrypting(tmp_path: Path)
 
 
 def test_out_of_order_steps_are_refused(tmp_path: Path) -> None:
+    # Each step out of order fails its session (issue 12: any error -> FAILED), so every
+    # case runs on fresh sessions.
     records = [person(i, 1) for i in range(5)]
     world = world_with(tmp_path, records)
-    requester, custodian = sessions(world, authorize(world), [as_query(r) for r in records],
-                                    chunk_size=2)
-    open_both(requester, custodian)
-    with pytest.raises(ProtocolError):
+    signed = authorize(world, max_queries=100)
+
+    def fresh():
+        requester, custodian = sessions(world, signed, [as_query(r) for r in records],
+                                        chunk_size=2)
+        open_both(requester, custodian)
+        return requester, custodian
+
+    requester, _ = fresh()
+    with pytest.raises(ProtocolError, match="only 0 of 5 elements sent"):
         requester.masked_sum()
+    assert requester.state is A.AggregateRequesterState.FAILED
+
+    requester, custodian = fresh()
     chunks = list(requester.blinded_chunks())
     custodian.handle(chunks[0])
     with pytest.raises(ProtocolError, match="received"):
         custodian.double_blinded_chunks()
+    assert custodian.state is A.AggregateCustodianState.FAILED
+    assert custodian._b == b""  # the one-time secret went with the session
+
+    requester, custodian = fresh()
+    chunks = list(requester.blinded_chunks())
+    custodian.handle(chunks[0])
     pair_stream = custodian.pair_chunks(chunk_pairs=2)  # allowed early: independent of A
     first_pairs = next(pair_stream)
     with pytest.raises(ProtocolError, match="before the whole double-blinded set"):
         requester.handle(first_pairs)
     for chunk in chunks[1:]:
         custodian.handle(chunk)
-    for chunk in custodian.double_blinded_chunks():
-        requester.handle(chunk)
+    list(custodian.double_blinded_chunks())
     with pytest.raises(ProtocolError, match="before all pairs"):
         custodian.handle(A.MaskedSum(count=0, ciphertext=b""))
+    assert custodian.state is A.AggregateCustodianState.FAILED
 
 
 def test_non_integer_values_fail_before_any_budget_is_spent(tmp_path: Path) -> None:
@@ -579,7 +616,7 @@ def test_pool_gives_the_same_answer(tmp_path: Path) -> None:
     records = [person(i, 3 * i) for i in range(40)]
     world = world_with(tmp_path, records)
     queries = [as_query(r) for r in records[::2]]
-    with A.AggregatePool(workers=2, min_parallel=1) as pool:
+    with AggregatePool(workers=2, min_parallel=1) as pool:
         requester, custodian = sessions(world, authorize(world), queries, ops=pool)
         out = A.run_aggregate_in_process(requester, custodian, requester_id="agency-a")
         assert (out.result.count, out.result.sum) == (20, sum(3 * i for i in range(0, 40, 2)))

@@ -13,6 +13,7 @@ import json
 import stat
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.adapters.files import open_csv, read_policy
 from protocol.cli.authority import REFUSAL_LISTING_LIMIT, main
 from protocol.cli.dev_pki import agency_id_from_cert_pem
 from protocol.domain.records import PersonRecord, QueryMetadata, QueryRecord
@@ -40,7 +42,6 @@ from protocol.policy.authority import (
     subject_commitment,
 )
 from protocol.policy.decide import (
-    CustodianPolicy,
     Mode,
     SessionRequest,
     SignedAuthorization,
@@ -55,6 +56,7 @@ AUTHORITY = Ed25519PrivateKey.from_private_bytes(bytes([7]) * 32)
 OTHER_AUTHORITY = Ed25519PrivateKey.from_private_bytes(bytes([8]) * 32)
 T0 = 1_750_000_000
 DAY = 86_400
+TODAY = date(2025, 6, 15)  # the day of T0: the clock is injected, never read
 
 HEADER = "record_id,tin,first_name,last_name,dob,address,city,state,zip,tax_periods,statute,reason"
 GOOD_ROWS = [
@@ -274,7 +276,7 @@ def test_draft_refuses_invalid_requests(changes: dict[str, Any], message: str) -
 
 
 def test_subject_commitment_normalizes_equivalent_spellings() -> None:
-    a = subject_commitment([query("Q1")])
+    a = subject_commitment([query("Q1")], today=TODAY)
     b = subject_commitment(
         [
             query(
@@ -286,7 +288,8 @@ def test_subject_commitment_normalizes_equivalent_spellings() -> None:
                 address="12 main st.",
                 zip="62701-1234",
             )
-        ]
+        ],
+        today=TODAY,
     )
     assert a == b
     assert len(a) == 32
@@ -305,26 +308,29 @@ def test_subject_commitment_normalizes_equivalent_spellings() -> None:
     ],
 )
 def test_subject_commitment_changes_with_any_subject_field(change: dict[str, str]) -> None:
-    assert subject_commitment([query("Q1")]) != subject_commitment([query("Q1", **change)])
+    base = subject_commitment([query("Q1")], today=TODAY)
+    assert base != subject_commitment([query("Q1", **change)], today=TODAY)
 
 
 def test_subject_commitment_binds_record_id_metadata_and_membership() -> None:
-    base = subject_commitment([query("Q1"), query("Q2", tin="234-56-7890")])
-    assert base != subject_commitment([query("Q1")])
-    assert base != subject_commitment([query("Q1"), query("Q3", tin="234-56-7890")])
+    base = subject_commitment([query("Q1"), query("Q2", tin="234-56-7890")], today=TODAY)
+    assert base != subject_commitment([query("Q1")], today=TODAY)
+    assert base != subject_commitment([query("Q1"), query("Q3", tin="234-56-7890")], today=TODAY)
     other_meta = dataclasses.replace(
         query("Q1"), metadata=QueryMetadata(("2021",), "26 USC 6103(i)", "case 24-117")
     )
-    assert subject_commitment([query("Q1")]) != subject_commitment([other_meta])
+    assert subject_commitment([query("Q1")], today=TODAY) != subject_commitment(
+        [other_meta], today=TODAY
+    )
 
 
 def test_subject_commitment_refuses_empty_and_duplicate_lists() -> None:
     with pytest.raises(ValueError, match="at least one subject"):
-        subject_commitment([])
+        subject_commitment([], today=TODAY)
     with pytest.raises(ValueError, match="more than once"):
-        subject_commitment([query("Q1"), query(" Q1 ")])
+        subject_commitment([query("Q1"), query(" Q1 ")], today=TODAY)
     with pytest.raises(ValueError, match="record_id"):
-        subject_commitment([query("  ")])
+        subject_commitment([query("  ")], today=TODAY)
     assert SUBJECT_COMMITMENT_TAG.startswith(b"gated-psi/")
 
 
@@ -339,7 +345,7 @@ _name = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8)
 def test_subject_commitment_ignores_row_order(names: list[tuple[str, str]], data: Any) -> None:
     queries = [query(f"R-{rid}", last_name=last) for rid, last in names]
     shuffled = data.draw(st.permutations(queries))
-    assert subject_commitment(queries) == subject_commitment(shuffled)
+    assert subject_commitment(queries, today=TODAY) == subject_commitment(shuffled, today=TODAY)
 
 
 @settings(max_examples=60, deadline=None)
@@ -348,7 +354,7 @@ def test_subject_commitment_components_are_unambiguous(a: str, b: str) -> None:
     # Moving characters between adjacent fields must never yield the same commitment.
     left = query("Q1", first_name=a + b, last_name=b)
     right = query("Q1", first_name=a, last_name=b + b)
-    assert subject_commitment([left]) != subject_commitment([right])
+    assert subject_commitment([left], today=TODAY) != subject_commitment([right], today=TODAY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,7 +513,7 @@ def test_issued_authorization_passes_a_template_policy(
     )  # fmt: skip
     assert rc == 0, err
     assert "tin" in stdout
-    policy = CustodianPolicy.load(policy_path)
+    policy = read_policy(policy_path)
     assert "tin" in policy.never_disclose
     assert policy.min_rule_strength.name == "MEDIUM"
 
@@ -625,8 +631,9 @@ def test_issue_with_queries_lists_refusals_and_excludes_them_from_the_budget(
     assert auth.mode is Mode.BULK
     from protocol.domain.records import read_query_csv
 
-    accepted = [q for q in read_query_csv(csv_path) if q.person.record_id in {"Q1", "Q5"}]
-    assert auth.subject_commitment == subject_commitment(accepted)
+    with open_csv(csv_path) as fh:
+        accepted = [q for q in read_query_csv(fh) if q.person.record_id in {"Q1", "Q5"}]
+    assert auth.subject_commitment == subject_commitment(accepted, today=date.today())
 
 
 def test_explicit_max_queries_overrides_the_derived_budget(

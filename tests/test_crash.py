@@ -42,18 +42,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agency_a.client import run_remote_session
 from agency_b import cli as cli_b
 from proto import service_kit as kit
-from protocol.accounting.oversight import (
-    add_signed_checkpoint,
-    check,
-    custodian_export,
-    load_public_key,
-    record_receipt,
-    requester_export,
-    verify_ledger,
-)
+from protocol.accounting.export import custodian_export, record_receipt, requester_export
+from protocol.accounting.oversight import add_signed_checkpoint, check, verify_ledger
+from protocol.adapters.files import open_csv
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli import authority as authority_cli
 from protocol.cli.dev_pki import write_dev_pki
+from protocol.cli.oversight import load_public_key
 from protocol.domain.records import write_person_csv
 from protocol.errors import LedgerError, PSIError
 from protocol.policy import decide as P
@@ -193,7 +188,8 @@ def setup(tmp_path: Path):
                                "--trust", str(authority_pub), "--out", str(policy)]) == 0
     records = [make_person(i) for i in range(N_RECORDS)]
     records_csv = tmp_path / "agency-b" / "records.csv"
-    write_person_csv(records, records_csv)
+    with open_csv(records_csv, "w") as fh:
+        write_person_csv(records, fh)
     requester_key = Ed25519PrivateKey.generate()
     requester_pub = write_pub(tmp_path / "requester.pub.json", requester_key)
     now = int(time.time())

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from agency_a.client import run_remote_aggregate, run_remote_session
 from agency_b.service import serve as serve_custodian
+from proto import codec
 from proto import service_kit as kit
 from protocol.domain.records import MATCH_RULES
 from protocol.policy import decide as P
@@ -66,8 +69,8 @@ def test_count_and_sum_equal_plaintext(setup, tier) -> None:
     queries = [as_query(world.records[i]) for i in range(20, 45)]
     queries += [as_query(make_person(900 + i, prefix="z")) for i in range(10)]
     rule = MATCH_RULES["tin+dob"]
-    want = plaintext_answer((rule.match_key(q.person) for q in queries),
-                            ((rule.match_key(r), int(r.get("tax_paid_cents")))
+    want = plaintext_answer((rule.match_key(q.person, today=date.today()) for q in queries),
+                            ((rule.match_key(r, today=date.today()), int(r.get("tax_paid_cents")))
                              for r in world.records))
     session = AggregateRequesterSession(_authorize(world, tier), queries,
                                         signing_key=world.requester_key, min_key_bits=1024)
@@ -109,3 +112,55 @@ def test_tier_mismatch_refused_over_grpc(setup) -> None:
                 element_count=3, engine="oprf"), timeout=30)
         assert err2.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "tier_not_permitted" in err2.value.details()
+
+
+def test_cross_tier_rpcs_fail_precondition(setup) -> None:
+    """An RPC of one tier on a session of the other reaches the session, whose transition
+    table refuses it: FAILED_PRECONDITION with a specific message, never UNKNOWN (issue 12)."""
+    world, address, tls = setup
+    queries = [as_query(world.records[0])]
+    sessions = {
+        "identity": RequesterSession(world.authorize(), queries),
+        "aggregate": AggregateRequesterSession(_authorize(world, P.Tier.AGGREGATE), queries,
+                                               min_key_bits=1024),
+    }
+    pb2 = kit.pb2
+    with kit.secure_channel(address, tls) as ch:
+        stub = kit.pb2_grpc.CustodianStub(ch)
+        stub.OpenSession(codec.to_pb(sessions["identity"].open_request()), timeout=30)
+        stub.AggregateOpen(codec.to_pb(sessions["aggregate"].open_request()), timeout=30)
+
+        def ref(tier: str) -> Any:
+            return pb2.SessionRef(session_id=sessions[tier].session_id)
+
+        def element(tier: str) -> Any:
+            return pb2.ElementChunk(session_id=sessions[tier].session_id, seq=0,
+                                    elements=bytes(32))
+
+        calls = {  # rpc -> (call, the message it asks the session to take or send)
+            "AggregateDoubleBlinded": (
+                lambda: list(stub.AggregateDoubleBlinded(ref("identity"))), "DoubleBlindedChunk"),
+            "AggregatePairs": (
+                lambda: list(stub.AggregatePairs(ref("identity"))), "CustodianPairsChunk"),
+            "AggregateUpload": (
+                lambda: stub.AggregateUpload(iter([element("identity")])), "BlindedChunk"),
+            "AggregateReveal": (lambda: stub.AggregateReveal(pb2.MaskedSumMessage(
+                session_id=sessions["identity"].session_id, count=0, ciphertext=b"")),
+                "MaskedSum"),
+            "StreamTags": (lambda: list(stub.StreamTags(ref("aggregate"))), "TagChunk"),
+        }
+        for rpc, (call, message) in calls.items():
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, rpc
+            assert err.value.details().startswith("protocol_error: "), rpc
+            assert f"{message} is not a message of this tier" in err.value.details() or (
+                f"cannot accept {message}" in err.value.details()
+                or f"cannot send {message}" in err.value.details()), err.value.details()
+        # The aggregate session failed on that call and refuses everything after it.
+        for call in (lambda: list(stub.KKRTTags(ref("aggregate"))),
+                     lambda: list(stub.Evaluate(iter([element("aggregate")])))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "failed earlier (protocol_error: " in err.value.details()

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.adapters.workers import process_pool
 from protocol.crypto import kkrt, oprf
 from protocol.crypto.kkrt_cuckoo import (
     EXPANSION,
@@ -456,7 +457,7 @@ def test_transcript_bytes_bind_every_field() -> None:
 def test_process_pool_gives_the_same_matches() -> None:
     mine = _keys("p", range(0, 80_000, 2))  # large enough for the parallel paths
     theirs = _keys("p", range(0, 80_000, 3))
-    executor = kkrt.make_executor(2)
+    executor = process_pool(2)
     try:
         result = kkrt.run_kkrt_in_process(mine, theirs, seed_context=CTX, executor=executor)
     finally:

@@ -12,7 +12,7 @@ from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.errors import PolicyRefusal
-from protocol.sessions.core import RequesterSession, run_in_process
+from protocol.sessions.core import RequesterSession, run_exchanges, run_in_process
 from tests.factories import as_query, make_person, make_world
 
 ENGINES = frozenset({"oprf", "kkrt"})
@@ -61,11 +61,7 @@ def test_invented_kkrt_proofs_disclose_nothing(tmp_path: Path) -> None:
     cs = world.custodian().session()
     rs = RequesterSession(signed, [as_query(world.records[5])], engine="kkrt")
     rs.handle(cs.handle(rs.open_request(), peer_id="agency-a"))
-    rs.handle(cs.handle(rs.kkrt_setup()))
-    for ext in rs.kkrt_extension_chunks():
-        cs.handle(ext)
-    for tags in cs.kkrt_tag_chunks():
-        rs.handle(tags)
+    run_exchanges(rs, cs)
     (m,) = rs.match()
     forged = bytearray(m.output)
     forged[-1] ^= 1

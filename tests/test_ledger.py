@@ -27,13 +27,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.adapters.sqlite_ledger import (
+from protocol.accounting.chain import (
     ZERO_HASH,
-    Ledger,
     audit_entry_hash,
     canonical_json,
     checkpoint_message,
 )
+from protocol.adapters.sqlite import SqliteDatabase
+from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import BudgetExhausted, DisclosureCapReached, LedgerError
 from tests.helpers.ledger_crash_worker import AUTHORIZATIONS, CHECKPOINT_KEY_SEED
 
@@ -109,7 +110,7 @@ def ed25519_verifier(public: Ed25519PublicKey) -> Verifier:
 
 
 def test_sqlite_settings_and_schema_version(ledger: Ledger, db_path: Path) -> None:
-    conn = ledger._conn
+    conn = ledger._db.connection()
     assert conn is not None
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -1082,29 +1083,29 @@ def test_open_retries_while_another_process_recovers_the_file(
     """SQLite answers "database is locked" at once (no busy wait) while another process
     runs WAL recovery after a crash; opening retries instead of failing (this was the
     intermittent failure of the SIGKILL test), and gives up with a clear error."""
-    real_open = Ledger._open
+    real_open = SqliteDatabase._open
     failures = iter([True, True, False])
 
-    def flaky_open(self: Ledger) -> None:
+    def flaky_open(self: SqliteDatabase, timeout_ms: int) -> None:
         if next(failures):
             raise sqlite3.OperationalError("database is locked")
-        real_open(self)
+        real_open(self, timeout_ms)
 
-    monkeypatch.setattr(Ledger, "_open", flaky_open)
+    monkeypatch.setattr(SqliteDatabase, "_open", flaky_open)
     with Ledger(db_path) as led:
         assert led.verify_audit_chain().ok
 
-    def locked(self: Ledger) -> None:
+    def locked(self: SqliteDatabase, timeout_ms: int) -> None:
         raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr(Ledger, "_open", locked)
-    monkeypatch.setattr("protocol.adapters.sqlite_ledger._BUSY_TIMEOUT_MS", 50)
+    monkeypatch.setattr(SqliteDatabase, "_open", locked)
+    monkeypatch.setattr("protocol.adapters.sqlite.BUSY_TIMEOUT_MS", 50)
     with pytest.raises(LedgerError, match="stayed locked"):
         Ledger(db_path)
 
-    def broken(self: Ledger) -> None:
+    def broken(self: SqliteDatabase, timeout_ms: int) -> None:
         raise sqlite3.OperationalError("no such table: nonsense")
 
-    monkeypatch.setattr(Ledger, "_open", broken)
+    monkeypatch.setattr(SqliteDatabase, "_open", broken)
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         Ledger(db_path)  # not a lock: no retry, the real error

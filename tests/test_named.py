@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from datetime import date
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ import pytest
 from agency_a.client import run_remote_session
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
+from protocol.adapters.files import read_certification, write_certification
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.crypto import oprf
 from protocol.domain.records import match_keys_bulk
@@ -26,7 +28,7 @@ RULES = ("tin+dob", "tin+last_name")
 
 def certify_world(world, token_key: bytes):
     """Custodian certification under the authority's token key (once per epoch)."""
-    keys = match_keys_bulk(world.records, list(RULES))
+    keys = match_keys_bulk(world.records, list(RULES), today=date.today())
     request, pending = named.start_certification(
         "agency-b", keys, [r.record_id for r in world.records])
     kid = P.authority_key_id(world.authority.public_key())
@@ -37,7 +39,7 @@ def certify_world(world, token_key: bytes):
 def named_authorization(world, approved, cert, token_key, *, authority=None,
                         max_queries=None):
     authority = authority or world.authority
-    keys = match_keys_bulk([q.person for q in approved], list(RULES))
+    keys = match_keys_bulk([q.person for q in approved], list(RULES), today=date.today())
     entries = [(q.person.record_id, rule) for rule in RULES for q in approved]
     flat = [keys[rule][i] for rule in RULES for i in range(len(approved))]
     now = int(time.time())
@@ -81,7 +83,7 @@ def test_reviewed_subjects_match(setup) -> None:
 
 def test_authority_sees_only_pseudorandom_elements(setup) -> None:
     world, _c, request, _cert, _kid = setup
-    keys = match_keys_bulk(world.records, list(RULES))
+    keys = match_keys_bulk(world.records, list(RULES), today=date.today())
     plain = {oprf.hash_to_group(k) for rule in RULES for k in keys[rule] if k is not None}
     got = {request.elements[i:i + 32] for i in range(0, len(request.elements), 32)}
     assert len(got) == len(plain) and not (got & plain)
@@ -94,11 +96,12 @@ def test_unreviewed_subject_never_matches(setup, attack) -> None:
     approved = [as_query(world.records[i]) for i in range(10, 14)]
     intruder = as_query(world.records[30])  # in the custodian's file, not reviewed
     signed, tokens = named_authorization(world, approved, cert, c, max_queries=100)
-    key = match_keys_bulk([intruder.person], ["tin+dob"])["tin+dob"][0]
+    key = match_keys_bulk([intruder.person], ["tin+dob"], today=date.today())["tin+dob"][0]
     if attack == "raw_hash":
         forged = oprf.hash_to_group(key)
     elif attack == "other_rule":
-        other = match_keys_bulk([intruder.person], ["tin+last_name"])["tin+last_name"][0]
+        other = match_keys_bulk([intruder.person], ["tin+last_name"],
+                                today=date.today())["tin+last_name"][0]
         forged = named.issue_tokens(c, cert.binding_secret,
                                     signed.authorization.authorization_id, [other])
     elif attack == "other_authority":
@@ -143,9 +146,9 @@ def test_certification_round_trips_through_files(setup, tmp_path: Path) -> None:
     _world, _c, request, cert, _kid = setup
     again = named.CertificationRequest.from_bytes(request.to_bytes())
     assert again == request
-    cert.save(tmp_path / "cert.bin")
+    write_certification(cert, tmp_path / "cert.bin")
     assert (tmp_path / "cert.bin").stat().st_mode & 0o777 == 0o600
-    loaded = named.Certification.load(tmp_path / "cert.bin")
+    loaded = read_certification(tmp_path / "cert.bin")
     assert loaded.elements == cert.elements and loaded.record_ids == cert.record_ids
     ts = named.TokenSet("auth-x", (("q1", "tin+dob", oprf.hash_to_group(b"k")),))
     assert named.TokenSet.from_bytes(ts.to_bytes()) == ts
@@ -164,7 +167,7 @@ def test_named_mode_over_grpc(setup, tmp_path: Path) -> None:
         signed, tokens = named_authorization(world, [*approved, stranger], cert, c,
                                              max_queries=20)
         tokens[(intruder.person.record_id, "tin+dob")] = oprf.hash_to_group(
-            match_keys_bulk([intruder.person], ["tin+dob"])["tin+dob"][0])
+            match_keys_bulk([intruder.person], ["tin+dob"], today=date.today())["tin+dob"][0])
         tls = kit.TLSFiles.from_dir(tmp_path / "pki", "agency-a", "client")
         with kit.secure_channel(f"127.0.0.1:{port}", tls) as ch:
             out = run_remote_session(RequesterSession(

@@ -1,18 +1,15 @@
 """protocol.crypto.oprf against the published vectors, plus validation and property tests.
 
-Vectors are data outside the code: RFC 9497 Appendix A comes from
-shared/vectors/rfc9497.json (or $PSI_VECTORS); RFC 9380 K.3 and RFC 9496 A.2 are
-short enough to list here.
+Vectors are data outside the code: RFC 9497 Appendix A ships as tests/data/rfc9497.json
+(loaded by tests/vectors.py, never skipped); RFC 9380 K.3 and RFC 9496 A.2 are short enough
+to list here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import os
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,47 +17,19 @@ import rbcl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol.adapters.pools import AggregatePool, BatchPool
 from protocol.crypto import oprf
 from protocol.errors import InvalidElementError, PSIError
+from tests.vectors import rfc9497_suite
+from tests.vectors import split_field as _split
 
 L = oprf.GROUP_ORDER
 P = 2**255 - 19  # the ristretto255 base field prime
 
-VECTORS_PATH = Path(
-    os.environ.get("PSI_VECTORS")
-    or Path(__file__).resolve().parents[2] / "shared" / "vectors" / "rfc9497.json"
-)
-
-
-def _mode0_suite() -> dict[str, Any] | None:
-    if not VECTORS_PATH.is_file():
-        return None
-    suites = json.loads(VECTORS_PATH.read_text())
-    for suite in suites:
-        if suite["identifier"] == "ristretto255-SHA512" and suite["mode"] == oprf.MODE_OPRF:
-            return suite
-    raise AssertionError(f"{VECTORS_PATH} has no ristretto255-SHA512 mode-0 suite")
-
-
-SUITE = _mode0_suite()
-SKIP_NO_VECTORS = pytest.mark.skipif(
-    SUITE is None, reason=f"RFC 9497 vectors not found at {VECTORS_PATH} (set PSI_VECTORS)"
-)
-
-
-def _split(field: str) -> list[bytes]:
-    """A vector field holds one hex value per batch element, comma-separated."""
-    return [bytes.fromhex(part) for part in field.split(",")]
-
-
-def _vectors() -> list[Any]:
-    if SUITE is None:
-        return [pytest.param(None, marks=SKIP_NO_VECTORS)]
-    return [pytest.param(v, id=f"vector{i}") for i, v in enumerate(SUITE["vectors"])]
+SUITE = rfc9497_suite(oprf.MODE_OPRF)
 
 
 def _suite_key() -> bytes:
-    assert SUITE is not None
     sk, _ = oprf.derive_key_pair(bytes.fromhex(SUITE["seed"]), bytes.fromhex(SUITE["keyInfo"]))
     return sk
 
@@ -73,23 +42,21 @@ def _element(i: int) -> bytes:
 # --- RFC 9497 Appendix A.1.1: OPRF(ristretto255, SHA-512), mode 0 ------------------------
 
 
-@SKIP_NO_VECTORS
 def test_context_string_matches_vector_group_dst() -> None:
-    assert SUITE is not None
     assert bytes.fromhex(SUITE["groupDST"]) == b"HashToGroup-" + oprf.CONTEXT_STRING
     assert SUITE["mode"] == oprf.MODE_OPRF == 0
 
 
-@SKIP_NO_VECTORS
 def test_derive_key_pair_vector() -> None:
-    assert SUITE is not None
     sk, pk = oprf.derive_key_pair(bytes.fromhex(SUITE["seed"]), bytes.fromhex(SUITE["keyInfo"]))
     assert sk.hex() == SUITE["skSm"]
     assert pk == rbcl.crypto_scalarmult_ristretto255_base(sk)
     assert oprf.deserialize_element(pk) == pk
 
 
-@pytest.mark.parametrize("vector", _vectors())
+@pytest.mark.parametrize(
+    "vector", SUITE["vectors"], ids=[f"vector{i}" for i in range(len(SUITE["vectors"]))]
+)
 def test_protocol_vector(vector: dict[str, Any]) -> None:
     sk = _suite_key()
     inputs = _split(vector["Input"])
@@ -107,9 +74,7 @@ def test_protocol_vector(vector: dict[str, Any]) -> None:
         assert len(out) == oprf.OUTPUT_SIZE
 
 
-@SKIP_NO_VECTORS
 def test_batch_forms_match_all_vectors_at_once() -> None:
-    assert SUITE is not None
     sk = _suite_key()
     inputs: list[bytes] = []
     blinds = blinded = evaluated = b""
@@ -597,17 +562,31 @@ def test_outputs_depend_on_key_and_input() -> None:
     assert oprf.evaluate(sk1, b"x") != oprf.evaluate(sk1, b"y")
 
 
-# --- BatchPool ----------------------------------------------------------------------------
+# --- BatchPool (protocol.adapters.pools) -------------------------------------------------
+
+
+def test_batch_offset_names_the_global_index() -> None:
+    """A worker given one chunk of a batch names a bad element by its index in the batch."""
+    sk = oprf.random_scalar()
+    chunk = _element(0) + bytes(32)
+    with pytest.raises(InvalidElementError, match=r"^blinded element 101: identity element$"):
+        oprf.blind_evaluate_batch(sk, chunk, 100)
+    blinds, blinded = oprf.blind_batch([b"a", b"b"])
+    evaluated = bytearray(oprf.blind_evaluate_batch(sk, blinded))
+    evaluated[32:] = _le(1)
+    with pytest.raises(InvalidElementError, match=r"^evaluated element 8: not a canonical"):
+        oprf.finalize_batch([b"a", b"b"], blinds, bytes(evaluated), 7)
+    assert oprf.evaluate_batch(sk, [b"a"], 5) == oprf.evaluate_batch(sk, [b"a"])
 
 
 @pytest.fixture(scope="module")
 def pool() -> Any:
     # Tiny chunks so that even small batches are spread over both workers.
-    with oprf.BatchPool(workers=2, chunk_size=7, min_parallel=1) as p:
+    with BatchPool(workers=2, chunk_size=7, min_parallel=1) as p:
         yield p
 
 
-def test_pool_matches_serial_functions(pool: oprf.BatchPool) -> None:
+def test_pool_matches_serial_functions(pool: BatchPool) -> None:
     sk = oprf.random_scalar()
     inputs = [b"subject-%d" % i for i in range(40)]
     blinds, blinded = pool.blind(inputs)
@@ -626,7 +605,7 @@ def test_pool_matches_serial_functions(pool: oprf.BatchPool) -> None:
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(inputs=st.lists(st.binary(max_size=30), max_size=30), sk=keys)
-def test_pool_property_equals_serial(pool: oprf.BatchPool, inputs: list[bytes], sk: bytes) -> None:
+def test_pool_property_equals_serial(pool: BatchPool, inputs: list[bytes], sk: bytes) -> None:
     blinds, blinded = pool.blind(inputs)
     evaluated = pool.blind_evaluate(sk, blinded)
     assert evaluated == oprf.blind_evaluate_batch(sk, blinded)
@@ -634,7 +613,7 @@ def test_pool_property_equals_serial(pool: oprf.BatchPool, inputs: list[bytes], 
     assert pool.evaluate(sk, inputs) == oprf.evaluate_batch(sk, inputs)
 
 
-def test_pool_reports_global_index_of_bad_element(pool: oprf.BatchPool) -> None:
+def test_pool_reports_global_index_of_bad_element(pool: BatchPool) -> None:
     sk = oprf.random_scalar()
     elements = [_element(i) for i in range(30)]
     elements[23] = bytes(32)  # lands in the fourth chunk of 7
@@ -651,7 +630,7 @@ def test_pool_reports_global_index_of_bad_element(pool: oprf.BatchPool) -> None:
 def test_pool_with_one_worker_runs_in_process() -> None:
     sk = oprf.random_scalar()
     inputs = [b"a", b"b", b"c"]
-    with oprf.BatchPool(workers=1) as p:
+    with BatchPool(workers=1) as p:
         assert p._executor is None
         blinds, blinded = p.blind(inputs)
         evaluated = p.blind_evaluate(sk, blinded)
@@ -661,16 +640,14 @@ def test_pool_with_one_worker_runs_in_process() -> None:
 
 def test_pool_rejects_bad_configuration() -> None:
     with pytest.raises(ValueError, match="workers"):
-        oprf.BatchPool(workers=0)
+        BatchPool(workers=0)
     with pytest.raises(ValueError, match="chunk_size"):
-        oprf.BatchPool(workers=1, chunk_size=0)
+        BatchPool(workers=1, chunk_size=0)
 
 
 def test_every_pool_shares_one_lifecycle() -> None:
     """The OPRF and aggregate pools validate, start, share and stop workers the same way."""
-    from protocol.sessions.aggregate import AggregatePool
-
-    for pool_class in (oprf.BatchPool, AggregatePool):
+    for pool_class in (BatchPool, AggregatePool):
         with pytest.raises(ValueError, match="workers"):
             pool_class(workers=0)
         with pool_class(workers=1) as single:
@@ -683,7 +660,7 @@ def test_every_pool_shares_one_lifecycle() -> None:
 
 
 def test_pool_spans_cover_input_in_order() -> None:
-    p = oprf.BatchPool(workers=1)
+    p = BatchPool(workers=1)
     p._executor = object()  # type: ignore[assignment]  # only _spans is exercised
     p.workers, p.chunk_size, p.min_parallel = 2, 8192, 512
     assert p._spans(100) is None  # below min_parallel: in-process

@@ -21,21 +21,23 @@ from hypothesis import strategies as st
 
 from agency_a import cli as cli_a
 from agency_b import cli as cli_b
-from protocol.accounting.oversight import (
+from protocol.accounting.export import (
     EXPORT_FORMAT,
-    Checkpointer,
-    add_signed_checkpoint,
-    check,
     custodian_export,
-    load_public_key,
     parse_receipt_bytes,
     record_receipt,
     requester_export,
+)
+from protocol.accounting.oversight import (
+    add_signed_checkpoint,
+    check,
     signing_key_id,
     verify_ledger,
 )
+from protocol.adapters.checkpointer import Checkpointer
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli import authority as authority_cli
+from protocol.cli.oversight import load_public_key
 from protocol.crypto.oprf import blind_batch
 from protocol.domain.messages import EvaluateChunk, Receipt
 from protocol.errors import LedgerError, ProtocolError

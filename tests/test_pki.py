@@ -28,9 +28,9 @@ from protocol.cli.dev_pki import (
     create_ca,
     issue_client_cert,
     issue_server_cert,
-    validate_agency_id,
     write_dev_pki,
 )
+from protocol.domain.identity import validate_agency_id
 
 # --- helpers ---------------------------------------------------------------------------------
 

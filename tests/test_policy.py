@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 
+from protocol.adapters.files import read_policy, write_policy
 from protocol.domain.records import DISCLOSABLE_FIELDS, MATCH_RULES, Strength
 from protocol.errors import PolicyRefusal
 from protocol.policy import decide as pol
@@ -29,6 +30,8 @@ from protocol.policy.decide import (
     Tier,
     authority_key_id,
     check_disclosure,
+    check_evaluation,
+    check_message,
     decide,
     new_authorization_id,
     permitted_fields,
@@ -187,6 +190,15 @@ REASON_CASES: list[tuple[str, Reason, dict[str, Any]]] = [
         {
             "request": lambda: make_request(engine="kkrt"),
             "signed": lambda: make_signed(engines=("oprf", "kkrt")),
+        },
+    ),
+    (
+        "engine permitted but unknown to the custodian",
+        Reason.ENGINE_UNKNOWN,
+        {
+            "request": lambda: make_request(engine="plain-sha256"),
+            "signed": lambda: make_signed(engines=("oprf", "plain-sha256")),
+            "policy": lambda: make_policy(allowed_engines=frozenset({"oprf", "plain-sha256"})),
         },
     ),
     (
@@ -362,11 +374,112 @@ def test_refusals_are_collected_in_check_order() -> None:
 
 
 def test_non_identity_tier_discloses_no_fields() -> None:
-    signed = make_signed(tier=Tier.AGGREGATE)
-    request = make_request(tier=Tier.AGGREGATE, disclosure_fields=("last_name",))
+    signed = make_signed(tier=Tier.AGGREGATE, disclosure_fields=("tax_paid_cents",))
+    request = make_request(tier=Tier.AGGREGATE, disclosure_fields=("last_name",),
+                           value_field="tax_paid_cents")
     assert run(signed, request).reasons == (Reason.FIELD_NOT_PERMITTED,)
-    assert run(signed, make_request(tier=Tier.AGGREGATE, disclosure_fields=())).allowed
+    summed = make_request(tier=Tier.AGGREGATE, disclosure_fields=(), value_field="tax_paid_cents")
+    assert run(signed, summed).allowed
     assert permitted_fields(signed, make_policy()) == ()
+
+
+# --------------------------------------------------------------------------------------------
+# The tier's own checks (value field, served tiers and engines, mode), made by decide()
+# --------------------------------------------------------------------------------------------
+
+AGGREGATE_SIGNED = {"tier": Tier.AGGREGATE, "disclosure_fields": ("tax_paid_cents",)}
+
+
+@pytest.mark.parametrize(
+    ("signed", "request_changes", "options", "reason", "words"),
+    [
+        ({}, {}, {}, None, ""),
+        ({}, {"value_field": ""}, {}, Reason.MALFORMED, "needs a value field"),
+        ({}, {"value_field": "last_name"}, {}, Reason.FIELD_NOT_PERMITTED, "is a person field"),
+        ({}, {"value_field": "refund_cents"}, {}, Reason.FIELD_NOT_PERMITTED,
+         "is not named by authorization"),
+        ({"tier": Tier.CARDINALITY}, {"tier": Tier.CARDINALITY}, {},
+         Reason.FIELD_NOT_PERMITTED, "sums nothing"),
+        ({}, {}, {"served_tiers": frozenset({Tier.IDENTITY})}, Reason.TIER_NOT_PERMITTED,
+         "is not served by this session"),
+        ({}, {}, {"served_engines": frozenset({"kkrt"})}, Reason.ENGINE_NOT_PERMITTED,
+         "is not run by the aggregate session"),
+        ({"mode": Mode.NAMED_SUBJECTS, "subject_commitment": bytes(32)}, {}, {},
+         Reason.MODE_NOT_PERMITTED, "serves bulk authorizations only"),
+    ],
+)
+def test_tier_checks_are_decided_by_policy(
+    signed: dict[str, Any], request_changes: dict[str, Any], options: dict[str, Any],
+    reason: Reason | None, words: str,
+) -> None:
+    request = {"tier": Tier.AGGREGATE, "disclosure_fields": (),
+               "value_field": "tax_paid_cents", **request_changes}
+    decision = decide(make_signed(**{**AGGREGATE_SIGNED, **signed}), make_request(**request),
+                      make_policy(), now=NOW, budget_remaining=BUDGET, **options)
+    if reason is None:
+        assert decision.allowed
+        return
+    assert decision.reasons == (reason,)
+    assert words in decision.message
+
+
+def test_barred_value_column_is_never_summed() -> None:
+    decision = run(make_signed(**AGGREGATE_SIGNED),
+                   make_request(tier=Tier.AGGREGATE, disclosure_fields=(),
+                                value_field="tax_paid_cents"),
+                   make_policy(never_disclose=frozenset({"tin", "tax_paid_cents"})))
+    assert decision.reasons == (Reason.FIELD_NEVER_DISCLOSED,)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-message gate: check_message() and check_evaluation()
+# --------------------------------------------------------------------------------------------
+
+
+def test_message_gate_allows_the_owner_inside_the_window() -> None:
+    decision = check_message(make_signed(), peer_id="agency-a", now=NOW, policy=make_policy())
+    assert decision.allowed
+
+
+@pytest.mark.parametrize(
+    ("peer", "now", "window", "reasons", "words"),
+    [
+        ("agency-a", NOT_AFTER + 1, True, (Reason.EXPIRED,), "while its session was open"),
+        ("agency-a", NOT_AFTER, True, (), ""),  # inclusive, as at open
+        ("agency-a", NOT_BEFORE - 61, True, (Reason.NOT_YET_VALID,), "not valid before"),
+        ("agency-x", NOW, True, (Reason.REQUESTER_MISMATCH,), "authenticated peer is 'agency-x'"),
+        ("agency-x", NOT_AFTER + 1, True, (Reason.REQUESTER_MISMATCH, Reason.EXPIRED), ""),
+        # close and countersign account for finished work: owed after expiry, never to others
+        ("agency-a", NOT_AFTER + 1, False, (), ""),
+        ("agency-x", NOT_AFTER + 1, False, (Reason.REQUESTER_MISMATCH,), ""),
+    ],
+)
+def test_message_gate_reasons_are_specific(
+    peer: str, now: int, window: bool, reasons: tuple[Reason, ...], words: str
+) -> None:
+    decision = check_message(make_signed(), peer_id=peer, now=now, policy=make_policy(),
+                             window=window)
+    assert decision.reasons == reasons
+    assert words in decision.message
+    if reasons:
+        with pytest.raises(PolicyRefusal) as refused:
+            decision.raise_if_refused()
+        assert refused.value.reasons == tuple(r.value for r in reasons)
+
+
+def test_message_gate_refuses_a_non_finite_clock() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        check_message(make_signed(), peer_id="agency-a", now=float("nan"), policy=make_policy())
+
+
+def test_evaluation_gate_counts_against_the_reservation() -> None:
+    signed = make_signed()
+    assert check_evaluation(signed, reserved=10, evaluated=6, units=4).allowed
+    refused = check_evaluation(signed, reserved=10, evaluated=6, units=5)
+    assert refused.reasons == (Reason.BUDGET_EXHAUSTED,)
+    assert "only 4 of the 10 it reserved" in refused.message
+    with pytest.raises(ValueError, match="units"):
+        check_evaluation(signed, reserved=10, evaluated=0, units=-1)
 
 
 def test_wrong_object_types_are_malformed_not_crashes() -> None:
@@ -448,7 +561,7 @@ def test_canonical_encoding_covers_every_field_in_fixed_order() -> None:
     names = [name for name, _ in pol._CANONICAL_ENCODERS]
     assert names == [f.name for f in dataclasses.fields(Authorization)]
     raw = make_auth().canonical_bytes()
-    assert raw.startswith(len(pol.AUTHORIZATION_TAG).to_bytes(4, "big") + pol.AUTHORIZATION_TAG)
+    assert raw.startswith(len(pol.AUTHORIZATION_TAG).to_bytes(8, "big") + pol.AUTHORIZATION_TAG)
 
 
 def test_truncated_or_spliced_signature_is_bad() -> None:
@@ -831,8 +944,8 @@ def test_policy_json_and_file_round_trip(tmp_path: Any) -> None:
     doc = json.loads(json.dumps(policy.to_json()))
     assert CustodianPolicy.from_json(doc) == policy
     path = tmp_path / "policy.json"
-    policy.dump(path)
-    loaded = CustodianPolicy.load(path)
+    write_policy(policy, path)
+    loaded = read_policy(path)
     assert loaded == policy
     assert set(loaded.trusted_authorities) == {KID, SECOND_KID}
     assert list(tmp_path.iterdir()) == [path]  # no temp files left behind

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol.adapters.files import open_csv
 from protocol.domain.records import (
     DISCLOSABLE_FIELDS,
     MATCH_KEY_DST,
@@ -455,10 +456,14 @@ def test_impossible_dob_details_say_why() -> None:
     assert "format" in details["soon"]
 
 
-def test_future_dob_uses_today() -> None:
-    tomorrow = date.today() + timedelta(days=1)
-    assert normalize_dob(tomorrow.isoformat()) is None
-    assert normalize_dob(date.today().isoformat()) == date.today().isoformat()
+def test_future_dob_is_judged_against_the_given_today() -> None:
+    """The clock is injected: the answer depends on ``today``, never on the system date."""
+    tomorrow = TODAY + timedelta(days=1)
+    assert normalize_dob(tomorrow.isoformat(), today=TODAY) is None
+    assert normalize_dob(tomorrow.isoformat(), today=tomorrow) == tomorrow.isoformat()
+    assert normalize_dob(TODAY.isoformat(), today=TODAY) == TODAY.isoformat()
+    with pytest.raises(TypeError, match="today"):
+        normalize_dob(TODAY.isoformat())  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(
@@ -614,16 +619,17 @@ def test_get_rule_unknown_is_value_error_not_key_error() -> None:
 
 def test_match_key_exact_encoding() -> None:
     key = MATCH_RULES["first+last+address"].match_key(GOOD_PERSON, today=TODAY)
+    def lp(n: int, text: bytes) -> bytes:
+        return n.to_bytes(8, "big") + text
+
     expected = (
-        b"gated-psi/match-key/v1"
-        + bytes([18])
-        + b"first+last+address"
-        + b"\x00\x04jose"
-        + b"\x00\x06obrien"
-        + b"\x00\x02jr"
-        + b"\x00\x18"
-        + b"1600 pennsylvania ave nw"
-        + b"\x00\x0520500"
+        lp(22, b"gated-psi/match-key/v2")
+        + lp(18, b"first+last+address")
+        + lp(4, b"jose")
+        + lp(6, b"obrien")
+        + lp(2, b"jr")
+        + lp(24, b"1600 pennsylvania ave nw")
+        + lp(5, b"20500")
     )
     assert key == expected
     assert decode_match_key(expected) == (
@@ -712,7 +718,7 @@ component_tuples = st.lists(st.text(max_size=12), max_size=5).map(tuple)
 @given(rule_ids, component_tuples)
 def test_match_key_encoding_round_trips(rule_id: str, comps: tuple[str, ...]) -> None:
     key = encode_match_key(rule_id, comps)
-    assert key.startswith(MATCH_KEY_DST)
+    assert key.startswith(len(MATCH_KEY_DST).to_bytes(8, "big") + MATCH_KEY_DST)
     assert decode_match_key(key) == (rule_id, comps)
 
 
@@ -788,7 +794,7 @@ def test_bulk_equals_per_record(records: list[PersonRecord]) -> None:
 
 def test_bulk_rejects_unknown_rule_and_keeps_order() -> None:
     with pytest.raises(ValueError):
-        match_keys_bulk([GOOD_PERSON], ["nope"])
+        match_keys_bulk([GOOD_PERSON], ["nope"], today=TODAY)
     other = replace(GOOD_PERSON, first_name="Ana")
     out = match_keys_bulk([GOOD_PERSON, other, GOOD_PERSON], ["first+last+address"], today=TODAY)
     keys = out["first+last+address"]
@@ -880,14 +886,18 @@ def test_person_csv_optional_class_and_extras(tmp_path) -> None:  # type: ignore
     )
     path = tmp_path / "people.csv"
     path.write_text("\ufeff" + text, encoding="utf-8")  # a BOM from spreadsheet exports
-    (p,) = read_person_csv(path)
+    with open_csv(path) as fh:
+        (p,) = read_person_csv(fh)
     assert p.record_id == "B-1" and p.zip == "20500"
     assert p.record_class == "protected"
     assert p.extra == (("tax_paid_cents", "100"),)
     out = tmp_path / "out.csv"
-    write_person_csv([p], out)
-    assert read_person_csv(str(out)) == [p]
-    assert read_person_csv_with_lines(out) == [(2, p)]
+    with open_csv(out, "w") as fh:
+        write_person_csv([p], fh)
+    with open_csv(out) as fh:
+        assert read_person_csv(fh) == [p]
+    with open_csv(out) as fh:
+        assert read_person_csv_with_lines(fh) == [(2, p)]
 
 
 @pytest.mark.parametrize(

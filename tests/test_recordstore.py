@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
+from datetime import date
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from protocol.domain.recordstore import (
 )
 from tests.factories import make_person
 
+TODAY = date(2025, 6, 15)  # the clock is injected, never read
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x1f"),
                max_size=12)
 
@@ -57,8 +59,8 @@ def test_loader_refuses_like_validate_persons() -> None:
     people[7] = replace(people[7], dob="2023-02-30")  # impossible date
     people[12] = replace(people[12], record_id=people[11].record_id)  # duplicate id
     people.append(replace(make_person(40), record_id=people[20].record_id))  # another duplicate
-    store, refused, rows = load_custodian_csv(_csv(people))
-    expected_kept, expected_refused = validate_persons(enumerate(people, 2))
+    store, refused, rows = load_custodian_csv(_csv(people), today=TODAY)
+    expected_kept, expected_refused = validate_persons(enumerate(people, 2), today=TODAY)
     assert rows == len(people)
     assert list(store) == expected_kept
     assert {(r.record_id, r.code) for r in refused} == {
@@ -79,8 +81,8 @@ def test_query_loader_matches_validate_queries() -> None:
     buf.seek(0)
     from protocol.domain.recordstore import load_query_csv
 
-    store, refused, rows = load_query_csv(buf)
-    report = validate_queries(enumerate(queries, 2))
+    store, refused, rows = load_query_csv(buf, today=TODAY)
+    report = validate_queries(enumerate(queries, 2), today=TODAY)
     assert rows == 20
     assert list(store) == [q.person for q in report.accepted]
     assert {(r.record_id, r.code) for r in refused} == {
@@ -113,22 +115,22 @@ def test_bulk_match_keys_from_packed_storage_equals_the_record_path() -> None:
     people = _varied_people(2 * KEY_JOB_RECORDS + 123)
     store = CompactRecords.of(people)
     rules = list(MATCH_RULES)
-    want = match_keys_bulk(people, rules)
+    want = match_keys_bulk(people, rules, today=TODAY)
     assert sum(k is None for k in want["tin+dob"]) > 0  # the bad dates really drop out
-    assert bulk_match_keys(store, rules) == want
-    assert bulk_match_keys(people, rules) == want
+    assert bulk_match_keys(store, rules, today=TODAY) == want
+    assert bulk_match_keys(people, rules, today=TODAY) == want
     positions = list(range(len(people) - 1, -1, -3))
-    picked = match_keys_bulk([people[i] for i in positions], rules)
-    assert bulk_match_keys(store, rules, positions=positions) == picked
-    assert bulk_match_keys(people, rules, positions=positions) == picked
+    picked = match_keys_bulk([people[i] for i in positions], rules, today=TODAY)
+    assert bulk_match_keys(store, rules, positions=positions, today=TODAY) == picked
+    assert bulk_match_keys(people, rules, positions=positions, today=TODAY) == picked
     with ProcessPoolExecutor(max_workers=2) as pool:
-        assert bulk_match_keys(store, rules, executor=pool) == want
+        assert bulk_match_keys(store, rules, executor=pool, today=TODAY) == want
         # the KKRT requester's keys and their digests, from the same worker jobs
         for source in (store, people):
             keys, digests = bulk_match_keys_digested(source, rules, digest_bytes,
-                                                     executor=pool)
+                                                     executor=pool, today=TODAY)
             assert keys == want
             assert digests == {r: digest_bytes([k for k in want[r] if k is not None])
                                for r in rules}
         assert bulk_match_keys(store, ["tin+dob"], positions=positions,
-                               executor=pool) == {"tin+dob": picked["tin+dob"]}
+                               executor=pool, today=TODAY) == {"tin+dob": picked["tin+dob"]}

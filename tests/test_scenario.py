@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 from collections import Counter
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,13 @@ from hypothesis import strategies as st
 
 from benchmarks import accuracy
 from protocol.adapters import scenario
+from protocol.adapters.files import open_csv
 from protocol.adapters.scenario import PLACEHOLDER_ADDRESSES, ScenarioSpec, generate
 from protocol.domain import records
 
 SMALL = ScenarioSpec().scaled(4_000, 4_000)
 DEMO = ScenarioSpec().scaled(20_000, 20_000)
+TODAY = date(2025, 6, 15)  # after the generator's reference date; the clock is injected
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -137,7 +140,8 @@ def test_truth_pairs_are_the_same_person(small: scenario.ScenarioFiles) -> None:
         if q["tin"]:
             with_tin += 1
             same_tin += records.normalize_tin(q["tin"]) == c["tin"]
-        same_dob += records.normalize_dob(q["dob"]) == records.normalize_dob(c["dob"])
+        same_dob += (records.normalize_dob(q["dob"], today=TODAY)
+                     == records.normalize_dob(c["dob"], today=TODAY))
         same_name += (records.normalize_name(q["first_name"])
                       == records.normalize_name(c["first_name"]))
     n = SMALL.true_matches
@@ -189,12 +193,13 @@ def test_noise_rates_are_near_the_spec(demo: scenario.ScenarioFiles) -> None:
     assert abs(zip_only - DEMO.zip_only_rate) < 0.004
     assert abs(no_tin - DEMO.missing_tin_rate) < 0.008
     assert abs(us_dob - DEMO.dob_format_rate) < 0.012
-    assert all(records.normalize_dob(q["dob"]) is not None for q in queries)
+    assert all(records.normalize_dob(q["dob"], today=TODAY) is not None for q in queries)
 
 
 def test_validation_refuses_placeholders_and_zip_only(small: scenario.ScenarioFiles) -> None:
-    rows = records.read_query_csv_with_lines(small.queries)
-    report = records.validate_queries(rows)
+    with open_csv(small.queries) as fh:
+        rows = records.read_query_csv_with_lines(fh)
+    report = records.validate_queries(rows, today=TODAY)
     counts = report.counts_by_reason()
     by_address = Counter(
         q.person.address for _, q in rows if q.person.address in PLACEHOLDER_ADDRESSES
@@ -234,9 +239,11 @@ def test_files_round_trip_through_protocol_records(tmp_path: Path) -> None:
     spec = dataclasses.replace(ScenarioSpec().scaled(1_000, 1_000), protected_rate=0.05)
     files = generate(spec, tmp_path)
     buf = io.StringIO(newline="")
-    records.write_query_csv(records.read_query_csv(files.queries), buf)
+    with open_csv(files.queries) as fh:
+        records.write_query_csv(records.read_query_csv(fh), buf)
     assert buf.getvalue().encode() == files.queries.read_bytes()
-    persons = records.read_person_csv(files.custodian)
+    with open_csv(files.custodian) as fh:
+        persons = records.read_person_csv(fh)
     assert persons[0].get("tax_paid_cents").isdigit()
     buf = io.StringIO(newline="")
     records.write_person_csv(persons, buf)
@@ -302,7 +309,7 @@ def test_dob_typos_stay_real_dates_and_differ() -> None:
     wrong = scenario._dob_typos(rng, dob)
     assert (wrong != dob).all()
     text = scenario._dob_text(wrong, np.zeros(dob.size, dtype=bool))
-    assert all(records.normalize_dob(bytes(t).decode()) for t in text)
+    assert all(records.normalize_dob(bytes(t).decode(), today=TODAY) for t in text)
 
 
 # --------------------------------------------------------------------------- accuracy

@@ -1,4 +1,6 @@
-"""Session state machines driven in one process (DESIGN §4), no network."""
+"""Session state machines driven in one process (docs/architecture.md, Identity tier).
+
+No network."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from protocol.sessions.core import (
     CUSTODIAN_TRANSITIONS,
     REQUESTER_TRANSITIONS,
     RequesterSession,
+    run_exchanges,
     run_in_process,
 )
 from tests.factories import as_query, make_person, make_world
@@ -96,10 +99,7 @@ def _open_session(world, signed, queries):
     cs = custodian.session()
     rs = RequesterSession(signed, queries, signing_key=world.requester_key)
     rs.handle(cs.handle(rs.open_request(), peer_id="agency-a"))
-    for t in cs.tag_chunks():
-        rs.handle(t)
-    for c in rs.evaluation_chunks():
-        rs.handle(cs.handle(c))
+    run_exchanges(rs, cs)
     rs.match()
     return custodian, cs, rs
 

@@ -26,6 +26,7 @@ from agency_a.store import (
     generate_key_file,
     load_key,
 )
+from protocol.adapters.sqlite import SqliteDatabase
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import PSIError
 
@@ -282,6 +283,26 @@ def test_store_pragmas(store: ResultStore) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_store_opens_through_another_process_recovering_the_file(
+    db_path: Path, key: bytes, ledger: Ledger, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store shares the ledger's open-with-retry: a file answering "locked" at once
+    (another process's crash recovery) is retried, not reported as broken."""
+    real_open = SqliteDatabase._open
+    failures = iter([True, False])
+
+    def flaky_open(self: SqliteDatabase, timeout_ms: int) -> None:
+        if next(failures):
+            raise sqlite3.OperationalError("database is locked")
+        real_open(self, timeout_ms)
+
+    monkeypatch.setattr(SqliteDatabase, "_open", flaky_open)
+    with ResultStore(db_path, key, ledger, clock=clock) as s:
+        assert s.put_results("job-1", "auth-1", 30, make_rows(1), operator="alice") == 1
+    with pytest.raises(ValueError, match="result store is closed"):
+        s.jobs()
 
 
 def test_nonces_are_fresh(store: ResultStore, db_path: Path) -> None:

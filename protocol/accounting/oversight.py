@@ -1,5 +1,5 @@
-"""Accountability that a third party can check: ledger verification, signed checkpoints,
-oversight exports and the cross-agency oversight check (DESIGN §4 step 6, issue 6).
+"""Accountability that a third party can check: ledger verification and the cross-agency
+oversight check (docs/architecture.md, Receipts and oversight).
 
 The court found that nobody could check what had been disclosed. Each agency therefore keeps a
 hash-chained audit log (the ledger) and pins its head with Ed25519 signatures; at the
@@ -10,94 +10,52 @@ what an inspector runs on top of that:
   first bad position and the kind of damage (edited, deleted, inserted, reordered, rewritten,
   truncated), so ``agency-a audit verify`` / ``agency-b audit verify`` can say *where* and
   *what*, not only *that*.
-* :class:`Checkpointer` adds a signed checkpoint every few seconds and one at shutdown, so a
-  wholesale rewrite of the chain (recomputing every hash) contradicts a signature.
-* :func:`custodian_export` / :func:`requester_export` produce, for one authorization, the JSON an
-  inspector needs: counts, receipts with both signatures and transcript hashes, the chain head,
-  and the newest signed checkpoint together with the few entries after it (the *tail*) so the
-  head itself is provably covered by a signature.
-* :func:`check` compares the two exports: counts, transcript hashes, both signatures on every
-  receipt, and coverage of both chain heads by valid checkpoints. Each finding is reported.
+* :func:`add_signed_checkpoint` pins a ledger's head with the agency's key (the periodic
+  ``Checkpointer`` thread in ``protocol.adapters.checkpointer`` calls it).
+* :func:`check` compares the two exports (:mod:`protocol.accounting.export`): counts,
+  transcript hashes, both signatures on every receipt, and coverage of both chain heads by
+  valid checkpoints. Each finding is reported.
 
-Everything here is pure library code over a ledger; the small
-``*_command`` helpers at the end are the shared bodies of the agency and authority CLIs.
+Everything here is pure: it works on any ledger through the port
+(:mod:`protocol.accounting.port`) and on export documents given as data; reading key files,
+writing exports and the command lines live in ``protocol.cli.oversight``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
-import json
-import logging
-import os
-import sqlite3
-import struct
-import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.adapters.sqlite_ledger import (
+from protocol.accounting.chain import (
     ZERO_HASH,
     Checkpoint,
-    Ledger,
     audit_entry_hash,
     canonical_json,
     checkpoint_message,
+    checkpoints_match,
+    verify_chain,
 )
-from protocol.domain.messages import RECEIPT_DOMAIN, Receipt
-from protocol.errors import LedgerError, ProtocolError, PSIError
+from protocol.accounting.export import EXPORT_FORMAT, MAX_TAIL_ENTRIES
+from protocol.accounting.port import AuditLog
+from protocol.domain.messages import Receipt
+from protocol.errors import LedgerError, ProtocolError
 
 __all__ = [
-    "EXPORT_FORMAT",
-    "MAX_TAIL_ENTRIES",
-    "OVERSIGHT_DESCRIPTION",
-    "RECEIPT_AUDIT_KIND",
     "ChainReport",
-    "Checkpointer",
     "Finding",
     "OversightReport",
-    "add_oversight_arguments",
     "add_signed_checkpoint",
-    "audit_verify_command",
     "check",
-    "custodian_export",
-    "export_command",
-    "load_public_key",
-    "parse_receipt_bytes",
-    "record_receipt",
-    "requester_export",
-    "run_oversight_cli",
     "signing_key_id",
     "verify_ledger",
-    "write_export",
 ]
-
-log = logging.getLogger("protocol.accounting.oversight")
-
-EXPORT_FORMAT = "gated-psi/oversight-export/v1"
-RECEIPT_AUDIT_KIND = "receipt"
-"""Audit-entry kind under which the requester keeps each countersigned receipt."""
-MAX_TAIL_ENTRIES = 10_000
-"""Entries after the newest checkpoint that an export carries; beyond it, checkpoint first."""
-
-_REQUESTER_STORE_KINDS = (
-    "results_stored",
-    "results_read",
-    "results_exported",
-    "results_purged",
-    "results_integrity_failure",
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Keys and checkpoints
@@ -119,76 +77,9 @@ def signing_key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(_raw_public(public_key)).hexdigest()[:16]
 
 
-def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
-    """Read a ``signing.pub.json`` (``{"public_key": hex}``) as written by the agency CLIs."""
-    try:
-        doc = json.loads(Path(path).read_text())
-        raw = bytes.fromhex(str(doc["public_key"]).strip())
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not an Ed25519 public key file: {exc}") from exc
-
-
-def add_signed_checkpoint(ledger: Ledger, signing_key: Ed25519PrivateKey) -> Checkpoint:
+def add_signed_checkpoint(ledger: AuditLog, signing_key: Ed25519PrivateKey) -> Checkpoint:
     """Pin the ledger's current head with an Ed25519 signature by the agency's key."""
     return ledger.add_checkpoint(signing_key.sign, signing_key_id(signing_key.public_key()))
-
-
-class Checkpointer:
-    """Adds a signed checkpoint every ``interval_s`` seconds, and a last one on :meth:`stop`.
-
-    A tick is skipped when nothing but the previous checkpoint's own entry was appended since
-    then, so an idle service does not grow its chain with checkpoints of checkpoints.
-    ``interval_s <= 0`` disables the periodic thread but keeps the shutdown checkpoint.
-    """
-
-    def __init__(
-        self, ledger: Ledger, signing_key: Ed25519PrivateKey, interval_s: float = 30.0
-    ) -> None:
-        self._ledger = ledger
-        self._key = signing_key
-        self._interval = float(interval_s)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self.added = 0
-
-    def checkpoint_now(self, *, force: bool = False) -> Checkpoint | None:
-        """Add a checkpoint unless the chain has not moved since the last one (or ``force``)."""
-        with self._lock:
-            if not force:
-                existing = self._ledger.checkpoints()
-                head_seq, _ = self._ledger.audit_head()
-                if existing and head_seq <= existing[-1].seq + 1:
-                    return None
-            cp = add_signed_checkpoint(self._ledger, self._key)
-            self.added += 1
-            return cp
-
-    def start(self) -> Checkpointer:
-        """Start the periodic thread (a daemon; :meth:`stop` ends it)."""
-        if self._interval > 0 and self._thread is None:
-            self._thread = threading.Thread(
-                target=self._loop, name="audit-checkpointer", daemon=True
-            )
-            self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.checkpoint_now()
-            except Exception:
-                # A missed checkpoint must be visible but must not stop the next one.
-                log.exception("audit checkpoint failed; retrying in %.1f s", self._interval)
-
-    def stop(self) -> Checkpoint | None:
-        """Stop the thread and add the shutdown checkpoint (if the chain moved)."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._thread = None
-        return self.checkpoint_now()
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,46 +136,39 @@ class ChainReport:
         return f"OK: {self.entries} entries, head seq {self.head_seq} {self.head.hex()}; {cps}"
 
 
-def verify_ledger(ledger: Ledger, public_key: Ed25519PublicKey | None = None) -> ChainReport:
+def verify_ledger(ledger: AuditLog, public_key: Ed25519PublicKey | None = None) -> ChainReport:
     """Verify the hash chain and, given the agency's public key, every signed checkpoint.
 
-    The chain is checked first (:meth:`Ledger.verify_audit_chain`); on failure the first bad
-    position is classified. With a key, each checkpoint must carry that key's id, verify, fall
-    inside the chain and equal the chain's hash at its position; a mismatch after an intact
-    chain means the chain was rewritten with recomputed hashes somewhere after the previous
-    matching checkpoint.
+    The chain is checked first (:func:`protocol.accounting.chain.verify_chain`); on failure
+    the first bad position is classified. With a key, each checkpoint must carry that key's
+    id, verify, fall inside the chain and equal the chain's hash at its position; a mismatch
+    after an intact chain means the chain was rewritten with recomputed hashes somewhere
+    after the previous matching checkpoint.
     """
-    chain = ledger.verify_audit_chain()
+    chain = verify_chain(ledger.stored_entries())
     checkpoints = ledger.checkpoints()
     last_cp = checkpoints[-1].seq if checkpoints else None
     head_seq, head = ledger.audit_head()
-    base = {
-        "entries": chain.entries,
-        "head_seq": head_seq,
-        "head": head,
-        "checkpoints": len(checkpoints),
-        "last_checkpoint_seq": last_cp,
-    }
+    base = ChainReport(
+        ok=True, entries=chain.entries, head_seq=head_seq, head=head, detail=chain.detail,
+        checkpoints=len(checkpoints), last_checkpoint_seq=last_cp,
+    )
     if not chain.ok:
         assert chain.first_bad_seq is not None
         position, damage, detail = _classify(ledger, chain.first_bad_seq, chain.head, chain.detail)
-        return ChainReport(
-            ok=False, first_bad_seq=position, damage=damage, detail=detail,
-            **{**base, "head": chain.head},
-        )
+        return replace(base, ok=False, first_bad_seq=position, damage=damage, detail=detail,
+                       head=chain.head)
     if public_key is None:
-        return ChainReport(ok=True, detail=chain.detail, **base)
+        return base
     problem = _check_checkpoints(ledger, checkpoints, head_seq, public_key)
     if problem is not None:
         first, last, damage, detail = problem
-        return ChainReport(
-            ok=False, first_bad_seq=first, last_bad_seq=last, damage=damage, detail=detail,
-            checkpoints_verified=True, **base,
-        )
-    return ChainReport(ok=True, detail=chain.detail, checkpoints_verified=True, **base)
+        return replace(base, ok=False, first_bad_seq=first, last_bad_seq=last, damage=damage,
+                       detail=detail, checkpoints_verified=True)
+    return replace(base, checkpoints_verified=True)
 
 
-def _stored_links(ledger: Ledger, start: int) -> tuple[list[tuple[int, bytes, bytes]], bool]:
+def _stored_links(ledger: AuditLog, start: int) -> tuple[list[tuple[int, bytes, bytes]], bool]:
     """``(seq, prev_hash, entry_hash)`` of stored entries from ``start``; False if unreadable."""
     rows: list[tuple[int, bytes, bytes]] = []
     try:
@@ -295,7 +179,7 @@ def _stored_links(ledger: Ledger, start: int) -> tuple[list[tuple[int, bytes, by
     return rows, True
 
 
-def _classify(ledger: Ledger, bad: int, good_head: bytes, detail: str) -> tuple[int, str, str]:
+def _classify(ledger: AuditLog, bad: int, good_head: bytes, detail: str) -> tuple[int, str, str]:
     """Name the kind of damage at the first position where the chain breaks.
 
     ``good_head`` is the hash of entry ``bad - 1`` (the last one that verified).
@@ -343,7 +227,7 @@ def _ed25519_valid(key: Ed25519PublicKey, signature: bytes, message: bytes) -> b
 
 
 def _check_checkpoints(
-    ledger: Ledger, checkpoints: list[Checkpoint], head_seq: int, key: Ed25519PublicKey
+    ledger: AuditLog, checkpoints: list[Checkpoint], head_seq: int, key: Ed25519PublicKey
 ) -> tuple[int, int | None, str, str] | None:
     """First checkpoint problem as ``(first_seq, last_seq, damage, detail)``, or None."""
     kid = signing_key_id(key)
@@ -378,231 +262,11 @@ def _check_checkpoints(
             )
         good_before = max(good_before, cp.seq)
     # Belt and braces: the ledger's own check recomputes every hash from content.
-    if checkpoints and not ledger.verify_checkpoints(
-        lambda msg, sig: _ed25519_valid(key, sig, msg)
+    if checkpoints and not checkpoints_match(
+        checkpoints, ledger.stored_entries(), lambda msg, sig: _ed25519_valid(key, sig, msg)
     ):
         return 1, good_before, "rewritten", "checkpoints do not match the recomputed chain"
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# Receipts on the requester side
-# --------------------------------------------------------------------------------------------
-
-
-def record_receipt(ledger: Ledger, receipt: Receipt) -> None:
-    """Keep a countersigned receipt in the requester's audit chain (both signatures).
-
-    The requester's ledger has no session tables; the receipt is one audit entry of kind
-    :data:`RECEIPT_AUDIT_KIND`, which :func:`requester_export` collects per authorization.
-    """
-    if not receipt.custodian_signature:
-        raise ValueError("a receipt must carry the custodian's signature to be recorded")
-    ledger.audit(RECEIPT_AUDIT_KIND, receipt.to_json())
-
-
-def parse_receipt_bytes(
-    data: bytes, custodian_signature: bytes = b"", requester_signature: bytes = b""
-) -> Receipt:
-    """Inverse of :meth:`Receipt.signed_bytes` (the form the custodian ledger stores)."""
-    view = memoryview(bytes(data))
-    pos = len(RECEIPT_DOMAIN)
-    if bytes(view[:pos]) != RECEIPT_DOMAIN:
-        raise ProtocolError("stored receipt does not start with the receipt domain tag")
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if pos + n > len(view):
-            raise ProtocolError("stored receipt is truncated")
-        out = bytes(view[pos:pos + n])
-        pos += n
-        return out
-
-    def lp() -> bytes:
-        (n,) = struct.unpack(">I", take(4))
-        return take(n)
-
-    try:
-        auth_id, session_id, custodian_id, requester_id = (lp().decode() for _ in range(4))
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"stored receipt has a non-UTF-8 id: {exc}") from exc
-    evaluated, disclosed = struct.unpack(">QQ", take(16))
-    transcript_hash = lp()
-    if pos != len(view):
-        raise ProtocolError("stored receipt has trailing bytes")
-    receipt = Receipt(
-        authorization_id=auth_id, session_id=session_id, custodian_id=custodian_id,
-        requester_id=requester_id, evaluated=evaluated, disclosed=disclosed,
-        transcript_hash=transcript_hash, custodian_signature=bytes(custodian_signature),
-        requester_signature=bytes(requester_signature),
-    )
-    if receipt.signed_bytes() != bytes(data):
-        raise ProtocolError("stored receipt is not in canonical form")
-    return receipt
-
-
-# --------------------------------------------------------------------------------------------
-# Exports
-# --------------------------------------------------------------------------------------------
-
-
-def _chain_evidence(ledger: Ledger) -> dict[str, Any]:
-    """Newest checkpoint plus every entry after it, so the head is provably covered."""
-    checkpoints = ledger.checkpoints()
-    evidence: dict[str, Any] = {
-        "checkpoints": [_checkpoint_json(c) for c in checkpoints],
-        "head_checkpoint": None,
-        "tail": None,
-        "tail_truncated": False,
-    }
-    if not checkpoints:
-        seq, head = ledger.audit_head()
-        evidence["audit_head"] = {"seq": seq, "hash": head.hex()}
-        return evidence
-    newest = max(checkpoints, key=lambda c: c.seq)
-    tail: list[dict[str, Any]] = []
-    seq, head = newest.seq, newest.head
-    for entry in ledger.audit_entries(newest.seq + 1):
-        if len(tail) >= MAX_TAIL_ENTRIES:
-            evidence["tail_truncated"] = True
-            break
-        tail.append({
-            "seq": entry.seq, "at": entry.at, "kind": entry.kind,
-            "payload": dict(entry.payload), "prev_hash": entry.prev_hash.hex(),
-            "entry_hash": entry.entry_hash.hex(),
-        })
-        seq, head = entry.seq, entry.entry_hash
-    if evidence["tail_truncated"]:
-        seq, head = ledger.audit_head()
-    evidence.update(
-        head_checkpoint=_checkpoint_json(newest), tail=tail,
-        audit_head={"seq": seq, "hash": head.hex()},
-    )
-    return evidence
-
-
-def _checkpoint_json(c: Checkpoint) -> dict[str, Any]:
-    return {
-        "seq": c.seq, "head": c.head.hex(), "key_id": c.key_id,
-        "signature": c.signature.hex(), "created_at": c.created_at,
-    }
-
-
-def custodian_export(ledger: Ledger, auth_id: str) -> dict[str, Any]:
-    """The custodian's oversight export for one authorization (see module docstring).
-
-    Extends :meth:`Ledger.export` with decoded receipts (ids, counts, transcript hash and both
-    signatures) and with the chain evidence (newest checkpoint and the tail after it).
-    """
-    doc = ledger.export(auth_id)
-    receipts: list[dict[str, Any]] = []
-    for r in ledger.receipts(auth_id):
-        item: dict[str, Any] = {
-            "session_id": r.session_id,
-            "signed_bytes": r.receipt.hex(),
-            "custodian_signature": r.custodian_signature.hex(),
-            "requester_signature": (r.requester_signature or b"").hex(),
-            "closed_at": r.closed_at,
-        }
-        try:
-            decoded = parse_receipt_bytes(
-                r.receipt, r.custodian_signature, r.requester_signature or b""
-            )
-        except ProtocolError as exc:
-            item["parse_error"] = str(exc)
-        else:
-            item.update(decoded.to_json())
-        receipts.append(item)
-    evidence = _chain_evidence(ledger)
-    return {
-        **doc,
-        "format": EXPORT_FORMAT,
-        "role": "custodian",
-        "receipts": receipts,
-        "counts": {
-            "evaluated": doc["budget"]["evaluated"],
-            "disclosed": doc["budget"]["disclosed"],
-            "reserved": doc["budget"]["reserved"],
-            "sessions": len(doc["sessions"]),
-            "receipts": len(receipts),
-        },
-        **evidence,
-    }
-
-
-def requester_export(
-    ledger: Ledger, auth_id: str, *, clock: Callable[[], float] = time.time
-) -> dict[str, Any]:
-    """The requester's oversight export for one authorization.
-
-    Receipts come from :func:`record_receipt` entries; result-store activity (stored, read,
-    exported, purged) is summarised from the store's audit entries, counts only.
-    """
-    receipts: dict[str, dict[str, Any]] = {}
-    conflicts: list[str] = []
-    activity: dict[str, int] = dict.fromkeys(_REQUESTER_STORE_KINDS, 0)
-    stored_rows = 0
-    jobs: set[str] = set()
-    for entry in ledger.audit_entries():
-        payload = entry.payload
-        if entry.kind == RECEIPT_AUDIT_KIND and payload.get("authorization_id") == auth_id:
-            sid = str(payload.get("session_id"))
-            item = {**payload, "audit_seq": entry.seq, "recorded_at": entry.at}
-            if sid in receipts and _receipt_core(receipts[sid]) != _receipt_core(item):
-                conflicts.append(sid)
-            receipts.setdefault(sid, item)
-        elif entry.kind in activity and payload.get("authorization_id") == auth_id:
-            activity[entry.kind] += 1
-            if entry.kind == "results_stored":
-                stored_rows += int(payload.get("count", 0))
-                jobs.add(str(payload.get("job_id")))
-    if not receipts and not any(activity.values()):
-        raise LedgerError(f"the requester ledger has no record of authorization {auth_id!r}")
-    items = list(receipts.values())
-    evidence = _chain_evidence(ledger)
-    return {
-        "format": EXPORT_FORMAT,
-        "role": "requester",
-        "ledger_id": ledger.ledger_id,
-        "auth_id": auth_id,
-        "exported_at": float(clock()),
-        "receipts": items,
-        "receipt_conflicts": conflicts,
-        "counts": {
-            "evaluated": sum(int(r.get("evaluated", 0)) for r in items),
-            "disclosed": sum(int(r.get("disclosed", 0)) for r in items),
-            "receipts": len(items),
-        },
-        "results": {"jobs": len(jobs), "stored_rows": stored_rows, "events": activity},
-        **evidence,
-    }
-
-
-def _receipt_core(item: Mapping[str, Any]) -> tuple[Any, ...]:
-    keys = ("authorization_id", "session_id", "custodian_id", "requester_id", "evaluated",
-            "disclosed", "transcript_hash", "custodian_signature", "requester_signature")
-    return tuple(item.get(k) for k in keys)
-
-
-def write_export(doc: Mapping[str, Any], dest: str | os.PathLike[str], *,
-                 force: bool = False) -> None:
-    """Write an export atomically, owner-only (it names disclosed records)."""
-    path = Path(dest)
-    if not force and (path.exists() or path.is_symlink()):
-        raise FileExistsError(f"{path} already exists (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            json.dump(doc, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -886,127 +550,3 @@ def _check_receipt_pair(
               f"{c.disclosed}", sid)
     elif c is not None:
         f.add("receipt.ledger", False, "custodian receipt for a session its ledger lacks", sid)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI bodies shared by agency-a, agency-b and psi-authority
-# --------------------------------------------------------------------------------------------
-
-
-def _open_existing(path: Path) -> Ledger:
-    if not path.is_file():
-        raise FileNotFoundError(f"no ledger at {path}")
-    return Ledger(path)
-
-
-def audit_verify_command(ledger_path: str | os.PathLike[str], public_key_path: str | None,
-                         out: TextIO | None = None) -> int:
-    """``audit verify``: print OK or FAIL (first bad position, kind of damage); exit 0 / 1."""
-    out = out or sys.stdout
-    path = Path(ledger_path)
-    key = load_public_key(public_key_path) if public_key_path else None
-    if not path.is_file():
-        raise FileNotFoundError(f"no ledger at {path}")
-    try:
-        with Ledger(path) as ledger:
-            report = verify_ledger(ledger, key)
-    except (PSIError, sqlite3.DatabaseError) as exc:
-        print(f"FAIL: {path} cannot be read as a ledger: unreadable ({exc})", file=out)
-        return 1
-    print(f"{path}: {report.summary()}", file=out)
-    return 0 if report.ok else 1
-
-
-def export_command(
-    role: str,
-    ledger_path: str | os.PathLike[str],
-    auth_id: str,
-    dest: str | os.PathLike[str],
-    *,
-    signing_key: Ed25519PrivateKey | None = None,
-    force: bool = False,
-    out: TextIO | None = None,
-) -> int:
-    """``export``: write the oversight export; with a key, pin the head with a checkpoint first."""
-    out = out or sys.stdout
-    with _open_existing(Path(ledger_path)) as ledger:
-        if signing_key is not None:
-            add_signed_checkpoint(ledger, signing_key)
-        build = custodian_export if role == "custodian" else requester_export
-        doc = build(ledger, auth_id)
-    write_export(doc, dest, force=force)
-    counts = doc["counts"]
-    print(f"{role} export for {auth_id} written to {dest}: {counts['receipts']} receipts, "
-          f"evaluated {counts['evaluated']}, disclosed {counts['disclosed']}, head seq "
-          f"{doc['audit_head']['seq']}", file=out)
-    return 0
-
-
-OVERSIGHT_DESCRIPTION = (
-    "Compare the custodian's and the requester's exports for one authorization: evaluated and "
-    "disclosed counts, transcript hashes, both signatures on every receipt, and that both "
-    "audit chain heads are covered by valid signed checkpoints. Every finding is printed.\n\n"
-    "exit status: 0 the agencies agree, 1 they disagree, 2 usage error."
-)
-
-
-def add_oversight_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``psi-authority oversight``."""
-    parser.add_argument("--custodian-export", required=True, metavar="FILE",
-                        help="output of 'agency-b export'")
-    parser.add_argument("--requester-export", required=True, metavar="FILE",
-                        help="output of 'agency-a export'")
-    parser.add_argument("--custodian-key", required=True, metavar="PUB.json",
-                        help="the custodian's signing.pub.json")
-    parser.add_argument("--requester-key", required=True, metavar="PUB.json",
-                        help="the requester's signing.pub.json")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def run_oversight_cli(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Body of ``psi-authority oversight``; returns 0 (agree) or 1 (disagree)."""
-    out = out or sys.stdout
-    docs = []
-    for name in (args.custodian_export, args.requester_export):
-        try:
-            docs.append(json.loads(Path(name).read_text()))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{name} is not JSON: {exc}") from exc
-    report = check(docs[0], docs[1], custodian_key=load_public_key(args.custodian_key),
-                   requester_key=load_public_key(args.requester_key))
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2), file=out)
-    else:
-        for line in report.lines():
-            print(line, file=out)
-    return 0 if report.agree else 1
-
-
-
-def add_ledger_commands(sub: Any, *, agency: str, location: str, location_help: str,
-                        verify: Callable[..., int], export: Callable[..., int]) -> None:
-    """``audit verify`` and ``export`` subcommands, the same for both agencies' CLIs.
-
-    ``location`` is the flag naming where the agency's ledger is (``--ledger`` for the
-    custodian, ``--data`` for the requester).
-    """
-    a = sub.add_parser("audit", help="audit-log tools")
-    asub = a.add_subparsers(dest="audit_command", required=True)
-    v = asub.add_parser("verify", help="verify the ledger's audit chain (exit 0 OK, 1 FAIL)",
-                        description="Re-derive the hash chain and, with --public-key, every "
-                        "signed checkpoint. Prints OK with the entry count and head, or FAIL "
-                        "with the first bad position and the kind of damage.")
-    v.add_argument(location, required=True, help=location_help)
-    v.add_argument("--public-key", metavar="signing.pub.json",
-                   help=f"the {agency}'s public key, to verify the signed checkpoints")
-    v.set_defaults(func=verify)
-    e = sub.add_parser("export", help="write the oversight export of one authorization",
-                       description="Counts, receipts with both signatures, the audit head and "
-                       "the newest signed checkpoint, as JSON for 'psi-authority oversight'.")
-    e.add_argument(location, required=True, help=location_help)
-    e.add_argument("--authorization", required=True, metavar="ID", help="authorization id")
-    e.add_argument("--out", required=True, help="JSON file to write (mode 0600)")
-    e.add_argument("--secrets", help="the agency's secrets directory: sign a fresh checkpoint "
-                   "over the current head first")
-    e.add_argument("--force", action="store_true", help="overwrite --out")
-    e.set_defaults(func=export)

@@ -1,4 +1,4 @@
-"""Session receipts (DESIGN §4 step 6), shared by every tier.
+"""Session receipts (docs/architecture.md, Receipts and oversight), shared by every tier.
 
 The custodian signs (authorization, session, evaluated, disclosed, transcript
 hash) only when both parties' transcript hashes agree; the requester checks the
@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from protocol.adapters.sqlite_ledger import Ledger
+from protocol.accounting.port import LedgerPort
 from protocol.domain.messages import Receipt
 from protocol.errors import ProtocolError
 
 
 def issue_receipt(
-    *, ledger: Ledger, signing_key: Ed25519PrivateKey, custodian_id: str, requester_id: str,
+    *, ledger: LedgerPort, signing_key: Ed25519PrivateKey, custodian_id: str, requester_id: str,
     authorization_id: str, session_id: str, evaluated: int, disclosed: int,
     own_transcript: bytes, presented_transcript: bytes,
 ) -> Receipt:
@@ -46,7 +46,7 @@ def issue_receipt(
 
 
 def store_countersignature(
-    *, ledger: Ledger, requester_keys: Mapping[str, Ed25519PublicKey], peer_id: str,
+    *, ledger: LedgerPort, requester_keys: Mapping[str, Ed25519PublicKey], peer_id: str,
     issued: Receipt | None, presented: Receipt,
 ) -> Receipt:
     """Custodian: accept the requester's countersignature of exactly the receipt it issued."""

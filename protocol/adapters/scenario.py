@@ -1,4 +1,4 @@
-"""Seeded synthetic population for the benchmark scenario (DESIGN §9).
+"""Seeded synthetic population (docs/architecture.md, Benchmark scenario).
 
 Why synthetic: the accuracy of a match rule is only measurable against ground truth, and
 real taxpayer or enforcement data can never sit in a repository.  Why this much realism:

@@ -1,258 +1,78 @@
-"""Durable ledger: persistent budget, disclosure accounting and a hash-chained audit log.
+"""The SQLite ledger: one implementation of the ledger port (:mod:`protocol.accounting.port`).
 
-The custodian must be able to show, after the fact and to a third party, exactly how many
-queries each authorization consumed and exactly which of its records were disclosed. So the
-ledger is the single source of truth for three things:
+What a ledger accounts for (budget, disclosures, the audit chain) and the rules it applies are
+defined in the accounting layer; this adapter stores them durably (docs/architecture.md,
+Accounting):
 
-* **Budget.** ``max_queries`` is a *persistent* budget per authorization. Sessions reserve part
-  of it up front; reservations are never refunded, so a requester cannot regain budget by
-  disconnecting. Evaluated elements are then counted against the session's reservation.
-* **Disclosures.** One row per (authorization, record), written and committed *before* the
-  caller releases any field ("row first, data second"), so a crash can never leave a disclosure
-  unaccounted for. ``max_disclosures`` caps the number of distinct records.
-* **Audit chain.** Every mutation appends an entry, in the same SQLite transaction, to a
-  SHA-256 hash chain; signed checkpoints pin its head so a rewrite of the whole chain is caught.
+* Storage is SQLite in WAL mode with ``synchronous=FULL``; every mutating method is exactly
+  one ``BEGIN IMMEDIATE ... COMMIT`` transaction (``protocol.adapters.sqlite``), so a SIGKILL
+  at any instant leaves either all of a method's effects (its audit entries included) or
+  none.
+* Disclosure rows are committed *before* the caller releases any field, one transaction per
+  batch so the fsync cost stays off the per-match path at scale.
+* The append-only tables (audit log, disclosures, checkpoints) are protected by triggers, and
+  the budget limits by CHECK constraints, so even a bug in this module cannot rewrite history
+  or overspend; someone with raw write access to the file can, which is what the audit chain
+  and signed checkpoints detect. These constraints are defence in depth: the decisions are
+  the policy gate's and the rules' (:mod:`protocol.accounting.rules`).
 
-Storage is SQLite in WAL mode with ``synchronous=FULL``: every mutating method is exactly one
-``BEGIN IMMEDIATE ... COMMIT`` transaction, so a SIGKILL at any instant leaves either all of a
-method's effects or none. ``BEGIN IMMEDIATE`` also serialises writers across processes sharing
-the file. Within a process one connection is shared by all threads behind a re-entrant lock
-(the gRPC servers are multi-threaded).
-
-The append-only tables (audit log, disclosures, checkpoints) are protected by triggers, and the
-budget limits by CHECK constraints, so even a bug in this module cannot rewrite history or
-overspend; someone with raw write access to the file can, which is what the audit chain and
-checkpoints detect.
+The three concerns are three private classes: :class:`_Schema` (creating and checking the
+file), :class:`_AuditTables` (the hash chain and checkpoints) and :class:`_AccountTables`
+(authorizations, sessions, budget and disclosures); :class:`Ledger` opens the file and
+exposes them as the port.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
-import math
 import os
 import sqlite3
-import struct
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from protocol.errors import BudgetExhausted, DisclosureCapReached, LedgerError
+from protocol.accounting import chain
+from protocol.accounting.chain import (
+    ZERO_HASH,
+    AuditEntry,
+    AuditVerification,
+    Checkpoint,
+    StoredEntry,
+    canonical_json,
+)
+from protocol.accounting.export import ledger_document
+from protocol.accounting.port import (
+    AuthorizationRow,
+    Budget,
+    DisclosureRow,
+    ReceiptRow,
+    Reservation,
+    SessionRow,
+)
+from protocol.accounting.rules import (
+    DISCLOSURE_REPEATED,
+    check_evaluation,
+    check_limits_unchanged,
+    check_reserve,
+    plan_disclosures,
+    require_count,
+    require_id,
+    require_unix_time,
+)
+from protocol.adapters.sqlite import SqliteDatabase, split_sql
+from protocol.errors import LedgerError
 
-__all__ = [
-    "AUDIT_CHECKPOINT_TAG",
-    "AUDIT_ENTRY_TAG",
-    "SCHEMA_VERSION",
-    "ZERO_HASH",
-    "AuditEntry",
-    "AuditVerification",
-    "Budget",
-    "Checkpoint",
-    "DisclosureRow",
-    "Ledger",
-    "ReceiptRow",
-    "Reservation",
-    "audit_entry_hash",
-    "canonical_json",
-    "checkpoint_message",
-]
+__all__ = ["SCHEMA_VERSION", "Ledger"]
 
 SCHEMA_VERSION = 1
-AUDIT_ENTRY_TAG = b"gated-psi/audit-entry/v1"
-AUDIT_CHECKPOINT_TAG = b"gated-psi/audit-checkpoint/v1"
-ZERO_HASH = bytes(32)
-"""``prev_hash`` of the first audit entry, and the head of an empty chain."""
-
-_RECEIPT_DIGEST_TAG = b"gated-psi/ledger-receipt-digest/v1"
-_BUSY_TIMEOUT_MS = 30_000
 _PAGE = 1000
+#: Lowest possible seq: verification reads every stored row, even a forged one below 1.
+_FIRST_SEQ = -(2**63)
 #: Record ids per "IN (...)" lookup: under SQLite's historical 999-variable limit.
 _IN_LIST = 500
-
-
-# --------------------------------------------------------------------------------------------
-# Records returned to callers
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """A session's share of an authorization's budget.
-
-    ``remaining`` is what *this session* may still evaluate (``reserved - evaluated``); the
-    authorization-wide remainder is in :class:`Budget`.
-    """
-
-    auth_id: str
-    session_id: str
-    reserved: int
-    evaluated: int
-    remaining: int
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Authorization-wide accounting; ``remaining`` is budget not yet reserved by any session."""
-
-    max_queries: int
-    reserved: int
-    evaluated: int
-    remaining: int
-    max_disclosures: int
-    disclosed: int
-
-
-@dataclass(frozen=True)
-class DisclosureRow:
-    """The accounting row for one disclosed record; ``repeat`` marks an idempotent replay."""
-
-    auth_id: str
-    session_id: str
-    record_id: str
-    rule_id: str
-    disclosed_at: float
-    repeat: bool
-
-
-@dataclass(frozen=True)
-class ReceiptRow:
-    """A closed session's signed receipt, as stored for oversight."""
-
-    auth_id: str
-    session_id: str
-    receipt: bytes
-    custodian_signature: bytes
-    requester_signature: bytes | None
-    closed_at: float
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    """One link of the audit chain; ``entry_hash`` commits to ``prev_hash`` and the content."""
-
-    seq: int
-    at: float
-    kind: str
-    payload: Mapping[str, Any]
-    prev_hash: bytes
-    entry_hash: bytes
-
-
-@dataclass(frozen=True)
-class AuditVerification:
-    """Result of re-deriving the chain; ``head`` is the last hash that verified."""
-
-    ok: bool
-    entries: int
-    first_bad_seq: int | None
-    detail: str
-    head: bytes
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A signature over the chain head at ``seq`` (see :func:`checkpoint_message`)."""
-
-    seq: int
-    head: bytes
-    key_id: str
-    signature: bytes
-    created_at: float
-
-
-# --------------------------------------------------------------------------------------------
-# Pure helpers (also usable by an external verifier)
-# --------------------------------------------------------------------------------------------
-
-
-def canonical_json(payload: Mapping[str, Any]) -> str:
-    """The one serialization of a payload that gets hashed.
-
-    Keys are sorted, separators compact, non-ASCII kept as UTF-8. ``bytes`` values become
-    lowercase hex so signatures and hashes can be logged directly; NaN and infinities are
-    refused because JSON cannot represent them.
-    """
-    return _canonical(payload)[1]
-
-
-def _canonical(payload: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """The normalized payload (what a reader will parse back) and its canonical JSON."""
-    if not isinstance(payload, Mapping):
-        raise TypeError("audit payload must be a mapping")
-    if all(type(k) is str and type(v) is str for k, v in payload.items()):
-        normalized = dict(payload)  # flat text (every disclosure entry): nothing to convert
-    else:
-        normalized = _jsonable(payload)
-    return normalized, _CANONICAL_JSON.encode(normalized)
-
-
-#: One encoder for every entry (a disclosure batch writes one entry per record).
-_CANONICAL_JSON = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
-
-
-def audit_entry_hash(prev_hash: bytes, seq: int, at: float, kind: str, payload_json: str) -> bytes:
-    """SHA-256 over the length-prefixed parts of an entry, under a domain-separation tag.
-
-    The timestamp is hashed as its IEEE-754 big-endian double, the exact value SQLite stores.
-    """
-    parts = (
-        AUDIT_ENTRY_TAG,
-        prev_hash,
-        _u64(seq),
-        struct.pack(">d", at),
-        kind.encode("utf-8"),
-        payload_json.encode("utf-8"),
-    )
-    return hashlib.sha256(b"".join(_u64(len(part)) + part for part in parts)).digest()
-
-
-def checkpoint_message(seq: int, head: bytes) -> bytes:
-    """The bytes a checkpoint signs: tag || seq (8-byte big-endian) || 32-byte head."""
-    if len(head) != 32:
-        raise ValueError("checkpoint head must be 32 bytes")
-    return AUDIT_CHECKPOINT_TAG + _u64(seq) + head
-
-
-def _u64(n: int) -> bytes:
-    return n.to_bytes(8, "big")
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or type(value) is str or type(value) is int:  # the common case, fast
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex()
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"audit payload keys must be str, got {type(k).__name__}")
-            out[k] = _jsonable(v)
-        return out
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("audit payload may not contain NaN or infinity")
-    if value is None or isinstance(value, str | int | float):
-        return value
-    raise TypeError(f"audit payload value of type {type(value).__name__} is not JSON-able")
-
-
-def _check_id(name: str, value: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a non-empty string")
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,130 +173,19 @@ CREATE TRIGGER sessions_no_delete BEFORE DELETE ON sessions
 BEGIN SELECT RAISE(ABORT, 'sessions are never deleted'); END;
 """
 
+#: Indexes added after version 1 shipped: created on every open (``IF NOT EXISTS``), so older
+#: files gain them; they change no table, so older code still opens the file.
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS disclosures_by_session ON disclosures(session_id)",
+)
 
-# --------------------------------------------------------------------------------------------
-# The ledger
-# --------------------------------------------------------------------------------------------
 
+class _Schema:
+    """Creates a new ledger file, or checks an existing one's version."""
 
-class Ledger:
-    """Thread-safe handle on one ledger file; every mutation is one durable transaction."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
-    ) -> None:
-        self._path = os.fspath(path)
-        self._clock = clock
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
-        # Opening right after another process was killed can meet that file's WAL recovery:
-        # SQLite then answers "database is locked" at once, without waiting on the busy
-        # handler, so opening retries (with backoff) for as long as the busy timeout.
-        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
-        pause = 0.01
-        while True:
-            try:
-                self._open()
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if time.monotonic() + pause > deadline:
-                    raise LedgerError(f"ledger {self._path} stayed locked: {exc}") from exc
-                time.sleep(pause)
-                pause = min(pause * 2, 0.5)
-
-    def _open(self) -> None:
-        conn = sqlite3.connect(
-            self._path,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
-        )
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise LedgerError(f"ledger needs WAL journal mode, SQLite gave {mode!r}")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-            self._conn = conn
-            self._init_schema()
-        except BaseException:
-            self._conn = None
-            conn.close()
-            raise
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the connection; safe to call twice."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    @property
-    def ledger_id(self) -> str:
-        """Random id fixed at creation; it is in the genesis audit entry, binding the chain."""
-        with self._read() as conn:
-            row = conn.execute("SELECT value FROM ledger_info WHERE key = 'ledger_id'").fetchone()
-        if row is None:
-            raise LedgerError("ledger_info has no ledger_id")
-        return str(row[0])
-
-    # -- transactions --------------------------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise LedgerError("ledger is closed")
-        return self._conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE ... COMMIT``; any exception rolls the whole method back."""
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except sqlite3.IntegrityError as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise LedgerError(f"ledger constraint violated: {exc}") from exc
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction, so multi-statement reads see one consistent snapshot."""
-        with self._lock:
-            conn = self._connection()
-            if conn.in_transaction:  # nested inside another read or write of this thread
-                yield conn
-                return
-            conn.execute("BEGIN")
-            try:
-                yield conn
-            finally:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-
-    def _init_schema(self) -> None:
-        with self._write() as conn:
+    @staticmethod
+    def initialize(db: SqliteDatabase, clock: Callable[[], float], audit: _AuditTables) -> None:
+        with _write(db) as conn:
             exists = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
             ).fetchone()
@@ -488,78 +197,209 @@ class Ledger:
                         f"ledger schema version {found} is not supported "
                         f"(this code knows version {SCHEMA_VERSION})"
                     )
-                return
-            now = float(self._clock())
-            for statement in _split_sql(_SCHEMA):
+            else:
+                now = float(clock())
+                for statement in split_sql(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (SCHEMA_VERSION, now),
+                )
+                ledger_id = uuid.uuid4().hex
+                conn.execute(
+                    "INSERT INTO ledger_info (key, value) VALUES ('ledger_id', ?)", (ledger_id,)
+                )
+                audit.append(
+                    conn, now, "ledger.created",
+                    {"ledger_id": ledger_id, "schema_version": SCHEMA_VERSION},
+                )
+            for statement in _INDEXES:
                 conn.execute(statement)
+
+    @staticmethod
+    def configure(conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise LedgerError(f"ledger needs WAL journal mode, SQLite gave {mode!r}")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+
+
+@contextmanager
+def _write(db: SqliteDatabase) -> Iterator[sqlite3.Connection]:
+    """A write transaction whose constraint violations surface as :class:`LedgerError`."""
+    try:
+        with db.write() as conn:
+            yield conn
+    except sqlite3.IntegrityError as exc:
+        raise LedgerError(f"ledger constraint violated: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# The audit chain
+# --------------------------------------------------------------------------------------------
+
+
+class _AuditTables:
+    """The ``audit_log`` and ``checkpoints`` tables; hashing is :mod:`protocol.accounting.chain`."""
+
+    def __init__(self, db: SqliteDatabase, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._clock = clock
+
+    @staticmethod
+    def head(conn: sqlite3.Connection) -> tuple[int, bytes]:
+        row = conn.execute(
+            "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return (0, ZERO_HASH) if row is None else (row[0], bytes(row[1]))
+
+    def append(
+        self, conn: sqlite3.Connection, at: float, kind: str, payload: Mapping[str, Any]
+    ) -> AuditEntry:
+        """Append one entry inside the caller's write transaction."""
+        return self.append_many(conn, at, [(kind, payload)])[0]
+
+    def append_many(
+        self,
+        conn: sqlite3.Connection,
+        at: float,
+        entries: Sequence[tuple[str, Mapping[str, Any]]],
+    ) -> list[AuditEntry]:
+        """Append entries, chained in order, inside the caller's write transaction.
+
+        The head is read once and the rows go in with one ``executemany``: a disclosure
+        batch writes one entry per record, so this is on the per-match path.
+        """
+        if not entries:
+            return []
+        linked = chain.chain_entries(self.head(conn), at, entries)
+        conn.executemany(
+            "INSERT INTO audit_log (seq, at, kind, payload, prev_hash, entry_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(e.seq, e.at, e.kind, text, e.prev_hash, e.entry_hash) for e, text in linked],
+        )
+        return [e for e, _ in linked]
+
+    def audit(self, kind: str, payload: Mapping[str, Any]) -> AuditEntry:
+        require_id("kind", kind)
+        with _write(self._db) as conn:
+            return self.append(conn, float(self._clock()), kind, payload)
+
+    def stored(self, start: int) -> Iterator[StoredEntry]:
+        """Stored rows in seq order, paged so a long read does not block writers."""
+        cursor = start
+        while True:
+            with self._db.read() as conn:
+                rows = conn.execute(
+                    "SELECT seq, at, kind, payload, prev_hash, entry_hash FROM audit_log "
+                    "WHERE seq >= ? ORDER BY seq LIMIT ?",
+                    (cursor, _PAGE),
+                ).fetchall()
+            for seq, at, kind, payload, prev, entry_hash in rows:
+                yield StoredEntry(seq, at, kind, payload, bytes(prev), bytes(entry_hash))
+            if len(rows) < _PAGE:
+                return
+            cursor = rows[-1][0] + 1
+
+    def entries(self, start: int) -> Iterator[AuditEntry]:
+        for e in self.stored(start):
+            try:
+                parsed = json.loads(str(e.payload))
+            except json.JSONDecodeError as exc:
+                raise LedgerError(f"audit entry {e.seq} has an unreadable payload") from exc
+            # Stored as found: verification, not parsing, judges the column types.
+            yield AuditEntry(e.seq, cast(float, e.at), cast(str, e.kind), parsed, e.prev_hash,
+                             e.entry_hash)
+
+    def audit_head(self) -> tuple[int, bytes]:
+        with self._db.read() as conn:
+            return self.head(conn)
+
+    def add_checkpoint(self, sign: Callable[[bytes], bytes], key_id: str) -> Checkpoint:
+        require_id("key_id", key_id)
+        with _write(self._db) as conn:
+            seq, head = self.head(conn)
+            signature = bytes(sign(chain.checkpoint_message(seq, head)))
+            now = float(self._clock())
             conn.execute(
-                "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                (SCHEMA_VERSION, now),
+                "INSERT INTO checkpoints (seq, head, key_id, signature, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (seq, head, key_id, signature, now),
             )
-            ledger_id = uuid.uuid4().hex
-            conn.execute(
-                "INSERT INTO ledger_info (key, value) VALUES ('ledger_id', ?)", (ledger_id,)
+            self.append(
+                conn, now, "audit.checkpoint",
+                {"seq": seq, "head": head, "key_id": key_id, "signature": signature},
             )
-            self._append(
-                conn,
-                now,
-                "ledger.created",
-                {"ledger_id": ledger_id, "schema_version": SCHEMA_VERSION},
-            )
+            return Checkpoint(seq, head, key_id, signature, now)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT seq, head, key_id, signature, created_at FROM checkpoints ORDER BY id"
+            ).fetchall()
+        return [Checkpoint(r[0], bytes(r[1]), r[2], bytes(r[3]), r[4]) for r in rows]
+
+    def repeats(self, auth_id: str | None) -> list[tuple[int, DisclosureRow]]:
+        """Replayed disclosures (audited, not counted) with their entry's seq."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT seq, at, payload FROM audit_log WHERE kind = ? ORDER BY seq",
+                (DISCLOSURE_REPEATED,),
+            ).fetchall()
+        out: list[tuple[int, DisclosureRow]] = []
+        for seq, at, payload in rows:
+            p = json.loads(payload)
+            if auth_id is None or p["auth_id"] == auth_id:
+                out.append((seq, DisclosureRow(p["auth_id"], p["session_id"], p["record_id"],
+                                               p["rule_id"], at, True)))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Authorizations, sessions, budget and disclosures
+# --------------------------------------------------------------------------------------------
+
+
+class _AccountTables:
+    """The accounting tables, changed only under the shared rules, each change audited."""
+
+    def __init__(
+        self, db: SqliteDatabase, clock: Callable[[], float], audit: _AuditTables
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._audit = audit
 
     # -- authorizations ------------------------------------------------------------------------
 
     def ensure_authorization(
-        self, auth_id: str, *, max_queries: int, max_disclosures: int, not_after: int
+        self, auth_id: str, max_queries: int, max_disclosures: int, not_after: int
     ) -> None:
-        """Register an authorization's limits once; re-registering must repeat them exactly.
-
-        Limits are fixed at first sight so that a later, more generous copy of an
-        authorization id cannot silently enlarge its budget.
-        """
-        _check_id("auth_id", auth_id)
-        _check_count("max_queries", max_queries)
-        _check_count("max_disclosures", max_disclosures)
-        if isinstance(not_after, bool) or not isinstance(not_after, int):
-            raise ValueError("not_after must be an integer (Unix seconds)")
-        with self._write() as conn:
+        limits = (max_queries, max_disclosures, not_after)
+        with _write(self._db) as conn:
             row = conn.execute(
                 "SELECT max_queries, max_disclosures, not_after FROM authorizations "
                 "WHERE auth_id = ?",
                 (auth_id,),
             ).fetchone()
             if row is not None:
-                if tuple(row) != (max_queries, max_disclosures, not_after):
-                    raise LedgerError(
-                        f"authorization {auth_id!r} already registered with different limits "
-                        f"(max_queries={row[0]}, max_disclosures={row[1]}, not_after={row[2]})"
-                    )
+                check_limits_unchanged(auth_id, tuple(row), limits)
                 return
             now = float(self._clock())
             conn.execute(
                 "INSERT INTO authorizations "
                 "(auth_id, max_queries, max_disclosures, not_after, registered_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (auth_id, max_queries, max_disclosures, not_after, now),
+                (auth_id, *limits, now),
             )
-            self._append(
-                conn,
-                now,
-                "authorization.registered",
-                {
-                    "auth_id": auth_id,
-                    "max_queries": max_queries,
-                    "max_disclosures": max_disclosures,
-                    "not_after": not_after,
-                },
-            )
+            self._audit.append(conn, now, "authorization.registered", {
+                "auth_id": auth_id, "max_queries": max_queries,
+                "max_disclosures": max_disclosures, "not_after": not_after,
+            })
 
-    def budget(self, auth_id: str) -> Budget:
-        """Authorization-wide counters, read from one snapshot."""
-        with self._read() as conn:
-            return self._budget(conn, auth_id)
-
-    def _budget(self, conn: sqlite3.Connection, auth_id: str) -> Budget:
+    @staticmethod
+    def budget(conn: sqlite3.Connection, auth_id: str) -> Budget:
         row = conn.execute(
             "SELECT max_queries, reserved_total, evaluated_total, max_disclosures, "
             "disclosed_total FROM authorizations WHERE auth_id = ?",
@@ -568,29 +408,29 @@ class Ledger:
         if row is None:
             raise LedgerError(f"unknown authorization {auth_id!r}")
         max_q, reserved, evaluated, max_d, disclosed = row
-        return Budget(
-            max_queries=max_q,
-            reserved=reserved,
-            evaluated=evaluated,
-            remaining=max_q - reserved,
-            max_disclosures=max_d,
-            disclosed=disclosed,
-        )
+        return Budget(max_queries=max_q, reserved=reserved, evaluated=evaluated,
+                      remaining=max_q - reserved, max_disclosures=max_d, disclosed=disclosed)
+
+    def authorization(self, auth_id: str) -> AuthorizationRow:
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT max_queries, max_disclosures, not_after, registered_at "
+                "FROM authorizations WHERE auth_id = ?",
+                (auth_id,),
+            ).fetchone()
+        if row is None:
+            raise LedgerError(f"unknown authorization {auth_id!r}")
+        return AuthorizationRow(auth_id, *row)
 
     # -- sessions and budget -------------------------------------------------------------------
 
-    def open_session(self, auth_id: str, session_id: str, meta: Mapping[str, Any]) -> None:
-        """Record that a session started, with its metadata (e.g. peer identity, tier).
-
-        Idempotent: the same call again is a no-op; different metadata for an existing session,
-        or a session id already used by another authorization, is an error.
-        """
-        _check_id("auth_id", auth_id)
-        _check_id("session_id", session_id)
-        meta_json = canonical_json(meta)
-        with self._write() as conn:
-            self._require_authorization(conn, auth_id)
-            row = self._session_row(conn, session_id)
+    def open_session(self, auth_id: str, session_id: str, meta_json: str) -> None:
+        with _write(self._db) as conn:
+            if not conn.execute(
+                "SELECT 1 FROM authorizations WHERE auth_id = ?", (auth_id,)
+            ).fetchone():
+                raise LedgerError(f"unknown authorization {auth_id!r}")
+            row = _session_row(conn, session_id)
             now = float(self._clock())
             if row is None:
                 conn.execute(
@@ -599,7 +439,7 @@ class Ledger:
                     (session_id, auth_id, meta_json, now),
                 )
             else:
-                self._require_session_auth(row, auth_id, session_id)
+                _require_session_auth(row, auth_id, session_id)
                 if row["meta"] is not None:
                     if row["meta"] != meta_json:
                         raise LedgerError(
@@ -610,28 +450,16 @@ class Ledger:
                 conn.execute(
                     "UPDATE sessions SET meta = ? WHERE session_id = ?", (meta_json, session_id)
                 )
-            self._append(
-                conn,
-                now,
-                "session.opened",
-                {"auth_id": auth_id, "session_id": session_id, "meta": json.loads(meta_json)},
-            )
+            self._audit.append(conn, now, "session.opened", {
+                "auth_id": auth_id, "session_id": session_id, "meta": json.loads(meta_json),
+            })
 
     def reserve(self, auth_id: str, session_id: str, n: int) -> Reservation:
-        """Charge ``n`` units of the persistent budget to a session, atomically and for good.
-
-        Idempotent per session (same ``n`` returns the existing reservation, nothing charged
-        twice), so a retried RPC is safe. Creates the session row if ``open_session`` was not
-        called first.
-        """
-        _check_id("auth_id", auth_id)
-        _check_id("session_id", session_id)
-        _check_count("n", n)
-        with self._write() as conn:
-            budget = self._budget(conn, auth_id)
-            row = self._session_row(conn, session_id)
+        with _write(self._db) as conn:
+            budget = self.budget(conn, auth_id)
+            row = _session_row(conn, session_id)
             if row is not None:
-                self._require_session_auth(row, auth_id, session_id)
+                _require_session_auth(row, auth_id, session_id)
                 if row["reserved"] is not None:
                     if row["reserved"] != n:
                         raise LedgerError(
@@ -640,11 +468,7 @@ class Ledger:
                     return _reservation(row)
                 if row["closed_at"] is not None:
                     raise LedgerError(f"session {session_id!r} is closed")
-            if n > budget.remaining:
-                raise BudgetExhausted(
-                    f"authorization {auth_id!r}: requested {n} queries, "
-                    f"remaining {budget.remaining} of {budget.max_queries}"
-                )
+            check_reserve(auth_id, budget, n)
             now = float(self._clock())
             if row is None:
                 conn.execute(
@@ -660,54 +484,28 @@ class Ledger:
                 "UPDATE authorizations SET reserved_total = reserved_total + ? WHERE auth_id = ?",
                 (n, auth_id),
             )
-            self._append(
-                conn,
-                now,
-                "budget.reserved",
-                {
-                    "auth_id": auth_id,
-                    "session_id": session_id,
-                    "n": n,
-                    "reserved_total": budget.reserved + n,
-                    "remaining": budget.remaining - n,
-                },
-            )
-            return _reservation(self._session_row(conn, session_id))
+            self._audit.append(conn, now, "budget.reserved", {
+                "auth_id": auth_id, "session_id": session_id, "n": n,
+                "reserved_total": budget.reserved + n, "remaining": budget.remaining - n,
+            })
+            return _reservation(_session_row(conn, session_id))
 
     def reservation(self, session_id: str) -> Reservation | None:
-        """The session's reservation, or None if it has not reserved anything."""
-        with self._read() as conn:
-            row = self._session_row(conn, session_id)
+        with self._db.read() as conn:
+            row = _session_row(conn, session_id)
         if row is None or row["reserved"] is None:
             return None
         return _reservation(row)
 
     def record_evaluation(self, auth_id: str, session_id: str, n: int) -> int:
-        """Count ``n`` more evaluated elements against the session's reservation.
-
-        Returns the session's new evaluated total. Exceeding the reservation raises
-        :class:`BudgetExhausted` and records nothing, so the caller must not evaluate.
-        """
-        _check_id("auth_id", auth_id)
-        _check_id("session_id", session_id)
-        _check_count("n", n)
-        with self._write() as conn:
-            row = self._session_row(conn, session_id)
-            if row is None:
-                raise LedgerError(f"unknown session {session_id!r}")
-            self._require_session_auth(row, auth_id, session_id)
+        with _write(self._db) as conn:
+            row = _open_session_row(conn, auth_id, session_id)
             if row["reserved"] is None:
                 raise LedgerError(f"session {session_id!r} has no reservation")
-            if row["closed_at"] is not None:
-                raise LedgerError(f"session {session_id!r} is closed")
             reserved, evaluated = row["reserved"], row["evaluated"]
-            if evaluated + n > reserved:
-                raise BudgetExhausted(
-                    f"session {session_id!r}: requested {n} evaluations, "
-                    f"remaining {reserved - evaluated} of {reserved} reserved"
-                )
+            check_evaluation(session_id, reserved, evaluated, n)
             if n == 0:
-                return evaluated
+                return int(evaluated)
             conn.execute(
                 "UPDATE sessions SET evaluated = evaluated + ? WHERE session_id = ?",
                 (n, session_id),
@@ -716,42 +514,20 @@ class Ledger:
                 "UPDATE authorizations SET evaluated_total = evaluated_total + ? WHERE auth_id = ?",
                 (n, auth_id),
             )
-            self._append(
-                conn,
-                float(self._clock()),
-                "budget.evaluated",
-                {
-                    "auth_id": auth_id,
-                    "session_id": session_id,
-                    "n": n,
-                    "evaluated": evaluated + n,
-                },
-            )
-            return evaluated + n
+            self._audit.append(conn, float(self._clock()), "budget.evaluated", {
+                "auth_id": auth_id, "session_id": session_id, "n": n, "evaluated": evaluated + n,
+            })
+            return int(evaluated + n)
 
     def close_session(
-        self,
-        auth_id: str,
-        session_id: str,
-        receipt: bytes,
-        custodian_signature: bytes,
-        requester_signature: bytes | None = None,
+        self, auth_id: str, session_id: str, receipt: bytes, custodian_signature: bytes,
+        requester_signature: bytes | None,
     ) -> None:
-        """Store the signed receipt that ends a session; no budget use after this.
-
-        Idempotent for an identical receipt; a different receipt for a closed session is an
-        error (a session has exactly one receipt).
-        """
-        _check_id("auth_id", auth_id)
-        _check_id("session_id", session_id)
-        receipt = bytes(receipt)
-        custodian_signature = bytes(custodian_signature)
-        requester_signature = None if requester_signature is None else bytes(requester_signature)
-        with self._write() as conn:
-            row = self._session_row(conn, session_id)
+        with _write(self._db) as conn:
+            row = _session_row(conn, session_id)
             if row is None:
                 raise LedgerError(f"unknown session {session_id!r}")
-            self._require_session_auth(row, auth_id, session_id)
+            _require_session_auth(row, auth_id, session_id)
             if row["closed_at"] is not None:
                 same = _same_bytes(row["receipt"], receipt) and _same_bytes(
                     row["custodian_signature"], custodian_signature
@@ -767,31 +543,22 @@ class Ledger:
                 "requester_signature = ? WHERE session_id = ?",
                 (now, receipt, custodian_signature, requester_signature, session_id),
             )
-            self._append(
-                conn,
-                now,
-                "session.closed",
-                {
-                    "auth_id": auth_id,
-                    "session_id": session_id,
-                    "receipt_sha256": _receipt_digest(receipt),
-                    "custodian_signature": custodian_signature,
-                    "requester_signature": requester_signature,
-                    "reserved": row["reserved"],
-                    "evaluated": row["evaluated"],
-                },
-            )
+            self._audit.append(conn, now, "session.closed", {
+                "auth_id": auth_id, "session_id": session_id,
+                "receipt_sha256": chain.receipt_digest(receipt),
+                "custodian_signature": custodian_signature,
+                "requester_signature": requester_signature,
+                "reserved": row["reserved"], "evaluated": row["evaluated"],
+            })
 
     def add_countersignature(self, session_id: str, requester_signature: bytes) -> None:
-        """Attach the requester's countersignature to a closed session's receipt (once)."""
-        _check_id("session_id", session_id)
-        with self._write() as conn:
-            row = self._session_row(conn, session_id)
+        with _write(self._db) as conn:
+            row = _session_row(conn, session_id)
             if row is None:
                 raise LedgerError(f"unknown session {session_id!r}")
             if row["closed_at"] is None:
                 raise LedgerError(f"session {session_id!r} is not closed yet")
-            self._countersign(conn, row, bytes(requester_signature))
+            self._countersign(conn, row, requester_signature)
 
     def _countersign(self, conn: sqlite3.Connection, row: sqlite3.Row, signature: bytes) -> None:
         existing = row["requester_signature"]
@@ -805,20 +572,23 @@ class Ledger:
             "UPDATE sessions SET requester_signature = ? WHERE session_id = ?",
             (signature, row["session_id"]),
         )
-        self._append(
-            conn,
-            float(self._clock()),
-            "session.countersigned",
-            {
-                "auth_id": row["auth_id"],
-                "session_id": row["session_id"],
-                "requester_signature": signature,
-            },
-        )
+        self._audit.append(conn, float(self._clock()), "session.countersigned", {
+            "auth_id": row["auth_id"], "session_id": row["session_id"],
+            "requester_signature": signature,
+        })
+
+    def sessions(self, auth_id: str) -> list[SessionRow]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT auth_id, session_id, meta, opened_at, reserved, evaluated, closed_at "
+                "FROM sessions WHERE auth_id = ? ORDER BY opened_at, rowid",
+                (auth_id,),
+            ).fetchall()
+        return [SessionRow(r[0], r[1], None if r[2] is None else json.loads(r[2]), *r[3:])
+                for r in rows]
 
     def receipts(self, auth_id: str) -> list[ReceiptRow]:
-        """Receipts of the authorization's closed sessions, in closing order."""
-        with self._read() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(
                 "SELECT auth_id, session_id, receipt, custodian_signature, requester_signature, "
                 "closed_at FROM sessions WHERE auth_id = ? AND closed_at IS NOT NULL "
@@ -826,56 +596,22 @@ class Ledger:
                 (auth_id,),
             ).fetchall()
         return [
-            ReceiptRow(
-                auth_id=r[0],
-                session_id=r[1],
-                receipt=bytes(r[2]),
-                custodian_signature=bytes(r[3]),
-                requester_signature=None if r[4] is None else bytes(r[4]),
-                closed_at=r[5],
-            )
+            ReceiptRow(auth_id=r[0], session_id=r[1], receipt=bytes(r[2]),
+                       custodian_signature=bytes(r[3]),
+                       requester_signature=None if r[4] is None else bytes(r[4]),
+                       closed_at=r[5])
             for r in rows
         ]
 
     # -- disclosures ---------------------------------------------------------------------------
 
-    def record_disclosure(
-        self, auth_id: str, session_id: str, record_id: str, rule_id: str
-    ) -> DisclosureRow:
-        """Durably account for one disclosure; release the fields only after this returns.
-
-        A record already disclosed under this authorization returns its original row with
-        ``repeat=True`` and does not count against the cap (the replay is still audited,
-        because data leaves again).
-        """
-        return self.record_disclosures(auth_id, session_id, [(record_id, rule_id)])[0]
-
     def record_disclosures(
         self, auth_id: str, session_id: str, items: Sequence[tuple[str, str]]
     ) -> list[DisclosureRow]:
-        """Account for a batch of ``(record_id, rule_id)`` disclosures in one transaction.
-
-        All or nothing: if the new distinct records would exceed ``max_disclosures``,
-        :class:`DisclosureCapReached` is raised and nothing is recorded. One commit per
-        batch keeps fsync cost off the per-match path at scale.
-        """
-        _check_id("auth_id", auth_id)
-        _check_id("session_id", session_id)
-        for record_id, rule_id in items:
-            _check_id("record_id", record_id)
-            _check_id("rule_id", rule_id)
-        with self._write() as conn:
-            budget = self._budget(conn, auth_id)
-            row = self._session_row(conn, session_id)
-            if row is None:
-                raise LedgerError(f"unknown session {session_id!r}")
-            self._require_session_auth(row, auth_id, session_id)
-            if row["closed_at"] is not None:
-                raise LedgerError(f"session {session_id!r} is closed")
-            now = float(self._clock())
-            # (session, rule, time) of every record of this batch already disclosed under
-            # this authorization; records first disclosed by this batch join as they go.
-            first: dict[str, tuple[str, str, float]] = {}
+        with _write(self._db) as conn:
+            budget = self.budget(conn, auth_id)
+            _open_session_row(conn, auth_id, session_id)
+            first: dict[str, DisclosureRow] = {}
             distinct = list(dict.fromkeys(record_id for record_id, _ in items))
             for a in range(0, len(distinct), _IN_LIST):
                 part = distinct[a:a + _IN_LIST]
@@ -884,419 +620,258 @@ class Ledger:
                     f"WHERE auth_id = ? AND record_id IN ({','.join('?' * len(part))})",
                     (auth_id, *part),
                 ):
-                    first[rid] = (sid, rule, at)
-            out: list[DisclosureRow] = []
-            entries: list[tuple[str, dict[str, Any]]] = []
-            new_rows: list[tuple[str, str, str, str, float]] = []
-            new_rows_entry: list[int] = []
-            disclosed = budget.disclosed
-            for record_id, rule_id in items:
-                payload = {"auth_id": auth_id, "session_id": session_id,
-                           "record_id": record_id, "rule_id": rule_id}
-                prior = first.get(record_id)
-                if prior is not None:
-                    payload["first_session_id"] = prior[0]
-                    entries.append(("disclosure.repeated", payload))
-                    out.append(DisclosureRow(auth_id, prior[0], record_id, prior[1], prior[2],
-                                             True))
-                    continue
-                if disclosed >= budget.max_disclosures:
-                    raise DisclosureCapReached(
-                        f"authorization {auth_id!r}: disclosure cap of "
-                        f"{budget.max_disclosures} records reached"
-                    )
-                new_rows_entry.append(len(entries))
-                entries.append(("disclosure.recorded", payload))
-                new_rows.append((auth_id, session_id, record_id, rule_id, now))
-                first[record_id] = (session_id, rule_id, now)
-                disclosed += 1
-                out.append(DisclosureRow(auth_id, session_id, record_id, rule_id, now, False))
-            appended = self._append_many(conn, now, entries)
+                    first[rid] = DisclosureRow(auth_id, sid, rid, rule, at, False)
+            now = float(self._clock())
+            plan = plan_disclosures(auth_id, session_id, items, first, budget, now)
+            appended = self._audit.append_many(conn, now, plan.entries)
             conn.executemany(
                 "INSERT INTO disclosures "
                 "(auth_id, session_id, record_id, rule_id, disclosed_at, audit_seq) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                [(*r, appended[e].seq) for r, e in zip(new_rows, new_rows_entry, strict=True)],
+                [(r.auth_id, r.session_id, r.record_id, r.rule_id, r.disclosed_at,
+                  appended[e].seq) for r, e in plan.new],
             )
-            if disclosed != budget.disclosed:
+            if plan.disclosed != budget.disclosed:
                 conn.execute(
                     "UPDATE authorizations SET disclosed_total = ? WHERE auth_id = ?",
-                    (disclosed, auth_id),
+                    (plan.disclosed, auth_id),
                 )
-            return out
+            return plan.rows
 
-    def disclosures(self, auth_id: str | None = None) -> list[DisclosureRow]:
-        """Accounting rows in the order they were recorded (all authorizations if None)."""
-        sql = "SELECT auth_id, session_id, record_id, rule_id, disclosed_at FROM disclosures"
+    def disclosures(self, auth_id: str | None, include_repeats: bool) -> list[DisclosureRow]:
+        sql = ("SELECT audit_seq, auth_id, session_id, record_id, rule_id, disclosed_at "
+               "FROM disclosures")
         args: tuple[str, ...] = ()
         if auth_id is not None:
             sql += " WHERE auth_id = ?"
             args = (auth_id,)
-        with self._read() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(sql + " ORDER BY id", args).fetchall()
-        return [DisclosureRow(r[0], r[1], r[2], r[3], r[4], False) for r in rows]
+            first = [(seq, DisclosureRow(aid, sid, rid, rule, at, False))
+                     for seq, aid, sid, rid, rule, at in rows]
+            if not include_repeats:
+                return [row for _, row in first]
+            both = first + self._audit.repeats(auth_id)
+        return [row for _, row in sorted(both, key=lambda pair: pair[0])]
 
-    # -- audit chain ---------------------------------------------------------------------------
-
-    def audit(self, kind: str, payload: Mapping[str, Any]) -> AuditEntry:
-        """Append a decision that changes nothing else (a refusal, say) to the chain."""
-        _check_id("kind", kind)
-        with self._write() as conn:
-            return self._append(conn, float(self._clock()), kind, payload)
-
-    def _append(
-        self,
-        conn: sqlite3.Connection,
-        at: float,
-        kind: str,
-        payload: Mapping[str, Any],
-    ) -> AuditEntry:
-        """Append one entry inside the caller's transaction (the caller holds the write lock)."""
-        return self._append_many(conn, at, [(kind, payload)])[0]
-
-    def _append_many(
-        self,
-        conn: sqlite3.Connection,
-        at: float,
-        entries: Sequence[tuple[str, Mapping[str, Any]]],
-    ) -> list[AuditEntry]:
-        """Append entries, chained in order, inside the caller's transaction.
-
-        The head is read once and the rows go in with one ``executemany``: a disclosure
-        batch writes one entry per record, so this is on the per-match path.
-        """
-        if not entries:
-            return []
-        last = conn.execute(
-            "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
-        seq, prev = (1, ZERO_HASH) if last is None else (last[0] + 1, bytes(last[1]))
-        out: list[AuditEntry] = []
-        rows: list[tuple[int, float, str, str, bytes, bytes]] = []
-        for kind, payload in entries:
-            normalized, payload_json = _canonical(payload)
-            entry_hash = audit_entry_hash(prev, seq, at, kind, payload_json)
-            rows.append((seq, at, kind, payload_json, prev, entry_hash))
-            out.append(AuditEntry(seq, at, kind, normalized, prev, entry_hash))
-            seq, prev = seq + 1, entry_hash
-        conn.executemany(
-            "INSERT INTO audit_log (seq, at, kind, payload, prev_hash, entry_hash) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        return out
-
-    def audit_entries(self, start: int = 0) -> Iterator[AuditEntry]:
-        """Entries with ``seq >= start`` in chain order (seq starts at 1).
-
-        Reads page by page so a long iteration does not block writers on other threads.
-        """
-        cursor = start
-        while True:
-            with self._read() as conn:
-                rows = conn.execute(
-                    "SELECT seq, at, kind, payload, prev_hash, entry_hash FROM audit_log "
-                    "WHERE seq >= ? ORDER BY seq LIMIT ?",
-                    (cursor, _PAGE),
-                ).fetchall()
-            for seq, at, kind, payload, prev, entry_hash in rows:
-                try:
-                    parsed = json.loads(payload)
-                except json.JSONDecodeError as exc:
-                    raise LedgerError(f"audit entry {seq} has an unreadable payload") from exc
-                yield AuditEntry(seq, at, kind, parsed, bytes(prev), bytes(entry_hash))
-            if len(rows) < _PAGE:
-                return
-            cursor = rows[-1][0] + 1
-
-    def audit_head(self) -> tuple[int, bytes]:
-        """``(seq, entry_hash)`` of the newest entry; ``(0, ZERO_HASH)`` for an empty chain."""
-        with self._read() as conn:
+    def disclosed_count(self, auth_id: str, session_id: str) -> int:
+        with self._db.read() as conn:
             row = conn.execute(
-                "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+                "SELECT COUNT(*) FROM disclosures WHERE session_id = ? AND auth_id = ?",
+                (session_id, auth_id),
             ).fetchone()
-        return (0, ZERO_HASH) if row is None else (row[0], bytes(row[1]))
+        return int(row[0])
 
-    def _raw_entries(self) -> Iterator[tuple[int, float, str, str, bytes, bytes]]:
-        """Stored rows in seq order, paged, with no parsing (verification hashes raw text)."""
-        cursor = -(2**63)
-        while True:
-            with self._read() as conn:
-                rows = conn.execute(
-                    "SELECT seq, at, kind, payload, prev_hash, entry_hash FROM audit_log "
-                    "WHERE seq >= ? ORDER BY seq LIMIT ?",
-                    (cursor, _PAGE),
-                ).fetchall()
-            yield from rows
-            if len(rows) < _PAGE:
-                return
-            cursor = rows[-1][0] + 1
 
-    def verify_audit_chain(self) -> AuditVerification:
-        """Re-derive every hash from the stored content and check every link.
+def _session_row(conn: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
+    cur = conn.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
+    cur.row_factory = sqlite3.Row
+    row: sqlite3.Row | None = cur.fetchone()
+    return row
 
-        Names the first bad position: an edited entry fails its own hash, a deleted entry
-        leaves a seq gap (reported at the missing seq), an inserted or reordered entry breaks
-        the ``prev_hash`` link or its hash. A forged entry appended at the very end with a
-        correct hash cannot be detected by the chain alone; signed checkpoints bound that.
-        """
-        expected_seq = 1
-        prev = ZERO_HASH
-        count = 0
-        for seq, at, kind, payload, stored_prev, stored_hash in self._raw_entries():
-            stored_prev, stored_hash = bytes(stored_prev), bytes(stored_hash)
-            bad = _check_link(seq, at, kind, payload, stored_prev, stored_hash, expected_seq, prev)
-            if bad is not None:
-                bad_seq, detail = bad
-                return AuditVerification(False, count, bad_seq, detail, prev)
-            prev = stored_hash
-            expected_seq += 1
-            count += 1
-        return AuditVerification(True, count, None, f"{count} entries verified", prev)
 
-    def add_checkpoint(self, sign: Callable[[bytes], bytes], key_id: str) -> Checkpoint:
-        """Sign the current head (see :func:`checkpoint_message`) and store the signature.
+def _open_session_row(conn: sqlite3.Connection, auth_id: str, session_id: str) -> sqlite3.Row:
+    """The row of a known, not yet closed session of this authorization."""
+    row = _session_row(conn, session_id)
+    if row is None:
+        raise LedgerError(f"unknown session {session_id!r}")
+    _require_session_auth(row, auth_id, session_id)
+    if row["closed_at"] is not None:
+        raise LedgerError(f"session {session_id!r} is closed")
+    return row
 
-        The checkpoint itself is then logged as the next audit entry, so the chain records
-        when and by which key it was pinned.
-        """
-        _check_id("key_id", key_id)
-        with self._write() as conn:
-            last = conn.execute(
-                "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            seq, head = (0, ZERO_HASH) if last is None else (last[0], bytes(last[1]))
-            signature = bytes(sign(checkpoint_message(seq, head)))
-            now = float(self._clock())
-            conn.execute(
-                "INSERT INTO checkpoints (seq, head, key_id, signature, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (seq, head, key_id, signature, now),
-            )
-            self._append(
-                conn,
-                now,
-                "audit.checkpoint",
-                {"seq": seq, "head": head, "key_id": key_id, "signature": signature},
-            )
-            return Checkpoint(seq, head, key_id, signature, now)
 
-    def checkpoints(self) -> list[Checkpoint]:
-        """Stored checkpoints, oldest first."""
-        with self._read() as conn:
-            rows = conn.execute(
-                "SELECT seq, head, key_id, signature, created_at FROM checkpoints ORDER BY id"
-            ).fetchall()
-        return [Checkpoint(r[0], bytes(r[1]), r[2], bytes(r[3]), r[4]) for r in rows]
-
-    def verify_checkpoints(self, verify: Callable[[bytes, bytes], bool]) -> bool:
-        """True iff every checkpoint's signature verifies and matches the *recomputed* chain.
-
-        ``verify(message, signature)`` must return True for a valid signature (an exception
-        counts as invalid). Hashes are recomputed from entry content rather than trusted from
-        storage, so a chain rewritten wholesale (hashes and all) fails here even though it
-        would pass :meth:`verify_audit_chain`. With no checkpoints there is nothing to
-        contradict and the result is True; check :meth:`checkpoints` if one is required.
-        """
-        pending: dict[int, list[Checkpoint]] = {}
-        for cp in self.checkpoints():
-            try:
-                valid = bool(verify(checkpoint_message(cp.seq, cp.head), cp.signature))
-            except Exception:
-                valid = False
-            if not valid:
-                return False
-            pending.setdefault(cp.seq, []).append(cp)
-        if not pending:
-            return True
-        computed = ZERO_HASH
-        for cp in pending.pop(0, []):
-            if not hmac.compare_digest(cp.head, computed):
-                return False
-        expected_seq = 1
-        for seq, at, kind, payload, _prev, _hash in self._raw_entries():
-            if not pending:
-                break
-            if seq != expected_seq or not _well_typed(at, kind, payload):
-                return False
-            computed = audit_entry_hash(computed, seq, float(at), kind, payload)
-            for cp in pending.pop(seq, []):
-                if not hmac.compare_digest(cp.head, computed):
-                    return False
-            expected_seq += 1
-        return not pending
-
-    # -- oversight export ----------------------------------------------------------------------
-
-    def export(self, auth_id: str) -> dict[str, Any]:
-        """Everything an oversight body needs for one authorization, as JSON-able data."""
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT max_queries, max_disclosures, not_after, registered_at "
-                "FROM authorizations WHERE auth_id = ?",
-                (auth_id,),
-            ).fetchone()
-            if row is None:
-                raise LedgerError(f"unknown authorization {auth_id!r}")
-            budget = self._budget(conn, auth_id)
-            sessions = conn.execute(
-                "SELECT session_id, meta, opened_at, reserved, evaluated, closed_at "
-                "FROM sessions WHERE auth_id = ? ORDER BY opened_at, rowid",
-                (auth_id,),
-            ).fetchall()
-            disclosures = self.disclosures(auth_id)
-            receipts = self.receipts(auth_id)
-            head_seq, head = self.audit_head()
-            ledger_id = self.ledger_id
-            checkpoints = self.checkpoints()
-        return {
-            "ledger_id": ledger_id,
-            "auth_id": auth_id,
-            "exported_at": float(self._clock()),
-            "authorization": {
-                "max_queries": row[0],
-                "max_disclosures": row[1],
-                "not_after": row[2],
-                "registered_at": row[3],
-            },
-            "budget": {
-                "max_queries": budget.max_queries,
-                "reserved": budget.reserved,
-                "evaluated": budget.evaluated,
-                "remaining": budget.remaining,
-                "max_disclosures": budget.max_disclosures,
-                "disclosed": budget.disclosed,
-            },
-            "sessions": [
-                {
-                    "session_id": s[0],
-                    "meta": None if s[1] is None else json.loads(s[1]),
-                    "opened_at": s[2],
-                    "reserved": s[3],
-                    "evaluated": s[4],
-                    "closed_at": s[5],
-                }
-                for s in sessions
-            ],
-            "disclosures": [
-                {
-                    "session_id": d.session_id,
-                    "record_id": d.record_id,
-                    "rule_id": d.rule_id,
-                    "disclosed_at": d.disclosed_at,
-                }
-                for d in disclosures
-            ],
-            "receipts": [
-                {
-                    "session_id": r.session_id,
-                    "receipt": r.receipt.hex(),
-                    "custodian_signature": r.custodian_signature.hex(),
-                    "requester_signature": (
-                        None if r.requester_signature is None else r.requester_signature.hex()
-                    ),
-                    "closed_at": r.closed_at,
-                }
-                for r in receipts
-            ],
-            "audit_head": {"seq": head_seq, "hash": head.hex()},
-            "checkpoints": [
-                {
-                    "seq": c.seq,
-                    "head": c.head.hex(),
-                    "key_id": c.key_id,
-                    "signature": c.signature.hex(),
-                    "created_at": c.created_at,
-                }
-                for c in checkpoints
-            ],
-        }
-
-    # -- row helpers ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _require_authorization(conn: sqlite3.Connection, auth_id: str) -> None:
-        if conn.execute("SELECT 1 FROM authorizations WHERE auth_id = ?", (auth_id,)).fetchone():
-            return
-        raise LedgerError(f"unknown authorization {auth_id!r}")
-
-    @staticmethod
-    def _session_row(conn: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
-        cur = conn.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
-        cur.row_factory = sqlite3.Row
-        return cur.fetchone()
-
-    @staticmethod
-    def _require_session_auth(row: sqlite3.Row, auth_id: str, session_id: str) -> None:
-        if row["auth_id"] != auth_id:
-            raise LedgerError(f"session {session_id!r} belongs to another authorization")
+def _require_session_auth(row: sqlite3.Row, auth_id: str, session_id: str) -> None:
+    if row["auth_id"] != auth_id:
+        raise LedgerError(f"session {session_id!r} belongs to another authorization")
 
 
 def _reservation(row: sqlite3.Row | None) -> Reservation:
     if row is None or row["reserved"] is None:
         raise LedgerError("session has no reservation")
-    return Reservation(
-        auth_id=row["auth_id"],
-        session_id=row["session_id"],
-        reserved=row["reserved"],
-        evaluated=row["evaluated"],
-        remaining=row["reserved"] - row["evaluated"],
-    )
-
-
-def _check_link(
-    seq: int,
-    at: float,
-    kind: str,
-    payload: str,
-    stored_prev: bytes,
-    stored_hash: bytes,
-    expected_seq: int,
-    prev: bytes,
-) -> tuple[int, str] | None:
-    """The first problem with one stored entry, as ``(bad_seq, detail)``, or None."""
-    if seq != expected_seq:
-        if seq > expected_seq:
-            return expected_seq, f"entry {expected_seq} is missing (next stored seq is {seq})"
-        return seq, f"entry {seq} is out of sequence (expected {expected_seq})"
-    if not _well_typed(at, kind, payload):
-        return seq, f"entry {seq} has malformed columns"
-    if not hmac.compare_digest(stored_prev, prev):
-        return seq, f"entry {seq} does not link to entry {seq - 1} (prev_hash mismatch)"
-    if not hmac.compare_digest(audit_entry_hash(prev, seq, float(at), kind, payload), stored_hash):
-        return seq, f"entry {seq} content does not match its hash"
-    return None
-
-
-def _well_typed(at: object, kind: object, payload: object) -> bool:
-    """Stored columns have the types hashing needs (SQLite does not enforce column types)."""
-    return (
-        isinstance(at, float | int)
-        and not isinstance(at, bool)
-        and isinstance(kind, str)
-        and isinstance(payload, str)
-    )
+    return Reservation(auth_id=row["auth_id"], session_id=row["session_id"],
+                       reserved=row["reserved"], evaluated=row["evaluated"],
+                       remaining=row["reserved"] - row["evaluated"])
 
 
 def _same_bytes(stored: bytes | None, given: bytes) -> bool:
     return stored is not None and hmac.compare_digest(bytes(stored), given)
 
 
-def _receipt_digest(receipt: bytes) -> str:
-    """Receipt digest logged in the chain (domain-separated from the entry hash)."""
-    return hashlib.sha256(_RECEIPT_DIGEST_TAG + _u64(len(receipt)) + receipt).hexdigest()
+# --------------------------------------------------------------------------------------------
+# The ledger
+# --------------------------------------------------------------------------------------------
 
 
-def _split_sql(script: str) -> list[str]:
-    """Split the schema into statements; trigger bodies end in ``END;``."""
-    statements: list[str] = []
-    buf: list[str] = []
-    for line in script.strip().splitlines():
-        buf.append(line)
-        text = "\n".join(buf).strip()
-        if text.endswith(";") and sqlite3.complete_statement(text):
-            statements.append(text)
-            buf = []
-    if "\n".join(buf).strip():
-        raise ValueError("schema script has an unterminated statement")
-    return statements
+class Ledger:
+    """Thread-safe handle on one ledger file; every mutation is one durable transaction.
+
+    Implements :class:`protocol.accounting.port.LedgerPort`; the methods' contracts are
+    documented there.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._clock = clock
+        self._db = SqliteDatabase(
+            path, configure=_Schema.configure, error=LedgerError, name="ledger",
+            initialize=lambda db: _Schema.initialize(db, clock, _AuditTables(db, clock)),
+        )
+        self._audit = _AuditTables(self._db, clock)
+        self._accounts = _AccountTables(self._db, clock, self._audit)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> str:
+        return self._db.path
+
+    @property
+    def ledger_id(self) -> str:
+        with self._db.read() as conn:
+            row = conn.execute("SELECT value FROM ledger_info WHERE key = 'ledger_id'").fetchone()
+        if row is None:
+            raise LedgerError("ledger_info has no ledger_id")
+        return str(row[0])
+
+    def now(self) -> float:
+        return float(self._clock())
+
+    @contextmanager
+    def consistent_read(self) -> Iterator[None]:
+        with self._db.read():
+            yield
+
+    # -- authorizations, sessions and budget ---------------------------------------------------
+
+    def ensure_authorization(
+        self, auth_id: str, *, max_queries: int, max_disclosures: int, not_after: int
+    ) -> None:
+        require_id("auth_id", auth_id)
+        require_count("max_queries", max_queries)
+        require_count("max_disclosures", max_disclosures)
+        require_unix_time("not_after", not_after)
+        self._accounts.ensure_authorization(auth_id, max_queries, max_disclosures, not_after)
+
+    def budget(self, auth_id: str) -> Budget:
+        with self._db.read() as conn:
+            return self._accounts.budget(conn, auth_id)
+
+    def authorization(self, auth_id: str) -> AuthorizationRow:
+        return self._accounts.authorization(auth_id)
+
+    def open_session(self, auth_id: str, session_id: str, meta: Mapping[str, Any]) -> None:
+        require_id("auth_id", auth_id)
+        require_id("session_id", session_id)
+        self._accounts.open_session(auth_id, session_id, canonical_json(meta))
+
+    def reserve(self, auth_id: str, session_id: str, n: int) -> Reservation:
+        require_id("auth_id", auth_id)
+        require_id("session_id", session_id)
+        require_count("n", n)
+        return self._accounts.reserve(auth_id, session_id, n)
+
+    def reservation(self, session_id: str) -> Reservation | None:
+        return self._accounts.reservation(session_id)
+
+    def record_evaluation(self, auth_id: str, session_id: str, n: int) -> int:
+        require_id("auth_id", auth_id)
+        require_id("session_id", session_id)
+        require_count("n", n)
+        return self._accounts.record_evaluation(auth_id, session_id, n)
+
+    def close_session(
+        self,
+        auth_id: str,
+        session_id: str,
+        receipt: bytes,
+        custodian_signature: bytes,
+        requester_signature: bytes | None = None,
+    ) -> None:
+        require_id("auth_id", auth_id)
+        require_id("session_id", session_id)
+        self._accounts.close_session(
+            auth_id, session_id, bytes(receipt), bytes(custodian_signature),
+            None if requester_signature is None else bytes(requester_signature),
+        )
+
+    def add_countersignature(self, session_id: str, requester_signature: bytes) -> None:
+        require_id("session_id", session_id)
+        self._accounts.add_countersignature(session_id, bytes(requester_signature))
+
+    def sessions(self, auth_id: str) -> list[SessionRow]:
+        return self._accounts.sessions(auth_id)
+
+    def receipts(self, auth_id: str) -> list[ReceiptRow]:
+        return self._accounts.receipts(auth_id)
+
+    # -- disclosures ---------------------------------------------------------------------------
+
+    def record_disclosure(
+        self, auth_id: str, session_id: str, record_id: str, rule_id: str
+    ) -> DisclosureRow:
+        return self.record_disclosures(auth_id, session_id, [(record_id, rule_id)])[0]
+
+    def record_disclosures(
+        self, auth_id: str, session_id: str, items: Sequence[tuple[str, str]]
+    ) -> list[DisclosureRow]:
+        require_id("auth_id", auth_id)
+        require_id("session_id", session_id)
+        for record_id, rule_id in items:
+            require_id("record_id", record_id)
+            require_id("rule_id", rule_id)
+        return self._accounts.record_disclosures(auth_id, session_id, items)
+
+    def disclosures(
+        self, auth_id: str | None = None, *, include_repeats: bool = False
+    ) -> list[DisclosureRow]:
+        return self._accounts.disclosures(auth_id, include_repeats)
+
+    def disclosed_count(self, auth_id: str, session_id: str) -> int:
+        return self._accounts.disclosed_count(auth_id, session_id)
+
+    # -- audit chain ---------------------------------------------------------------------------
+
+    def audit(self, kind: str, payload: Mapping[str, Any]) -> AuditEntry:
+        return self._audit.audit(kind, payload)
+
+    def audit_entries(self, start: int = 0) -> Iterator[AuditEntry]:
+        return self._audit.entries(start)
+
+    def stored_entries(self) -> Iterator[StoredEntry]:
+        return self._audit.stored(_FIRST_SEQ)
+
+    def audit_head(self) -> tuple[int, bytes]:
+        return self._audit.audit_head()
+
+    def add_checkpoint(self, sign: Callable[[bytes], bytes], key_id: str) -> Checkpoint:
+        return self._audit.add_checkpoint(sign, key_id)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return self._audit.checkpoints()
+
+    def verify_audit_chain(self) -> AuditVerification:
+        """Re-derive every hash and check every link (see :func:`chain.verify_chain`)."""
+        return chain.verify_chain(self.stored_entries())
+
+    def verify_checkpoints(self, verify: Callable[[bytes, bytes], bool]) -> bool:
+        """Every checkpoint verifies and matches the recomputed chain (see
+        :func:`chain.checkpoints_match`)."""
+        return chain.checkpoints_match(self.checkpoints(), self.stored_entries(), verify)
+
+    # -- oversight export ----------------------------------------------------------------------
+
+    def export(self, auth_id: str) -> dict[str, Any]:
+        """Everything an oversight body needs for one authorization, as JSON-able data."""
+        return ledger_document(self, auth_id)

@@ -14,10 +14,9 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from protocol.accounting.oversight import (
+from protocol.adapters.files import open_csv, write_file_atomic, write_policy
+from protocol.cli.dev_pki import write_dev_pki
+from protocol.cli.oversight import (
     OVERSIGHT_DESCRIPTION,
     add_oversight_arguments,
     run_oversight_cli,
 )
-from protocol.cli.dev_pki import validate_agency_id, write_dev_pki
+from protocol.domain.engine import Engine
+from protocol.domain.identity import validate_agency_id
 from protocol.domain.records import (
     MATCH_RULES,
     Refusal,
@@ -111,25 +113,10 @@ def _warn(message: str) -> None:
 
 
 def _write_file(path: Path, data: bytes, *, mode: int, force: bool) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written file.
-
-    The temporary file starts at 0600, so a private key never exists with looser permissions.
-    Without ``force`` an existing file (or dangling symlink) is refused.
-    """
+    """``files.write_file_atomic``; without ``force`` an existing file is a user error."""
     if not force and (path.exists() or path.is_symlink()):
         raise CliError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, data, mode=mode)
 
 
 def _passphrase(env_name: str | None) -> bytes | None:
@@ -266,12 +253,14 @@ def _review_queries(args: argparse.Namespace) -> tuple[int, bytes]:
     """Validate the query file; return (accepted count, commitment over the accepted subjects)."""
     path = Path(args.queries)
     try:
-        items = read_query_csv_with_lines(path)
+        with open_csv(path) as fh:
+            items = read_query_csv_with_lines(fh)
     except PSIError as exc:
         raise CliError(f"{path}: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise CliError(f"{path} is not UTF-8 text") from exc
-    report = validate_queries(items)
+    today = date.today()  # the CLI is the edge that reads the clock
+    report = validate_queries(items, today=today)
     accepted, refused = len(report.accepted), report.refused_record_count
     print(
         f"Validated {len(items):,} query records from {path}: {accepted:,} accepted, "
@@ -289,10 +278,11 @@ def _review_queries(args: argparse.Namespace) -> tuple[int, bytes]:
     if not report.accepted:
         raise CliError(f"no query record in {path} passed validation; nothing to authorize")
     rules = _csv_list(args.rules)
-    keys = match_keys_bulk([q.person for q in report.accepted], rules)
+    keys = match_keys_bulk([q.person for q in report.accepted], rules, today=today)
     elements = sum(k is not None for rule in rules for k in keys[rule])
     print(f"Evaluations needed ({len(rules)} rule(s), subjects with a usable key): {elements:,}")
-    return accepted, subject_commitment(report.accepted), elements, report.accepted
+    commitment = subject_commitment(report.accepted, today=today)
+    return accepted, commitment, elements, report.accepted
 
 
 def _draft(
@@ -344,7 +334,8 @@ def _write_tokens(args: argparse.Namespace, auth: Authorization,
                   named_inputs: tuple[bytes, bytes], accepted_queries: list[Any]) -> None:
     """One token c·d_A·H(key) per approved subject and rule (protocol/engines/named.py)."""
     token_key, binding = named_inputs
-    keys = match_keys_bulk([q.person for q in accepted_queries], list(auth.match_rules))
+    keys = match_keys_bulk([q.person for q in accepted_queries], list(auth.match_rules),
+                           today=date.today())
     entries = [(q.person.record_id, rule, keys[rule][i])
                for rule in auth.match_rules for i, q in enumerate(accepted_queries)
                if keys[rule][i] is not None]
@@ -562,7 +553,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{PROG} inspect: {path} is not a valid signed authorization: {exc}", file=sys.stderr)
         return 1
-    info = describe(signed, trusted)
+    info = describe(signed, trusted, now=time.time())
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
@@ -614,12 +605,13 @@ def _cmd_policy_template(args: argparse.Namespace) -> int:
     validate_agency_id(args.custodian)
     keys = [_load_public_key(Path(p)) for p in args.trust]
     engines = frozenset(_csv_list(args.engines))
-    unknown = engines - {"oprf", "kkrt"}
+    unknown = engines - set(Engine)
     if unknown or not engines:
-        raise CliError(f"--engines must name oprf and/or kkrt, got {args.engines!r}")
+        raise CliError(f"--engines must name one or more of {', '.join(Engine)}, "
+                       f"got {args.engines!r}")
     policy = CustodianPolicy.trusting(args.custodian, keys, allowed_engines=engines)
     out.parent.mkdir(parents=True, exist_ok=True)
-    policy.dump(out)
+    write_policy(policy, out)
     print(f"Custodian policy for {policy.custodian_id} written to {out}")
     print(f"  trusted authority keys: {', '.join(sorted(policy.trusted_authorities))}")
     print(
@@ -711,7 +703,7 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--engines",
-        default="oprf",
+        default=Engine.OPRF.value,
         metavar="E1,E2",
         help="permitted match engines, comma-separated (default: oprf)",
     )
@@ -908,8 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="authority public key file to trust (repeatable)",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="policy file to write")
-    p.add_argument("--engines", default="oprf", metavar="E1,E2",
-                   help="match engines this custodian serves (oprf, kkrt; default oprf)")
+    p.add_argument("--engines", default=Engine.OPRF.value, metavar="E1,E2",
+                   help=f"match engines this custodian serves ({', '.join(Engine)}; "
+                        f"default {Engine.OPRF.value})")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     p = _subparser(

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocol.domain.identity import validate_agency_id
+
 __all__ = [
     "AGENCY_URN_PREFIX",
     "Issued",
@@ -37,7 +39,6 @@ __all__ = [
     "create_ca",
     "issue_client_cert",
     "issue_server_cert",
-    "validate_agency_id",
     "write_dev_pki",
 ]
 
@@ -46,9 +47,6 @@ AGENCY_URN_PREFIX = "urn:gated-psi:agency:"
 
 DEFAULT_SERVER_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
-# Agency ids end up in a URN, a CN (at most 64 characters) and file names, so they are kept to
-# a conservative alphabet: no separators, no path components, no leading dot or dash.
-_AGENCY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # An ASCII DNS name, optionally with a single leading wildcard label.
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME_RE = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?")
@@ -71,20 +69,6 @@ class Issued:
 
     cert_pem: bytes
     key_pem: bytes = field(repr=False)
-
-
-def validate_agency_id(agency_id: str) -> str:
-    """Return ``agency_id`` unchanged if it is usable in a URN, a CN and a file name.
-
-    Raises ValueError otherwise, so that a malformed id is caught at issuance rather than as a
-    confusing identity mismatch later.
-    """
-    if not isinstance(agency_id, str) or _AGENCY_ID_RE.fullmatch(agency_id) is None:
-        raise ValueError(
-            f"invalid agency id {agency_id!r}: expected 1-64 characters from [A-Za-z0-9._-], "
-            "starting with a letter or digit"
-        )
-    return agency_id
 
 
 def create_ca(common_name: str = "gated-psi dev CA", *, days: int = 30) -> Issued:

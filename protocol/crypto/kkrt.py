@@ -3,7 +3,7 @@
 Sans-I/O, like ``protocol.sessions.core``: the Requester and the Custodian take message
 objects and return message objects; the services (or ``run_kkrt_in_process``) only move
 them.  The policy, budget, disclosure and receipt logic stays in ``protocol.sessions.core``;
-this module is the engine underneath it.
+this module is the hazmat primitive under the engine adapter ``protocol.engines.kkrt``.
 
 Security (stated plainly)
 -------------------------
@@ -75,8 +75,8 @@ Message flow
 
 The engine does no I/O and holds no locks; one session object per protocol run.
 
-Wiring into ``protocol.sessions.core`` (engine ``"kkrt"``)
------------------------------------------------------
+Wiring (the engine adapter ``protocol.engines.kkrt`` does this for the sessions)
+-------------------------------------------------------------------------------
 * Requester: ``KKRTRequester(element_inputs, seed_context=auth_id | session_id)``;
   ``OpenRequest.element_count = requester.units``.  After the open response: send
   ``setup()``, feed back the ``KKRTBaseOTReply``, stream ``extension_chunks()``, feed
@@ -98,16 +98,16 @@ import os
 import struct
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
 import rbcl
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
-from protocol.adapters.workers import process_pool
 from protocol.crypto import oprf
+from protocol.crypto.encoding import encode
+from protocol.crypto.executor import Executor, Job
 from protocol.crypto.kkrt_cuckoo import (
     CUCKOO_HASHES,
     CuckooPlacement,
@@ -140,7 +140,6 @@ __all__ = [
     "derive_tags",
     "digest_bytes",
     "key_digests",
-    "make_executor",
     "parse_proof",
     "run_kkrt_in_process",
     "table_size",
@@ -168,10 +167,10 @@ _ROW_BYTES = 8 + CODE_BYTES  # H input: instance index (u64 LE) || 512-bit row
 _PARALLEL_MIN = 16_384  # hash jobs smaller than this stay in-process
 
 # Domain separation: one tag per use of a hash or KDF.
-_DST_SESSION = b"gated-psi/kkrt/session-seed/v1"
-_DST_DERIVE = b"gated-psi/kkrt/derive/v1"
-_DST_BASE_OT = b"gated-psi/kkrt/base-ot/v1"
-_DST_CUSTODIAN = b"gated-psi/kkrt/custodian-secret/v1"
+_DST_SESSION = b"gated-psi/kkrt/session-seed/v2"
+_DST_DERIVE = b"gated-psi/kkrt/derive/v2"
+_DST_BASE_OT = b"gated-psi/kkrt/base-ot/v2"
+_DST_CUSTODIAN = b"gated-psi/kkrt/custodian-secret/v2"
 _PERSON_KEY = b"gpsi-kkrt-key-v1"  # BLAKE2b personalization (16 bytes max)
 _PERSON_OPRF = b"gpsi-kkrt-oprf-1"
 _LABEL_CUCKOO = b"cuckoo"
@@ -200,28 +199,24 @@ class CuckooHashingError(PSIError):
 # --------------------------------------------------------------------------- helpers
 
 
-def _lp(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
 def _session_seed(seed_context: bytes) -> bytes:
     """One 32-byte seed per session; everything public is derived from it."""
     if not isinstance(seed_context, bytes | bytearray) or not seed_context:
         raise ValueError("seed_context must be non-empty bytes")
-    return hashlib.sha256(_DST_SESSION + _lp(bytes(seed_context))).digest()
+    return hashlib.sha256(encode(_DST_SESSION, seed_context)).digest()
 
 
 def _derive(seed: bytes, label: bytes, *parts: bytes, size: int = 16) -> bytes:
     """HMAC-SHA-256 KDF: distinct labels give independent keys."""
-    msg = _DST_DERIVE + _lp(label) + b"".join(_lp(p) for p in parts)
-    return hmac.new(seed, msg, hashlib.sha256).digest()[:size]
+    return hmac.new(seed, encode(_DST_DERIVE, label, *parts), hashlib.sha256).digest()[:size]
 
 
-def _ecb(key: bytes):  # -> an AES-128-ECB encryptor (stateless, reusable)
+def _ecb(key: bytes) -> CipherContext:
+    """An AES-128-ECB encryptor (stateless, reusable): a PRF/PRP over single blocks."""
     return Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305 - PRF/PRP use
 
 
-def _aes_blocks(encryptor, blocks: np.ndarray) -> np.ndarray:
+def _aes_blocks(encryptor: CipherContext, blocks: np.ndarray) -> np.ndarray:
     """AES over a (k, 16) uint8 array in one call."""
     out = encryptor.update(np.ascontiguousarray(blocks).tobytes())
     return np.frombuffer(out, dtype=np.uint8).reshape(-1, 16)
@@ -260,11 +255,6 @@ def _hash_rows(records: np.ndarray, salt: bytes) -> bytes:
     """H over (k, 72) uint8 records (index || row): one BLAKE2b-128 per record."""
     items = np.ascontiguousarray(records).view(f"V{_ROW_BYTES}").ravel().tolist()
     return _blake2b_each(items, OUTPUT_SIZE, _PERSON_OPRF, salt)
-
-
-def make_executor(workers: int | None = None) -> ProcessPoolExecutor:
-    """A process pool for the hashing work (``workers.process_pool``)."""
-    return process_pool(workers)
 
 
 def key_digests(keys: Sequence[bytes], executor: Executor | None = None) -> np.ndarray:
@@ -306,7 +296,7 @@ class _Hasher:
     def __init__(self, salt: bytes, executor: Executor | None) -> None:
         self.salt = salt
         self.executor = executor
-        self._jobs: list[Future[bytes] | bytes] = []
+        self._jobs: list[Job[bytes] | bytes] = []
         self._pending: list[np.ndarray] = []
         self._pending_size = 0
 
@@ -343,8 +333,8 @@ class _SessionKeys:
         self.salt = _derive(seed, _LABEL_SALT)
         self.tag = _ecb(_derive(seed, _LABEL_TAG))
         self.confirm = _derive(seed, _LABEL_CONFIRM, size=32)
-        self.code = None
-        self._cuckoo: dict[int, tuple] = {}
+        self.code: CipherContext | None = None
+        self._cuckoo: dict[int, tuple[CipherContext, ...]] = {}
         if code_nonce is not None:
             self.set_code_nonce(code_nonce)
 
@@ -372,6 +362,8 @@ class _SessionKeys:
         k = digests.shape[0]
         blocks = np.repeat(digests, _CODE_BLOCKS, axis=0).reshape(k, _CODE_BLOCKS, 16)
         blocks[:, :, 15] ^= _CODE_TWEAKS
+        if self.code is None:
+            raise ProtocolError("the code key needs the custodian's code nonce first")
         out = self.code.update(blocks.tobytes())
         return np.frombuffer(out, dtype=np.uint8).reshape(k, CODE_BYTES)
 
@@ -379,7 +371,8 @@ class _SessionKeys:
         """T(O) = (AES_kt(O) xor O)[:12] for (k, 16) outputs -> (k, 12)."""
         if outputs.shape[0] == 0:
             return np.zeros((0, TAG_SIZE), dtype=np.uint8)
-        return (_aes_blocks(self.tag, outputs) ^ outputs)[:, :TAG_SIZE]
+        tags: np.ndarray = (_aes_blocks(self.tag, outputs) ^ outputs)[:, :TAG_SIZE]
+        return tags
 
 
 def derive_tags(seed_context: bytes, outputs: Sequence[bytes]) -> list[bytes]:
@@ -404,8 +397,7 @@ def units_for(n_distinct: int, stash: int = 0) -> int:
 
 def _ot_key(seed: bytes, index: int, a: bytes, b: bytes, point: bytes) -> bytes:
     """Base-OT seed: hash of the session, the OT index, the transcript and the DH point."""
-    msg = _DST_BASE_OT + seed + struct.pack(">I", index) + a + b + point
-    return hashlib.sha256(msg).digest()[:16]
+    return hashlib.sha256(encode(_DST_BASE_OT, seed, index, a, b, point)).digest()[:16]
 
 
 class BaseOTSender:
@@ -501,9 +493,10 @@ class KKRTSetup:
         return -(-self.units // self.chunk_bins)
 
     def transcript_bytes(self) -> bytes:
-        return b"kkrt-setup" + struct.pack(
-            ">IQQQI", self.version, self.bins, self.stash, self.chunk_bins, self.attempt
-        ) + _lp(self.context) + _lp(self.base_ot_a)
+        return encode(
+            b"kkrt-setup", self.version, self.bins, self.stash, self.chunk_bins, self.attempt,
+            self.context, self.base_ot_a,
+        )
 
 
 @dataclass(frozen=True)
@@ -514,7 +507,7 @@ class KKRTBaseOTReply:
     base_ot_b: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"kkrt-base-ot" + _lp(self.code_nonce) + _lp(self.base_ot_b)
+        return encode(b"kkrt-base-ot", self.code_nonce, self.base_ot_b)
 
 
 @dataclass(frozen=True)
@@ -531,9 +524,7 @@ class KKRTExtensionChunk:
     columns: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"kkrt-ext" + struct.pack(">QQQ", self.seq, self.start, self.bins) + _lp(
-            self.columns
-        )
+        return encode(b"kkrt-ext", self.seq, self.start, self.bins, self.columns)
 
 
 @dataclass(frozen=True)
@@ -550,9 +541,7 @@ class KKRTTagChunk:
     tags: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"kkrt-tags" + struct.pack(">QQQ", self.seq, self.table, self.table_size) + _lp(
-            self.tags
-        )
+        return encode(b"kkrt-tags", self.seq, self.table, self.table_size, self.tags)
 
 
 @dataclass(frozen=True)
@@ -596,8 +585,8 @@ class KKRTRequester:
 
     ``keys`` are match-key bytes (duplicates allowed: they share one bin).
     ``seed_context`` must equal the custodian's (e.g. authorization id + session id).
-    ``bins`` overrides the table size (tests); ``executor`` (``make_executor()``) spreads
-    the hashing over processes.
+    ``bins`` overrides the table size (tests); ``executor`` (a process pool from
+    ``protocol.adapters.workers.process_pool``) spreads the hashing over processes.
     """
 
     def __init__(
@@ -964,7 +953,7 @@ class KKRTCustodian:
         self.max_units = max_units
         # secret material: choice string s and base-OT scalars, from the authorization key
         stream = hashlib.shake_256(
-            _DST_CUSTODIAN + _lp(authorization_key) + _lp(self._seed) + _lp(self.nonce)
+            encode(_DST_CUSTODIAN, authorization_key, self._seed, self.nonce)
         ).digest(CODE_BYTES + BASE_OTS * 64)
         self._s_row = np.frombuffer(stream[:CODE_BYTES], dtype=np.uint8).copy()
         self._s_bits = np.unpackbits(self._s_row)
@@ -1190,7 +1179,8 @@ class KKRTCustodian:
         setup = self._extended("evaluate")
         if not 0 <= bin_index < setup.units:
             raise ProtocolError(f"instance {bin_index} out of range")
-        return self._evaluations(np.array([bin_index]), key_digests([record_key]))[0].tobytes()
+        outputs = self._evaluations(np.array([bin_index]), key_digests([record_key]))
+        return bytes(outputs[0])
 
     def verify(self, bin_index: int, output: bytes, record_key: bytes) -> bool:
         """Does ``output`` equal F(k_bin, record_key), for a bin the record can occupy?
@@ -1319,6 +1309,8 @@ def run_kkrt_in_process(
     lap("requester_digest_cuckoo")
     setup = requester.setup()
     (reply,) = custodian.handle(setup)
+    if not isinstance(reply, KKRTBaseOTReply):
+        raise ProtocolError("the custodian did not answer the setup with its base OTs")
     requester.handle(reply)
     lap("base_ot_and_index")
     wire["setup"] = len(setup.transcript_bytes())

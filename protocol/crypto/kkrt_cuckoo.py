@@ -95,7 +95,8 @@ def _log_cover_twice(balls: np.ndarray, bins: np.ndarray, lf: np.ndarray) -> np.
     j = bins.astype(np.float64)
 
     def f(x: np.ndarray) -> np.ndarray:  # e^x - 1 - x, accurate for small x
-        return np.where(x < 1e-4, x * x / 2 + x**3 / 6, np.expm1(x) - x)
+        fx: np.ndarray = np.where(x < 1e-4, x * x / 2 + x**3 / 6, np.expm1(x) - x)
+        return fx
 
     lo = np.full_like(t, -30.0)
     hi = np.full_like(t, 12.0)
@@ -106,7 +107,8 @@ def _log_cover_twice(balls: np.ndarray, bins: np.ndarray, lf: np.ndarray) -> np.
         hi = np.where(above, mid, hi)
         lo = np.where(above, lo, mid)
     x = np.exp((lo + hi) / 2)
-    return lf[balls] - t * np.log(j) + j * np.log(f(x)) - t * np.log(x)
+    bound: np.ndarray = lf[balls] - t * np.log(j) + j * np.log(f(x)) - t * np.log(x)
+    return bound
 
 
 def failure_bound_log2(n: int, bins: int, stash: int = 0) -> float:
@@ -126,7 +128,8 @@ def failure_bound_log2(n: int, bins: int, stash: int = 0) -> float:
     lf = _log_factorials(max(n, bins, 3 * n) + 1)
 
     def log_comb(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
-        return lf[a] - lf[b] - lf[np.subtract(a, b)]
+        out: np.ndarray = lf[a] - lf[b] - lf[np.subtract(a, b)]
+        return out
 
     log_triples_m = float(log_comb(bins, CUCKOO_HASHES))
     base = log_comb(n, k) + log_comb(bins, j) + k * (log_comb(j, CUCKOO_HASHES) - log_triples_m)

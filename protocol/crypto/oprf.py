@@ -11,7 +11,10 @@ encodings, scalars are 32-byte little-endian integers below ``GROUP_ORDER``.
 
 The ``*_batch`` functions take and return *compact buffers* (``n * 32``
 concatenated encodings in one ``bytes``) because that is what goes on the wire and
-to worker processes. ``BatchPool`` spreads those batches over all cores.
+to worker processes; their ``offset`` lets a worker that holds one chunk of a larger batch
+name a bad element by its index in the whole batch. The process pool that spreads chunks
+over all cores is an adapter (``protocol.adapters.pools.BatchPool``); sessions see it, or
+an in-process stand-in, through the :class:`GroupOps` protocol.
 
 Nothing here is safe to use without the session layer: it does not decide who may
 evaluate what. It only guarantees that every element taken from outside passes
@@ -22,12 +25,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from itertools import repeat
-from typing import Any, TypeVar
+from typing import Protocol
 
 import rbcl
 
-from protocol.adapters.workers import WorkerPool
+from protocol.crypto.executor import Executor
 from protocol.errors import InvalidElementError, PSIError
 
 __all__ = [
@@ -37,8 +39,8 @@ __all__ = [
     "MODE_OPRF",
     "OUTPUT_SIZE",
     "SCALAR_SIZE",
-    "BatchPool",
     "DeriveKeyPairError",
+    "GroupOps",
     "InvalidInputError",
     "blind",
     "blind_batch",
@@ -82,12 +84,13 @@ _ELEMENT_LEN_PREFIX = ELEMENT_SIZE.to_bytes(2, "big")
 
 # libsodium entry points bound once; the batch loops bind them again to locals.
 _sha512 = hashlib.sha512
-_from_hash = rbcl.crypto_core_ristretto255_from_hash
-_scalarmult = rbcl.crypto_scalarmult_ristretto255
-_scalarmult_base = rbcl.crypto_scalarmult_ristretto255_base
-_is_valid_point = rbcl.crypto_core_ristretto255_is_valid_point
-_scalar_random = rbcl.crypto_core_ristretto255_scalar_random
-_scalar_reduce = rbcl.crypto_core_ristretto255_scalar_reduce
+# rbcl ships no type information; these are its libsodium signatures.
+_from_hash: Callable[[bytes], bytes] = rbcl.crypto_core_ristretto255_from_hash
+_scalarmult: Callable[[bytes, bytes], bytes] = rbcl.crypto_scalarmult_ristretto255
+_scalarmult_base: Callable[[bytes], bytes] = rbcl.crypto_scalarmult_ristretto255_base
+_is_valid_point: Callable[[bytes], bool] = rbcl.crypto_core_ristretto255_is_valid_point
+_scalar_random: Callable[[], bytes] = rbcl.crypto_core_ristretto255_scalar_random
+_scalar_reduce: Callable[[bytes], bytes] = rbcl.crypto_core_ristretto255_scalar_reduce
 
 
 class InvalidInputError(PSIError):
@@ -361,7 +364,7 @@ def _blind_chunk(inputs: Sequence[bytes], blinds: bytes | None, offset: int) -> 
                 raise InvalidElementError(f"blind {offset + i}: {exc}") from None
     sha512, from_hash, mult = _sha512, _from_hash, _scalarmult
     z_pad, tail_0, tail_1, identity = _Z_PAD, _HTG_TAIL_0, _HTG_TAIL_1, _IDENTITY
-    blinded = []
+    blinded: list[bytes] = []
     append = blinded.append
     for i, (data, r) in enumerate(zip(inputs, scalars, strict=True)):
         if len(data) > _MAX_INPUT_LEN:
@@ -376,7 +379,7 @@ def _blind_chunk(inputs: Sequence[bytes], blinds: bytes | None, offset: int) -> 
 def _blind_evaluate_chunk(sk: bytes, blinded: bytes, offset: int) -> bytes:
     _count(blinded, ELEMENT_SIZE, "blinded buffer")
     is_valid, mult, identity = _is_valid_point, _scalarmult, _IDENTITY
-    evaluated = []
+    evaluated: list[bytes] = []
     append = evaluated.append
     for start in range(0, len(blinded), ELEMENT_SIZE):
         element = blinded[start : start + ELEMENT_SIZE]
@@ -425,7 +428,7 @@ def _finalize_chunk(
     inverses = _batch_invert(values)
     sha512, is_valid, mult, identity = _sha512, _is_valid_point, _scalarmult, _IDENTITY
     prefix, label = _ELEMENT_LEN_PREFIX, _FINALIZE_LABEL
-    outputs = []
+    outputs: list[bytes] = []
     append = outputs.append
     for i, (data, inv) in enumerate(zip(inputs, inverses, strict=True)):
         element = evaluated[i * ELEMENT_SIZE : (i + 1) * ELEMENT_SIZE]
@@ -442,7 +445,7 @@ def _evaluate_chunk(sk: bytes, inputs: Sequence[bytes], offset: int) -> list[byt
     sha512, from_hash, mult = _sha512, _from_hash, _scalarmult
     z_pad, tail_0, tail_1, identity = _Z_PAD, _HTG_TAIL_0, _HTG_TAIL_1, _IDENTITY
     prefix, label = _ELEMENT_LEN_PREFIX, _FINALIZE_LABEL
-    outputs = []
+    outputs: list[bytes] = []
     append = outputs.append
     for i, data in enumerate(inputs):
         if len(data) > _MAX_INPUT_LEN:
@@ -455,134 +458,58 @@ def _evaluate_chunk(sk: bytes, inputs: Sequence[bytes], offset: int) -> list[byt
     return outputs
 
 
-def blind_batch(inputs: Sequence[bytes], blinds: bytes | None = None) -> tuple[bytes, bytes]:
+def blind_batch(
+    inputs: Sequence[bytes], blinds: bytes | None = None, offset: int = 0
+) -> tuple[bytes, bytes]:
     """Blind many inputs: returns (blinds_buffer, blinded_buffer), both n * 32 bytes.
 
     ``blinds`` (a buffer of n scalars) may be given only to reproduce test vectors.
+    ``offset``: index of ``inputs[0]`` in the whole batch, for error messages.
     """
-    return _blind_chunk(inputs, None if blinds is None else _as_bytes(blinds), 0)
+    return _blind_chunk(inputs, None if blinds is None else _as_bytes(blinds), offset)
 
 
-def blind_evaluate_batch(sk: bytes, blinded_buffer: bytes) -> bytes:
+def blind_evaluate_batch(sk: bytes, blinded_buffer: bytes, offset: int = 0) -> bytes:
     """BlindEvaluate every element of a compact buffer; validates each one first.
 
-    A bad element raises InvalidElementError naming its index in the buffer, and
-    nothing is returned for the batch.
+    A bad element raises InvalidElementError naming its index in the batch (plus
+    ``offset``), and nothing is returned for the batch.
     """
-    return _blind_evaluate_chunk(deserialize_scalar(sk), _as_bytes(blinded_buffer), 0)
+    return _blind_evaluate_chunk(deserialize_scalar(sk), _as_bytes(blinded_buffer), offset)
 
 
 def finalize_batch(
-    inputs: Sequence[bytes], blinds_buffer: bytes, evaluated_buffer: bytes
+    inputs: Sequence[bytes], blinds_buffer: bytes, evaluated_buffer: bytes, offset: int = 0
 ) -> list[bytes]:
     """Finalize a batch; the blinds are inverted together (Montgomery's trick)."""
-    return _finalize_chunk(inputs, _as_bytes(blinds_buffer), _as_bytes(evaluated_buffer), 0)
+    return _finalize_chunk(
+        inputs, _as_bytes(blinds_buffer), _as_bytes(evaluated_buffer), offset
+    )
 
 
-def evaluate_batch(sk: bytes, inputs: Sequence[bytes]) -> list[bytes]:
+def evaluate_batch(sk: bytes, inputs: Sequence[bytes], offset: int = 0) -> list[bytes]:
     """Evaluate many inputs with the server key (the custodian's index build)."""
-    return _evaluate_chunk(deserialize_scalar(sk), inputs, 0)
+    return _evaluate_chunk(deserialize_scalar(sk), inputs, offset)
 
 
-# --- process pool -------------------------------------------------------------------------
-
-_T = TypeVar("_T")
+# --- where the batch work runs ------------------------------------------------------------
 
 
-class BatchPool(WorkerPool):
-    """Run the batch functions on several processes, with results in input order.
+class GroupOps(Protocol):
+    """The batch functions as sessions call them: in-process, or on a worker pool.
 
-    ctypes releases the GIL inside libsodium, but the Python work around every
-    call (hashing, slicing, marshalling) does not, so processes, not threads, are
-    what fill every core.
-    Work is cut into chunks of at most ``chunk_size`` elements (fewer, if that is
-    what it takes to keep every worker busy); batches smaller than ``min_parallel``
-    run in-process because shipping them costs more than it saves. ``workers=1``
-    never starts a pool.
-
-    Lifecycle (start method, ``warm``, ``close``, ``executor``): ``workers.WorkerPool``.
+    ``executor`` is the pool's worker processes (None when everything runs in the caller),
+    shared with other bulk jobs such as match-key derivation.
     """
 
-    def __init__(
-        self,
-        workers: int | None = None,
-        *,
-        chunk_size: int = 8192,
-        min_parallel: int = 512,
-        start_method: str | None = None,
-    ) -> None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        super().__init__(workers, min_parallel=min_parallel, start_method=start_method)
-        self.chunk_size = chunk_size
+    @property
+    def executor(self) -> Executor | None: ...
 
-    def _spans(self, n: int) -> list[tuple[int, int]] | None:
-        """Chunk boundaries for n elements, or None to run in-process."""
-        if self._executor is None or n < self.min_parallel:
-            return None
-        size = max(1, min(self.chunk_size, -(-n // self.workers)))
-        return [(start, min(start + size, n)) for start in range(0, n, size)]
+    def blind(self, inputs: Sequence[bytes]) -> tuple[bytes, bytes]: ...
 
-    def _map(self, fn: Callable[..., _T], *iterables: Any) -> list[_T]:
-        assert self._executor is not None
-        return list(self._executor.map(fn, *iterables))
-
-    def blind(self, inputs: Sequence[bytes], blinds: bytes | None = None) -> tuple[bytes, bytes]:
-        """Parallel ``blind_batch``: returns (blinds_buffer, blinded_buffer)."""
-        if blinds is not None:
-            blinds = _as_bytes(blinds)
-        spans = self._spans(len(inputs))
-        if spans is None or (blinds is not None and len(blinds) != len(inputs) * 32):
-            return _blind_chunk(inputs, blinds, 0)
-        parts = self._map(
-            _blind_chunk,
-            [inputs[a:b] for a, b in spans],
-            repeat(None) if blinds is None else [blinds[a * 32 : b * 32] for a, b in spans],
-            [a for a, _ in spans],
-        )
-        return b"".join(p[0] for p in parts), b"".join(p[1] for p in parts)
-
-    def blind_evaluate(self, sk: bytes, blinded_buffer: bytes) -> bytes:
-        """Parallel ``blind_evaluate_batch``; a bad element is named by its global index."""
-        sk = deserialize_scalar(sk)
-        blinded_buffer = _as_bytes(blinded_buffer)
-        n = _count(blinded_buffer, ELEMENT_SIZE, "blinded buffer")
-        spans = self._spans(n)
-        if spans is None:
-            return _blind_evaluate_chunk(sk, blinded_buffer, 0)
-        return b"".join(
-            self._map(
-                _blind_evaluate_chunk,
-                repeat(sk),
-                [blinded_buffer[a * 32 : b * 32] for a, b in spans],
-                [a for a, _ in spans],
-            )
-        )
+    def blind_evaluate(self, sk: bytes, blinded_buffer: bytes) -> bytes: ...
 
     def finalize(self, inputs: Sequence[bytes], blinds: bytes, evaluated: bytes) -> list[bytes]:
-        """Parallel ``finalize_batch`` (batch inversion happens per chunk)."""
-        blinds, evaluated = _as_bytes(blinds), _as_bytes(evaluated)
-        n = len(inputs)
-        spans = self._spans(n)
-        if spans is None or len(blinds) != n * 32 or len(evaluated) != n * 32:
-            # Wrong lengths are reported by the serial path with the full-batch sizes.
-            return _finalize_chunk(inputs, blinds, evaluated, 0)
-        parts = self._map(
-            _finalize_chunk,
-            [inputs[a:b] for a, b in spans],
-            [blinds[a * 32 : b * 32] for a, b in spans],
-            [evaluated[a * 32 : b * 32] for a, b in spans],
-            [a for a, _ in spans],
-        )
-        return [output for part in parts for output in part]
+        ...
 
-    def evaluate(self, sk: bytes, inputs: Sequence[bytes]) -> list[bytes]:
-        """Parallel ``evaluate_batch``."""
-        sk = deserialize_scalar(sk)
-        spans = self._spans(len(inputs))
-        if spans is None:
-            return _evaluate_chunk(sk, inputs, 0)
-        parts = self._map(
-            _evaluate_chunk, repeat(sk), [inputs[a:b] for a, b in spans], [a for a, _ in spans]
-        )
-        return [output for part in parts for output in part]
+    def evaluate(self, sk: bytes, inputs: Sequence[bytes]) -> list[bytes]: ...

@@ -1,4 +1,6 @@
-"""Fast Paillier encryption for the aggregate tier (DESIGN §7), on top of ``phe``'s key types.
+"""Fast Paillier encryption for the aggregate tier, on top of ``phe``'s key types.
+
+See docs/architecture.md, Aggregate and cardinality tiers.
 
 Why this module exists
 ----------------------
@@ -73,15 +75,15 @@ import hashlib
 import math
 import os
 import secrets
-import struct
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from threading import Lock
+from functools import lru_cache
+from typing import Any
 
 from phe import paillier
 from phe.util import powmod
 
+from protocol.crypto.encoding import encode
 from protocol.errors import InvalidElementError
 
 try:  # pragma: no cover - exercised by whichever backend the environment has
@@ -125,7 +127,10 @@ MIN_EXPONENT_BITS = 256
 DEFAULT_WINDOW_BITS = 12
 MAX_WINDOW_BITS = 16
 
-SPEC_FINGERPRINT_TAG = b"gated-psi/paillier-encryptor-spec/v1"
+SPEC_FINGERPRINT_TAG = b"gated-psi/paillier-encryptor-spec/v2"
+
+#: An integer for modular arithmetic: ``int`` or ``gmpy2.mpz``, which share no static type.
+ModInt = Any
 
 # Product of the odd primes below 2000: a modulus sharing one of them is not an RSA modulus.
 _SMALL_PRIMES_PRODUCT = math.prod(
@@ -139,7 +144,7 @@ def _number(use_gmpy2: bool | None) -> type:
         use_gmpy2 = HAVE_GMPY2
     if use_gmpy2 and not HAVE_GMPY2:
         raise ValueError("gmpy2 was requested but is not installed")
-    return gmpy2.mpz if use_gmpy2 else int  # type: ignore[union-attr]
+    return gmpy2.mpz if use_gmpy2 else int
 
 
 # --------------------------------------------------------------------------- keys
@@ -159,7 +164,8 @@ def generate_keypair(
         )
     if key_bits < 512 or key_bits % 2:
         raise ValueError(f"key_bits must be even and >= 512, got {key_bits}")
-    return paillier.generate_paillier_keypair(n_length=key_bits)
+    public_key, private_key = paillier.generate_paillier_keypair(n_length=key_bits)
+    return public_key, private_key
 
 
 def check_public_key(public_key: paillier.PaillierPublicKey, *, min_key_bits: int) -> None:
@@ -183,7 +189,8 @@ def check_public_key(public_key: paillier.PaillierPublicKey, *, min_key_bits: in
 
 def ciphertext_size(public_key: paillier.PaillierPublicKey) -> int:
     """Bytes of one encoded ciphertext: fixed, big-endian, the byte length of ``n^2``."""
-    return (public_key.nsquare.bit_length() + 7) // 8
+    nsquare: int = public_key.nsquare
+    return (nsquare.bit_length() + 7) // 8
 
 
 def encode_ciphertext(public_key: paillier.PaillierPublicKey, ciphertext: int) -> bytes:
@@ -221,7 +228,7 @@ def multiply_ciphertexts(
     return int(acc)
 
 
-def to_modular(value: int) -> object:
+def to_modular(value: int) -> ModInt:
     """``value`` in the fastest integer type for modular products (gmpy2.mpz if installed)."""
     return _number(None)(value)
 
@@ -253,13 +260,14 @@ def rerandomize(public_key: paillier.PaillierPublicKey, ciphertext: int) -> int:
     cannot recognise products of its own ciphertexts (it knows their randomness).
     """
     n, nsquare = public_key.n, public_key.nsquare
-    return int(ciphertext) * powmod(_random_unit(n), n, nsquare) % nsquare
+    return int(int(ciphertext) * powmod(_random_unit(n), n, nsquare) % nsquare)
 
 
 def encrypt_plain(public_key: paillier.PaillierPublicKey, value: int) -> int:
     """``(1 + m*n) mod n^2``: the deterministic part of an encryption (``m = value mod n``)."""
-    m = value % public_key.n
-    return (1 + m * public_key.n) % public_key.nsquare
+    n: int = public_key.n
+    nsquare: int = public_key.nsquare
+    return (1 + value % n * n) % nsquare
 
 
 def decrypt_raw(private_key: paillier.PaillierPrivateKey, ciphertext: int) -> int:
@@ -287,19 +295,16 @@ class EncryptorSpec:
     window_bits: int
 
     def fingerprint(self) -> bytes:
-        """Stable id for caching tables per process (domain-separated hash of the spec)."""
-        h = hashlib.sha256(SPEC_FINGERPRINT_TAG)
-        for value in (self.n, self.base):
-            raw = value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
-            h.update(struct.pack(">I", len(raw)) + raw)
-        h.update(struct.pack(">II", self.exponent_bits, self.window_bits))
-        return h.digest()
+        """Stable id of the spec across processes (domain-separated hash), e.g. for logs."""
+        n, base = (v.to_bytes((v.bit_length() + 7) // 8 or 1, "big") for v in (self.n, self.base))
+        spec = encode(SPEC_FINGERPRINT_TAG, n, base, self.exponent_bits, self.window_bits)
+        return hashlib.sha256(spec).digest()
 
 
-def _window_rows(base: object, mod: object, windows: int, window_bits: int) -> list[list[object]]:
+def _window_rows(base: ModInt, mod: ModInt, windows: int, window_bits: int) -> list[list[ModInt]]:
     """Row ``i`` holds ``base^(d * 2^(w*i)) mod mod`` for ``d = 0 .. 2^w - 1``."""
     size = 1 << window_bits
-    rows: list[list[object]] = []
+    rows: list[list[ModInt]] = []
     step = base % mod  # base^(2^(w*i)) for the current row i
     for _ in range(windows):
         entry = type(mod)(1)
@@ -362,25 +367,11 @@ class FastEncryptor:
     @classmethod
     def from_spec(cls, spec: EncryptorSpec) -> FastEncryptor:
         """Rebuild (or fetch from this process's small cache) the encryptor for ``spec``."""
-        key = spec.fingerprint()
-        with _CACHE_LOCK:
-            cached = _CACHE.get(key)
-            if cached is not None:
-                _CACHE.move_to_end(key)
-                return cached
-        enc = cls(
-            paillier.PaillierPublicKey(spec.n), exponent_bits=spec.exponent_bits,
-            window_bits=spec.window_bits, base=spec.base, min_exponent_bits=1,
-        )
-        with _CACHE_LOCK:
-            _CACHE[key] = enc
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-        return enc
+        return _cached_encryptor(spec)
 
     # -- encryption ------------------------------------------------------------------------
 
-    def _randomizers(self, count: int) -> list[object]:
+    def _randomizers(self, count: int) -> list[ModInt]:
         """``count`` values ``h^x``, each ``x`` uniform and independent, ``windows * w`` bits."""
         w = self.window_bits
         nbytes = (self.windows * w + 7) // 8
@@ -388,7 +379,7 @@ class FastEncryptor:
         first, rest = self._rows[0], self._rows[1:]
         mod = self._nsquare
         pool = os.urandom(count * nbytes)  # bits above windows * w are never read
-        out: list[object] = []
+        out: list[ModInt] = []
         append = out.append
         for k in range(count):
             x = int.from_bytes(pool[k * nbytes:(k + 1) * nbytes], "little")
@@ -434,7 +425,13 @@ class FastEncryptor:
         return paillier.EncryptedNumber(self.public_key, self.raw_encrypt(value), 0)
 
 
-_CACHE: OrderedDict[bytes, FastEncryptor] = OrderedDict()
-_CACHE_LOCK = Lock()
 #: Encryptors kept per process: the current session's and one more (tables are large).
 _CACHE_SIZE = 2
+
+
+@lru_cache(maxsize=_CACHE_SIZE)  # thread-safe, so the core needs no lock of its own
+def _cached_encryptor(spec: EncryptorSpec) -> FastEncryptor:
+    return FastEncryptor(
+        paillier.PaillierPublicKey(spec.n), exponent_bits=spec.exponent_bits,
+        window_bits=spec.window_bits, base=spec.base, min_exponent_bits=1,
+    )

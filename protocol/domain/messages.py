@@ -10,16 +10,17 @@ format was.
 from __future__ import annotations
 
 import hashlib
-import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.crypto.encoding import decode, encode, encode_strs
+from protocol.domain.engine import Engine
 from protocol.errors import ProtocolError
 
-TRANSCRIPT_DOMAIN = b"gated-psi/transcript/v1"
-RECEIPT_DOMAIN = b"gated-psi/receipt/v1"
-COUNTERSIGN_DOMAIN = b"gated-psi/receipt-countersignature/v1"
+TRANSCRIPT_DOMAIN = b"gated-psi/transcript/v2"
+RECEIPT_DOMAIN = b"gated-psi/receipt/v2"
+COUNTERSIGN_DOMAIN = b"gated-psi/receipt-countersignature/v2"
 
 #: Elements per evaluation chunk by default: 4096 x 32 B = 128 KiB per message.
 DEFAULT_CHUNK = 4096
@@ -44,20 +45,6 @@ def transition(table: Mapping[tuple[Any, type], Any], state: Any, message: objec
     return next_state
 
 
-def _lp(data: bytes) -> bytes:
-    """Length-prefix ``data`` (4-byte big-endian) so concatenations are unambiguous."""
-    return struct.pack(">I", len(data)) + data
-
-
-def _lp_str(text: str) -> bytes:
-    return _lp(text.encode("utf-8"))
-
-
-def _lp_strs(items: Iterable[str]) -> bytes:
-    items = tuple(items)
-    return struct.pack(">I", len(items)) + b"".join(_lp_str(i) for i in items)
-
-
 @dataclass(frozen=True)
 class OpenRequest:
     """Requester -> Custodian: present the signed authorization and the session shape.
@@ -72,20 +59,13 @@ class OpenRequest:
     match_rules: tuple[str, ...]
     disclosure_fields: tuple[str, ...]
     element_count: int
-    engine: str = "oprf"
+    engine: str = Engine.OPRF.value
 
     def transcript_bytes(self) -> bytes:
-        return b"".join(
-            [
-                b"open-request",
-                _lp_str(self.session_id),
-                _lp(self.signed_authorization),
-                _lp_str(self.tier),
-                _lp_strs(self.match_rules),
-                _lp_strs(self.disclosure_fields),
-                struct.pack(">Q", self.element_count),
-                _lp_str(self.engine),
-            ]
+        return encode(
+            b"open-request", self.session_id, self.signed_authorization, self.tier,
+            encode_strs(self.match_rules), encode_strs(self.disclosure_fields),
+            self.element_count, self.engine,
         )
 
 
@@ -104,19 +84,10 @@ class OpenResponse:
     budget_remaining: int
 
     def transcript_bytes(self) -> bytes:
-        return b"".join(
-            [
-                b"open-response",
-                _lp_str(self.session_id),
-                _lp_str(self.authorization_id),
-                _lp_str(self.custodian_id),
-                _lp_strs(self.match_rules),
-                _lp_strs(self.disclosure_fields),
-                struct.pack(
-                    ">QQQQ", self.element_count, self.tag_count, self.tag_size,
-                    self.budget_remaining,
-                ),
-            ]
+        return encode(
+            b"open-response", self.session_id, self.authorization_id, self.custodian_id,
+            encode_strs(self.match_rules), encode_strs(self.disclosure_fields),
+            self.element_count, self.tag_count, self.tag_size, self.budget_remaining,
         )
 
 
@@ -128,7 +99,7 @@ class TagChunk:
     tags: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"tags" + struct.pack(">Q", self.seq) + _lp(self.tags)
+        return encode(b"tags", self.seq, self.tags)
 
 
 @dataclass(frozen=True)
@@ -139,7 +110,7 @@ class EvaluateChunk:
     elements: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"evaluate" + struct.pack(">Q", self.seq) + _lp(self.elements)
+        return encode(b"evaluate", self.seq, self.elements)
 
 
 @dataclass(frozen=True)
@@ -150,7 +121,7 @@ class EvaluatedChunk:
     elements: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"evaluated" + struct.pack(">Q", self.seq) + _lp(self.elements)
+        return encode(b"evaluated", self.seq, self.elements)
 
 
 @dataclass(frozen=True)
@@ -161,10 +132,8 @@ class DisclosureRequest:
     outputs: tuple[tuple[str, bytes], ...]  # (rule_id, 64-byte OPRF output)
 
     def transcript_bytes(self) -> bytes:
-        parts = [b"disclosure-request", struct.pack(">QI", self.seq, len(self.outputs))]
-        for rule_id, output in self.outputs:
-            parts.append(_lp_str(rule_id) + _lp(output))
-        return b"".join(parts)
+        outputs = (encode(rule_id, output) for rule_id, output in self.outputs)
+        return encode(b"disclosure-request", self.seq, encode(*outputs))
 
 
 @dataclass(frozen=True)
@@ -181,11 +150,8 @@ class Disclosure:
     fields: tuple[tuple[str, str], ...]
 
     def transcript_bytes(self) -> bytes:
-        parts = [struct.pack(">I", self.index), _lp_str(self.rule_id), _lp_str(self.pseudonym)]
-        parts.append(struct.pack(">I", len(self.fields)))
-        for name, value in self.fields:
-            parts.append(_lp_str(name) + _lp_str(value))
-        return b"".join(parts)
+        fields = (encode(name, value) for name, value in self.fields)
+        return encode(self.index, self.rule_id, self.pseudonym, encode(*fields))
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.fields)
@@ -203,11 +169,10 @@ class DisclosureResponse:
     rejected: tuple[int, ...] = ()
 
     def transcript_bytes(self) -> bytes:
-        parts = [b"disclosure-response", struct.pack(">QI", self.seq, len(self.disclosures))]
-        parts.extend(d.transcript_bytes() for d in self.disclosures)
-        parts.append(struct.pack(">I", len(self.rejected)))
-        parts.extend(struct.pack(">I", i) for i in self.rejected)
-        return b"".join(parts)
+        return encode(
+            b"disclosure-response", self.seq,
+            encode(*(d.transcript_bytes() for d in self.disclosures)), encode(*self.rejected),
+        )
 
 
 @dataclass(frozen=True)
@@ -233,21 +198,36 @@ class Receipt:
 
     def signed_bytes(self) -> bytes:
         """The bytes the custodian signs (everything except the signatures)."""
-        return b"".join(
-            [
-                RECEIPT_DOMAIN,
-                _lp_str(self.authorization_id),
-                _lp_str(self.session_id),
-                _lp_str(self.custodian_id),
-                _lp_str(self.requester_id),
-                struct.pack(">QQ", self.evaluated, self.disclosed),
-                _lp(self.transcript_hash),
-            ]
+        return encode(
+            RECEIPT_DOMAIN, self.authorization_id, self.session_id, self.custodian_id,
+            self.requester_id, self.evaluated, self.disclosed, self.transcript_hash,
+        )
+
+    @classmethod
+    def from_signed_bytes(
+        cls, data: bytes, custodian_signature: bytes = b"", requester_signature: bytes = b""
+    ) -> Receipt:
+        """Inverse of :meth:`signed_bytes` (the form a custodian ledger stores)."""
+        try:
+            parts = decode(bytes(data))
+            if len(parts) != 8 or parts[0] != RECEIPT_DOMAIN:
+                raise ValueError("not a receipt: wrong domain tag or part count")
+            if len(parts[5]) != 8 or len(parts[6]) != 8:
+                raise ValueError("receipt counts are not 8-byte integers")
+            auth_id, session_id, custodian_id, requester_id = (p.decode() for p in parts[1:5])
+        except ValueError as exc:  # includes UnicodeDecodeError
+            raise ProtocolError(f"malformed stored receipt: {exc}") from exc
+        return cls(
+            authorization_id=auth_id, session_id=session_id, custodian_id=custodian_id,
+            requester_id=requester_id, evaluated=int.from_bytes(parts[5], "big"),
+            disclosed=int.from_bytes(parts[6], "big"), transcript_hash=parts[7],
+            custodian_signature=bytes(custodian_signature),
+            requester_signature=bytes(requester_signature),
         )
 
     def countersigned_bytes(self) -> bytes:
         """The requester countersigns the receipt together with the custodian's signature."""
-        return COUNTERSIGN_DOMAIN + _lp(self.signed_bytes()) + _lp(self.custodian_signature)
+        return encode(COUNTERSIGN_DOMAIN, self.signed_bytes(), self.custodian_signature)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -270,14 +250,21 @@ class Receipt:
                 session_id=str(data["session_id"]),
                 custodian_id=str(data["custodian_id"]),
                 requester_id=str(data["requester_id"]),
-                evaluated=int(data["evaluated"]),  # type: ignore[arg-type]
-                disclosed=int(data["disclosed"]),  # type: ignore[arg-type]
+                evaluated=_count(data["evaluated"]),
+                disclosed=_count(data["disclosed"]),
                 transcript_hash=bytes.fromhex(str(data["transcript_hash"])),
                 custodian_signature=bytes.fromhex(str(data.get("custodian_signature", ""))),
                 requester_signature=bytes.fromhex(str(data.get("requester_signature", ""))),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ProtocolError(f"malformed receipt: {exc}") from exc
+
+
+def _count(value: object) -> int:
+    """A count read back from JSON: an integer (or its decimal text), nothing else."""
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"expected an integer count, got {type(value).__name__}")
 
 
 @dataclass
@@ -289,7 +276,7 @@ class Transcript:
     order is fixed, so both parties compute the same digest.
     """
 
-    streams: dict[str, hashlib._Hash] = field(default_factory=dict)  # type: ignore[name-defined]
+    streams: dict[str, hashlib._Hash] = field(default_factory=dict)
 
     STREAMS = ("open", "tags", "evaluate", "evaluated", "disclosure-request",
                "disclosure-response")
@@ -306,5 +293,5 @@ class Transcript:
     def digest(self) -> bytes:
         final = hashlib.sha256(TRANSCRIPT_DOMAIN)
         for name in self.STREAMS:
-            final.update(_lp(self.streams[name].digest()))
+            final.update(encode(self.streams[name].digest()))
         return final.digest()

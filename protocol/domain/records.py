@@ -6,9 +6,11 @@ that misidentified people. This module is where such records are stopped. It ref
 query record individually with a machine-readable :class:`ReasonCode`, normalizes the fields
 that survive, and turns a record into the exact *match-key bytes* that the OPRF layer evaluates.
 
-Everything here is pure (no network, no global state besides read-only tables and LRU caches)
-and is tuned for ~1.3M records: regexes and translation tables are built once at import time
-and the normalization of repeated values (names, dates, ZIPs) is cached.
+Everything here is pure (no network, no clock, no global state besides read-only tables and
+LRU caches): the checks that depend on the date (a birth date in the future, a tax period not
+yet begun) take ``today`` from the caller (docs/architecture.md, Clock and time). It is tuned
+for ~1.3M records: regexes and translation tables are built once at import time and the
+normalization of repeated values (names, dates, ZIPs) is cached.
 
 Conventions:
 
@@ -17,7 +19,8 @@ Conventions:
   :func:`normalize_zip`) return ``None`` when the value is missing or malformed.
 * CSV line numbers are 1-based physical line numbers of the first line of a row (the header is
   line 1). The ``*_with_lines`` readers return ``(line, record)`` pairs; refusals carry them.
-* A ``str`` passed as a CSV ``source``/``dest`` is a file path, never CSV text.
+* CSV functions read and write open text streams (``newline=""``); opening files is the
+  caller's (``protocol.adapters.files.open_csv``), so nothing here touches the file system.
 """
 
 from __future__ import annotations
@@ -27,16 +30,15 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from enum import IntEnum, StrEnum
 from functools import lru_cache
 from itertools import islice
 from operator import itemgetter
-from pathlib import Path
 from typing import TextIO
 
+from protocol.crypto.encoding import decode, encode, lp, u64
 from protocol.errors import InvalidRecordError
 
 __all__ = [
@@ -746,14 +748,14 @@ def _parse_dob(s: str) -> tuple[date | None, str]:
     return parsed, ""
 
 
-def _dob_check(s: str, today: date | None) -> tuple[date | None, str]:
+def _dob_check(s: str, today: date) -> tuple[date | None, str]:
     parsed, why = _parse_dob(s)
-    if parsed is not None and parsed > (today or date.today()):
+    if parsed is not None and parsed > today:
         return None, "in the future"
     return parsed, why
 
 
-def normalize_dob(s: str, *, today: date | None = None) -> str | None:
+def normalize_dob(s: str, *, today: date) -> str | None:
     """ISO ``YYYY-MM-DD`` from YYYY-MM-DD, YYYYMMDD, MM/DD/YYYY, M/D/YYYY or MM-DD-YYYY.
 
     ``None`` when blank, unparseable, not a calendar date, before 1900 or after ``today``.
@@ -808,9 +810,9 @@ def normalize_zip(s: str) -> str | None:
 _TAX_PERIOD_RE = re.compile(r"(\d{4})(?:[Qq]([1-4]))?", re.ASCII)
 
 
-def normalize_tax_period(s: str, *, today: date | None = None) -> str | None:
+def normalize_tax_period(s: str, *, today: date) -> str | None:
     """``"YYYY"`` or ``"YYYYQn"`` for a year 1900..current (a quarter must have begun)."""
-    return _tax_period(s, today or date.today())
+    return _tax_period(s, today)
 
 
 @lru_cache(maxsize=1 << 12)
@@ -846,7 +848,7 @@ def _is_blankish(s: str) -> bool:
     return _fold_place(s) in _BLANKISH
 
 
-def _person_refusals(p: PersonRecord, line: int, today: date | None, out: list[Refusal]) -> None:
+def _person_refusals(p: PersonRecord, line: int, today: date, out: list[Refusal]) -> None:
     rid = p.record_id
     if not rid.strip():
         out.append(Refusal(rid, line, ReasonCode.MISSING_RECORD_ID, "record_id is blank"))
@@ -860,7 +862,7 @@ def _person_refusals(p: PersonRecord, line: int, today: date | None, out: list[R
             out.append(Refusal(rid, line, ReasonCode.IMPOSSIBLE_DOB, f"dob {p.dob!r}: {why}"))
 
 
-def validate_person(p: PersonRecord, *, line: int = 0, today: date | None = None) -> list[Refusal]:
+def validate_person(p: PersonRecord, *, line: int = 0, today: date) -> list[Refusal]:
     """Custodian-side check: record_id present, TIN and DOB well-formed when present.
 
     Lighter than :func:`validate_query` because a custodian row lacking an address is still a
@@ -871,7 +873,7 @@ def validate_person(p: PersonRecord, *, line: int = 0, today: date | None = None
     return out
 
 
-def validate_query(q: QueryRecord, *, today: date | None = None, line: int = 0) -> list[Refusal]:
+def validate_query(q: QueryRecord, *, today: date, line: int = 0) -> list[Refusal]:
     """Requester/authority-side check of one subject; empty list means acceptable.
 
     At most one refusal per reason code. Duplicate record ids need the whole batch and are
@@ -879,7 +881,6 @@ def validate_query(q: QueryRecord, *, today: date | None = None, line: int = 0) 
     """
     p, meta = q.person, q.metadata
     rid = p.record_id
-    today = today or date.today()
     out: list[Refusal] = []
     _person_refusals(p, line, today, out)
 
@@ -952,7 +953,7 @@ def _dup_refusal(p: PersonRecord, line: int, group: list[int]) -> Refusal:
 
 
 def validate_queries(
-    queries_with_lines: Iterable[tuple[int, QueryRecord]], *, today: date | None = None
+    queries_with_lines: Iterable[tuple[int, QueryRecord]], *, today: date
 ) -> ValidationReport:
     """Validate a batch of ``(line, query)`` pairs, as from :func:`read_query_csv_with_lines`.
 
@@ -961,7 +962,6 @@ def validate_queries(
     passed as ``enumerate(queries, 1)``.
     """
     items = list(queries_with_lines)
-    today = today or date.today()
     dupes = _duplicate_groups([(ln, q.person) for ln, q in items])
     report = ValidationReport(accepted=[], refused=[], input_count=len(items))
     for index, (line, q) in enumerate(items):
@@ -978,11 +978,10 @@ def validate_queries(
 
 
 def validate_persons(
-    persons_with_lines: Iterable[tuple[int, PersonRecord]], *, today: date | None = None
+    persons_with_lines: Iterable[tuple[int, PersonRecord]], *, today: date
 ) -> tuple[list[PersonRecord], list[Refusal]]:
     """Custodian batch check: ``(usable records, refusals)``; duplicate ids are refused too."""
     items = list(persons_with_lines)
-    today = today or date.today()
     dupes = _duplicate_groups(items)
     accepted: list[PersonRecord] = []
     refused: list[Refusal] = []
@@ -1003,76 +1002,66 @@ def validate_persons(
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _open_text(source: str | Path | TextIO, mode: str) -> Iterator[TextIO]:
-    if isinstance(source, str | Path):
-        encoding = "utf-8-sig" if mode == "r" else "utf-8"
-        with open(source, mode, newline="", encoding=encoding) as fh:
-            yield fh
-    else:
-        yield source
-
-
 _PERSON_COLUMNS = (*PERSON_FIELDS, RECORD_CLASS_FIELD)
 _QUERY_COLUMNS = (*PERSON_FIELDS, *QUERY_META_FIELDS, RECORD_CLASS_FIELD)
 
 
 def _iter_rows(
-    source: str | Path | TextIO, schema: Sequence[str]
+    source: TextIO, schema: Sequence[str]
 ) -> Iterator[tuple[int, tuple[str, ...], tuple[tuple[str, str], ...]]]:
     """Yield (line, schema values in ``schema`` order, extras) per non-blank data row.
 
     Every column but ``record_class`` in ``schema`` is required; columns outside ``schema``
     become extras in header order. An absent ``record_class`` reads as "".
     """
-    with _open_text(source, "r") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise InvalidRecordError("CSV is empty: a header row is required") from None
-        if len(set(header)) != len(header):
-            raise InvalidRecordError(f"CSV header has duplicate columns: {header}")
-        if "" in header:
-            raise InvalidRecordError("CSV header has an empty column name")
-        missing = [c for c in schema if c not in header and c != RECORD_CLASS_FIELD]
-        if missing:
-            raise InvalidRecordError(f"CSV header lacks required columns: {missing}")
-        width = len(header)
-        # A missing record_class column reads from a padding cell appended to every row.
-        index = [header.index(c) if c in header else width for c in schema]
-        pick = itemgetter(*index)
-        extra_idx = [(i, h) for i, h in enumerate(header) if h not in schema]
-        previous_end = reader.line_num
-        try:
-            for row in reader:
-                line = previous_end + 1
-                previous_end = reader.line_num
-                if not row:
-                    continue  # a blank line is not a record
-                if len(row) != width:
-                    raise InvalidRecordError(
-                        f"CSV line {line}: {len(row)} columns, header has {width}"
-                    )
-                row.append("")
-                extras = tuple([(h, row[i]) for i, h in extra_idx]) if extra_idx else ()
-                yield line, pick(row), extras
-        except csv.Error as exc:
-            raise InvalidRecordError(f"CSV line {previous_end + 1}: {exc}") from exc
+    reader = csv.reader(source)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise InvalidRecordError("CSV is empty: a header row is required") from None
+    if len(set(header)) != len(header):
+        raise InvalidRecordError(f"CSV header has duplicate columns: {header}")
+    if "" in header:
+        raise InvalidRecordError("CSV header has an empty column name")
+    missing = [c for c in schema if c not in header and c != RECORD_CLASS_FIELD]
+    if missing:
+        raise InvalidRecordError(f"CSV header lacks required columns: {missing}")
+    width = len(header)
+    # A missing record_class column reads from a padding cell appended to every row.
+    index = [header.index(c) if c in header else width for c in schema]
+    pick = itemgetter(*index)
+    extra_idx = [(i, h) for i, h in enumerate(header) if h not in schema]
+    previous_end = reader.line_num
+    try:
+        for row in reader:
+            line = previous_end + 1
+            previous_end = reader.line_num
+            if not row:
+                continue  # a blank line is not a record
+            if len(row) != width:
+                raise InvalidRecordError(
+                    f"CSV line {line}: {len(row)} columns, header has {width}"
+                )
+            row.append("")
+            extras = tuple([(h, row[i]) for i, h in extra_idx]) if extra_idx else ()
+            yield line, pick(row), extras
+    except csv.Error as exc:
+        raise InvalidRecordError(f"CSV line {previous_end + 1}: {exc}") from exc
 
 
-def iter_person_csv(source: str | Path | TextIO) -> Iterator[tuple[int, PersonRecord]]:
+def iter_person_csv(source: TextIO) -> Iterator[tuple[int, PersonRecord]]:
     """Stream ``(line, record)`` pairs, so a 1.3M-row file never sits in memory twice."""
     for line, values, extras in _iter_rows(source, _PERSON_COLUMNS):
-        yield line, PersonRecord(*values, extras)
+        # values holds exactly the person columns, in field order (checked by _iter_rows)
+        yield line, PersonRecord(*values, extras)  # type: ignore[arg-type, call-arg]
 
 
-def read_person_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, PersonRecord]]:
+def read_person_csv_with_lines(source: TextIO) -> list[tuple[int, PersonRecord]]:
     """``(line, record)`` for each data row; raises InvalidRecordError on a malformed file."""
     return list(iter_person_csv(source))
 
 
-def read_person_csv(source: str | Path | TextIO) -> list[PersonRecord]:
+def read_person_csv(source: TextIO) -> list[PersonRecord]:
     """Person records from a CSV whose header holds at least the nine person fields.
 
     ``record_class`` is optional; every other column (even ``tax_periods`` of a query file) is
@@ -1085,14 +1074,14 @@ def _split_periods(s: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in s.split(_TAX_PERIOD_SEP) if t.strip())
 
 
-def iter_query_csv(source: str | Path | TextIO) -> Iterator[tuple[int, QueryRecord]]:
+def iter_query_csv(source: TextIO) -> Iterator[tuple[int, QueryRecord]]:
     """Stream ``(line, query)`` pairs (a 1.28M-row request file never sits in memory twice)."""
     for line, v, extras in _iter_rows(source, _QUERY_COLUMNS):
-        person = PersonRecord(*v[:9], v[12], extras)
+        person = PersonRecord(*v[:9], v[12], extras)  # type: ignore[arg-type, call-arg]
         yield line, QueryRecord(person, QueryMetadata(_split_periods(v[9]), v[10], v[11]))
 
 
-def read_query_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, QueryRecord]]:
+def read_query_csv_with_lines(source: TextIO) -> list[tuple[int, QueryRecord]]:
     """``(line, query)`` for each data row; feed straight into :func:`validate_queries`.
 
     ``tax_periods`` is a ";"-separated list ("2022;2023"); entries are stripped and empty
@@ -1101,7 +1090,7 @@ def read_query_csv_with_lines(source: str | Path | TextIO) -> list[tuple[int, Qu
     return list(iter_query_csv(source))
 
 
-def read_query_csv(source: str | Path | TextIO) -> list[QueryRecord]:
+def read_query_csv(source: TextIO) -> list[QueryRecord]:
     """Query records (person fields + tax_periods, statute, reason) from a CSV."""
     return [q for _, q in read_query_csv_with_lines(source)]
 
@@ -1122,7 +1111,7 @@ def _extra_columns(persons: Sequence[PersonRecord], reserved: Sequence[str]) -> 
 
 
 def _write(
-    dest: str | Path | TextIO,
+    dest: TextIO,
     persons: Sequence[PersonRecord],
     meta_rows: Sequence[list[str]] | None,
 ) -> None:
@@ -1134,32 +1123,31 @@ def _write(
     if with_class:
         header.append(RECORD_CLASS_FIELD)
     header += extras
-    with _open_text(dest, "w") as fh:
-        writer = csv.writer(fh, lineterminator="\r\n")
-        writer.writerow(header)
-        for i, p in enumerate(persons):
-            row = [
-                p.record_id,
-                p.tin,
-                p.first_name,
-                p.last_name,
-                p.dob,
-                p.address,
-                p.city,
-                p.state,
-                p.zip,
-            ]
-            if meta_rows is not None:
-                row += meta_rows[i]
-            if with_class:
-                row.append(p.record_class)
-            if extras:
-                own = dict(p.extra)
-                row += [own.get(k, "") for k in extras]
-            writer.writerow(row)
+    writer = csv.writer(dest, lineterminator="\r\n")
+    writer.writerow(header)
+    for i, p in enumerate(persons):
+        row = [
+            p.record_id,
+            p.tin,
+            p.first_name,
+            p.last_name,
+            p.dob,
+            p.address,
+            p.city,
+            p.state,
+            p.zip,
+        ]
+        if meta_rows is not None:
+            row += meta_rows[i]
+        if with_class:
+            row.append(p.record_class)
+        if extras:
+            own = dict(p.extra)
+            row += [own.get(k, "") for k in extras]
+        writer.writerow(row)
 
 
-def write_person_csv(records: Iterable[PersonRecord], dest: str | Path | TextIO) -> None:
+def write_person_csv(records: Iterable[PersonRecord], dest: TextIO) -> None:
     """Write records so that :func:`read_person_csv` returns them unchanged.
 
     Exact when every record has the same extra columns in the same order (always true for
@@ -1168,7 +1156,7 @@ def write_person_csv(records: Iterable[PersonRecord], dest: str | Path | TextIO)
     _write(dest, list(records), None)
 
 
-def write_query_csv(queries: Iterable[QueryRecord], dest: str | Path | TextIO) -> None:
+def write_query_csv(queries: Iterable[QueryRecord], dest: TextIO) -> None:
     """Write queries so that :func:`read_query_csv` returns them unchanged.
 
     Raises ValueError for a tax period that could not survive the ";"-joined column (empty,
@@ -1190,9 +1178,12 @@ def write_query_csv(queries: Iterable[QueryRecord], dest: str | Path | TextIO) -
 # Match rules and match-key encoding
 # --------------------------------------------------------------------------------------------
 
-#: Domain-separation prefix of every match key (distinct from every other hash/KDF input).
-MATCH_KEY_DST = b"gated-psi/match-key/v1"
+#: Domain-separation tag of every match key (distinct from every other hash/KDF input).
+MATCH_KEY_DST = b"gated-psi/match-key/v2"
+#: Longest component accepted: no real name, address or place is near it, so longer is garbage.
 _MAX_COMPONENT = 0xFFFF
+_TIN_PREFIX = u64(9)  # length prefixes of the two fixed-width components, built once
+_DOB_PREFIX = u64(10)
 
 
 class Strength(IntEnum):
@@ -1203,30 +1194,30 @@ class Strength(IntEnum):
     STRONG = 3
 
 
-def _lp(value: str) -> bytes | None:
-    """I2OSP(len, 2) || UTF-8 value, or None if the value is too long to encode."""
+def _component(value: str) -> bytes | None:
+    """One canonically length-prefixed component, or None if it is implausibly long."""
     raw = value.encode("utf-8")
     if len(raw) > _MAX_COMPONENT:
         return None
-    return len(raw).to_bytes(2, "big") + raw
+    return lp(raw)
 
 
 def _rule_prefix(rule_id: str) -> bytes:
     raw = rule_id.encode("utf-8")
     if not 1 <= len(raw) <= 0xFF:
         raise ValueError("rule_id must be 1..255 UTF-8 bytes")
-    return MATCH_KEY_DST + len(raw).to_bytes(1, "big") + raw
+    return encode(MATCH_KEY_DST, raw)
 
 
 def encode_match_key(rule_id: str, components: Sequence[str]) -> bytes:
-    """DST || I2OSP(len(rule_id),1) || rule_id || (I2OSP(len(v),2) || v)* — injective.
+    """``encode(MATCH_KEY_DST, rule_id, *components)`` (protocol.crypto.encoding): injective.
 
-    Length prefixes make the byte string parse back to exactly one (rule_id, components)
-    pair (see :func:`decode_match_key`), so distinct inputs can never share a key.
+    The canonical encoding parses back to exactly one (rule_id, components) pair (see
+    :func:`decode_match_key`), so distinct inputs can never share a key.
     """
     parts = [_rule_prefix(rule_id)]
     for v in components:
-        enc = _lp(v)
+        enc = _component(v)
         if enc is None:
             raise ValueError("match-key component longer than 65535 bytes")
         parts.append(enc)
@@ -1235,25 +1226,10 @@ def encode_match_key(rule_id: str, components: Sequence[str]) -> bytes:
 
 def decode_match_key(key: bytes) -> tuple[str, tuple[str, ...]]:
     """Inverse of :func:`encode_match_key`; for audits and tests. Raises ValueError."""
-    if not key.startswith(MATCH_KEY_DST) or len(key) <= len(MATCH_KEY_DST):
+    parts = decode(key)
+    if len(parts) < 2 or parts[0] != MATCH_KEY_DST or not parts[1]:
         raise ValueError("not a match key")
-    pos = len(MATCH_KEY_DST)
-    n = key[pos]
-    pos += 1
-    if n == 0 or pos + n > len(key):
-        raise ValueError("truncated rule id")
-    rule_id = key[pos : pos + n].decode("utf-8")
-    pos += n
-    comps: list[str] = []
-    while pos < len(key):
-        if pos + 2 > len(key):
-            raise ValueError("truncated component length")
-        ln = int.from_bytes(key[pos : pos + 2], "big")
-        pos += 2
-        if pos + ln > len(key):
-            raise ValueError("truncated component")
-        comps.append(key[pos : pos + ln].decode("utf-8"))
-        pos += ln
+    rule_id, *comps = (p.decode("utf-8") for p in parts[1:])
     return rule_id, tuple(comps)
 
 
@@ -1265,7 +1241,7 @@ def decode_match_key(key: bytes) -> tuple[str, tuple[str, ...]]:
 @lru_cache(maxsize=1 << 17)
 def _first_part(raw: str) -> bytes | None:
     name = normalize_name(raw)
-    return _lp(name) if name else None
+    return _component(name) if name else None
 
 
 @lru_cache(maxsize=1 << 17)
@@ -1273,8 +1249,8 @@ def _last_part(raw: str) -> bytes | None:
     name, suffix = split_suffix(raw)
     if not name:
         return None
-    enc = _lp(name)
-    return None if enc is None else enc + len(suffix).to_bytes(2, "big") + suffix.encode()
+    enc = _component(name)
+    return None if enc is None else enc + lp(suffix)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -1282,18 +1258,18 @@ def _dob_part(raw: str) -> tuple[date, bytes] | None:
     parsed = _parse_dob(raw)[0]
     if parsed is None:
         return None
-    return parsed, b"\x00\x0a" + parsed.isoformat().encode("ascii")
+    return parsed, _DOB_PREFIX + parsed.isoformat().encode("ascii")
 
 
 @lru_cache(maxsize=1 << 16)
 def _zip_part(raw: str) -> bytes | None:
     z = normalize_zip(raw)
-    return None if z is None else _lp(z)
+    return None if z is None else _component(z)
 
 
 def _tin_bytes(raw: str) -> bytes | None:
     tin = normalize_tin(raw)
-    return None if tin is None else b"\x00\x09" + tin.encode("ascii")
+    return None if tin is None else _TIN_PREFIX + tin.encode("ascii")
 
 
 def _dob_bytes(raw: str, today: date) -> bytes | None:
@@ -1308,15 +1284,13 @@ def _address_bytes(address: str, city: str, state: str, zip_code: str) -> bytes 
     line, problem = _classify_address(address, city, state)
     if problem is not None:
         return None
-    raw = line.encode("utf-8")
-    if len(raw) > _MAX_COMPONENT:
-        return None
-    return len(raw).to_bytes(2, "big") + raw + z
+    enc = _component(line)
+    return None if enc is None else enc + z
 
 
 def _place_bytes(raw: str) -> bytes | None:
     folded = _fold_place(raw)
-    return _lp(folded) if folded else None
+    return _component(folded) if folded else None
 
 
 _Column = list[bytes | None]
@@ -1369,9 +1343,8 @@ class MatchRule:
             raise ValueError(f"match rule {self.rule_id!r}: unsupported fields {unknown}")
         object.__setattr__(self, "_prefix", _rule_prefix(self.rule_id))
 
-    def match_key(self, record: PersonRecord, *, today: date | None = None) -> bytes | None:
+    def match_key(self, record: PersonRecord, *, today: date) -> bytes | None:
         """Match-key bytes for ``record``, or None when any component is missing or invalid."""
-        today = today or date.today()
         parts = [self._prefix]
         for f in self.fields:
             part = _FIELD_COLUMNS[f](lambda name: (getattr(record, name),), today)[0]
@@ -1420,7 +1393,7 @@ def match_keys_bulk(
     records: Sequence[PersonRecord],
     rule_ids: Sequence[str],
     *,
-    today: date | None = None,
+    today: date,
 ) -> dict[str, list[bytes | None]]:
     """Match keys of every record under every rule, normalizing each field once per record.
 
@@ -1435,12 +1408,11 @@ def match_keys_from_columns(
     columns: ColumnSource,
     rule_ids: Sequence[str],
     *,
-    today: date | None = None,
+    today: date,
 ) -> dict[str, list[bytes | None]]:
     """``match_keys_bulk`` over raw field columns: storage that keeps records packed
     (``recordstore.CompactRecords``) feeds its columns here without building records."""
     rules = [get_rule(r) for r in dict.fromkeys(rule_ids)]
-    today = today or date.today()
     built: dict[str, _Column] = {}
     for rule in rules:
         for f in rule.fields:
@@ -1475,6 +1447,6 @@ def _combine(prefix: bytes, cols: list[_Column]) -> _Column:
         ]
     join = b"".join
     return [
-        None if any(p is None for p in row) else prefix + join(row)  # type: ignore[arg-type]
+        None if any(p is None for p in row) else prefix + join(row)
         for row in zip(*cols, strict=True)
     ]

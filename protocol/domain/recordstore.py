@@ -10,12 +10,11 @@ again only when it is needed (index build, disclosure).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor
 from datetime import date
 from itertools import repeat
-from pathlib import Path
 from typing import TextIO, overload
 
+from protocol.crypto.executor import Executor
 from protocol.domain.records import (
     MATCH_RULES,
     PERSON_FIELDS,
@@ -92,7 +91,7 @@ def bulk_match_keys(
     *,
     positions: Sequence[int] | None = None,
     executor: Executor | None = None,
-    today: date | None = None,
+    today: date,
 ) -> Keys:
     """Match keys of ``records`` (or of ``records[positions]``) under every rule.
 
@@ -110,7 +109,7 @@ def bulk_match_keys_digested(
     *,
     positions: Sequence[int] | None = None,
     executor: Executor | None = None,
-    today: date | None = None,
+    today: date,
 ) -> tuple[Keys, dict[str, bytes]]:
     """``bulk_match_keys`` plus, per rule, ``digest`` of its usable keys in order, computed
     by the same workers (the KKRT engine digests every key; shipping them back and forth
@@ -120,8 +119,7 @@ def bulk_match_keys_digested(
 
 def _key_jobs(records: Sequence[PersonRecord], rule_ids: Sequence[str],
               positions: Sequence[int] | None, executor: Executor | None,
-              today: date | None, digest: KeyDigest | None) -> tuple[Keys, dict[str, bytes]]:
-    today = today or date.today()
+              today: date, digest: KeyDigest | None) -> tuple[Keys, dict[str, bytes]]:
     rules = tuple(dict.fromkeys(rule_ids))
     if not rules:
         return {}, {}
@@ -136,7 +134,7 @@ def _key_jobs(records: Sequence[PersonRecord], rule_ids: Sequence[str],
     else:
         parts = list(executor.map(_blob_match_keys, jobs, repeat(rules), repeat(today),
                                   repeat(digest)))
-    keys: Keys = {r: [] for r in rules}
+    keys = {r: [] for r in rules}
     digests: dict[str, list[bytes]] = {r: [] for r in rules}
     for part_keys, part_digests in parts:
         for r in rules:
@@ -180,7 +178,8 @@ class CompactRecords(Sequence[PersonRecord]):
         parts = blob.decode("utf-8").split(_SEP)
         n = len(PERSON_FIELDS)
         extra = tuple(zip(self._extra_names or (), parts[n + 1:], strict=True))
-        return PersonRecord(*parts[:n], record_class=parts[n], extra=extra)
+        # parts[:n] are exactly the person fields, in order (written by _pack)
+        return PersonRecord(*parts[:n], record_class=parts[n], extra=extra)  # type: ignore[misc, arg-type]
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -256,20 +255,19 @@ def _load(items: Iterable[tuple[int, PersonRecord, list[Refusal]]]
 
 
 def load_custodian_csv(
-    source: str | Path | TextIO, *, today: date | None = None
+    source: TextIO, *, today: date
 ) -> tuple[CompactRecords, list[Refusal], int]:
     """Stream, validate and pack a custodian file: ``(records, refusals, rows read)``.
 
     Same rules as ``records.validate_persons``, but never holds more than one record
     object at a time.
     """
-    today = today or date.today()
     return _load((line, r, validate_person(r, line=line, today=today))
                  for line, r in iter_person_csv(source))
 
 
 def load_query_csv(
-    source: str | Path | TextIO, *, today: date | None = None
+    source: TextIO, *, today: date
 ) -> tuple[CompactRecords, list[Refusal], int]:
     """Requester side: stream and validate a query file; keep the accepted subjects only.
 
@@ -277,6 +275,5 @@ def load_query_csv(
     missing statute/reason/periods, duplicates...).  The query metadata is needed
     only to validate, so only the person part of each accepted query is kept.
     """
-    today = today or date.today()
     return _load((line, q.person, validate_query(q, today=today, line=line))
                  for line, q in iter_query_csv(source))

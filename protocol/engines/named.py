@@ -44,7 +44,6 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import rbcl
@@ -245,26 +244,24 @@ class Certification:
     def __len__(self) -> int:
         return len(self.record_ids)
 
-    def save(self, path: Path) -> None:
-        """Write with mode 0600: the binding secret is a secret."""
+    def to_bytes(self) -> bytes:
+        """The file format; it holds the binding secret, so store it owner-only
+        (``protocol.adapters.files.write_certification``)."""
         doc = {"format": CERT_FORMAT, "authority_key_id": self.authority_key_id,
                "binding_secret": self.binding_secret.hex(), "rules": list(self.rules),
                "record_ids": self.record_ids, "rule_index": self.rule_index.tolist()}
         head = json.dumps(doc).encode()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(len(head).to_bytes(8, "big") + head + self.elements)
+        return len(head).to_bytes(8, "big") + head + self.elements
 
     @classmethod
-    def load(cls, path: Path) -> Certification:
-        data = Path(path).read_bytes()
+    def from_bytes(cls, data: bytes) -> Certification:
         n = int.from_bytes(data[:8], "big")
         doc = json.loads(data[8:8 + n])
         if doc.get("format") != CERT_FORMAT:
-            raise ProtocolError(f"{path} is not a named-subject certification")
+            raise ProtocolError("not a named-subject certification")
         elements = data[8 + n:]
         if len(elements) != len(doc["record_ids"]) * 32:
-            raise ProtocolError(f"{path} is truncated")
+            raise ProtocolError("certification is truncated")
         return cls(authority_key_id=doc["authority_key_id"],
                    binding_secret=bytes.fromhex(doc["binding_secret"]),
                    rules=tuple(doc["rules"]), record_ids=list(doc["record_ids"]),

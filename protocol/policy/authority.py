@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import struct
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from enum import StrEnum
@@ -25,7 +23,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.cli.dev_pki import validate_agency_id
+from protocol.crypto.encoding import encode
+from protocol.domain.engine import Engine
+from protocol.domain.identity import validate_agency_id
 from protocol.domain.records import (
     DISCLOSABLE_FIELDS,
     MATCH_RULES,
@@ -68,7 +68,7 @@ __all__ = [
     "validity_status",
 ]
 
-SUBJECT_COMMITMENT_TAG = b"gated-psi/subject-commitment/v1"
+SUBJECT_COMMITMENT_TAG = b"gated-psi/subject-commitment/v2"
 """Domain tag of :func:`subject_commitment`; no other hash in the system starts with it."""
 
 _ED25519_RAW_LEN = 32
@@ -76,7 +76,6 @@ _ED25519_RAW_LEN = 32
 _EXTRA_FIELD_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _RESERVED_COLUMNS = frozenset((*PERSON_FIELDS, *QUERY_META_FIELDS, "record_class"))
 # A subject is 13 normalized components (see ``_encode_subject``), each preceded by its length.
-_SUBJECT_HEADER = struct.Struct(">13I")
 
 
 class SignatureStatus(StrEnum):
@@ -280,7 +279,7 @@ def draft_authorization(
     valid_seconds: int,
     mode: Mode | str | None = None,
     subject_commitment: bytes | None = None,
-    engines: Sequence[str] = ("oprf",),
+    engines: Sequence[str] = (Engine.OPRF.value,),
     min_aggregate_count: int = 0,
 ) -> Authorization:
     """Build an unsigned Authorization after checking it against the known rules and fields.
@@ -354,19 +353,12 @@ def draft_authorization(
 # --------------------------------------------------------------------------------------------
 
 
-def _lp(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
 def _collapse(text: str) -> str:
     return " ".join(text.split())
 
 
 def _encode_subject(query: QueryRecord, today: date) -> tuple[str, bytes]:
-    """(record id, encoding) of one subject: every length first, then the normalized values.
-
-    The component count is fixed, so the length header makes the encoding injective.
-    """
+    """(record id, encoding) of one subject: its normalized values, canonically encoded."""
     person, meta = query.person, query.metadata
     last, suffix = split_suffix(person.last_name)
     periods = sorted(
@@ -395,10 +387,10 @@ def _encode_subject(query: QueryRecord, today: date) -> tuple[str, bytes]:
             _collapse(meta.reason),
         )
     ]
-    return record_id, _SUBJECT_HEADER.pack(*map(len, parts)) + b"".join(parts)
+    return record_id, encode(*parts)
 
 
-def subject_commitment(queries: Iterable[QueryRecord]) -> bytes:
+def subject_commitment(queries: Iterable[QueryRecord], *, today: date) -> bytes:
     """SHA-256 commitment to the exact list of subjects an authorization was issued for.
 
     Each subject is encoded as its record id and normalized fields (person fields, tax periods,
@@ -407,9 +399,9 @@ def subject_commitment(queries: Iterable[QueryRecord]) -> bytes:
     means a requester re-deriving the commitment from a differently formatted but equivalent
     file (e.g. "01/02/1980" vs "1980-01-02") gets the same value, while any change to who is
     asked about changes it. Raises ValueError on an empty list or a repeated record id, since
-    either would make "the reviewed list" ambiguous.
+    either would make "the reviewed list" ambiguous. ``today`` is the date the values are
+    normalized against (a birth date after it is no date); the caller reads the clock.
     """
-    today = date.today()
     encoded: list[bytes] = []
     seen: set[str] = set()
     for query in queries:
@@ -425,12 +417,7 @@ def subject_commitment(queries: Iterable[QueryRecord]) -> bytes:
     if not encoded:
         raise ValueError("a subject commitment needs at least one subject")
     encoded.sort()
-    h = hashlib.sha256()
-    h.update(_lp(SUBJECT_COMMITMENT_TAG))
-    h.update(struct.pack(">Q", len(encoded)))
-    for item in encoded:
-        h.update(_lp(item))
-    return h.digest()
+    return hashlib.sha256(encode(SUBJECT_COMMITMENT_TAG, encode(*encoded))).digest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,7 +481,7 @@ def describe(
     signed: SignedAuthorization,
     trusted: Mapping[str, Ed25519PublicKey] | None,
     *,
-    now: float | None = None,
+    now: float,
 ) -> dict[str, Any]:
     """What a reviewer needs to know about a signed authorization, as a JSON-ready dict.
 
@@ -502,12 +489,11 @@ def describe(
     use), ``signature`` (``status`` one of :class:`SignatureStatus`, ``verified``, ``detail``)
     and ``validity`` (``status`` one of :class:`ValidityStatus`, window in ISO 8601 UTC, and
     the seconds until it opens or closes). ``trusted`` maps key id to key; ``None`` means no
-    check was asked for, which is reported as ``not_checked`` rather than as a pass.
+    check was asked for, which is reported as ``not_checked`` rather than as a pass. ``now``
+    (unix seconds) is the review time; the caller reads the clock.
     """
     if not isinstance(signed, SignedAuthorization):
         raise ValueError("expected a SignedAuthorization")
-    if now is None:
-        now = time.time()
     if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
         raise ValueError(f"now must be finite unix seconds, got {now!r}")
     auth = signed.authorization

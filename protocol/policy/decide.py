@@ -17,14 +17,10 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
 import secrets
-import struct
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -32,7 +28,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.domain.records import DISCLOSABLE_FIELDS, MATCH_RULES, Strength
+from protocol.crypto.encoding import Part, encode, encode_strs
+from protocol.domain.engine import BUILTIN_ENGINE_TRAITS, Engine, EngineTraits
+from protocol.domain.records import (
+    DISCLOSABLE_FIELDS,
+    MATCH_RULES,
+    PERSON_FIELDS,
+    RECORD_CLASS_FIELD,
+    Strength,
+)
 from protocol.errors import PolicyRefusal
 
 __all__ = [
@@ -53,6 +57,8 @@ __all__ = [
     "Tier",
     "authority_key_id",
     "check_disclosure",
+    "check_evaluation",
+    "check_message",
     "decide",
     "new_authorization_id",
     "permitted_fields",
@@ -61,11 +67,11 @@ __all__ = [
 ]
 
 # Domain-separation tags: every hash / signature input in this module starts with its own tag.
-AUTHORIZATION_TAG = b"gated-psi/authorization/v1"
+AUTHORIZATION_TAG = b"gated-psi/authorization/v2"
 AUTHORIZATION_SIGNATURE_TAG = b"gated-psi/authorization-signature/v1"
-AUTHORIZATION_DIGEST_TAG = b"gated-psi/signed-authorization-digest/v1"
+AUTHORIZATION_DIGEST_TAG = b"gated-psi/signed-authorization-digest/v2"
 AUTHORITY_KEY_ID_TAG = b"gated-psi/authority-key-id/v1"
-SIGNED_AUTHORIZATION_FORMAT = "gated-psi/signed-authorization/v1"
+SIGNED_AUTHORIZATION_FORMAT = "gated-psi/signed-authorization/v2"
 
 _E = TypeVar("_E", bound=StrEnum)
 
@@ -161,48 +167,40 @@ def _set(obj: object, name: str, value: object) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _lp(data: bytes) -> bytes:
-    """Length-prefix (4-byte big-endian) so concatenations are unambiguous."""
-    return struct.pack(">I", len(data)) + data
-
-
-def _enc_str(value: str) -> bytes:
-    return value.encode("utf-8")
-
-
-def _enc_int(value: int) -> bytes:
-    return value.to_bytes(8, "big")
-
-
-def _enc_tuple(value: tuple[str, ...]) -> bytes:
-    return struct.pack(">I", len(value)) + b"".join(_lp(_enc_str(v)) for v in value)
+def _same(value: Part) -> Part:
+    return value
 
 
 def _enc_optional_bytes(value: bytes | None) -> bytes:
     return b"\x00" if value is None else b"\x01" + value
 
 
-# Fixed field order of the canonical encoding. A test checks it covers every dataclass field,
-# so adding a field without deciding how it is signed fails loudly.
-_CANONICAL_ENCODERS: tuple[tuple[str, Callable[[Any], bytes]], ...] = (
-    ("authorization_id", _enc_str),
-    ("authority_key_id", _enc_str),
-    ("requester_id", _enc_str),
-    ("custodian_id", _enc_str),
-    ("statute", _enc_str),
-    ("purpose", _enc_str),
-    ("not_before", _enc_int),
-    ("not_after", _enc_int),
-    ("tier", lambda t: _enc_str(t.value)),
-    ("max_queries", _enc_int),
-    ("max_disclosures", _enc_int),
-    ("match_rules", _enc_tuple),
-    ("disclosure_fields", _enc_tuple),
-    ("retention_days", _enc_int),
-    ("mode", lambda m: _enc_str(m.value)),
+def _enc_value(member: StrEnum) -> str:
+    return member.value
+
+
+# Fixed field order of the canonical encoding (each field one part of
+# ``protocol.crypto.encoding.encode``). A test checks it covers every dataclass field, so adding
+# a field without deciding how it is signed fails loudly.
+_CANONICAL_ENCODERS: tuple[tuple[str, Callable[[Any], Part]], ...] = (
+    ("authorization_id", _same),
+    ("authority_key_id", _same),
+    ("requester_id", _same),
+    ("custodian_id", _same),
+    ("statute", _same),
+    ("purpose", _same),
+    ("not_before", _same),
+    ("not_after", _same),
+    ("tier", _enc_value),
+    ("max_queries", _same),
+    ("max_disclosures", _same),
+    ("match_rules", encode_strs),
+    ("disclosure_fields", encode_strs),
+    ("retention_days", _same),
+    ("mode", _enc_value),
     ("subject_commitment", _enc_optional_bytes),
-    ("min_aggregate_count", _enc_int),
-    ("engines", _enc_tuple),
+    ("min_aggregate_count", _same),
+    ("engines", encode_strs),
 )
 
 
@@ -267,7 +265,7 @@ class Authorization:
     mode: Mode = Mode.BULK
     subject_commitment: bytes | None = None
     min_aggregate_count: int = 0
-    engines: tuple[str, ...] = ("oprf",)
+    engines: tuple[str, ...] = (Engine.OPRF.value,)
 
     def __post_init__(self) -> None:
         for name in (
@@ -316,8 +314,8 @@ class Authorization:
                     f"subject_commitment must be {_COMMITMENT_LEN} bytes, got {len(commitment)}"
                 )
         # A named-subject authorization is bound to its reviewed list; a bulk one may
-        # carry a commitment too (DESIGN §5: "optionally a commitment to a named subject
-        # list"), recording which reviewed file it was issued for.
+        # carry a commitment too (docs/architecture.md, Policy: "optionally a commitment to
+        # the reviewed subject list"), recording which reviewed file it was issued for.
         if self.mode is Mode.NAMED_SUBJECTS and commitment is None:
             raise ValueError("mode 'named_subjects' requires a subject_commitment")
 
@@ -325,9 +323,8 @@ class Authorization:
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes the authority signs; injective over all field values."""
-        parts = [_lp(AUTHORIZATION_TAG)]
-        parts.extend(_lp(encode(getattr(self, name))) for name, encode in _CANONICAL_ENCODERS)
-        return b"".join(parts)
+        fields = (enc(getattr(self, name)) for name, enc in _CANONICAL_ENCODERS)
+        return encode(AUTHORIZATION_TAG, *fields)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-friendly dict (enums as values, tuples as lists, bytes as hex)."""
@@ -466,11 +463,8 @@ class SignedAuthorization:
 
     def digest(self) -> bytes:
         """SHA-256 naming this exact signed authorization in transcripts and receipts."""
-        h = hashlib.sha256()
-        h.update(_lp(AUTHORIZATION_DIGEST_TAG))
-        h.update(_lp(self.authorization.canonical_bytes()))
-        h.update(_lp(self.signature))
-        return h.digest()
+        canonical = self.authorization.canonical_bytes()
+        return hashlib.sha256(encode(AUTHORIZATION_DIGEST_TAG, canonical, self.signature)).digest()
 
 
 def sign_authorization(auth: Authorization, key: Ed25519PrivateKey) -> SignedAuthorization:
@@ -554,7 +548,7 @@ class CustodianPolicy:
     never_disclose: frozenset[str] = frozenset({"tin"})
     excluded_record_classes: frozenset[str] = frozenset()
     allowed_tiers: frozenset[Tier] = frozenset(Tier)
-    allowed_engines: frozenset[str] = frozenset({"oprf"})
+    allowed_engines: frozenset[str] = frozenset({Engine.OPRF.value})
     clock_skew_s: int = 60
     max_session_queries: int = 5_000_000
 
@@ -642,30 +636,6 @@ class CustodianPolicy:
         kwargs: dict[str, Any] = {k: data[k] for k in _POLICY_KEYS[2:] if k in data}
         return cls(custodian_id=data["custodian_id"], trusted_authorities=trusted, **kwargs)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> CustodianPolicy:
-        """Read a policy file written by :meth:`dump`."""
-        try:
-            doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"custodian policy file {path} is not valid JSON: {exc}") from exc
-        return cls.from_json(doc)
-
-    def dump(self, path: str | os.PathLike[str]) -> None:
-        """Write the policy as JSON, atomically (a crash never leaves a half-written policy)."""
-        target = Path(path)
-        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
 
 # --------------------------------------------------------------------------------------------
 # Decisions
@@ -683,6 +653,7 @@ class Reason(StrEnum):
     CUSTODIAN_MISMATCH = "custodian_mismatch"
     TIER_NOT_PERMITTED = "tier_not_permitted"
     ENGINE_NOT_PERMITTED = "engine_not_permitted"
+    ENGINE_UNKNOWN = "engine_unknown"
     RULE_NOT_PERMITTED = "rule_not_permitted"
     RULE_UNKNOWN = "rule_unknown"
     RULE_TOO_WEAK = "rule_too_weak"
@@ -713,6 +684,7 @@ REFUSAL_CATEGORY: dict[Reason, str] = {
     Reason.SESSION_TOO_LARGE: "resource_exhausted",
     Reason.MODE_NOT_PERMITTED: "failed_precondition",
     Reason.RULE_UNKNOWN: "invalid_argument",
+    Reason.ENGINE_UNKNOWN: "invalid_argument",
     Reason.MALFORMED: "invalid_argument",
 }
 
@@ -781,7 +753,9 @@ class SessionRequest:
     match_rules: tuple[str, ...]
     disclosure_fields: tuple[str, ...]
     query_count: int
-    engine: str = "oprf"
+    engine: str = Engine.OPRF.value
+    #: The value column an aggregate-tier session sums ("" in every other tier).
+    value_field: str = ""
 
     def __post_init__(self) -> None:
         _check_str("peer_id", self.peer_id, allow_empty=True)
@@ -795,6 +769,7 @@ class SessionRequest:
             _set(self, name, tuple(_check_str(f"{name} item", v, allow_empty=True) for v in value))
         _check_int("query_count", self.query_count)
         _check_str("engine", self.engine, allow_empty=True)
+        _check_str("value_field", self.value_field, allow_empty=True)
 
 
 def _duplicates(items: tuple[str, ...]) -> list[str]:
@@ -820,12 +795,19 @@ def decide(
     now: float,
     budget_remaining: int,
     named_subjects_ready: bool = False,
+    engine_traits: Mapping[str, EngineTraits] = BUILTIN_ENGINE_TRAITS,
+    served_tiers: Collection[Tier] | None = None,
+    served_engines: Collection[str] | None = None,
 ) -> Decision:
     """Decide whether a session may open. Collects every refusal so operators see them all.
 
     Order: signer trusted, signature, validity window, identities, tier/engine, rules, fields,
     budget. Signature failures stop evaluation, since nothing in an unverified authorization can
-    be trusted.
+    be trusted.  ``engine_traits`` are the traits of the engines the caller can run, by name
+    (docs/architecture.md, Engines); an engine missing from it is refused as unknown.
+    ``served_tiers`` / ``served_engines`` are what the session asked to open can run (its
+    tier module declares them; ``None`` = no restriction): a request outside them is refused
+    here, with a reason, rather than by the session (docs/architecture.md, Policy).
     """
     if not isinstance(policy, CustodianPolicy):
         raise ValueError("policy must be a CustodianPolicy")
@@ -917,17 +899,46 @@ def decide(
             Reason.ENGINE_NOT_PERMITTED,
             f"custodian policy does not permit match engine {request.engine!r}",
         )
-
-    if auth.mode is Mode.NAMED_SUBJECTS and request.engine != "oprf":
+    if served_tiers is not None and request.tier not in served_tiers:
+        refuse(
+            Reason.TIER_NOT_PERMITTED,
+            f"tier {request.tier.value!r} is not served by this session (it serves "
+            f"{', '.join(sorted(t.value for t in served_tiers))})",
+        )
+    if served_engines is not None and request.engine not in served_engines:
         refuse(
             Reason.ENGINE_NOT_PERMITTED,
-            f"named-subject authorization {auth.authorization_id} runs on the oprf engine "
-            f"only (its tokens are group elements), not {request.engine!r}",
+            f"match engine {request.engine!r} is not run by the {request.tier.value} session "
+            f"(it runs {', '.join(sorted(served_engines))})",
         )
 
-    # 5b: a named-subject authorization is served only with a certification of the
-    # custodian's records under that authority's token key (see protocol/engines/named.py).
-    if auth.mode is Mode.NAMED_SUBJECTS and not named_subjects_ready:
+    # The engine's properties come from its own declaration (``engine_traits``, which the
+    # caller takes from the engine registry): policy never compares engine names.
+    traits = engine_traits.get(request.engine)
+    if traits is None:
+        refuse(
+            Reason.ENGINE_UNKNOWN,
+            f"match engine {request.engine!r} is not known to this custodian "
+            f"(known: {', '.join(sorted(engine_traits))})",
+        )
+    elif auth.mode is Mode.NAMED_SUBJECTS and not traits.group_element_inputs:
+        refuse(
+            Reason.ENGINE_NOT_PERMITTED,
+            f"named-subject authorization {auth.authorization_id} runs only on an engine "
+            f"whose inputs are group elements (its tokens are), not {request.engine!r}",
+        )
+
+    # 5b: a named-subject authorization is served only in the identity tier (the other tiers
+    # have no per-subject tokens), and only with a certification of the custodian's records
+    # under that authority's token key (see protocol/engines/named.py).
+    if auth.mode is Mode.NAMED_SUBJECTS and request.tier is not Tier.IDENTITY:
+        refuse(
+            Reason.MODE_NOT_PERMITTED,
+            f"authorization {auth.authorization_id} is named_subjects; tier "
+            f"{request.tier.value!r} serves bulk authorizations only (it has no per-subject "
+            "tokens)",
+        )
+    elif auth.mode is Mode.NAMED_SUBJECTS and not named_subjects_ready:
         refuse(
             Reason.MODE_NOT_PERMITTED,
             f"authorization {auth.authorization_id} is named_subjects but this custodian holds "
@@ -990,6 +1001,9 @@ def decide(
                 f"custodian policy never discloses field {name!r}",
             )
 
+    # 7b: the value column an aggregate sums.
+    refusals.extend(_value_field_refusals(request, auth, policy))
+
     # 8: budget. The authorization's own cap bounds whatever the ledger reports.
     remaining = max(0, min(budget_remaining, auth.max_queries))
     if request.query_count > remaining:
@@ -1007,6 +1021,42 @@ def decide(
         )
 
     return Decision(not refusals, tuple(refusals))
+
+
+def _value_field_refusals(
+    request: SessionRequest, auth: Authorization, policy: CustodianPolicy
+) -> list[Refused]:
+    """The aggregate tier sums exactly one value column the authorization names (the authority
+    CLI's convention: in ``disclosure_fields``) and the custodian does not bar; no other tier
+    sums anything."""
+    value_field = request.value_field
+    if request.tier is not Tier.AGGREGATE:
+        if not value_field:
+            return []
+        return [Refused(
+            Reason.FIELD_NOT_PERMITTED,
+            f"tier {request.tier.value!r} sums nothing; value field {value_field!r} refused",
+        )]
+    if not value_field:
+        return [Refused(Reason.MALFORMED, "the aggregate tier needs a value field to sum")]
+    out: list[Refused] = []
+    if value_field in PERSON_FIELDS or value_field == RECORD_CLASS_FIELD:
+        out.append(Refused(
+            Reason.FIELD_NOT_PERMITTED,
+            f"{value_field!r} is a person field; only value columns can be summed",
+        ))
+    elif value_field not in auth.disclosure_fields:
+        out.append(Refused(
+            Reason.FIELD_NOT_PERMITTED,
+            f"value field {value_field!r} is not named by authorization "
+            f"{auth.authorization_id} (named: {', '.join(auth.disclosure_fields) or 'none'})",
+        ))
+    if value_field in policy.never_disclose:
+        out.append(Refused(
+            Reason.FIELD_NEVER_DISCLOSED,
+            f"custodian policy never releases field {value_field!r}, not even summed",
+        ))
+    return out
 
 
 def _authorization_of(signed_or_auth: SignedAuthorization | Authorization) -> Authorization:
@@ -1049,6 +1099,77 @@ def check_disclosure(
             )
         )
     return Decision(not refusals, tuple(refusals))
+
+
+def _check_now(now: object) -> None:
+    if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
+        raise ValueError(f"now must be a finite number of unix seconds, got {now!r}")
+
+
+def check_message(
+    signed_or_auth: SignedAuthorization | Authorization,
+    *,
+    peer_id: str,
+    now: float,
+    policy: CustodianPolicy,
+    window: bool = True,
+) -> Decision:
+    """May this message of an open session be served? The gate every message after open passes.
+
+    ``decide`` let the session open; this keeps the answer true for its whole life: the
+    transport-authenticated ``peer_id`` must still be the requester the authorization names
+    (session ownership), and, for a message that uses the authorization (``window``: evaluate,
+    stream, reveal, disclose), ``now`` must be inside its validity window.  Messages that only
+    account for work already done (close, countersign) pass ``window=False``: a receipt is
+    owed even after expiry.  Assumes ``decide`` authenticated the authorization at open.
+    """
+    auth = _authorization_of(signed_or_auth)
+    _check_now(now)
+    refusals: list[Refused] = []
+    if peer_id != auth.requester_id:
+        refusals.append(Refused(
+            Reason.REQUESTER_MISMATCH,
+            f"the session under authorization {auth.authorization_id} belongs to requester "
+            f"{auth.requester_id!r}, but the authenticated peer is {peer_id!r}",
+        ))
+    if window and not now >= auth.not_before - policy.clock_skew_s:
+        refusals.append(Refused(
+            Reason.NOT_YET_VALID,
+            f"authorization {auth.authorization_id} is not valid before "
+            f"{_utc(auth.not_before)} (now {_utc(now)})",
+        ))
+    if window and not now <= auth.not_after:
+        refusals.append(Refused(
+            Reason.EXPIRED,
+            f"authorization {auth.authorization_id} expired at {_utc(auth.not_after)} "
+            f"(now {_utc(now)}) while its session was open; nothing more is served",
+        ))
+    return Decision(not refusals, tuple(refusals))
+
+
+def check_evaluation(
+    signed_or_auth: SignedAuthorization | Authorization,
+    *,
+    reserved: int,
+    evaluated: int,
+    units: int,
+) -> Decision:
+    """May ``units`` more budget units be evaluated in a session that reserved ``reserved``?
+
+    The decision is made here, before the ledger counts; the ledger's own check of the
+    reservation (``record_evaluation``) is defence in depth, not a second decider.
+    """
+    auth = _authorization_of(signed_or_auth)
+    for name, value in (("reserved", reserved), ("evaluated", evaluated), ("units", units)):
+        _check_int(name, value)
+    if evaluated + units <= reserved:
+        return Decision.allow()
+    return Decision.refuse(Refused(
+        Reason.BUDGET_EXHAUSTED,
+        f"the session asks to evaluate {units:,} more units, but only "
+        f"{max(reserved - evaluated, 0):,} of the {reserved:,} it reserved under authorization "
+        f"{auth.authorization_id} remain",
+    ))
 
 
 def permitted_fields(

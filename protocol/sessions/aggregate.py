@@ -1,12 +1,17 @@
-"""Aggregate and cardinality tiers (DESIGN §7): Private Intersection-Sum-with-Cardinality.
+"""Aggregate and cardinality tiers: Private Intersection-Sum-with-Cardinality.
+
+See docs/architecture.md, Aggregate and cardinality tiers.
 
 The protocol is the one of Ion et al. ("On Deploying Secure Computing: Private
 Intersection-Sum-with-Cardinality", EuroS&P 2020; Google's Private Join and Compute), with
-the sum delivered to the *requester* through a one-time-pad mask.  Sans-I/O like
-``protocol.sessions.core``: sessions take message objects and return message objects, and the
-allowed transitions of each role are one table (``AGGREGATE_CUSTODIAN_TRANSITIONS``,
-``AGGREGATE_REQUESTER_TRANSITIONS``) holding only this tier's messages, so an identity-tier
-message in an aggregate session (or the reverse) is a ``ProtocolError``.
+the sum delivered to the *requester* through a one-time-pad mask.
+
+This module is a thin tier over the session core (``protocol.sessions.base``; see
+docs/architecture.md, Sessions): the core opens, gates every message, counts, closes and
+countersigns; this module holds the tier's messages, its two transition tables
+(``AGGREGATE_CUSTODIAN_TRANSITIONS``, ``AGGREGATE_REQUESTER_TRANSITIONS``, covering what each
+side sends and receives, and only this tier's messages, so an identity-tier message in an
+aggregate session is a ``ProtocolError``), their handlers, and the cryptography.
 
 Notation: ``H`` = hash-to-group into ristretto255 with this tier's own DST
 (``HASH_TO_GROUP_DST``); ``a`` / ``b`` = fresh per-session secret scalars of the requester /
@@ -53,12 +58,14 @@ statistically).  The elements ``a*H(v)`` are pseudorandom to B (DDH in ristretto
 the final ciphertext is re-randomized with a full ``r^n`` so B cannot recognise which of its
 own ciphertexts were multiplied into it.
 
-Policy: the tier comes from the signed authorization and must be ``aggregate`` or
-``cardinality``; the session names exactly one match rule and, in the aggregate tier, the
-value column to sum, which the authorization must name in ``disclosure_fields`` (the
-authority CLI's convention) and the custodian policy must not bar.  The evaluation budget
-is reserved at open (``|V|``) and counted chunk by chunk, as in the identity tier.  Every
-release is an ``aggregate_release`` entry in the custodian's audit chain.
+Policy (decided in ``protocol.policy.decide``, never here): the tier comes from the signed
+authorization and must be ``aggregate`` or ``cardinality`` (the tiers this session serves);
+the session names exactly one match rule and, in the aggregate tier, the value column to sum,
+which the authorization must name in ``disclosure_fields`` (the authority CLI's convention)
+and the custodian policy must not bar; named-subject authorizations are not served.  The
+evaluation budget is reserved at open (``|V|``) and counted chunk by chunk; every later
+message passes the core's gate (owner, validity window).  Every release is an
+``aggregate_release`` entry in the custodian's audit chain.
 
 Limits of the guarantees (stated, not hidden)
 ---------------------------------------------
@@ -77,8 +84,9 @@ Limits of the guarantees (stated, not hidden)
 * A session id is never reused: the Paillier key and ``b`` live only in the session object,
   so a broken session cannot be resumed; A opens a new one (and pays budget again).
 
-Every error raised by ``handle`` leaves the custodian session ``FAILED``: a session holding
-one-time secrets is not worth repairing.
+Every error leaves a session ``FAILED`` with its ``failure_reason`` (the core's rule), and
+the custodian drops ``b`` and the Paillier private key: a session holding one-time secrets is
+not worth repairing.
 """
 
 from __future__ import annotations
@@ -86,58 +94,40 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import struct
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import rbcl
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from phe import paillier
 
-from protocol.accounting.receipts import countersign, issue_receipt, store_countersignature
-from protocol.adapters.workers import WorkerPool
+from protocol.accounting.port import Reservation
 from protocol.crypto import oprf
 from protocol.crypto import paillier as pf
+from protocol.crypto.encoding import encode
 from protocol.domain.messages import (
     MAX_CHUNK_ELEMENTS,
     CloseRequest,
     Receipt,
     Transcript,
-    transition,
 )
-from protocol.domain.records import (
-    PERSON_FIELDS,
-    RECORD_CLASS_FIELD,
-    PersonRecord,
-    QueryRecord,
-    match_keys_bulk,
-)
+from protocol.domain.records import PersonRecord, QueryRecord, match_keys_bulk
 from protocol.domain.recordstore import bulk_match_keys, persons_of
-from protocol.errors import (
-    InvalidElementError,
-    InvalidRecordError,
-    LedgerError,
-    PolicyRefusal,
-    ProtocolError,
-    PSIError,
-)
-from protocol.policy.decide import (
-    Authorization,
-    Decision,
-    Mode,
-    Reason,
-    Refused,
-    SessionRequest,
-    SignedAuthorization,
-    Tier,
-    decide,
+from protocol.engines.base import utc_date
+from protocol.errors import InvalidElementError, InvalidRecordError, ProtocolError
+from protocol.policy.decide import Mode, SessionRequest, SignedAuthorization, Tier
+from protocol.sessions.base import (
+    CustodianCore,
+    RequesterCore,
+    Row,
+    Send,
+    TransitionTable,
+    common_custodian_rows,
 )
 from protocol.sessions.core import INDEX_SLICE, Custodian, CustodianConfig
 
@@ -157,7 +147,6 @@ __all__ = [
     "AggregateOpenResponse",
     "AggregateOps",
     "AggregateOutcome",
-    "AggregatePool",
     "AggregateRequesterSession",
     "AggregateRequesterState",
     "AggregateResult",
@@ -199,18 +188,6 @@ _scalarmult = rbcl.crypto_scalarmult_ristretto255
 # --------------------------------------------------------------------------- encodings
 
 
-def _lp(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-def _lp_str(text: str) -> bytes:
-    return _lp(text.encode("utf-8"))
-
-
-def _int_bytes(value: int, size: int) -> bytes:
-    return value.to_bytes(size, "big")
-
-
 # --------------------------------------------------------------------------- messages
 
 
@@ -227,11 +204,10 @@ class AggregateOpenRequest:
     engine: str = ENGINE
 
     def transcript_bytes(self) -> bytes:
-        return b"".join([
-            b"aggregate-open-request", _lp_str(self.session_id), _lp(self.signed_authorization),
-            _lp_str(self.tier), _lp_str(self.match_rule), _lp_str(self.value_field),
-            struct.pack(">Q", self.element_count), _lp_str(self.engine),
-        ])
+        return encode(
+            b"aggregate-open-request", self.session_id, self.signed_authorization, self.tier,
+            self.match_rule, self.value_field, self.element_count, self.engine,
+        )
 
 
 @dataclass(frozen=True)
@@ -251,13 +227,11 @@ class AggregateOpenResponse:
     budget_remaining: int
 
     def transcript_bytes(self) -> bytes:
-        return b"".join([
-            b"aggregate-open-response", _lp_str(self.session_id), _lp_str(self.authorization_id),
-            _lp_str(self.custodian_id), _lp_str(self.tier), _lp_str(self.match_rule),
-            _lp_str(self.value_field), _lp(self.paillier_n),
-            struct.pack(">QQQQ", self.element_count, self.pair_count, self.min_aggregate_count,
-                        self.budget_remaining),
-        ])
+        return encode(
+            b"aggregate-open-response", self.session_id, self.authorization_id,
+            self.custodian_id, self.tier, self.match_rule, self.value_field, self.paillier_n,
+            self.element_count, self.pair_count, self.min_aggregate_count, self.budget_remaining,
+        )
 
 
 @dataclass(frozen=True)
@@ -268,7 +242,7 @@ class BlindedChunk:
     elements: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"aggregate-blinded" + struct.pack(">Q", self.seq) + _lp(self.elements)
+        return encode(b"aggregate-blinded", self.seq, self.elements)
 
 
 @dataclass(frozen=True)
@@ -279,7 +253,7 @@ class DoubleBlindedChunk:
     elements: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"aggregate-double-blinded" + struct.pack(">Q", self.seq) + _lp(self.elements)
+        return encode(b"aggregate-double-blinded", self.seq, self.elements)
 
 
 @dataclass(frozen=True)
@@ -292,8 +266,7 @@ class CustodianPairsChunk:
     ciphertexts: bytes
 
     def transcript_bytes(self) -> bytes:
-        return (b"aggregate-pairs" + struct.pack(">Q", self.seq) + _lp(self.elements)
-                + _lp(self.ciphertexts))
+        return encode(b"aggregate-pairs", self.seq, self.elements, self.ciphertexts)
 
 
 @dataclass(frozen=True)
@@ -304,7 +277,7 @@ class MaskedSum:
     ciphertext: bytes
 
     def transcript_bytes(self) -> bytes:
-        return b"aggregate-masked-sum" + struct.pack(">Q", self.count) + _lp(self.ciphertext)
+        return encode(b"aggregate-masked-sum", self.count, self.ciphertext)
 
 
 @dataclass(frozen=True)
@@ -317,8 +290,9 @@ class SumReveal:
     reason: str = ""
 
     def transcript_bytes(self) -> bytes:
-        return (b"aggregate-sum-reveal" + struct.pack(">Q?", self.count, self.withheld)
-                + _lp(self.masked_sum) + _lp_str(self.reason))
+        return encode(
+            b"aggregate-sum-reveal", self.count, self.withheld, self.masked_sum, self.reason
+        )
 
 
 class AggregateTranscript(Transcript):
@@ -396,7 +370,8 @@ def _check_elements(elements: bytes, what: str) -> int:
 
 
 class AggregateOps(Protocol):
-    """Where the heavy work runs: :class:`SerialAggregateOps` or :class:`AggregatePool`."""
+    """Where the heavy work runs: :class:`SerialAggregateOps`, or a process pool
+    (``protocol.adapters.pools.AggregatePool``)."""
 
     def hash_multiply(self, scalar: bytes, inputs: Sequence[bytes]) -> bytes: ...
 
@@ -424,71 +399,6 @@ class SerialAggregateOps:
     ) -> Iterator[tuple[bytes, bytes, float, float]]:
         for keys, values in jobs:
             yield _pairs_job(scalar, spec, keys, values)
-
-
-class AggregatePool(WorkerPool):
-    """Process pool for the aggregate tier: group operations and Paillier encryptions.
-
-    Same conventions as ``oprf.BatchPool`` (forkserver, results in input order, small
-    batches in-process).  Worker processes build the Paillier tables from a public
-    ``EncryptorSpec`` once per session key and cache them.  One long-lived pool per service.
-    """
-
-    def __init__(
-        self, workers: int | None = None, *, min_parallel: int = 256,
-        start_method: str | None = None,
-    ) -> None:
-        super().__init__(workers, min_parallel=min_parallel, start_method=start_method)
-        self._serial = SerialAggregateOps()
-
-    def _spans(self, n: int) -> list[tuple[int, int]] | None:
-        if self._executor is None or n < self.min_parallel:
-            return None
-        size = -(-n // self.workers)
-        return [(a, min(a + size, n)) for a in range(0, n, size)]
-
-    def hash_multiply(self, scalar: bytes, inputs: Sequence[bytes]) -> bytes:
-        spans = self._spans(len(inputs))
-        if spans is None or self._executor is None:
-            return self._serial.hash_multiply(scalar, inputs)
-        futures = [self._executor.submit(_hash_multiply_span, scalar, inputs[a:b])
-                   for a, b in spans]
-        return b"".join(f.result() for f in futures)
-
-    def multiply(self, scalar: bytes, elements: bytes) -> bytes:
-        n = _check_elements(elements, "element buffer")
-        spans = self._spans(n)
-        if spans is None or self._executor is None:
-            return self._serial.multiply(scalar, elements)
-        elements = bytes(elements)
-        futures = [
-            self._executor.submit(_multiply_span, scalar,
-                                  elements[a * ELEMENT_SIZE:b * ELEMENT_SIZE], a)
-            for a, b in spans
-        ]
-        return b"".join(f.result() for f in futures)
-
-    def pairs(
-        self, scalar: bytes, spec: pf.EncryptorSpec | None,
-        jobs: Iterable[tuple[Sequence[bytes], Sequence[int]]],
-    ) -> Iterator[tuple[bytes, bytes, float, float]]:
-        """Chunks computed ``2 * workers`` ahead on the pool, yielded in order."""
-        if self._executor is None:
-            yield from self._serial.pairs(scalar, spec, jobs)
-            return
-        executor = self._executor
-        pending: list[Future[tuple[bytes, bytes, float, float]]] = []
-        ahead = 2 * self.workers
-        try:
-            for keys, values in jobs:
-                pending.append(executor.submit(_pairs_job, scalar, spec, keys, values))
-                if len(pending) >= ahead:
-                    yield pending.pop(0).result()
-            while pending:
-                yield pending.pop(0).result()
-        finally:
-            for f in pending:
-                f.cancel()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -638,7 +548,7 @@ class AggregateCustodian:
         self.ops: AggregateOps = ops or SerialAggregateOps()
         self.settings = paillier_settings or PaillierSettings()
         self._indexes: dict[tuple[str, str], ValueIndex] = {}
-        self._lock = threading.Lock()
+        self._lock = custodian.config.new_lock()  # injected: the core runs no threads
 
     @property
     def config(self) -> CustodianConfig:
@@ -658,13 +568,14 @@ class AggregateCustodian:
             return idx
         started = time.perf_counter()
         records, in_scope = self.config.records, self.custodian.in_scope
+        today = utc_date(self.config.clock())
         slots: dict[bytes, int] = {}
         key_list: list[bytes] = []
         values: list[int] = []
         with_key = 0
         for start in range(0, len(in_scope), INDEX_SLICE):
             part = [records[int(i)] for i in in_scope[start:start + INDEX_SLICE]]
-            keys = match_keys_bulk(part, [rule_id])[rule_id]
+            keys = match_keys_bulk(part, [rule_id], today=today)[rule_id]
             for record, key in zip(part, keys, strict=True):
                 if key is None:
                     continue
@@ -708,39 +619,50 @@ class AggregateCustodianState(StrEnum):
 
 _C = AggregateCustodianState
 
-#: (state, message type) -> next state.  Anything else is a ProtocolError (and FAILED).
-AGGREGATE_CUSTODIAN_TRANSITIONS: dict[tuple[AggregateCustodianState, type], _C] = {
-    (_C.AWAIT_OPEN, AggregateOpenRequest): _C.RECEIVING,
-    (_C.RECEIVING, BlindedChunk): _C.RECEIVING,
-    (_C.SERVING, MaskedSum): _C.REVEALED,  # exactly one decryption per session
-    (_C.RECEIVING, CloseRequest): _C.CLOSED,
-    (_C.SERVING, CloseRequest): _C.CLOSED,
-    (_C.REVEALED, CloseRequest): _C.CLOSED,
-}
+#: (state, event) -> (handler, next state): what the custodian accepts and what it sends.
+#: Anything else is a ProtocolError and leaves the session FAILED (protocol.sessions.base).
+AGGREGATE_CUSTODIAN_TRANSITIONS = TransitionTable(
+    "aggregate custodian",
+    {
+        **common_custodian_rows(AggregateOpenRequest, initial=_C.AWAIT_OPEN,
+                                opened=_C.RECEIVING, closed=_C.CLOSED,
+                                closable=(_C.RECEIVING, _C.SERVING, _C.REVEALED)),
+        (_C.RECEIVING, BlindedChunk): Row("_blinded", _C.RECEIVING),
+        (_C.RECEIVING, Send(DoubleBlindedChunk)): Row("_double_blinded", _C.SERVING,
+                                                      stream=True),
+        # The pairs do not depend on A's input: they may stream while A still uploads.
+        (_C.RECEIVING, Send(CustodianPairsChunk)): Row("_pair_stream", _C.RECEIVING,
+                                                       stream=True),
+        (_C.SERVING, Send(CustodianPairsChunk)): Row("_pair_stream", _C.SERVING, stream=True),
+        (_C.SERVING, MaskedSum): Row("_reveal", _C.REVEALED),  # one decryption per session
+    },
+    initial=_C.AWAIT_OPEN, failed=_C.FAILED, final=(_C.CLOSED,),
+)
 
 
-class AggregateCustodianSession:
-    """One requester session on the custodian side; drive it with ``handle(message)``.
+class AggregateCustodianSession(CustodianCore):
+    """One requester session on the custodian side, on the session core.
 
-    Local steps (no message in): ``double_blinded_chunks()`` once every element is in,
-    ``pair_chunks()`` any time after open.  ``stats`` holds per-phase timings.
+    Received messages go through ``handle(message, peer_id=...)``; what it sends
+    (``double_blinded_chunks()`` once every element is in, ``pair_chunks()`` any time after
+    open) goes through ``send``.  ``stats`` holds per-phase timings.
     """
 
+    TABLE = AGGREGATE_CUSTODIAN_TRANSITIONS
+    SERVED_TIERS = AGGREGATE_TIERS
+    SERVED_ENGINES = frozenset({ENGINE})
+    RESUMABLE = False  # the Paillier key and b live only in this object
+    AUDIT_STAGE = "aggregate-open"
+    TRANSCRIPT = AggregateTranscript
+
     def __init__(self, owner: AggregateCustodian) -> None:
+        super().__init__(owner.config)
         self.owner = owner
-        self.state = AggregateCustodianState.AWAIT_OPEN
-        self.transcript = AggregateTranscript()
-        self.signed: SignedAuthorization | None = None
         self.tier: Tier | None = None
-        self.session_id = ""
-        self.peer_id = ""
         self.match_rule = ""
         self.value_field = ""
-        self.element_count = 0
         self.received = 0
-        self.evaluated = 0
         self.index: ValueIndex | None = None
-        self.receipt: Receipt | None = None
         self.released: SumReveal | None = None
         self.stats: dict[str, float] = {
             "keygen_s": 0.0, "evaluate_s": 0.0, "pairs_wall_s": 0.0, "pairs_group_cpu_s": 0.0,
@@ -751,165 +673,51 @@ class AggregateCustodianSession:
         self._public_key: paillier.PaillierPublicKey | None = None
         self._private_key: paillier.PaillierPrivateKey | None = None
         self._spec: pf.EncryptorSpec | None = None
-        self._double_sent = False
         self._pairs_started = False
         self._pairs_sent = 0
         self._expected_seq = 0
 
-    # -- dispatch --------------------------------------------------------------
+    @property
+    def element_count(self) -> int:
+        """``|V|``: the elements granted (and reserved) at open."""
+        return self.element_limit
 
-    def handle(self, message: object, *, peer_id: str | None = None) -> object | None:
-        """Apply one requester message; return the reply (``None`` for a BlindedChunk)."""
-        try:
-            next_state = transition(AGGREGATE_CUSTODIAN_TRANSITIONS, self.state, message,
-                                    "aggregate custodian")
-            reply: object | None
-            if isinstance(message, AggregateOpenRequest):
-                if peer_id is None:
-                    raise ProtocolError("open requires the transport-authenticated peer id")
-                reply = self._open(message, peer_id)
-            elif isinstance(message, BlindedChunk):
-                reply = self._blinded(message)
-            elif isinstance(message, MaskedSum):
-                reply = self._reveal(message)
-            else:
-                assert isinstance(message, CloseRequest)
-                reply = self._close(message)
-        except (PSIError, ValueError):
-            if self.state is not AggregateCustodianState.CLOSED:
-                self._fail()
-            raise
-        self.state = next_state
-        return reply
-
-    def _fail(self) -> None:
-        self.state = AggregateCustodianState.FAILED
+    def _discard(self) -> None:
         self._private_key = None
         self._b = b""
 
-    @property
-    def authorization(self) -> Authorization:
-        if self.signed is None:
-            raise ProtocolError("session is not open")
-        return self.signed.authorization
-
     # -- open ------------------------------------------------------------------
 
-    def _value_field_refusals(
-        self, tier: Tier, auth: Authorization, value_field: str
-    ) -> list[Refused]:
-        policy = self.owner.config.policy
-        out: list[Refused] = []
-        if tier is Tier.CARDINALITY:
-            if value_field:
-                out.append(Refused(
-                    Reason.FIELD_NOT_PERMITTED,
-                    f"the cardinality tier sums nothing; value field {value_field!r} refused",
-                ))
-            return out
-        if not value_field:
-            out.append(Refused(Reason.MALFORMED, "the aggregate tier needs a value field to sum"))
-            return out
-        if value_field in PERSON_FIELDS or value_field == RECORD_CLASS_FIELD:
-            out.append(Refused(
-                Reason.FIELD_NOT_PERMITTED,
-                f"{value_field!r} is a person field; only value columns can be summed",
-            ))
-        elif value_field not in auth.disclosure_fields:
-            out.append(Refused(
-                Reason.FIELD_NOT_PERMITTED,
-                f"value field {value_field!r} is not named by authorization "
-                f"{auth.authorization_id} (named: {', '.join(auth.disclosure_fields) or 'none'})",
-            ))
-        if value_field in policy.never_disclose:
-            out.append(Refused(
-                Reason.FIELD_NEVER_DISCLOSED,
-                f"custodian policy never releases field {value_field!r}, not even summed",
-            ))
-        return out
-
-    def _open(self, req: AggregateOpenRequest, peer_id: str) -> AggregateOpenResponse:
-        cfg = self.owner.config
-        ledger = cfg.ledger
-        try:
-            signed = SignedAuthorization.from_bytes(req.signed_authorization)
-        except ValueError as exc:
-            ledger.audit("refusal", {"stage": "aggregate-open", "reasons": ["malformed"],
-                                     "peer": peer_id, "message": str(exc)})
-            raise PolicyRefusal(f"malformed authorization: {exc}", reasons=("malformed",)) from exc
-        auth = signed.authorization
-        try:
-            tier = Tier(req.tier)
-        except ValueError:
-            raise PolicyRefusal(f"unknown tier {req.tier!r}", reasons=("malformed",)) from None
-        try:
-            remaining = ledger.budget(auth.authorization_id).remaining
-        except LedgerError:  # first use of this authorization
-            remaining = auth.max_queries
-        request = SessionRequest(
-            peer_id=peer_id, tier=tier, match_rules=(req.match_rule,), disclosure_fields=(),
-            query_count=req.element_count, engine=req.engine,
+    def _session_request(self, req: AggregateOpenRequest) -> SessionRequest:
+        return SessionRequest(
+            peer_id=self.peer_id, tier=req.tier, match_rules=(req.match_rule,),
+            disclosure_fields=(), query_count=req.element_count, engine=req.engine,
+            value_field=req.value_field,
         )
-        decision = decide(signed, request, cfg.policy, now=cfg.clock(),
-                          budget_remaining=remaining)
-        extra: list[Refused] = []
-        authentic = not {Reason.UNTRUSTED_SIGNER, Reason.BAD_SIGNATURE} & set(decision.reasons)
-        if authentic and tier not in AGGREGATE_TIERS:
-            extra.append(Refused(
-                Reason.TIER_NOT_PERMITTED,
-                f"tier {tier.value!r} is not served by the aggregate session; use the "
-                "identity-tier session",
-            ))
-        elif authentic:
-            extra.extend(self._value_field_refusals(tier, auth, req.value_field))
-        if authentic and auth.mode is Mode.NAMED_SUBJECTS:
-            extra.append(Refused(
-                Reason.MODE_NOT_PERMITTED,
-                f"authorization {auth.authorization_id} is named_subjects; the aggregate tier "
-                "serves bulk authorizations only (it has no per-subject tokens)",
-            ))
-        if extra:
-            decision = Decision(False, decision.refusals + tuple(extra))
-        ledger.audit("decision", {
-            "stage": "aggregate-open", "authorization_id": auth.authorization_id,
-            "session_id": req.session_id, "peer": peer_id, "allowed": decision.allowed,
-            "reasons": [str(r) for r in decision.reasons], "elements": req.element_count,
-            "tier": req.tier, "rule": req.match_rule, "value_field": req.value_field,
-        })
-        decision.raise_if_refused()
-        if not req.session_id or len(req.session_id) > _MAX_SESSION_ID:
-            raise ProtocolError(f"session id must be 1..{_MAX_SESSION_ID} characters")
+
+    def _audit_fields(self, req: AggregateOpenRequest) -> dict[str, Any]:
+        return {"tier": req.tier, "rule": req.match_rule, "value_field": req.value_field}
+
+    def _session_meta(self, req: AggregateOpenRequest) -> dict[str, Any]:
+        return {"tier": req.tier, "rule": req.match_rule, "value_field": req.value_field,
+                "elements": req.element_count}
+
+    def _prepare(self, req: AggregateOpenRequest, signed: SignedAuthorization) -> None:
         if req.element_count < 1:
             raise ProtocolError("an aggregate session needs at least one element")
-        if ledger.reservation(req.session_id) is not None:
-            raise ProtocolError(
-                f"session id {req.session_id!r} was already used; aggregate sessions cannot "
-                "be resumed (their keys live only in the session)"
-            )
-        # Data problems surface before any budget is spent.
-        index = self.owner.prepare(req.match_rule, req.value_field)
-        ledger.ensure_authorization(
-            auth.authorization_id, max_queries=auth.max_queries,
-            max_disclosures=auth.max_disclosures, not_after=auth.not_after,
-        )
-        reservation = ledger.reserve(auth.authorization_id, req.session_id, req.element_count)
-        ledger.open_session(auth.authorization_id, req.session_id, {
-            "peer": peer_id, "tier": tier.value, "rule": req.match_rule,
-            "value_field": req.value_field, "elements": req.element_count,
-        })
-        self.signed = signed
-        self.tier = tier
-        self.session_id = req.session_id
-        self.peer_id = peer_id
+        self.index = self.owner.prepare(req.match_rule, req.value_field)
+
+    def _opened(self, req: AggregateOpenRequest, reservation: Reservation
+                ) -> AggregateOpenResponse:
+        assert self.index is not None
+        auth = self.authorization
+        self.tier = Tier(req.tier)
         self.match_rule = req.match_rule
         self.value_field = req.value_field
-        self.element_count = reservation.reserved
-        self.evaluated = reservation.evaluated
-        self.index = index
         self._b = oprf.random_scalar()
         self._double = bytearray(self.element_count * ELEMENT_SIZE)
         n_bytes = b""
-        if tier is Tier.AGGREGATE:
+        if self.tier is Tier.AGGREGATE:
             started = time.perf_counter()
             settings = self.owner.settings
             pub, priv = pf.generate_keypair(settings.key_bits, min_key_bits=settings.min_key_bits)
@@ -918,19 +726,16 @@ class AggregateCustodianSession:
             self._spec = pf.new_spec(pub, exponent_bits=settings.exponent_bits,
                                      window_bits=settings.window_bits)
             self._public_key, self._private_key = pub, priv
-            n_bytes = _int_bytes(pub.n, (pub.n.bit_length() + 7) // 8)
+            n_bytes = pub.n.to_bytes((pub.n.bit_length() + 7) // 8, "big")
             self.stats["keygen_s"] = time.perf_counter() - started
-        resp = AggregateOpenResponse(
+        return AggregateOpenResponse(
             session_id=req.session_id, authorization_id=auth.authorization_id,
-            custodian_id=cfg.policy.custodian_id, tier=tier.value, match_rule=req.match_rule,
-            value_field=req.value_field, element_count=self.element_count,
-            pair_count=len(index), paillier_n=n_bytes,
+            custodian_id=self.context.policy.custodian_id, tier=req.tier,
+            match_rule=req.match_rule, value_field=req.value_field,
+            element_count=self.element_count, pair_count=len(self.index), paillier_n=n_bytes,
             min_aggregate_count=auth.min_aggregate_count,
-            budget_remaining=ledger.budget(auth.authorization_id).remaining,
+            budget_remaining=self.context.ledger.budget(auth.authorization_id).remaining,
         )
-        self.transcript.add("open", req)
-        self.transcript.add("open", resp)
-        return resp
 
     # -- evaluate --------------------------------------------------------------
 
@@ -945,14 +750,7 @@ class AggregateCustodianSession:
             raise ProtocolError(
                 f"blinded chunk {chunk.seq} has {n} elements; the limit is {MAX_CHUNK_ELEMENTS}"
             )
-        if self.received + n > self.element_count:
-            raise ProtocolError(
-                f"blinded chunk {chunk.seq} exceeds the {self.element_count} elements granted"
-            )
-        # Count before evaluating: an evaluation never exists without its accounting.
-        self.evaluated = self.owner.config.ledger.record_evaluation(
-            self.authorization.authorization_id, self.session_id, n
-        )
+        self._count(n)  # count before evaluating: refused past the elements granted
         started = time.perf_counter()
         doubled = self.owner.ops.multiply(self._b, chunk.elements)
         self.stats["evaluate_s"] += time.perf_counter() - started
@@ -961,20 +759,22 @@ class AggregateCustodianSession:
         self.received += n
         self._expected_seq += 1
         self.transcript.add("blinded", chunk)
-        return None
 
     def double_blinded_chunks(
-        self, chunk_elements: int = DEFAULT_DOUBLE_BLINDED_CHUNK
+        self, chunk_elements: int = DEFAULT_DOUBLE_BLINDED_CHUNK, *, peer_id: str | None = None,
     ) -> Iterator[DoubleBlindedChunk]:
         """All of ``{b*a*H(v)}`` in one fresh uniform order, sliced into chunks.
 
         Shuffling the whole set (not chunk by chunk) is what keeps A from linking a
         returned element even to the chunk it came from.
         """
+        return self.send(DoubleBlindedChunk, chunk_elements, peer_id=peer_id)  # type: ignore[no-any-return]
+
+    def _double_blinded(
+        self, chunk_elements: int = DEFAULT_DOUBLE_BLINDED_CHUNK
+    ) -> Iterator[DoubleBlindedChunk]:
         if not 0 < chunk_elements <= MAX_DOUBLE_BLINDED_CHUNK:
-            raise ValueError(f"chunk_elements must be in 1..{MAX_DOUBLE_BLINDED_CHUNK}")
-        if self.state is not AggregateCustodianState.RECEIVING or self._double_sent:
-            raise ProtocolError(f"no double-blinded set in state {self.state.value!r}")
+            raise ProtocolError(f"chunk_elements must be in 1..{MAX_DOUBLE_BLINDED_CHUNK}")
         if self.received != self.element_count:
             raise ProtocolError(
                 f"only {self.received} of {self.element_count} blinded elements received"
@@ -983,8 +783,6 @@ class AggregateCustodianSession:
         items = np.frombuffer(bytes(self._double), dtype=dtype)
         shuffled = items[_random_permutation(len(items))].tobytes()
         self._double = bytearray()
-        self._double_sent = True
-        self.state = AggregateCustodianState.SERVING
         return self._slices(shuffled, chunk_elements)
 
     def _slices(self, buffer: bytes, chunk_elements: int) -> Iterator[DoubleBlindedChunk]:
@@ -994,17 +792,20 @@ class AggregateCustodianSession:
             self.transcript.add("double-blinded", chunk)
             yield chunk
 
-    def pair_chunks(self, chunk_pairs: int = DEFAULT_PAIR_CHUNK) -> Iterator[CustodianPairsChunk]:
+    def pair_chunks(
+        self, chunk_pairs: int = DEFAULT_PAIR_CHUNK, *, peer_id: str | None = None,
+    ) -> Iterator[CustodianPairsChunk]:
         """``(b*H(w), Enc(t))`` for every distinct key, in a fresh uniform order.
 
         Independent of A's input, so it may stream while A is still uploading.  The order
         is drawn up front and chunks are computed lazily (on the ops pool), so the 1.3M
         ciphertexts (~0.7 GB) never sit in memory at once.
         """
+        return self.send(CustodianPairsChunk, chunk_pairs, peer_id=peer_id)  # type: ignore[no-any-return]
+
+    def _pair_stream(self, chunk_pairs: int = DEFAULT_PAIR_CHUNK) -> Iterator[CustodianPairsChunk]:
         if not 0 < chunk_pairs <= MAX_PAIR_CHUNK:
-            raise ValueError(f"chunk_pairs must be in 1..{MAX_PAIR_CHUNK}")
-        if self.state not in (AggregateCustodianState.RECEIVING, AggregateCustodianState.SERVING):
-            raise ProtocolError(f"no pairs in state {self.state.value!r}")
+            raise ProtocolError(f"chunk_pairs must be in 1..{MAX_PAIR_CHUNK}")
         if self._pairs_started:
             raise ProtocolError("the pairs of a session are produced once")
         self._pairs_started = True
@@ -1065,12 +866,12 @@ class AggregateCustodianSession:
             started = time.perf_counter()
             value = pf.decode_ciphertext(pub, msg.ciphertext)  # in Z*_{n^2}, or raise
             plain = pf.decrypt_raw(priv, value)
-            masked = _int_bytes(plain, (pub.n.bit_length() + 7) // 8)
+            masked = plain.to_bytes((pub.n.bit_length() + 7) // 8, "big")
             self.stats["decrypt_s"] = time.perf_counter() - started
             withheld = False
         self._private_key = None  # one decryption per session, whatever happened
         # Durable account before anything leaves (as for identity-tier disclosures).
-        self.owner.config.ledger.audit("aggregate_release", {
+        self.context.ledger.audit("aggregate_release", {
             "authorization_id": auth.authorization_id, "session_id": self.session_id,
             "peer": self.peer_id, "tier": self.tier.value, "rule": self.match_rule,
             "value_field": self.value_field, "count": msg.count,
@@ -1084,30 +885,6 @@ class AggregateCustodianSession:
         self.transcript.add("result", reply)
         return reply
 
-    # -- close -----------------------------------------------------------------
-
-    def _close(self, req: CloseRequest) -> Receipt:
-        cfg = self.owner.config
-        self.receipt = issue_receipt(
-            ledger=cfg.ledger, signing_key=cfg.signing_key,
-            custodian_id=cfg.policy.custodian_id, requester_id=self.peer_id,
-            authorization_id=self.authorization.authorization_id, session_id=self.session_id,
-            evaluated=self.evaluated, disclosed=0,
-            own_transcript=self.transcript.digest(), presented_transcript=req.transcript_hash,
-        )
-        self._private_key = None
-        self._b = b""
-        return self.receipt
-
-    def countersign(self, receipt: Receipt) -> None:
-        """Store the requester's countersignature after checking it against its known key."""
-        if self.state is not AggregateCustodianState.CLOSED:
-            raise ProtocolError("countersignature before the receipt was issued")
-        cfg = self.owner.config
-        self.receipt = store_countersignature(
-            ledger=cfg.ledger, requester_keys=cfg.requester_keys, peer_id=self.peer_id,
-            issued=self.receipt, presented=receipt)
-
 # --------------------------------------------------------------------------- requester
 
 
@@ -1119,18 +896,29 @@ class AggregateRequesterState(StrEnum):
     REVEALED = "revealed"
     AWAIT_RECEIPT = "await_receipt"
     CLOSED = "closed"
+    FAILED = "failed"
 
 
 _R = AggregateRequesterState
 
-#: (state, message type received) -> next state.
-AGGREGATE_REQUESTER_TRANSITIONS: dict[tuple[AggregateRequesterState, type], _R] = {
-    (_R.AWAIT_OPEN, AggregateOpenResponse): _R.EXCHANGING,
-    (_R.EXCHANGING, DoubleBlindedChunk): _R.EXCHANGING,
-    (_R.EXCHANGING, CustodianPairsChunk): _R.EXCHANGING,
-    (_R.AWAIT_REVEAL, SumReveal): _R.REVEALED,
-    (_R.AWAIT_RECEIPT, Receipt): _R.CLOSED,
-}
+#: (state, event) -> (handler, next state): what the requester sends and what it accepts.
+AGGREGATE_REQUESTER_TRANSITIONS = TransitionTable(
+    "aggregate requester",
+    {
+        (_R.START, Send(AggregateOpenRequest)): Row("_open_request", _R.AWAIT_OPEN),
+        (_R.AWAIT_OPEN, AggregateOpenResponse): Row("_on_open", _R.EXCHANGING),
+        (_R.EXCHANGING, Send(BlindedChunk)): Row("_blinded_stream", _R.EXCHANGING,
+                                                 stream=True),
+        (_R.EXCHANGING, DoubleBlindedChunk): Row("_on_double", _R.EXCHANGING),
+        (_R.EXCHANGING, CustodianPairsChunk): Row("_on_pairs", _R.EXCHANGING),
+        (_R.EXCHANGING, Send(MaskedSum)): Row("_masked_sum", _R.AWAIT_REVEAL),
+        (_R.AWAIT_REVEAL, SumReveal): Row("_on_reveal", _R.REVEALED),
+        (_R.EXCHANGING, Send(CloseRequest)): Row("_close_request", _R.AWAIT_RECEIPT),
+        (_R.REVEALED, Send(CloseRequest)): Row("_close_request", _R.AWAIT_RECEIPT),
+        (_R.AWAIT_RECEIPT, Receipt): Row("_on_receipt", _R.CLOSED),
+    },
+    initial=_R.START, failed=_R.FAILED, final=(_R.CLOSED,),
+)
 
 
 @dataclass(frozen=True)
@@ -1146,18 +934,15 @@ class AggregateResult:
     custodian_pairs: int = 0  # |W|, announced by the custodian
 
 
-class AggregateRequesterSession:
-    """The requester's side of one aggregate or cardinality session.
+class AggregateRequesterSession(RequesterCore):
+    """The requester's side of one aggregate or cardinality session, on the session core.
 
     ``queries`` must already be validated (``records.validate_queries``).  Only distinct
     match keys are sent, in a random order, and nothing per query is kept after blinding:
     the session could not link a result to a query even if it wanted to.
     """
 
-    _HANDLERS: ClassVar[dict[type, str]] = {
-        AggregateOpenResponse: "_on_open", DoubleBlindedChunk: "_on_double",
-        CustodianPairsChunk: "_on_pairs", SumReveal: "_on_reveal", Receipt: "_on_receipt",
-    }
+    TABLE = AGGREGATE_REQUESTER_TRANSITIONS
 
     def __init__(
         self,
@@ -1172,7 +957,9 @@ class AggregateRequesterSession:
         signing_key: Ed25519PrivateKey | None = None,
         custodian_key: Ed25519PublicKey | None = None,
         min_key_bits: int = pf.MIN_KEY_BITS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock`` dates the match keys (a birth date after today has none)."""
         auth = signed_authorization.authorization
         if auth.tier not in AGGREGATE_TIERS:
             raise ValueError(
@@ -1193,21 +980,20 @@ class AggregateRequesterSession:
                 value_field = auth.disclosure_fields[0]
         if not 0 < chunk_size <= MAX_CHUNK_ELEMENTS:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_ELEMENTS}")
-        self.signed = signed_authorization
+        super().__init__(
+            signed_authorization, session_id=session_id or f"agg-{uuid.uuid4().hex}",
+            transcript=AggregateTranscript(), signing_key=signing_key,
+            custodian_key=custodian_key)
         self.tier = auth.tier
         self.match_rule = match_rule
         self.value_field = value_field
         self.ops: AggregateOps = ops or SerialAggregateOps()
         self.chunk_size = chunk_size
-        self.session_id = session_id or f"agg-{uuid.uuid4().hex}"
-        self.signing_key = signing_key
-        self.custodian_key = custodian_key
         self.min_key_bits = min_key_bits
-        self.state = AggregateRequesterState.START
-        self.transcript = AggregateTranscript()
         self.queries_total = len(queries)
         keys = bulk_match_keys(persons_of(queries), [match_rule],
-                               executor=getattr(self.ops, "executor", None))[match_rule]
+                               executor=getattr(self.ops, "executor", None),
+                               today=utc_date(clock()))[match_rule]
         seen = dict.fromkeys(k for k in keys if k is not None)
         self.queries_without_key = len(keys) - sum(1 for k in keys if k is not None)
         del keys
@@ -1218,7 +1004,6 @@ class AggregateRequesterSession:
         self._a = oprf.random_scalar()
         self.open_response: AggregateOpenResponse | None = None
         self.result: AggregateResult | None = None
-        self.receipt: Receipt | None = None
         self.stats: dict[str, float] = {"blind_s": 0.0, "match_s": 0.0, "sum_s": 0.0}
         self._public_key: paillier.PaillierPublicKey | None = None
         self._ct_size = 0
@@ -1238,21 +1023,18 @@ class AggregateRequesterSession:
     def chunk_count(self) -> int:
         return -(-self.element_count // self.chunk_size)
 
-    # -- dispatch --------------------------------------------------------------
+    def _discard(self) -> None:
+        self._a = b""
+        self._keys = None
+        self._mask = 0
+        self._double_set = None
 
-    def handle(self, message: object) -> object | None:
-        """Apply one custodian message; returns the countersigned Receipt for a Receipt."""
-        next_state = transition(AGGREGATE_REQUESTER_TRANSITIONS, self.state, message,
-                                "aggregate requester")
-        reply = getattr(self, self._HANDLERS[type(message)])(message)
-        self.state = next_state
-        return reply
-
-    # -- steps -----------------------------------------------------------------
+    # -- steps (sends go through ``send``, received messages through ``handle``) -----
 
     def open_request(self) -> AggregateOpenRequest:
-        if self.state is not AggregateRequesterState.START:
-            raise ProtocolError(f"open_request in state {self.state.value!r}")
+        return self.send(AggregateOpenRequest)  # type: ignore[no-any-return]
+
+    def _open_request(self) -> AggregateOpenRequest:
         if self.element_count == 0:
             raise ProtocolError(f"no query has a match key under rule {self.match_rule!r}")
         req = AggregateOpenRequest(
@@ -1261,7 +1043,6 @@ class AggregateRequesterSession:
             element_count=self.element_count,
         )
         self.transcript.add("open", req)
-        self.state = AggregateRequesterState.AWAIT_OPEN
         return req
 
     def _on_open(self, resp: AggregateOpenResponse) -> None:
@@ -1280,7 +1061,7 @@ class AggregateRequesterSession:
             pf.check_public_key(pub, min_key_bits=self.min_key_bits)
             self._public_key = pub
             self._ct_size = pf.ciphertext_size(pub)
-            self._nsquare_bytes = _int_bytes(pub.nsquare, self._ct_size)
+            self._nsquare_bytes = pub.nsquare.to_bytes(self._ct_size, "big")
             self._product = pf.to_modular(1)
         elif resp.paillier_n:
             raise ProtocolError("the cardinality tier carries no Paillier key")
@@ -1289,8 +1070,11 @@ class AggregateRequesterSession:
 
     def blinded_chunks(self) -> Iterator[BlindedChunk]:
         """``a*H(v)`` for the shuffled distinct keys, chunk by chunk."""
-        if self.state is not AggregateRequesterState.EXCHANGING or self._keys is None:
-            raise ProtocolError(f"blinded_chunks in state {self.state.value!r}")
+        return self.send(BlindedChunk)  # type: ignore[no-any-return]
+
+    def _blinded_stream(self) -> Iterator[BlindedChunk]:
+        if self._keys is None:
+            raise ProtocolError("the blinded elements of a session are sent once")
         keys = self._keys
         self._keys = None  # nothing per query survives blinding
         return self._blind(keys)
@@ -1384,8 +1168,10 @@ class AggregateRequesterSession:
 
     def masked_sum(self) -> MaskedSum:
         """The count and ``Enc(S + R)``, freshly re-randomized; ``R`` stays here."""
-        if self.state is not AggregateRequesterState.EXCHANGING or self.open_response is None:
-            raise ProtocolError(f"masked_sum in state {self.state.value!r}")
+        return self.send(MaskedSum)  # type: ignore[no-any-return]
+
+    def _masked_sum(self) -> MaskedSum:
+        assert self.open_response is not None  # EXCHANGING is entered only by the open reply
         if self._uploaded != self.element_count:
             raise ProtocolError(f"only {self._uploaded} of {self.element_count} elements sent")
         if self._double_set is None:
@@ -1406,7 +1192,6 @@ class AggregateRequesterSession:
         self.transcript.add("result", msg)
         self._a = b""
         self._double_set = None
-        self.state = AggregateRequesterState.AWAIT_REVEAL
         return msg
 
     def _on_reveal(self, reveal: SumReveal) -> None:
@@ -1440,18 +1225,6 @@ class AggregateRequesterSession:
         )
         self.transcript.add("result", reveal)
 
-    def close_request(self) -> CloseRequest:
-        if self.state not in (AggregateRequesterState.EXCHANGING,
-                              AggregateRequesterState.REVEALED):
-            raise ProtocolError(f"close_request in state {self.state.value!r}")
-        self.state = AggregateRequesterState.AWAIT_RECEIPT
-        return CloseRequest(transcript_hash=self.transcript.digest())
-
-    def _on_receipt(self, receipt: Receipt) -> Receipt:
-        self.receipt = countersign(
-            receipt, session_id=self.session_id, own_transcript=self.transcript.digest(),
-            custodian_key=self.custodian_key, signing_key=self.signing_key)
-        return self.receipt
 
 # --------------------------------------------------------------------------- driver
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from protocol.adapters.sqlite_ledger import audit_entry_hash, canonical_json
+from protocol.accounting.chain import audit_entry_hash, canonical_json
 
 _TRIGGERS = (
     "audit_log_no_update",

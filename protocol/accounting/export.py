@@ -1,0 +1,279 @@
+"""Oversight export documents, built from any ledger through the port.
+
+For one authorization, each agency exports the JSON an inspector needs (docs/architecture.md,
+Accounting): counts, receipts with both signatures and transcript hashes, the chain head,
+and the newest signed checkpoint together with the few entries after it (the *tail*), so the
+head itself is provably covered by a signature. :func:`protocol.accounting.oversight.check`
+compares the two documents; writing them to files is the CLI's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from protocol.accounting.chain import Checkpoint
+from protocol.accounting.port import AuditLog, LedgerPort
+from protocol.domain.messages import Receipt
+from protocol.errors import LedgerError, ProtocolError
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "MAX_TAIL_ENTRIES",
+    "RECEIPT_AUDIT_KIND",
+    "REQUESTER_STORE_KINDS",
+    "chain_evidence",
+    "custodian_export",
+    "ledger_document",
+    "parse_receipt_bytes",
+    "record_receipt",
+    "requester_export",
+]
+
+EXPORT_FORMAT = "gated-psi/oversight-export/v1"
+RECEIPT_AUDIT_KIND = "receipt"
+"""Audit-entry kind under which the requester keeps each countersigned receipt."""
+MAX_TAIL_ENTRIES = 10_000
+"""Entries after the newest checkpoint that an export carries; beyond it, checkpoint first."""
+
+REQUESTER_STORE_KINDS = (
+    "results_stored",
+    "results_read",
+    "results_exported",
+    "results_purged",
+    "results_integrity_failure",
+)
+"""Audit kinds of the requester's result store, summarised (as counts) in its export."""
+
+
+# --------------------------------------------------------------------------------------------
+# Receipts on the requester side
+# --------------------------------------------------------------------------------------------
+
+
+def record_receipt(ledger: AuditLog, receipt: Receipt) -> None:
+    """Keep a countersigned receipt in the requester's audit chain (both signatures).
+
+    The requester's ledger has no session tables; the receipt is one audit entry of kind
+    :data:`RECEIPT_AUDIT_KIND`, which :func:`requester_export` collects per authorization.
+    """
+    if not receipt.custodian_signature:
+        raise ValueError("a receipt must carry the custodian's signature to be recorded")
+    ledger.audit(RECEIPT_AUDIT_KIND, receipt.to_json())
+
+
+def parse_receipt_bytes(
+    data: bytes, custodian_signature: bytes = b"", requester_signature: bytes = b""
+) -> Receipt:
+    """Inverse of :meth:`Receipt.signed_bytes` (the form the custodian ledger stores)."""
+    return Receipt.from_signed_bytes(data, custodian_signature, requester_signature)
+
+
+# --------------------------------------------------------------------------------------------
+# Documents
+# --------------------------------------------------------------------------------------------
+
+
+def ledger_document(ledger: LedgerPort, auth_id: str) -> dict[str, Any]:
+    """A custodian ledger's full account of one authorization, read from one snapshot."""
+    with ledger.consistent_read():
+        limits = ledger.authorization(auth_id)
+        budget = ledger.budget(auth_id)
+        sessions = ledger.sessions(auth_id)
+        disclosures = ledger.disclosures(auth_id)
+        receipts = ledger.receipts(auth_id)
+        head_seq, head = ledger.audit_head()
+        ledger_id = ledger.ledger_id
+        checkpoints = ledger.checkpoints()
+    return {
+        "ledger_id": ledger_id,
+        "auth_id": auth_id,
+        "exported_at": ledger.now(),
+        "authorization": {
+            "max_queries": limits.max_queries,
+            "max_disclosures": limits.max_disclosures,
+            "not_after": limits.not_after,
+            "registered_at": limits.registered_at,
+        },
+        "budget": {
+            "max_queries": budget.max_queries,
+            "reserved": budget.reserved,
+            "evaluated": budget.evaluated,
+            "remaining": budget.remaining,
+            "max_disclosures": budget.max_disclosures,
+            "disclosed": budget.disclosed,
+        },
+        "sessions": [
+            {
+                "session_id": s.session_id,
+                "meta": None if s.meta is None else dict(s.meta),
+                "opened_at": s.opened_at,
+                "reserved": s.reserved,
+                "evaluated": s.evaluated,
+                "closed_at": s.closed_at,
+            }
+            for s in sessions
+        ],
+        "disclosures": [
+            {
+                "session_id": d.session_id,
+                "record_id": d.record_id,
+                "rule_id": d.rule_id,
+                "disclosed_at": d.disclosed_at,
+            }
+            for d in disclosures
+        ],
+        "receipts": [
+            {
+                "session_id": r.session_id,
+                "receipt": r.receipt.hex(),
+                "custodian_signature": r.custodian_signature.hex(),
+                "requester_signature": (
+                    None if r.requester_signature is None else r.requester_signature.hex()
+                ),
+                "closed_at": r.closed_at,
+            }
+            for r in receipts
+        ],
+        "audit_head": {"seq": head_seq, "hash": head.hex()},
+        "checkpoints": [_checkpoint_json(c) for c in checkpoints],
+    }
+
+
+def chain_evidence(ledger: AuditLog) -> dict[str, Any]:
+    """Newest checkpoint plus every entry after it, so the head is provably covered."""
+    checkpoints = ledger.checkpoints()
+    evidence: dict[str, Any] = {
+        "checkpoints": [_checkpoint_json(c) for c in checkpoints],
+        "head_checkpoint": None,
+        "tail": None,
+        "tail_truncated": False,
+    }
+    if not checkpoints:
+        seq, head = ledger.audit_head()
+        evidence["audit_head"] = {"seq": seq, "hash": head.hex()}
+        return evidence
+    newest = max(checkpoints, key=lambda c: c.seq)
+    tail: list[dict[str, Any]] = []
+    seq, head = newest.seq, newest.head
+    for entry in ledger.audit_entries(newest.seq + 1):
+        if len(tail) >= MAX_TAIL_ENTRIES:
+            evidence["tail_truncated"] = True
+            break
+        tail.append({
+            "seq": entry.seq, "at": entry.at, "kind": entry.kind,
+            "payload": dict(entry.payload), "prev_hash": entry.prev_hash.hex(),
+            "entry_hash": entry.entry_hash.hex(),
+        })
+        seq, head = entry.seq, entry.entry_hash
+    if evidence["tail_truncated"]:
+        seq, head = ledger.audit_head()
+    evidence.update(
+        head_checkpoint=_checkpoint_json(newest), tail=tail,
+        audit_head={"seq": seq, "hash": head.hex()},
+    )
+    return evidence
+
+
+def _checkpoint_json(c: Checkpoint) -> dict[str, Any]:
+    return {
+        "seq": c.seq, "head": c.head.hex(), "key_id": c.key_id,
+        "signature": c.signature.hex(), "created_at": c.created_at,
+    }
+
+
+def custodian_export(ledger: LedgerPort, auth_id: str) -> dict[str, Any]:
+    """The custodian's oversight export for one authorization (see module docstring).
+
+    Extends :func:`ledger_document` with decoded receipts (ids, counts, transcript hash and
+    both signatures) and with the chain evidence (newest checkpoint and the tail after it).
+    """
+    doc = ledger_document(ledger, auth_id)
+    receipts: list[dict[str, Any]] = []
+    for r in ledger.receipts(auth_id):
+        item: dict[str, Any] = {
+            "session_id": r.session_id,
+            "signed_bytes": r.receipt.hex(),
+            "custodian_signature": r.custodian_signature.hex(),
+            "requester_signature": (r.requester_signature or b"").hex(),
+            "closed_at": r.closed_at,
+        }
+        try:
+            decoded = parse_receipt_bytes(
+                r.receipt, r.custodian_signature, r.requester_signature or b""
+            )
+        except ProtocolError as exc:
+            item["parse_error"] = str(exc)
+        else:
+            item.update(decoded.to_json())
+        receipts.append(item)
+    evidence = chain_evidence(ledger)
+    return {
+        **doc,
+        "format": EXPORT_FORMAT,
+        "role": "custodian",
+        "receipts": receipts,
+        "counts": {
+            "evaluated": doc["budget"]["evaluated"],
+            "disclosed": doc["budget"]["disclosed"],
+            "reserved": doc["budget"]["reserved"],
+            "sessions": len(doc["sessions"]),
+            "receipts": len(receipts),
+        },
+        **evidence,
+    }
+
+
+def requester_export(
+    ledger: AuditLog, auth_id: str, *, clock: Callable[[], float] | None = None
+) -> dict[str, Any]:
+    """The requester's oversight export for one authorization.
+
+    Receipts come from :func:`record_receipt` entries; result-store activity (stored, read,
+    exported, purged) is summarised from the store's audit entries, counts only.
+    ``exported_at`` comes from ``clock``, by default the ledger's.
+    """
+    receipts: dict[str, dict[str, Any]] = {}
+    conflicts: list[str] = []
+    activity: dict[str, int] = dict.fromkeys(REQUESTER_STORE_KINDS, 0)
+    stored_rows = 0
+    jobs: set[str] = set()
+    for entry in ledger.audit_entries():
+        payload = entry.payload
+        if entry.kind == RECEIPT_AUDIT_KIND and payload.get("authorization_id") == auth_id:
+            sid = str(payload.get("session_id"))
+            item = {**payload, "audit_seq": entry.seq, "recorded_at": entry.at}
+            if sid in receipts and _receipt_core(receipts[sid]) != _receipt_core(item):
+                conflicts.append(sid)
+            receipts.setdefault(sid, item)
+        elif entry.kind in activity and payload.get("authorization_id") == auth_id:
+            activity[entry.kind] += 1
+            if entry.kind == "results_stored":
+                stored_rows += int(payload.get("count", 0))
+                jobs.add(str(payload.get("job_id")))
+    if not receipts and not any(activity.values()):
+        raise LedgerError(f"the requester ledger has no record of authorization {auth_id!r}")
+    items = list(receipts.values())
+    evidence = chain_evidence(ledger)
+    return {
+        "format": EXPORT_FORMAT,
+        "role": "requester",
+        "ledger_id": ledger.ledger_id,
+        "auth_id": auth_id,
+        "exported_at": float(clock()) if clock is not None else ledger.now(),
+        "receipts": items,
+        "receipt_conflicts": conflicts,
+        "counts": {
+            "evaluated": sum(int(r.get("evaluated", 0)) for r in items),
+            "disclosed": sum(int(r.get("disclosed", 0)) for r in items),
+            "receipts": len(items),
+        },
+        "results": {"jobs": len(jobs), "stored_rows": stored_rows, "events": activity},
+        **evidence,
+    }
+
+
+def _receipt_core(item: Mapping[str, Any]) -> tuple[Any, ...]:
+    keys = ("authorization_id", "session_id", "custodian_id", "requester_id", "evaluated",
+            "disclosed", "transcript_hash", "custodian_signature", "requester_signature")
+    return tuple(item.get(k) for k in keys)
