@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.table import Table
 from agency_a.service import RequesterService, serve
 from agency_a.store import ResultStore, generate_key_file, load_key
 from proto import service_kit as kit
-from proto.lifecycle import run_cli, shut_down, stop_on_signal, wait_for_signal
+from proto.lifecycle import add_serve_arguments, run_cli, serve_until_signal, shut_down
 from protocol.adapters.checkpointer import Checkpointer
 from protocol.adapters.keys import load_signing_key, parse_agency_keys, write_signing_key
 from protocol.adapters.pools import AggregatePool, BatchPool
@@ -69,11 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     server, port = serve(service, tls, args.listen)
-    stop = stop_on_signal()
-    if args.port_file:
-        Path(args.port_file).write_text(f"{port}\n")
-    kit.log_event(log, "serving", service="requester", port=port, agency=args.agency_id)
-    wait_for_signal(stop)
+    serve_until_signal(log, port, args.port_file, service="requester", agency=args.agency_id)
     store.stop_purger()  # its audit entries land before the final checkpoint
     shut_down(log, server, args.grace, checkpointer, (pool, agg_pool))
     audit.close()
@@ -263,23 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_init)
 
     s = sub.add_parser("serve", help="run the requester gRPC service (mTLS only)")
-    s.add_argument("--certs", required=True)
-    s.add_argument("--secrets", required=True, help="directory from 'agency-a init'")
+    add_serve_arguments(s, agency="agency-a", listen="127.0.0.1:50051")
     s.add_argument("--data", required=True, help="directory for the ledger and result store")
-    s.add_argument("--agency-id", default="agency-a")
-    s.add_argument("--listen", default="127.0.0.1:50051", help="host:port (0 = any free)")
-    s.add_argument("--port-file")
     s.add_argument("--custodian-key", action="append", default=[], metavar="AGENCY=PUB.json",
                    help="pin a custodian's receipt-signing key (repeatable)")
-    s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     s.add_argument("--chunk-size", type=int, default=4096, help="elements per chunk")
     s.add_argument("--purge-interval", type=float, default=60.0,
                    help="seconds between retention purges")
-    s.add_argument("--grace", type=float, default=5.0)
-    s.add_argument("--checkpoint-interval", type=float, default=30.0, metavar="SECONDS",
-                   help="sign an audit checkpoint this often (and always at shutdown; "
-                        "0 = only at shutdown)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
     add_ledger_commands(sub, agency="requester", location="--data",

@@ -40,7 +40,7 @@ from protocol.sessions.aggregate import (
     DoubleBlindedChunk,
     SumReveal,
 )
-from protocol.sessions.core import Receipt, RequesterSession, SessionOutcome
+from protocol.sessions.identity import Receipt, RequesterSession, SessionOutcome
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 
@@ -82,13 +82,32 @@ def run_remote_session(
     opened = stub.OpenSession(open_pb, timeout=600)
     stats.add("open", open_pb.ByteSize(), opened.ByteSize())
     session.handle(codec.from_pb(OpenResponse, opened))
-    if session.custodian_key is None and opened.custodian_public_key:
-        session.custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
+    _pin_custodian_key(session, opened)
     stats.seconds["open"] = time.perf_counter() - t0
     progress("open", 1, 1)
 
     _run_exchanges(session, stub, opened, progress, stats, rpc_timeout)
     return _finish(session, stub, progress, stats, rpc_timeout)
+
+
+def _pin_custodian_key(session: RequesterSession | AggregateRequesterSession,
+                       opened: Any) -> None:
+    """Verify receipts with the key the custodian sent at open, unless one is pinned."""
+    if session.custodian_key is None and opened.custodian_public_key:
+        session.custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
+
+
+def _close(session: RequesterSession | AggregateRequesterSession, stub: Any) -> Receipt:
+    """Close the session (either tier); returns its receipt, countersigned if we sign."""
+    close = session.close_request()
+    receipt_pb = stub.CloseSession(codec.to_pb(close, session_id=session.session_id),
+                                   timeout=600)
+    countersigned = session.handle(codec.from_pb(Receipt, receipt_pb))
+    if not isinstance(countersigned, Receipt):
+        raise ProtocolError("the session closed without a receipt")
+    if countersigned.requester_signature:
+        stub.Countersign(codec.to_pb(countersigned), timeout=600)
+    return countersigned
 
 
 @dataclass(frozen=True)
@@ -236,7 +255,7 @@ def _finish(session: RequesterSession, stub: Any, progress: Progress, stats: Wir
     t_disc = time.perf_counter()
     disclosed = 0
 
-    def disclosure_requests():
+    def disclosure_requests() -> Iterator[Any]:
         for req in session.disclosure_requests():
             pb = codec.to_pb(req, session_id=sid)
             stats.add("disclose", pb.ByteSize(), 0)
@@ -251,13 +270,7 @@ def _finish(session: RequesterSession, stub: Any, progress: Progress, stats: Wir
     stats.seconds["disclose"] = time.perf_counter() - t_disc
 
     t_close = time.perf_counter()
-    close = session.close_request()
-    receipt_pb = stub.CloseSession(codec.to_pb(close, session_id=sid), timeout=600)
-    countersigned = session.handle(codec.from_pb(Receipt, receipt_pb))
-    if not isinstance(countersigned, Receipt):
-        raise ProtocolError("no receipt")
-    if countersigned.requester_signature:
-        stub.Countersign(codec.to_pb(countersigned), timeout=600)
+    countersigned = _close(session, stub)
     stats.seconds["close"] = time.perf_counter() - t_close
     progress("close", 1, 1)
     return SessionOutcome(matches=session.matches, results=session.results,
@@ -280,15 +293,14 @@ def run_remote_aggregate(
     req = session.open_request()
     opened = stub.AggregateOpen(codec.to_pb(req), timeout=600)
     session.handle(codec.from_pb(AggregateOpenResponse, opened))
-    if session.custodian_key is None and opened.custodian_public_key:
-        session.custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
+    _pin_custodian_key(session, opened)
     stats.seconds["open"] = time.perf_counter() - t0
     progress("open", 1, 1)
 
     t1 = time.perf_counter()
     total = req.element_count
 
-    def upload():
+    def upload() -> Iterator[Any]:
         done = 0
         for chunk in session.blinded_chunks():
             stats.add("evaluate", len(chunk.elements), 0)
@@ -323,13 +335,9 @@ def run_remote_aggregate(
     stats.seconds["disclose"] = time.perf_counter() - t3
     progress("disclose", 1, 1)
 
-    close = session.close_request()
-    receipt_pb = stub.CloseSession(codec.to_pb(close, session_id=sid), timeout=600)
-    countersigned = session.handle(codec.from_pb(Receipt, receipt_pb))
-    if not isinstance(countersigned, Receipt) or session.result is None:
-        raise ProtocolError("aggregate session ended without a receipt or a result")
-    if countersigned.requester_signature:
-        stub.Countersign(codec.to_pb(countersigned), timeout=600)
+    countersigned = _close(session, stub)
+    if session.result is None:
+        raise ProtocolError("aggregate session ended without a result")
     progress("close", 1, 1)
     return AggregateOutcome(result=session.result, receipt=countersigned,
                             requester_stats=dict(session.stats), custodian_stats={})

@@ -28,11 +28,9 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from protocol.adapters.files import open_csv
 from protocol.adapters.scenario import ScenarioSpec, generate
 from protocol.domain.engine import Engine
 from protocol.domain.records import MATCH_RULES
-from protocol.domain.recordstore import load_custodian_csv, load_query_csv
 from protocol.policy.authority import draft_authorization, private_key_from_pem
 from protocol.policy.decide import sign_authorization
 from protocol.sessions.aggregate import plaintext_answer
@@ -235,10 +233,7 @@ def aggregate_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
     if code != 0:
         raise DemoFailure(f"aggregate match failed: {summary}")
     today = date.today()
-    with open_csv(scenario.queries) as fh:
-        accepted, _refused, _rows = load_query_csv(fh, today=today)
-    with open_csv(scenario.custodian) as fh:
-        records, _r, _n = load_custodian_csv(fh, today=today)
+    records, accepted = scenario.load(today=today)
     policy = json.loads((work / "agency-b" / "policy.json").read_text())
     excluded = set(policy.get("excluded_record_classes", []))
     in_scope = [r for r in records if r.record_class not in excluded]

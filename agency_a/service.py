@@ -36,7 +36,7 @@ from protocol.engines.named import TokenSet
 from protocol.errors import PSIError
 from protocol.policy.decide import SignedAuthorization, Tier
 from protocol.sessions.aggregate import AggregateRequesterSession
-from protocol.sessions.core import GroupOps, RequesterSession
+from protocol.sessions.identity import GroupOps, RequesterSession
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_a")
@@ -73,7 +73,7 @@ class Job:
         return self.state in ("done", "failed")
 
 
-class RequesterService(pb2_grpc.RequesterServicer):
+class RequesterService(kit.RequesterServicer):
     """The requester agency's operator-facing service."""
 
     def __init__(
@@ -105,16 +105,16 @@ class RequesterService(pb2_grpc.RequesterServicer):
         """Only this agency's own operators (certificates for our agency id) may call."""
         peer = kit.peer_agency(context)
         if peer != self.identity:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"requester_mismatch: {peer!r} is not an operator of {self.identity!r}")
+            kit.abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                      f"requester_mismatch: {peer!r} is not an operator of {self.identity!r}")
         return peer
 
     def _job(self, ref: Any, context: grpc.ServicerContext) -> Job:
         with self._lock:
             job = self.jobs.get(ref.job_id)
         if job is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown_job: {ref.job_id!r}")
-        return job  # type: ignore[return-value]
+            kit.abort(context, grpc.StatusCode.NOT_FOUND, f"unknown_job: {ref.job_id!r}")
+        return job
 
     # -- RPCs --------------------------------------------------------------------
 
@@ -127,48 +127,48 @@ class RequesterService(pb2_grpc.RequesterServicer):
             which = chunk.WhichOneof("part")
             if which == "header":
                 if header is not None:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  "malformed: more than one job header")
+                    kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              "malformed: more than one job header")
                 header = chunk.header
             elif which == "csv":
                 if header is None:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  "malformed: query data before the job header")
+                    kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              "malformed: query data before the job header")
                 size += len(chunk.csv)
                 if size > MAX_UPLOAD_BYTES:
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"upload_too_large: query file exceeds {MAX_UPLOAD_BYTES} bytes")
+                    kit.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"upload_too_large: query file exceeds {MAX_UPLOAD_BYTES} bytes")
                 parts.append(chunk.csv)
         if header is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed: no job header")
+            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed: no job header")
         if not header.operator:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed: operator is required")
+            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed: operator is required")
         try:
             signed = SignedAuthorization.from_bytes(header.signed_authorization)
         except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed: authorization: {exc}")
+            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed: authorization: {exc}")
         auth = signed.authorization
         if auth.requester_id != self.identity:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"requester_mismatch: the authorization names {auth.requester_id!r}, "
-                          f"this service is {self.identity!r}")
+            kit.abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                      f"requester_mismatch: the authorization names {auth.requester_id!r}, "
+                      f"this service is {self.identity!r}")
         try:
             data = io.BytesIO(b"".join(parts))
             parts.clear()
             stream = io.TextIOWrapper(data, encoding="utf-8-sig", newline="")
             accepted, refused, n_rows = load_query_csv(stream, today=date.today())
         except (UnicodeDecodeError, ValueError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid_records: {exc}")
+            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid_records: {exc}")
         del data, stream
         tokens = None
         if header.tokens:
             try:
                 token_set = TokenSet.from_bytes(header.tokens)
             except PSIError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed: tokens: {exc}")
+                kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed: tokens: {exc}")
             if token_set.authorization_id != auth.authorization_id:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              "malformed: the token file belongs to another authorization")
+                kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                          "malformed: the token file belongs to another authorization")
             tokens = token_set.lookup()
         job = Job(job_id=f"job-{uuid.uuid4().hex[:16]}", operator=header.operator)
         with self._lock:
@@ -351,11 +351,11 @@ class RequesterService(pb2_grpc.RequesterServicer):
         self._operator_peer(context)
         job = self._job(request, context)
         if job.state != "done":
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"job_not_done: job is {job.state}")
+            kit.abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"job_not_done: job is {job.state}")
         if not request.operator or not request.purpose:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "malformed: reading results requires an operator and a purpose")
+            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      "malformed: reading results requires an operator and a purpose")
         rows = self.store.read_results(job.job_id, operator=request.operator,
                                        purpose=request.purpose)
         for row in rows:
@@ -369,7 +369,7 @@ class RequesterService(pb2_grpc.RequesterServicer):
         self._operator_peer(context)
         job = self._job(request, context)
         if not request.operator:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed: operator is required")
+            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed: operator is required")
         n = self.store.purge_job(job.job_id, operator=request.operator,
                                  reason=request.purpose or "operator request")
         return pb2.PurgeAck(purged=n)

@@ -15,7 +15,7 @@ from pathlib import Path
 from agency_b.certification import register as register_certification
 from agency_b.service import serve
 from proto import service_kit as kit
-from proto.lifecycle import run_cli, shut_down, stop_on_signal, wait_for_signal
+from proto.lifecycle import add_serve_arguments, run_cli, serve_until_signal, shut_down
 from protocol.adapters.checkpointer import Checkpointer
 from protocol.adapters.files import (
     open_csv,
@@ -31,7 +31,7 @@ from protocol.cli.oversight import add_ledger_commands, audit_verify_command, ex
 from protocol.domain.engine import Engine
 from protocol.domain.recordstore import load_custodian_csv
 from protocol.sessions.aggregate import AggregateCustodian
-from protocol.sessions.core import Custodian, CustodianConfig
+from protocol.sessions.identity import Custodian, CustodianConfig
 
 log = logging.getLogger("agency_b")
 
@@ -82,12 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
     aggregate = AggregateCustodian(custodian, ops=agg_pool)
     server, port = serve(custodian, tls, args.listen, aggregate=aggregate)
-    stop = stop_on_signal()
-    if args.port_file:
-        Path(args.port_file).write_text(f"{port}\n")
-    kit.log_event(log, "serving", service="custodian", port=port, agency=args.agency_id,
-                  in_scope=len(custodian.in_scope), excluded=custodian.excluded_count)
-    wait_for_signal(stop)
+    serve_until_signal(log, port, args.port_file, service="custodian", agency=args.agency_id,
+                       in_scope=len(custodian.in_scope), excluded=custodian.excluded_count)
     shut_down(log, server, args.grace, checkpointer, (pool, agg_pool))
     ledger.close()
     return 0
@@ -116,14 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="replace existing secrets")
     i.set_defaults(func=cmd_init)
     s = sub.add_parser("serve", help="run the custodian gRPC service (mTLS only)")
+    add_serve_arguments(s, agency="agency-b", listen="127.0.0.1:50052")
     s.add_argument("--records", required=True, help="custodian records CSV")
     s.add_argument("--policy", required=True, help="custodian policy JSON")
     s.add_argument("--ledger", required=True, help="SQLite ledger file (created if absent)")
-    s.add_argument("--secrets", required=True, help="directory from 'agency-b init'")
-    s.add_argument("--certs", required=True, help="directory from 'psi-authority dev-ca'")
-    s.add_argument("--agency-id", default="agency-b", help="this agency's id (certificate name)")
-    s.add_argument("--listen", default="127.0.0.1:50052", help="host:port (port 0 = any free)")
-    s.add_argument("--port-file", help="write the bound port here (for port 0)")
     s.add_argument("--requester-key", action="append", default=[], metavar="AGENCY=PUB.json",
                    help="a requester's receipt-countersigning public key (repeatable)")
     s.add_argument("--prepare-kkrt", metavar="R1,R2",
@@ -131,13 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(independent of any authorization), so sessions skip that step")
     s.add_argument("--certification", action="append", default=[], metavar="FILE",
                    help="named-subject certification from certify-finish (repeatable)")
-    s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes for group operations (default: all cores)")
-    s.add_argument("--grace", type=float, default=5.0, help="shutdown grace period, seconds")
-    s.add_argument("--checkpoint-interval", type=float, default=30.0, metavar="SECONDS",
-                   help="sign an audit checkpoint this often (and always at shutdown; "
-                        "0 = only at shutdown)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
     add_ledger_commands(sub, agency="custodian", location="--ledger",

@@ -3,8 +3,10 @@
 It authenticates the caller from its mTLS certificate, finds the caller's
 session, passes messages in and replies out, and maps library errors to
 status codes.  Every decision is made by the sessions (``protocol.sessions``) and
-``protocol.policy.decide``.  An RPC of one tier on a session of another reaches the session,
-whose transition table refuses it with a ``ProtocolError`` (FAILED_PRECONDITION).
+``protocol.policy.decide``.  Both tiers run on the session core: what a session accepts goes
+through ``handle`` and what it streams through ``send``, so an RPC of one tier (or engine)
+on a session of another reaches the session, whose transition table refuses it with a
+``ProtocolError`` (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
@@ -35,15 +37,14 @@ from protocol.domain.messages import (
 from protocol.errors import ProtocolError, PSIError
 from protocol.sessions.aggregate import (
     AggregateCustodian,
-    AggregateCustodianSession,
     AggregateOpenRequest,
     BlindedChunk,
     CustodianPairsChunk,
     DoubleBlindedChunk,
     MaskedSum,
 )
-from protocol.sessions.base import CustodianCore
-from protocol.sessions.core import Custodian, CustodianSession
+from protocol.sessions.core import CustodianCore
+from protocol.sessions.identity import Custodian
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_b")
@@ -53,31 +54,15 @@ SERVICE_NAME = "gatedpsi.v1.Custodian"
 MAX_LIVE_SESSIONS = 256
 
 
-def _stream(session: CustodianSession | CustodianCore, kind: type, peer: str,
-            *args: Any) -> Iterator[Any]:
-    """What ``session`` sends of ``kind``; a session of another tier refuses it (ProtocolError).
-
-    Sessions on the session core (``protocol.sessions.base``) send through ``send``, so
-    their table decides; the identity session streams through ``tag_chunks`` until it moves
-    onto the core, and has no stream of another kind.
-    """
-    if isinstance(session, CustodianCore):
-        return session.send(kind, *args, peer_id=peer)  # type: ignore[no-any-return]
-    if kind in (TagChunk, KKRTTagChunk):
-        return session.tag_chunks(*args, kind=kind)
-    raise ProtocolError(f"an identity-tier session cannot send {kind.__name__}: it is a "
-                        "message of another tier")
-
-
 @dataclass
 class _Live:
-    session: CustodianSession | AggregateCustodianSession
+    session: CustodianCore  # a CustodianSession or an AggregateCustodianSession
     peer: str
     lock: threading.Lock = field(default_factory=threading.Lock)
     touched: float = field(default_factory=time.monotonic)
 
 
-class CustodianService(pb2_grpc.CustodianServicer):
+class CustodianService(kit.CustodianServicer):
     """gRPC face of a ``Custodian``; one ``CustodianSession`` per session id."""
 
     def __init__(self, custodian: Custodian,
@@ -94,13 +79,13 @@ class CustodianService(pb2_grpc.CustodianServicer):
         with self._lock:
             live = self._sessions.get(session_id)
         if live is None:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"unknown_session: no open session {session_id!r}")
-        if live.peer != peer:  # type: ignore[union-attr]
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          "requester_mismatch: the session belongs to another agency")
-        live.touched = time.monotonic()  # type: ignore[union-attr]
-        return live  # type: ignore[return-value]
+            kit.abort(context, grpc.StatusCode.NOT_FOUND,
+                      f"unknown_session: no open session {session_id!r}")
+        if live.peer != peer:
+            kit.abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                      "requester_mismatch: the session belongs to another agency")
+        live.touched = time.monotonic()
+        return live
 
     def _refuse(self, context: grpc.ServicerContext, exc: BaseException, **fields: Any) -> None:
         kit.log_event(log, "refused", logging.WARNING, status=kit.status_for(exc).name,
@@ -121,8 +106,8 @@ class CustodianService(pb2_grpc.CustodianServicer):
     def AggregateOpen(self, request: Any, context: grpc.ServicerContext) -> Any:
         peer = kit.peer_agency(context)
         if self.aggregate is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "tier_not_permitted: this custodian serves no aggregate tier")
+            kit.abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      "tier_not_permitted: this custodian serves no aggregate tier")
         msg = codec.from_pb(AggregateOpenRequest, request)
         session = self.aggregate.session()
         try:
@@ -155,7 +140,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                chunks = list(_stream(live.session, DoubleBlindedChunk, peer))
+                chunks = list(live.session.send(DoubleBlindedChunk, peer_id=peer))
         except PSIError as exc:
             self._refuse(context, exc, rpc="AggregateDoubleBlinded", peer=peer)
         for c in chunks:
@@ -166,7 +151,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                for c in _stream(live.session, CustodianPairsChunk, peer):
+                for c in live.session.send(CustodianPairsChunk, peer_id=peer):
                     yield codec.to_pb(c)
         except PSIError as exc:
             self._refuse(context, exc, rpc="AggregatePairs", peer=peer)
@@ -191,7 +176,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         msg = codec.from_pb(KKRTSetup, request)
         try:
             with live.lock:
-                reply = live.session.handle(msg)
+                reply = live.session.handle(msg, peer_id=peer)
         except PSIError as exc:
             self._refuse(context, exc, rpc="KKRTSetup", peer=peer)
         return codec.to_pb(reply)
@@ -206,7 +191,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
             t = time.perf_counter()
             try:
                 with live.lock:
-                    live.session.handle(chunk)
+                    live.session.handle(chunk, peer_id=peer)
             except PSIError as exc:
                 self._refuse(context, exc, rpc="KKRTExtend", peer=peer)
             busy += time.perf_counter() - t
@@ -221,8 +206,8 @@ class CustodianService(pb2_grpc.CustodianServicer):
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                for c in _stream(live.session, KKRTTagChunk, peer,
-                                 request.chunk_tags or 65_536):
+                for c in live.session.send(KKRTTagChunk, request.chunk_tags or 65_536,
+                                                  peer_id=peer):
                     yield codec.to_pb(c)
         except PSIError as exc:
             self._refuse(context, exc, rpc="KKRTTags", peer=peer)
@@ -250,7 +235,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         chunk_tags = max(1, min(chunk_tags, 262_144))
         try:
             with live.lock:
-                chunks = list(_stream(live.session, TagChunk, peer, chunk_tags))
+                chunks = list(live.session.send(TagChunk, chunk_tags, peer_id=peer))
         except PSIError as exc:
             self._refuse(context, exc, rpc="StreamTags", peer=peer)
         for chunk in chunks:
@@ -266,7 +251,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
             live = self._live(pb.session_id, peer, context)
             try:
                 with live.lock:
-                    reply = live.session.handle(codec.from_pb(EvaluateChunk, pb))
+                    reply = live.session.handle(codec.from_pb(EvaluateChunk, pb), peer_id=peer)
             except PSIError as exc:
                 self._refuse(context, exc, rpc="Evaluate", peer=peer, session=pb.session_id,
                              seq=pb.seq)
@@ -281,7 +266,8 @@ class CustodianService(pb2_grpc.CustodianServicer):
             live = self._live(pb.session_id, peer, context)
             try:
                 with live.lock:
-                    reply = live.session.handle(codec.from_pb(DisclosureRequest, pb))
+                    reply = live.session.handle(codec.from_pb(DisclosureRequest, pb),
+                                                peer_id=peer)
             except PSIError as exc:
                 self._refuse(context, exc, rpc="Disclose", peer=peer, session=pb.session_id)
             kit.log_event(log, "disclosed", peer=peer, session=pb.session_id,
@@ -293,7 +279,8 @@ class CustodianService(pb2_grpc.CustodianServicer):
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                receipt = live.session.handle(codec.from_pb(CloseRequest, request))
+                receipt = live.session.handle(codec.from_pb(CloseRequest, request),
+                                              peer_id=peer)
         except PSIError as exc:
             self._refuse(context, exc, rpc="CloseSession", peer=peer)
         kit.log_event(log, "session_closed", peer=peer, session=request.session_id,
@@ -305,7 +292,7 @@ class CustodianService(pb2_grpc.CustodianServicer):
         live = self._live(request.session_id, peer, context)
         try:
             with live.lock:
-                live.session.countersign(codec.from_pb(Receipt, request))
+                live.session.countersign(codec.from_pb(Receipt, request), peer_id=peer)
         except PSIError as exc:
             self._refuse(context, exc, rpc="Countersign", peer=peer)
         with self._lock:

@@ -24,19 +24,18 @@ from agency_a.client import WireStats, run_remote_aggregate
 from agency_b.service import serve as serve_custodian
 from benchmarks.scale import ensure_scenario, scenario_spec
 from proto import service_kit as kit
-from protocol.adapters.files import open_csv
 from protocol.adapters.pools import AggregatePool
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.domain.records import MATCH_RULES
-from protocol.domain.recordstore import load_custodian_csv, load_query_csv
 from protocol.policy import decide as P
 from protocol.sessions.aggregate import (
     AggregateCustodian,
+    AggregateCustodianSession,
     AggregateRequesterSession,
     plaintext_answer,
 )
-from protocol.sessions.core import Custodian, CustodianConfig
+from protocol.sessions.identity import Custodian, CustodianConfig
 
 RULE = "tin+dob"
 VALUE = "tax_paid_cents"
@@ -46,10 +45,7 @@ def run_size(size: int, data_dir: Path, workers: int) -> dict[str, object]:
     files = ensure_scenario(scenario_spec(size), data_dir, Console())
     spec = scenario_spec(size)
     today = date.today()
-    with open_csv(files.custodian) as fh:
-        records, _r, _n = load_custodian_csv(fh, today=today)
-    with open_csv(files.queries) as fh:
-        queries, _q, _m = load_query_csv(fh, today=today)
+    records, queries = files.load(today=today)
     rule = MATCH_RULES[RULE]
     want = plaintext_answer(
         (rule.match_key(q, today=today) for q in queries),
@@ -72,10 +68,10 @@ def run_size(size: int, data_dir: Path, workers: int) -> dict[str, object]:
             policy=policy, records=records, ledger=Ledger(work / "b.sqlite"),
             master_secret=os.urandom(32), signing_key=Ed25519PrivateKey.generate()))
         aggregate = AggregateCustodian(custodian, ops=cpool)
-        made: list[object] = []
+        made: list[AggregateCustodianSession] = []
         make_session = aggregate.session
 
-        def keep_session() -> object:  # keep the custodian session to read its stats
+        def keep_session() -> AggregateCustodianSession:  # keep it to read its stats
             made.append(make_session())
             return made[-1]
 
@@ -93,7 +89,7 @@ def run_size(size: int, data_dir: Path, workers: int) -> dict[str, object]:
             wall = time.perf_counter() - started
         finally:
             server.stop(0)
-    custodian_stats = {k: round(v, 3) for k, v in getattr(made[-1], "stats", {}).items()}
+    custodian_stats = {k: round(v, 3) for k, v in made[-1].stats.items()}
     result = outcome.result
     row: dict[str, object] = {
         "queries": spec.queries, "records": spec.records, "workers": workers,

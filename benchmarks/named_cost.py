@@ -22,15 +22,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol.adapters.files import open_csv
 from protocol.adapters.pools import BatchPool
 from protocol.adapters.scenario import ScenarioFiles, ScenarioSpec, generate
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.domain.records import match_keys_bulk
-from protocol.domain.recordstore import load_custodian_csv, load_query_csv
 from protocol.engines import named
 from protocol.policy import decide as P
-from protocol.sessions.core import Custodian, CustodianConfig, RequesterSession, run_in_process
+from protocol.sessions.identity import Custodian, CustodianConfig, RequesterSession, run_in_process
 
 RULE = "tin+dob"
 
@@ -64,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files.manifest.exists():
         generate(spec, folder)
     today = date.today()
-    with open_csv(files.custodian) as fh:
-        records, _refused, _rows = load_custodian_csv(fh, today=today)
-    with open_csv(files.queries) as fh:
-        queries, _qr, _n = load_query_csv(fh, today=today)
+    records, queries = files.load(today=today)
     subjects = list(queries)[: args.subjects]
     out: dict[str, object] = {"records": len(records), "subjects": len(subjects),
                               "workers": args.workers, "load_average": os.getloadavg()}

@@ -27,7 +27,9 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _read_keys(path: Path) -> list[bytes]:
@@ -35,9 +37,9 @@ def _read_keys(path: Path) -> list[bytes]:
         return [bytes.fromhex(line) for line in (raw.strip() for raw in fh) if line]
 
 
-def _size(message: object) -> int:
+def _size(message: Any) -> int:
     """Serialized size of a protobuf message (what would go on the wire)."""
-    return len(message.SerializeToString())  # type: ignore[attr-defined]
+    return len(message.SerializeToString())
 
 
 def run(server_items: list[bytes], client_items: list[bytes], fpr: float,
@@ -51,7 +53,7 @@ def run(server_items: list[bytes], client_items: list[bytes], fpr: float,
     phases: dict[str, float] = {}
     cpu: dict[str, float] = {}
 
-    def timed(name: str, fn, *args):  # type: ignore[no-untyped-def]
+    def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         w0, c0 = time.perf_counter(), time.process_time()
         out = fn(*args)
         phases[name] = time.perf_counter() - w0

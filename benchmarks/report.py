@@ -99,7 +99,7 @@ def _largest(runs: Sequence[Run], engine: str = "oprf") -> Run | None:
 
 
 def _byte_budget(r: Run) -> int:
-    return BYTES_PER_QUERY * r["queries"] + BYTES_PER_RECORD * r["records"]
+    return int(BYTES_PER_QUERY * r["queries"] + BYTES_PER_RECORD * r["records"])
 
 
 # --------------------------------------------------------------------------- targets
@@ -128,7 +128,8 @@ def _target_floor(runs: Sequence[Run]) -> Target:
 
 def _target_speedup(runs: Sequence[Run]) -> Target:
     name = f"≥ {SPEEDUP_TARGET:g} x faster than OpenMined PSI at 100,000² and at full scale"
-    parts, verdicts = [], []
+    parts: list[str] = []
+    verdicts: list[bool | None] = []
     for label, (q, rec) in (("100k", (100_000, 100_000)), ("full scale", HEADLINE)):
         ours, theirs = _find(runs, "oprf", q, rec), _find(runs, "openmined", q, rec)
         if ours is None or theirs is None:

@@ -162,7 +162,7 @@ class OpCosts:
     def floor_seconds(self, query_elements: int, custodian_elements: int, cores: int) -> float:
         """Operations x per-op cost / cores: the time with perfect parallelism, no overhead."""
         counts = self.counts(query_elements, custodian_elements)
-        total = sum(n * getattr(self, op) for op, n in counts.items())
+        total: float = sum(n * getattr(self, op) for op, n in counts.items())
         return total / max(cores, 1)
 
     def as_dict(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ benchmark also checks its result, so a fast wrong answer fails.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,29 +56,30 @@ def evaluated(key: bytes, blinded: tuple[bytes, bytes]) -> bytes:
     return oprf.blind_evaluate_batch(key, blinded[1])
 
 
-def _run(benchmark, fn, *args):  # type: ignore[no-untyped-def]
+# ``benchmark`` is pytest-benchmark's fixture; its methods are untyped, so it is ``Any`` here.
+def _run(benchmark: Any, fn: Callable[..., Any], *args: Any) -> Any:
     benchmark.extra_info["elements"] = N
     return benchmark.pedantic(fn, args=args, rounds=ROUNDS, iterations=1, warmup_rounds=0)
 
 
-def test_hash_to_group(benchmark, inputs: list[bytes]) -> None:
+def test_hash_to_group(benchmark: Any, inputs: list[bytes]) -> None:
     out = _run(benchmark, lambda xs: [oprf.hash_to_group(x) for x in xs], inputs)
     assert len(out) == N and len(set(out)) == N
     assert all(oprf.deserialize_element(e) == e for e in out[:100])
 
 
-def test_blind(benchmark, inputs: list[bytes]) -> None:
+def test_blind(benchmark: Any, inputs: list[bytes]) -> None:
     blinds, blinded = _run(benchmark, oprf.blind_batch, inputs)
     assert len(blinds) == len(blinded) == N * 32
 
 
-def test_blind_evaluate(benchmark, key: bytes, blinded: tuple[bytes, bytes]) -> None:
+def test_blind_evaluate(benchmark: Any, key: bytes, blinded: tuple[bytes, bytes]) -> None:
     out = _run(benchmark, oprf.blind_evaluate_batch, key, blinded[1])
     assert len(out) == N * 32
     assert out[:32] == oprf.blind_evaluate(key, blinded[1][:32])
 
 
-def test_finalize(benchmark, key: bytes, inputs: list[bytes], blinded: tuple[bytes, bytes],
+def test_finalize(benchmark: Any, key: bytes, inputs: list[bytes], blinded: tuple[bytes, bytes],
                   evaluated: bytes) -> None:
     out = _run(benchmark, oprf.finalize_batch, inputs, blinded[0], evaluated)
     assert len(out) == N
@@ -85,7 +88,7 @@ def test_finalize(benchmark, key: bytes, inputs: list[bytes], blinded: tuple[byt
     assert out[-1] == oprf.evaluate(key, inputs[-1])
 
 
-def test_evaluate(benchmark, key: bytes, inputs: list[bytes]) -> None:
+def test_evaluate(benchmark: Any, key: bytes, inputs: list[bytes]) -> None:
     out = _run(benchmark, oprf.evaluate_batch, key, inputs)
     assert len(out) == N and all(len(o) == oprf.OUTPUT_SIZE for o in out)
 
@@ -106,10 +109,11 @@ def tag_index() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _lookup(tags: np.ndarray, queries: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(tags, queries)
     pos[pos >= len(tags)] = 0
-    return tags[pos] == queries
+    hits: np.ndarray = tags[pos] == queries
+    return hits
 
 
-def test_tag_lookup(benchmark, tag_index: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def test_tag_lookup(benchmark: Any, tag_index: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     tags, queries, expected = tag_index
     benchmark.extra_info["elements"] = N
     benchmark.extra_info["custodian_tags"] = CUSTODIAN_TAGS

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,6 +39,16 @@ from protocol.policy.decide import REFUSAL_CATEGORY, Reason
 pb2: Any
 pb2_grpc: Any
 pb2, pb2_grpc = load()
+
+# The generated servicer base classes, named here once.  Their methods only answer
+# UNIMPLEMENTED, so the type checker may see them as ``object``; the services then
+# subclass a known type and their own methods are checked as usual.
+if TYPE_CHECKING:
+    RequesterServicer = object
+    CustodianServicer = object
+else:
+    RequesterServicer = pb2_grpc.RequesterServicer
+    CustodianServicer = pb2_grpc.CustodianServicer
 
 #: Largest message either side accepts: a 65,536-element chunk is 2 MiB; leave headroom.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -83,18 +93,23 @@ def error_message(exc: BaseException) -> str:
     return f"{code}: {exc}"
 
 
-def abort_for(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
-    context.abort(status_for(exc), error_message(exc))
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """``context.abort``, typed as what it is (it always raises), so callers narrow after it."""
+    context.abort(code, message)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def abort_for(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    abort(context, status_for(exc), error_message(exc))
 
 
 def peer_agency(context: grpc.ServicerContext) -> str:
     """The authenticated agency id of the caller, from its mTLS client certificate."""
     agency = agency_id_from_auth_context(context.auth_context())
     if not agency:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                      "unauthenticated: no agency identity in the client certificate")
-    return agency  # type: ignore[return-value]
+        abort(context, grpc.StatusCode.UNAUTHENTICATED,
+              "unauthenticated: no agency identity in the client certificate")
+    return agency
 
 
 # ------------------------------------------------------------------ TLS / servers

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.domain.records import PersonRecord, QueryMetadata, QueryRecord
 from protocol.policy import decide as P
-from protocol.sessions.core import Custodian, CustodianConfig
+from protocol.sessions.identity import Custodian, CustodianConfig
 
 FIRST = ["Ann", "Bob", "Carla", "Dmitri", "Eve", "Farah", "Gus", "Hana", "Ivan", "Jo"]
 LAST = ["Lee", "Smith", "Garcia", "Nguyen", "Okafor", "Brown", "Kim", "Patel", "Rossi", "Diaz"]

@@ -35,8 +35,8 @@ from protocol.errors import (
 )
 from protocol.policy import decide as P
 from protocol.sessions import aggregate as A
-from protocol.sessions.base import Send
-from protocol.sessions.core import CustodianSession, RequesterSession
+from protocol.sessions.core import Send
+from protocol.sessions.identity import CustodianSession, RequesterSession
 from tests.factories import World, as_query, make_person, make_world
 
 VALUE = "tax_paid_cents"

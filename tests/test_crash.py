@@ -45,15 +45,15 @@ from proto import service_kit as kit
 from protocol.accounting.export import custodian_export, record_receipt, requester_export
 from protocol.accounting.oversight import add_signed_checkpoint, check, verify_ledger
 from protocol.adapters.files import open_csv
+from protocol.adapters.keys import load_public_key_json
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli import authority as authority_cli
 from protocol.cli.dev_pki import write_dev_pki
-from protocol.cli.oversight import load_public_key
 from protocol.domain.records import write_person_csv
 from protocol.errors import LedgerError, PSIError
 from protocol.policy import decide as P
 from protocol.policy.authority import public_key_to_json
-from protocol.sessions.core import RequesterSession
+from protocol.sessions.identity import RequesterSession
 from tests.factories import as_query, make_person
 from tests.test_oversight import write_pub
 
@@ -247,7 +247,7 @@ def run_one(setup: dict, port: int, plan: Plan, rng: random.Random,
                 for i in rng.sample(range(N_RECORDS, 8_000), NON_MATCHING_PER_SESSION)]
     rng.shuffle(queries)
     session = SmallBatches(setup["signed"], queries, signing_key=setup["requester_key"],
-                           custodian_key=load_public_key(setup["custodian_pub"]),
+                           custodian_key=load_public_key_json(setup["custodian_pub"]),
                            chunk_size=CHUNK)
     counts: dict[str, int] = {}
     seen = {"evaluated": 0}
@@ -288,7 +288,7 @@ def check_invariants(setup: dict, outcomes: list[Outcome]) -> None:
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     with Ledger(path) as ledger:
-        report = verify_ledger(ledger, load_public_key(setup["custodian_pub"]))
+        report = verify_ledger(ledger, load_public_key_json(setup["custodian_pub"]))
         assert report.ok, report.summary()
         try:
             budget = ledger.budget(auth_id)
@@ -355,7 +355,7 @@ def test_kill_custodian_at_random_points(setup: dict) -> None:
     mid_disclose = [o for o in kills if o.evaluated_seen == o.element_count and not o.completed]
     assert mid_eval and mid_disclose, [(o.plan, o.evaluated_seen) for o in kills]
 
-    report = check(c_export, r_export, custodian_key=load_public_key(setup["custodian_pub"]),
+    report = check(c_export, r_export, custodian_key=load_public_key_json(setup["custodian_pub"]),
                    requester_key=setup["requester_key"].public_key())
     completed = {o.session_id for o in outcomes if o.completed}
     assert completed and len(r_export["receipts"]) == len(completed)

@@ -23,7 +23,7 @@ from protocol.sessions.aggregate import (
     PaillierSettings,
     plaintext_answer,
 )
-from protocol.sessions.core import RequesterSession
+from protocol.sessions.identity import RequesterSession
 from tests.factories import as_query, make_person, make_world
 
 TEST_PAILLIER = PaillierSettings(key_bits=1024, test_mode=True)
@@ -119,47 +119,51 @@ def test_cross_tier_rpcs_fail_precondition(setup) -> None:
     table refuses it: FAILED_PRECONDITION with a specific message, never UNKNOWN (issue 12)."""
     world, address, tls = setup
     queries = [as_query(world.records[0])]
-    sessions = {
-        "identity": RequesterSession(world.authorize(), queries),
-        "aggregate": AggregateRequesterSession(_authorize(world, P.Tier.AGGREGATE), queries,
-                                               min_key_bits=1024),
-    }
     pb2 = kit.pb2
     with kit.secure_channel(address, tls) as ch:
         stub = kit.pb2_grpc.CustodianStub(ch)
-        stub.OpenSession(codec.to_pb(sessions["identity"].open_request()), timeout=30)
-        stub.AggregateOpen(codec.to_pb(sessions["aggregate"].open_request()), timeout=30)
 
-        def ref(tier: str) -> Any:
-            return pb2.SessionRef(session_id=sessions[tier].session_id)
+        def identity() -> str:  # a refusal fails the session: a fresh one for every call
+            session = RequesterSession(world.authorize(), queries)
+            stub.OpenSession(codec.to_pb(session.open_request()), timeout=30)
+            return session.session_id
 
-        def element(tier: str) -> Any:
-            return pb2.ElementChunk(session_id=sessions[tier].session_id, seq=0,
-                                    elements=bytes(32))
+        aggregate = AggregateRequesterSession(_authorize(world, P.Tier.AGGREGATE), queries,
+                                              min_key_bits=1024)
+        stub.AggregateOpen(codec.to_pb(aggregate.open_request()), timeout=30)
+
+        def ref(session_id: str) -> Any:
+            return pb2.SessionRef(session_id=session_id)
+
+        def element(session_id: str) -> Any:
+            return pb2.ElementChunk(session_id=session_id, seq=0, elements=bytes(32))
 
         calls = {  # rpc -> (call, the message it asks the session to take or send)
             "AggregateDoubleBlinded": (
-                lambda: list(stub.AggregateDoubleBlinded(ref("identity"))), "DoubleBlindedChunk"),
+                lambda: list(stub.AggregateDoubleBlinded(ref(identity()))),
+                "DoubleBlindedChunk"),
             "AggregatePairs": (
-                lambda: list(stub.AggregatePairs(ref("identity"))), "CustodianPairsChunk"),
+                lambda: list(stub.AggregatePairs(ref(identity()))), "CustodianPairsChunk"),
             "AggregateUpload": (
-                lambda: stub.AggregateUpload(iter([element("identity")])), "BlindedChunk"),
+                lambda: stub.AggregateUpload(iter([element(identity())])), "BlindedChunk"),
             "AggregateReveal": (lambda: stub.AggregateReveal(pb2.MaskedSumMessage(
-                session_id=sessions["identity"].session_id, count=0, ciphertext=b"")),
-                "MaskedSum"),
-            "StreamTags": (lambda: list(stub.StreamTags(ref("aggregate"))), "TagChunk"),
+                session_id=identity(), count=0, ciphertext=b"")), "MaskedSum"),
+            "KKRTTags": (lambda: list(stub.KKRTTags(ref(identity()))), "KKRTTagChunk"),
+            "StreamTags": (lambda: list(stub.StreamTags(ref(aggregate.session_id))),
+                           "TagChunk"),
         }
         for rpc, (call, message) in calls.items():
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, rpc
             assert err.value.details().startswith("protocol_error: "), rpc
-            assert f"{message} is not a message of this tier" in err.value.details() or (
-                f"cannot accept {message}" in err.value.details()
-                or f"cannot send {message}" in err.value.details()), err.value.details()
+            assert (f"cannot accept {message}: {message} is not a message of "
+                    in err.value.details()
+                    or f"cannot send {message}: {message} is not a message of "
+                    in err.value.details()), err.value.details()
         # The aggregate session failed on that call and refuses everything after it.
-        for call in (lambda: list(stub.KKRTTags(ref("aggregate"))),
-                     lambda: list(stub.Evaluate(iter([element("aggregate")])))):
+        for call in (lambda: list(stub.KKRTTags(ref(aggregate.session_id))),
+                     lambda: list(stub.Evaluate(iter([element(aggregate.session_id)])))):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

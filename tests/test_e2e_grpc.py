@@ -18,7 +18,7 @@ from protocol.crypto import oprf
 from protocol.domain.messages import MAX_CHUNK_ELEMENTS
 from protocol.errors import LedgerError
 from protocol.policy.decide import SignedAuthorization
-from protocol.sessions.core import RequesterSession, run_in_process
+from protocol.sessions.identity import RequesterSession, run_in_process
 from tests.factories import as_query, make_person, make_world
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
@@ -266,7 +266,6 @@ def test_bad_chunks_are_rejected_and_server_keeps_serving(world, certs, custodia
     signed = world.authorize(max_queries=10**6)
     with channel_for(certs, address) as ch:
         stub = pb2_grpc.CustodianStub(ch)
-        _open(stub, signed, elements=MAX_CHUNK_ELEMENTS + 10, session_id="bad")
         cases = [
             (b"\x01" * 33, grpc.StatusCode.INVALID_ARGUMENT),  # not a multiple of 32
             (b"\x00" * 32, grpc.StatusCode.INVALID_ARGUMENT),  # identity element
@@ -274,11 +273,18 @@ def test_bad_chunks_are_rejected_and_server_keeps_serving(world, certs, custodia
             (b"\x00" * 32 * (MAX_CHUNK_ELEMENTS + 1), grpc.StatusCode.FAILED_PRECONDITION),
             (b"\x00" * (kit.MAX_MESSAGE_BYTES + 64), grpc.StatusCode.RESOURCE_EXHAUSTED),
         ]
-        for payload, code in cases:
+        for i, (payload, code) in enumerate(cases):
+            sid = f"bad-{i}"  # a malformed message ends its session: one session per case
+            _open(stub, signed, elements=MAX_CHUNK_ELEMENTS + 10, session_id=sid)
             with pytest.raises(grpc.RpcError) as err:
-                list(stub.Evaluate(iter([pb2.ElementChunk(session_id="bad", seq=0,
+                list(stub.Evaluate(iter([pb2.ElementChunk(session_id=sid, seq=0,
                                                           elements=payload)]), timeout=30))
             assert err.value.code() == code, (len(payload), err.value.details())
+        # the session that took a malformed chunk refuses what follows, naming why
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.StreamTags(pb2.SessionRef(session_id="bad-0"), timeout=30))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "failed earlier (invalid_element: " in err.value.details()
     # the server is still up and serves a complete session for someone else
     signed2 = world.authorize()
     with channel_for(certs, address) as ch:

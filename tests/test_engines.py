@@ -34,7 +34,7 @@ from protocol.engines.base import (
     SessionGrant,
 )
 from protocol.errors import InvalidElementError, PolicyRefusal, ProtocolError
-from protocol.sessions.core import RequesterSession, run_exchanges, run_in_process
+from protocol.sessions.identity import RequesterSession, run_exchanges, run_in_process
 from tests.factories import as_query, make_person, make_world
 
 PLAIN = "plain-sha256"
@@ -324,12 +324,18 @@ def test_a_message_of_another_engine_is_refused(tmp_path: Path, plain_engine) ->
     rs = RequesterSession(signed, [as_query(world.records[1])], engine=PLAIN)
     cs = world.custodian().session()
     rs.handle(cs.handle(rs.open_request(), peer_id="agency-a"))
-    with pytest.raises(ProtocolError, match="cannot accept EvaluateChunk"):
+    with pytest.raises(ProtocolError, match="cannot accept EvaluateChunk: EvaluateChunk is "
+                       "not a message of the identity tier with engine 'plain-sha256'"):
         cs.handle(EvaluateChunk(seq=0, elements=bytes(32)))
     from protocol.domain.messages import TagChunk
 
-    with pytest.raises(ProtocolError, match="streams no TagChunk"):
+    cs = world.custodian().session()
+    rs = RequesterSession(signed, [as_query(world.records[1])], engine=PLAIN)
+    rs.handle(cs.handle(rs.open_request(), peer_id="agency-a"))
+    with pytest.raises(ProtocolError, match="cannot send TagChunk"):
         list(cs.tag_chunks(kind=TagChunk))
+    with pytest.raises(ProtocolError, match="cannot send EvaluateChunk"):
+        rs.send(EvaluateChunk)
 
 
 def test_unknown_engine_is_refused_with_its_reason(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.errors import PolicyRefusal
-from protocol.sessions.core import RequesterSession, run_exchanges, run_in_process
+from protocol.sessions.identity import RequesterSession, run_exchanges, run_in_process
 from tests.factories import as_query, make_person, make_world
 
 ENGINES = frozenset({"oprf", "kkrt"})

@@ -46,7 +46,7 @@ from protocol.accounting.rules import (
 )
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import BudgetExhausted, DisclosureCapReached, LedgerError, PolicyRefusal
-from protocol.sessions.core import RequesterSession, run_in_process
+from protocol.sessions.identity import RequesterSession, run_in_process
 from tests.factories import World, as_query, make_person, make_world
 
 NOT_AFTER = 4_102_444_800  # 2100-01-01

@@ -16,11 +16,12 @@ from proto import service_kit as kit
 from protocol.adapters.files import read_certification, write_certification
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.crypto import oprf
+from protocol.crypto.encoding import decode
 from protocol.domain.records import match_keys_bulk
 from protocol.engines import named
-from protocol.errors import PolicyRefusal
+from protocol.errors import PolicyRefusal, ProtocolError
 from protocol.policy import decide as P
-from protocol.sessions.core import RequesterSession, run_in_process
+from protocol.sessions.identity import RequesterSession, run_in_process
 from tests.factories import as_query, make_person, make_world
 
 RULES = ("tin+dob", "tin+last_name")
@@ -152,6 +153,25 @@ def test_certification_round_trips_through_files(setup, tmp_path: Path) -> None:
     assert loaded.elements == cert.elements and loaded.record_ids == cert.record_ids
     ts = named.TokenSet("auth-x", (("q1", "tin+dob", oprf.hash_to_group(b"k")),))
     assert named.TokenSet.from_bytes(ts.to_bytes()) == ts
+
+
+def test_certification_files_are_one_tagged_frame(setup) -> None:
+    """Each file is one length-prefixed frame whose first part is its format tag: a cut
+    file, or a file of another format, is refused with a ProtocolError."""
+    _world, c, request, cert, kid = setup
+    response = named.certify(c, kid, request)
+    files = ((request, named.CertificationRequest, named.CERT_REQUEST_FORMAT),
+             (response, named.CertificationResponse, named.CERT_RESPONSE_FORMAT),
+             (cert, named.Certification, named.CERT_FORMAT))
+    for message, cls, tag in files:
+        blob = message.to_bytes()
+        assert decode(blob)[0] == tag.encode() and decode(blob)[2] == message.elements
+        with pytest.raises(ProtocolError, match="malformed"):
+            cls.from_bytes(blob[:-1])
+    with pytest.raises(ProtocolError, match="not a"):
+        named.CertificationResponse.from_bytes(request.to_bytes())
+    with pytest.raises(ProtocolError, match="not a"):
+        named.Certification.from_bytes(response.to_bytes())
 
 
 def test_named_mode_over_grpc(setup, tmp_path: Path) -> None:

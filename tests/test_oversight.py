@@ -35,13 +35,13 @@ from protocol.accounting.oversight import (
     verify_ledger,
 )
 from protocol.adapters.checkpointer import Checkpointer
+from protocol.adapters.keys import load_public_key_json
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli import authority as authority_cli
-from protocol.cli.oversight import load_public_key
 from protocol.crypto.oprf import blind_batch
 from protocol.domain.messages import EvaluateChunk, Receipt
 from protocol.errors import LedgerError, ProtocolError
-from protocol.sessions.core import RequesterSession, run_in_process
+from protocol.sessions.identity import RequesterSession, run_in_process
 from tests.factories import World, as_query, make_person, make_world
 from tests.helpers import tamper
 
@@ -519,5 +519,5 @@ def test_export_and_oversight_clis(agencies: Agencies, tmp_path: Path, capsys) -
     assert report["agree"] is False
     assert {f["check"] for f in report["findings"] if not f["ok"]} >= {
         "receipt.fields", "receipt.ledger", "receipt.custodian_signature"}
-    assert isinstance(load_public_key(secrets_b / "signing.pub.json"), type(
+    assert isinstance(load_public_key_json(secrets_b / "signing.pub.json"), type(
         agencies.custodian_key.public_key()))

@@ -211,6 +211,17 @@ def test_validation_refuses_placeholders_and_zip_only(small: scenario.ScenarioFi
     assert 0.9 * SMALL.queries < len(report.accepted) < SMALL.queries
 
 
+def test_load_keeps_only_what_validation_accepts(small: scenario.ScenarioFiles) -> None:
+    records_in, queries_in = small.load(today=TODAY)
+    with open_csv(small.queries) as fh:
+        report = records.validate_queries(records.read_query_csv_with_lines(fh), today=TODAY)
+    assert [p.record_id for p in queries_in] == [q.person.record_id for q in report.accepted]
+    with open_csv(small.custodian) as fh:
+        usable, _refused = records.validate_persons(records.read_person_csv_with_lines(fh),
+                                                    today=TODAY)
+    assert [p.record_id for p in records_in] == [p.record_id for p in usable]
+
+
 def test_population_has_households_and_common_names(demo: scenario.ScenarioFiles) -> None:
     custodian = _rows(demo.custodian)
     addresses = Counter((c["address"], c["zip"]) for c in custodian)

@@ -16,11 +16,18 @@ from protocol.adapters.sqlite_ledger import Ledger
 from protocol.crypto import oprf
 from protocol.domain.messages import CloseRequest, DisclosureRequest, EvaluateChunk, TagChunk
 from protocol.domain.records import MATCH_RULES
-from protocol.errors import BudgetExhausted, PolicyRefusal, ProtocolError
-from protocol.sessions.core import (
+from protocol.engines import registry
+from protocol.engines.base import Flow
+from protocol.errors import PolicyRefusal, ProtocolError
+from protocol.sessions.core import Send
+from protocol.sessions.identity import (
     CUSTODIAN_TRANSITIONS,
     REQUESTER_TRANSITIONS,
+    CustodianState,
     RequesterSession,
+    RequesterState,
+    custodian_table,
+    requester_table,
     run_exchanges,
     run_in_process,
 )
@@ -35,10 +42,23 @@ def _run(world, signed, queries, **kw):
     return run_in_process(req, custodian.session(), requester_id="agency-a"), custodian
 
 
-def test_transition_tables_are_explicit() -> None:
-    # Every transition has a source state and a message type: the tables are the spec.
-    assert all(isinstance(k[1], type) for k in CUSTODIAN_TRANSITIONS)
-    assert all(isinstance(k[1], type) for k in REQUESTER_TRANSITIONS)
+@pytest.mark.parametrize("engine", registry.names())
+def test_each_engines_tables_are_the_common_rows_plus_its_exchanges(engine: str) -> None:
+    # The tables are the spec: every engine's rows come from its declared exchanges alone.
+    exchanges = registry.get(engine).exchanges
+    sends = {ex.sends for ex in exchanges if ex.sends is not None}
+    replies = {ex.replies for ex in exchanges if ex.replies is not None}
+    streamed = {ex.replies for ex in exchanges if ex.flow is Flow.SERVER_STREAM}
+    custodian, requester = custodian_table(engine), requester_table(engine)
+    assert dict(custodian).items() >= dict(CUSTODIAN_TRANSITIONS).items()
+    assert dict(requester).items() >= dict(REQUESTER_TRANSITIONS).items()
+    assert set(custodian) - set(CUSTODIAN_TRANSITIONS) == (
+        {(CustodianState.SERVING, t) for t in sends}
+        | {(CustodianState.SERVING, Send(t)) for t in streamed})
+    assert set(requester) - set(REQUESTER_TRANSITIONS) == (
+        {(RequesterState.EVALUATING, Send(t)) for t in sends}
+        | {(RequesterState.EVALUATING, t) for t in replies})
+    assert custodian_table(engine) is custodian and requester_table(engine) is requester
 
 
 def test_happy_path_discloses_exactly_the_intersection(tmp_path: Path) -> None:
@@ -148,8 +168,11 @@ def test_evaluating_more_than_reserved_is_refused(tmp_path: Path) -> None:
     signed = world.authorize(max_queries=100)
     _, cs, _rs = _open_session(world, signed, [as_query(world.records[1])])
     blinded = oprf.blind(b"extra")[1]
-    with pytest.raises(BudgetExhausted):
+    with pytest.raises(PolicyRefusal) as refused:  # policy decides before the ledger counts
         cs.handle(EvaluateChunk(seq=5, elements=blinded))
+    assert refused.value.reasons == ("budget_exhausted",)
+    assert cs.state is CustodianState.FAILED
+    assert cs.failure_reason.startswith("budget_exhausted: ")
     assert world.ledger.budget(signed.authorization.authorization_id).evaluated == 1
 
 
@@ -200,8 +223,9 @@ def test_state_machine_rejects_out_of_order_messages(tmp_path: Path) -> None:
     rs = RequesterSession(world.authorize(), [as_query(world.records[0])])
     with pytest.raises(ProtocolError):
         rs.handle(TagChunk(seq=0, tags=b""))
-    with pytest.raises(ProtocolError):
-        rs.match()
+    with pytest.raises(ProtocolError, match="in state 'start' cannot match"):
+        RequesterSession(world.authorize(), [as_query(world.records[0])]).match()
+    assert rs.state is RequesterState.FAILED
 
 
 def test_transcript_mismatch_is_detected(tmp_path: Path) -> None:
@@ -215,17 +239,20 @@ def test_malformed_chunks_are_rejected(tmp_path: Path) -> None:
     from protocol.errors import InvalidElementError
 
     world = make_world(tmp_path)
-    cs = world.custodian().session()
-    rs = RequesterSession(world.authorize(), [as_query(world.records[i]) for i in range(5)])
-    rs.handle(cs.handle(rs.open_request(), peer_id="agency-a"))
-    with pytest.raises(InvalidElementError):
-        cs.handle(EvaluateChunk(seq=1, elements=b"\x01" * 33))
-    with pytest.raises(InvalidElementError):
-        cs.handle(EvaluateChunk(seq=2, elements=b"\x00" * 32))  # identity
-    with pytest.raises(ProtocolError):
-        cs.handle(EvaluateChunk(seq=3, elements=b""))
+    signed = world.authorize()
+    for seq, elements, error in ((1, b"\x01" * 33, InvalidElementError),
+                                 (2, b"\x00" * 32, InvalidElementError),  # the identity
+                                 (3, b"", ProtocolError)):
+        cs = world.custodian().session()
+        rs = RequesterSession(signed, [as_query(world.records[i]) for i in range(5)])
+        rs.handle(cs.handle(rs.open_request(), peer_id="agency-a"))
+        with pytest.raises(error):
+            cs.handle(EvaluateChunk(seq=seq, elements=elements))
+        # a malformed message ends the session: nothing more is served to it
+        assert cs.state is CustodianState.FAILED
+        assert cs.failure_reason.startswith(f"{error.code}: ")
     # a bad element is counted (the requester misbehaved) but never evaluated
-    assert world.ledger.budget(cs.authorization.authorization_id).evaluated == 1
+    assert world.ledger.budget(signed.authorization.authorization_id).evaluated == 1
 
 
 def test_every_rule_is_servable(tmp_path: Path) -> None:

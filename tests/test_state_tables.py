@@ -1,16 +1,13 @@
 """Every message type of every tier, in every state of every role (issue 12).
 
 Table-driven: a :class:`Role` says how to build a fresh session, how the happy path drives
-it, and whether it runs on the session core (``protocol.sessions.base``).  For each state
-the test drives a fresh session there and offers it every event: each message type of
-every tier as a received message and (core sessions) as a send.  The outcome is either the
-table's transition, or a typed library error (a ``PSIError``) with the session ``FAILED``
-and a ``failure_reason`` (a closed session stays closed).  Never an AttributeError,
-KeyError or TypeError.
-
-The identity tier (``protocol.sessions.core``) is not on the core yet: its roles are
-listed with ``on_core=False``, which checks typed errors only.  Moving it onto the core
-means giving its roles a ``table`` and flipping the flag.
+it, and its transition table (``protocol.sessions.core``).  The identity tier has one pair
+of roles per registered engine (its tables are derived from the engine's exchanges).  For
+each state the test drives a fresh session there and offers it every event: each message
+type of every tier as a received message and as a send, and every local step.  The outcome
+is either the table's transition, or a typed library error (a ``PSIError``) with the
+session ``FAILED`` and a ``failure_reason`` (a closed session stays closed).  Never an
+AttributeError, KeyError or TypeError.
 """
 
 from __future__ import annotations
@@ -37,15 +34,19 @@ from protocol.domain.messages import (
     Receipt,
     TagChunk,
 )
+from protocol.engines import registry
+from protocol.engines.base import Flow
 from protocol.errors import PolicyRefusal, ProtocolError, PSIError
 from protocol.policy import decide as P
 from protocol.sessions import aggregate as A
-from protocol.sessions.base import Row, Send, SessionMachine, TransitionTable
-from protocol.sessions.core import (
+from protocol.sessions.core import Row, Send, SessionMachine, Step, TransitionTable
+from protocol.sessions.identity import (
     CustodianSession,
     CustodianState,
     RequesterSession,
     RequesterState,
+    custodian_table,
+    requester_table,
     run_exchanges,
 )
 from tests.factories import World, as_query, make_person, make_world
@@ -98,17 +99,13 @@ class Role:
     walk: Walk  # yields (requester, custodian) after every step of a whole session
     side: str  # "requester" or "custodian": which of the two this role is
     states: tuple[Any, ...]
-    table: TransitionTable | None  # None: not on the session core yet
-    fresh_failed: Callable[[World], Any] | None  # a session failed at its first event
-
-    @property
-    def on_core(self) -> bool:
-        return self.table is not None
+    table: TransitionTable
+    fresh_failed: Callable[[World], Any]  # a session failed at its first event
 
 
 def _world(tmp: Path) -> World:
     tmp.mkdir(parents=True, exist_ok=True)
-    world = make_world(tmp, n_records=0)
+    world = make_world(tmp, n_records=0, allowed_engines=frozenset(registry.names()))
     world.records = [replace(make_person(i, prefix="c"), extra=((VALUE, str(10 * i)),))
                      for i in range(6)]
     return world
@@ -144,13 +141,20 @@ def _aggregate_walk(world: World) -> Iterator[tuple[Any, Any]]:
     yield requester, custodian
 
 
-def _identity_walk(world: World) -> Iterator[tuple[Any, Any]]:
+def _identity_walk(engine: str) -> Walk:
+    def walk(world: World) -> Iterator[tuple[Any, Any]]:
+        return _walk_identity(world, engine)
+    return walk
+
+
+def _walk_identity(world: World, engine: str) -> Iterator[tuple[Any, Any]]:
     world.records = [make_person(i, prefix="c") for i in range(6)]
-    signed = world.authorize()
+    signed = world.authorize(engines=(engine,))
     custodian = CustodianSession(world.custodian())
     requester = RequesterSession(signed, [as_query(r) for r in world.records[:3]],
                                  signing_key=world.requester_key,
-                                 custodian_key=world.custodian_key.public_key())
+                                 custodian_key=world.custodian_key.public_key(),
+                                 engine=engine)
     yield requester, custodian
     opened = custodian.handle(requester.open_request(), peer_id=PEER)
     yield requester, custodian
@@ -167,6 +171,8 @@ def _identity_walk(world: World) -> Iterator[tuple[Any, Any]]:
     yield requester, custodian
     custodian.countersign(requester.handle(receipt))
     yield requester, custodian
+    assert custodian.table is custodian_table(engine)  # the engine's rows, adopted at open
+    assert requester.table is requester_table(engine)
 
 
 def _failed_aggregate_custodian(world: World) -> Any:
@@ -191,6 +197,16 @@ def _failed_identity_custodian(world: World) -> Any:
     return session
 
 
+def _failed_identity_requester(engine: str) -> Callable[[World], Any]:
+    def failed(world: World) -> Any:
+        session = RequesterSession(world.authorize(engines=(engine,)),
+                                   [as_query(make_person(1))], engine=engine)
+        with pytest.raises(ProtocolError):
+            session.handle(object())
+        return session
+    return failed
+
+
 ROLES = [
     Role("aggregate custodian", _aggregate_walk, "custodian",
          tuple(A.AggregateCustodianState), A.AGGREGATE_CUSTODIAN_TRANSITIONS,
@@ -198,16 +214,18 @@ ROLES = [
     Role("aggregate requester", _aggregate_walk, "requester",
          tuple(A.AggregateRequesterState), A.AGGREGATE_REQUESTER_TRANSITIONS,
          _failed_aggregate_requester),
-    Role("identity custodian", _identity_walk, "custodian", tuple(CustodianState), None,
-         _failed_identity_custodian),
-    Role("identity requester", _identity_walk, "requester", tuple(RequesterState), None,
-         None),  # no FAILED state yet
+    *[role for engine in registry.names() for role in (
+        Role(f"identity custodian {engine}", _identity_walk(engine), "custodian",
+             tuple(CustodianState), custodian_table(engine), _failed_identity_custodian),
+        Role(f"identity requester {engine}", _identity_walk(engine), "requester",
+             tuple(RequesterState), requester_table(engine), _failed_identity_requester(engine)),
+    )],
 ]
 
 
 def _session_in(role: Role, world: World, state: Any) -> Any:
     """A fresh session of ``role`` in ``state`` (None if the happy path never gets there)."""
-    if state.value == "failed" and role.fresh_failed is not None:
+    if state == role.table.failed:
         return role.fresh_failed(world)
     for requester, custodian in role.walk(world):
         session = requester if role.side == "requester" else custodian
@@ -216,24 +234,29 @@ def _session_in(role: Role, world: World, state: Any) -> Any:
     return None
 
 
+#: Every local step of every role, and one that no role has.
+STEPS = [Step("match"), Step("no-such-step")]
+
+
 def _events(role: Role) -> list[object]:
-    received: list[object] = list(SAMPLES)
-    sends: list[object] = [Send(t) for t in SAMPLES] if role.on_core else []
-    return received + sends
+    return [*SAMPLES, *(Send(t) for t in SAMPLES), *STEPS]
 
 
 def _cases() -> Iterator[Any]:
     for role in ROLES:
         for state in role.states:
             for event in _events(role):
-                name = repr(event) if isinstance(event, Send) else event.__name__  # type: ignore[attr-defined]
+                name = (repr(event) if isinstance(event, Send | Step)
+                        else event.__name__)  # type: ignore[attr-defined]
                 yield pytest.param(role, state, event, id=f"{role.name}-{state.value}-{name}")
 
 
 def _offer(session: Any, role: Role, event: object) -> object:
     if isinstance(event, Send):
         out = session.send(event.message, peer_id=PEER)
-        return list(out) if role.table is not None and _is_stream(role, session, event) else out
+        return list(out) if _is_stream(role, session, event) else out
+    if isinstance(event, Step):
+        return session.step(event.name)
     message = SAMPLES[event]  # type: ignore[index]
     if role.side == "custodian":
         return session.handle(message, peer_id=PEER)
@@ -241,7 +264,6 @@ def _offer(session: Any, role: Role, event: object) -> object:
 
 
 def _is_stream(role: Role, session: Any, event: Send) -> bool:
-    assert role.table is not None
     row = role.table.get((session.state, event))
     return row is not None and row.stream
 
@@ -262,7 +284,7 @@ def test_every_event_in_every_state(worlds: Callable[[], World], role: Role, sta
     if session is None:
         pytest.skip(f"the happy path of {role.name} never rests in {state.value}")
     before = session.state
-    row = role.table.get((before, event)) if role.table is not None else None
+    row = role.table.get((before, event))
     try:
         result = _offer(session, role, event)
         if isinstance(result, Iterator):
@@ -272,8 +294,6 @@ def test_every_event_in_every_state(worlds: Callable[[], World], role: Role, sta
     else:
         error = None
     # Anything but a library error (AttributeError, KeyError, TypeError, ...) fails here.
-    if role.table is None:
-        return  # not on the core yet: typed errors are all that is checked
     table = role.table
     if error is None:
         assert row is not None, f"{event} was accepted in {before.value} outside the table"
@@ -292,8 +312,6 @@ def test_every_state_is_reached_and_every_row_is_offered(tmp_path: Path) -> None
     """The walk covers the tables: every state is reached (none is skipped above) and every
     row's event is among those offered."""
     for role in ROLES:
-        if role.table is None:
-            continue
         assert {event for _, event in role.table} <= set(_events(role))
         reached = {(r if role.side == "requester" else c).state
                    for r, c in role.walk(_world(tmp_path / role.name))}
@@ -411,3 +429,116 @@ def test_a_table_naming_a_missing_handler_is_refused_when_the_class_is_made() ->
                             initial=states.START, failed=states.FAILED)
     with pytest.raises(TypeError, match="handlers missing"):
         type("Broken", (SessionMachine,), {"TABLE": table})
+
+
+# --------------------------------------------------------------------------- the identity gate
+
+
+def _open_identity(tmp_path: Path, clock: Clock, engine: str = "oprf"
+                   ) -> tuple[RequesterSession, CustodianSession, list[object]]:
+    """An open identity session (validity window now-60 .. now+600) and its first requests."""
+    world = _world(tmp_path)
+    world.records = [make_person(i, prefix="c") for i in range(6)]
+    now = int(clock.now)
+    signed = world.authorize(engines=(engine,), not_before=now - 60, not_after=now + 600)
+    custodian = CustodianSession(world.custodian(clock=clock))
+    requester = RequesterSession(signed, [as_query(r) for r in world.records[:4]],
+                                 chunk_size=1, engine=engine, clock=clock)
+    requester.handle(custodian.handle(requester.open_request(), peer_id=PEER))
+    (evaluate,) = [ex for ex in requester.exchanges if ex.flow is Flow.BIDI]
+    return requester, custodian, list(requester.requests(evaluate))
+
+
+def test_identity_evaluation_is_refused_after_expiry(tmp_path: Path) -> None:
+    clock = Clock()
+    _, custodian, chunks = _open_identity(tmp_path, clock)
+    custodian.handle(chunks[0], peer_id=PEER)
+    clock.now += 601  # past not_after, with the session open
+    with pytest.raises(PolicyRefusal) as refused:
+        custodian.handle(chunks[1], peer_id=PEER)
+    assert refused.value.reasons == ("expired",)
+    assert custodian.state is CustodianState.FAILED
+    assert custodian.failure_reason.startswith("expired: authorization ")
+    assert custodian.evaluated == 1  # the refused chunk was never counted
+    assert custodian._engine is None  # the session's engine run is dropped
+
+
+def test_identity_tag_stream_stops_at_expiry(tmp_path: Path) -> None:
+    clock = Clock()
+    _, custodian, _ = _open_identity(tmp_path, clock)
+    stream = custodian.tag_chunks(chunk_tags=1, kind=TagChunk, peer_id=PEER)
+    next(stream)
+    clock.now += 601
+    with pytest.raises(PolicyRefusal, match="expired"):
+        next(stream)
+    assert custodian.state is CustodianState.FAILED
+    # a stream asked for after expiry is refused before it starts
+    clock = Clock()
+    _, custodian, _ = _open_identity(tmp_path / "again", clock)
+    clock.now += 601
+    with pytest.raises(PolicyRefusal, match="expired"):
+        custodian.tag_chunks(kind=TagChunk)
+    assert custodian.state is CustodianState.FAILED
+
+
+def test_identity_close_is_owed_after_expiry(tmp_path: Path) -> None:
+    clock = Clock()
+    requester, custodian, chunks = _open_identity(tmp_path, clock)
+    for tags in custodian.tag_chunks(kind=TagChunk):
+        requester.handle(tags)
+    for chunk in chunks:
+        requester.handle(custodian.handle(chunk))
+    requester.match()
+    clock.now += 601
+    receipt = custodian.handle(requester.close_request(), peer_id=PEER)
+    assert isinstance(receipt, Receipt) and receipt.evaluated == len(chunks)
+    assert custodian.state is CustodianState.CLOSED
+
+
+def test_identity_another_peer_is_refused_without_failing_the_owner(tmp_path: Path) -> None:
+    clock = Clock()
+    requester, custodian, chunks = _open_identity(tmp_path, clock)
+    with pytest.raises(PolicyRefusal) as refused:
+        custodian.handle(chunks[0], peer_id="agency-x")
+    assert refused.value.reasons == ("requester_mismatch",)
+    with pytest.raises(PolicyRefusal, match="belongs to requester 'agency-a'"):
+        custodian.tag_chunks(kind=TagChunk, peer_id="agency-x")
+    # Knowing a session id is not enough to kill it: the owner carries on.
+    assert custodian.state is CustodianState.SERVING
+    for chunk in chunks:
+        requester.handle(custodian.handle(chunk, peer_id=PEER))
+    assert custodian.evaluated == len(chunks)
+
+
+@pytest.mark.parametrize("foreign", [A.BlindedChunk, KKRTSetup])
+def test_identity_refuses_another_tiers_or_engines_message(tmp_path: Path, foreign: type
+                                                           ) -> None:
+    clock = Clock()
+    requester, custodian, _ = _open_identity(tmp_path, clock)
+    with pytest.raises(ProtocolError, match="is not a message of the identity tier with "
+                                            "engine 'oprf'"):
+        custodian.handle(SAMPLES[foreign], peer_id=PEER)
+    assert custodian.failure_reason.startswith("protocol_error: identity custodian session")
+    with pytest.raises(ProtocolError, match=f"cannot send {foreign.__name__}"):
+        requester.send(foreign)
+    assert requester.state is RequesterState.FAILED
+
+
+def test_derived_tables_may_only_add_rows_with_declared_handlers(tmp_path: Path) -> None:
+    states = RequesterState
+    # a derived row may not replace a common one: what every session does stays the same
+    with pytest.raises(ValueError, match="replace common rows"):
+        requester_table("oprf").derive(
+            {(states.START, Send(OpenRequest)): Row("_requests", states.START)},
+            protocol="a broken engine")
+    # the handlers derived rows may name are checked when the class is made
+    with pytest.raises(TypeError, match=r"handlers missing: \['_nowhere'\]"):
+        type("Broken", (RequesterSession,), {"TABLE": requester_table("oprf"),
+                                             "DERIVED_HANDLERS": frozenset({"_nowhere"})})
+    # and a session refuses to adopt a table naming any other handler
+    session = RequesterSession(_world(tmp_path).authorize(), [as_query(make_person(1))])
+    odd = requester_table("oprf").derive(
+        {(states.MATCHED, TagChunk): Row("_match", states.MATCHED),
+         (states.CLOSED, TagChunk): Row("_open", states.CLOSED)}, protocol="an odd engine")
+    with pytest.raises(ProtocolError, match=r"handlers \['_open'\]"):
+        session._adopt(odd)

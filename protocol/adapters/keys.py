@@ -8,6 +8,7 @@ Shared here so neither agency's CLI imports the other's.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key_json(path: Path) -> Ed25519PublicKey:
+def load_public_key_json(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """Read a ``<stem>.pub.json`` written by :func:`write_signing_key`."""
     try:
         doc = json.loads(Path(path).read_text())

@@ -20,10 +20,10 @@ from protocol.crypto import paillier as pf
 from protocol.sessions.aggregate import (
     ELEMENT_SIZE,
     SerialAggregateOps,
-    _check_elements,
-    _hash_multiply_span,
-    _multiply_span,
-    _pairs_job,
+    check_elements,
+    hash_multiply_span,
+    multiply_span,
+    pairs_job,
 )
 
 __all__ = ["AggregatePool", "BatchPool"]
@@ -148,18 +148,18 @@ class AggregatePool(WorkerPool):
         spans = self._spans(len(inputs))
         if spans is None or self._executor is None:
             return self._serial.hash_multiply(scalar, inputs)
-        futures = [self._executor.submit(_hash_multiply_span, scalar, inputs[a:b])
+        futures = [self._executor.submit(hash_multiply_span, scalar, inputs[a:b])
                    for a, b in spans]
         return b"".join(f.result() for f in futures)
 
     def multiply(self, scalar: bytes, elements: bytes) -> bytes:
-        n = _check_elements(elements, "element buffer")
+        n = check_elements(elements, "element buffer")
         spans = self._spans(n)
         if spans is None or self._executor is None:
             return self._serial.multiply(scalar, elements)
         elements = bytes(elements)
         futures = [
-            self._executor.submit(_multiply_span, scalar,
+            self._executor.submit(multiply_span, scalar,
                                   elements[a * ELEMENT_SIZE:b * ELEMENT_SIZE], a)
             for a, b in spans
         ]
@@ -178,7 +178,7 @@ class AggregatePool(WorkerPool):
         ahead = 2 * self.workers
         try:
             for keys, values in jobs:
-                pending.append(executor.submit(_pairs_job, scalar, spec, keys, values))
+                pending.append(executor.submit(pairs_job, scalar, spec, keys, values))
                 if len(pending) >= ahead:
                     yield pending.pop(0).result()
             while pending:

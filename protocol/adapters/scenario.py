@@ -40,10 +40,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from protocol.adapters.files import open_csv
+from protocol.domain.recordstore import CompactRecords, load_custodian_csv, load_query_csv
 
 __all__ = [
     "CUSTODIAN_HEADER",
@@ -212,6 +216,15 @@ class ScenarioFiles:
             manifest=out_dir / "manifest.json",
         )
 
+    def load(self, *, today: date) -> tuple[CompactRecords, CompactRecords]:
+        """(custodian records, accepted query subjects), validated as of ``today``; refused
+        rows are dropped (the demo and the benchmarks measure, they report no refusals)."""
+        with open_csv(self.custodian) as fh:
+            records = load_custodian_csv(fh, today=today)[0]
+        with open_csv(self.queries) as fh:
+            queries = load_query_csv(fh, today=today)[0]
+        return records, queries
+
 
 class _Progress:
     """Stage timings on stderr, so a full-scale run shows where its time goes."""
@@ -239,7 +252,7 @@ def _vocab(values: Sequence[str]) -> np.ndarray:
 
 
 def _take(vocab: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    picked = vocab[idx]
+    picked: np.ndarray = vocab[idx]
     return picked.view(_U8).reshape(len(picked), vocab.dtype.itemsize)
 
 
@@ -579,7 +592,7 @@ def _typos(rng: np.random.Generator, names: np.ndarray) -> np.ndarray:
 
     The segment needs two spare zero columns on the right; the width is kept.
     """
-    n = names.shape[0]
+    n: int = names.shape[0]  # an int, not Any: it picks the array overload of integers()
     if n == 0:
         return names
     mat = names

@@ -36,6 +36,7 @@ from protocol.domain.engine import Engine
 from protocol.domain.identity import validate_agency_id
 from protocol.domain.records import (
     MATCH_RULES,
+    QueryRecord,
     Refusal,
     Strength,
     match_keys_bulk,
@@ -249,8 +250,11 @@ def _refusals_csv(refused: Sequence[Refusal]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _review_queries(args: argparse.Namespace) -> tuple[int, bytes]:
-    """Validate the query file; return (accepted count, commitment over the accepted subjects)."""
+def _review_queries(
+    args: argparse.Namespace,
+) -> tuple[int, bytes, int, list[QueryRecord]]:
+    """Validate the query file; return (accepted count, commitment over the accepted subjects,
+    evaluations they need, the accepted queries)."""
     path = Path(args.queries)
     try:
         with open_csv(path) as fh:
@@ -331,14 +335,16 @@ def _named_inputs(args: argparse.Namespace) -> tuple[bytes, bytes]:
 
 
 def _write_tokens(args: argparse.Namespace, auth: Authorization,
-                  named_inputs: tuple[bytes, bytes], accepted_queries: list[Any]) -> None:
+                  named_inputs: tuple[bytes, bytes],
+                  accepted_queries: Sequence[QueryRecord]) -> None:
     """One token c·d_A·H(key) per approved subject and rule (protocol/engines/named.py)."""
     token_key, binding = named_inputs
     keys = match_keys_bulk([q.person for q in accepted_queries], list(auth.match_rules),
                            today=date.today())
-    entries = [(q.person.record_id, rule, keys[rule][i])
-               for rule in auth.match_rules for i, q in enumerate(accepted_queries)
-               if keys[rule][i] is not None]
+    entries = [(q.person.record_id, rule, key)
+               for rule in auth.match_rules
+               for q, key in zip(accepted_queries, keys[rule], strict=True)
+               if key is not None]
     if len(entries) != auth.max_queries:
         raise CliError("internal: token count differs from the signed budget")
     tokens = issue_tokens(token_key, binding, auth.authorization_id, [k for *_, k in entries])
@@ -418,7 +424,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     commitment: bytes | None = None
     accepted = 0
     derived = 0
-    accepted_queries: list[Any] = []
+    accepted_queries: list[QueryRecord] = []
     if args.queries is not None:
         accepted, commitment, derived, accepted_queries = _review_queries(args)
     max_queries = args.max_queries if args.max_queries is not None else derived

@@ -13,15 +13,16 @@ import json
 import os
 import sqlite3
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.accounting.export import custodian_export, requester_export
 from protocol.accounting.oversight import add_signed_checkpoint, check, verify_ledger
+from protocol.adapters.files import write_file_atomic
+from protocol.adapters.keys import load_public_key_json
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import PSIError
 
@@ -31,41 +32,16 @@ __all__ = [
     "add_oversight_arguments",
     "audit_verify_command",
     "export_command",
-    "load_public_key",
     "run_oversight_cli",
     "write_export",
 ]
 
 
-def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
-    """Read a ``signing.pub.json`` (``{"public_key": hex}``) as written by the agency CLIs."""
-    try:
-        doc = json.loads(Path(path).read_text())
-        raw = bytes.fromhex(str(doc["public_key"]).strip())
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not an Ed25519 public key file: {exc}") from exc
-
-
 def write_export(doc: Mapping[str, Any], dest: str | os.PathLike[str], *,
                  force: bool = False) -> None:
     """Write an export atomically, owner-only (it names disclosed records)."""
-    path = Path(dest)
-    if not force and (path.exists() or path.is_symlink()):
-        raise FileExistsError(f"{path} already exists (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            json.dump(doc, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    write_file_atomic(dest, text.encode("utf-8"), mode=0o600, overwrite=force)
 
 
 def _open_existing(path: Path) -> Ledger:
@@ -79,7 +55,7 @@ def audit_verify_command(ledger_path: str | os.PathLike[str], public_key_path: s
     """``audit verify``: print OK or FAIL (first bad position, kind of damage); exit 0 / 1."""
     out = out or sys.stdout
     path = Path(ledger_path)
-    key = load_public_key(public_key_path) if public_key_path else None
+    key = load_public_key_json(public_key_path) if public_key_path else None
     if not path.is_file():
         raise FileNotFoundError(f"no ledger at {path}")
     try:
@@ -147,8 +123,8 @@ def run_oversight_cli(args: argparse.Namespace, out: TextIO | None = None) -> in
             docs.append(json.loads(Path(name).read_text()))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{name} is not JSON: {exc}") from exc
-    report = check(docs[0], docs[1], custodian_key=load_public_key(args.custodian_key),
-                   requester_key=load_public_key(args.requester_key))
+    report = check(docs[0], docs[1], custodian_key=load_public_key_json(args.custodian_key),
+                   requester_key=load_public_key_json(args.requester_key))
     if args.json:
         print(json.dumps(report.to_json(), indent=2), file=out)
     else:

@@ -1,9 +1,10 @@
 """KKRT16 batched OPRF from OT extension: the second identity-tier match engine (issue 8).
 
-Sans-I/O, like ``protocol.sessions.core``: the Requester and the Custodian take message
+Sans-I/O, like ``protocol.sessions.identity``: the Requester and the Custodian take message
 objects and return message objects; the services (or ``run_kkrt_in_process``) only move
-them.  The policy, budget, disclosure and receipt logic stays in ``protocol.sessions.core``;
-this module is the hazmat primitive under the engine adapter ``protocol.engines.kkrt``.
+them.  The policy, budget, disclosure and receipt logic stays in the sessions
+(``protocol.sessions``); this module is the hazmat primitive under the engine adapter
+``protocol.engines.kkrt``.
 
 Security (stated plainly)
 -------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 from protocol.crypto.encoding import decode, encode, encode_strs
 from protocol.domain.engine import Engine
@@ -28,21 +28,6 @@ DEFAULT_CHUNK = 4096
 MAX_CHUNK_ELEMENTS = 65_536
 #: Hard upper bound on outputs in one disclosure request.
 MAX_DISCLOSURE_BATCH = 4096
-
-
-def transition(table: Mapping[tuple[Any, type], Any], state: Any, message: object,
-               role: str) -> Any:
-    """The next state for ``message`` in ``state``, from a role's transition table.
-
-    Anything not in the table is a ProtocolError naming the state and the message,
-    so every state machine refuses out-of-order messages the same way.
-    """
-    next_state = table.get((state, type(message)))
-    if next_state is None:
-        raise ProtocolError(
-            f"{role} session in state {state.value!r} cannot accept {type(message).__name__}"
-        )
-    return next_state
 
 
 @dataclass(frozen=True)
@@ -278,8 +263,9 @@ class Transcript:
 
     streams: dict[str, hashlib._Hash] = field(default_factory=dict)
 
-    STREAMS = ("open", "tags", "evaluate", "evaluated", "disclosure-request",
-               "disclosure-response")
+    #: The streams, in digest order; a tier with other messages subclasses with its own.
+    STREAMS: ClassVar[tuple[str, ...]] = ("open", "tags", "evaluate", "evaluated",
+                                          "disclosure-request", "disclosure-response")
 
     def __post_init__(self) -> None:
         for name in self.STREAMS:

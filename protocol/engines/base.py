@@ -4,9 +4,9 @@ An engine is everything between "the requester has match keys" and "the requeste
 which of them the custodian holds, with a proof per match": which messages each side
 sends, what each costs in budget units, how the custodian builds its tags for a session,
 how it evaluates, how the requester matches locally, and how disclosure proofs are made
-and checked.  Sessions (``protocol.sessions.core``) own everything else (policy, budget,
-transcript, disclosure accounting, receipts) and drive any engine through this interface
-alone; engines never see the ledger.
+and checked.  The identity-tier sessions (``protocol.sessions.identity``, on the session
+core) own everything else (policy, budget, transcript, disclosure accounting, receipts)
+and drive any engine through this interface alone; engines never see the ledger.
 
 An engine declares its message flow as a sequence of :class:`Exchange` steps.  The
 in-process driver and the gRPC client both walk that sequence generically: for every

@@ -44,15 +44,20 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import rbcl
 
 from protocol.crypto import oprf
+from protocol.crypto.encoding import decode, encode
 from protocol.errors import InvalidElementError, ProtocolError
 
 BINDING_DST = b"gated-psi/named-binding/v1"
-CERT_FORMAT = "gated-psi/named-certification/v1"
+#: File-format tags (v2: one ``protocol.crypto.encoding`` frame, the tag its first part).
+CERT_FORMAT = "gated-psi/named-certification/v2"
+CERT_REQUEST_FORMAT = CERT_FORMAT + "/request"
+CERT_RESPONSE_FORMAT = CERT_FORMAT + "/response"
 TOKENS_FORMAT = "gated-psi/named-tokens/v1"
 L = oprf.GROUP_ORDER
 
@@ -140,14 +145,15 @@ class CertificationRequest:
     elements: bytes
 
     def to_bytes(self) -> bytes:
-        head = json.dumps({"format": CERT_FORMAT + "/request", "custodian_id": self.custodian_id,
-                           "binding_secret": self.binding_secret.hex(),
-                           "count": len(self.elements) // 32}).encode()
-        return len(head).to_bytes(4, "big") + head + self.elements
+        return _frame(CERT_REQUEST_FORMAT, {
+            "custodian_id": self.custodian_id, "binding_secret": self.binding_secret.hex(),
+            "count": len(self.elements) // 32,
+        }, self.elements)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CertificationRequest:
-        head, elements = _split(data, CERT_FORMAT + "/request")
+        head, elements = _unframe(data, CERT_REQUEST_FORMAT)
+        _check_count(elements, head.get("count"))
         return cls(custodian_id=str(head["custodian_id"]),
                    binding_secret=bytes.fromhex(str(head["binding_secret"])), elements=elements)
 
@@ -160,29 +166,37 @@ class CertificationResponse:
     elements: bytes
 
     def to_bytes(self) -> bytes:
-        head = json.dumps({"format": CERT_FORMAT + "/response",
-                           "authority_key_id": self.authority_key_id,
-                           "count": len(self.elements) // 32}).encode()
-        return len(head).to_bytes(4, "big") + head + self.elements
+        return _frame(CERT_RESPONSE_FORMAT, {
+            "authority_key_id": self.authority_key_id, "count": len(self.elements) // 32,
+        }, self.elements)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CertificationResponse:
-        head, elements = _split(data, CERT_FORMAT + "/response")
+        head, elements = _unframe(data, CERT_RESPONSE_FORMAT)
+        _check_count(elements, head.get("count"))
         return cls(authority_key_id=str(head["authority_key_id"]), elements=elements)
 
 
-def _split(data: bytes, fmt: str) -> tuple[dict[str, object], bytes]:
+def _frame(fmt: str, head: Mapping[str, object], elements: bytes) -> bytes:
+    """A certification file: ``encode(format tag, JSON head, elements)``."""
+    return encode(fmt, json.dumps(head).encode(), elements)
+
+
+def _unframe(data: bytes, fmt: str) -> tuple[dict[str, Any], bytes]:
+    """The JSON head and the elements of a file :func:`_frame` wrote with tag ``fmt``."""
     try:
-        n = int.from_bytes(data[:4], "big")
-        head = json.loads(data[4:4 + n])
-        elements = data[4 + n:]
+        tag, raw_head, elements = decode(data)
+        head = json.loads(raw_head) if tag == fmt.encode() else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed certification file: {exc}") from None
-    if not isinstance(head, dict) or head.get("format") != fmt:
+    if not isinstance(head, dict):
         raise ProtocolError(f"not a {fmt} file")
-    if len(elements) != int(head.get("count", -1)) * 32:
-        raise ProtocolError("certification file is truncated")
     return head, elements
+
+
+def _check_count(elements: bytes, count: object) -> None:
+    if not isinstance(count, int) or len(elements) != count * 32:
+        raise ProtocolError("certification file is truncated")
 
 
 @dataclass
@@ -247,21 +261,16 @@ class Certification:
     def to_bytes(self) -> bytes:
         """The file format; it holds the binding secret, so store it owner-only
         (``protocol.adapters.files.write_certification``)."""
-        doc = {"format": CERT_FORMAT, "authority_key_id": self.authority_key_id,
-               "binding_secret": self.binding_secret.hex(), "rules": list(self.rules),
-               "record_ids": self.record_ids, "rule_index": self.rule_index.tolist()}
-        head = json.dumps(doc).encode()
-        return len(head).to_bytes(8, "big") + head + self.elements
+        return _frame(CERT_FORMAT, {
+            "authority_key_id": self.authority_key_id, "binding_secret": self.binding_secret.hex(),
+            "rules": list(self.rules), "record_ids": self.record_ids,
+            "rule_index": self.rule_index.tolist(),
+        }, self.elements)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Certification:
-        n = int.from_bytes(data[:8], "big")
-        doc = json.loads(data[8:8 + n])
-        if doc.get("format") != CERT_FORMAT:
-            raise ProtocolError("not a named-subject certification")
-        elements = data[8 + n:]
-        if len(elements) != len(doc["record_ids"]) * 32:
-            raise ProtocolError("certification is truncated")
+        doc, elements = _unframe(data, CERT_FORMAT)
+        _check_count(elements, len(doc.get("record_ids", ())))
         return cls(authority_key_id=doc["authority_key_id"],
                    binding_secret=bytes.fromhex(doc["binding_secret"]),
                    rules=tuple(doc["rules"]), record_ids=list(doc["record_ids"]),

@@ -6,7 +6,7 @@ The protocol is the one of Ion et al. ("On Deploying Secure Computing: Private
 Intersection-Sum-with-Cardinality", EuroS&P 2020; Google's Private Join and Compute), with
 the sum delivered to the *requester* through a one-time-pad mask.
 
-This module is a thin tier over the session core (``protocol.sessions.base``; see
+This module is a thin tier over the session core (``protocol.sessions.core``; see
 docs/architecture.md, Sessions): the core opens, gates every message, counts, closes and
 countersigns; this module holds the tier's messages, its two transition tables
 (``AGGREGATE_CUSTODIAN_TRANSITIONS``, ``AGGREGATE_REQUESTER_TRANSITIONS``, covering what each
@@ -110,6 +110,7 @@ from protocol.accounting.port import Reservation
 from protocol.crypto import oprf
 from protocol.crypto import paillier as pf
 from protocol.crypto.encoding import encode
+from protocol.domain.engine import Engine
 from protocol.domain.messages import (
     MAX_CHUNK_ELEMENTS,
     CloseRequest,
@@ -121,7 +122,7 @@ from protocol.domain.recordstore import bulk_match_keys, persons_of
 from protocol.engines.base import utc_date
 from protocol.errors import InvalidElementError, InvalidRecordError, ProtocolError
 from protocol.policy.decide import Mode, SessionRequest, SignedAuthorization, Tier
-from protocol.sessions.base import (
+from protocol.sessions.core import (
     CustodianCore,
     RequesterCore,
     Row,
@@ -129,7 +130,7 @@ from protocol.sessions.base import (
     TransitionTable,
     common_custodian_rows,
 )
-from protocol.sessions.core import INDEX_SLICE, Custodian, CustodianConfig
+from protocol.sessions.identity import INDEX_SLICE, Custodian, CustodianConfig
 
 __all__ = [
     "AGGREGATE_CUSTODIAN_TRANSITIONS",
@@ -138,6 +139,7 @@ __all__ = [
     "DEFAULT_BLINDED_CHUNK",
     "DEFAULT_DOUBLE_BLINDED_CHUNK",
     "DEFAULT_PAIR_CHUNK",
+    "ELEMENT_SIZE",
     "HASH_TO_GROUP_DST",
     "MAX_PAIR_CHUNK",
     "AggregateCustodian",
@@ -158,6 +160,10 @@ __all__ = [
     "SerialAggregateOps",
     "SumReveal",
     "ValueIndex",
+    "check_elements",
+    "hash_multiply_span",
+    "multiply_span",
+    "pairs_job",
     "plaintext_answer",
     "run_aggregate_in_process",
 ]
@@ -165,7 +171,8 @@ __all__ = [
 #: Hash-to-group DST of this tier: its group elements never collide with OPRF inputs.
 HASH_TO_GROUP_DST = b"gated-psi/aggregate/hash-to-group/v1"
 AGGREGATE_TIERS = frozenset({Tier.AGGREGATE, Tier.CARDINALITY})
-ENGINE = "oprf"  # the tier uses the OPRF engine's group (ristretto255) and hash-to-group
+#: The engine whose group (ristretto255) and hash-to-group this tier uses.
+ENGINE = Engine.OPRF
 
 ELEMENT_SIZE = oprf.ELEMENT_SIZE
 #: Requester -> custodian chunks: 4096 x 32 B = 128 KiB; the custodian accepts up to 65,536.
@@ -201,7 +208,7 @@ class AggregateOpenRequest:
     match_rule: str
     value_field: str
     element_count: int
-    engine: str = ENGINE
+    engine: str = ENGINE.value
 
     def transcript_bytes(self) -> bytes:
         return encode(
@@ -311,8 +318,9 @@ def _hash_to_group(data: bytes) -> bytes:
     return element
 
 
-def _hash_multiply_span(scalar: bytes, inputs: Sequence[bytes]) -> bytes:
-    """``scalar * H(x)`` for each input, concatenated."""
+def hash_multiply_span(scalar: bytes, inputs: Sequence[bytes]) -> bytes:
+    """``scalar * H(x)`` for each input, concatenated: one span of ``AggregateOps.hash_multiply``
+    (a module-level function, so a process pool can run it)."""
     mult = _scalarmult
     return b"".join([mult(scalar, _hash_to_group(x)) for x in inputs])
 
@@ -325,8 +333,10 @@ def _element_error(element: bytes, index: int) -> InvalidElementError:
     return InvalidElementError(f"element {index}: rejected")  # pragma: no cover
 
 
-def _multiply_span(scalar: bytes, elements: bytes, offset: int) -> bytes:
-    """Validate each element exactly as ``oprf.deserialize_element`` does, then multiply.
+def multiply_span(scalar: bytes, elements: bytes, offset: int) -> bytes:
+    """Validate each element exactly as ``oprf.deserialize_element`` does, then multiply: one
+    span of ``AggregateOps.multiply``; ``offset`` (the span's first index in the whole buffer)
+    names a bad element by its index in the batch.
 
     libsodium's ``crypto_scalarmult_ristretto255`` decodes its input with the same check
     as ``crypto_core_ristretto255_is_valid_point`` and fails (rbcl: RuntimeError) on an
@@ -335,7 +345,7 @@ def _multiply_span(scalar: bytes, elements: bytes, offset: int) -> bytes:
     identity encoding are checked explicitly first.
     """
     mult, identity = _scalarmult, _IDENTITY
-    out = []
+    out: list[bytes] = []
     append = out.append
     for start in range(0, len(elements), ELEMENT_SIZE):
         element = elements[start:start + ELEMENT_SIZE]
@@ -348,12 +358,13 @@ def _multiply_span(scalar: bytes, elements: bytes, offset: int) -> bytes:
     return b"".join(out)
 
 
-def _pairs_job(
+def pairs_job(
     scalar: bytes, spec: pf.EncryptorSpec | None, keys: Sequence[bytes], values: Sequence[int]
 ) -> tuple[bytes, bytes, float, float]:
-    """One chunk of custodian pairs; also returns (group CPU s, Paillier CPU s)."""
+    """One chunk of custodian pairs ``(b*H(w), Enc(t))``: one job of ``AggregateOps.pairs``;
+    also returns (group CPU s, Paillier CPU s) for the session's stats."""
     t0 = time.process_time()
-    elements = _hash_multiply_span(scalar, keys)
+    elements = hash_multiply_span(scalar, keys)
     t1 = time.process_time()
     ciphertexts = b""
     if spec is not None:
@@ -361,7 +372,9 @@ def _pairs_job(
     return elements, ciphertexts, t1 - t0, time.process_time() - t1
 
 
-def _check_elements(elements: bytes, what: str) -> int:
+def check_elements(elements: bytes, what: str) -> int:
+    """The number of group elements in ``elements``; ``InvalidElementError`` (naming ``what``)
+    if its length is not a whole number of elements."""
     if len(elements) % ELEMENT_SIZE:
         raise InvalidElementError(
             f"{what}: {len(elements)} bytes is not a multiple of {ELEMENT_SIZE}"
@@ -387,18 +400,18 @@ class SerialAggregateOps:
     """Everything in this process: for tests, small sessions and one-core hosts."""
 
     def hash_multiply(self, scalar: bytes, inputs: Sequence[bytes]) -> bytes:
-        return _hash_multiply_span(scalar, inputs)
+        return hash_multiply_span(scalar, inputs)
 
     def multiply(self, scalar: bytes, elements: bytes) -> bytes:
-        _check_elements(elements, "element buffer")
-        return _multiply_span(scalar, bytes(elements), 0)
+        check_elements(elements, "element buffer")
+        return multiply_span(scalar, bytes(elements), 0)
 
     def pairs(
         self, scalar: bytes, spec: pf.EncryptorSpec | None,
         jobs: Iterable[tuple[Sequence[bytes], Sequence[int]]],
     ) -> Iterator[tuple[bytes, bytes, float, float]]:
         for keys, values in jobs:
-            yield _pairs_job(scalar, spec, keys, values)
+            yield pairs_job(scalar, spec, keys, values)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -525,7 +538,8 @@ class ValueIndex:
         return [blob[off[i]:off[i + 1]] for i in positions]
 
     def values_at(self, positions: Sequence[int]) -> list[int]:
-        return self.values[np.asarray(positions, dtype=np.int64)].tolist()
+        values: list[int] = self.values[np.asarray(positions, dtype=np.int64)].tolist()
+        return values
 
     @property
     def folded(self) -> int:
@@ -534,7 +548,7 @@ class ValueIndex:
 
 
 class AggregateCustodian:
-    """The aggregate tier on top of an identity-tier :class:`~protocol.sessions.core.Custodian`.
+    """The aggregate tier on top of an identity-tier :class:`~protocol.sessions.identity.Custodian`.
 
     Shares its records, policy, ledger and signing key; adds value indexes and the
     aggregate ops.  ``session()`` starts one requester session.
@@ -620,7 +634,7 @@ class AggregateCustodianState(StrEnum):
 _C = AggregateCustodianState
 
 #: (state, event) -> (handler, next state): what the custodian accepts and what it sends.
-#: Anything else is a ProtocolError and leaves the session FAILED (protocol.sessions.base).
+#: Anything else is a ProtocolError and leaves the session FAILED (protocol.sessions.core).
 AGGREGATE_CUSTODIAN_TRANSITIONS = TransitionTable(
     "aggregate custodian",
     {
@@ -690,7 +704,7 @@ class AggregateCustodianSession(CustodianCore):
 
     def _session_request(self, req: AggregateOpenRequest) -> SessionRequest:
         return SessionRequest(
-            peer_id=self.peer_id, tier=req.tier, match_rules=(req.match_rule,),
+            peer_id=self.peer_id, tier=Tier(req.tier), match_rules=(req.match_rule,),
             disclosure_fields=(), query_count=req.element_count, engine=req.engine,
             value_field=req.value_field,
         )
@@ -743,7 +757,7 @@ class AggregateCustodianSession(CustodianCore):
         if chunk.seq != self._expected_seq:
             raise ProtocolError(f"blinded chunk {chunk.seq} out of order "
                                 f"(expected {self._expected_seq})")
-        n = _check_elements(chunk.elements, f"blinded chunk {chunk.seq}")
+        n = check_elements(chunk.elements, f"blinded chunk {chunk.seq}")
         if n == 0:
             raise ProtocolError(f"blinded chunk {chunk.seq} is empty")
         if n > MAX_CHUNK_ELEMENTS:
@@ -1092,7 +1106,7 @@ class AggregateRequesterSession(RequesterCore):
     def _on_double(self, chunk: DoubleBlindedChunk) -> None:
         if chunk.seq != self._double_seq:
             raise ProtocolError(f"double-blinded chunk {chunk.seq} out of order")
-        n = _check_elements(chunk.elements, f"double-blinded chunk {chunk.seq}")
+        n = check_elements(chunk.elements, f"double-blinded chunk {chunk.seq}")
         if n == 0 or n > MAX_DOUBLE_BLINDED_CHUNK:
             raise ProtocolError(f"double-blinded chunk {chunk.seq} has {n} elements")
         if self._double_received + n > self.element_count:
@@ -1112,7 +1126,7 @@ class AggregateRequesterSession(RequesterCore):
         assert self.open_response is not None
         if chunk.seq != self._pairs_seq:
             raise ProtocolError(f"pairs chunk {chunk.seq} out of order")
-        k = _check_elements(chunk.elements, f"pairs chunk {chunk.seq}")
+        k = check_elements(chunk.elements, f"pairs chunk {chunk.seq}")
         if k == 0 or k > MAX_PAIR_CHUNK:
             raise ProtocolError(f"pairs chunk {chunk.seq} has {k} pairs (1..{MAX_PAIR_CHUNK})")
         if self._pairs_received + k > self.open_response.pair_count:

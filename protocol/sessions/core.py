@@ -1,278 +1,437 @@
-"""Requester and Custodian session state machines (docs/architecture.md, Identity tier), sans-I/O.
+"""The session core every tier runs on: one state machine, one gate, one account.
 
-Rules of this module, in the spirit of h11's ``_state.py``:
+Rules of this module, in the spirit of h11's ``_state.py`` and h2's ``stream.py``
+(docs/architecture.md, Sessions and State tables):
 
-1. Everything that changes a session's state lives here, and the allowed
-   transitions of each role are one table (``CUSTODIAN_TRANSITIONS``,
-   ``REQUESTER_TRANSITIONS``) that a reader can check at a glance.
-2. Sessions take message objects (``protocol.domain.messages``) and return message
-   objects.  They never touch a socket; the gRPC services and the in-process
-   driver (``run_in_process``) only move messages between them.
-3. Nothing here depends on which match engine runs: the engine (looked up by name in
-   ``protocol.engines.registry``) declares its messages, their budget cost and its
-   exchanges, and the sessions drive it through ``protocol.engines.base`` alone.
-4. A message in the wrong state raises ``ProtocolError`` naming the state and
-   the message; policy refusals raise ``PolicyRefusal`` with machine-readable
-   reasons from ``protocol.policy.decide``; budget and cap violations raise
-   ``BudgetExhausted`` / ``DisclosureCapReached``.
+1. A role's transitions are one :class:`TransitionTable`: ``(state, event) -> Row(handler,
+   next state)``.  An event is a received message *type* (``BlindedChunk``), a send
+   (``Send(DoubleBlindedChunk)``) or a local step (``Step("match")``), so what a session
+   sends, accepts and does are checked in the same place.  A reader can check a table at a
+   glance; a test walks every pair.  A session may run on a table derived for it
+   (``TransitionTable.derive``, ``SessionMachine._adopt``; e.g. with its engine's rows).
+2. One processing path: :meth:`SessionMachine.handle` (received messages),
+   :meth:`SessionMachine.send` (messages this side produces) and :meth:`SessionMachine.step`
+   look the event up, run the gate, run the row's handler and only then apply the row's
+   next state.  A reply to a received message is its handler's return value.
+3. Any exception in a lookup, the gate or a handler moves the session to ``FAILED`` with
+   ``failure_reason`` (``"<code>: <message>"``) and reaches the caller as a typed library
+   error: library errors (``ProtocolError``, ``PolicyRefusal``, ``BudgetExhausted``,
+   ``InvalidElementError``, ...) as they are, anything else wrapped in ``ProtocolError``.
+   A failed session refuses everything after; a *closed* session keeps its state (its
+   signed receipt stands) and refuses what comes after without failing.  One refusal does
+   not fail a session: a message from another peer (it is not the owner's doing, and
+   letting it fail the session would let anyone who learns a session id kill it).
+4. Policy is decided in ``protocol.policy`` only.  The custodian core calls ``decide`` at
+   open and ``check_message`` on every later message (session ownership = the
+   transport-authenticated peer id; validity window against the injected clock), and
+   ``check_evaluation`` before it counts; the session's table decides state, tier and
+   engine (another tier's or engine's message is not in it).  The ledger re-checks budget
+   and caps atomically: defence in depth, not a second decider.
 
-Identity tier, one session:
+How a tier plugs in
+-------------------
+A custodian-side tier subclasses :class:`CustodianCore` and supplies:
 
-    Requester                                   Custodian
-    open_request()         --OpenRequest-->     handle(): decide, reserve budget
-                           <--OpenResponse--
-    the engine's exchanges (protocol.engines; e.g. for the OPRF engine):
-                           <--TagChunk*----     tag_chunks(): sorted tags of its records
-    requests(exchange)     --EvaluateChunk*->   handle(): validate, count, evaluate
-    handle(EvaluatedChunk) <-EvaluatedChunk*-
-    match()  (local; the custodian learns nothing)
-    disclosure_requests()  --DisclosureRequest->handle(): verify O_x, account, release
-    handle(DiscResponse)   <-DisclosureResponse-
-    close_request()        --CloseRequest-->    handle(): sign receipt
-    handle(Receipt)        <--Receipt-------
-    -> countersigned Receipt                    countersign()
+* ``TABLE``: its rows, built from :func:`common_custodian_rows` (open, close, countersign)
+  plus its own, e.g. ``(RECEIVING, BlindedChunk): Row("_blinded", RECEIVING)`` and
+  ``(SERVING, Send(CustodianPairsChunk)): Row("_pair_stream", SERVING, stream=True)``.
+  Rows of messages that only account for finished work (close, countersign) set
+  ``window=False``.  A tier whose rows depend on the session (the identity tier: on its
+  engine's exchanges) derives a table per session, adopts it in a hook, and lists the
+  handlers its derived rows may name in ``DERIVED_HANDLERS``.
+* ``SERVED_TIERS`` / ``SERVED_ENGINES`` (what ``decide`` lets it open), ``RESUMABLE`` (may
+  a session id reopen with its reservation, e.g. after a reconnect), ``AUDIT_STAGE`` and
+  ``TRANSCRIPT`` (its transcript class).
+* hooks: ``_session_request(open message) -> SessionRequest``; ``_decide_options(signed)``
+  (extra ``decide`` keywords, e.g. ``named_subjects_ready`` or ``engine_traits``);
+  ``_audit_fields`` / ``_session_meta`` (what the decision entry and the session row record);
+  ``_prepare`` (work that must fail before any budget is spent); ``_opened(open message,
+  reservation) -> open response`` (keys, indexes, the reply); ``_discard`` (drop one-time
+  secrets when the session closes or fails).
+* handlers named by its rows.  Evaluation handlers call :meth:`CustodianCore._count` before
+  they evaluate; streams are handlers that check eagerly and return an iterator (the core
+  gates every item it yields).
+
+Everything else (parse the signed authorization, ``decide``, the bounded audit entry,
+registering the authorization, the idempotent reservation, the gate, count-before-evaluate,
+the signed receipt and the countersignature) is here, once.
+
+A requester-side tier subclasses :class:`RequesterCore` the same way (its table; an
+``_open_request`` handler; ``_close_request`` and ``_on_receipt`` are shared).  The two
+tiers on it are ``protocol.sessions.identity`` and ``protocol.sessions.aggregate``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol
 
-import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol.accounting.port import LedgerPort
+from protocol.accounting.port import LedgerPort, Reservation
 from protocol.accounting.receipts import countersign, issue_receipt, store_countersignature
-from protocol.domain.engine import Engine
-from protocol.domain.messages import (
-    DEFAULT_CHUNK,
-    MAX_CHUNK_ELEMENTS,
-    MAX_DISCLOSURE_BATCH,
-    CloseRequest,
-    Disclosure,
-    DisclosureRequest,
-    DisclosureResponse,
-    OpenRequest,
-    OpenResponse,
-    Receipt,
-    Transcript,
-    transition,
-)
-from protocol.domain.records import PersonRecord, QueryRecord
-from protocol.domain.recordstore import (
-    CompactRecords,
-    bulk_match_keys,
-    bulk_match_keys_digested,
-    persons_of,
-)
-from protocol.engines import registry
-from protocol.engines.base import INDEX_SLICE as INDEX_SLICE
-from protocol.engines.base import (
-    REQUEST_STREAM,
-    CustodianData,
-    CustodianEngine,
-    Exchange,
-    Flow,
-    GroupOps,
-    LockFactory,
-    RequesterInputs,
-    SessionGrant,
-    authorization_key,
-    reply_streams,
-    request_types,
-    utc_date,
-)
-from protocol.engines.base import CustodianEngineSession as EngineSession
-from protocol.engines.named import Certification
-from protocol.engines.oprf import TAG_SIZE, SerialOps
-from protocol.errors import (
-    DisclosureCapReached,
-    InvalidElementError,
-    LedgerError,
-    PolicyRefusal,
-    ProtocolError,
-)
+from protocol.domain.messages import CloseRequest, Receipt, Transcript
+from protocol.errors import LedgerError, PolicyRefusal, ProtocolError, PSIError
 from protocol.policy.decide import (
     Authorization,
     CustodianPolicy,
-    Mode,
+    Reason,
     SessionRequest,
     SignedAuthorization,
     Tier,
-    check_disclosure,
+    check_evaluation,
+    check_message,
     decide,
-    permitted_fields,
 )
 
-PSEUDONYM_DOMAIN = b"gated-psi/disclosure-pseudonym/v1"
-
 __all__ = [
-    "CUSTODIAN_TRANSITIONS",
-    "INDEX_SLICE",
-    "REQUESTER_TRANSITIONS",
-    "Custodian",
-    "CustodianConfig",
-    "CustodianSession",
-    "CustodianState",
-    "GroupOps",
-    "Match",
-    "MatchResult",
-    "Receipt",
-    "RequesterSession",
-    "RequesterState",
-    "SessionOutcome",
-    "run_exchanges",
-    "run_in_process",
+    "MAX_SESSION_ID",
+    "CustodianContext",
+    "CustodianCore",
+    "Event",
+    "OpenMessage",
+    "RequesterCore",
+    "Row",
+    "Send",
+    "SessionMachine",
+    "Step",
+    "TransitionTable",
+    "bounded",
+    "common_custodian_rows",
 ]
+
+#: Longest session id a custodian accepts (it is a ledger key and appears in every entry).
+MAX_SESSION_ID = 128
+#: Audit payloads are bounded: a hostile open request cannot grow the chain without limit.
+_MAX_AUDIT_TEXT = 256
+_MAX_AUDIT_ITEMS = 32
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class Send:
+    """The event of this side producing a message of type ``message``."""
+
+    message: type
+
+    def __repr__(self) -> str:
+        return f"Send({self.message.__name__})"
+
+
+@dataclass(frozen=True)
+class Step:
+    """A local step that changes a session's state without a message (the requester's match)."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"Step({self.name})"
+
+
+Event = type | Send | Step
+
+
+def _event_name(event: Event) -> str:
+    if isinstance(event, Send):
+        return f"send {event.message.__name__}"
+    if isinstance(event, Step):
+        return event.name
+    return f"accept {getattr(event, '__name__', repr(event))}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """What an event does in a state: run ``handler``, then move to ``next_state``.
+
+    ``window``: the custodian's gate checks the authorization's validity window (off for
+    close and countersign: a receipt is owed even after expiry).  ``stream``: the handler
+    returns an iterator whose every item passes the gate.  ``takes_type``: the handler of a
+    send receives the message type first (one handler serving the sends of several types,
+    e.g. every message an engine's exchanges send).
+    """
+
+    handler: str
+    next_state: StrEnum
+    window: bool = True
+    stream: bool = False
+    takes_type: bool = False
+
+
+class TransitionTable(Mapping[tuple[StrEnum, Event], Row]):
+    """One role's complete table; anything not in it is a ``ProtocolError`` naming why.
+
+    ``protocol`` names what the table speaks, for the error a foreign event gets (e.g.
+    "the identity tier with engine 'oprf'").
+    """
+
+    def __init__(
+        self, role: str, rows: Mapping[tuple[StrEnum, Event], Row], *,
+        initial: StrEnum, failed: StrEnum, final: Iterable[StrEnum] = (),
+        protocol: str = "this tier's protocol",
+    ) -> None:
+        self.role = role
+        self.initial = initial
+        self.failed = failed
+        self.final = frozenset(final)
+        self.protocol = protocol
+        self._rows = dict(rows)
+        self.events = frozenset(event for _, event in self._rows)
+        self.handlers = frozenset(row.handler for row in self._rows.values())
+        if any(state == failed for state, _ in self._rows):
+            raise ValueError(f"{role}: a failed session accepts nothing")
+
+    def derive(self, rows: Mapping[tuple[StrEnum, Event], Row], *, protocol: str
+               ) -> TransitionTable:
+        """This table plus ``rows`` (e.g. those an engine's exchanges declare), same states.
+
+        A derived row may not replace one of this table's: what every session of the role
+        does stays what this table says.
+        """
+        clash = sorted(repr(key) for key in rows if key in self._rows)
+        if clash:
+            raise ValueError(f"{self.role}: derived rows replace common rows: {clash}")
+        return TransitionTable(self.role, {**self._rows, **rows}, initial=self.initial,
+                               failed=self.failed, final=self.final, protocol=protocol)
+
+    def __getitem__(self, key: tuple[StrEnum, Event]) -> Row:
+        return self._rows[key]
+
+    def __iter__(self) -> Iterator[tuple[StrEnum, Event]]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def lookup(self, state: StrEnum, event: Event) -> Row:
+        """The row for ``event`` in ``state``, or a ProtocolError saying which check failed."""
+        row = self._rows.get((state, event))
+        if row is None:
+            if event not in self.events:
+                what = event.message if isinstance(event, Send) else event
+                name = getattr(what, "__name__", repr(what))
+                raise ProtocolError(
+                    f"{self.role} session in state {state.value!r} cannot {_event_name(event)}: "
+                    f"{name} is not a message of {self.protocol} (a message of another tier or "
+                    "engine, or not a message)"
+                )
+            raise ProtocolError(
+                f"{self.role} session in state {state.value!r} cannot {_event_name(event)}"
+            )
+        return row
+
+
+# --------------------------------------------------------------------------- one path
+
+
+def _reason(exc: BaseException) -> str:
+    code = exc.code if isinstance(exc, PSIError) else "internal"
+    return f"{code}: {exc}"
+
+
+class SessionMachine:
+    """The one processing path shared by both roles: look up, gate, run, apply.
+
+    Subclasses set ``TABLE`` and name handlers in it; every handler named there must exist
+    (checked when the class is made, so a lookup can never end in an AttributeError).  A
+    session runs on ``self.table``: ``TABLE``, or a table derived from it for this session
+    (``_adopt``; e.g. with its engine's rows), whose extra rows may name only the handlers
+    listed in ``DERIVED_HANDLERS`` (checked with ``TABLE``'s when the class is made).
+    """
+
+    TABLE: ClassVar[TransitionTable]
+    DERIVED_HANDLERS: ClassVar[frozenset[str]] = frozenset()
+    table: TransitionTable
+    state: StrEnum
+    failure_reason: str
+    engine: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table = cls.__dict__.get("TABLE")
+        if table is not None:
+            named = table.handlers | cls.DERIVED_HANDLERS
+            missing = sorted(h for h in named if not callable(getattr(cls, h, None)))
+            if missing:
+                raise TypeError(f"{cls.__name__}: table handlers missing: {missing}")
+
+    def _start(self) -> None:
+        self.table = self.TABLE
+        self.state = self.TABLE.initial
+        self.failure_reason = ""
+        self.engine = ""
+
+    def _adopt(self, table: TransitionTable) -> None:
+        """Run on ``table`` from now on: ``TABLE`` extended for this session (its engine)."""
+        unknown = sorted(table.handlers - self.TABLE.handlers - self.DERIVED_HANDLERS)
+        if unknown or (table.initial, table.failed) != (self.TABLE.initial, self.TABLE.failed):
+            raise ProtocolError(f"{type(self).__name__} cannot run on the {table.role} table "
+                                f"of {table.protocol} (handlers {unknown})")
+        self.table = table
+
+    # -- hooks ------------------------------------------------------------------
+
+    def _check_owner(self, peer_id: str | None) -> None:
+        """Refuse a message from someone other than the session's owner (no state change)."""
+
+    def _gate(self, row: Row) -> None:
+        """Per-message policy gate after the table lookup (custodian side)."""
+
+    def _discard(self) -> None:
+        """Drop one-time secrets: called when the session closes or fails."""
+
+    # -- the path -----------------------------------------------------------------
+
+    def handle(self, message: object, *, peer_id: str | None = None) -> Any:
+        """Apply one received message; returns the reply (or ``None``)."""
+        return self._run(type(message), (message,), peer_id)
+
+    def send(self, message_type: type, *args: Any, peer_id: str | None = None) -> Any:
+        """Produce this side's next message(s) of ``message_type`` (an iterator for streams)."""
+        return self._run(Send(message_type), args, peer_id)
+
+    def step(self, name: str, *args: Any) -> Any:
+        """Take the local step ``name`` (no message moves; e.g. the requester's match)."""
+        return self._run(Step(name), args, None)
+
+    def _run(self, event: Event, args: tuple[Any, ...], peer_id: str | None) -> Any:
+        self._check_owner(peer_id)
+        table = self.table
+        if self.state == table.failed:
+            raise ProtocolError(
+                f"{table.role} session failed earlier ({self.failure_reason}); "
+                "open a new session")
+        try:
+            row = table.lookup(self.state, event)
+            self._gate(row)
+            handler = getattr(self, row.handler)
+            if row.takes_type and isinstance(event, Send):
+                result = handler(event.message, *args)
+            else:
+                result = handler(*args)
+        except PSIError as exc:
+            self._failed(exc)
+            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        self.state = row.next_state
+        if row.stream:
+            return self._guarded(result, row)
+        return result
+
+    def _guarded(self, items: Iterable[Any], row: Row) -> Iterator[Any]:
+        """Yield a stream's items while the session stays alive and the gate stays open."""
+        iterator = iter(items)
+        while True:
+            try:
+                if self.state == self.table.failed:
+                    raise ProtocolError(f"the session failed during the stream "
+                                        f"({self.failure_reason})")
+                self._gate(row)
+                item = next(iterator)
+            except StopIteration:
+                return
+            except PSIError as exc:
+                self._failed(exc)
+                raise
+            except Exception as exc:
+                raise self._failed(exc) from exc
+            yield item
+
+    def _failed(self, exc: Exception) -> PSIError:
+        """Record the failure; the typed error to raise (library errors pass unchanged)."""
+        table = self.table
+        error = exc if isinstance(exc, PSIError) else ProtocolError(
+            f"{table.role} session failed in state {self.state.value!r}: "
+            f"{type(exc).__name__}: {exc}")
+        if self.state not in table.final and self.state != table.failed:
+            self.state = table.failed
+            self.failure_reason = _reason(error)
+            self._discard()
+        return error
 
 
 # --------------------------------------------------------------------------- custodian
 
 
-class CustodianState(StrEnum):
-    AWAIT_OPEN = "await_open"
-    SERVING = "serving"
-    CLOSED = "closed"
-    FAILED = "failed"
+class CustodianContext(Protocol):
+    """What the custodian core needs from its configuration (``CustodianConfig`` has it).
 
-
-#: (state, message type) -> next state, for every engine.  Anything else is a
-#: ProtocolError.  An open session adds (SERVING, t) -> SERVING for each message type
-#: ``t`` its engine's exchanges send (``engine_transitions``).
-CUSTODIAN_TRANSITIONS: dict[tuple[CustodianState, type], CustodianState] = {
-    (CustodianState.AWAIT_OPEN, OpenRequest): CustodianState.SERVING,
-    (CustodianState.SERVING, DisclosureRequest): CustodianState.SERVING,
-    (CustodianState.SERVING, CloseRequest): CustodianState.CLOSED,
-}
-
-
-@dataclass
-class CustodianConfig:
-    """Everything a custodian needs: its data, policy, ledger and secrets."""
-
-    policy: CustodianPolicy
-    records: Sequence[PersonRecord]
-    ledger: LedgerPort  # e.g. protocol.adapters.sqlite_ledger.Ledger
-    master_secret: bytes
-    signing_key: Ed25519PrivateKey
-    requester_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
-    ops: GroupOps | None = None
-    tag_size: int = TAG_SIZE
-    clock: Callable[[], float] = time.time
-    #: Locks for the caches its sessions share: ``threading.Lock`` when a service serves
-    #: sessions from several threads (see ``protocol.engines.base.LockFactory``).
-    new_lock: LockFactory = nullcontext
-    #: Named-subject certifications of these records, by authority key id (protocol.engines.named).
-    certifications: Mapping[str, Certification] = field(default_factory=dict)
-
-
-class Custodian:
-    """Long-lived custodian state shared by its sessions: records in scope and engines.
-
-    Each engine's custodian side (its indexes and caches) is created once, on first use,
-    from the registry (``engine``), and serves every session that runs that engine.
+    Read-only: a session reads its configuration, never replaces a part of it.
     """
 
-    def __init__(self, config: CustodianConfig) -> None:
-        self.config = config
-        self.ops: GroupOps = config.ops or SerialOps()
-        excluded = config.policy.excluded_record_classes
-        classes = (config.records.record_classes()
-                   if isinstance(config.records, CompactRecords)
-                   else [r.record_class for r in config.records])
-        self.in_scope = np.asarray(
-            [i for i, c in enumerate(classes) if c not in excluded], dtype=np.int64)
-        self.excluded_count = len(config.records) - len(self.in_scope)
-        self.data = CustodianData(records=config.records, in_scope=self.in_scope, ops=self.ops,
-                                  tag_size=config.tag_size, clock=config.clock,
-                                  certifications=config.certifications,
-                                  new_lock=config.new_lock)
-        self._engines: dict[str, CustodianEngine] = {}
-        self._lock = config.new_lock()
+    @property
+    def policy(self) -> CustodianPolicy: ...
 
     @property
-    def custodian_id(self) -> str:
-        return self.config.policy.custodian_id
+    def ledger(self) -> LedgerPort: ...
 
-    def public_key(self) -> Ed25519PublicKey:
-        return self.config.signing_key.public_key()
+    @property
+    def signing_key(self) -> Ed25519PrivateKey: ...
 
-    def engine(self, name: str) -> CustodianEngine:
-        """The custodian side of engine ``name`` (``registry.UnknownEngine`` if none)."""
-        with self._lock:
-            engine = self._engines.get(name)
-            if engine is None:
-                engine = self._engines[name] = registry.get(name).custodian(self.data)
-        return engine
+    @property
+    def requester_keys(self) -> Mapping[str, Ed25519PublicKey]: ...
 
-    def prepare(self, engine: str, rules: Sequence[str]) -> None:
-        """Authorization-independent preparation of ``engine`` for ``rules`` (service start)."""
-        self.engine(engine).prepare(rules)
-
-    def session(self) -> CustodianSession:
-        return CustodianSession(self)
+    @property
+    def clock(self) -> Callable[[], float]: ...
 
 
-def engine_transitions(state: StrEnum, types: Sequence[type]) -> dict[tuple[Any, type], Any]:
-    """(state, t) -> state for each engine message type ``t``: engine steps keep the state."""
-    return {(state, t): state for t in types}
+class OpenMessage(Protocol):
+    """The fields every tier's open request carries."""
+
+    session_id: str
+    signed_authorization: bytes
+    tier: str
+    element_count: int
+    engine: str
 
 
-class CustodianSession:
-    """One requester session on the custodian side.  Drive it with ``handle(message)``."""
+def bounded(value: Any) -> Any:
+    """An audit-safe copy of a payload: long strings and long lists cut, structure kept."""
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_AUDIT_TEXT else value[:_MAX_AUDIT_TEXT] + "..."
+    if isinstance(value, list | tuple):
+        return [bounded(v) for v in list(value)[:_MAX_AUDIT_ITEMS]]
+    if isinstance(value, Mapping):
+        return {str(k): bounded(v) for k, v in value.items()}
+    return value
 
-    def __init__(self, custodian: Custodian) -> None:
-        self.custodian = custodian
-        self.state = CustodianState.AWAIT_OPEN
-        self.transcript = Transcript()
+
+def common_custodian_rows(
+    open_message: type, *, initial: StrEnum, opened: StrEnum, closable: Iterable[StrEnum],
+    closed: StrEnum,
+) -> dict[tuple[StrEnum, Event], Row]:
+    """The rows every custodian tier shares: open, close (from ``closable``), countersign."""
+    rows: dict[tuple[StrEnum, Event], Row] = {(initial, open_message): Row("_open", opened)}
+    for state in closable:
+        rows[(state, CloseRequest)] = Row("_close", closed, window=False)
+    rows[(closed, Receipt)] = Row("_countersign", closed, window=False)
+    return rows
+
+
+class CustodianCore(SessionMachine):
+    """Custodian side of one session of any tier: open, gate, count, close, countersign."""
+
+    SERVED_TIERS: ClassVar[frozenset[Tier]]
+    SERVED_ENGINES: ClassVar[frozenset[str] | None] = None
+    RESUMABLE: ClassVar[bool] = False
+    AUDIT_STAGE: ClassVar[str] = "open"
+    TRANSCRIPT: ClassVar[type[Transcript]] = Transcript
+
+    def __init__(self, context: CustodianContext) -> None:
+        self.context = context
+        self._start()
+        self.transcript = self.TRANSCRIPT()
         self.signed: SignedAuthorization | None = None
         self.session_id = ""
         self.peer_id = ""
-        self.rules: tuple[str, ...] = ()
-        self.fields: tuple[str, ...] = ()
-        self.evaluated = 0
         self.element_limit = 0
+        self.evaluated = 0
         self.disclosed = 0
-        self._pseudonym_key = b""
-        self.engine = ""
-        self._engine: EngineSession | None = None
-        self._transitions: Mapping[tuple[CustodianState, type], CustodianState] = (
-            CUSTODIAN_TRANSITIONS)
-        self._reply_streams: dict[type, str] = {}
         self.receipt: Receipt | None = None
-
-    # -- dispatch --------------------------------------------------------------
-
-    def handle(self, message: object, *, peer_id: str | None = None) -> object:
-        """Apply one requester message; return the reply message."""
-        next_state = transition(self._transitions, self.state, message, "custodian")
-        try:
-            if isinstance(message, OpenRequest):
-                if peer_id is None:
-                    raise ProtocolError("open requires the transport-authenticated peer id")
-                reply: object = self._open(message, peer_id)
-            elif isinstance(message, DisclosureRequest):
-                reply = self._disclose(message)
-            elif isinstance(message, CloseRequest):
-                reply = self._close(message)
-            else:  # one of the engine's messages (the transition table admitted it)
-                reply = self._evaluate(message)
-        except (PolicyRefusal, InvalidElementError, ProtocolError):
-            if isinstance(message, OpenRequest):
-                self.state = CustodianState.FAILED
-            raise
-        self.state = next_state
-        return reply
 
     @property
     def authorization(self) -> Authorization:
@@ -280,56 +439,85 @@ class CustodianSession:
             raise ProtocolError("session is not open")
         return self.signed.authorization
 
-    # -- steps -----------------------------------------------------------------
+    def countersign(self, receipt: Receipt, *, peer_id: str | None = None) -> None:
+        """Store the requester's countersignature (a Receipt received in state CLOSED)."""
+        self.handle(receipt, peer_id=peer_id)
 
-    def _open(self, req: OpenRequest, peer_id: str) -> OpenResponse:
-        """Decide, audit, reserve the budget, then start the engine run."""
-        cfg = self.custodian.config
-        ledger = cfg.ledger
-        now = cfg.clock()
-        try:
-            signed = SignedAuthorization.from_bytes(req.signed_authorization)
-        except ValueError as exc:
-            ledger.audit("refusal", {"stage": "open", "reasons": ["malformed"],
-                                     "peer": peer_id, "message": str(exc)})
-            raise PolicyRefusal(f"malformed authorization: {exc}", reasons=("malformed",)) from exc
-        auth = signed.authorization
+    # -- gate ---------------------------------------------------------------------
+
+    def _check_owner(self, peer_id: str | None) -> None:
+        if self.signed is None:  # opening: the peer id is recorded, decide() checks it
+            if self.state == self.table.initial and peer_id is not None:
+                self.peer_id = peer_id
+            return
+        if peer_id is None:
+            return  # an in-process caller speaks for the owner
+        check_message(self.signed, peer_id=peer_id, now=self.context.clock(),
+                      policy=self.context.policy, window=False).raise_if_refused()
+
+    def _gate(self, row: Row) -> None:
+        if self.signed is None or not row.window:
+            return
+        check_message(self.signed, peer_id=self.peer_id, now=self.context.clock(),
+                      policy=self.context.policy).raise_if_refused()
+
+    # -- open ---------------------------------------------------------------------
+
+    def _refused(self, stage: str, reason: Reason, message: str) -> PolicyRefusal:
+        """Audit a refusal that happens before ``decide`` can run, and build its error."""
+        self.context.ledger.audit("refusal", bounded({
+            "stage": stage, "reasons": [reason.value], "peer": self.peer_id,
+            "message": message,
+        }))
+        return PolicyRefusal(message, reasons=(reason.value,))
+
+    def _budget_remaining(self, auth: Authorization, req: OpenMessage) -> int:
+        ledger = self.context.ledger
         try:
             remaining = ledger.budget(auth.authorization_id).remaining
         except LedgerError:  # first use of this authorization
-            remaining = auth.max_queries
-        resumed = ledger.reservation(req.session_id)
-        if (resumed is not None and resumed.auth_id == auth.authorization_id
-                and resumed.reserved == req.element_count):
-            # Resuming a session: its reservation is already charged; it is not charged again.
-            remaining += resumed.reserved
+            return auth.max_queries
+        if self.RESUMABLE:
+            resumed = ledger.reservation(req.session_id)
+            if (resumed is not None and resumed.auth_id == auth.authorization_id
+                    and resumed.reserved == req.element_count):
+                remaining += resumed.reserved  # already charged; not charged again
+        return remaining
+
+    def _open(self, req: OpenMessage) -> object:
+        if not self.peer_id:
+            raise ProtocolError("open requires the transport-authenticated peer id")
+        ctx = self.context
+        ledger = ctx.ledger
         try:
-            tier = Tier(req.tier)
-        except ValueError:
-            raise PolicyRefusal(f"unknown tier {req.tier!r}", reasons=("malformed",)) from None
-        request = SessionRequest(
-            peer_id=peer_id, tier=tier, match_rules=tuple(req.match_rules),
-            disclosure_fields=tuple(req.disclosure_fields), query_count=req.element_count,
-            engine=req.engine,
-        )
-        certification = cfg.certifications.get(auth.authority_key_id)
-        decision = decide(signed, request, cfg.policy, now=now, budget_remaining=remaining,
-                          named_subjects_ready=certification is not None,
-                          engine_traits=registry.traits())
-        ledger.audit("decision", {
-            "stage": "open", "authorization_id": auth.authorization_id,
-            "session_id": req.session_id, "peer": peer_id, "allowed": decision.allowed,
+            signed = SignedAuthorization.from_bytes(req.signed_authorization)
+        except ValueError as exc:
+            raise self._refused(self.AUDIT_STAGE, Reason.MALFORMED,
+                                f"malformed authorization: {exc}") from exc
+        auth = signed.authorization
+        remaining = self._budget_remaining(auth, req)
+        try:
+            request = self._session_request(req)
+        except ValueError as exc:
+            raise self._refused(self.AUDIT_STAGE, Reason.MALFORMED,
+                                f"malformed session request: {exc}") from exc
+        decision = decide(signed, request, ctx.policy, now=ctx.clock(),
+                          budget_remaining=remaining, served_tiers=self.SERVED_TIERS,
+                          served_engines=self.SERVED_ENGINES, **self._decide_options(signed))
+        ledger.audit("decision", bounded({
+            "stage": self.AUDIT_STAGE, "authorization_id": auth.authorization_id,
+            "session_id": req.session_id, "peer": self.peer_id, "allowed": decision.allowed,
             "reasons": [str(r) for r in decision.reasons], "elements": req.element_count,
-            "rules": list(req.match_rules), "fields": list(req.disclosure_fields),
-        })
+            **self._audit_fields(req),
+        }))
         decision.raise_if_refused()
-        if tier is not Tier.IDENTITY:
-            raise PolicyRefusal(
-                f"tier {tier.value!r} is not served by the identity-tier session",
-                reasons=("tier_not_permitted",),
-            )
-        if not req.session_id or len(req.session_id) > 128:
-            raise ProtocolError("session id must be 1..128 characters")
+        if not req.session_id or len(req.session_id) > MAX_SESSION_ID:
+            raise ProtocolError(f"session id must be 1..{MAX_SESSION_ID} characters")
+        if not self.RESUMABLE and ledger.reservation(req.session_id) is not None:
+            raise ProtocolError(
+                f"session id {req.session_id!r} was already used; {self.table.role} sessions "
+                "cannot be resumed (their keys live only in the session)")
+        self._prepare(req, signed)  # data problems surface before any budget is spent
         # Only a verified authorization is registered (an unverified one could squat its id).
         ledger.ensure_authorization(
             auth.authorization_id, max_queries=auth.max_queries,
@@ -337,466 +525,93 @@ class CustodianSession:
         )
         # Reserve before any work; idempotent per session id, never refunded.
         reservation = ledger.reserve(auth.authorization_id, req.session_id, req.element_count)
-        ledger.open_session(auth.authorization_id, req.session_id, {
-            "peer": peer_id, "rules": list(req.match_rules), "elements": req.element_count,
-        })
+        ledger.open_session(auth.authorization_id, req.session_id,
+                            bounded({"peer": self.peer_id, **self._session_meta(req)}))
         self.signed = signed
         self.session_id = req.session_id
-        self.peer_id = peer_id
-        self.rules = tuple(req.match_rules)
-        allowed = set(permitted_fields(auth, cfg.policy))
-        self.fields = tuple(f for f in req.disclosure_fields if f in allowed)
+        self.engine = req.engine
         self.element_limit = reservation.reserved
         self.evaluated = reservation.evaluated
-        # A resumed session continues its account: disclosures made before a reconnect count.
-        self.disclosed = sum(1 for row in ledger.disclosures(auth.authorization_id)
-                             if row.session_id == req.session_id and not row.repeat)
-        key = authorization_key(cfg.master_secret, auth.authorization_id)
-        self._pseudonym_key = key
-        self._start_engine(req.engine, SessionGrant(
-            authorization_id=auth.authorization_id, session_id=req.session_id,
-            rules=self.rules, key=key, max_units=reservation.reserved, mode=auth.mode,
-            certification=certification if auth.mode is Mode.NAMED_SUBJECTS else None))
-        assert self._engine is not None
-        resp = OpenResponse(
-            session_id=req.session_id, authorization_id=auth.authorization_id,
-            custodian_id=cfg.policy.custodian_id, match_rules=self.rules,
-            disclosure_fields=self.fields, element_count=reservation.reserved,
-            tag_count=self._engine.tag_count, tag_size=self._engine.tag_size,
-            budget_remaining=ledger.budget(auth.authorization_id).remaining,
-        )
+        resp = self._opened(req, reservation)
         self.transcript.add("open", req)
         self.transcript.add("open", resp)
         return resp
 
-    def _start_engine(self, name: str, grant: SessionGrant) -> None:
-        """Open the engine run and admit its messages in SERVING."""
-        exchanges = registry.get(name).exchanges
-        self._engine = self.custodian.engine(name).open(grant)
-        self.engine = name
-        self._reply_streams = reply_streams(exchanges)
-        self._transitions = {**CUSTODIAN_TRANSITIONS, **engine_transitions(
-            CustodianState.SERVING, request_types(exchanges))}
+    # -- tier hooks for open ----------------------------------------------------------
 
-    def tag_chunks(self, chunk_tags: int = 65_536, kind: type | None = None
-                   ) -> Iterator[object]:
-        """The engine's tags in bounded chunks; ``kind`` is the message type the caller's
-        transport carries (a session of another engine refuses it)."""
-        if self.state is not CustodianState.SERVING or self._engine is None:
-            raise ProtocolError(f"no tags in state {self.state.value!r}")
-        if kind is not None and kind not in self._reply_streams:
-            raise ProtocolError(f"a {self.engine} session streams no {kind.__name__}")
-        for chunk in self._engine.tag_chunks(chunk_tags):
-            self.transcript.add(self._reply_streams[type(chunk)], chunk)
-            yield chunk
+    def _session_request(self, req: Any) -> SessionRequest:
+        raise NotImplementedError
+
+    def _decide_options(self, signed: SignedAuthorization) -> dict[str, Any]:
+        return {}
+
+    def _audit_fields(self, req: Any) -> dict[str, Any]:
+        return {}
+
+    def _session_meta(self, req: Any) -> dict[str, Any]:
+        return {}
+
+    def _prepare(self, req: Any, signed: SignedAuthorization) -> None:
+        """Tier data work that must fail before budget is reserved (default: none)."""
+
+    def _opened(self, req: Any, reservation: Reservation) -> object:
+        raise NotImplementedError
+
+    # -- count, close, countersign ---------------------------------------------------
 
     def _count(self, units: int) -> None:
-        """Record ``units`` of evaluation in the ledger: before the evaluation, never after."""
-        if units:
-            self.evaluated = self.custodian.config.ledger.record_evaluation(
-                self.authorization.authorization_id, self.session_id, units)
+        """Count ``units`` against the reservation *before* evaluating them.
 
-    def _evaluate(self, message: object) -> object | None:
-        """One engine message: validate and cost it, count, then let the engine evaluate."""
-        assert self._engine is not None  # the transition table admits engine messages only
-        self._count(self._engine.cost(message))
-        reply = self._engine.evaluate(message)
-        self.transcript.add(REQUEST_STREAM, message)
-        if reply is not None:
-            self.transcript.add(self._reply_streams[type(reply)], reply)
-        return reply
-
-    def _record_fields(self, record: PersonRecord) -> tuple[tuple[str, str], ...]:
-        return tuple((f, record.get(f)) for f in self.fields)
-
-    def pseudonym(self, record: PersonRecord) -> str:
-        """Per-authorization pseudonym of a custodian record: stable within, unlinkable across."""
-        mac = hmac.new(self._pseudonym_key, PSEUDONYM_DOMAIN + record.record_id.encode(),
-                       hashlib.sha256)
-        return mac.hexdigest()[:32]
-
-    def _disclose(self, req: DisclosureRequest) -> DisclosureResponse:
-        if len(req.outputs) > MAX_DISCLOSURE_BATCH:
-            raise ProtocolError(
-                f"disclosure request has {len(req.outputs)} outputs; "
-                f"the limit is {MAX_DISCLOSURE_BATCH}"
-            )
-        cfg = self.custodian.config
-        auth = self.authorization
-        disclosures: list[Disclosure] = []
-        rejected: list[int] = []
-        # Expiry and an already-reached cap refuse the whole request (RESOURCE_EXHAUSTED /
-        # FAILED_PRECONDITION); a cap reached inside this batch withholds the rest.
-        budget = cfg.ledger.budget(auth.authorization_id)
-        assert self.signed is not None  # self.authorization would have raised
-        check_disclosure(self.signed, budget.disclosed, now=cfg.clock()).raise_if_refused()
-        assert self._engine is not None  # a served session has its engine
-        # The engine checks each proof against the record it claims (position -> record
-        # index); a proof of the wrong length or for an unopened rule is never looked at.
-        proof_size = self._engine.proof_size
-        found = self._engine.verify([
-            (i, rule_id, output) for i, (rule_id, output) in enumerate(req.outputs)
-            if rule_id in self.rules and len(output) == proof_size
-        ])
-        records = cfg.records
-        verified: list[tuple[int, str, PersonRecord]] = []
-        for i, (rule_id, _) in enumerate(req.outputs):
-            position = found.get(i)
-            if position is None:
-                rejected.append(i)
-            else:
-                verified.append((i, rule_id, records[position]))
-        # The ledger checks the cap atomically and is the authority on it; the rows are
-        # durable (one transaction per batch) before any field leaves this function.
-        rows = self._account(auth.authorization_id, verified)
-        withheld = [i for (i, _, _), row in zip(verified, rows, strict=True) if row is None]
-        for (i, rule_id, record), row in zip(verified, rows, strict=True):
-            if row is None:
-                continue
-            if not row.repeat:
-                self.disclosed += 1
-            disclosures.append(Disclosure(
-                index=i, rule_id=rule_id, pseudonym=self.pseudonym(record),
-                fields=self._record_fields(record),
-            ))
-        if withheld:
-            cfg.ledger.audit("refusal", {
-                "stage": "disclosure", "authorization_id": auth.authorization_id,
-                "session_id": self.session_id, "reasons": ["disclosure_cap_reached"],
-                "withheld": len(withheld),
-            })
-            rejected = sorted(rejected + withheld)
-        if rejected:
-            cfg.ledger.audit("disclosure_rejected", {
-                "authorization_id": auth.authorization_id, "session_id": self.session_id,
-                "count": len(rejected),
-            })
-        reply = DisclosureResponse(seq=req.seq, disclosures=tuple(disclosures),
-                                   rejected=tuple(rejected))
-        self.transcript.add("disclosure-request", req)
-        self.transcript.add("disclosure-response", reply)
-        return reply
-
-    def _account(self, auth_id: str, verified: list[tuple[int, str, PersonRecord]]
-                 ) -> list[Any]:
-        """Ledger rows for the verified disclosures, in order; ``None`` where the cap withholds.
-
-        The batch commits in one transaction; only a batch that crosses the cap falls back
-        to one row at a time, so exactly the records under the cap are released.
+        Policy decides (``check_evaluation``); the ledger then counts, and its own check of
+        the reservation is defence in depth.  An evaluation never exists without its account.
         """
-        ledger = self.custodian.config.ledger
-        items = [(record.record_id, rule_id) for _, rule_id, record in verified]
-        if not items:
-            return []
-        try:
-            return list(ledger.record_disclosures(auth_id, self.session_id, items))
-        except DisclosureCapReached:
-            rows: list[Any] = []
-            for record_id, rule_id in items:
-                try:
-                    rows.append(ledger.record_disclosure(auth_id, self.session_id, record_id,
-                                                         rule_id))
-                except DisclosureCapReached:
-                    rows.append(None)
-            return rows
+        check_evaluation(self.authorization, reserved=self.element_limit,
+                         evaluated=self.evaluated, units=units).raise_if_refused()
+        self.evaluated = self.context.ledger.record_evaluation(
+            self.authorization.authorization_id, self.session_id, units)
 
     def _close(self, req: CloseRequest) -> Receipt:
-        cfg = self.custodian.config
+        ctx = self.context
         self.receipt = issue_receipt(
-            ledger=cfg.ledger, signing_key=cfg.signing_key,
-            custodian_id=cfg.policy.custodian_id, requester_id=self.peer_id,
+            ledger=ctx.ledger, signing_key=ctx.signing_key,
+            custodian_id=ctx.policy.custodian_id, requester_id=self.peer_id,
             authorization_id=self.authorization.authorization_id, session_id=self.session_id,
             evaluated=self.evaluated, disclosed=self.disclosed,
             own_transcript=self.transcript.digest(), presented_transcript=req.transcript_hash,
         )
+        self._discard()
         return self.receipt
 
-    def countersign(self, receipt: Receipt) -> None:
-        """Store the requester's countersignature after checking it against its known key."""
-        if self.state is not CustodianState.CLOSED:
-            raise ProtocolError("countersignature before the receipt was issued")
-        cfg = self.custodian.config
+    def _countersign(self, receipt: Receipt) -> None:
+        ctx = self.context
         self.receipt = store_countersignature(
-            ledger=cfg.ledger, requester_keys=cfg.requester_keys, peer_id=self.peer_id,
+            ledger=ctx.ledger, requester_keys=ctx.requester_keys, peer_id=self.peer_id,
             issued=self.receipt, presented=receipt)
 
 
 # --------------------------------------------------------------------------- requester
 
 
-class RequesterState(StrEnum):
-    START = "start"
-    AWAIT_OPEN = "await_open"
-    EVALUATING = "evaluating"
-    MATCHED = "matched"
-    DISCLOSING = "disclosing"
-    AWAIT_RECEIPT = "await_receipt"
-    CLOSED = "closed"
-
-
-#: (state, message type received) -> next state, for every engine.  A session adds
-#: (EVALUATING, t) -> EVALUATING for each message type ``t`` its engine's custodian sends.
-REQUESTER_TRANSITIONS: dict[tuple[RequesterState, type], RequesterState] = {
-    (RequesterState.AWAIT_OPEN, OpenResponse): RequesterState.EVALUATING,
-    (RequesterState.DISCLOSING, DisclosureResponse): RequesterState.DISCLOSING,
-    (RequesterState.AWAIT_RECEIPT, Receipt): RequesterState.CLOSED,
-}
-
-
-@dataclass(frozen=True)
-class Match:
-    """A query whose tag is in the custodian's set under ``rule_id`` (local, step 4).
-
-    ``output`` is the engine's disclosure proof for it (e.g. the OPRF output).
-    """
-
-    query_index: int
-    query_record_id: str
-    rule_id: str
-    output: bytes
-
-
-@dataclass(frozen=True)
-class MatchResult:
-    """A verified disclosure joined back to the requester's own query."""
-
-    query_record_id: str
-    rule_id: str
-    pseudonym: str
-    fields: Mapping[str, str]
-
-
-class RequesterSession:
-    """The requester's side of one identity-tier session.
-
-    ``queries`` (query records, or just their persons, e.g. ``CompactRecords``)
-    must already be validated (``records.validate_queries`` or
-    ``recordstore.load_query_csv``); refused records never enter the protocol.
-    """
-
-    _HANDLERS: ClassVar[dict[type, str]] = {
-        OpenResponse: "_on_open", DisclosureResponse: "_on_disclosures", Receipt: "_on_receipt",
-    }
+class RequesterCore(SessionMachine):
+    """Requester side of one session of any tier: open bookkeeping, close, countersign."""
 
     def __init__(
-        self,
-        signed_authorization: SignedAuthorization,
-        queries: Sequence[QueryRecord] | Sequence[PersonRecord],
-        *,
-        match_rules: Sequence[str] | None = None,
-        disclosure_fields: Sequence[str] | None = None,
-        ops: GroupOps | None = None,
-        chunk_size: int = DEFAULT_CHUNK,
-        session_id: str | None = None,
-        signing_key: Ed25519PrivateKey | None = None,
-        custodian_key: Ed25519PublicKey | None = None,
-        tokens: Mapping[tuple[str, str], bytes] | None = None,
-        engine: str = Engine.OPRF,
-        clock: Callable[[], float] = time.time,
+        self, signed: SignedAuthorization, *, session_id: str, transcript: Transcript,
+        signing_key: Ed25519PrivateKey | None, custodian_key: Ed25519PublicKey | None,
     ) -> None:
-        """``tokens`` ((record id, rule) -> token) are required for a named-subject
-        authorization: only subjects the authority reviewed are sent at all.
-        ``engine`` names a registered match engine (``protocol.engines.registry``).
-        ``clock`` dates the match keys (a birth date after today has none)."""
-        auth = signed_authorization.authorization
-        self.signed = signed_authorization
-        self.rules = tuple(match_rules if match_rules is not None else auth.match_rules)
-        self.fields = tuple(
-            disclosure_fields if disclosure_fields is not None else auth.disclosure_fields
-        )
-        if not 0 < chunk_size <= MAX_CHUNK_ELEMENTS:
-            raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_ELEMENTS}")
-        self.ops: GroupOps = ops or SerialOps()
-        self.chunk_size = chunk_size
-        self.session_id = session_id or f"sess-{uuid.uuid4().hex}"
+        self._start()
+        self.signed = signed
+        self.session_id = session_id
+        self.transcript = transcript
         self.signing_key = signing_key
         self.custodian_key = custodian_key
-        self.state = RequesterState.START
-        self.transcript = Transcript()
-        # Elements: one per (query, rule) with a usable match key, in a fixed order.
-        # Only ids and keys are kept (packed queries are never unpacked into records).
-        self.named = auth.mode is Mode.NAMED_SUBJECTS
-        if self.named and tokens is None:
-            raise ProtocolError("a named-subject authorization needs the authority's tokens")
-        spec = registry.get(engine)  # UnknownEngine (a ValueError) if not registered
-        if self.named and not spec.traits.group_element_inputs:
-            raise ProtocolError("named-subject authorizations run only on an engine whose "
-                                f"inputs are group elements, not {engine!r}")
-        self.engine = str(engine)
-        self.exchanges: tuple[Exchange, ...] = spec.exchanges
-        executor = getattr(self.ops, "executor", None)
-        today = utc_date(clock())
-        people = persons_of(queries)
-        self.query_ids: list[str] = (people.record_ids() if isinstance(people, CompactRecords)
-                                     else [p.record_id for p in people])
-        self.element_query: list[int] = []
-        self.element_rule: list[int] = []
-        self.element_input: list[bytes] = []
-        token_parts: list[bytes] = []
-        digests: dict[str, bytes] = {}
-        key_digest = spec.key_digest
-        if key_digest is not None and self.named:  # tokens replace keys: nothing to digest
-            raise ProtocolError(f"the {engine} engine digests match keys; named-subject "
-                                "sessions send tokens instead")
-        if key_digest is not None:  # the workers digest the keys they just derived
-            keys, digests = bulk_match_keys_digested(people, self.rules, key_digest,
-                                                     executor=executor, today=today)
-        else:
-            keys = bulk_match_keys(people, self.rules, executor=executor, today=today)
-        del people
-        for r_i, rule_id in enumerate(self.rules):
-            column = keys.pop(rule_id)
-            if self.named:  # only subjects the authority reviewed are sent at all
-                assert tokens is not None
-                ids = self.query_ids
-                positions = [i for i, k in enumerate(column)
-                             if k is not None and (ids[i], rule_id) in tokens]
-                token_parts.extend(tokens[(ids[i], rule_id)] for i in positions)
-            else:
-                positions = [i for i, k in enumerate(column) if k is not None]
-            self.element_query.extend(positions)
-            self.element_rule.extend([r_i] * len(positions))
-            known = cast(list[bytes], column)  # None only where positions skip
-            self.element_input.extend([known[i] for i in positions])
-        self._engine = spec.requester(RequesterInputs(
-            authorization_id=auth.authorization_id, session_id=self.session_id,
-            inputs=self.element_input, chunk_size=chunk_size, ops=self.ops,
-            digests=b"".join(digests[r] for r in self.rules) if key_digest else None,
-            tokens=b"".join(token_parts) if self.named else None))
-        self._reply_streams = reply_streams(self.exchanges)
-        self._transitions = {**REQUESTER_TRANSITIONS, **engine_transitions(
-            RequesterState.EVALUATING, tuple(self._reply_streams))}
-        self.queries_without_key = len(self.query_ids) - len(set(self.element_query))
-        self.open_response: OpenResponse | None = None
-        self.matches: list[Match] = []
-        self.results: list[MatchResult] = []
-        self.rejected = 0
         self.receipt: Receipt | None = None
-        self._pending: dict[int, list[Match]] = {}
-
-    @property
-    def element_count(self) -> int:
-        """Budget units this session asks for (the engine's: elements, bins, ...)."""
-        return self._engine.units
-
-    @property
-    def custodian_entries(self) -> int:
-        """Custodian (record, rule) entries behind the granted tags (0 before open)."""
-        if self.open_response is None:
-            return 0
-        return self._engine.custodian_entries(self.open_response.tag_count)
-
-    # -- dispatch --------------------------------------------------------------
-
-    def handle(self, message: object) -> object | None:
-        """Apply one custodian message; returns the countersigned Receipt for a Receipt."""
-        next_state = transition(self._transitions, self.state, message, "requester")
-        handler = self._HANDLERS.get(type(message))
-        reply: object | None = None
-        if handler is None:  # one of the engine's messages (the transition table admitted it)
-            self._on_engine(message)
-        else:
-            reply = getattr(self, handler)(message)
-        self.state = next_state
-        return reply
-
-    # -- steps -----------------------------------------------------------------
-
-    def open_request(self) -> OpenRequest:
-        if self.state is not RequesterState.START:
-            raise ProtocolError(f"open_request in state {self.state.value!r}")
-        req = OpenRequest(
-            session_id=self.session_id, signed_authorization=self.signed.to_bytes(),
-            tier=Tier.IDENTITY.value, match_rules=self.rules,
-            disclosure_fields=self.fields, element_count=self.element_count,
-            engine=self.engine,
-        )
-        self.transcript.add("open", req)
-        self.state = RequesterState.AWAIT_OPEN
-        return req
-
-    def _on_open(self, resp: OpenResponse) -> None:
-        if resp.session_id != self.session_id:
-            raise ProtocolError("open response for another session")
-        if resp.element_count != self.element_count:
-            raise ProtocolError("custodian granted a different element count")
-        if not set(resp.match_rules) <= set(self.rules):
-            raise ProtocolError("custodian granted rules that were not requested")
-        self._engine.on_open(resp)
-        self.open_response = resp
-        self.transcript.add("open", resp)
-
-    def requests(self, exchange: Exchange) -> Iterator[object]:
-        """The engine's messages for ``exchange``, produced lazily (callers may pull them
-        one at a time, e.g. on a transport thread, to overlap with the replies)."""
-        if self.state is not RequesterState.EVALUATING:
-            raise ProtocolError(f"requests in state {self.state.value!r}")
-        for message in self._engine.requests(exchange):
-            self.transcript.add(REQUEST_STREAM, message)
-            yield message
-
-    def _on_engine(self, message: object) -> None:
-        self._engine.handle(message)
-        self.transcript.add(self._reply_streams[type(message)], message)
-
-    def match(self) -> list[Match]:
-        """Local match (step 4): queries whose tag is in the custodian's set."""
-        if self.state is not RequesterState.EVALUATING or self.open_response is None:
-            raise ProtocolError(f"match in state {self.state.value!r}")
-        hits = self._engine.match()
-        self.matches = [
-            Match(query_index=self.element_query[e],
-                  query_record_id=self.query_ids[self.element_query[e]],
-                  rule_id=self.rules[self.element_rule[e]],
-                  output=proof)
-            for e, proof in zip(hits, self._engine.proofs(hits), strict=True)
-        ]
-        self.state = RequesterState.MATCHED
-        return self.matches
-
-    def disclosure_requests(self, batch: int = MAX_DISCLOSURE_BATCH
-                            ) -> Iterator[DisclosureRequest]:
-        """Present the OPRF output of each match (step 5), in bounded batches.
-
-        Batches default to the largest allowed: each one costs the custodian a durable
-        (fsynced) ledger commit, which dominates small batches."""
-        if self.state is not RequesterState.MATCHED:
-            raise ProtocolError(f"disclosure_requests in state {self.state.value!r}")
-        batch = min(batch, MAX_DISCLOSURE_BATCH)
-        self.state = RequesterState.DISCLOSING
-        for seq, start in enumerate(range(0, len(self.matches), batch)):
-            part = self.matches[start:start + batch]
-            self._pending[seq] = part
-            req = DisclosureRequest(seq=seq, outputs=tuple((m.rule_id, m.output) for m in part))
-            self.transcript.add("disclosure-request", req)
-            yield req
-
-    def _on_disclosures(self, resp: DisclosureResponse) -> None:
-        part = self._pending.pop(resp.seq, None)
-        if part is None:
-            raise ProtocolError(f"disclosure response {resp.seq} was not requested")
-        allowed = set(self.open_response.disclosure_fields if self.open_response else ())
-        for d in resp.disclosures:
-            if not 0 <= d.index < len(part):
-                raise ProtocolError("disclosure index out of range")
-            extra = {name for name, _ in d.fields} - allowed
-            if extra:
-                raise ProtocolError(f"custodian sent fields that were not granted: {extra}")
-            m = part[d.index]
-            self.results.append(MatchResult(
-                query_record_id=m.query_record_id, rule_id=d.rule_id,
-                pseudonym=d.pseudonym, fields=d.as_dict(),
-            ))
-        self.rejected += len(resp.rejected)
-        self.transcript.add("disclosure-response", resp)
 
     def close_request(self) -> CloseRequest:
-        if self.state is RequesterState.MATCHED:
-            self.state = RequesterState.DISCLOSING
-        if self.state is not RequesterState.DISCLOSING or self._pending:
-            raise ProtocolError(f"close_request in state {self.state.value!r} "
-                                f"with {len(self._pending)} disclosure batches pending")
-        self.state = RequesterState.AWAIT_RECEIPT
+        """Done: carries this side's transcript hash (the custodian compares its own)."""
+        return self.send(CloseRequest)  # type: ignore[no-any-return]
+
+    def _close_request(self) -> CloseRequest:
         return CloseRequest(transcript_hash=self.transcript.digest())
 
     def _on_receipt(self, receipt: Receipt) -> Receipt:
@@ -804,57 +619,3 @@ class RequesterSession:
             receipt, session_id=self.session_id, own_transcript=self.transcript.digest(),
             custodian_key=self.custodian_key, signing_key=self.signing_key)
         return self.receipt
-
-# --------------------------------------------------------------------------- driver
-
-
-@dataclass(frozen=True)
-class SessionOutcome:
-    """What an in-process run produced, for library users and tests."""
-
-    matches: list[Match]
-    results: list[MatchResult]
-    receipt: Receipt
-    rejected: int
-
-
-def run_exchanges(requester: RequesterSession, custodian: CustodianSession) -> None:
-    """Move the engine's exchange messages between two open sessions, in the declared order.
-
-    Every flow reduces to the same two moves in one process: the custodian's server
-    stream is read to the end, and every requester message is handled by the custodian,
-    whose reply (if the flow has one) goes straight back.
-    """
-    for exchange in requester.exchanges:
-        if exchange.flow is Flow.SERVER_STREAM:
-            for message in custodian.tag_chunks(kind=exchange.replies):
-                requester.handle(message)
-            continue
-        for message in requester.requests(exchange):
-            reply = custodian.handle(message)
-            if reply is not None:
-                requester.handle(reply)
-
-
-def run_in_process(
-    requester: RequesterSession, custodian: CustodianSession, *, requester_id: str,
-) -> SessionOutcome:
-    """Run both sides of one session in this process, no network.
-
-    ``requester_id`` stands in for the identity the transport would authenticate.
-    """
-    opened = custodian.handle(requester.open_request(), peer_id=requester_id)
-    requester.handle(opened)
-    run_exchanges(requester, custodian)
-    requester.match()
-    for req in requester.disclosure_requests():
-        requester.handle(custodian.handle(req))
-    receipt = custodian.handle(requester.close_request())
-    countersigned = requester.handle(receipt)
-    assert isinstance(countersigned, Receipt)
-    if countersigned.requester_signature:
-        custodian.countersign(countersigned)
-    return SessionOutcome(
-        matches=requester.matches, results=requester.results,
-        receipt=countersigned, rejected=requester.rejected,
-    )

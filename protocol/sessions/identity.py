@@ -1,0 +1,834 @@
+"""The identity tier: labeled PSI with verified disclosure (docs/architecture.md, Identity tier).
+
+A thin tier over the session core (``protocol.sessions.core``; docs/architecture.md,
+Sessions): the core opens (parse, ``decide``, audit, reserve), gates every message, counts
+before evaluating, closes and countersigns.  This module holds what is the identity tier's
+own: its transition tables, the engine-neutral drive of the match engine, disclosure
+(proof verification, batched accounting with the cap fallback, pseudonyms), the requester's
+elements and local match, and the in-process driver.
+
+Nothing here depends on which match engine runs: the engine (looked up by name in
+``protocol.engines.registry``) declares its exchanges (``protocol.engines.base``), and each
+session's table is the role's common rows plus rows derived from those exchanges
+(:func:`custodian_table`, :func:`requester_table`): the requester sends each exchange's
+``sends`` (``Send``) and accepts its ``replies``; the custodian accepts each ``sends``
+(costed, counted, then evaluated) and streams its server-stream ``replies`` (``Send``).
+The custodian learns its engine at open, so it runs on the common rows until then.
+
+Identity tier, one session (the OPRF engine's exchanges shown):
+
+    Requester                                   Custodian
+    open_request()         --OpenRequest-->     handle(): decide, reserve budget
+                           <--OpenResponse--
+                           <--TagChunk*----     tag_chunks(): sorted tags of its records
+    requests(exchange)     --EvaluateChunk*->   handle(): cost, count, evaluate
+    handle(EvaluatedChunk) <-EvaluatedChunk*-
+    match()  (local; the custodian learns nothing)
+    disclosure_requests()  --DisclosureRequest->handle(): verify proofs, account, release
+    handle(DiscResponse)   <-DisclosureResponse-
+    close_request()        --CloseRequest-->    handle(): sign receipt
+    handle(Receipt)        <--Receipt-------
+    -> countersigned Receipt                    countersign()
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, cast
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from protocol.accounting.port import DisclosureRow, LedgerPort, Reservation
+from protocol.domain.engine import Engine
+from protocol.domain.messages import (
+    DEFAULT_CHUNK,
+    MAX_CHUNK_ELEMENTS,
+    MAX_DISCLOSURE_BATCH,
+    CloseRequest,
+    Disclosure,
+    DisclosureRequest,
+    DisclosureResponse,
+    OpenRequest,
+    OpenResponse,
+    Receipt,
+    Transcript,
+)
+from protocol.domain.records import PersonRecord, QueryRecord
+from protocol.domain.recordstore import (
+    CompactRecords,
+    bulk_match_keys,
+    bulk_match_keys_digested,
+    persons_of,
+)
+from protocol.engines import registry
+from protocol.engines.base import INDEX_SLICE as INDEX_SLICE
+from protocol.engines.base import (
+    REQUEST_STREAM,
+    CustodianData,
+    CustodianEngine,
+    Exchange,
+    Flow,
+    GroupOps,
+    LockFactory,
+    RequesterEngine,
+    RequesterInputs,
+    SessionGrant,
+    authorization_key,
+    reply_streams,
+    utc_date,
+)
+from protocol.engines.base import CustodianEngineSession as EngineSession
+from protocol.engines.named import Certification
+from protocol.engines.oprf import TAG_SIZE, SerialOps
+from protocol.errors import DisclosureCapReached, ProtocolError
+from protocol.policy.decide import (
+    CustodianPolicy,
+    Mode,
+    SessionRequest,
+    SignedAuthorization,
+    Tier,
+    check_disclosure,
+    permitted_fields,
+)
+from protocol.sessions.core import (
+    CustodianCore,
+    Event,
+    RequesterCore,
+    Row,
+    Send,
+    Step,
+    TransitionTable,
+    common_custodian_rows,
+)
+
+PSEUDONYM_DOMAIN = b"gated-psi/disclosure-pseudonym/v1"
+#: Tags per chunk of the custodian's tag stream unless the transport asks for another size.
+DEFAULT_TAG_CHUNK = 65_536
+
+__all__ = [
+    "CUSTODIAN_TRANSITIONS",
+    "DEFAULT_TAG_CHUNK",
+    "INDEX_SLICE",
+    "REQUESTER_TRANSITIONS",
+    "Custodian",
+    "CustodianConfig",
+    "CustodianSession",
+    "CustodianState",
+    "GroupOps",
+    "Match",
+    "MatchResult",
+    "Receipt",
+    "RequesterSession",
+    "RequesterState",
+    "SessionOutcome",
+    "custodian_table",
+    "requester_table",
+    "run_exchanges",
+    "run_in_process",
+]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+class CustodianState(StrEnum):
+    AWAIT_OPEN = "await_open"
+    SERVING = "serving"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+class RequesterState(StrEnum):
+    START = "start"
+    AWAIT_OPEN = "await_open"
+    EVALUATING = "evaluating"  # the engine's exchanges, in any interleaving
+    MATCHED = "matched"
+    DISCLOSING = "disclosing"
+    AWAIT_RECEIPT = "await_receipt"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+_C = CustodianState
+_R = RequesterState
+
+#: The custodian's rows of every engine: open, disclosure, close, countersign.  A session
+#: runs on these until open names its engine, then on ``custodian_table(engine)``.
+CUSTODIAN_TRANSITIONS = TransitionTable(
+    "identity custodian",
+    {
+        **common_custodian_rows(OpenRequest, initial=_C.AWAIT_OPEN, opened=_C.SERVING,
+                                closable=(_C.SERVING,), closed=_C.CLOSED),
+        (_C.SERVING, DisclosureRequest): Row("_disclose", _C.SERVING),
+    },
+    initial=_C.AWAIT_OPEN, failed=_C.FAILED, final=(_C.CLOSED,),
+    protocol="the identity tier before open names an engine",
+)
+
+#: The requester's rows of every engine; a session runs on ``requester_table(engine)``.
+REQUESTER_TRANSITIONS = TransitionTable(
+    "identity requester",
+    {
+        (_R.START, Send(OpenRequest)): Row("_open_request", _R.AWAIT_OPEN),
+        (_R.AWAIT_OPEN, OpenResponse): Row("_on_open", _R.EVALUATING),
+        (_R.EVALUATING, Step("match")): Row("_match", _R.MATCHED),
+        (_R.MATCHED, Send(DisclosureRequest)): Row("_disclosure_requests", _R.DISCLOSING,
+                                                   stream=True),
+        (_R.DISCLOSING, DisclosureResponse): Row("_on_disclosures", _R.DISCLOSING),
+        (_R.MATCHED, Send(CloseRequest)): Row("_close_request", _R.AWAIT_RECEIPT),
+        (_R.DISCLOSING, Send(CloseRequest)): Row("_close_request", _R.AWAIT_RECEIPT),
+        (_R.AWAIT_RECEIPT, Receipt): Row("_on_receipt", _R.CLOSED),
+    },
+    initial=_R.START, failed=_R.FAILED, final=(_R.CLOSED,),
+    protocol="the identity tier without an engine",
+)
+
+
+def _engine_protocol(name: str, exchanges: tuple[Exchange, ...]) -> str:
+    """What an engine's table speaks; refuses a declaration the tables cannot express."""
+    sends = [ex.sends for ex in exchanges if ex.sends is not None]
+    replies = [ex.replies for ex in exchanges if ex.replies is not None]
+    streams = [ex for ex in exchanges if ex.flow is Flow.SERVER_STREAM]
+    if len(set(sends)) != len(sends) or len(set(replies)) != len(replies) or len(streams) > 1:
+        raise ValueError(f"engine {name!r}: each message type belongs to one exchange, and "
+                         "an engine has at most one server stream")
+    return f"the identity tier with engine {name!r}"
+
+
+@functools.lru_cache(maxsize=64)
+def _custodian_table(name: str, exchanges: tuple[Exchange, ...]) -> TransitionTable:
+    rows: dict[tuple[StrEnum, Event], Row] = {}
+    for ex in exchanges:
+        if ex.sends is not None:  # costed and counted, then evaluated
+            rows[(_C.SERVING, ex.sends)] = Row("_engine_message", _C.SERVING)
+        if ex.flow is Flow.SERVER_STREAM and ex.replies is not None:
+            rows[(_C.SERVING, Send(ex.replies))] = Row("_tag_stream", _C.SERVING, stream=True)
+    return CUSTODIAN_TRANSITIONS.derive(rows, protocol=_engine_protocol(name, exchanges))
+
+
+@functools.lru_cache(maxsize=64)
+def _requester_table(name: str, exchanges: tuple[Exchange, ...]) -> TransitionTable:
+    rows: dict[tuple[StrEnum, Event], Row] = {}
+    for ex in exchanges:
+        if ex.sends is not None:
+            rows[(_R.EVALUATING, Send(ex.sends))] = Row("_requests", _R.EVALUATING,
+                                                        stream=True, takes_type=True)
+        if ex.replies is not None:
+            rows[(_R.EVALUATING, ex.replies)] = Row("_on_engine", _R.EVALUATING)
+    return REQUESTER_TRANSITIONS.derive(rows, protocol=_engine_protocol(name, exchanges))
+
+
+def custodian_table(engine: str) -> TransitionTable:
+    """The custodian's table for a session of ``engine``: the common rows plus its exchanges'.
+
+    Cached per engine declaration (``registry.UnknownEngine`` if none is registered).
+    """
+    spec = registry.get(engine)
+    return _custodian_table(str(spec.name), tuple(spec.exchanges))
+
+
+def requester_table(engine: str) -> TransitionTable:
+    """The requester's table for a session of ``engine``: the common rows plus its exchanges'."""
+    spec = registry.get(engine)
+    return _requester_table(str(spec.name), tuple(spec.exchanges))
+
+
+# --------------------------------------------------------------------------- custodian
+
+
+@dataclass
+class CustodianConfig:
+    """Everything a custodian needs: its data, policy, ledger and secrets."""
+
+    policy: CustodianPolicy
+    records: Sequence[PersonRecord]
+    ledger: LedgerPort  # e.g. protocol.adapters.sqlite_ledger.Ledger
+    master_secret: bytes
+    signing_key: Ed25519PrivateKey
+    requester_keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+    ops: GroupOps | None = None
+    tag_size: int = TAG_SIZE
+    clock: Callable[[], float] = time.time
+    #: Locks for the caches its sessions share: ``threading.Lock`` when a service serves
+    #: sessions from several threads (see ``protocol.engines.base.LockFactory``).
+    new_lock: LockFactory = nullcontext
+    #: Named-subject certifications of these records, by authority key id (protocol.engines.named).
+    certifications: Mapping[str, Certification] = field(default_factory=dict)
+
+
+class Custodian:
+    """Long-lived custodian state shared by its sessions: records in scope and engines.
+
+    Each engine's custodian side (its indexes and caches) is created once, on first use,
+    from the registry (``engine``), and serves every session that runs that engine.
+    """
+
+    def __init__(self, config: CustodianConfig) -> None:
+        self.config = config
+        self.ops: GroupOps = config.ops or SerialOps()
+        excluded = config.policy.excluded_record_classes
+        classes = (config.records.record_classes()
+                   if isinstance(config.records, CompactRecords)
+                   else [r.record_class for r in config.records])
+        self.in_scope = np.asarray(
+            [i for i, c in enumerate(classes) if c not in excluded], dtype=np.int64)
+        self.excluded_count = len(config.records) - len(self.in_scope)
+        self.data = CustodianData(records=config.records, in_scope=self.in_scope, ops=self.ops,
+                                  tag_size=config.tag_size, clock=config.clock,
+                                  certifications=config.certifications,
+                                  new_lock=config.new_lock)
+        self._engines: dict[str, CustodianEngine] = {}
+        self._lock = config.new_lock()
+
+    @property
+    def custodian_id(self) -> str:
+        return self.config.policy.custodian_id
+
+    def public_key(self) -> Ed25519PublicKey:
+        return self.config.signing_key.public_key()
+
+    def engine(self, name: str) -> CustodianEngine:
+        """The custodian side of engine ``name`` (``registry.UnknownEngine`` if none)."""
+        with self._lock:
+            engine = self._engines.get(name)
+            if engine is None:
+                engine = self._engines[name] = registry.get(name).custodian(self.data)
+        return engine
+
+    def prepare(self, engine: str, rules: Sequence[str]) -> None:
+        """Authorization-independent preparation of ``engine`` for ``rules`` (service start)."""
+        self.engine(engine).prepare(rules)
+
+    def session(self) -> CustodianSession:
+        return CustodianSession(self)
+
+
+class CustodianSession(CustodianCore):
+    """One requester session on the custodian side, on the session core.
+
+    Received messages go through ``handle(message, peer_id=...)``; its tag stream goes
+    through ``send`` (``tag_chunks``).  A session id may reopen after a reconnect: its
+    reservation, evaluation count and disclosures are on the ledger, and every key is
+    derived again from the authorization.
+    """
+
+    TABLE = CUSTODIAN_TRANSITIONS
+    DERIVED_HANDLERS = frozenset({"_engine_message", "_tag_stream"})
+    SERVED_TIERS = frozenset({Tier.IDENTITY})
+    RESUMABLE = True
+
+    def __init__(self, custodian: Custodian) -> None:
+        super().__init__(custodian.config)
+        self.custodian = custodian
+        self.rules: tuple[str, ...] = ()
+        self.fields: tuple[str, ...] = ()
+        self._pseudonym_key = b""
+        self._engine: EngineSession | None = None
+        self._reply_streams: dict[type, str] = {}
+        self._tag_kind: type | None = None
+
+    # -- open (the core's hooks) --------------------------------------------------------
+
+    def _session_request(self, req: OpenRequest) -> SessionRequest:
+        return SessionRequest(
+            peer_id=self.peer_id, tier=Tier(req.tier), match_rules=tuple(req.match_rules),
+            disclosure_fields=tuple(req.disclosure_fields), query_count=req.element_count,
+            engine=req.engine,
+        )
+
+    def _certification(self, signed: SignedAuthorization) -> Certification | None:
+        return self.custodian.config.certifications.get(signed.authorization.authority_key_id)
+
+    def _decide_options(self, signed: SignedAuthorization) -> dict[str, Any]:
+        return {"named_subjects_ready": self._certification(signed) is not None,
+                "engine_traits": registry.traits()}
+
+    def _audit_fields(self, req: OpenRequest) -> dict[str, Any]:
+        return {"rules": list(req.match_rules), "fields": list(req.disclosure_fields)}
+
+    def _session_meta(self, req: OpenRequest) -> dict[str, Any]:
+        return {"rules": list(req.match_rules), "elements": req.element_count}
+
+    def _prepare(self, req: OpenRequest, signed: SignedAuthorization) -> None:
+        """From here on the session speaks its engine's protocol (its table's rows)."""
+        self._adopt(custodian_table(req.engine))
+
+    def _opened(self, req: OpenRequest, reservation: Reservation) -> OpenResponse:
+        """Start the engine run on the session's grant (its index is built or cached)."""
+        cfg = self.custodian.config
+        auth = self.authorization
+        assert self.signed is not None  # the core sets it before calling this hook
+        self.rules = tuple(req.match_rules)
+        allowed = set(permitted_fields(auth, cfg.policy))
+        self.fields = tuple(f for f in req.disclosure_fields if f in allowed)
+        # A resumed session continues its account: disclosures made before a reconnect count.
+        self.disclosed = cfg.ledger.disclosed_count(auth.authorization_id, req.session_id)
+        key = authorization_key(cfg.master_secret, auth.authorization_id)
+        self._pseudonym_key = key
+        self._engine = engine = self.custodian.engine(req.engine).open(SessionGrant(
+            authorization_id=auth.authorization_id, session_id=req.session_id,
+            rules=self.rules, key=key, max_units=reservation.reserved, mode=auth.mode,
+            certification=(self._certification(self.signed)
+                           if auth.mode is Mode.NAMED_SUBJECTS else None)))
+        exchanges = registry.get(req.engine).exchanges
+        self._reply_streams = reply_streams(exchanges)
+        self._tag_kind = next((ex.replies for ex in exchanges
+                               if ex.flow is Flow.SERVER_STREAM), None)
+        return OpenResponse(
+            session_id=req.session_id, authorization_id=auth.authorization_id,
+            custodian_id=cfg.policy.custodian_id, match_rules=self.rules,
+            disclosure_fields=self.fields, element_count=reservation.reserved,
+            tag_count=engine.tag_count, tag_size=engine.tag_size,
+            budget_remaining=cfg.ledger.budget(auth.authorization_id).remaining,
+        )
+
+    def _discard(self) -> None:
+        self._engine = None  # its per-session secrets and index references
+
+    # -- the engine's messages -------------------------------------------------------------
+
+    def tag_chunks(self, chunk_tags: int = DEFAULT_TAG_CHUNK, kind: type | None = None, *,
+                   peer_id: str | None = None) -> Iterator[object]:
+        """The engine's tags in bounded chunks (its server stream).
+
+        ``kind`` is the message type the caller's transport carries (default: this session's
+        engine's); a session of another engine or tier refuses it (``ProtocolError``).
+        """
+        if kind is None:
+            kind = self._tag_kind
+            if kind is None:
+                raise self._failed(ProtocolError(
+                    f"identity custodian session in state {self.state.value!r} has no tag "
+                    "stream (its engine, if open, declares none)"))
+        return cast(Iterator[object], self.send(kind, chunk_tags, peer_id=peer_id))
+
+    def _tag_stream(self, chunk_tags: int = DEFAULT_TAG_CHUNK) -> Iterator[object]:
+        engine = self._engine
+        assert engine is not None  # the table admits engine events only while SERVING
+        for chunk in engine.tag_chunks(chunk_tags):
+            self.transcript.add(self._reply_streams[type(chunk)], chunk)
+            yield chunk
+
+    def _engine_message(self, message: object) -> object | None:
+        """One engine message: validate and cost it, count, then let the engine evaluate."""
+        engine = self._engine
+        assert engine is not None  # the table admits engine events only while SERVING
+        units = engine.cost(message)
+        if units:
+            self._count(units)
+        reply = engine.evaluate(message)
+        self.transcript.add(REQUEST_STREAM, message)
+        if reply is not None:
+            self.transcript.add(self._reply_streams[type(reply)], reply)
+        return reply
+
+    # -- disclosure ---------------------------------------------------------------------
+
+    def _record_fields(self, record: PersonRecord) -> tuple[tuple[str, str], ...]:
+        return tuple((f, record.get(f)) for f in self.fields)
+
+    def pseudonym(self, record: PersonRecord) -> str:
+        """Per-authorization pseudonym of a custodian record: stable within, unlinkable across."""
+        mac = hmac.new(self._pseudonym_key, PSEUDONYM_DOMAIN + record.record_id.encode(),
+                       hashlib.sha256)
+        return mac.hexdigest()[:32]
+
+    def _disclose(self, req: DisclosureRequest) -> DisclosureResponse:
+        if len(req.outputs) > MAX_DISCLOSURE_BATCH:
+            raise ProtocolError(
+                f"disclosure request has {len(req.outputs)} outputs; "
+                f"the limit is {MAX_DISCLOSURE_BATCH}"
+            )
+        cfg = self.custodian.config
+        auth = self.authorization
+        disclosures: list[Disclosure] = []
+        rejected: list[int] = []
+        # Expiry and an already-reached cap refuse the whole request (RESOURCE_EXHAUSTED /
+        # FAILED_PRECONDITION); a cap reached inside this batch withholds the rest.
+        budget = cfg.ledger.budget(auth.authorization_id)
+        assert self.signed is not None  # self.authorization would have raised
+        check_disclosure(self.signed, budget.disclosed, now=cfg.clock()).raise_if_refused()
+        assert self._engine is not None  # a served session has its engine
+        # The engine checks each proof against the record it claims (position -> record
+        # index); a proof of the wrong length or for an unopened rule is never looked at.
+        proof_size = self._engine.proof_size
+        found = self._engine.verify([
+            (i, rule_id, output) for i, (rule_id, output) in enumerate(req.outputs)
+            if rule_id in self.rules and len(output) == proof_size
+        ])
+        records = cfg.records
+        verified: list[tuple[int, str, PersonRecord]] = []
+        for i, (rule_id, _) in enumerate(req.outputs):
+            position = found.get(i)
+            if position is None:
+                rejected.append(i)
+            else:
+                verified.append((i, rule_id, records[position]))
+        # The ledger checks the cap atomically and is the authority on it; the rows are
+        # durable (one transaction per batch) before any field leaves this function.
+        rows = self._account(auth.authorization_id, verified)
+        withheld = [i for (i, _, _), row in zip(verified, rows, strict=True) if row is None]
+        for (i, rule_id, record), row in zip(verified, rows, strict=True):
+            if row is None:
+                continue
+            if not row.repeat:
+                self.disclosed += 1
+            disclosures.append(Disclosure(
+                index=i, rule_id=rule_id, pseudonym=self.pseudonym(record),
+                fields=self._record_fields(record),
+            ))
+        if withheld:
+            cfg.ledger.audit("refusal", {
+                "stage": "disclosure", "authorization_id": auth.authorization_id,
+                "session_id": self.session_id, "reasons": ["disclosure_cap_reached"],
+                "withheld": len(withheld),
+            })
+            rejected = sorted(rejected + withheld)
+        if rejected:
+            cfg.ledger.audit("disclosure_rejected", {
+                "authorization_id": auth.authorization_id, "session_id": self.session_id,
+                "count": len(rejected),
+            })
+        reply = DisclosureResponse(seq=req.seq, disclosures=tuple(disclosures),
+                                   rejected=tuple(rejected))
+        self.transcript.add("disclosure-request", req)
+        self.transcript.add("disclosure-response", reply)
+        return reply
+
+    def _account(self, auth_id: str, verified: list[tuple[int, str, PersonRecord]]
+                 ) -> list[DisclosureRow | None]:
+        """Ledger rows for the verified disclosures, in order; ``None`` where the cap withholds.
+
+        The batch commits in one transaction; only a batch that crosses the cap falls back
+        to one row at a time, so exactly the records under the cap are released.
+        """
+        ledger = self.custodian.config.ledger
+        items = [(record.record_id, rule_id) for _, rule_id, record in verified]
+        if not items:
+            return []
+        try:
+            return list(ledger.record_disclosures(auth_id, self.session_id, items))
+        except DisclosureCapReached:
+            rows: list[DisclosureRow | None] = []
+            for record_id, rule_id in items:
+                try:
+                    rows.append(ledger.record_disclosure(auth_id, self.session_id, record_id,
+                                                         rule_id))
+                except DisclosureCapReached:
+                    rows.append(None)
+            return rows
+
+
+@dataclass(frozen=True)
+class Match:
+    """A query whose tag is in the custodian's set under ``rule_id`` (local, step 4).
+
+    ``output`` is the engine's disclosure proof for it (e.g. the OPRF output).
+    """
+
+    query_index: int
+    query_record_id: str
+    rule_id: str
+    output: bytes
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """A verified disclosure joined back to the requester's own query."""
+
+    query_record_id: str
+    rule_id: str
+    pseudonym: str
+    fields: Mapping[str, str]
+
+
+# --------------------------------------------------------------------------- requester
+
+
+class RequesterSession(RequesterCore):
+    """The requester's side of one identity-tier session, on the session core.
+
+    ``queries`` (query records, or just their persons, e.g. ``CompactRecords``)
+    must already be validated (``records.validate_queries`` or
+    ``recordstore.load_query_csv``); refused records never enter the protocol.
+    What it sends goes through ``send`` (``open_request``, ``requests``,
+    ``disclosure_requests``, ``close_request``), its local match through ``step``
+    (``match``), and the custodian's messages through ``handle``.
+    """
+
+    TABLE = REQUESTER_TRANSITIONS
+    DERIVED_HANDLERS = frozenset({"_requests", "_on_engine"})
+
+    def __init__(
+        self,
+        signed_authorization: SignedAuthorization,
+        queries: Sequence[QueryRecord] | Sequence[PersonRecord],
+        *,
+        match_rules: Sequence[str] | None = None,
+        disclosure_fields: Sequence[str] | None = None,
+        ops: GroupOps | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        session_id: str | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
+        custodian_key: Ed25519PublicKey | None = None,
+        tokens: Mapping[tuple[str, str], bytes] | None = None,
+        engine: str = Engine.OPRF,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``tokens`` ((record id, rule) -> token) are required for a named-subject
+        authorization: only subjects the authority reviewed are sent at all.
+        ``engine`` names a registered match engine (``protocol.engines.registry``).
+        ``clock`` dates the match keys (a birth date after today has none)."""
+        auth = signed_authorization.authorization
+        if not 0 < chunk_size <= MAX_CHUNK_ELEMENTS:
+            raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_ELEMENTS}")
+        super().__init__(
+            signed_authorization, session_id=session_id or f"sess-{uuid.uuid4().hex}",
+            transcript=Transcript(), signing_key=signing_key, custodian_key=custodian_key)
+        self.rules = tuple(match_rules if match_rules is not None else auth.match_rules)
+        self.fields = tuple(
+            disclosure_fields if disclosure_fields is not None else auth.disclosure_fields
+        )
+        self.ops: GroupOps = ops or SerialOps()
+        self.chunk_size = chunk_size
+        # Elements: one per (query, rule) with a usable match key, in a fixed order.
+        # Only ids and keys are kept (packed queries are never unpacked into records).
+        self.named = auth.mode is Mode.NAMED_SUBJECTS
+        if self.named and tokens is None:
+            raise ProtocolError("a named-subject authorization needs the authority's tokens")
+        spec = registry.get(engine)  # UnknownEngine (a ValueError) if not registered
+        if self.named and not spec.traits.group_element_inputs:
+            raise ProtocolError("named-subject authorizations run only on an engine whose "
+                                f"inputs are group elements, not {engine!r}")
+        self.engine = str(engine)
+        self.exchanges: tuple[Exchange, ...] = spec.exchanges
+        self._adopt(requester_table(self.engine))
+        executor = getattr(self.ops, "executor", None)
+        today = utc_date(clock())
+        people = persons_of(queries)
+        self.query_ids: list[str] = (people.record_ids() if isinstance(people, CompactRecords)
+                                     else [p.record_id for p in people])
+        self.element_query: list[int] = []
+        self.element_rule: list[int] = []
+        self.element_input: list[bytes] = []
+        token_parts: list[bytes] = []
+        digests: dict[str, bytes] = {}
+        key_digest = spec.key_digest
+        if key_digest is not None and self.named:  # tokens replace keys: nothing to digest
+            raise ProtocolError(f"the {engine} engine digests match keys; named-subject "
+                                "sessions send tokens instead")
+        if key_digest is not None:  # the workers digest the keys they just derived
+            keys, digests = bulk_match_keys_digested(people, self.rules, key_digest,
+                                                     executor=executor, today=today)
+        else:
+            keys = bulk_match_keys(people, self.rules, executor=executor, today=today)
+        del people
+        for r_i, rule_id in enumerate(self.rules):
+            column = keys.pop(rule_id)
+            if self.named:  # only subjects the authority reviewed are sent at all
+                assert tokens is not None
+                ids = self.query_ids
+                positions = [i for i, k in enumerate(column)
+                             if k is not None and (ids[i], rule_id) in tokens]
+                token_parts.extend(tokens[(ids[i], rule_id)] for i in positions)
+            else:
+                positions = [i for i, k in enumerate(column) if k is not None]
+            self.element_query.extend(positions)
+            self.element_rule.extend([r_i] * len(positions))
+            known = cast(list[bytes], column)  # None only where positions skip
+            self.element_input.extend([known[i] for i in positions])
+        self._engine: RequesterEngine = spec.requester(RequesterInputs(
+            authorization_id=auth.authorization_id, session_id=self.session_id,
+            inputs=self.element_input, chunk_size=chunk_size, ops=self.ops,
+            digests=b"".join(digests[r] for r in self.rules) if key_digest else None,
+            tokens=b"".join(token_parts) if self.named else None))
+        self._reply_streams = reply_streams(self.exchanges)
+        self._sends = {ex.sends: ex for ex in self.exchanges if ex.sends is not None}
+        self.queries_without_key = len(self.query_ids) - len(set(self.element_query))
+        self.open_response: OpenResponse | None = None
+        self.matches: list[Match] = []
+        self.results: list[MatchResult] = []
+        self.rejected = 0
+        self._pending: dict[int, list[Match]] = {}
+
+    @property
+    def element_count(self) -> int:
+        """Budget units this session asks for (the engine's: elements, bins, ...)."""
+        return self._engine.units
+
+    @property
+    def custodian_entries(self) -> int:
+        """Custodian (record, rule) entries behind the granted tags (0 before open)."""
+        if self.open_response is None:
+            return 0
+        return self._engine.custodian_entries(self.open_response.tag_count)
+
+    # -- what it sends and does (through the core's ``send`` and ``step``) ---------------
+
+    def open_request(self) -> OpenRequest:
+        return cast(OpenRequest, self.send(OpenRequest))
+
+    def requests(self, exchange: Exchange) -> Iterator[object]:
+        """The engine's messages for ``exchange``, produced lazily (callers may pull them
+        one at a time, e.g. on a transport thread, to overlap with the replies)."""
+        if exchange.sends is None:
+            raise ProtocolError(f"the {exchange.phase!r} exchange has no requester messages")
+        return cast(Iterator[object], self.send(exchange.sends))
+
+    def match(self) -> list[Match]:
+        """Local match (step 4): queries whose tag is in the custodian's set."""
+        return cast(list[Match], self.step("match"))
+
+    def disclosure_requests(self, batch: int = MAX_DISCLOSURE_BATCH
+                            ) -> Iterator[DisclosureRequest]:
+        """Present the disclosure proof of each match (step 5), in bounded batches.
+
+        Batches default to the largest allowed: each one costs the custodian a durable
+        (fsynced) ledger commit, which dominates small batches."""
+        return cast(Iterator[DisclosureRequest], self.send(DisclosureRequest, batch))
+
+    # -- handlers named by the tables --------------------------------------------------
+
+    def _open_request(self) -> OpenRequest:
+        req = OpenRequest(
+            session_id=self.session_id, signed_authorization=self.signed.to_bytes(),
+            tier=Tier.IDENTITY.value, match_rules=self.rules,
+            disclosure_fields=self.fields, element_count=self.element_count,
+            engine=self.engine,
+        )
+        self.transcript.add("open", req)
+        return req
+
+    def _on_open(self, resp: OpenResponse) -> None:
+        if resp.session_id != self.session_id:
+            raise ProtocolError("open response for another session")
+        if resp.element_count != self.element_count:
+            raise ProtocolError("custodian granted a different element count")
+        if not set(resp.match_rules) <= set(self.rules):
+            raise ProtocolError("custodian granted rules that were not requested")
+        self._engine.on_open(resp)
+        self.open_response = resp
+        self.transcript.add("open", resp)
+
+    def _requests(self, sent: type) -> Iterator[object]:
+        for message in self._engine.requests(self._sends[sent]):
+            self.transcript.add(REQUEST_STREAM, message)
+            yield message
+
+    def _on_engine(self, message: object) -> None:
+        self._engine.handle(message)
+        self.transcript.add(self._reply_streams[type(message)], message)
+
+    def _match(self) -> list[Match]:
+        hits = self._engine.match()
+        self.matches = [
+            Match(query_index=self.element_query[e],
+                  query_record_id=self.query_ids[self.element_query[e]],
+                  rule_id=self.rules[self.element_rule[e]],
+                  output=proof)
+            for e, proof in zip(hits, self._engine.proofs(hits), strict=True)
+        ]
+        return self.matches
+
+    def _disclosure_requests(self, batch: int = MAX_DISCLOSURE_BATCH
+                             ) -> Iterator[DisclosureRequest]:
+        return self._disclosure_batches(min(batch, MAX_DISCLOSURE_BATCH))
+
+    def _disclosure_batches(self, batch: int) -> Iterator[DisclosureRequest]:
+        for seq, start in enumerate(range(0, len(self.matches), batch)):
+            part = self.matches[start:start + batch]
+            self._pending[seq] = part
+            req = DisclosureRequest(seq=seq, outputs=tuple((m.rule_id, m.output) for m in part))
+            self.transcript.add("disclosure-request", req)
+            yield req
+
+    def _on_disclosures(self, resp: DisclosureResponse) -> None:
+        part = self._pending.pop(resp.seq, None)
+        if part is None:
+            raise ProtocolError(f"disclosure response {resp.seq} was not requested")
+        allowed = set(self.open_response.disclosure_fields if self.open_response else ())
+        for d in resp.disclosures:
+            if not 0 <= d.index < len(part):
+                raise ProtocolError("disclosure index out of range")
+            extra = {name for name, _ in d.fields} - allowed
+            if extra:
+                raise ProtocolError(f"custodian sent fields that were not granted: {extra}")
+            m = part[d.index]
+            self.results.append(MatchResult(
+                query_record_id=m.query_record_id, rule_id=d.rule_id,
+                pseudonym=d.pseudonym, fields=d.as_dict(),
+            ))
+        self.rejected += len(resp.rejected)
+        self.transcript.add("disclosure-response", resp)
+
+    def _close_request(self) -> CloseRequest:
+        if self._pending:
+            raise ProtocolError(f"close with {len(self._pending)} disclosure batches pending")
+        return super()._close_request()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True)
+class SessionOutcome:
+    """What an in-process run produced, for library users and tests."""
+
+    matches: list[Match]
+    results: list[MatchResult]
+    receipt: Receipt
+    rejected: int
+
+
+def run_exchanges(requester: RequesterSession, custodian: CustodianSession) -> None:
+    """Move the engine's exchange messages between two open sessions, in the declared order.
+
+    Every flow reduces to the same two moves in one process: the custodian's server
+    stream is read to the end, and every requester message is handled by the custodian,
+    whose reply (if the flow has one) goes straight back.
+    """
+    for exchange in requester.exchanges:
+        if exchange.flow is Flow.SERVER_STREAM:
+            for message in custodian.tag_chunks(kind=exchange.replies):
+                requester.handle(message)
+            continue
+        for message in requester.requests(exchange):
+            reply = custodian.handle(message)
+            if reply is not None:
+                requester.handle(reply)
+
+
+def run_in_process(
+    requester: RequesterSession, custodian: CustodianSession, *, requester_id: str,
+) -> SessionOutcome:
+    """Run both sides of one session in this process, no network.
+
+    ``requester_id`` stands in for the identity the transport would authenticate.
+    """
+    opened = custodian.handle(requester.open_request(), peer_id=requester_id)
+    requester.handle(opened)
+    run_exchanges(requester, custodian)
+    requester.match()
+    for req in requester.disclosure_requests():
+        requester.handle(custodian.handle(req))
+    receipt = custodian.handle(requester.close_request())
+    countersigned = requester.handle(receipt)
+    assert isinstance(countersigned, Receipt)
+    if countersigned.requester_signature:
+        custodian.countersign(countersigned)
+    return SessionOutcome(
+        matches=requester.matches, results=requester.results,
+        receipt=countersigned, rejected=requester.rejected,
+    )
