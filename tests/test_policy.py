@@ -1012,3 +1012,16 @@ def test_refusal_category_covers_every_reason() -> None:
 )
 def test_refusal_category_values(reason: Reason, category: str) -> None:
     assert REFUSAL_CATEGORY[reason] == category
+
+
+def test_limit_rules_are_written_once_and_applied_by_every_ledger() -> None:
+    """The budget and cap arithmetic lives in policy; the ledger rules call the same functions."""
+    assert pol.within_budget(5, 5) and pol.within_budget(5, 0)
+    assert not pol.within_budget(5, 6) and not pol.within_budget(0, 1)
+    assert not pol.within_budget(5, -1)
+    assert pol.cap_allows_another(3, 2) and not pol.cap_allows_another(3, 3)
+    assert not pol.cap_allows_another(0, 0)
+    import protocol.accounting.rules as ledger_rules
+
+    assert ledger_rules.within_budget is pol.within_budget
+    assert ledger_rules.cap_allows_another is pol.cap_allows_another

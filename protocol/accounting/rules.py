@@ -1,9 +1,12 @@
-"""The budget and disclosure-cap rules every ledger applies, as pure functions.
+"""How every ledger applies the budget and disclosure-cap rules, as pure functions.
 
-A ledger implementation reads its current counters, asks these functions what may happen,
-and then stores the result atomically. Keeping the rules here (and not in one storage
-adapter) is what makes two ledgers refuse exactly the same requests and write the same audit
-entries (docs/architecture.md, Accounting).
+The rules themselves are policy's (``protocol.policy.decide.within_budget`` and
+``cap_allows_another``): sessions decide with them before any work.  A ledger applies the
+same rules again inside its atomic write, reading its current counters, asking these
+functions what may happen, and then storing the result: defence in depth against concurrent
+sessions of one authorization, never a second, different decision.  Keeping this here (and
+not in one storage adapter) is what makes two ledgers refuse exactly the same requests and
+write the same audit entries (docs/architecture.md, Accounting).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from protocol.accounting.port import Budget, DisclosureRow
 from protocol.errors import BudgetExhausted, DisclosureCapReached, LedgerError
+from protocol.policy.decide import cap_allows_another, within_budget
 
 __all__ = [
     "DISCLOSURE_RECORDED",
@@ -64,7 +68,7 @@ def check_limits_unchanged(
 
 def check_reserve(auth_id: str, budget: Budget, n: int) -> None:
     """A reservation may take at most what no session has reserved yet."""
-    if n > budget.remaining:
+    if not within_budget(budget.remaining, n):
         raise BudgetExhausted(
             f"authorization {auth_id!r}: requested {n} queries, "
             f"remaining {budget.remaining} of {budget.max_queries}"
@@ -73,7 +77,7 @@ def check_reserve(auth_id: str, budget: Budget, n: int) -> None:
 
 def check_evaluation(session_id: str, reserved: int, evaluated: int, n: int) -> None:
     """Evaluations stay within the session's reservation; the caller must not evaluate else."""
-    if evaluated + n > reserved:
+    if not within_budget(reserved - evaluated, n):
         raise BudgetExhausted(
             f"session {session_id!r}: requested {n} evaluations, "
             f"remaining {reserved - evaluated} of {reserved} reserved"
@@ -121,7 +125,7 @@ def plan_disclosures(
             plan.rows.append(DisclosureRow(auth_id, prior.session_id, record_id, prior.rule_id,
                                            prior.disclosed_at, True))
             continue
-        if plan.disclosed >= budget.max_disclosures:
+        if not cap_allows_another(budget.max_disclosures, plan.disclosed):
             raise DisclosureCapReached(
                 f"authorization {auth_id!r}: disclosure cap of "
                 f"{budget.max_disclosures} records reached"

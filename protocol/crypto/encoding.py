@@ -48,7 +48,7 @@ def _as_bytes(part: Part) -> bytes:
 
 def lp(part: Part) -> bytes:
     """One length-prefixed part: ``u64(len(b)) || b``."""
-    raw = _as_bytes(part)
+    raw = part if type(part) is bytes else _as_bytes(part)  # bytes: no copy (hot path)
     return len(raw).to_bytes(LENGTH_BYTES, "big") + raw
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "SignedAuthorization",
     "Tier",
     "authority_key_id",
+    "cap_allows_another",
     "check_disclosure",
     "check_evaluation",
     "check_message",
@@ -64,6 +65,7 @@ __all__ = [
     "permitted_fields",
     "sign_authorization",
     "verify_authorization_signature",
+    "within_budget",
 ]
 
 # Domain-separation tags: every hash / signature input in this module starts with its own tag.
@@ -787,6 +789,29 @@ def _utc(seconds: float) -> str:
     return _dt.datetime.fromtimestamp(int(seconds), _dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# --------------------------------------------------------------------------- limit rules
+#
+# The arithmetic of the budget and the disclosure cap, written once.  Sessions apply it
+# through ``decide`` / ``check_evaluation`` / ``check_disclosure`` before anything is done;
+# every ledger applies the same functions again inside its atomic write
+# (``protocol.accounting.rules``), because only the ledger sees concurrent sessions of one
+# authorization at once.  That second application is defence in depth, never a different
+# rule (docs/architecture.md, Policy).
+
+
+def within_budget(remaining: int, units: int) -> bool:
+    """May ``units`` more budget units be taken when ``remaining`` are left?"""
+    return 0 <= units <= remaining
+
+
+def cap_allows_another(max_disclosures: int, disclosed: int) -> bool:
+    """May one more *distinct* record be disclosed after ``disclosed`` of ``max_disclosures``?
+
+    Repeats of an already-disclosed record do not count against the cap (they are audited).
+    """
+    return disclosed < max_disclosures
+
+
 def decide(
     signed: SignedAuthorization,
     request: SessionRequest,
@@ -1006,7 +1031,7 @@ def decide(
 
     # 8: budget. The authorization's own cap bounds whatever the ledger reports.
     remaining = max(0, min(budget_remaining, auth.max_queries))
-    if request.query_count > remaining:
+    if not within_budget(remaining, request.query_count):
         refuse(
             Reason.BUDGET_EXHAUSTED,
             f"session asks to evaluate {request.query_count:,} queries but only {remaining:,} "
@@ -1082,7 +1107,7 @@ def check_disclosure(
     if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
         raise ValueError(f"now must be a finite number of unix seconds, got {now!r}")
     refusals: list[Refused] = []
-    if disclosed_so_far >= auth.max_disclosures:
+    if not cap_allows_another(auth.max_disclosures, disclosed_so_far):
         refusals.append(
             Refused(
                 Reason.DISCLOSURE_CAP_REACHED,
@@ -1162,7 +1187,7 @@ def check_evaluation(
     auth = _authorization_of(signed_or_auth)
     for name, value in (("reserved", reserved), ("evaluated", evaluated), ("units", units)):
         _check_int(name, value)
-    if evaluated + units <= reserved:
+    if within_budget(reserved - evaluated, units):
         return Decision.allow()
     return Decision.refuse(Refused(
         Reason.BUDGET_EXHAUSTED,
