@@ -28,8 +28,8 @@ from protocol.adapters.keys import load_signing_key, parse_agency_keys, write_si
 from protocol.adapters.pools import AggregatePool, BatchPool
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli.oversight import add_ledger_commands, audit_verify_command, export_command
-from protocol.domain.engine import Engine
 from protocol.domain.recordstore import load_custodian_csv
+from protocol.engines import registry
 from protocol.sessions.aggregate import AggregateCustodian
 from protocol.sessions.identity import Custodian, CustodianConfig
 
@@ -43,6 +43,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     write_signing_key(out, "signing", force=args.force)
     print(f"custodian secrets written to {out} (master.secret, signing.key, signing.pub.json)")
     return 0
+
+
+def _engine_rules(text: str) -> tuple[str, list[str]]:
+    """``ENGINE=R1,R2`` of ``--prepare``: a registered engine and a non-empty rule list."""
+    engine, sep, rules = text.partition("=")
+    names = registry.names()
+    if not sep or engine not in names:
+        raise argparse.ArgumentTypeError(
+            f"expected ENGINE=R1,R2 with ENGINE one of {', '.join(names)}, got {text!r}")
+    rule_ids = [r for r in rules.split(",") if r]
+    if not rule_ids:
+        raise argparse.ArgumentTypeError(f"no match rules in {text!r}")
+    return engine, rule_ids
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -71,12 +84,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ops=pool, certifications=certifications,
         new_lock=threading.Lock,  # the service serves sessions from several threads
     ))
-    if args.prepare_kkrt:
-        # authorization-independent KKRT key preparation, before the service reports ready
+    for engine, rules in args.prepare:
+        # authorization-independent engine preparation, before the service reports ready
         t1 = time.perf_counter()
-        rules = [r for r in args.prepare_kkrt.split(",") if r]
-        custodian.prepare(Engine.KKRT, rules)
-        kit.log_event(log, "kkrt_prepared", rules=rules,
+        custodian.prepare(engine, rules)
+        kit.log_event(log, "engine_prepared", engine=engine, rules=rules,
                       seconds=round(time.perf_counter() - t1, 2))
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
@@ -118,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ledger", required=True, help="SQLite ledger file (created if absent)")
     s.add_argument("--requester-key", action="append", default=[], metavar="AGENCY=PUB.json",
                    help="a requester's receipt-countersigning public key (repeatable)")
-    s.add_argument("--prepare-kkrt", metavar="R1,R2",
-                   help="prepare the KKRT engine's key digests for this rule set at start-up "
-                        "(independent of any authorization), so sessions skip that step")
+    s.add_argument("--prepare", action="append", default=[], type=_engine_rules,
+                   metavar="ENGINE=R1,R2",
+                   help="prepare an engine's authorization-independent state for a rule set at "
+                        "start-up, so its sessions skip that step (repeatable; e.g. "
+                        "kkrt=tin+dob builds the KKRT key digests; engines: "
+                        f"{', '.join(registry.names())}; default: none)")
     s.add_argument("--certification", action="append", default=[], metavar="FILE",
                    help="named-subject certification from certify-finish (repeatable)")
     s.set_defaults(func=cmd_serve)

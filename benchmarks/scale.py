@@ -491,7 +491,7 @@ def _services(work: Path, run_dir: Path, files: ScenarioFiles, sampler: TreeSamp
     b_dir.mkdir(parents=True, exist_ok=True)
     a_dir.mkdir(parents=True, exist_ok=True)
     extra = ["--workers", str(workers)] if workers else []
-    b_extra = [*extra, "--prepare-kkrt", prepare_kkrt] if prepare_kkrt else extra
+    b_extra = [*extra, "--prepare", f"kkrt={prepare_kkrt}"] if prepare_kkrt else extra
     procs: list[subprocess.Popen[bytes]] = []
     try:
         t0 = time.perf_counter()

@@ -432,3 +432,16 @@ def test_the_structure_check_finds_a_comparison() -> None:
     hits = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)
             and any(_names_an_engine(o) for o in [n.left, *n.comparators])]
     assert len(hits) == 2
+
+
+def test_custodian_prepare_option_names_any_registered_engine() -> None:
+    """``agency-b serve --prepare ENGINE=RULES``: engines come from the registry."""
+    import argparse
+
+    from agency_b.cli import _engine_rules
+
+    assert _engine_rules("kkrt=tin+dob,tin+last_name") == ("kkrt", ["tin+dob", "tin+last_name"])
+    assert _engine_rules("oprf=tin+dob") == ("oprf", ["tin+dob"])
+    for bad in ("kkrt", "nosuch=tin+dob", "kkrt=", "=tin+dob"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _engine_rules(bad)
