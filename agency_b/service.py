@@ -43,7 +43,7 @@ from protocol.sessions.aggregate import (
     DoubleBlindedChunk,
     MaskedSum,
 )
-from protocol.sessions.core import CustodianCore
+from protocol.sessions.core import MAX_SESSION_ID, CustodianCore
 from protocol.sessions.identity import Custodian
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
@@ -76,6 +76,10 @@ class CustodianService(kit.CustodianServicer):
     # -- helpers -----------------------------------------------------------------
 
     def _live(self, session_id: str, peer: str, context: grpc.ServicerContext) -> _Live:
+        if len(session_id) > MAX_SESSION_ID:  # never opened; too long to echo in a status
+            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"invalid_session_id: a session id has 1..{MAX_SESSION_ID} characters, "
+                      f"not {len(session_id)}")
         with self._lock:
             live = self._sessions.get(session_id)
         if live is None:

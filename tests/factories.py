@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agency_b.service import serve as serve_custodian
+from proto import service_kit as kit
 from protocol.adapters.sqlite_ledger import Ledger
+from protocol.cli.dev_pki import write_dev_pki
 from protocol.domain.records import PersonRecord, QueryMetadata, QueryRecord
 from protocol.policy import decide as P
+from protocol.sessions.aggregate import AggregateCustodian, PaillierSettings
 from protocol.sessions.identity import Custodian, CustodianConfig
 
 FIRST = ["Ann", "Bob", "Carla", "Dmitri", "Eve", "Farah", "Gus", "Hana", "Ivan", "Jo"]
 LAST = ["Lee", "Smith", "Garcia", "Nguyen", "Okafor", "Brown", "Kim", "Patel", "Rossi", "Diaz"]
 STREETS = ["Main Street", "Oak Avenue", "Pine Road", "Elm Drive", "Cedar Lane"]
+#: Paillier keys small enough for tests (the aggregate tiers' end-to-end tests).
+TEST_PAILLIER = PaillierSettings(key_bits=1024, test_mode=True)
 META = QueryMetadata(("2023", "2024"), "26 U.S.C. 6103(i)(2)", "locate subject of case 42")
 
 
@@ -84,6 +91,43 @@ class World:
             engines=tuple(engines),
         )
         return P.sign_authorization(auth, key)
+
+    def authorize_aggregate(self, tier: P.Tier = P.Tier.AGGREGATE, *,
+                            min_count: int = 0) -> P.SignedAuthorization:
+        """An aggregate or cardinality authorization over ``tin+dob`` (the sum: tax paid)."""
+        now = int(time.time())
+        auth = P.Authorization(
+            authorization_id=P.new_authorization_id(),
+            authority_key_id=P.authority_key_id(self.authority.public_key()),
+            requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
+            purpose="statistics", not_before=now - 60, not_after=now + 3600, tier=tier,
+            max_queries=1000, max_disclosures=0, match_rules=("tin+dob",),
+            disclosure_fields=("tax_paid_cents",) if tier is P.Tier.AGGREGATE else (),
+            retention_days=30, min_aggregate_count=min_count,
+        )
+        return P.sign_authorization(auth, self.authority)
+
+    def with_tax_paid(self) -> None:
+        """Give every record a ``tax_paid_cents`` column, the value the aggregate tier sums."""
+        self.records = [replace(r, extra=(("tax_paid_cents", str(1000 + 37 * i)),))
+                        for i, r in enumerate(self.records)]
+
+
+@contextmanager
+def custodian_over_mtls(custodian: Custodian, pki: Path, *,
+                        aggregate: AggregateCustodian | None = None,
+                        ) -> Iterator[tuple[str, kit.TLSFiles]]:
+    """A real custodian server on loopback behind real mutual TLS (a fresh dev PKI in ``pki``).
+
+    Yields its address and agency-a's client TLS files; the server stops on exit.
+    """
+    write_dev_pki(pki, ["agency-a", "agency-b"], server_agencies=["agency-b"])
+    server, port = serve_custodian(custodian, kit.TLSFiles.from_dir(pki, "agency-b", "server"),
+                                   "127.0.0.1:0", aggregate=aggregate)
+    try:
+        yield f"127.0.0.1:{port}", kit.TLSFiles.from_dir(pki, "agency-a", "client")
+    finally:
+        server.stop(0)
 
 
 def make_world(tmp: Path, n_records: int = 60, **policy_kw: object) -> World:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,6 @@ import grpc
 import pytest
 
 from agency_a.client import run_remote_aggregate, run_remote_session
-from agency_b.service import serve as serve_custodian
 from proto import codec
 from proto import service_kit as kit
 from protocol.domain.records import MATCH_RULES
@@ -20,47 +17,26 @@ from protocol.policy import decide as P
 from protocol.sessions.aggregate import (
     AggregateCustodian,
     AggregateRequesterSession,
-    PaillierSettings,
     plaintext_answer,
 )
 from protocol.sessions.identity import RequesterSession
-from tests.factories import as_query, make_person, make_world
-
-TEST_PAILLIER = PaillierSettings(key_bits=1024, test_mode=True)
+from tests.factories import (
+    TEST_PAILLIER,
+    as_query,
+    custodian_over_mtls,
+    make_person,
+    make_world,
+)
 
 
 @pytest.fixture()
 def setup(tmp_path: Path):
-    from protocol.cli.dev_pki import write_dev_pki
-
     world = make_world(tmp_path, n_records=60)
-    world.records = [replace(r, extra=(("tax_paid_cents", str(1000 + 37 * i)),))
-                     for i, r in enumerate(world.records)]
-    write_dev_pki(tmp_path / "pki", ["agency-a", "agency-b"], server_agencies=["agency-b"])
+    world.with_tax_paid()
     custodian = world.custodian()
     aggregate = AggregateCustodian(custodian, paillier_settings=TEST_PAILLIER)
-    server, port = serve_custodian(
-        custodian, kit.TLSFiles.from_dir(tmp_path / "pki", "agency-b", "server"),
-        "127.0.0.1:0", aggregate=aggregate)
-    tls = kit.TLSFiles.from_dir(tmp_path / "pki", "agency-a", "client")
-    try:
-        yield world, f"127.0.0.1:{port}", tls
-    finally:
-        server.stop(0)
-
-
-def _authorize(world, tier: P.Tier, *, min_count: int = 0):
-    now = int(time.time())
-    auth = P.Authorization(
-        authorization_id=P.new_authorization_id(),
-        authority_key_id=P.authority_key_id(world.authority.public_key()),
-        requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
-        purpose="statistics", not_before=now - 60, not_after=now + 3600, tier=tier,
-        max_queries=1000, max_disclosures=0, match_rules=("tin+dob",),
-        disclosure_fields=("tax_paid_cents",) if tier is P.Tier.AGGREGATE else (),
-        retention_days=30, min_aggregate_count=min_count,
-    )
-    return P.sign_authorization(auth, world.authority)
+    with custodian_over_mtls(custodian, tmp_path / "pki", aggregate=aggregate) as (address, tls):
+        yield world, address, tls
 
 
 @pytest.mark.parametrize("tier", [P.Tier.AGGREGATE, P.Tier.CARDINALITY])
@@ -72,7 +48,7 @@ def test_count_and_sum_equal_plaintext(setup, tier) -> None:
     want = plaintext_answer((rule.match_key(q.person, today=date.today()) for q in queries),
                             ((rule.match_key(r, today=date.today()), int(r.get("tax_paid_cents")))
                              for r in world.records))
-    session = AggregateRequesterSession(_authorize(world, tier), queries,
+    session = AggregateRequesterSession(world.authorize_aggregate(tier), queries,
                                         signing_key=world.requester_key, min_key_bits=1024)
     with kit.secure_channel(address, tls) as ch:
         out = run_remote_aggregate(session, ch)
@@ -87,8 +63,8 @@ def test_count_and_sum_equal_plaintext(setup, tier) -> None:
 def test_minimum_count_withholds_the_sum(setup) -> None:
     world, address, tls = setup
     queries = [as_query(world.records[i]) for i in range(3)]
-    session = AggregateRequesterSession(_authorize(world, P.Tier.AGGREGATE, min_count=10),
-                                        queries, min_key_bits=1024)
+    signed = world.authorize_aggregate(P.Tier.AGGREGATE, min_count=10)
+    session = AggregateRequesterSession(signed, queries, min_key_bits=1024)
     with kit.secure_channel(address, tls) as ch:
         out = run_remote_aggregate(session, ch)
     assert out.result.count == 3 and out.result.withheld and out.result.sum is None
@@ -97,7 +73,7 @@ def test_minimum_count_withholds_the_sum(setup) -> None:
 def test_tier_mismatch_refused_over_grpc(setup) -> None:
     world, address, tls = setup
     identity_auth = world.authorize()
-    aggregate_auth = _authorize(world, P.Tier.AGGREGATE)
+    aggregate_auth = world.authorize_aggregate(P.Tier.AGGREGATE)
     with kit.secure_channel(address, tls) as ch:
         with pytest.raises(grpc.RpcError) as err:
             run_remote_session(RequesterSession(aggregate_auth,
@@ -128,8 +104,8 @@ def test_cross_tier_rpcs_fail_precondition(setup) -> None:
             stub.OpenSession(codec.to_pb(session.open_request()), timeout=30)
             return session.session_id
 
-        aggregate = AggregateRequesterSession(_authorize(world, P.Tier.AGGREGATE), queries,
-                                              min_key_bits=1024)
+        aggregate = AggregateRequesterSession(world.authorize_aggregate(P.Tier.AGGREGATE),
+                                              queries, min_key_bits=1024)
         stub.AggregateOpen(codec.to_pb(aggregate.open_request()), timeout=30)
 
         def ref(session_id: str) -> Any:

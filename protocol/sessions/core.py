@@ -513,10 +513,19 @@ class CustodianCore(SessionMachine):
         decision.raise_if_refused()
         if not req.session_id or len(req.session_id) > MAX_SESSION_ID:
             raise ProtocolError(f"session id must be 1..{MAX_SESSION_ID} characters")
-        if not self.RESUMABLE and ledger.reservation(req.session_id) is not None:
+        earlier = ledger.reservation(req.session_id)
+        if earlier is not None and not self.RESUMABLE:
             raise ProtocolError(
                 f"session id {req.session_id!r} was already used; {self.table.role} sessions "
                 "cannot be resumed (their keys live only in the session)")
+        if earlier is not None and (earlier.auth_id, earlier.reserved) != (
+                auth.authorization_id, req.element_count):
+            # Only the same authorization and element count resume a session id; anything
+            # else is the caller's mistake, refused here rather than by the ledger's check.
+            raise ProtocolError(
+                f"session id {req.session_id!r} is in use by another authorization or "
+                "reservation; resume it with the same authorization and element count, or "
+                "open a new session id")
         self._prepare(req, signed)  # data problems surface before any budget is spent
         # Only a verified authorization is registered (an unverified one could squat its id).
         ledger.ensure_authorization(
