@@ -445,3 +445,37 @@ def test_custodian_prepare_option_names_any_registered_engine() -> None:
     for bad in ("kkrt", "nosuch=tin+dob", "kkrt=", "=tin+dob"):
         with pytest.raises(argparse.ArgumentTypeError):
             _engine_rules(bad)
+
+
+def test_build_cache_builds_once_per_key_under_concurrency() -> None:
+    """Indexes and key tables are built once per key; concurrent callers wait for that build."""
+    import threading
+    import time as _time
+
+    from protocol.engines.base import BuildCache
+
+    cache: BuildCache[str, list[str]] = BuildCache(threading.Lock)
+    builds: list[str] = []
+
+    def build(key: str) -> list[str]:
+        builds.append(key)
+        _time.sleep(0.05)  # long enough that the other callers arrive during the build
+        return [key]
+
+    got: list[list[str]] = []
+    threads = [threading.Thread(target=lambda k=k: got.append(cache.get(k, lambda: build(k))))
+               for k in ("a", "a", "a", "b", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(builds) == ["a", "b"]
+    assert sorted(map(tuple, got)) == [("a",)] * 3 + [("b",)] * 2
+    assert cache.get("a", lambda: build("again")) == ["a"]  # cached: no further build
+
+    def failing() -> list[str]:
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError):
+        cache.get("c", failing)
+    assert cache.get("c", lambda: ["c"]) == ["c"]  # a failed build is not cached

@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -49,11 +49,47 @@ REQUEST_STREAM = "evaluate"
 #: or an in-process stand-in with the same methods (blind / blind_evaluate / finalize /
 #: evaluate, and ``executor``).  Engines never create pools; the caller injects one.
 GroupOps = Any
+K = TypeVar("K")
+V = TypeVar("V")
 #: Makes the locks that guard caches shared by concurrent sessions.  The core starts no
 #: threads, so it imports no lock type: a service that drives sessions from several threads
 #: injects ``threading.Lock``; the default (no locking) is for single-threaded use, where
 #: at worst two sessions would build the same cache entry twice.
 LockFactory = Callable[[], AbstractContextManager[Any]]
+
+
+class BuildCache(Generic[K, V]):
+    """Values that are expensive to build (indexes, key tables), built once per key.
+
+    Concurrent callers of one key wait for the first build instead of repeating it (an
+    index build costs minutes at national scale); callers of different keys do not wait for
+    each other.  Locks come from the injected factory: the core starts no threads.
+    """
+
+    def __init__(self, new_lock: LockFactory) -> None:
+        self._new_lock = new_lock
+        self._lock = new_lock()
+        self._values: dict[K, V] = {}
+        self._building: dict[K, AbstractContextManager[Any]] = {}
+
+    def get(self, key: K, build: Callable[[], V]) -> V:
+        """The cached value of ``key``, built with ``build()`` by the first caller."""
+        with self._lock:
+            value = self._values.get(key)
+            if value is not None:
+                return value
+            build_lock = self._building.get(key)
+            if build_lock is None:
+                build_lock = self._building[key] = self._new_lock()
+        with build_lock:
+            with self._lock:
+                value = self._values.get(key)
+            if value is None:
+                value = build()
+                with self._lock:
+                    self._values[key] = value
+                    self._building.pop(key, None)
+        return value
 
 
 def utc_date(seconds: float) -> date:

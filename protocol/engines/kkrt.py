@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from protocol.domain.engine import BUILTIN_ENGINE_TRAITS, Engine, EngineTraits
 from protocol.domain.messages import OpenResponse
 from protocol.domain.recordstore import bulk_match_keys_digested
 from protocol.engines.base import (
+    BuildCache,
     CustodianData,
     Exchange,
     Flow,
@@ -111,9 +111,7 @@ class KkrtCustodianEngine:
 
     def __init__(self, data: CustodianData) -> None:
         self.data = data
-        self._cache: dict[tuple[str, ...], KeyTable] = {}
-        self._locks: dict[tuple[str, ...], AbstractContextManager[Any]] = {}
-        self._lock = data.new_lock()
+        self._cache: BuildCache[tuple[str, ...], KeyTable] = BuildCache(data.new_lock)
 
     def prepare(self, rules: Sequence[str]) -> None:
         self.keys(rules)
@@ -124,18 +122,8 @@ class KkrtCustodianEngine:
     def keys(self, rules: Sequence[str]) -> KeyTable:
         """(keys, record index, rule index, key digests) of in-scope records for a rule set."""
         rules_t = tuple(sorted(rules))
-        with self._lock:
-            build_lock = self._locks.get(rules_t)
-            if build_lock is None:
-                build_lock = self._locks[rules_t] = self.data.new_lock()
-        with build_lock:  # one build per rule set; concurrent sessions wait for it
-            with self._lock:
-                cached = self._cache.get(rules_t)
-            if cached is None:
-                cached = self._build(rules_t)
-                with self._lock:
-                    self._cache[rules_t] = cached
-        return cached
+        # one build per rule set; concurrent sessions wait for it
+        return self._cache.get(rules_t, lambda: self._build(rules_t))
 
     def _build(self, rules_t: tuple[str, ...]) -> KeyTable:
         # One pass on the worker pool: the workers digest the keys they derive.

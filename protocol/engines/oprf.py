@@ -33,6 +33,7 @@ from protocol.domain.messages import (
 from protocol.domain.records import MATCH_RULES
 from protocol.engines.base import (
     INDEX_SLICE,
+    BuildCache,
     CustodianData,
     Exchange,
     Flow,
@@ -244,8 +245,8 @@ class OprfCustodian:
 
     def __init__(self, data: CustodianData) -> None:
         self.data = data
-        self._indexes: dict[tuple[str, tuple[str, ...]], CustodianIndex] = {}
-        self._lock = data.new_lock()
+        self._indexes: BuildCache[tuple[str, tuple[str, ...]], CustodianIndex] = BuildCache(
+            data.new_lock)
 
     def prepare(self, rules: Sequence[str]) -> None:
         """Nothing: every tag depends on the authorization key, so indexes are built at open."""
@@ -258,11 +259,11 @@ class OprfCustodian:
               ) -> CustodianIndex:
         """Build (or fetch) the tag index for an authorization under its key ``key``."""
         rules_t = tuple(sorted(rules))
-        cache_key = (authorization_id, rules_t)
-        with self._lock:
-            idx = self._indexes.get(cache_key)
-        if idx is not None:
-            return idx
+        return self._indexes.get((authorization_id, rules_t),
+                                 lambda: self._build_index(authorization_id, rules_t, key))
+
+    def _build_index(self, authorization_id: str, rules_t: tuple[str, ...], key: bytes
+                     ) -> CustodianIndex:
         started = time.perf_counter()
         data = self.data
         all_tags: list[bytes] = []
@@ -283,7 +284,7 @@ class OprfCustodian:
         records = np.concatenate(rec_idx) if rec_idx else np.zeros(0, np.int64)
         rule_ids = np.concatenate(rule_idx) if rule_idx else np.zeros(0, np.int8)
         order = np.argsort(tags, kind="stable")
-        idx = CustodianIndex(
+        return CustodianIndex(
             authorization_id=authorization_id,
             rules=rules_t,
             tags=tags[order],
@@ -292,9 +293,6 @@ class OprfCustodian:
             tag_size=data.tag_size,
             build_seconds=time.perf_counter() - started,
         )
-        with self._lock:
-            self._indexes[cache_key] = idx
-        return idx
 
     def named_index(self, authorization_id: str, rules: Sequence[str],
                     certification: Certification, session_key: bytes) -> CustodianIndex:
@@ -304,11 +302,14 @@ class OprfCustodian:
         gets from a reviewed token.  Records excluded by policy never enter the index.
         """
         rules_t = tuple(sorted(rules))
-        cache_key = (f"named:{authorization_id}", rules_t)
-        with self._lock:
-            idx = self._indexes.get(cache_key)
-        if idx is not None:
-            return idx
+        return self._indexes.get(
+            (f"named:{authorization_id}", rules_t),
+            lambda: self._build_named_index(authorization_id, rules_t, certification,
+                                            session_key))
+
+    def _build_named_index(self, authorization_id: str, rules_t: tuple[str, ...],
+                           certification: Certification, session_key: bytes
+                           ) -> CustodianIndex:
         started = time.perf_counter()
         data = self.data
         position_of = {data.records[i].record_id: i for i in data.in_scope.tolist()}
@@ -340,16 +341,13 @@ class OprfCustodian:
                 cert_pos.append(p)
         tags = np.frombuffer(b"".join(all_tags), dtype=np.dtype(f"S{data.tag_size}"))
         order = np.argsort(tags, kind="stable")
-        idx = CustodianIndex(
+        return CustodianIndex(
             authorization_id=authorization_id, rules=rules_t, tags=tags[order],
             record_idx=np.asarray(rec_idx, dtype=np.int64)[order],
             rule_idx=np.asarray(rule_idx, dtype=np.int8)[order],
             tag_size=data.tag_size, build_seconds=time.perf_counter() - started,
             cert_pos=np.asarray(cert_pos, dtype=np.int64)[order],
         )
-        with self._lock:
-            self._indexes[cache_key] = idx
-        return idx
 
 
 class OprfCustodianSession:

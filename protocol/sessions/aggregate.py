@@ -119,7 +119,7 @@ from protocol.domain.messages import (
 )
 from protocol.domain.records import PersonRecord, QueryRecord, match_keys_bulk
 from protocol.domain.recordstore import bulk_match_keys, persons_of
-from protocol.engines.base import utc_date
+from protocol.engines.base import BuildCache, utc_date
 from protocol.errors import InvalidElementError, InvalidRecordError, ProtocolError
 from protocol.policy.decide import Mode, SessionRequest, SignedAuthorization, Tier
 from protocol.sessions.core import (
@@ -561,8 +561,9 @@ class AggregateCustodian:
         self.custodian = custodian
         self.ops: AggregateOps = ops or SerialAggregateOps()
         self.settings = paillier_settings or PaillierSettings()
-        self._indexes: dict[tuple[str, str], ValueIndex] = {}
-        self._lock = custodian.config.new_lock()  # injected: the core runs no threads
+        # locks injected through the config: the core runs no threads
+        self._indexes: BuildCache[tuple[str, str], ValueIndex] = BuildCache(
+            custodian.config.new_lock)
 
     @property
     def config(self) -> CustodianConfig:
@@ -575,11 +576,10 @@ class AggregateCustodian:
         an integer raises ``InvalidRecordError`` naming the record: treating it as zero
         would silently falsify the sum.
         """
-        cache_key = (rule_id, value_field)
-        with self._lock:
-            idx = self._indexes.get(cache_key)
-        if idx is not None:
-            return idx
+        return self._indexes.get((rule_id, value_field),
+                                 lambda: self._build(rule_id, value_field))
+
+    def _build(self, rule_id: str, value_field: str) -> ValueIndex:
         started = time.perf_counter()
         records, in_scope = self.config.records, self.custodian.in_scope
         today = utc_date(self.config.clock())
@@ -609,14 +609,11 @@ class AggregateCustodian:
             )
         offsets = np.zeros(len(key_list) + 1, dtype=np.int64)
         np.cumsum([len(k) for k in key_list], out=offsets[1:])
-        idx = ValueIndex(
+        return ValueIndex(
             rule_id=rule_id, value_field=value_field, key_blob=b"".join(key_list),
             key_offsets=offsets, values=np.asarray(values, dtype=np.int64), records=with_key,
             build_seconds=time.perf_counter() - started,
         )
-        with self._lock:
-            self._indexes[cache_key] = idx
-        return idx
 
     def session(self) -> AggregateCustodianSession:
         return AggregateCustodianSession(self)
