@@ -24,8 +24,9 @@ install: $(VENV)/.installed-dev
 proto: install
 	$(PY) -m proto
 
+# KEEP=1 keeps the demo's working directory (keys, ledgers, logs) and prints where it all is.
 demo: install
-	$(PY) -m agency_a.demo --scale $(SCALE)
+	$(PY) -m agency_a.demo --scale $(SCALE) $(if $(KEEP),--keep)
 
 # Style, then the layers (import-linter contracts in pyproject.toml), then types (mypy).
 lint: install

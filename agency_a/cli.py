@@ -12,19 +12,40 @@ from typing import Any
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agency_a.service import RequesterService, serve
-from agency_a.store import ResultStore, generate_key_file, load_key
+from agency_a.store import (
+    RESULT_FORMATS,
+    ResultStore,
+    format_result_rows,
+    generate_key_file,
+    load_key,
+)
 from proto import service_kit as kit
-from proto.lifecycle import add_serve_arguments, run_cli, serve_until_signal, shut_down
+from proto.lifecycle import (
+    add_serve_arguments,
+    run_cli,
+    serve_until_signal,
+    shut_down,
+    start_serve_process,
+)
 from protocol.adapters.checkpointer import Checkpointer
+from protocol.adapters.files import make_private_dir, write_file_atomic
 from protocol.adapters.keys import load_signing_key, parse_agency_keys, write_signing_key
+from protocol.adapters.operators import (
+    OPERATORS_FILE,
+    read_operator_roster,
+    write_operator_roster,
+)
 from protocol.adapters.pools import AggregatePool, BatchPool
 from protocol.adapters.sqlite_ledger import Ledger
+from protocol.cli.help import HelpfulParser
 from protocol.cli.oversight import add_ledger_commands, audit_verify_command, export_command
 from protocol.domain.engine import Engine
+from protocol.domain.records import CSV_SCHEMA_HELP
 from protocol.engines import registry as engine_registry
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
@@ -34,8 +55,9 @@ LEDGER_FILE = "requester-ledger.sqlite"
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_private_dir(args.out)
+    if args.operator:  # validated before any secret is written
+        write_operator_roster(out / OPERATORS_FILE, args.operator, force=args.force)
     write_signing_key(out, "signing", force=args.force)
     key_path = out / "results.key"
     if key_path.exists() and args.force:
@@ -43,14 +65,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     generate_key_file(key_path)
     print(f"requester secrets written to {out} (signing.key, signing.pub.json, results.key); "
           "keep results.key away from the data directory")
+    print(f"operators: {', '.join(args.operator)} ({out / OPERATORS_FILE})" if args.operator
+          else "no operators named: 'serve' needs --operators FILE (or re-run init with "
+               "--operator ID --force)")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    kit.setup_logging(args.log_level)
     secrets = Path(args.secrets)
-    data = Path(args.data)
-    data.mkdir(parents=True, exist_ok=True)
+    # a missing roster is a configuration error, reported before anything starts
+    operators = read_operator_roster(args.operators or secrets / OPERATORS_FILE)
+    start_serve_process(args)  # umask 0077, JSON logs only
+    data = make_private_dir(args.data)
     audit = Ledger(data / LEDGER_FILE)
     signing_key = load_signing_key(secrets / "signing.key")
     checkpointer = Checkpointer(audit, signing_key, args.checkpoint_interval).start()
@@ -62,13 +88,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = RequesterService(
         args.agency_id,
         kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "client"),
-        signing_key=signing_key,
+        signing_key=signing_key, operators=operators,
         store=store, ops=pool, custodian_keys=parse_agency_keys(args.custodian_key),
         chunk_size=args.chunk_size, audit=audit, aggregate_ops=agg_pool,
     )
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     server, port = serve(service, tls, args.listen)
+    service.start_receipt_retries(args.receipt_retry_interval)  # earlier runs' pending jobs
     serve_until_signal(log, port, args.port_file, service="requester", agency=args.agency_id)
+    service.stop_receipt_retries()
     store.stop_purger()  # its audit entries land before the final checkpoint
     shut_down(log, server, args.grace, checkpointer, (pool, agg_pool))
     audit.close()
@@ -122,7 +150,12 @@ def cmd_match(args: argparse.Namespace) -> int:
         try:
             status = stub.SubmitMatch(_upload(header, Path(args.queries)), timeout=3600)
         except grpc.RpcError as exc:
-            console.print(f"[red]refused[/red] {exc.code().name}: {exc.details()}")
+            details = exc.details() or ""
+            if "CSV header" in details:  # the status is clipped: the schema is printed here
+                details = details.splitlines()[0] + "\n" + CSV_SCHEMA_HELP
+            console.print(f"[red]refused[/red] {exc.code().name}: {escape(details)}",
+                          highlight=False,
+                          soft_wrap=True)
             return 1
         console.print(f"job [bold]{status.job_id}[/bold]: {status.queries} query records, "
                       f"{status.accepted} accepted, {status.queries - status.accepted} refused")
@@ -147,11 +180,13 @@ def cmd_match(args: argparse.Namespace) -> int:
     if failed:
         console.print(f"[red]match failed[/red] {failed}")
         if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps({"failed": failed}, indent=2))
+            write_file_atomic(args.summary_json, json.dumps({"failed": failed}, indent=2).encode())
         return 1
     print_summary(console, summary)
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+        # the receipt and per-field counts: audit material, owner-only like the ledgers
+        write_file_atomic(args.summary_json,
+                          json.dumps(summary, indent=2, default=str).encode())
     return 0
 
 
@@ -184,6 +219,25 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
                        ("fields disclosed", "fields_disclosed")):
         items = s.get(key) or {}
         console.print(f"{label}: " + (", ".join(f"{k}={v:,}" for k, v in items.items()) or "none"))
+    for line in late_summary_lines(s):
+        console.print(line)
+
+
+def late_summary_lines(s: dict[str, Any]) -> list[str]:
+    """What the cap withheld and whether the receipt is pending (docs/architecture.md,
+    Late failures): silent before, only the custodian's log told."""
+    lines = []
+    if s.get("disclosure_cap_reached"):
+        lines.append(f"disclosure cap reached: {s.get('disclosures_withheld_by_cap', 0):,} "
+                     f"disclosures withheld (the authorization allows "
+                     f"{s.get('disclosure_cap', 0):,} records)")
+    if s.get("receipt_pending"):
+        lines.append(f"receipt pending: results are stored and readable; the service retries "
+                     f"the receipt ({s.get('receipt_error', '')})")
+    elif s.get("match_completed") is False:
+        lines.append("match interrupted before it completed: nothing was disclosed; the "
+                     "session is closed with its receipt; submit the job again")
+    return lines
 
 
 def print_aggregate_summary(console: Console, s: dict[str, Any]) -> None:
@@ -200,7 +254,7 @@ def print_aggregate_summary(console: Console, s: dict[str, Any]) -> None:
         ("intersection sum", "withheld: " + str(s.get("aggregate_reason"))
          if s.get("aggregate_withheld") else
          ("-" if total is None else f"{total:,} (${total / 100:,.2f} if cents)")),
-        ("custodian pairs received", f"{s.get('custodian_pairs', 0):,}"),
+        ("custodian elements reblinded", f"{s.get('custodian_elements', 0):,}"),
         ("bytes requester -> custodian", f"{s.get('bytes_a_to_b', 0):,}"),
         ("bytes custodian -> requester", f"{s.get('bytes_b_to_a', 0):,}"),
         ("wall seconds", str(s.get("wall_seconds"))),
@@ -210,20 +264,53 @@ def print_aggregate_summary(console: Console, s: dict[str, Any]) -> None:
     console.print(t)
 
 
+TERMINAL_ROW_LIMIT = 20
+
+
+def _result_limit(args: argparse.Namespace) -> int | None:
+    """Rows to emit: --limit when given (0 = all); else a screenful on a terminal, else all."""
+    if args.limit is not None:
+        if args.limit < 0:
+            raise ValueError(f"--limit must be 0 (all) or positive, got {args.limit}")
+        return args.limit or None
+    return TERMINAL_ROW_LIMIT if args.out is None and args.format == "text" else None
+
+
 def cmd_results(args: argparse.Namespace) -> int:
+    """Read (and optionally export) a job's results; the service logs the read first."""
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.exists() or out.is_symlink()):
+        raise FileExistsError(f"--out {out} already exists; results are never overwritten")
+    limit = _result_limit(args)
     with _channel(args) as channel:
         stub = pb2_grpc.RequesterStub(channel)
         try:
-            rows = list(stub.GetResults(pb2.JobRef(job_id=args.job, operator=args.operator,
-                                                   purpose=args.purpose), timeout=600))
+            replies = list(stub.GetResults(pb2.JobRef(job_id=args.job, operator=args.operator,
+                                                      purpose=args.purpose), timeout=600))
         except grpc.RpcError as exc:
             print(f"agency-a: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    for r in rows[: args.limit]:
-        fields = ", ".join(f"{f.name}={f.value}" for f in r.fields)
-        print(f"{r.query_record_id}\t{r.rule_id}\t{fields}")
-    print(f"{len(rows)} result rows (access logged for operator {args.operator!r})",
-          file=sys.stderr)
+    rows = [{"query_record_id": r.query_record_id, "rule_id": r.rule_id,
+             "pseudonym": r.pseudonym, "fields": {f.name: f.value for f in r.fields}}
+            for r in replies]
+    shown = rows if limit is None else rows[:limit]
+    text = format_result_rows(shown, args.format)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        write_file_atomic(out, text.encode("utf-8"), mode=0o600, overwrite=False)
+    logged = f"read logged for operator {args.operator!r}"
+    if out is not None:
+        logged = (f"written to {out} (plaintext, mode 0600: its handling and deletion are now "
+                  f"yours); {logged}")
+    note = f"{len(rows)} result rows {logged}"
+    if len(shown) < len(rows):
+        note = (f"showing {len(shown)} of {len(rows)} result rows, {len(rows) - len(shown)} "
+                f"more not shown (--limit 0 shows all; --out FILE exports them); {logged}")
+    if not rows:
+        note += ("; none stored: the job matched nothing, or its results were purged "
+                 "(retention expiry or 'agency-a purge')")
+    print(note, file=sys.stderr)
     return 0
 
 
@@ -236,35 +323,63 @@ def cmd_purge(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"agency-a: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    print(f"purged {ack.purged} result rows")
+    print(f"purged {ack.purged} result rows of job {args.job} (reason {args.reason!r}, "
+          f"logged for operator {args.operator!r}); the store's file was vacuumed, so a later "
+          "'results' for this job reads as empty"
+          if ack.purged else
+          f"nothing to purge for job {args.job}: no results stored (never matched, already "
+          "purged, or expired); the request is logged")
     return 0
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, help="address of the agency-a service")
     p.add_argument("--certs", required=True, help="directory from 'psi-authority dev-ca'")
-    p.add_argument("--agency-id", default="agency-a", help="this agency's id")
+    p.add_argument("--agency-id", default="agency-a",
+                   help="this agency's id (names the client certificate in --certs)")
     p.add_argument("--operator", required=True, help="operator identity (logged)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agency-a", description=(
+    p = HelpfulParser(prog="agency-a", description=(
         "Requester agency: validates its query file, runs the private match against the "
-        "custodian under a signed authorization, and keeps results encrypted with retention."))
+        "custodian under a signed authorization, and keeps results encrypted with retention.\n"
+        "The authorization's tier decides what a match returns: 'identity' (matched records "
+        "and their permitted fields) or 'aggregate'/'cardinality' (a count and a sum, no "
+        "identities); see 'psi-authority issue --help'."))
     sub = p.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("init", help="generate the receipt key and the result-store key")
+    i = sub.add_parser("init", help="generate the receipt key and the result-store key",
+                       description="Write signing.key/signing.pub.json (countersigns the "
+                       "custodian's receipts; give the .pub.json to the custodian) and "
+                       "results.key (encrypts stored results; keep it out of --data).")
     i.add_argument("--out", required=True, help="secrets directory (not the data directory)")
-    i.add_argument("--force", action="store_true")
+    i.add_argument("--force", action="store_true", help="replace existing secrets")
+    i.add_argument("--operator", action="append", default=[], metavar="ID",
+                   help=f"an operator who may submit jobs and read or purge results "
+                        f"(repeatable; written to {OPERATORS_FILE} in --out; ids use "
+                        "[A-Za-z0-9._@-], at most 64 characters; default: none, then "
+                        "'serve' needs --operators)")
     i.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("serve", help="run the requester gRPC service (mTLS only)")
+    s = sub.add_parser("serve", help="run the requester gRPC service (mTLS only)",
+                       description="Run the requester service: accepts match jobs from "
+                       "operators over mTLS, runs them against the custodian, keeps results "
+                       "encrypted in --data and purges them when their retention ends. Stops "
+                       "gracefully on SIGTERM/SIGINT.")
     add_serve_arguments(s, agency="agency-a", listen="127.0.0.1:50051")
     s.add_argument("--data", required=True, help="directory for the ledger and result store")
+    s.add_argument("--operators", metavar="FILE",
+                   help="operator roster, one id per line: only these may submit jobs or "
+                        "read or purge results (default: "
+                        f"{OPERATORS_FILE} in --secrets, written by 'init --operator')")
     s.add_argument("--custodian-key", action="append", default=[], metavar="AGENCY=PUB.json",
                    help="pin a custodian's receipt-signing key (repeatable)")
     s.add_argument("--chunk-size", type=int, default=4096, help="elements per chunk")
     s.add_argument("--purge-interval", type=float, default=60.0,
                    help="seconds between retention purges")
+    s.add_argument("--receipt-retry-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between retries of jobs whose receipt is pending (they are "
+                        "also retried at start-up; default: %(default)s)")
     s.set_defaults(func=cmd_serve)
 
     add_ledger_commands(sub, agency="requester", location="--data",
@@ -272,13 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
                         verify=cmd_audit_verify,
                         export=cmd_export)
 
-    m = sub.add_parser("match", help="submit a match job and follow it to the end")
+    m = sub.add_parser("match", help="submit a match job and follow it to the end",
+                       description="Upload the query file to the requester service, which "
+                       "validates it, runs the match under the authorization's tier "
+                       "(identity: records and fields; aggregate/cardinality: a count and a "
+                       "sum) and reports progress and a summary.\n\n" + CSV_SCHEMA_HELP)
     _client_args(m)
     m.add_argument("--authorization", required=True, help="signed authorization file")
-    m.add_argument("--queries", required=True, help="query records CSV")
+    m.add_argument("--queries", required=True, help="query records CSV (schema below)")
     m.add_argument("--custodian", required=True, help="custodian service address")
-    m.add_argument("--rules", help="comma-separated subset of the authorized match rules")
-    m.add_argument("--fields", help="comma-separated subset of the authorized fields")
+    m.add_argument("--rules", help="comma-separated subset of the authorized match rules "
+                   "(default: all the authorization permits)")
+    m.add_argument("--fields", help="comma-separated subset of the authorized fields "
+                   "(default: all the authorization permits)")
     m.add_argument("--session-id", help="resume this session id")
     m.add_argument("--tokens", help="named-subject tokens from 'psi-authority review'")
     m.add_argument("--engine", default=Engine.OPRF.value, choices=list(engine_registry.names()),
@@ -286,20 +407,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the authorization and the custodian policy must permit it)")
     m.add_argument("--show-refused", type=int, default=10, help="refused records to list")
     m.add_argument("--summary-json", help="write the final summary here")
-    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (for logs and scripts)")
     m.set_defaults(func=cmd_match)
 
-    r = sub.add_parser("results", help="read a job's results (logged, requires a purpose)")
+    r = sub.add_parser("results", help="read a job's results (logged, requires a purpose)",
+                       description="Decrypt and show, or export, a finished job's results. "
+                       "Every read is logged with the operator and purpose before any row is "
+                       "returned. An exported file is plaintext (mode 0600) and outside the "
+                       "store's retention: its handling is the operator's.")
     _client_args(r)
-    r.add_argument("--job", required=True)
-    r.add_argument("--purpose", required=True)
-    r.add_argument("--limit", type=int, default=20)
+    r.add_argument("--job", required=True, help="job id printed by 'match'")
+    r.add_argument("--purpose", required=True, help="why the results are read (logged)")
+    r.add_argument("--format", choices=RESULT_FORMATS, default="text",
+                   help="text (tab-separated), csv (one fields.<name> column per field) or "
+                        "json")
+    r.add_argument("--out", metavar="FILE",
+                   help="write the rows to this new file instead of stdout (default: stdout)")
+    r.add_argument("--limit", type=int, metavar="N",
+                   help=f"at most N rows, 0 = all (default: {TERMINAL_ROW_LIMIT} for text on "
+                        "stdout, else all); says how many were left out")
     r.set_defaults(func=cmd_results)
 
-    g = sub.add_parser("purge", help="purge a job's results now")
+    g = sub.add_parser("purge", help="purge a job's results now",
+                       description="Delete a job's stored results before their retention "
+                       "ends (securely: secure_delete and VACUUM); logged with the operator "
+                       "and reason. Prints how many rows were purged.")
     _client_args(g)
-    g.add_argument("--job", required=True)
-    g.add_argument("--reason", required=True)
+    g.add_argument("--job", required=True, help="job id printed by 'match'")
+    g.add_argument("--reason", required=True, help="why the results are purged (logged)")
     g.set_defaults(func=cmd_purge)
     return p
 

@@ -13,34 +13,49 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 from proto import codec
 from proto import service_kit as kit
+from protocol.accounting.receipts import countersign
 from protocol.crypto.kkrt import KKRTBaseOTReply, KKRTExtensionChunk, KKRTSetup, KKRTTagChunk
 from protocol.domain.messages import (
+    MAX_DISCLOSURE_BATCH,
+    CloseRequest,
+    DisclosureRequest,
     DisclosureResponse,
     EvaluateChunk,
     EvaluatedChunk,
+    OpenRequest,
     OpenResponse,
     TagChunk,
+    Transcript,
 )
 from protocol.engines.base import Exchange, Flow
 from protocol.errors import ProtocolError
 from protocol.sessions.aggregate import (
     AggregateOpenResponse,
     AggregateOutcome,
+    AggregateRelease,
     AggregateRequesterSession,
-    CustodianPairsChunk,
-    DoubleBlindedChunk,
-    SumReveal,
+    CustodianChunk,
+    MatchChallenge,
 )
-from protocol.sessions.identity import Receipt, RequesterSession, SessionOutcome
+from protocol.sessions.identity import (
+    Match,
+    MatchResult,
+    Receipt,
+    RequesterSession,
+    SessionOutcome,
+)
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 
@@ -65,6 +80,47 @@ def _noop(phase: str, done: int, total: int) -> None:
     return None
 
 
+class Journal(Protocol):
+    """Where a session's late steps are made durable as they happen (docs/architecture.md,
+    Late failures): a failure after any of them loses nothing that was disclosed."""
+
+    def opened(self, custodian_key: Ed25519PublicKey | None) -> None:
+        """The custodian opened the session (its budget is reserved from here on)."""
+
+    def matched(self, matches: Sequence[Match]) -> None:
+        """The local match is done; its proofs allow asking for the disclosures again."""
+
+    def disclosed(self, answered: Sequence[int], results: Sequence[MatchResult],
+                  rejected: int) -> None:
+        """The matches at positions ``answered`` were answered: ``results`` released."""
+
+    def closing(self, transcript_hash: bytes) -> None:
+        """About to ask for the receipt over this transcript."""
+
+    def receipt(self, receipt: Receipt) -> None:
+        """The custodian's receipt, verified and countersigned, before it is sent back."""
+
+
+class NoJournal:
+    """Keeps nothing (library callers and tests that do not recover)."""
+
+    def opened(self, custodian_key: Ed25519PublicKey | None) -> None:
+        return None
+
+    def matched(self, matches: Sequence[Match]) -> None:
+        return None
+
+    def disclosed(self, answered: Sequence[int], results: Sequence[MatchResult],
+                  rejected: int) -> None:
+        return None
+
+    def closing(self, transcript_hash: bytes) -> None:
+        return None
+
+    def receipt(self, receipt: Receipt) -> None:
+        return None
+
+
 def run_remote_session(
     session: RequesterSession,
     channel: grpc.Channel,
@@ -72,8 +128,14 @@ def run_remote_session(
     progress: Progress = _noop,
     stats: WireStats | None = None,
     rpc_timeout: float = 6 * 3600,
+    journal: Journal | None = None,
 ) -> SessionOutcome:
-    """Run one identity-tier session end to end over ``channel`` (mTLS)."""
+    """Run one identity-tier session end to end over ``channel`` (mTLS).
+
+    ``journal`` receives each late step as it happens (matches, every disclosure batch,
+    the close), so a caller can store them durably and finish the session after a failure
+    (:func:`finish_session`).
+    """
     stub = pb2_grpc.CustodianStub(channel)
     stats = stats if stats is not None else WireStats()
 
@@ -83,11 +145,13 @@ def run_remote_session(
     stats.add("open", open_pb.ByteSize(), opened.ByteSize())
     session.handle(codec.from_pb(OpenResponse, opened))
     _pin_custodian_key(session, opened)
+    journal = journal or NoJournal()
+    journal.opened(session.custodian_key)
     stats.seconds["open"] = time.perf_counter() - t0
     progress("open", 1, 1)
 
     _run_exchanges(session, stub, opened, progress, stats, rpc_timeout)
-    return _finish(session, stub, progress, stats, rpc_timeout)
+    return _finish(session, stub, progress, stats, rpc_timeout, journal)
 
 
 def _pin_custodian_key(session: RequesterSession | AggregateRequesterSession,
@@ -97,14 +161,19 @@ def _pin_custodian_key(session: RequesterSession | AggregateRequesterSession,
         session.custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
 
 
-def _close(session: RequesterSession | AggregateRequesterSession, stub: Any) -> Receipt:
+def _close(session: RequesterSession | AggregateRequesterSession, stub: Any,
+           journal: Journal | None = None) -> Receipt:
     """Close the session (either tier); returns its receipt, countersigned if we sign."""
     close = session.close_request()
+    if journal is not None:
+        journal.closing(close.transcript_hash)
     receipt_pb = stub.CloseSession(codec.to_pb(close, session_id=session.session_id),
                                    timeout=600)
     countersigned = session.handle(codec.from_pb(Receipt, receipt_pb))
     if not isinstance(countersigned, Receipt):
         raise ProtocolError("the session closed without a receipt")
+    if journal is not None:
+        journal.receipt(countersigned)
     if countersigned.requester_signature:
         stub.Countersign(codec.to_pb(countersigned), timeout=600)
     return countersigned
@@ -244,19 +313,24 @@ def _run_exchange(session: RequesterSession, stub: Any, exchange: Exchange, open
 
 
 def _finish(session: RequesterSession, stub: Any, progress: Progress, stats: WireStats,
-            rpc_timeout: float) -> SessionOutcome:
+            rpc_timeout: float, journal: Journal) -> SessionOutcome:
     """Local match, verified disclosure and the receipt: the same for every engine."""
     sid = session.session_id
     t_match = time.perf_counter()
     matches = session.match()
+    journal.matched(matches)
     stats.seconds["match"] = time.perf_counter() - t_match
     progress("match", len(matches), len(matches))
 
     t_disc = time.perf_counter()
     disclosed = 0
+    spans: dict[int, tuple[int, int]] = {}  # request seq -> (first match, matches)
 
     def disclosure_requests() -> Iterator[Any]:
+        start = 0
         for req in session.disclosure_requests():
+            spans[req.seq] = (start, len(req.outputs))
+            start += len(req.outputs)
             pb = codec.to_pb(req, session_id=sid)
             stats.add("disclose", pb.ByteSize(), 0)
             yield pb
@@ -264,17 +338,154 @@ def _finish(session: RequesterSession, stub: Any, progress: Progress, stats: Wir
     if matches:
         for pb in stub.Disclose(disclosure_requests(), timeout=rpc_timeout):
             stats.add("disclose", 0, pb.ByteSize())
+            before = len(session.results)
             session.handle(codec.from_pb(DisclosureResponse, pb))
+            start, count = spans.pop(pb.seq)
+            journal.disclosed(range(start, start + count), session.results[before:],
+                              len(pb.rejected))
             disclosed += len(pb.disclosures) + len(pb.rejected)
             progress("disclose", disclosed, len(matches))
     stats.seconds["disclose"] = time.perf_counter() - t_disc
 
     t_close = time.perf_counter()
-    countersigned = _close(session, stub)
+    countersigned = _close(session, stub, journal)
     stats.seconds["close"] = time.perf_counter() - t_close
     progress("close", 1, 1)
     return SessionOutcome(matches=session.matches, results=session.results,
                           receipt=countersigned, rejected=session.rejected)
+
+
+@dataclass(frozen=True)
+class PendingSession:
+    """What a requester keeps to finish an identity session after a late failure.
+
+    ``matches`` are (query record id, rule, proof) in match order (None: the session ended
+    before its match); ``answered`` the positions whose disclosure batch was answered;
+    ``close_hash`` the transcript hash a close was sent with; ``receipt`` the custodian's
+    verified receipt, if it arrived.
+    """
+
+    open_request: OpenRequest
+    matches: tuple[tuple[str, str, bytes], ...] | None = None
+    answered: frozenset[int] = frozenset()
+    close_hash: bytes | None = None
+    receipt: Receipt | None = None
+
+
+def finish_session(
+    pending: PendingSession,
+    channel: grpc.Channel,
+    *,
+    signing_key: Ed25519PrivateKey | None,
+    custodian_key: Ed25519PublicKey | None,
+    journal: Journal,
+    rpc_timeout: float = 6 * 3600,
+) -> tuple[Receipt, int]:
+    """Finish a session that failed late (docs/architecture.md, Late failures).
+
+    From the furthest durable point: send the countersignature again; or ask for the
+    receipt again (the custodian answers a repeated close with the same receipt, after a
+    restart too); or resume the session id (its reservation is not charged again), ask
+    again for the disclosures whose answers never arrived, and close.  Returns the
+    countersigned receipt and the number of disclosures rejected on the way.
+    """
+    stub = pb2_grpc.CustodianStub(channel)
+    sid = pending.open_request.session_id
+    if pending.receipt is not None:
+        return _countersigned(stub, pending.receipt, pending.receipt.transcript_hash,
+                              signing_key, custodian_key, journal), 0
+    if pending.close_hash is not None:
+        try:
+            return _receipt(stub, sid, pending.close_hash, signing_key, custodian_key,
+                            journal), 0
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                raise  # NOT_FOUND: the custodian restarted before it closed; resume below
+    transcript = Transcript()
+    opened = stub.OpenSession(codec.to_pb(pending.open_request), timeout=600)
+    response = codec.from_pb(OpenResponse, opened)
+    if response.session_id != sid or response.element_count != (
+            pending.open_request.element_count):
+        raise ProtocolError("the custodian resumed another session or element count")
+    if custodian_key is None and opened.custodian_public_key:
+        custodian_key = Ed25519PublicKey.from_public_bytes(opened.custodian_public_key)
+    transcript.add("open", pending.open_request)
+    transcript.add("open", response)
+    matches = pending.matches or ()
+    todo = [i for i in range(len(matches)) if i not in pending.answered]
+    batches = [todo[k:k + MAX_DISCLOSURE_BATCH] for k in range(0, len(todo),
+                                                                  MAX_DISCLOSURE_BATCH)]
+    allowed = set(response.disclosure_fields)
+    rejected = 0
+
+    def requests() -> Iterator[Any]:
+        for seq, batch in enumerate(batches):
+            req = DisclosureRequest(seq=seq, outputs=tuple((matches[i][1], matches[i][2])
+                                                           for i in batch))
+            transcript.add("disclosure-request", req)
+            yield codec.to_pb(req, session_id=sid)
+
+    answered: set[int] = set()
+    if batches:
+        try:
+            for pb in stub.Disclose(requests(), timeout=rpc_timeout):
+                reply = codec.from_pb(DisclosureResponse, pb)
+                if not 0 <= reply.seq < len(batches):
+                    raise ProtocolError(f"disclosure response {reply.seq} was not requested")
+                batch = batches[reply.seq]
+                results = []
+                for d in reply.disclosures:
+                    if not 0 <= d.index < len(batch) or {n for n, _ in d.fields} - allowed:
+                        raise ProtocolError("disclosure out of range or with ungranted fields")
+                    results.append(MatchResult(query_record_id=matches[batch[d.index]][0],
+                                               rule_id=d.rule_id, pseudonym=d.pseudonym,
+                                               fields=d.as_dict()))
+                transcript.add("disclosure-response", reply)
+                rejected += len(reply.rejected)
+                answered.update(batch)
+                journal.disclosed(batch, results, len(reply.rejected))
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            # The cap is reached: the custodian now refuses every disclosure request (that
+            # failed its session).  What is left counts as withheld; resume once more to
+            # close, so the session still ends with its receipt.
+            left = [i for i in todo if i not in answered]
+            journal.disclosed(left, [], len(left))
+            receipt, _ = finish_session(
+                PendingSession(pending.open_request, pending.matches,
+                               frozenset(range(len(matches)))), channel,
+                signing_key=signing_key, custodian_key=custodian_key, journal=journal,
+                rpc_timeout=rpc_timeout)
+            return receipt, rejected + len(left)
+    return _receipt(stub, sid, transcript.digest(), signing_key, custodian_key,
+                    journal), rejected
+
+
+def _receipt(stub: Any, session_id: str, transcript_hash: bytes,
+             signing_key: Ed25519PrivateKey | None, custodian_key: Ed25519PublicKey | None,
+             journal: Journal) -> Receipt:
+    """Close over ``transcript_hash`` (again, if need be) and countersign the receipt."""
+    journal.closing(transcript_hash)
+    receipt_pb = stub.CloseSession(
+        codec.to_pb(CloseRequest(transcript_hash=transcript_hash), session_id=session_id),
+        timeout=600)
+    return _countersigned(stub, codec.from_pb(Receipt, receipt_pb), transcript_hash,
+                          signing_key, custodian_key, journal)
+
+
+def _countersigned(stub: Any, receipt: Receipt, transcript_hash: bytes,
+                   signing_key: Ed25519PrivateKey | None,
+                   custodian_key: Ed25519PublicKey | None, journal: Journal) -> Receipt:
+    """Verify and countersign ``receipt`` (unless it already is), keep it, send it back."""
+    if not receipt.requester_signature:
+        receipt = countersign(receipt, session_id=receipt.session_id,
+                              own_transcript=transcript_hash, custodian_key=custodian_key,
+                              signing_key=signing_key)
+    journal.receipt(receipt)
+    if receipt.requester_signature:
+        stub.Countersign(codec.to_pb(receipt), timeout=600)
+    return receipt
 
 
 def run_remote_aggregate(
@@ -309,29 +520,35 @@ def run_remote_aggregate(
             yield codec.to_pb(chunk, session_id=sid)
 
     stub.AggregateUpload(upload(), timeout=rpc_timeout)
-    got = 0
-    for pb in stub.AggregateDoubleBlinded(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
-        session.handle(codec.from_pb(DoubleBlindedChunk, pb))
-        stats.add("evaluate", 0, len(pb.elements))
-        got += len(pb.elements) // 32
-        progress("evaluate", got, total)
     stats.seconds["evaluate"] = time.perf_counter() - t1
 
+    # The custodian's elements, each reblinded as it arrives (the session checks them).
     t2 = time.perf_counter()
-    pairs_total, pairs = opened.pair_count, 0
-    for pb in stub.AggregatePairs(pb2.SessionRef(session_id=sid), timeout=rpc_timeout):
-        session.handle(codec.from_pb(CustodianPairsChunk, pb))
-        stats.add("tags", 0, len(pb.elements) + len(pb.ciphertexts))
-        pairs += len(pb.elements) // 32
-        progress("tags", pairs, pairs_total)
+    custodian_total, got = opened.custodian_count, 0
+    for pb in stub.AggregateCustodianElements(pb2.SessionRef(session_id=sid),
+                                              timeout=rpc_timeout):
+        session.handle(codec.from_pb(CustodianChunk, pb))
+        stats.add("tags", 0, len(pb.elements))
+        got += len(pb.elements) // 32
+        progress("tags", got, custodian_total)
+
+    def reblinded() -> Iterator[Any]:
+        for chunk in session.reblinded_chunks():
+            stats.add("tags", len(chunk.elements), 0)
+            yield codec.to_pb(chunk, session_id=sid)
+
+    challenge = stub.AggregateReblind(reblinded(), timeout=rpc_timeout)
+    session.handle(codec.from_pb(MatchChallenge, challenge))
+    stats.add("tags", 0, challenge.ByteSize())
     stats.seconds["tags"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    masked = session.masked_sum()
-    stats.add("disclose", len(masked.ciphertext) + 8, 0)
-    reveal = stub.AggregateReveal(codec.to_pb(masked, session_id=sid), timeout=600)
-    session.handle(codec.from_pb(SumReveal, reveal))
-    stats.add("disclose", 0, reveal.ByteSize())
+    proof = session.consistency_proof()
+    stats.add("disclose", len(proof.public_element) + len(proof.challenge)
+              + len(proof.response), 0)
+    release = stub.AggregateRelease(codec.to_pb(proof, session_id=sid), timeout=600)
+    session.handle(codec.from_pb(AggregateRelease, release))
+    stats.add("disclose", 0, release.ByteSize())
     stats.seconds["disclose"] = time.perf_counter() - t3
     progress("disclose", 1, 1)
 

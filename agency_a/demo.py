@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from protocol.adapters.files import make_private_dir, open_private_log
 from protocol.adapters.scenario import ScenarioSpec, generate
 from protocol.domain.engine import Engine
 from protocol.domain.records import MATCH_RULES
@@ -175,6 +176,10 @@ def kkrt_scene(work: Path, scenario: Any, ports: dict[str, int], oprf_summary: d
         raise DemoFailure("the two engines disagree")
 
 
+#: Smallest ``--scale`` whose scenario has the true matches every scene uses.
+MIN_SCALE = 1000
+
+
 def named_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
     """Only subjects the authority reviewed can match; an unreviewed one in the file cannot."""
     console.rule("named-subject authorization")
@@ -225,7 +230,7 @@ def named_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
 
 def aggregate_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
     """Statistics without identities: how many are filers, and what they paid together."""
-    console.rule("aggregate tier: a count and a sum, no identities")
+    console.rule("aggregate tier: a count and a sum, no identity or individual value")
     auth = issue(work, "aggregate", "--tier", "aggregate", "--rules", NAMED_RULE,
                  "--fields", "tax_paid_cents", "--valid-days", "30", "--min-aggregate-count",
                  "10", queries=scenario.queries, quiet=True)
@@ -245,9 +250,11 @@ def aggregate_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
     console.print(f"  the requester learned: [bold]{got_count:,}[/bold] of its "
                   f"{summary['queries_accepted']:,} subjects are in the custodian's file, and "
                   f"together they paid [bold]${got_sum / 100:,.2f}[/bold]")
-    console.print("  it learned nothing about which ones: both sides' elements were shuffled, "
-                  "values were Paillier-encrypted and summed homomorphically; the custodian "
-                  "decrypted one masked sum and learned nothing about it")
+    console.print("  it learned nothing about which ones or what any one of them paid: the "
+                  "custodian matched and summed its own records, after a proof that the "
+                  "requester's elements were honest; it learned which of its records "
+                  "contributed and recorded a digest of them, so a later release differing "
+                  "by fewer than 10 people will be refused")
     console.print(f"  plaintext check (measurement only): count {want_count:,}, "
                   f"sum ${want_sum / 100:,.2f}")
     if (got_count, got_sum) != (want_count, want_sum):
@@ -297,12 +304,19 @@ def expect_refusal(label: str, code: int, summary: dict[str, Any], want: str) ->
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="demo", description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=int, default=int(os.environ.get("SCALE", "20000")),
-                   help="queries and custodian records (default 20000; 1300000 = full size)")
-    p.add_argument("--workdir", help="keep everything here instead of a temporary directory")
-    p.add_argument("--keep", action="store_true", help="do not delete the working directory")
+                   help="queries and custodian records (default 20000; at least 1000; "
+                   "1300000 = full size)")
+    p.add_argument("--workdir", help="keep everything here instead of a temporary directory "
+                   "(default: a new temporary directory, deleted at the end unless --keep)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the working directory and print where everything is "
+                        "('make demo KEEP=1')")
     args = p.parse_args(argv)
+    if args.scale < MIN_SCALE:  # the named scene needs a dozen reviewable true matches
+        p.error(f"--scale must be at least {MIN_SCALE:,}: the scenes need enough true matches "
+                f"(got {args.scale:,})")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gated-psi-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    make_private_dir(work)  # synthetic people, keys, ledgers: owner-only
     procs: list[subprocess.Popen[bytes]] = []
     ok = True
     state: dict[str, str] = {}
@@ -323,12 +337,47 @@ def main(argv: list[str] | None = None) -> int:
         if ok:
             ok = _verify_chains(work, state.get("auth_id", "")) and ok
         if args.workdir or args.keep or not ok:
-            console.print(f"working directory kept: {work}")
+            print_kept(work)
         else:
             shutil.rmtree(work, ignore_errors=True)
+            console.print(f"working directory {work} deleted (keys, ledgers and logs with it); "
+                          "'make demo KEEP=1' keeps it")
     console.print(Panel("[green]demo completed: every step behaved as expected[/green]" if ok
                         else "[red]demo FAILED[/red]"))
     return 0 if ok else 1
+
+
+#: What a kept working directory holds, relative to it (``kept_table``).
+KEPT_PATHS = (
+    ("synthetic inputs (queries, custodian records, ground truth)", "scenario"),
+    ("authority signing key and public key", "authority"),
+    ("signed authorizations (main.auth.json: the main match)", "*.auth.json"),
+    ("development CA and mTLS certificates", "certs"),
+    ("custodian policy", "agency-b/policy.json"),
+    ("custodian secrets (master secret, receipt key)", "agency-b/secrets"),
+    ("custodian ledger (audit chain, budgets, disclosures)", "agency-b/ledger.sqlite"),
+    ("custodian service log (JSON lines)", "agency-b/service.log"),
+    ("requester secrets (receipt key, result-store key)", "agency-a/secrets"),
+    ("requester data (ledger, encrypted results)", "agency-a/data"),
+    ("requester service log (JSON lines)", "agency-a/service.log"),
+    ("oversight exports of the main authorization", "export-a.json, export-b.json"),
+)
+
+
+def print_kept(work: Path) -> None:
+    """Where everything is in a kept working directory, and how to look at it again.
+
+    Plain lines, never a table: paths must not be cut to the terminal's width.
+    """
+    console.print(f"working directory kept: {work}", soft_wrap=True)
+    for label, rel in KEPT_PATHS:
+        console.print(f"  {rel:<34} {label}", soft_wrap=True, highlight=False)
+    console.print("check the two audit chains again (with the venv's bin on PATH):",
+                  soft_wrap=True)
+    console.print(f"  agency-b audit verify --ledger {work / 'agency-b' / 'ledger.sqlite'}",
+                  soft_wrap=True, highlight=False)
+    console.print(f"  agency-a audit verify --data {work / 'agency-a' / 'data'}",
+                  soft_wrap=True, highlight=False)
 
 
 def _verify_chains(work: Path, auth_id: str) -> bool:
@@ -376,7 +425,8 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
          "--agency", "agency-a", "--agency", "agency-b",
          "--server", "agency-a", "--server", "agency-b"], quiet=True)
     run(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")], quiet=True)
-    run(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets")], quiet=True)
+    run(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets"),
+         "--operator", "demo-analyst"], quiet=True)
     run(["protocol.cli.authority", "policy-template", "--custodian", "agency-b",
          "--trust", str(work / "authority" / "authority.pub.json"), "--engines", "oprf,kkrt",
          "--out", str(work / "agency-b" / "policy.json")], quiet=True)
@@ -399,18 +449,19 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
         "--listen", "127.0.0.1:0", "--port-file", str(b_dir / "port"),
         "--certification", str(certification),
         "--requester-key", f"agency-a={work / 'agency-a' / 'secrets' / 'signing.pub.json'}",
-    ], stderr=(b_dir / "service.log").open("wb")))
+    ], stderr=open_private_log(b_dir / "service.log")))
     a_dir = work / "agency-a"
     procs.append(subprocess.Popen([
         PY, "-m", "agency_a.cli", "serve", "--certs", str(work / "certs"),
         "--secrets", str(a_dir / "secrets"), "--data", str(a_dir / "data"),
         "--listen", "127.0.0.1:0", "--port-file", str(a_dir / "port"),
         "--custodian-key", f"agency-b={b_dir / 'secrets' / 'signing.pub.json'}",
-    ], stderr=(a_dir / "service.log").open("wb")))
+    ], stderr=open_private_log(a_dir / "service.log")))
     ports["b"] = wait_port(b_dir / "port", procs[0])
     ports["a"] = wait_port(a_dir / "port", procs[1])
     console.print(f"4. services up on loopback with mTLS: custodian :{ports['b']}, "
-                  f"requester :{ports['a']} (logs: service.log, JSON lines)")
+                  f"requester :{ports['a']} (logs, JSON lines: {b_dir / 'service.log'}, "
+                  f"{a_dir / 'service.log'})")
 
     console.rule("authorized identity-tier match")
     code, summary = match(work, auth, scenario.queries, ports, "main")

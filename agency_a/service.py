@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -25,18 +25,28 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agency_a.client import WireStats, run_remote_aggregate, run_remote_session
+from agency_a.client import (
+    PendingSession,
+    WireStats,
+    finish_session,
+    run_remote_aggregate,
+    run_remote_session,
+)
+from proto import codec
 from proto import service_kit as kit
-from protocol.accounting.export import record_receipt
+from protocol.accounting.export import RECEIPT_AUDIT_KIND, record_receipt
+from protocol.adapters.operators import MAX_OPERATOR_CHARS, OperatorRoster, operator_problem
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.domain.engine import Engine
+from protocol.domain.messages import OpenRequest, Receipt
 from protocol.domain.recordstore import load_query_csv
 from protocol.engines.named import TokenSet
-from protocol.errors import PSIError
+from protocol.errors import InvalidRecordError, PSIError
 from protocol.policy.decide import SignedAuthorization, Tier
 from protocol.sessions.aggregate import AggregateRequesterSession
-from protocol.sessions.identity import GroupOps, RequesterSession
+from protocol.sessions.identity import GroupOps, Match, MatchResult, RequesterSession
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_a")
@@ -44,6 +54,12 @@ log = logging.getLogger("agency_a")
 SERVICE_NAME = "gatedpsi.v1.Requester"
 MAX_UPLOAD_BYTES = 1 << 30
 MAX_REFUSALS_IN_STATUS = 1000
+#: A job whose results are stored but whose receipt is not yet countersigned: its results
+#: are readable and the receipt is retried (docs/architecture.md, Late failures).
+RECEIPT_PENDING = "done_receipt_pending"
+#: States whose results may be read.
+READABLE_STATES = ("done", RECEIPT_PENDING)
+FINISHED_STATES = ("done", RECEIPT_PENDING, "failed")
 
 
 @dataclass
@@ -70,7 +86,9 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "failed")
+        """Ended, and its final event is in the log (watchers must not miss it)."""
+        return (self.state in FINISHED_STATES and bool(self.events)
+                and self.events[-1].phase in ("done", "failed"))
 
 
 class RequesterService(kit.RequesterServicer):
@@ -82,6 +100,7 @@ class RequesterService(kit.RequesterServicer):
         client_tls: kit.TLSFiles,
         *,
         signing_key: Ed25519PrivateKey,
+        operators: Iterable[str],
         store: Any,
         ops: GroupOps | None = None,
         custodian_keys: dict[str, Ed25519PublicKey] | None = None,
@@ -90,6 +109,8 @@ class RequesterService(kit.RequesterServicer):
         aggregate_ops: Any = None,
     ) -> None:
         self.identity = identity
+        self.operators = operators if isinstance(operators, OperatorRoster) else OperatorRoster(
+            operators)
         self.audit = audit
         self.aggregate_ops = aggregate_ops
         self.client_tls = client_tls
@@ -100,6 +121,8 @@ class RequesterService(kit.RequesterServicer):
         self.chunk_size = chunk_size
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._active: set[str] = set()  # identity jobs whose session runs in this process
+        self._stop_retries = threading.Event()
 
     def _operator_peer(self, context: grpc.ServicerContext) -> str:
         """Only this agency's own operators (certificates for our agency id) may call."""
@@ -109,9 +132,31 @@ class RequesterService(kit.RequesterServicer):
                       f"requester_mismatch: {peer!r} is not an operator of {self.identity!r}")
         return peer
 
+    def _operator(self, context: grpc.ServicerContext, operator: str, rpc: str) -> str:
+        """The operator named in a request, if it is one of the configured roster.
+
+        A malformed id is INVALID_ARGUMENT and an unknown one PERMISSION_DENIED, each with a
+        specific reason; both refusals are logged (docs/architecture.md, Files and logs).
+        """
+        problem = operator_problem(operator)
+        if problem is None and operator in self.operators:
+            return operator
+        shown = operator[:MAX_OPERATOR_CHARS] if isinstance(operator, str) else ""
+        if problem is not None:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, f"invalid_operator: {problem}"
+        else:
+            code, message = (grpc.StatusCode.PERMISSION_DENIED,
+                             f"unknown_operator: {shown!r} is not in this service's operator "
+                             "roster")
+        kit.log_event(log, "operator_refused", logging.WARNING, rpc=rpc, operator=shown,
+                      status=code.name, reason=message)
+        kit.abort(context, code, message)
+
     def _job(self, ref: Any, context: grpc.ServicerContext) -> Job:
         with self._lock:
             job = self.jobs.get(ref.job_id)
+        if job is None and ref.job_id:
+            job = self._stored_job(ref.job_id)
         if job is None:
             kit.abort(context, grpc.StatusCode.NOT_FOUND, f"unknown_job: {ref.job_id!r}")
         return job
@@ -130,6 +175,7 @@ class RequesterService(kit.RequesterServicer):
                     kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                               "malformed: more than one job header")
                 header = chunk.header
+                self._operator(context, header.operator, "SubmitMatch")  # before the upload
             elif which == "csv":
                 if header is None:
                     kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
@@ -141,8 +187,6 @@ class RequesterService(kit.RequesterServicer):
                 parts.append(chunk.csv)
         if header is None:
             kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed: no job header")
-        if not header.operator:
-            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed: operator is required")
         try:
             signed = SignedAuthorization.from_bytes(header.signed_authorization)
         except ValueError as exc:
@@ -157,7 +201,7 @@ class RequesterService(kit.RequesterServicer):
             parts.clear()
             stream = io.TextIOWrapper(data, encoding="utf-8-sig", newline="")
             accepted, refused, n_rows = load_query_csv(stream, today=date.today())
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, InvalidRecordError) as exc:  # the client's file
             kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid_records: {exc}")
         del data, stream
         tokens = None
@@ -220,20 +264,32 @@ class RequesterService(kit.RequesterServicer):
             stats = WireStats()
             # session construction (match keys, cuckoo table): part of the timed job
             stats.seconds["prepare"] = time.perf_counter() - started
-            with kit.secure_channel(header.custodian_address, self.client_tls) as channel:
-                outcome = run_remote_session(session, channel, progress=self._progress(job),
-                                             stats=stats)
+            # results are stored as each disclosure batch arrives (docs/architecture.md,
+            # Late failures); a failure once the session is open leaves the job
+            # done_receipt_pending, with its results readable and the receipt retried
+            journal = JobJournal.begin(self.store, job, auth, session,
+                                       header.custodian_address)
+            with self._lock:
+                self._active.add(job.job_id)
+            try:
+                with kit.secure_channel(header.custodian_address,
+                                        self.client_tls) as channel:
+                    outcome = run_remote_session(session, channel,
+                                                 progress=self._progress(job), stats=stats,
+                                                 journal=journal)
+            except (grpc.RpcError, PSIError, OSError, ValueError) as exc:
+                if not journal.data["opened"]:
+                    journal.save("failed")
+                    raise
+                self._receipt_pending(job, journal, exc)
+                return
+            finally:
+                with self._lock:
+                    self._active.discard(job.job_id)
             stored = time.perf_counter()
             if self.audit is not None:
                 # both signatures, kept on the requester's own hash-chained ledger
                 record_receipt(self.audit, outcome.receipt)
-            rows = [
-                {"query_record_id": r.query_record_id, "rule_id": r.rule_id,
-                 "pseudonym": r.pseudonym, "fields": dict(r.fields)}
-                for r in outcome.results
-            ]
-            self.store.put_results(job.job_id, auth.authorization_id, auth.retention_days,
-                                   rows, operator=job.operator)
             stats.seconds["store"] = time.perf_counter() - stored
             by_rule = Counter(m.rule_id for m in outcome.matches)
             fields_disclosed = Counter(f for r in outcome.results for f in r.fields)
@@ -254,8 +310,12 @@ class RequesterService(kit.RequesterServicer):
                 "custodian_records_in_scope": (session.custodian_entries
                                                // max(len(session.rules), 1)),
                 "disclosures_rejected": outcome.rejected,
+                **self._cap_summary(auth, session.session_id,
+                                    len({r.pseudonym for r in outcome.results}),
+                                    outcome.rejected),
                 "fields_disclosed": dict(fields_disclosed),
                 "receipt": outcome.receipt.to_json(),
+                "receipt_pending": False,
                 "bytes_a_to_b": sum(stats.a_to_b.values()),
                 "bytes_b_to_a": sum(stats.b_to_a.values()),
                 "phase_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
@@ -263,8 +323,11 @@ class RequesterService(kit.RequesterServicer):
                 "results_retention_days": auth.retention_days,
             })
             job.state = "done"
+            journal.save("done")
+            # field names as the custodian's: records counted once, rows per (record, rule)
             kit.log_event(log, "job_done", job=job.job_id, matches=len(outcome.matches),
-                          disclosed=len(outcome.results))
+                          disclosed_records=job.summary["disclosed_records"],
+                          result_rows=len(outcome.results))
             job.emit("done", 1, 1, "match complete", summary=job.summary)
         except grpc.RpcError as exc:
             job.state = "failed"
@@ -279,6 +342,149 @@ class RequesterService(kit.RequesterServicer):
             job.error = kit.error_message(exc)
             kit.log_event(log, "job_failed", logging.WARNING, job=job.job_id, reason=job.error)
             job.emit("failed", 0, 0, f"{job.error_code}: {job.error}")
+
+    # -- late failures (docs/architecture.md, Late failures) -------------------------
+
+    def _stored_job(self, job_id: str) -> Job | None:
+        """A job of an earlier run of this service, from its stored state (None if unknown)."""
+        found = self.store.job_states(job_id)
+        if not found:
+            return None
+        _, state, data = found[0]
+        job = Job(job_id=job_id, operator=str(data.get("operator", "")),
+                  state=RECEIPT_PENDING if state == "running" else state,
+                  summary=dict(data.get("summary") or {}))
+        with self._lock:
+            known = self.jobs.get(job_id)
+            if known is not None:
+                return known
+            self.jobs[job_id] = job
+        # watchers of a job from an earlier run see where it stands
+        job.emit("failed" if job.state == "failed" else "done", 1, 1,
+                 f"job {job.state} (from an earlier run)", summary=job.summary)
+        return job
+
+    def _receipt_pending(self, job: Job, journal: JobJournal, exc: BaseException) -> None:
+        """The session failed after it opened: its results stay readable, the receipt waits."""
+        code = exc.code().name if isinstance(exc, grpc.RpcError) else (
+            "FAILED_PRECONDITION" if isinstance(exc, PSIError) else "UNAVAILABLE")
+        reason = ((exc.details() or "") if isinstance(exc, grpc.RpcError)
+                  else kit.error_message(exc))
+        job.error_code, job.error = code, reason
+        job.summary.update(journal.summary_counts())
+        job.summary.update({"receipt_pending": True, "receipt_error": f"{code}: {reason}"})
+        job.state = RECEIPT_PENDING
+        journal.save(RECEIPT_PENDING)
+        kit.log_event(log, "job_receipt_pending", logging.WARNING, job=job.job_id,
+                      status=code, reason=reason, result_rows=journal.data["result_rows"])
+        job.emit("done", 1, 1, f"results stored; receipt pending ({code}: {reason})",
+                 summary=job.summary)
+
+    def _receipt_recorded(self, session_id: str) -> bool:
+        assert self.audit is not None
+        return any(entry.kind == RECEIPT_AUDIT_KIND
+                   and entry.payload.get("session_id") == session_id
+                   for entry in self.audit.audit_entries())
+
+    def _cap_summary(self, auth: Any, session_id: str, disclosed_records: int,
+                     rejected: int) -> dict[str, Any]:
+        """Whether the disclosure cap withheld disclosures, said in the summary.
+
+        An honest requester's proofs always verify, so a rejection once this and earlier
+        sessions' disclosures (its own receipts) reach the cap is the cap withholding.
+        """
+        earlier = 0
+        if self.audit is not None:
+            for entry in self.audit.audit_entries():
+                payload = entry.payload
+                if (entry.kind == RECEIPT_AUDIT_KIND
+                        and payload.get("authorization_id") == auth.authorization_id
+                        and payload.get("session_id") != session_id):
+                    earlier += int(payload.get("disclosed", 0))
+        reached = rejected > 0 and earlier + disclosed_records >= auth.max_disclosures
+        return {"disclosure_cap": auth.max_disclosures, "disclosure_cap_reached": reached,
+                "disclosures_withheld_by_cap": rejected if reached else 0}
+
+    def retry_pending(self) -> int:
+        """Finish every stored job whose receipt is pending (or whose run was interrupted).
+
+        Run at start-up and periodically (``start_receipt_retries``); returns how many
+        jobs reached ``done``.  A job still failing stays pending with its last error.
+        """
+        done = 0
+        for job_id, state, data in self.store.job_states():
+            if state not in ("running", RECEIPT_PENDING):
+                continue
+            with self._lock:
+                if job_id in self._active:
+                    continue  # its session is running in this process
+                self._active.add(job_id)
+            try:
+                done += self._finish_pending(job_id, state, data)
+            finally:
+                with self._lock:
+                    self._active.discard(job_id)
+        return done
+
+    def _finish_pending(self, job_id: str, state: str, data: dict[str, Any]) -> int:
+        job = self._stored_job(job_id)
+        assert job is not None  # its state was just read
+        journal = JobJournal(self.store, job, data)
+        if not data["opened"]:
+            # interrupted before the custodian answered open: nothing was evaluated or
+            # disclosed under a session this job knows of
+            job.state, job.error_code = "failed", "ABORTED"
+            job.error = "interrupted before the session opened; nothing was disclosed"
+            journal.save("failed")
+            job.emit("failed", 0, 0, f"{job.error_code}: {job.error}")
+            return 0
+        custodian_key = (Ed25519PublicKey.from_public_bytes(bytes.fromhex(data["custodian_key"]))
+                         if data["custodian_key"] else None)
+        try:
+            with kit.secure_channel(data["custodian_address"], self.client_tls) as channel:
+                receipt, rejected = finish_session(
+                    journal.pending(), channel, signing_key=self.signing_key,
+                    custodian_key=custodian_key or self.custodian_keys.get(
+                        data["custodian_id"]), journal=journal)
+        except (grpc.RpcError, PSIError, OSError, ValueError) as exc:
+            self._receipt_pending(job, journal, exc)
+            return 0
+        if self.audit is not None and not self._receipt_recorded(receipt.session_id):
+            # (a run that died after recording it, before marking the job done, did)
+            record_receipt(self.audit, receipt)
+        counts = journal.summary_counts()
+        job.summary.update(counts)
+        job.summary.update({
+            "receipt": receipt.to_json(), "receipt_pending": False, "receipt_error": "",
+            **self._cap_summary(_Limits(data["authorization_id"], data["max_disclosures"]),
+                                receipt.session_id, counts["disclosed_records"],
+                                data["rejected"]),
+        })
+        job.state = "done"
+        journal.save("done")
+        kit.log_event(log, "job_receipt_retried", job=job_id, was=state,
+                      result_rows=data["result_rows"], rejected_on_retry=rejected)
+        job.emit("done", 1, 1, "receipt countersigned", summary=job.summary)
+        return 1
+
+    def start_receipt_retries(self, interval_s: float) -> threading.Thread:
+        """Retry pending receipts now and every ``interval_s`` seconds, on a daemon thread."""
+        def loop() -> None:
+            while True:
+                try:
+                    self.retry_pending()
+                except Exception:  # keep retrying on the next tick; the failure is logged
+                    log.exception("receipt retry failed; next attempt in %.0f s", interval_s)
+                if self._stop_retries.wait(interval_s):
+                    return
+
+        self._stop_retries.clear()
+        thread = threading.Thread(target=loop, name="receipt-retries", daemon=True)
+        thread.start()
+        return thread
+
+    def stop_receipt_retries(self) -> None:
+        self._stop_retries.set()
 
     def _progress(self, job: Job) -> Any:
         last: dict[str, float] = {}
@@ -318,7 +524,7 @@ class RequesterService(kit.RequesterServicer):
             "tier": result.tier, "match_rule": rules[0], "aggregate_count": result.count,
             "aggregate_sum": result.sum, "aggregate_withheld": result.withheld,
             "aggregate_reason": result.reason, "elements_evaluated": result.elements,
-            "custodian_pairs": result.custodian_pairs,
+            "custodian_elements": result.custodian_elements,
             "receipt": outcome.receipt.to_json(),
             "bytes_a_to_b": sum(stats.a_to_b.values()),
             "bytes_b_to_a": sum(stats.b_to_a.values()),
@@ -332,6 +538,7 @@ class RequesterService(kit.RequesterServicer):
 
     def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._operator_peer(context)
+        self._operator(context, request.operator, "WatchJob")
         job = self._job(request, context)
         sent = 0
         while context.is_active():
@@ -349,15 +556,19 @@ class RequesterService(kit.RequesterServicer):
 
     def GetResults(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._operator_peer(context)
+        self._operator(context, request.operator, "GetResults")
         job = self._job(request, context)
-        if job.state != "done":
+        if job.state not in READABLE_STATES:
             kit.abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                       f"job_not_done: job is {job.state}")
-        if not request.operator or not request.purpose:
+        if not request.purpose.strip():
             kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                      "malformed: reading results requires an operator and a purpose")
+                      "malformed: reading results requires a purpose (not blank)")
         rows = self.store.read_results(job.job_id, operator=request.operator,
                                        purpose=request.purpose)
+        # also on the requester's audit chain (the store's read entry); here for operators
+        kit.log_event(log, "results_read", job=job.job_id, operator=request.operator,
+                      purpose=request.purpose, result_rows=len(rows))
         for row in rows:
             yield pb2.ResultRow(
                 query_record_id=row["query_record_id"], rule_id=row["rule_id"],
@@ -367,19 +578,143 @@ class RequesterService(kit.RequesterServicer):
 
     def PurgeResults(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._operator_peer(context)
+        self._operator(context, request.operator, "PurgeResults")
         job = self._job(request, context)
-        if not request.operator:
-            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed: operator is required")
         n = self.store.purge_job(job.job_id, operator=request.operator,
-                                 reason=request.purpose or "operator request")
+                                 reason=request.purpose if request.purpose.strip()
+                                 else "operator request")
+        kit.log_event(log, "results_purged", job=job.job_id, operator=request.operator,
+                      result_rows=n)
         return pb2.PurgeAck(purged=n)
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """The authorization fields a recovered job's summary needs."""
+
+    authorization_id: str
+    max_disclosures: int
+
+
+class JobJournal:
+    """One identity job made durable as it runs (``agency_a.client.Journal``).
+
+    Results are appended to the encrypted store as each disclosure batch arrives, in the
+    same transaction as the job's sealed recovery state (session, proofs, answered
+    batches, close hash, receipt), so a restart can finish the job with nothing lost.
+    """
+
+    def __init__(self, store: Any, job: Job, data: dict[str, Any]) -> None:
+        self.store = store
+        self.job = job
+        self.data = data
+
+    @classmethod
+    def begin(cls, store: Any, job: Job, auth: Any, session: RequesterSession,
+              custodian_address: str) -> JobJournal:
+        """Store the (empty) job and what is needed to resume its session."""
+        req = OpenRequest(
+            session_id=session.session_id, signed_authorization=session.signed.to_bytes(),
+            tier=Tier.IDENTITY.value, match_rules=session.rules,
+            disclosure_fields=session.fields, element_count=session.element_count,
+            engine=session.engine)
+        data: dict[str, Any] = {
+            "operator": job.operator, "authorization_id": auth.authorization_id,
+            "max_disclosures": auth.max_disclosures, "custodian_id": auth.custodian_id,
+            "custodian_address": custodian_address,
+            "open_request": {
+                "session_id": req.session_id,
+                "signed_authorization": req.signed_authorization.hex(), "tier": req.tier,
+                "match_rules": list(req.match_rules),
+                "disclosure_fields": list(req.disclosure_fields),
+                "element_count": req.element_count, "engine": req.engine},
+            "opened": False, "custodian_key": "", "matches": None, "answered": [],
+            "result_rows": 0, "pseudonyms": [], "rejected": 0, "close_hash": "",
+            "receipt": None, "summary": job.summary,
+        }
+        store.put_results(job.job_id, auth.authorization_id, auth.retention_days, [],
+                          operator=job.operator)
+        journal = cls(store, job, data)
+        journal.save("running")
+        return journal
+
+    def save(self, state: str) -> None:
+        self.data["summary"] = self.job.summary
+        self.store.save_job_state(self.job.job_id, state, self.data)
+
+    def pending(self) -> PendingSession:
+        """What ``finish_session`` needs, from the stored state."""
+        o = self.data["open_request"]
+        req = OpenRequest(
+            session_id=o["session_id"],
+            signed_authorization=bytes.fromhex(o["signed_authorization"]), tier=o["tier"],
+            match_rules=tuple(o["match_rules"]), disclosure_fields=tuple(o["disclosure_fields"]),
+            element_count=o["element_count"], engine=o["engine"])
+        matches = self.data["matches"]
+        return PendingSession(
+            open_request=req,
+            matches=None if matches is None else tuple(
+                (q, r, bytes.fromhex(proof)) for q, r, proof in matches),
+            answered=frozenset(i for start, stop in self.data["answered"]
+                               for i in range(start, stop)),
+            close_hash=bytes.fromhex(self.data["close_hash"]) or None,
+            receipt=(Receipt.from_json(self.data["receipt"]) if self.data["receipt"]
+                     else None))
+
+    def summary_counts(self) -> dict[str, Any]:
+        d = self.data
+        return {"session_id": d["open_request"]["session_id"],
+                "match_completed": d["matches"] is not None,
+                "matches": 0 if d["matches"] is None else len(d["matches"]),
+                "disclosure_rows": d["result_rows"],
+                "disclosed_records": len(set(d["pseudonyms"])),
+                "disclosures_rejected": d["rejected"]}
+
+    # -- agency_a.client.Journal ------------------------------------------------------
+
+    def opened(self, custodian_key: Ed25519PublicKey | None) -> None:
+        self.data["opened"] = True
+        if custodian_key is not None:
+            self.data["custodian_key"] = custodian_key.public_bytes(
+                Encoding.Raw, PublicFormat.Raw).hex()
+        self.save("running")
+
+    def matched(self, matches: Sequence[Match]) -> None:
+        self.data["matches"] = [[m.query_record_id, m.rule_id, m.output.hex()]
+                                for m in matches]
+        self.save("running")
+
+    def disclosed(self, answered: Sequence[int], results: Sequence[MatchResult],
+                  rejected: int) -> None:
+        spans: list[list[int]] = self.data["answered"]
+        for i in answered:  # kept as [start, stop) runs
+            if spans and spans[-1][1] == i:
+                spans[-1][1] = i + 1
+            else:
+                spans.append([i, i + 1])
+        self.data["result_rows"] += len(results)
+        self.data["pseudonyms"].extend(r.pseudonym for r in results)
+        self.data["rejected"] += rejected
+        rows = [{"query_record_id": r.query_record_id, "rule_id": r.rule_id,
+                 "pseudonym": r.pseudonym, "fields": dict(r.fields)} for r in results]
+        self.data["summary"] = self.job.summary
+        self.store.append_results(self.job.job_id, rows, operator=self.job.operator,
+                                  job_state=("running", self.data))
+
+    def closing(self, transcript_hash: bytes) -> None:
+        self.data["close_hash"] = transcript_hash.hex()
+        self.save("running")
+
+    def receipt(self, receipt: Receipt) -> None:
+        self.data["receipt"] = receipt.to_json()
+        self.save("running")
 
 
 def serve(service: RequesterService, tls: kit.TLSFiles, listen: str = "127.0.0.1:0",
           *, max_workers: int = 16) -> tuple[grpc.Server, int]:
     """Start the requester service; returns (server, port)."""
     server, port, _health = kit.build_server(
-        [(pb2_grpc.add_RequesterServicer_to_server, service)], [SERVICE_NAME], tls, listen,
+        [(codec.add_servicer("Requester"), service)], [SERVICE_NAME], tls, listen,
         max_workers=max_workers,
     )
     server.start()

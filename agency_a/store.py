@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -89,6 +90,7 @@ _KEY_CHECK_INFO = STORE_DOMAIN + b"/key-check"
 _ROW_AD_TAG = STORE_DOMAIN + b"/row-ad"
 _JOB_MAC_TAG = STORE_DOMAIN + b"/job-header"
 _KEY_CHECK_TAG = STORE_DOMAIN + b"/key-check-value"
+_JOB_STATE_AD_TAG = STORE_DOMAIN + b"/job-state-ad"
 
 _SCHEMA_VERSION = 1
 _NONCE_LEN = 12
@@ -294,6 +296,15 @@ _SCHEMA = (
         ciphertext  BLOB NOT NULL,
         PRIMARY KEY (job_id, row_no)
     )""",
+    # A job's recovery state (session, proofs, receipt), sealed like a row: what a restart
+    # needs to finish a job whose results are already stored (docs/architecture.md, Late
+    # failures). Deleted with the job.
+    """CREATE TABLE IF NOT EXISTS job_state (
+        job_id      TEXT PRIMARY KEY,
+        state       TEXT NOT NULL,
+        nonce       BLOB NOT NULL,
+        sealed      BLOB NOT NULL
+    )""",
 )
 
 
@@ -333,7 +344,6 @@ class ResultStore:
         self._purger: threading.Thread | None = None
         self._store_id = ""
 
-        _create_private(self._path)
         # The ledger's connection and transaction discipline (protocol.adapters.sqlite),
         # with this store's pragmas: rollback journal and secure_delete.
         self._db = SqliteDatabase(
@@ -472,6 +482,113 @@ class ResultStore:
                 expires_at=expires_at,
             )
         return len(plaintexts)
+
+    def append_results(
+        self,
+        job_id: str,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        operator: str,
+        job_state: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> int:
+        """Encrypt and add ``rows`` to a job already begun with :meth:`put_results`.
+
+        Results are stored as they arrive, so a failure later in the job loses none of them.
+        The job's row count and header MAC move with the rows, and ``job_state`` (state,
+        data) replaces the job's state, all in one transaction.
+        """
+        _require_text("job_id", job_id)
+        _require_text("operator", operator)
+        plaintexts = [_row_plaintext(row, i) for i, row in enumerate(rows)]
+        if not plaintexts:
+            if job_state is not None:
+                self.save_job_state(job_id, *job_state)
+            return 0
+        with self._db.write() as conn:
+            found = conn.execute(
+                "SELECT authorization_id, rows, stored_at, expires_at, retention_days "
+                "FROM jobs WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+            if found is None:
+                raise ValueError(f"no stored job {job_id!r} to add results to (unknown or purged)")
+            authorization_id, count, stored_at, expires_at, retention_days = found
+            total = count + len(plaintexts)
+            header = _job_header(
+                self._store_id, job_id, authorization_id, total, stored_at, expires_at,
+                retention_days,
+            )
+            conn.execute(
+                "UPDATE jobs SET rows = ?, header_mac = ? WHERE job_id = ?",
+                (total, self._mac(header), job_id),
+            )
+            sealed = self._seal_all(job_id, authorization_id, expires_at, plaintexts)
+            conn.executemany(
+                "INSERT INTO results (job_id, row_no, nonce, ciphertext) VALUES (?, ?, ?, ?)",
+                [(j, row_no + count, nonce, ct) for j, row_no, nonce, ct in sealed],
+            )
+            self._log(
+                RESULTS_STORED,
+                job_id=job_id,
+                authorization_id=authorization_id,
+                operator=operator,
+                count=len(plaintexts),
+                total=total,
+            )
+            if job_state is not None:
+                self._put_state(conn, job_id, *job_state)
+        return len(plaintexts)
+
+    def save_job_state(self, job_id: str, state: str, data: Mapping[str, Any]) -> None:
+        """Seal and keep a job's state and recovery data (replacing the previous one)."""
+        _require_text("job_id", job_id)
+        with self._db.write() as conn:
+            if not conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone():
+                raise ValueError(f"no stored job {job_id!r} (unknown or purged)")
+            self._put_state(conn, job_id, state, data)
+
+    def _put_state(
+        self, conn: sqlite3.Connection, job_id: str, state: str, data: Mapping[str, Any]
+    ) -> None:
+        _require_text("state", state)
+        plaintext = json.dumps(dict(data), sort_keys=True, separators=(",", ":"), default=str)
+        nonce = os.urandom(_NONCE_LEN)
+        sealed = self._aead.encrypt(nonce, plaintext.encode("utf-8"),
+                                    self._state_ad(job_id, state))
+        conn.execute(
+            "INSERT INTO job_state (job_id, state, nonce, sealed) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(job_id) DO UPDATE SET state = excluded.state, "
+            "nonce = excluded.nonce, sealed = excluded.sealed",
+            (job_id, state, nonce, sealed),
+        )
+
+    def job_states(self, job_id: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """(job id, state, data) of the stored jobs (or one job), unexpired, oldest first."""
+        self.purge_expired()
+        query = (
+            "SELECT s.job_id, s.state, s.nonce, s.sealed FROM job_state s "
+            "JOIN jobs j ON j.job_id = s.job_id"
+        )
+        args: tuple[str, ...] = ()
+        if job_id is not None:
+            query, args = query + " WHERE s.job_id = ?", (job_id,)
+        with self._lock:
+            found = self._connection().execute(query + " ORDER BY j.stored_at, s.job_id",
+                                               args).fetchall()
+        out: list[tuple[str, str, dict[str, Any]]] = []
+        for jid, state, nonce, sealed in found:
+            try:
+                plaintext = self._aead.decrypt(bytes(nonce), bytes(sealed),
+                                               self._state_ad(jid, state))
+            except (InvalidTag, ValueError):
+                raise ResultIntegrityError(
+                    f"job {jid!r}: its stored state fails authentication") from None
+            out.append((jid, state, json.loads(plaintext.decode("utf-8"))))
+        return out
+
+    def _state_ad(self, job_id: str, state: str) -> bytes:
+        return encode(_JOB_STATE_AD_TAG, self._store_id.encode(), job_id.encode(),
+                      state.encode())
 
     def _seal_all(
         self, job_id: str, authorization_id: str, expires_at: float, plaintexts: list[bytes]
@@ -658,6 +775,9 @@ class ResultStore:
                 orphans = conn.execute(
                     "DELETE FROM results WHERE job_id NOT IN (SELECT job_id FROM jobs)"
                 ).rowcount
+                orphans += conn.execute(
+                    "DELETE FROM job_state WHERE job_id NOT IN (SELECT job_id FROM jobs)"
+                ).rowcount
             if lapsed or orphans:
                 self._vacuum()
         return total
@@ -688,6 +808,7 @@ class ResultStore:
     @staticmethod
     def _delete_job(conn: sqlite3.Connection, job_id: str) -> int:
         n = conn.execute("DELETE FROM results WHERE job_id = ?", (job_id,)).rowcount
+        conn.execute("DELETE FROM job_state WHERE job_id = ?", (job_id,))
         conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         return n
 
@@ -800,14 +921,6 @@ def _refuse_key_beside(key_path: Path, db_path: Path) -> None:
         )
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file owner-only (SQLite gives its journal the same mode)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
-    if os.name == "posix":
-        os.chmod(path, 0o600)
-
-
 def _configure(conn: sqlite3.Connection) -> None:
     mode = conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
     if str(mode).lower() != "delete":
@@ -865,3 +978,33 @@ def _write_csv(
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
+
+
+RESULT_FORMATS = ("text", "csv", "json")
+
+
+def format_result_rows(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
+    """Decrypted result rows as an operator reads them: ``text`` (tab-separated, for a
+    terminal), ``csv`` (one ``fields.<name>`` column per disclosed field, formula-looking
+    cells prefixed with ``'`` as in :meth:`ResultStore.export_results`) or ``json``.
+
+    Rows carry ``query_record_id``, ``rule_id``, ``pseudonym`` and a ``fields`` mapping.
+    """
+    if fmt == "json":
+        return json.dumps([dict(r) for r in rows], indent=2, ensure_ascii=False) + "\n"
+    if fmt == "text":
+        return "".join(
+            f"{r['query_record_id']}\t{r['rule_id']}\t"
+            + ", ".join(f"{k}={v}" for k, v in r["fields"].items()) + "\n"
+            for r in rows)
+    if fmt != "csv":
+        raise ValueError(f"unknown result format {fmt!r}; one of {', '.join(RESULT_FORMATS)}")
+    top = list(_REQUIRED_ROW_KEYS[:3])
+    field_names = sorted({f for r in rows for f in r["fields"]})
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow([*top, *(f"fields.{f}" for f in field_names)])
+    for r in rows:
+        writer.writerow([*(_csv_cell(r.get(k)) for k in top),
+                         *(_csv_cell(r["fields"].get(f)) for f in field_names)])
+    return buffer.getvalue()

@@ -85,19 +85,27 @@ def cmd_certify_finish(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add the two subcommands to ``agency-b``'s parser."""
     r = sub.add_parser("certify-request",
-                       help="named subjects: blind the records for the authority's certification")
+                       help="named subjects: blind the records for the authority's certification",
+                       description="Blind every in-scope record's match keys for the chosen "
+                       "rules, so the authority can certify them (it learns only their number). "
+                       "Once per key epoch; keep --state secret until certify-finish.")
     r.add_argument("--records", required=True, help="custodian records CSV")
     r.add_argument("--policy", required=True, help="custodian policy JSON (exclusions apply)")
     r.add_argument("--rules", default="tin+dob,tin+last_name",
                    help="match rules to certify, comma-separated")
     r.add_argument("--out", required=True, help="request file for 'psi-authority certify'")
     r.add_argument("--state", required=True, help="secret state kept until certify-finish")
-    r.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    r.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for the group operations")
     r.set_defaults(func=cmd_certify_request)
     f = sub.add_parser("certify-finish",
-                       help="named subjects: unblind the authority's response into a certification")
-    f.add_argument("--state", required=True)
+                       help="named subjects: unblind the authority's response into a certification",
+                       description="Unblind the authority's response with the state saved by "
+                       "certify-request; the result is given to 'agency-b serve "
+                       "--certification'.")
+    f.add_argument("--state", required=True, help="the state file from certify-request")
     f.add_argument("--response", required=True, help="file from 'psi-authority certify'")
     f.add_argument("--out", required=True, help="certification file for serve --certification")
-    f.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    f.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for the group operations")
     f.set_defaults(func=cmd_certify_finish)

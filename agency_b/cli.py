@@ -12,12 +12,22 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from agency_b.certification import register as register_certification
 from agency_b.service import serve
 from proto import service_kit as kit
-from proto.lifecycle import add_serve_arguments, run_cli, serve_until_signal, shut_down
+from proto.lifecycle import (
+    add_serve_arguments,
+    run_cli,
+    serve_until_signal,
+    shut_down,
+    start_serve_process,
+)
+from proto.limits import add_limit_arguments, limits_from_args
 from protocol.adapters.checkpointer import Checkpointer
 from protocol.adapters.files import (
+    make_private_dir,
     open_csv,
     read_certification,
     read_policy,
@@ -27,7 +37,9 @@ from protocol.adapters.files import (
 from protocol.adapters.keys import load_signing_key, parse_agency_keys, write_signing_key
 from protocol.adapters.pools import AggregatePool, BatchPool
 from protocol.adapters.sqlite_ledger import Ledger
+from protocol.cli.help import HelpfulParser
 from protocol.cli.oversight import add_ledger_commands, audit_verify_command, export_command
+from protocol.domain.records import CSV_SCHEMA_HELP
 from protocol.domain.recordstore import load_custodian_csv
 from protocol.engines import registry
 from protocol.sessions.aggregate import AggregateCustodian
@@ -37,8 +49,7 @@ log = logging.getLogger("agency_b")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_private_dir(args.out)
     write_secret(out / "master.secret", os.urandom(32).hex().encode(), force=args.force)
     write_signing_key(out, "signing", force=args.force)
     print(f"custodian secrets written to {out} (master.secret, signing.key, signing.pub.json)")
@@ -58,8 +69,22 @@ def _engine_rules(text: str) -> tuple[str, list[str]]:
     return engine, rule_ids
 
 
+def _receipt_keys(items: list[str]) -> dict[str, Ed25519PublicKey]:
+    """The requesters' receipt keys; refuses to serve with none (docs/architecture.md,
+    Late failures): every session would disclose and then fail at its countersignature."""
+    keys = parse_agency_keys(items)
+    if not keys:
+        raise ValueError(
+            "no --requester-key given: this custodian could not check any requester's "
+            "countersignature, so every session would fail at its receipt after disclosing; "
+            "pass --requester-key AGENCY=PUB.json for each requester it serves")
+    return keys
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    kit.setup_logging(args.log_level)
+    start_serve_process(args)  # umask 0077, JSON logs only
+    requester_keys = _receipt_keys(args.requester_key)  # before any file is loaded
+    limits = limits_from_args(args)  # inconsistent limits are refused before loading too
     secrets = Path(args.secrets)
     master = bytes.fromhex(read_secret(secrets / "master.secret").decode().strip())
     signing_key = load_signing_key(secrets / "signing.key")
@@ -80,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pool = BatchPool(args.workers).warm() if args.workers > 1 else None
     custodian = Custodian(CustodianConfig(
         policy=policy, records=records, ledger=ledger, master_secret=master,
-        signing_key=signing_key, requester_keys=parse_agency_keys(args.requester_key),
+        signing_key=signing_key, requester_keys=requester_keys,
         ops=pool, certifications=certifications,
         new_lock=threading.Lock,  # the service serves sessions from several threads
     ))
@@ -93,10 +118,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
     aggregate = AggregateCustodian(custodian, ops=agg_pool)
-    server, port = serve(custodian, tls, args.listen, aggregate=aggregate)
+    server, port = serve(custodian, tls, args.listen, aggregate=aggregate, limits=limits)
     serve_until_signal(log, port, args.port_file, service="custodian", agency=args.agency_id,
                        in_scope=len(custodian.in_scope), excluded=custodian.excluded_count)
-    shut_down(log, server, args.grace, checkpointer, (pool, agg_pool))
+    shut_down(log, server, args.grace, checkpointer, (pool, agg_pool),
+              drain=lambda: custodian.config.refusals.flush(ledger, custodian.config.clock()))
     ledger.close()
     return 0
 
@@ -114,22 +140,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agency-b", description=(
+    p = HelpfulParser(prog="agency-b", description=(
         "Custodian agency: holds the records, enforces its policy and the signed "
         "authorization, evaluates the OPRF and accounts for every disclosure."))
     sub = p.add_subparsers(dest="command", required=True)
     register_certification(sub)
-    i = sub.add_parser("init", help="generate the custodian's master secret and receipt key")
+    i = sub.add_parser("init", help="generate the custodian's master secret and receipt key",
+                       description="Write master.secret (derives every per-authorization "
+                       "OPRF key) and signing.key/signing.pub.json (signs receipts and audit "
+                       "checkpoints; give the .pub.json to requesters and oversight).")
     i.add_argument("--out", required=True, help="secrets directory (files are mode 0600)")
     i.add_argument("--force", action="store_true", help="replace existing secrets")
     i.set_defaults(func=cmd_init)
-    s = sub.add_parser("serve", help="run the custodian gRPC service (mTLS only)")
+    s = sub.add_parser("serve", help="run the custodian gRPC service (mTLS only)",
+                       description="Load and validate the records, then serve identity-tier "
+                       "matches (OPRF or KKRT engine) and aggregate/cardinality tiers to "
+                       "requesters over mTLS, under the policy and each signed authorization. "
+                       "Stops gracefully on SIGTERM/SIGINT.\n\n" + CSV_SCHEMA_HELP)
     add_serve_arguments(s, agency="agency-b", listen="127.0.0.1:50052")
-    s.add_argument("--records", required=True, help="custodian records CSV")
-    s.add_argument("--policy", required=True, help="custodian policy JSON")
+    add_limit_arguments(s)
+    s.add_argument("--records", required=True, help="custodian records CSV (schema below)")
+    s.add_argument("--policy", required=True,
+                   help="custodian policy JSON (write one with 'psi-authority policy-template')")
     s.add_argument("--ledger", required=True, help="SQLite ledger file (created if absent)")
     s.add_argument("--requester-key", action="append", default=[], metavar="AGENCY=PUB.json",
-                   help="a requester's receipt-countersigning public key (repeatable)")
+                   help="a requester's receipt-countersigning public key (repeatable; at "
+                        "least one is required, since sessions of a requester without a key "
+                        "are refused at open; default: none, which refuses to start)")
     s.add_argument("--prepare", action="append", default=[], type=_engine_rules,
                    metavar="ENGINE=R1,R2",
                    help="prepare an engine's authorization-independent state for a rule set at "

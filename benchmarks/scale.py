@@ -53,7 +53,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from protocol.adapters.files import open_csv
+from protocol.adapters.files import open_csv, open_private_log
 from protocol.adapters.scenario import GENERATOR_VERSION, ScenarioFiles, ScenarioSpec, generate
 
 __all__ = [
@@ -446,7 +446,8 @@ def setup_credentials(work: Path) -> None:
           "--agency", "agency-a", "--agency", "agency-b",
           "--server", "agency-a", "--server", "agency-b"])
     _cli(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")])
-    _cli(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets")])
+    _cli(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets"),
+          "--operator", "bench"])
     _cli(["protocol.cli.authority", "policy-template", "--custodian", "agency-b",
           "--trust", str(work / "authority" / "authority.pub.json"), "--engines", "oprf,kkrt",
           "--out", str(work / "agency-b" / "policy.json")])
@@ -495,7 +496,7 @@ def _services(work: Path, run_dir: Path, files: ScenarioFiles, sampler: TreeSamp
     procs: list[subprocess.Popen[bytes]] = []
     try:
         t0 = time.perf_counter()
-        with (b_dir / "service.log").open("wb") as b_log:
+        with open_private_log(b_dir / "service.log") as b_log:
             b = subprocess.Popen([
                 PY, "-m", "agency_b.cli", "serve", "--records", str(files.custodian),
                 "--policy", str(work / "agency-b" / "policy.json"),
@@ -508,7 +509,7 @@ def _services(work: Path, run_dir: Path, files: ScenarioFiles, sampler: TreeSamp
             ], stderr=b_log, cwd=REPO)
         procs.append(b)
         sampler.watch("b", b.pid)
-        with (a_dir / "service.log").open("wb") as a_log:
+        with open_private_log(a_dir / "service.log") as a_log:
             a = subprocess.Popen([
                 PY, "-m", "agency_a.cli", "serve", "--certs", str(work / "certs"),
                 "--secrets", str(work / "agency-a" / "secrets"), "--data", str(a_dir / "data"),

@@ -1,5 +1,5 @@
-"""The process lifecycle both agency services share: ``serve`` options, signals, graceful
-stop, CLI errors.
+"""The process lifecycle both agency services share: ``serve`` options, private files and JSON
+logs at start, signals, graceful stop, CLI errors.
 
 Shared here, beside the gRPC kit, so that neither agency's CLI imports the other's.
 """
@@ -10,13 +10,13 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from proto import service_kit as kit
+from protocol.adapters.files import use_private_umask, write_file_atomic
 from protocol.errors import PSIError
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "run_cli",
     "serve_until_signal",
     "shut_down",
+    "start_serve_process",
     "stop_on_signal",
     "wait_for_signal",
 ]
@@ -46,7 +47,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, agency: str, listen:
                         help="sign an audit checkpoint this often (and always at shutdown; "
                              "0 = only at shutdown)")
     parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"],
+                        help="least severe event logged (default: %(default)s)")
+    parser.add_argument("--log-file", metavar="FILE",
+                        help="append the JSON log lines to FILE (created 0600) instead of "
+                             "stderr (default: stderr); gRPC's native log lines are turned "
+                             "into JSON events on the same stream")
+
+
+def start_serve_process(args: argparse.Namespace) -> None:
+    """First thing ``serve`` does: owner-only umask, then JSON logs on one stream.
+
+    The umask comes first so the log file, the ledgers and every file SQLite or gRPC creates
+    afterwards are owner-only (docs/architecture.md, Files and logs).
+    """
+    use_private_umask()
+    kit.setup_logging(args.log_level, log_file=args.log_file, capture_native=True)
 
 
 def stop_on_signal() -> threading.Event:
@@ -73,16 +89,20 @@ def serve_until_signal(logger: logging.Logger, port: int, port_file: str | None,
     then block until SIGTERM/SIGINT; the caller shuts down gracefully after it returns."""
     stop = stop_on_signal()  # before the port is known outside
     if port_file:
-        Path(port_file).write_text(f"{port}\n")
+        # atomic, so a reader polling for the file never sees it empty
+        write_file_atomic(Path(port_file), f"{port}\n".encode())
     kit.log_event(logger, "serving", port=port, **fields)
     wait_for_signal(stop)
 
 
 def shut_down(logger: logging.Logger, server: Any, grace: float, checkpointer: Any,
-              pools: Sequence[Any]) -> None:
-    """Graceful stop for either agency: drain RPCs, sign the final checkpoint, stop pools."""
+              pools: Sequence[Any], drain: Callable[[], object] | None = None) -> None:
+    """Graceful stop for either agency: drain RPCs, run ``drain`` (the custodian writes the
+    refusal summaries still counted in memory), sign the final checkpoint, stop pools."""
     kit.log_event(logger, "stopping", grace_seconds=grace)
     server.stop(grace).wait()
+    if drain is not None:
+        drain()
     final = checkpointer.stop()
     if final is not None:
         kit.log_event(logger, "audit_checkpoint", seq=final.seq, key_id=final.key_id,
@@ -93,10 +113,11 @@ def shut_down(logger: logging.Logger, server: Any, grace: float, checkpointer: A
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Run a subcommand; user errors print one line (no traceback) and exit 2."""
+    """Run a subcommand; user errors are reported in one line or one JSON event (no
+    traceback, see ``service_kit.report_fatal``) and exit 2."""
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except (OSError, ValueError, KeyError, PSIError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        kit.report_fatal(parser.prog, exc)
         return 2

@@ -7,21 +7,28 @@ gRPC status codes (``abort_for``).  Nothing here decides policy.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto import load
+from protocol.accounting.refusals import RefusalLimiter
+from protocol.adapters.files import open_private_log
 from protocol.cli.dev_pki import agency_id_from_auth_context
 from protocol.errors import (
     BudgetExhausted,
@@ -87,15 +94,34 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+#: Longest status message sent: it travels percent-encoded in the ``grpc-message`` trailer,
+#: and gRPC's default metadata limit is 8 KiB (512 characters stay under it even when every
+#: one is a 4-byte UTF-8 character, encoded as 12 bytes).
+MAX_STATUS_CHARS = 512
+
+
+def clip(text: str, limit: int = MAX_STATUS_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut (peer-supplied strings
+    in status messages and logs must not grow with what the peer sent)."""
+    if len(text) <= limit:
+        return text
+    kept = max(0, limit - 48)  # room for the note, whatever the number in it
+    return f"{text[:kept]}... [{len(text) - kept:,} characters cut]"
+
+
 def error_message(exc: BaseException) -> str:
-    """``<code>: <message>`` — the machine-readable reason first, then the human text."""
+    """``<code>: <message>`` — the machine-readable reason first, then the human text,
+    bounded by :data:`MAX_STATUS_CHARS`."""
     code = exc.code if isinstance(exc, PSIError) else "internal"
-    return f"{code}: {exc}"
+    return clip(f"{code}: {exc}")
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    """``context.abort``, typed as what it is (it always raises), so callers narrow after it."""
-    context.abort(code, message)
+    """``context.abort``, typed as what it is (it always raises), so callers narrow after it.
+
+    The message is clipped (:func:`clip`): a status never exceeds gRPC's metadata limit.
+    """
+    context.abort(code, clip(message))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -156,14 +182,19 @@ def build_server(
     listen: str,
     *,
     max_workers: int = 16,
+    interceptors: Sequence[Any] = (),
+    options: Sequence[tuple[str, Any]] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with mTLS, health checking, reflection and explicit size limits.
 
     ``services`` are (add_XServicer_to_server, servicer) pairs.  Returns the
     server, the bound port (``listen`` may end in ``:0``) and the health servicer.
+    ``interceptors`` see every call, health and reflection included (the custodian's
+    per-peer limits, ``proto.limits``); ``options`` are added to ``CHANNEL_OPTIONS``.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=CHANNEL_OPTIONS)
+                         interceptors=list(interceptors),
+                         options=[*CHANNEL_OPTIONS, *options])
     for add, servicer in services:
         add(servicer, server)
     health_servicer = health.HealthServicer()
@@ -203,32 +234,237 @@ def chunked(data: bytes, size: int) -> Iterator[bytes]:
 
 # ------------------------------------------------------------------ logs
 
+#: Keys every JSON log line starts with; event fields never overwrite them.
+LOG_ENVELOPE = ("ts", "level", "logger", "event")
+#: Longest string a log field keeps (peer-supplied text must not grow the log without bound).
+MAX_LOG_FIELD_CHARS = 512
+#: Most items a list-valued log field keeps.
+MAX_LOG_FIELD_ITEMS = 64
+#: Longest line read from the native stderr stream before it is cut into several events.
+MAX_NATIVE_LINE_BYTES = 8192
+NATIVE_LOGGER = "grpc.native"
+#: Native lines written per window; the rest of the window's lines are only counted.
+MAX_NATIVE_LINES_PER_WINDOW = 50
+NATIVE_LOG_WINDOW_SECONDS = 1.0
+
+# absl / gRPC C-core prefix: "E1130 01:49:43.123456   4711 file.cc:123] text"
+_NATIVE_LINE = re.compile(
+    r"^(?P<sev>[IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (?P<source>[^\]\s]+)\] ?(?P<text>.*)$"
+)
+_NATIVE_LEVEL = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR,
+                 "F": logging.CRITICAL}
+
+
+def iso_utc(epoch_seconds: float) -> str:
+    """``2026-11-30T01:49:43.123Z``: ISO-8601, UTC, milliseconds; what every log line carries."""
+    moment = datetime.fromtimestamp(epoch_seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _bounded(value: Any) -> Any:
+    """Cap a field's size: long strings are cut, long lists and dicts shortened, each saying so."""
+    if isinstance(value, str) and len(value) > MAX_LOG_FIELD_CHARS:
+        return f"{value[:MAX_LOG_FIELD_CHARS]}...(+{len(value) - MAX_LOG_FIELD_CHARS} chars)"
+    if isinstance(value, list | tuple) and len(value) > MAX_LOG_FIELD_ITEMS:
+        kept = [_bounded(v) for v in value[:MAX_LOG_FIELD_ITEMS]]
+        return [*kept, f"...(+{len(value) - MAX_LOG_FIELD_ITEMS} items)"]
+    if isinstance(value, list | tuple):
+        return [_bounded(v) for v in value]
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {str(k)[:MAX_LOG_FIELD_CHARS]: _bounded(v) for k, v in items[:MAX_LOG_FIELD_ITEMS]}
+        if len(items) > MAX_LOG_FIELD_ITEMS:
+            out["..."] = f"+{len(items) - MAX_LOG_FIELD_ITEMS} items"
+        return out
+    return value
+
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: machine-readable logs for operators and auditors."""
+    """One JSON object per line: machine-readable logs for operators and auditors.
+
+    ``ts`` is ISO-8601 UTC with milliseconds, so lines from both agencies sort and compare
+    as text; the event's fields follow the envelope and cannot overwrite it (a colliding
+    field is kept as ``field_<name>``); strings and lists are capped in size.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": iso_utc(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": _bounded(record.getMessage()),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            out.update(fields)
+            for key, value in fields.items():
+                out[f"field_{key}" if key in LOG_ENVELOPE else str(key)] = _bounded(value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "info", stream: Any = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+class _JSONLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that never reports its own failures on stderr.
+
+    Once stderr is routed back into the log (``route_native_stderr``), a failing handler
+    that printed its error there would feed itself forever; a log that cannot be written
+    is dropped instead.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        return
+
+
+@dataclass
+class _Routing:
+    """Where this process's stderr really goes, once ``setup_logging`` has routed it."""
+
+    real_stderr: TextIO | None = None
+    to_log_file: bool = False
+
+
+_routing = _Routing()
+
+
+def setup_logging(level: str = "info", stream: Any = None, *, log_file: str | None = None,
+                  capture_native: bool = False) -> None:
+    """JSON lines on one structured stream: ``log_file`` (0600, appended) or ``stream``/stderr.
+
+    With ``capture_native`` (the services' ``serve``), whatever else the process writes to
+    file descriptor 2 (gRPC's C core, absl, Python warnings and tracebacks, worker processes)
+    is turned into JSON events of logger ``grpc.native`` on that same stream, so the stream
+    holds JSON lines only.  Not for a process whose stderr others share (a test runner).
+    """
+    structured: Any = open_private_log(log_file) if log_file is not None else stream
+    real_stderr: TextIO | None = None
+    if capture_native:
+        sys.stderr.flush()
+        real_stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8")
+    handler = _JSONLineHandler(structured or real_stderr or sys.stderr)
     handler.setFormatter(JSONFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    if real_stderr is not None:
+        # only now: with no handler yet, logging's last resort would write a native event
+        # back to descriptor 2, and so on forever
+        route_native_stderr(real_stderr)
+        _routing.real_stderr, _routing.to_log_file = real_stderr, log_file is not None
+
+
+def report_fatal(prog: str, exc: BaseException) -> None:
+    """A command's last words, fit for where its stderr goes.
+
+    Before logging is routed (or in a command that never routes it): one plain line on
+    stderr. A service whose stderr is its JSON stream: a ``fatal`` event there instead. A
+    service logging to ``--log-file``: the event in the file and the plain line on the real
+    stderr, so whoever started it sees why it stopped.
+    """
+    line = f"{prog}: error: {exc}"
+    if _routing.real_stderr is None:
+        print(line, file=sys.stderr)
+        return
+    log_event(logging.getLogger(prog), "fatal", logging.ERROR, error=str(exc),
+              error_type=type(exc).__name__)
+    if _routing.to_log_file:
+        print(line, file=_routing.real_stderr, flush=True)
+
+
+def route_native_stderr(real_stderr: TextIO) -> None:
+    """Route file descriptor 2 through a pipe into JSON log events.
+
+    gRPC's C core writes its own lines (absl format) straight to descriptor 2, bypassing
+    Python logging; silencing them would hide TLS handshake failures and the like, so each
+    line becomes an event ``native_log`` with ``source`` and ``text`` (absl lines keep their
+    severity).  At exit the pipe is drained and descriptor 2 is ``real_stderr`` again.
+    """
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    # Worker processes inherit the pipe and may outlive this process's last log line, so the
+    # pump stops at a marker rather than waiting for end-of-file.
+    marker = f"end-of-native-stderr {os.urandom(8).hex()}\n".encode()
+    pump = threading.Thread(target=_pump_native_lines, args=(read_end, marker), daemon=True,
+                            name="native-stderr")
+    pump.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.write(2, marker)
+        os.dup2(real_stderr.fileno(), 2)
+        pump.join(timeout=2.0)
+
+    atexit.register(restore)
+
+
+def _pump_native_lines(read_end: int, marker: bytes) -> None:
+    """Turn each line from the pipe into a ``native_log`` event, at most
+    ``MAX_NATIVE_LINES_PER_WINDOW`` per window; the rest are counted, not written.
+
+    A peer can make gRPC's core log one line per failed TLS handshake, so without the cap
+    a connection flood would grow the log as fast as it connects.  Each window that dropped
+    lines ends with one ``native_log_suppressed`` event giving the count, so the log still
+    says exactly how much was left out.
+    """
+    logger = logging.getLogger(NATIVE_LOGGER)
+    window_end = 0.0
+    written = suppressed = 0
+
+    def flush_suppressed() -> None:
+        nonlocal suppressed
+        if suppressed:
+            log_event(logger, "native_log_suppressed", logging.WARNING, lines=suppressed,
+                      window_seconds=NATIVE_LOG_WINDOW_SECONDS)
+            suppressed = 0
+
+    with os.fdopen(read_end, "rb") as pipe:
+        while (raw := pipe.readline(MAX_NATIVE_LINE_BYTES)) and raw != marker:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not line.strip():
+                continue
+            now = time.monotonic()
+            if now >= window_end:
+                flush_suppressed()
+                window_end, written = now + NATIVE_LOG_WINDOW_SECONDS, 0
+            if written >= MAX_NATIVE_LINES_PER_WINDOW:
+                suppressed += 1
+                continue
+            written += 1
+            match = _NATIVE_LINE.match(line)
+            if match:
+                log_event(logger, "native_log", _NATIVE_LEVEL[match["sev"]],
+                          source=match["source"], text=match["text"])
+            else:
+                log_event(logger, "native_log", logging.WARNING, source="stderr", text=line)
+        flush_suppressed()
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log ``event`` with ``fields`` as one JSON line (see docs/architecture.md, Files and logs,
+    for the field names both services share and what each one counts)."""
     logger.log(level, event, extra={"fields": fields})
+
+
+def service_refusal_log() -> RefusalLimiter:
+    """The per-peer budget of logged refusals for a service whose policy sets none."""
+    return RefusalLimiter(burst=10, per_minute=60, summary_s=60.0, new_lock=threading.Lock)
+
+
+def log_limited(logger: logging.Logger, limiter: RefusalLimiter, event: str, peer: str,
+                now: float, **fields: Any) -> None:
+    """Log a refusal of ``peer`` within its budget of logged refusals; beyond it, only count.
+
+    Every service log line a peer can provoke goes through here, so a flood of refusals
+    costs a bounded number of lines; a ``refusals_suppressed`` line says how many were
+    counted and not logged (docs/architecture.md, Accounting).
+    """
+    admission = limiter.admit(peer, now)
+    for summary in admission.summaries:
+        log_event(logger, "refusals_suppressed", logging.WARNING,
+                  peer=clip(summary.peer, 64), count=summary.count,
+                  seconds=round(summary.until - summary.since, 3))
+    if admission.recorded:
+        clipped = {k: clip(v, 256) if isinstance(v, str) else v for k, v in fields.items()}
+        log_event(logger, event, logging.WARNING, peer=clip(peer, 64), **clipped)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agency_b.service import serve as serve_custodian
@@ -17,15 +19,24 @@ from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.domain.records import PersonRecord, QueryMetadata, QueryRecord
 from protocol.policy import decide as P
-from protocol.sessions.aggregate import AggregateCustodian, PaillierSettings
+from protocol.sessions.aggregate import AggregateCustodian
 from protocol.sessions.identity import Custodian, CustodianConfig
 
 FIRST = ["Ann", "Bob", "Carla", "Dmitri", "Eve", "Farah", "Gus", "Hana", "Ivan", "Jo"]
 LAST = ["Lee", "Smith", "Garcia", "Nguyen", "Okafor", "Brown", "Kim", "Patel", "Rossi", "Diaz"]
 STREETS = ["Main Street", "Oak Avenue", "Pine Road", "Elm Drive", "Cedar Lane"]
-#: Paillier keys small enough for tests (the aggregate tiers' end-to-end tests).
-TEST_PAILLIER = PaillierSettings(key_bits=1024, test_mode=True)
 META = QueryMetadata(("2023", "2024"), "26 U.S.C. 6103(i)(2)", "locate subject of case 42")
+
+
+#: The statuses a client's mistake may get: specific ones, never UNKNOWN or INTERNAL.
+REFUSALS = frozenset({
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.ALREADY_EXISTS,
+})
+#: ``<reason code>: <human text>``: what every refusal's details start with.
+REASON = re.compile(r"^[a-z][a-z0-9_]*: \S")
 
 
 def make_person(i: int, *, prefix: str = "c", **overrides: str) -> PersonRecord:

@@ -168,3 +168,19 @@ def test_floor_is_linear_in_work_and_divides_by_cores(h: float, m: float, u: flo
     # Per query: HashToGroup + 2 scalarmults + unblind + 2 validations; per record: H + M.
     assert c.floor_seconds(1, 0, 1) == pytest.approx(h + 2 * m + u + 2 * v)
     assert c.floor_seconds(0, 1, 1) == pytest.approx(h + m)
+
+
+def test_aggregate_runner_is_exact_and_reports_the_defence(tmp_path: Path) -> None:
+    """``benchmarks.aggregate_scale`` end to end at 300 x 300: exact, and the cost of issue
+    13's defence (validation, consistency proof) reported."""
+    out = tmp_path / "aggregate.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.aggregate_scale", "--sizes", str(SIZE),
+         "--data-dir", str(tmp_path / "data"), "--out", str(out), "--workers", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["exact"] is True and row["count"] == row["plaintext_count"] > 0
+    assert set(row["defence_s"]) == {"validate_reblinded_s", "prove_s", "verify_s"}
+    assert row["defence_s"]["verify_s"] > 0

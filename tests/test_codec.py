@@ -7,6 +7,7 @@ import pytest
 from proto import codec
 from protocol.crypto import kkrt
 from protocol.domain import messages as m
+from protocol.errors import InvalidElementError
 from protocol.sessions import aggregate as agg
 
 DISCLOSURE = m.Disclosure(
@@ -34,13 +35,17 @@ SAMPLES: list[object] = [
     kkrt.KKRTTagChunk(seq=2, table=3, table_size=99, tags=b"\x0c" * 24),
     agg.AggregateOpenRequest("s-2", b"{auth}", "aggregate", "tin", "amount", 50, agg.ENGINE),
     agg.AggregateOpenResponse(
-        "s-2", "auth-2", "agency-b", "aggregate", "tin", "amount", 50, 60, b"\x0d" * 256, 10, 7
+        "s-2", "auth-2", "agency-b", "aggregate", "tin", "amount", 50, 60, 10, 7
     ),
     agg.BlindedChunk(seq=0, elements=b"\x0e" * 32),
-    agg.DoubleBlindedChunk(seq=1, elements=b"\x0f" * 32),
-    agg.CustodianPairsChunk(seq=0, elements=b"\x10" * 32, ciphertexts=b"\x11" * 512),
-    agg.MaskedSum(count=5, ciphertext=b"\x12" * 512),
-    agg.SumReveal(count=5, withheld=True, masked_sum=b"", reason="below minimum count"),
+    agg.CustodianChunk(seq=1, elements=b"\x0f" * 32),
+    agg.ReblindedChunk(seq=2, elements=b"\x10" * 32),
+    agg.MatchChallenge(count=5, matched=b"\x11" * 8),
+    agg.ConsistencyProof(public_element=b"\x12" * 32, challenge=b"\x13" * 32,
+                         response=b"\x14" * 32),
+    agg.AggregateRelease(count=5, sum=None, withheld=True, reason="below_minimum_count"),
+    agg.AggregateRelease(count=12, sum=-(2**70), withheld=False),
+    agg.AggregateRelease(count=1, sum=0, withheld=False),
 ]
 
 
@@ -67,3 +72,68 @@ def test_an_unset_engine_name_means_the_default_engine() -> None:
     assert codec.from_pb(m.OpenRequest, pb).engine == m.OpenRequest.engine
     agg_pb = codec.pb2.AggregateOpenRequest(session_id="s-2", tier="cardinality")
     assert codec.from_pb(agg.AggregateOpenRequest, agg_pb).engine == agg.ENGINE
+
+
+# ------------------------------------------------------------------ wire limits (issue 13)
+
+
+def test_an_integer_past_2_63_is_refused_by_name_when_decoded() -> None:
+    """SQLite and signed arithmetic hold 2^63-1 at most; 2^63 and up never reach a session."""
+    largest = codec.pb2.OpenSessionRequest(session_id="s-1", element_count=codec.MAX_WIRE_INTEGER)
+    assert codec.from_pb(m.OpenRequest, largest).element_count == 2**63 - 1
+    for too_large in (2**63, 2**64 - 1):
+        pb = codec.pb2.OpenSessionRequest(session_id="s-1", element_count=too_large)
+        with pytest.raises(InvalidElementError) as err:
+            codec.from_pb(m.OpenRequest, pb)
+        assert err.value.code == "integer_too_large"
+        assert f"OpenSessionRequest.element_count is {too_large}" in str(err.value)
+
+
+def test_a_repeated_field_past_the_limit_is_refused() -> None:
+    item = codec.pb2.DisclosureItem(rule_id="tin", output=bytes(64))
+    at_limit = codec.pb2.DisclosureRequest(items=[item] * codec.MAX_REPEATED_ENTRIES)
+    assert len(codec.from_pb(m.DisclosureRequest, at_limit).outputs) == codec.MAX_REPEATED_ENTRIES
+    past = codec.pb2.DisclosureRequest(items=[item] * (codec.MAX_REPEATED_ENTRIES + 1))
+    with pytest.raises(InvalidElementError, match=r"DisclosureRequest.items has 4097 entries"):
+        codec.from_pb(m.DisclosureRequest, past)
+
+
+def test_an_overlong_string_is_refused_even_nested() -> None:
+    """A custodian's reply is checked as a request is: a malicious peer may send either."""
+    long_value = "x" * (codec.MAX_STRING_CHARS + 1)
+    reply = codec.to_pb(m.DisclosureResponse(seq=0, disclosures=(
+        m.Disclosure(index=0, rule_id="tin", pseudonym="p", fields=(("zip", long_value),)),)))
+    with pytest.raises(InvalidElementError) as err:
+        codec.from_pb(m.DisclosureResponse, reply)
+    assert (err.value.code, str(err.value)) == (
+        "field_too_long", "Field.value has 4097 characters; the limit is 4096")
+
+
+BROKEN_WIRE = {
+    "invalid UTF-8 in a string": b"\x0a\x02\xc3\x28",
+    "a varint longer than 64 bits": b"\x10" + b"\xff" * 10 + b"\x01",
+    "a truncated varint": b"\x10\xff",
+    "a length past the end": b"\x1a\x80\x80\x40ab",
+    "wire type 7": b"\x0f\x00",
+    "field number 0": b"\x00\x00",
+}
+
+
+@pytest.mark.parametrize("data", BROKEN_WIRE.values(), ids=BROKEN_WIRE.keys())
+def test_the_request_decoder_never_raises_on_broken_bytes(data: bytes) -> None:
+    """gRPC answers INTERNAL when a deserializer raises; this one returns what to refuse."""
+    decoded = codec.request_decoder(codec.pb2.ElementChunk)(data)
+    assert isinstance(decoded, codec.Undecodable)
+    assert decoded.error.code == "malformed_message"
+    assert str(decoded.error).startswith("not a well-formed ElementChunk: ")
+    assert len(str(decoded.error)) < 300
+
+
+def test_the_request_decoder_checks_limits_and_passes_good_messages() -> None:
+    decode = codec.request_decoder(codec.pb2.ElementChunk)
+    good = codec.pb2.ElementChunk(session_id="s-1", seq=3, elements=bytes(64))
+    assert decode(good.SerializeToString()) == good
+    too_far = decode(codec.pb2.ElementChunk(seq=2**63).SerializeToString())
+    assert isinstance(too_far, codec.Undecodable)
+    assert too_far.error.code == "integer_too_large"
+

@@ -9,7 +9,6 @@ serves every case; each case opens the fresh session it needs, with small data.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,35 +26,27 @@ from protocol.domain.engine import Engine
 from protocol.domain.messages import MAX_DISCLOSURE_BATCH, OpenResponse
 from protocol.sessions.aggregate import AggregateCustodian, AggregateRequesterSession
 from protocol.sessions.identity import RequesterSession
-from tests.factories import TEST_PAILLIER, World, as_query, custodian_over_mtls, make_world
+from tests.factories import REASON, REFUSALS, World, as_query, custodian_over_mtls, make_world
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 
 RPCS = (
     "OpenSession", "StreamTags", "Evaluate", "Disclose", "CloseSession", "Countersign",
-    "AggregateOpen", "AggregateUpload", "AggregateDoubleBlinded", "AggregatePairs",
-    "AggregateReveal", "KKRTSetup", "KKRTExtend", "KKRTTags",
+    "AggregateOpen", "AggregateUpload", "AggregateCustodianElements", "AggregateReblind",
+    "AggregateRelease", "KKRTSetup", "KKRTExtend", "KKRTTags",
 )
 #: unknown id; open identity sessions per engine; an open aggregate session; an identity
 #: session after CloseSession; an identity session that a malformed chunk failed.
 SITUATIONS = ("unknown", "oprf", "kkrt", "aggregate", "closed", "failed")
 
 #: The only statuses a refusal may carry.  UNKNOWN and INTERNAL mean a bug.
-REFUSALS = frozenset({
-    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.ALREADY_EXISTS,
-})
-#: ``<reason code>: <human text>``: what every refusal's details start with.
-REASON = re.compile(r"^[a-z][a-z0-9_]*: \S")
 
 #: The cells whose minimal request the session's table accepts; every other cell is refused.
 #: Opening under a fresh session id always works, so the unknown id opens either tier.
 SUCCEEDS = frozenset({
     ("OpenSession", "unknown"), ("AggregateOpen", "unknown"),
     ("StreamTags", "oprf"), ("Evaluate", "oprf"), ("Disclose", "oprf"),
-    ("KKRTSetup", "kkrt"), ("AggregateUpload", "aggregate"), ("AggregatePairs", "aggregate"),
+    ("KKRTSetup", "kkrt"), ("AggregateUpload", "aggregate"),
 })
 #: The RPCs that open a session (a new session object) rather than reach a live one.
 OPENS = frozenset({"OpenSession", "AggregateOpen"})
@@ -102,8 +93,7 @@ class Matrix:
             return requester.session_id
         if situation == "aggregate":
             aggregate = AggregateRequesterSession(
-                self.world.authorize_aggregate(), [as_query(self.world.records[0])],
-                min_key_bits=1024)
+                self.world.authorize_aggregate(), [as_query(self.world.records[0])])
             self.stub.AggregateOpen(codec.to_pb(aggregate.open_request()), timeout=30)
             return aggregate.session_id
         assert situation == "closed"
@@ -119,7 +109,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
                        allowed_engines=frozenset({Engine.OPRF.value, Engine.KKRT.value}))
     world.with_tax_paid()
     custodian = world.custodian()
-    aggregate = AggregateCustodian(custodian, paillier_settings=TEST_PAILLIER)
+    aggregate = AggregateCustodian(custodian)
     with custodian_over_mtls(custodian, tmp / "pki", aggregate=aggregate) as (address, tls):
         with kit.secure_channel(address, tls) as channel:
             yield Matrix(world, pb2_grpc.CustodianStub(channel), channel)
@@ -177,9 +167,14 @@ def aggregate_upload(m: Matrix, sid: str, elements: bytes = BLINDED) -> Any:
                                                          elements=elements)]), timeout=30)
 
 
-def aggregate_reveal(m: Matrix, sid: str, count: int = 0, ciphertext: bytes = b"") -> Any:
-    return m.stub.AggregateReveal(pb2.MaskedSumMessage(
-        session_id=sid, count=count, ciphertext=ciphertext), timeout=30)
+def aggregate_reblind(m: Matrix, sid: str, elements: bytes = BLINDED) -> Any:
+    return m.stub.AggregateReblind(iter([pb2.ElementChunk(session_id=sid, seq=0,
+                                                          elements=elements)]), timeout=30)
+
+
+def aggregate_release(m: Matrix, sid: str, public_element: bytes = b"") -> Any:
+    return m.stub.AggregateRelease(pb2.ConsistencyProofMessage(
+        session_id=sid, public_element=public_element), timeout=30)
 
 
 def kkrt_setup(m: Matrix, sid: str) -> Any:
@@ -212,10 +207,10 @@ REQUESTS: dict[str, Callable[[Matrix, str], Any]] = {
     "Countersign": countersign,
     "AggregateOpen": aggregate_open,
     "AggregateUpload": aggregate_upload,
-    "AggregateDoubleBlinded": lambda m, sid: list(m.stub.AggregateDoubleBlinded(
+    "AggregateCustodianElements": lambda m, sid: list(m.stub.AggregateCustodianElements(
         _ref(sid), timeout=30)),
-    "AggregatePairs": lambda m, sid: list(m.stub.AggregatePairs(_ref(sid), timeout=30)),
-    "AggregateReveal": aggregate_reveal,
+    "AggregateReblind": aggregate_reblind,
+    "AggregateRelease": aggregate_release,
     "KKRTSetup": kkrt_setup,
     "KKRTExtend": kkrt_extend,
     "KKRTTags": lambda m, sid: list(m.stub.KKRTTags(_ref(sid), timeout=30)),
@@ -232,11 +227,10 @@ MALFORMED: dict[str, tuple[str, Callable[[Matrix, str], Any]]] = {
     "Countersign": ("closed", lambda m, sid: countersign(m, "")),
     "AggregateOpen": ("unknown", lambda m, sid: aggregate_open(m, "")),
     "AggregateUpload": ("aggregate", lambda m, sid: aggregate_upload(m, sid, b"\x01" * 31)),
-    "AggregateDoubleBlinded": ("unknown", lambda m, sid: list(m.stub.AggregateDoubleBlinded(
-        _ref(OVERLONG_ID)))),
-    "AggregatePairs": ("unknown", lambda m, sid: list(m.stub.AggregatePairs(_ref("")))),
-    "AggregateReveal": ("aggregate", lambda m, sid: aggregate_reveal(
-        m, sid, count=LAST_U64, ciphertext=b"\xff" * 7)),
+    "AggregateCustodianElements": ("unknown", lambda m, sid: list(
+        m.stub.AggregateCustodianElements(_ref(OVERLONG_ID)))),
+    "AggregateReblind": ("aggregate", lambda m, sid: aggregate_reblind(m, sid, b"\x01" * 31)),
+    "AggregateRelease": ("aggregate", lambda m, sid: aggregate_release(m, sid, b"\xff" * 7)),
     "KKRTSetup": ("kkrt", lambda m, sid: bad_kkrt_setup(m, sid, bins=LAST_U64,
                                                         base_ot_a=b"\x01" * 31)),
     "KKRTExtend": ("kkrt", lambda m, sid: kkrt_extend(m, sid, seq=LAST_U64, columns=b"\x01")),

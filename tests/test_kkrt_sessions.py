@@ -47,7 +47,8 @@ def test_both_engines_find_exactly_the_same_matches(tmp_path: Path) -> None:
 def test_engine_must_be_permitted(tmp_path: Path) -> None:
     world = make_world(tmp_path)  # default policy: oprf only
     signed = world.authorize(engines=("oprf", "kkrt"))
-    rs = RequesterSession(signed, [as_query(world.records[0])], engine="kkrt")
+    rs = RequesterSession(signed, [as_query(world.records[0])], engine="kkrt",
+                          signing_key=world.requester_key)
     with pytest.raises(PolicyRefusal) as err:
         run_in_process(rs, world.custodian().session(), requester_id="agency-a")
     assert err.value.reasons == ("engine_not_permitted",)

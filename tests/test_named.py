@@ -137,7 +137,7 @@ def test_named_mode_needs_a_certification(setup) -> None:
     world, c, _req, cert, _kid = setup
     approved = [as_query(world.records[1])]
     signed, tokens = named_authorization(world, approved, cert, c)
-    rs = RequesterSession(signed, approved, tokens=tokens)
+    rs = RequesterSession(signed, approved, tokens=tokens, signing_key=world.requester_key)
     with pytest.raises(PolicyRefusal) as err:
         run_in_process(rs, world.custodian().session(), requester_id="agency-a")
     assert err.value.reasons == ("mode_not_permitted",)

@@ -186,11 +186,15 @@ def test_disclosure_cap(tmp_path: Path) -> None:
     assert len(out.results) == 3 and out.rejected == 3
     assert len(world.ledger.disclosures(signed.authorization.authorization_id)) == 3
     assert out.receipt.disclosed == 3
-    # any further disclosure request under this authorization is refused outright
-    with pytest.raises(PolicyRefusal) as err:
-        _run(world, signed, queries)
-    assert err.value.reasons == ("disclosure_cap_reached",)
-    assert len(world.ledger.disclosures(signed.authorization.authorization_id)) == 3
+    # past the cap, a requester asking again (say, its reply was lost) gets exactly the
+    # three records it was already given, as repeats; the new ones stay withheld
+    again, _ = _run(world, signed, queries)
+    assert {r.query_record_id for r in again.results} == {r.query_record_id for r in out.results}
+    assert again.rejected == 3 and again.receipt.disclosed == 0
+    auth_id = signed.authorization.authorization_id
+    assert len(world.ledger.disclosures(auth_id)) == 3
+    assert len(world.ledger.disclosures(auth_id, include_repeats=True)) == 6
+    assert world.ledger.budget(auth_id).disclosed == 3
 
 
 def test_excluded_record_classes_never_match(tmp_path: Path) -> None:
@@ -251,8 +255,9 @@ def test_malformed_chunks_are_rejected(tmp_path: Path) -> None:
         # a malformed message ends the session: nothing more is served to it
         assert cs.state is CustodianState.FAILED
         assert cs.failure_reason.startswith(f"{error.code}: ")
-    # a bad element is counted (the requester misbehaved) but never evaluated
-    assert world.ledger.budget(signed.authorization.authorization_id).evaluated == 1
+    # a refused chunk is never evaluated, so it is not counted as evaluated (issue 13; the
+    # reservation made at open stays charged: it is never refunded)
+    assert world.ledger.budget(signed.authorization.authorization_id).evaluated == 0
 
 
 def test_every_rule_is_servable(tmp_path: Path) -> None:

@@ -54,7 +54,6 @@ from tests.factories import World, as_query, make_person, make_world
 PEER = "agency-a"
 RULE = "tin+dob"
 VALUE = "tax_paid_cents"
-PAILLIER = A.PaillierSettings(key_bits=1024, window_bits=4, test_mode=True)
 _ELEMENT = oprf.hash_to_group(b"state-tables")
 
 #: One instance of every message type of every tier (payloads plausible, not valid).
@@ -75,12 +74,13 @@ SAMPLES: dict[type, object] = {
         Receipt("auth-x", "s-sample", "agency-b", PEER, 0, 0, bytes(32)),
         A.AggregateOpenRequest("s-sample", b"{}", "aggregate", RULE, VALUE, 1),
         A.AggregateOpenResponse("s-sample", "auth-x", "agency-b", "aggregate", RULE, VALUE,
-                                1, 1, b"", 0, 0),
+                                1, 1, 0, 0),
         A.BlindedChunk(0, _ELEMENT),
-        A.DoubleBlindedChunk(0, _ELEMENT),
-        A.CustodianPairsChunk(0, _ELEMENT, b""),
-        A.MaskedSum(0, b""),
-        A.SumReveal(0, True, b"", "below_minimum_count"),
+        A.CustodianChunk(0, _ELEMENT),
+        A.ReblindedChunk(0, _ELEMENT),
+        A.MatchChallenge(0, b"\x00"),
+        A.ConsistencyProof(b"", b"", b""),
+        A.AggregateRelease(0, None, True, "below_minimum_count"),
     ]
 }
 
@@ -113,10 +113,10 @@ def _world(tmp: Path) -> World:
 
 def _aggregate_walk(world: World) -> Iterator[tuple[Any, Any]]:
     signed = world.authorize(tier=P.Tier.AGGREGATE, fields=(VALUE,), max_disclosures=0)
-    custodian = A.AggregateCustodian(world.custodian(), paillier_settings=PAILLIER).session()
+    custodian = A.AggregateCustodian(world.custodian()).session()
     requester = A.AggregateRequesterSession(
         signed, [as_query(r) for r in world.records[:4]], signing_key=world.requester_key,
-        custodian_key=world.custodian_key.public_key(), min_key_bits=1024, chunk_size=2)
+        custodian_key=world.custodian_key.public_key(), chunk_size=2)
     yield requester, custodian
     opened = custodian.handle(requester.open_request(), peer_id=PEER)
     yield requester, custodian
@@ -125,15 +125,19 @@ def _aggregate_walk(world: World) -> Iterator[tuple[Any, Any]]:
     for chunk in requester.blinded_chunks():
         custodian.handle(chunk, peer_id=PEER)
     yield requester, custodian
-    for double in custodian.double_blinded_chunks(peer_id=PEER):
-        requester.handle(double)
+    for element_chunk in custodian.custodian_chunks(peer_id=PEER):
+        requester.handle(element_chunk)
     yield requester, custodian
-    for pairs in custodian.pair_chunks(peer_id=PEER):
-        requester.handle(pairs)
+    for reblinded in requester.reblinded_chunks():
+        custodian.handle(reblinded, peer_id=PEER)
     yield requester, custodian
-    reveal = custodian.handle(requester.masked_sum(), peer_id=PEER)
+    challenge = custodian.challenge(peer_id=PEER)
     yield requester, custodian
-    requester.handle(reveal)
+    requester.handle(challenge)
+    yield requester, custodian
+    release = custodian.handle(requester.consistency_proof(), peer_id=PEER)
+    yield requester, custodian
+    requester.handle(release)
     yield requester, custodian
     receipt = custodian.handle(requester.close_request(), peer_id=PEER)
     yield requester, custodian
@@ -176,7 +180,7 @@ def _walk_identity(world: World, engine: str) -> Iterator[tuple[Any, Any]]:
 
 
 def _failed_aggregate_custodian(world: World) -> Any:
-    session = A.AggregateCustodian(world.custodian(), paillier_settings=PAILLIER).session()
+    session = A.AggregateCustodian(world.custodian()).session()
     with pytest.raises(ProtocolError):
         session.handle(object(), peer_id=PEER)
     return session
@@ -338,11 +342,9 @@ def _open_aggregate(tmp_path: Path, clock: Clock, **authorize: Any
     now = int(clock.now)
     signed = world.authorize(tier=P.Tier.AGGREGATE, fields=(VALUE,), max_disclosures=0,
                              not_before=now - 60, not_after=now + 600, **authorize)
-    custodian = A.AggregateCustodian(world.custodian(clock=clock),
-                                     paillier_settings=PAILLIER).session()
+    custodian = A.AggregateCustodian(world.custodian(clock=clock)).session()
     requester = A.AggregateRequesterSession(
-        signed, [as_query(r) for r in world.records[:4]], min_key_bits=1024, chunk_size=2,
-        clock=clock)
+        signed, [as_query(r) for r in world.records[:4]], chunk_size=2, clock=clock)
     requester.handle(custodian.handle(requester.open_request(), peer_id=PEER))
     return requester, custodian, list(requester.blinded_chunks())
 
@@ -359,7 +361,7 @@ def test_expired_authorization_is_refused_on_a_later_message(tmp_path: Path) -> 
     assert custodian.state is A.AggregateCustodianState.FAILED
     assert custodian.failure_reason.startswith("expired: authorization ")
     assert custodian.evaluated == 2  # the refused chunk was never counted
-    assert custodian._b == b"" and custodian._private_key is None
+    assert custodian._b == b""
 
 
 def test_expiry_stops_a_stream_midway(tmp_path: Path) -> None:
@@ -367,7 +369,7 @@ def test_expiry_stops_a_stream_midway(tmp_path: Path) -> None:
     _, custodian, chunks = _open_aggregate(tmp_path, clock)
     for chunk in chunks:
         custodian.handle(chunk)
-    stream = custodian.pair_chunks(chunk_pairs=1)
+    stream = custodian.custodian_chunks(chunk_elements=1)
     next(stream)
     clock.now += 601
     with pytest.raises(PolicyRefusal, match="expired"):
@@ -394,7 +396,7 @@ def test_another_peer_is_refused_without_failing_the_owner(tmp_path: Path) -> No
     assert refused.value.reasons == ("requester_mismatch",)
     assert "'agency-x'" in str(refused.value)
     with pytest.raises(PolicyRefusal, match="belongs to requester 'agency-a'"):
-        custodian.pair_chunks(peer_id="agency-x")
+        custodian.custodian_chunks(peer_id="agency-x")
     # Knowing a session id is not enough to kill it: the owner carries on.
     assert custodian.state is A.AggregateCustodianState.RECEIVING
     for chunk in chunks:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from protocol.accounting.chain import AuditEntry, Checkpoint, StoredEntry
 
 __all__ = [
+    "AggregateReleaseRow",
     "AuditLog",
     "AuthorizationRow",
     "Budget",
@@ -119,6 +120,24 @@ class SessionRow:
     reserved: int | None
     evaluated: int
     closed_at: float | None
+
+
+@dataclass(frozen=True)
+class AggregateReleaseRow:
+    """One released aggregate sum and the compact record of who contributed to it.
+
+    ``contributing`` is the sorted concatenation of fixed-size keyed digests of the
+    contributing records (docs/architecture.md, Aggregate and cardinality tiers): enough
+    to apply the overlap rule after a restart and for oversight to re-verify the sum,
+    and no record id in the clear.
+    """
+
+    auth_id: str
+    requester_id: str
+    session_id: str
+    contributing: bytes
+    released_at: float
+    audit_seq: int
 
 
 class AuditLog(Protocol):
@@ -253,6 +272,25 @@ class LedgerPort(AuditLog, Protocol):
 
     def disclosed_count(self, auth_id: str, session_id: str) -> int:
         """Distinct records first disclosed by this session (what its receipt must state)."""
+        ...
+
+    # -- aggregate releases -------------------------------------------------------------------
+
+    def record_aggregate_release(
+        self, auth_id: str, session_id: str, requester_id: str, contributing: bytes,
+        audit_payload: Mapping[str, Any],
+        admit: Callable[[Sequence[AggregateReleaseRow]], None],
+    ) -> AggregateReleaseRow:
+        """Durably record one aggregate release and its audit entry, in one transaction.
+
+        ``admit`` sees the requester's earlier releases inside that transaction and raises to
+        refuse (nothing is written then), so two concurrent sessions cannot both pass a rule
+        that compares a release with the ones before it.
+        """
+        ...
+
+    def aggregate_releases(self, requester_id: str) -> list[AggregateReleaseRow]:
+        """The requester's recorded aggregate releases, oldest first."""
         ...
 
     def consistent_read(self) -> AbstractContextManager[None]:

@@ -110,18 +110,23 @@ def plan_disclosures(
 
     ``first`` maps each record of the batch already disclosed under the authorization to its
     original row. A record seen before (earlier, or earlier in this batch) is a repeat: it is
-    audited, because data leaves again, but does not count. If the new distinct records would
-    pass ``max_disclosures``, :class:`DisclosureCapReached` is raised and nothing may be stored.
+    audited, because data leaves again, but does not count; a batch audits each record's
+    repeat once, however often it names the record (a replay cannot multiply entries).  If
+    the new distinct records would pass ``max_disclosures``, :class:`DisclosureCapReached` is
+    raised and nothing may be stored.
     """
     plan = DisclosurePlan(disclosed=budget.disclosed)
     seen = dict(first)
+    audited: set[str] = set()
     for record_id, rule_id in items:
         payload = {"auth_id": auth_id, "session_id": session_id,
                    "record_id": record_id, "rule_id": rule_id}
         prior = seen.get(record_id)
         if prior is not None:
             payload["first_session_id"] = prior.session_id
-            plan.entries.append((DISCLOSURE_REPEATED, payload))
+            if record_id not in audited:
+                plan.entries.append((DISCLOSURE_REPEATED, payload))
+                audited.add(record_id)
             plan.rows.append(DisclosureRow(auth_id, prior.session_id, record_id, prior.rule_id,
                                            prior.disclosed_at, True))
             continue

@@ -10,20 +10,17 @@ See docs/architecture.md, Layers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from itertools import repeat
 
 from protocol.adapters.workers import WorkerPool
 from protocol.crypto import oprf
-from protocol.crypto import paillier as pf
 from protocol.sessions.aggregate import (
     ELEMENT_SIZE,
     SerialAggregateOps,
     check_elements,
     hash_multiply_span,
     multiply_span,
-    pairs_job,
 )
 
 __all__ = ["AggregatePool", "BatchPool"]
@@ -124,11 +121,10 @@ class BatchPool(WorkerPool):
 
 
 class AggregatePool(WorkerPool):
-    """Process pool for the aggregate tier: group operations and Paillier encryptions.
+    """Process pool for the aggregate tier's group operations.
 
     Same conventions as :class:`BatchPool` (forkserver, results in input order, small
-    batches in-process).  Worker processes build the Paillier tables from a public
-    ``EncryptorSpec`` once per session key and cache them.  One long-lived pool per service.
+    batches in-process).  One long-lived pool per service.
     """
 
     def __init__(
@@ -164,25 +160,3 @@ class AggregatePool(WorkerPool):
             for a, b in spans
         ]
         return b"".join(f.result() for f in futures)
-
-    def pairs(
-        self, scalar: bytes, spec: pf.EncryptorSpec | None,
-        jobs: Iterable[tuple[Sequence[bytes], Sequence[int]]],
-    ) -> Iterator[tuple[bytes, bytes, float, float]]:
-        """Chunks computed ``2 * workers`` ahead on the pool, yielded in order."""
-        if self._executor is None:
-            yield from self._serial.pairs(scalar, spec, jobs)
-            return
-        executor = self._executor
-        pending: list[Future[tuple[bytes, bytes, float, float]]] = []
-        ahead = 2 * self.workers
-        try:
-            for keys, values in jobs:
-                pending.append(executor.submit(pairs_job, scalar, spec, keys, values))
-                if len(pending) >= ahead:
-                    yield pending.pop(0).result()
-            while pending:
-                yield pending.pop(0).result()
-        finally:
-            for f in pending:
-                f.cancel()

@@ -11,7 +11,10 @@ discipline (docs/architecture.md, Adapters):
 * opening right after another process was killed can meet that file's WAL recovery: SQLite
   then answers "database is locked" at once, without waiting on the busy handler, so opening
   (configuration and schema set-up included) retries with backoff for as long as the busy
-  timeout.
+  timeout;
+* the file is created owner-only (0600) before SQLite opens it, so its journal, WAL and
+  shared-memory sidecars, which SQLite creates with the database's mode, are 0600 as well
+  (docs/architecture.md, Files and logs).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from protocol.adapters.files import create_private_file
 
 __all__ = ["BUSY_TIMEOUT_MS", "SqliteDatabase", "split_sql"]
 
@@ -70,6 +75,8 @@ class SqliteDatabase:
                 pause = min(pause * 2, 0.5)
 
     def _open(self, timeout_ms: int) -> None:
+        if self._path != ":memory:" and not self._path.startswith("file:"):
+            create_private_file(self._path)
         conn = sqlite3.connect(
             self._path, isolation_level=None, check_same_thread=False, timeout=timeout_ms / 1000
         )

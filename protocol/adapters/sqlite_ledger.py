@@ -45,6 +45,7 @@ from protocol.accounting.chain import (
 )
 from protocol.accounting.export import ledger_document
 from protocol.accounting.port import (
+    AggregateReleaseRow,
     AuthorizationRow,
     Budget,
     DisclosureRow,
@@ -179,6 +180,27 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS disclosures_by_session ON disclosures(session_id)",
 )
 
+#: Tables added after version 1 shipped, created on every open like ``_INDEXES``: older files
+#: gain them and older code, which never reads them, still opens the file.  One row per
+#: released aggregate sum (docs/architecture.md, Aggregate and cardinality tiers).
+_ADDED_TABLES = (
+    """CREATE TABLE IF NOT EXISTS aggregate_releases (
+    id            INTEGER PRIMARY KEY,
+    auth_id       TEXT NOT NULL REFERENCES authorizations(auth_id),
+    requester_id  TEXT NOT NULL,
+    session_id    TEXT NOT NULL UNIQUE REFERENCES sessions(session_id),
+    contributing  BLOB NOT NULL,
+    released_at   REAL NOT NULL,
+    audit_seq     INTEGER NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS aggregate_releases_by_requester "
+    "ON aggregate_releases(requester_id)",
+    "CREATE TRIGGER IF NOT EXISTS aggregate_releases_no_update BEFORE UPDATE ON "
+    "aggregate_releases BEGIN SELECT RAISE(ABORT, 'aggregate releases are append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS aggregate_releases_no_delete BEFORE DELETE ON "
+    "aggregate_releases BEGIN SELECT RAISE(ABORT, 'aggregate releases are append-only'); END",
+)
+
 
 class _Schema:
     """Creates a new ledger file, or checks an existing one's version."""
@@ -213,7 +235,7 @@ class _Schema:
                     conn, now, "ledger.created",
                     {"ledger_id": ledger_id, "schema_version": SCHEMA_VERSION},
                 )
-            for statement in _INDEXES:
+            for statement in (*_INDEXES, *_ADDED_TABLES):
                 conn.execute(statement)
 
     @staticmethod
@@ -663,6 +685,14 @@ class _AccountTables:
         return int(row[0])
 
 
+def _release_rows(conn: sqlite3.Connection, requester_id: str) -> list[AggregateReleaseRow]:
+    rows = conn.execute(
+        "SELECT auth_id, requester_id, session_id, contributing, released_at, audit_seq "
+        "FROM aggregate_releases WHERE requester_id = ? ORDER BY id", (requester_id,),
+    ).fetchall()
+    return [AggregateReleaseRow(a, r, s, bytes(c), at, seq) for a, r, s, c, at, seq in rows]
+
+
 def _session_row(conn: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
     cur = conn.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,))
     cur.row_factory = sqlite3.Row
@@ -840,6 +870,32 @@ class Ledger:
 
     def disclosed_count(self, auth_id: str, session_id: str) -> int:
         return self._accounts.disclosed_count(auth_id, session_id)
+
+    # -- aggregate releases ----------------------------------------------------------------------
+
+    def record_aggregate_release(
+        self, auth_id: str, session_id: str, requester_id: str, contributing: bytes,
+        audit_payload: Mapping[str, Any],
+        admit: Callable[[Sequence[AggregateReleaseRow]], None],
+    ) -> AggregateReleaseRow:
+        require_id("auth_id", auth_id)
+        require_id("session_id", session_id)
+        require_id("requester_id", requester_id)
+        with _write(self._db) as conn:
+            admit(_release_rows(conn, requester_id))
+            now = float(self._clock())
+            entry = self._audit.append(conn, now, "aggregate_release", audit_payload)
+            conn.execute(
+                "INSERT INTO aggregate_releases (auth_id, requester_id, session_id, "
+                "contributing, released_at, audit_seq) VALUES (?, ?, ?, ?, ?, ?)",
+                (auth_id, requester_id, session_id, bytes(contributing), now, entry.seq),
+            )
+        return AggregateReleaseRow(auth_id, requester_id, session_id, bytes(contributing),
+                                   now, entry.seq)
+
+    def aggregate_releases(self, requester_id: str) -> list[AggregateReleaseRow]:
+        with self._db.read() as conn:
+            return _release_rows(conn, requester_id)
 
     # -- audit chain ---------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from rich.text import Text
 
 from protocol.adapters.files import open_csv, write_file_atomic, write_policy
 from protocol.cli.dev_pki import write_dev_pki
+from protocol.cli.help import HelpFormatter, HelpfulParser
 from protocol.cli.oversight import (
     OVERSIGHT_DESCRIPTION,
     add_oversight_arguments,
@@ -35,6 +36,7 @@ from protocol.cli.oversight import (
 from protocol.domain.engine import Engine
 from protocol.domain.identity import validate_agency_id
 from protocol.domain.records import (
+    CSV_SCHEMA_HELP,
     MATCH_RULES,
     QueryRecord,
     Refusal,
@@ -43,6 +45,8 @@ from protocol.domain.records import (
     read_query_csv_with_lines,
     validate_queries,
 )
+from protocol.engines import registry as engine_registry
+from protocol.engines.base import RequesterInputs
 from protocol.engines.named import (
     CertificationRequest,
     TokenSet,
@@ -84,6 +88,7 @@ REFUSAL_LISTING_LIMIT = 50
 DEFAULT_VALID_DAYS = 30
 DEFAULT_RETENTION_DAYS = 90
 _DAY = 86_400
+_BUDGET_CHUNK = 4096  # elements per chunk; the budget does not depend on it
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
 
@@ -250,15 +255,31 @@ def _refusals_csv(refused: Sequence[Refusal]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+def engine_budgets(keys: Sequence[bytes | None], engines: Sequence[str]) -> dict[str, int]:
+    """Budget units each engine asks for at open for these match keys (query x rule, in
+    session order): each registered engine's requester side is built on exactly the inputs a
+    session would give it and reports its own ``units``.
+
+    OPRF spends one unit per element; KKRT one per cuckoo bin, and its table for n distinct
+    keys has more bins than keys (about 1.3 n, more for small n to keep the failure bound), so
+    the same request costs KKRT more units.
+    """
+    inputs = [k for k in keys if k is not None]
+    return {name: engine_registry.get(name).requester(RequesterInputs(
+                authorization_id="budget", session_id="budget", inputs=inputs,
+                chunk_size=_BUDGET_CHUNK, ops=None)).units
+            for name in engines}
+
+
 def _review_queries(
     args: argparse.Namespace,
-) -> tuple[int, bytes, int, list[QueryRecord]]:
+) -> tuple[int, bytes, dict[str, int], list[QueryRecord]]:
     """Validate the query file; return (accepted count, commitment over the accepted subjects,
-    evaluations they need, the accepted queries)."""
+    budget units each permitted engine needs, the accepted queries)."""
     path = Path(args.queries)
     try:
         with open_csv(path) as fh:
-            items = read_query_csv_with_lines(fh)
+            items = read_query_csv_with_lines(fh, rules=_csv_list(args.rules))
     except PSIError as exc:
         raise CliError(f"{path}: {exc}") from exc
     except UnicodeDecodeError as exc:
@@ -283,10 +304,12 @@ def _review_queries(
         raise CliError(f"no query record in {path} passed validation; nothing to authorize")
     rules = _csv_list(args.rules)
     keys = match_keys_bulk([q.person for q in report.accepted], rules, today=today)
-    elements = sum(k is not None for rule in rules for k in keys[rule])
-    print(f"Evaluations needed ({len(rules)} rule(s), subjects with a usable key): {elements:,}")
+    engines = [Engine.OPRF.value] if getattr(args, "named", False) else _csv_list(args.engines)
+    budgets = engine_budgets([k for rule in rules for k in keys[rule]], engines)
+    print(f"Budget needed ({len(rules)} rule(s), subjects with a usable key), in units per "
+          "engine: " + ", ".join(f"{engine} {units:,}" for engine, units in budgets.items()))
     commitment = subject_commitment(report.accepted, today=today)
-    return accepted, commitment, elements, report.accepted
+    return accepted, commitment, budgets, report.accepted
 
 
 def _draft(
@@ -423,15 +446,21 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 
     commitment: bytes | None = None
     accepted = 0
-    derived = 0
+    budgets: dict[str, int] = {}
     accepted_queries: list[QueryRecord] = []
     if args.queries is not None:
-        accepted, commitment, derived, accepted_queries = _review_queries(args)
+        accepted, commitment, budgets, accepted_queries = _review_queries(args)
+    # One budget serves every permitted engine: the largest need among them.
+    derived = max(budgets.values(), default=0)
     max_queries = args.max_queries if args.max_queries is not None else derived
+    short = {e: n for e, n in budgets.items() if args.max_queries is not None
+             and args.max_queries < n}
     if args.queries is not None and args.max_queries is not None and args.max_queries != derived:
         _warn(
-            f"--max-queries {args.max_queries:,} differs from the {derived:,} evaluations the "
+            f"--max-queries {args.max_queries:,} differs from the {derived:,} budget units the "
             f"{accepted:,} accepted subjects need under {len(rules)} rule(s)"
+            + (f"; too small for {', '.join(short)}, which the custodian will refuse with "
+               "RESOURCE_EXHAUSTED" if short else "")
         )
 
     auth = _draft(args, key, window, max_queries, args.max_disclosures, commitment)
@@ -455,7 +484,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     print(f"  match rules:     {', '.join(auth.match_rules)}")
     print(f"  fields:          {', '.join(auth.disclosure_fields) or '(none)'}")
     budget_note = (
-        f" (= {accepted:,} accepted subjects x {len(rules)} rules)"
+        " (the largest need of the permitted engines: "
+        + ", ".join(f"{e} {n:,}" for e, n in budgets.items())
+        + f"; {accepted:,} accepted subjects x {len(rules)} rules)"
         if args.queries is not None and args.max_queries is None
         else ""
     )
@@ -646,7 +677,7 @@ def _subparser(
         name,
         help=help_text,
         description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.set_defaults(handler=handler)
     return parser
@@ -673,7 +704,9 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         "--tier",
         default=Tier.IDENTITY.value,
         choices=[t.value for t in Tier],
-        help="what the requester may learn (default: identity)",
+        help="what the requester may learn: identity (matched records and the permitted "
+        "fields), aggregate (only how many match and the sum of one --fields column) or "
+        "cardinality (only how many match)",
     )
     p.add_argument(
         "--rules",
@@ -692,7 +725,8 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queries",
         type=int,
         metavar="N",
-        help="evaluation budget (default with --queries: accepted subjects x rules)",
+        help="budget in engine units (default with --queries: computed for every permitted "
+        "engine, the largest is signed; OPRF: one per query x rule, KKRT: one per cuckoo bin)",
     )
     p.add_argument(
         "--max-disclosures",
@@ -705,13 +739,14 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="aggregate/cardinality tiers: smallest intersection that may be revealed",
+        help="aggregate/cardinality tiers: smallest intersection whose sum may be revealed",
     )
     p.add_argument(
         "--engines",
         default=Engine.OPRF.value,
         metavar="E1,E2",
-        help="permitted match engines, comma-separated (default: oprf)",
+        help=f"permitted match engines, comma-separated ({', '.join(Engine)}); the "
+        "computed budget covers each of them",
     )
     p.add_argument(
         "--valid-days",
@@ -735,7 +770,8 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         help=f"how long the requester may keep results (default {DEFAULT_RETENTION_DAYS})",
     )
     p.add_argument(
-        "--queries", metavar="FILE.csv", help="the request's query file, validated before signing"
+        "--queries", metavar="FILE.csv",
+        help="the request's query file, validated before signing (CSV schema below)"
     )
     p.add_argument(
         "--refusals-out",
@@ -749,12 +785,15 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed so documentation tools can render it)."""
-    parser = argparse.ArgumentParser(
+    parser = HelpfulParser(
         prog=PROG,
         description=(
             "Offline tool of the authority (court or oversight office): create the signing "
             "key, review a request and sign an Authorization, inspect signed files, and set "
-            "up development certificates and custodian policies."
+            "up development certificates and custodian policies.\n"
+            "An authorization names its tier (issue --tier): identity (matched records and "
+            "permitted fields), aggregate (a count and a sum) or cardinality (a count); and "
+            "its engines (issue --engines): oprf and/or kkrt."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -784,13 +823,22 @@ def build_parser() -> argparse.ArgumentParser:
         "With --queries, the request's query file is validated first: every refused record is "
         "listed with its line, record id, reason code and detail (placeholder or ZIP-only "
         "addresses, missing tax periods, ...). Refused records are excluded: the budget "
-        "defaults to accepted subjects x rules, and the authorization commits to exactly the "
+        "defaults to what the accepted subjects need (see Budget), and the authorization "
+        "commits to exactly the "
         "accepted subjects (mode stays bulk; use review for named subjects).\n\n"
+        "Budget: --max-queries counts engine units. OPRF spends one per query x rule with a "
+        "usable key; KKRT one per cuckoo bin (about 1.3 x the distinct keys, more for small "
+        "files). With --queries the need of every engine in --engines is computed and printed, "
+        "and the largest is signed, so each permitted engine can run the whole request.\n\n"
+        "Tiers: --tier identity (default) discloses the permitted fields of matched records; "
+        "--tier aggregate reveals only the count and the sum of one column (--fields "
+        "tax_paid_cents); --tier cardinality only the count.\n\n"
         "example:\n"
         f"  {PROG} issue --key authority.key --requester agency-a --custodian agency-b \\\n"
         "      --statute '26 USC 6103(i)(2)' --purpose 'locate subjects of case 24-117' \\\n"
         "      --rules tin+dob,tin+last_name --fields address,city,state,zip \\\n"
-        "      --queries request.csv --max-disclosures 5000 --out auth.json",
+        "      --queries request.csv --max-disclosures 5000 --out auth.json\n\n"
+        + CSV_SCHEMA_HELP,
     )
     _add_issue_arguments(p)
 
@@ -802,7 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Like issue, but the authorization is mode named_subjects: every accepted subject "
         "gets one token per rule, c·d·H(match key), and only those subjects can match. "
         "Refused subjects (placeholder or ZIP-only address, missing tax periods, statute or "
-        "reason) are listed and get no token. The budget is exactly the number of tokens.",
+        "reason) are listed and get no token. The budget is exactly the number of tokens "
+        "(OPRF engine only).\n\n" + CSV_SCHEMA_HELP,
     )
     _add_issue_arguments(p)
     p.add_argument("--token-key", required=True, metavar="FILE",
@@ -819,8 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
         "create the authority's named-subject token key c",
         f"Write {TOKEN_KEY_FILE} (a ristretto255 scalar, hex, mode 0600).",
     )
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help=f"directory for {TOKEN_KEY_FILE} (keep it offline)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing token key")
 
     p = _subparser(
         sub,
@@ -830,14 +880,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Multiply every blinded element b·H(y) of the custodian's request by c. The elements "
         "are pseudorandom: the authority learns only how many records there are.",
     )
-    p.add_argument("--token-key", required=True, metavar="FILE")
+    p.add_argument("--token-key", required=True, metavar="FILE",
+                   help=f"the authority's {TOKEN_KEY_FILE} from token-keygen")
     p.add_argument("--public-key", required=True, metavar="FILE",
                    help=f"the authority's {PUBLIC_KEY_FILE} (names the key epoch)")
-    p.add_argument("--request", required=True, metavar="FILE")
-    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--request", required=True, metavar="FILE",
+                   help="the custodian's request from 'agency-b certify-request'")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="response file for 'agency-b certify-finish'")
     p.add_argument("--binding-out", required=True, metavar="FILE",
                    help="where to keep the custodian's binding secret (mode 0600)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
     p = _subparser(
         sub,

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocol.adapters.files import make_private_dir
 from protocol.domain.identity import validate_agency_id
 
 __all__ = [
@@ -199,7 +200,8 @@ def write_dev_pki(
 
     Files: ``ca.pem`` and ``ca.key``; ``<agency>.client.pem``/``.client.key`` for each of
     ``agencies``; ``<agency>.server.pem``/``.server.key`` for each of ``server_agencies``.
-    Every ``.key`` file is mode 0600, existing files are overwritten.
+    Every ``.key`` file is mode 0600, existing files are overwritten; a directory created
+    here is 0700 (the certificates themselves are public, 0644).
     """
     if isinstance(agencies, str) or isinstance(server_agencies, str):
         raise TypeError("agencies and server_agencies must be sequences of ids, not strings")
@@ -217,8 +219,7 @@ def write_dev_pki(
         files[f"{agency}.server.pem"] = issued.cert_pem
         files[f"{agency}.server.key"] = issued.key_pem
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_private_dir(out_dir)
     written: dict[str, Path] = {}
     for name, data in files.items():
         path = out_dir / name

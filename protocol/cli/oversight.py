@@ -140,7 +140,8 @@ def add_ledger_commands(sub: Any, *, agency: str, location: str, location_help: 
     ``location`` is the flag naming where the agency's ledger is (``--ledger`` for the
     custodian, ``--data`` for the requester).
     """
-    a = sub.add_parser("audit", help="audit-log tools")
+    a = sub.add_parser("audit", help="audit-log tools",
+                       description="Tools for the agency's hash-chained audit log.")
     asub = a.add_subparsers(dest="audit_command", required=True)
     v = asub.add_parser("verify", help="verify the ledger's audit chain (exit 0 OK, 1 FAIL)",
                         description="Re-derive the hash chain and, with --public-key, every "

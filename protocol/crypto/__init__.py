@@ -1,1 +1,10 @@
-"""Hazmat layer: RFC 9497 OPRF, KKRT OT-extension primitives, fast Paillier, encoding."""
+"""Hazmat layer: RFC 9497 OPRF, KKRT OT-extension primitives, encoding."""
+
+__all__ = [
+    "encoding",
+    "executor",
+    "kkrt",
+    "kkrt_cuckoo",
+    "kkrt_matrix",
+    "oprf",
+]

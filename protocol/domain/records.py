@@ -21,6 +21,9 @@ Conventions:
   line 1). The ``*_with_lines`` readers return ``(line, record)`` pairs; refusals carry them.
 * CSV functions read and write open text streams (``newline=""``); opening files is the
   caller's (``protocol.adapters.files.open_csv``), so nothing here touches the file system.
+* The CSV schema an operator sees (``--help``, the bad-header error, the README's "Input
+  files") is :data:`CSV_SCHEMA_HELP`: one text, so the three never disagree. Only the
+  columns a file's use needs are required; an absent optional column reads as blank.
 """
 
 from __future__ import annotations
@@ -36,17 +39,19 @@ from enum import IntEnum, StrEnum
 from functools import lru_cache
 from itertools import islice
 from operator import itemgetter
-from typing import TextIO
+from typing import NoReturn, SupportsIndex, TextIO, overload
 
 from protocol.crypto.encoding import LENGTH_BYTES, decode, encode, lp, u64
 from protocol.errors import InvalidRecordError
 
 __all__ = [
+    "CSV_SCHEMA_HELP",
     "DISCLOSABLE_FIELDS",
     "MATCH_KEY_DST",
     "MATCH_RULES",
     "PERSON_FIELDS",
     "QUERY_META_FIELDS",
+    "QUERY_REVIEW_COLUMNS",
     "RECORD_CLASS_FIELD",
     "RULE_FIELDS",
     "MatchRule",
@@ -56,6 +61,7 @@ __all__ = [
     "ReasonCode",
     "Refusal",
     "Strength",
+    "ValidatedQueries",
     "ValidationReport",
     "address_problem",
     "decode_match_key",
@@ -73,6 +79,7 @@ __all__ = [
     "read_person_csv_with_lines",
     "read_query_csv",
     "read_query_csv_with_lines",
+    "rule_columns",
     "split_suffix",
     "validate_person",
     "validate_persons",
@@ -114,7 +121,8 @@ DISCLOSABLE_FIELDS: tuple[str, ...] = (
 )
 
 _PERSON_FIELD_SET = frozenset(PERSON_FIELDS)
-_TAX_PERIOD_SEP = ";"
+_TAX_PERIOD_SEP = ";"  # written between tax periods; read: any of _TAX_PERIOD_SPLIT
+_TAX_PERIOD_SPLIT = re.compile(r"[;,\s]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +220,7 @@ class ValidationReport:
     input_count`` as long as line numbers are distinct (they are, from the CSV readers).
     """
 
-    accepted: list[QueryRecord]
+    accepted: ValidatedQueries
     refused: list[Refusal]
     accepted_lines: list[int] = field(default_factory=list)
     input_count: int = 0
@@ -226,6 +234,95 @@ class ValidationReport:
     def refused_record_count(self) -> int:
         """Number of distinct refused records."""
         return len({r.line for r in self.refused})
+
+
+#: Held only by :func:`validate_queries`: what makes a :class:`ValidatedQueries` genuine.
+_VALIDATED = object()
+
+
+class ValidatedQueries(list[QueryRecord]):
+    """Queries that passed :func:`validate_queries` (its ``accepted``): what sessions take.
+
+    The type is the proof that a batch was validated, so a session need not validate it
+    again, and a batch that was not is caught: only :func:`validate_queries` makes one, it is
+    read-only (nothing unvalidated can be added later) and a slice of it stays validated.
+    Anything else handed to a session goes through :meth:`ensure`.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, queries: Iterable[QueryRecord] = (), _proof: object = None) -> None:
+        if _proof is not _VALIDATED:
+            raise TypeError("ValidatedQueries are made by validate_queries(...): pass its "
+                            ".accepted")
+        super().__init__(queries)
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> QueryRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> ValidatedQueries: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> QueryRecord | ValidatedQueries:
+        if isinstance(index, slice):  # a part of a valid batch has no new duplicates
+            return ValidatedQueries(super().__getitem__(index), _VALIDATED)
+        return super().__getitem__(index)
+
+    def __reduce__(self) -> tuple[Callable[[list[QueryRecord]], ValidatedQueries],
+                                  tuple[list[QueryRecord]]]:
+        return _revalidated, (list(self),)
+
+    def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("ValidatedQueries is read-only: build a new list and validate it "
+                        "with validate_queries(...)")
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _read_only
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+
+    @classmethod
+    def ensure(cls, queries: object, *, today: date) -> ValidatedQueries:
+        """``queries`` as validated queries, for a session's constructor.
+
+        Returned as is when :func:`validate_queries` made them; a plain sequence of
+        :class:`QueryRecord` is validated now with the same rules and refused as a whole
+        (``InvalidRecordError`` naming the first refusals) if any record would be refused,
+        because a refused record must never enter the protocol. Anything but query records
+        is a ``TypeError`` naming the expected type.
+        """
+        if isinstance(queries, ValidatedQueries):
+            return queries
+        if isinstance(queries, str | bytes | dict) or not isinstance(queries, Iterable):
+            raise TypeError("queries must be a list of QueryRecord, ideally "
+                            f"validate_queries(...).accepted; got {type(queries).__name__}")
+        items = list(queries)
+        for position, query in enumerate(items):
+            if not isinstance(query, QueryRecord):
+                raise TypeError(_not_a_query(query, f"queries[{position}]"))
+        report = validate_queries(enumerate(items, 1), today=today)
+        if report.refused:
+            shown = "; ".join(f"query #{r.line} ({r.record_id or 'no record_id'}): {r.code}: "
+                              f"{r.detail}" for r in report.refused[:3])
+            raise InvalidRecordError(
+                f"{report.refused_record_count} of {len(items)} queries would be refused "
+                f"({shown}{'; ...' if len(report.refused) > 3 else ''}): run "
+                "validate_queries(...) first and pass its .accepted; refused records never "
+                "enter the protocol")
+        return report.accepted
+
+
+def _revalidated(queries: list[QueryRecord]) -> ValidatedQueries:
+    """Unpickle: the queries were validated when the pickled list was made."""
+    return ValidatedQueries(queries, _VALIDATED)
+
+
+def _not_a_query(value: object, where: str) -> str:
+    """The TypeError message for something that is not a :class:`QueryRecord`."""
+    got = type(value).__name__
+    if isinstance(value, PersonRecord):
+        return (f"{where} is a PersonRecord; a query is a QueryRecord(person, "
+                "QueryMetadata(tax_periods, statute, reason)): the legal basis is checked too")
+    return (f"{where} must be a QueryRecord(PersonRecord(...), QueryMetadata(...)), got {got}"
+            + (" (records are dataclasses, not dicts: PersonRecord(**row))"
+               if isinstance(value, dict) else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -959,11 +1056,20 @@ def validate_queries(
 
     Adds duplicate-id detection: *every* occurrence of a repeated record_id is refused, since a
     result could otherwise be attributed to the wrong subject. Plain lists of queries can be
-    passed as ``enumerate(queries, 1)``.
+    passed as ``enumerate(queries, 1)``. ``accepted`` is a :class:`ValidatedQueries`, what a
+    requester session takes.
     """
     items = list(queries_with_lines)
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int)):
+            raise TypeError("validate_queries takes (line, QueryRecord) pairs, e.g. "
+                            f"enumerate(queries, 1); got {type(item).__name__}")
+        if not isinstance(item[1], QueryRecord):
+            raise TypeError(_not_a_query(item[1], f"the query on line {item[0]}"))
     dupes = _duplicate_groups([(ln, q.person) for ln, q in items])
-    report = ValidationReport(accepted=[], refused=[], input_count=len(items))
+    accepted: list[QueryRecord] = []
+    report = ValidationReport(accepted=ValidatedQueries((), _VALIDATED), refused=[],
+                              input_count=len(items))
     for index, (line, q) in enumerate(items):
         refusals = validate_query(q, today=today, line=line)
         group = dupes.get(index)
@@ -972,8 +1078,9 @@ def validate_queries(
         if refusals:
             report.refused.extend(refusals)
         else:
-            report.accepted.append(q)
+            accepted.append(q)
             report.accepted_lines.append(line)
+    report.accepted = ValidatedQueries(accepted, _VALIDATED)
     return report
 
 
@@ -1005,29 +1112,96 @@ def validate_persons(
 _PERSON_COLUMNS = (*PERSON_FIELDS, RECORD_CLASS_FIELD)
 _QUERY_COLUMNS = (*PERSON_FIELDS, *QUERY_META_FIELDS, RECORD_CLASS_FIELD)
 
+#: Columns every query file needs whatever its rules: each subject is reviewed on its name,
+#: address and ZIP (placeholder and ZIP-only addresses are refused) and on its legal basis.
+QUERY_REVIEW_COLUMNS: tuple[str, ...] = (
+    "record_id", "first_name", "last_name", "address", "zip", *QUERY_META_FIELDS,
+)
+
+CSV_SCHEMA_HELP = """\
+CSV input files: UTF-8, comma-separated, one header row, columns in any order.
+  columns:   record_id,tin,first_name,last_name,dob,address,city,state,zip
+             (+ tax_periods,statute,reason in a requester's query file;
+              + record_class in a custodian's file, e.g. "protected")
+  required:  record_id always; a query file also first_name,last_name,address,zip,
+             tax_periods,statute,reason (every subject is reviewed on them)
+  per rule:  tin+dob -> tin,dob   tin+last_name -> tin,last_name
+             first+last+dob+zip -> first_name,last_name,dob,zip
+             first+last+address -> first_name,last_name,address,zip
+             (a custodian file needs every column of at least one rule)
+  optional:  any column no chosen rule needs: city and state only help spot an address
+             that is just a city/state; other extra columns are kept (disclosable only
+             when an authorization names them, e.g. tax_paid_cents)
+  formats:   tin 123-45-6789 or 123456789 (SSN or ITIN); dob YYYY-MM-DD, YYYYMMDD or
+             MM/DD/YYYY; zip 12345 or 12345-6789; tax_periods years (2023) or quarters
+             (2023Q4) separated by ';' or ',' and/or spaces ("2022;2023Q4", "2022, 2023")"""
+
+
+def rule_columns(rule_id: str) -> tuple[str, ...]:
+    """CSV columns a match rule reads (an address key also needs the ZIP)."""
+    fields = get_rule(rule_id).fields
+    return tuple(dict.fromkeys(c for f in fields for c in ((f, "zip") if f == "address" else (f,))))
+
+
+_HEADER_SHOWN = 160  # characters of a bad header quoted back
+
+
+def _header_error(kind: str, schema: Sequence[str], header: Sequence[str], why: str) -> str:
+    """The bad-header message: what is wrong and the whole expected header on its first line
+    (short enough for a gRPC status), then the schema."""
+    got = ",".join(header)
+    got = got if len(got) <= _HEADER_SHOWN else got[:_HEADER_SHOWN] + "..."
+    return (f"CSV header of the {kind} lacks {why}; expected {','.join(schema)} (extra "
+            f"columns allowed); got {got}\n{CSV_SCHEMA_HELP}")
+
+
+def _check_header(
+    header: Sequence[str], schema: Sequence[str], rules: Iterable[str] | None
+) -> None:
+    """Refuse a header without the columns the file's use needs (see CSV_SCHEMA_HELP).
+
+    A query file always needs its review columns; ``rules`` (when the caller knows them)
+    add theirs. A custodian file without known rules must serve at least one rule.
+    """
+    is_query = QUERY_META_FIELDS[0] in schema
+    kind = "query file" if is_query else "custodian records"
+    present = set(header)
+    needed = {"record_id"} | (set(QUERY_REVIEW_COLUMNS) if is_query else set())
+    for rule_id in rules or ():
+        needed.update(rule_columns(rule_id))
+    missing = [c for c in schema if c in needed and c not in present]
+    if missing:
+        raise InvalidRecordError(
+            _header_error(kind, schema, header, "required columns " + ",".join(missing)))
+    if rules is None and not is_query and not any(
+        present.issuperset(rule_columns(r)) for r in MATCH_RULES
+    ):
+        raise InvalidRecordError(_header_error(
+            kind, schema, header, "required columns: the columns of at least one match rule"))
+
 
 def _iter_rows(
-    source: TextIO, schema: Sequence[str]
+    source: TextIO, schema: Sequence[str], rules: Iterable[str] | None = None
 ) -> Iterator[tuple[int, tuple[str, ...], tuple[tuple[str, str], ...]]]:
     """Yield (line, schema values in ``schema`` order, extras) per non-blank data row.
 
-    Every column but ``record_class`` in ``schema`` is required; columns outside ``schema``
-    become extras in header order. An absent ``record_class`` reads as "".
+    Which ``schema`` columns are required is :func:`_check_header`'s; an absent optional
+    column reads as "" (so a rule needing it yields no key). Columns outside ``schema``
+    become extras in header order.
     """
     reader = csv.reader(source)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
-        raise InvalidRecordError("CSV is empty: a header row is required") from None
+        raise InvalidRecordError(
+            f"CSV is empty: a header row is required\n{CSV_SCHEMA_HELP}") from None
     if len(set(header)) != len(header):
         raise InvalidRecordError(f"CSV header has duplicate columns: {header}")
     if "" in header:
         raise InvalidRecordError("CSV header has an empty column name")
-    missing = [c for c in schema if c not in header and c != RECORD_CLASS_FIELD]
-    if missing:
-        raise InvalidRecordError(f"CSV header lacks required columns: {missing}")
+    _check_header(header, schema, None if rules is None else list(rules))
     width = len(header)
-    # A missing record_class column reads from a padding cell appended to every row.
+    # A missing optional column reads from a padding cell appended to every row.
     index = [header.index(c) if c in header else width for c in schema]
     pick = itemgetter(*index)
     extra_idx = [(i, h) for i, h in enumerate(header) if h not in schema]
@@ -1062,32 +1236,40 @@ def read_person_csv_with_lines(source: TextIO) -> list[tuple[int, PersonRecord]]
 
 
 def read_person_csv(source: TextIO) -> list[PersonRecord]:
-    """Person records from a CSV whose header holds at least the nine person fields.
+    """Person records from a CSV whose header holds record_id and the columns of a match rule.
 
-    ``record_class`` is optional; every other column (even ``tax_periods`` of a query file) is
-    kept in ``extra`` in header order. Values are kept verbatim, never stripped.
+    Absent person columns and ``record_class`` read as ""; every other column (even
+    ``tax_periods`` of a query file) is kept in ``extra`` in header order. Values are kept
+    verbatim, never stripped.
     """
     return [p for _, p in read_person_csv_with_lines(source)]
 
 
 def _split_periods(s: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in s.split(_TAX_PERIOD_SEP) if t.strip())
+    return tuple(t for t in _TAX_PERIOD_SPLIT.split(s) if t)
 
 
-def iter_query_csv(source: TextIO) -> Iterator[tuple[int, QueryRecord]]:
-    """Stream ``(line, query)`` pairs (a 1.28M-row request file never sits in memory twice)."""
-    for line, v, extras in _iter_rows(source, _QUERY_COLUMNS):
+def iter_query_csv(
+    source: TextIO, *, rules: Iterable[str] | None = None
+) -> Iterator[tuple[int, QueryRecord]]:
+    """Stream ``(line, query)`` pairs (a 1.28M-row request file never sits in memory twice).
+
+    ``rules``, when the caller knows them, makes their columns required too.
+    """
+    for line, v, extras in _iter_rows(source, _QUERY_COLUMNS, rules):
         person = PersonRecord(*v[:9], v[12], extras)  # type: ignore[arg-type, call-arg]
         yield line, QueryRecord(person, QueryMetadata(_split_periods(v[9]), v[10], v[11]))
 
 
-def read_query_csv_with_lines(source: TextIO) -> list[tuple[int, QueryRecord]]:
+def read_query_csv_with_lines(
+    source: TextIO, *, rules: Iterable[str] | None = None
+) -> list[tuple[int, QueryRecord]]:
     """``(line, query)`` for each data row; feed straight into :func:`validate_queries`.
 
-    ``tax_periods`` is a ";"-separated list ("2022;2023"); entries are stripped and empty
-    entries ignored. Other columns behave as in :func:`read_person_csv`.
+    ``tax_periods`` is a list separated by ";", "," and/or spaces ("2022;2023", "2022, 2023");
+    empty entries are ignored. Other columns behave as in :func:`read_person_csv`.
     """
-    return list(iter_query_csv(source))
+    return list(iter_query_csv(source, rules=rules))
 
 
 def read_query_csv(source: TextIO) -> list[QueryRecord]:
@@ -1160,13 +1342,13 @@ def write_query_csv(queries: Iterable[QueryRecord], dest: TextIO) -> None:
     """Write queries so that :func:`read_query_csv` returns them unchanged.
 
     Raises ValueError for a tax period that could not survive the ";"-joined column (empty,
-    containing ";", or with surrounding whitespace) rather than altering it silently.
+    or containing a separator: ";", "," or whitespace) rather than altering it silently.
     """
     qs = list(queries)
     meta_rows: list[list[str]] = []
     for q in qs:
         for t in q.metadata.tax_periods:
-            if not t or t != t.strip() or _TAX_PERIOD_SEP in t:
+            if not t or _TAX_PERIOD_SPLIT.search(t):
                 raise ValueError(f"tax period {t!r} cannot be written to a ';'-separated list")
         meta_rows.append(
             [_TAX_PERIOD_SEP.join(q.metadata.tax_periods), q.metadata.statute, q.metadata.reason]

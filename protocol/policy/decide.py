@@ -532,6 +532,9 @@ _POLICY_KEYS = (
     "allowed_engines",
     "clock_skew_s",
     "max_session_queries",
+    "audited_refusals_burst",
+    "audited_refusals_per_minute",
+    "refusal_summary_s",
 )
 
 
@@ -553,6 +556,13 @@ class CustodianPolicy:
     allowed_engines: frozenset[str] = frozenset({Engine.OPRF.value})
     clock_skew_s: int = 60
     max_session_queries: int = 5_000_000
+    #: Refusals audited one by one per peer: a burst, refilled at a steady rate.  Beyond
+    #: them a peer's refusals are counted and summarised (``refusals_suppressed``) at most
+    #: once per ``refusal_summary_s``, so a flood cannot grow the audit chain or the log
+    #: (docs/architecture.md, Accounting).
+    audited_refusals_burst: int = 20
+    audited_refusals_per_minute: int = 60
+    refusal_summary_s: int = 60
 
     def __post_init__(self) -> None:
         _check_str("custodian_id", self.custodian_id)
@@ -585,6 +595,9 @@ class CustodianPolicy:
         _set(self, "allowed_tiers", frozenset(_check_enum("allowed_tiers", Tier, t) for t in tiers))
         _check_int("clock_skew_s", self.clock_skew_s)
         _check_int("max_session_queries", self.max_session_queries)
+        _check_int("audited_refusals_burst", self.audited_refusals_burst, minimum=1)
+        _check_int("audited_refusals_per_minute", self.audited_refusals_per_minute)
+        _check_int("refusal_summary_s", self.refusal_summary_s, minimum=1)
 
     def __hash__(self) -> int:
         return hash((self.custodian_id, tuple(sorted(self.trusted_authorities))))
@@ -611,6 +624,9 @@ class CustodianPolicy:
             "allowed_engines": sorted(self.allowed_engines),
             "clock_skew_s": self.clock_skew_s,
             "max_session_queries": self.max_session_queries,
+            "audited_refusals_burst": self.audited_refusals_burst,
+            "audited_refusals_per_minute": self.audited_refusals_per_minute,
+            "refusal_summary_s": self.refusal_summary_s,
         }
 
     @classmethod
@@ -665,7 +681,13 @@ class Reason(StrEnum):
     DISCLOSURE_CAP_REACHED = "disclosure_cap_reached"
     SESSION_TOO_LARGE = "session_too_large"
     MODE_NOT_PERMITTED = "mode_not_permitted"
+    #: An aggregate release whose contributing records differ from an earlier release to the
+    #: same requester by fewer than ``min_aggregate_count`` (a differencing attempt).
+    RELEASE_OVERLAP = "release_overlap"
     MALFORMED = "malformed"
+    #: A session id the ledger cannot open for this request (used, held, or changed); one
+    #: reason and one message whoever holds it, so it is no oracle on which ids exist.
+    SESSION_ID_UNAVAILABLE = "session_id_unavailable"
 
 
 REFUSAL_CATEGORY: dict[Reason, str] = {
@@ -685,9 +707,11 @@ REFUSAL_CATEGORY: dict[Reason, str] = {
     Reason.DISCLOSURE_CAP_REACHED: "resource_exhausted",
     Reason.SESSION_TOO_LARGE: "resource_exhausted",
     Reason.MODE_NOT_PERMITTED: "failed_precondition",
+    Reason.RELEASE_OVERLAP: "permission_denied",
     Reason.RULE_UNKNOWN: "invalid_argument",
     Reason.ENGINE_UNKNOWN: "invalid_argument",
     Reason.MALFORMED: "invalid_argument",
+    Reason.SESSION_ID_UNAVAILABLE: "failed_precondition",
 }
 
 
@@ -1104,8 +1128,6 @@ def check_disclosure(
     """
     auth = _authorization_of(signed_or_auth)
     _check_int("disclosed_so_far", disclosed_so_far)
-    if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
-        raise ValueError(f"now must be a finite number of unix seconds, got {now!r}")
     refusals: list[Refused] = []
     if not cap_allows_another(auth.max_disclosures, disclosed_so_far):
         refusals.append(
@@ -1115,15 +1137,31 @@ def check_disclosure(
                 f"disclosures and {disclosed_so_far:,} have been made",
             )
         )
-    if not now <= auth.not_after:
-        refusals.append(
-            Refused(
-                Reason.EXPIRED,
-                f"authorization {auth.authorization_id} expired at {_utc(auth.not_after)} "
-                f"(now {_utc(now)}); no further disclosures",
-            )
-        )
+    refusals.extend(check_repeat_disclosure(auth, now=now).refusals)
     return Decision(not refusals, tuple(refusals))
+
+
+def check_repeat_disclosure(
+    signed_or_auth: SignedAuthorization | Authorization, *, now: float
+) -> Decision:
+    """May a record already disclosed under this authorization be presented again?
+
+    Only the validity window applies: a repeat discloses nothing the requester was not
+    already given, so the cap does not withhold it.  This is what lets a requester whose
+    reply was lost after the cap was reached fetch it again (docs/architecture.md,
+    Accounting: Replays).
+    """
+    auth = _authorization_of(signed_or_auth)
+    _check_now(now)
+    if now <= auth.not_after:
+        return Decision.allow()
+    return Decision.refuse(
+        Refused(
+            Reason.EXPIRED,
+            f"authorization {auth.authorization_id} expired at {_utc(auth.not_after)} "
+            f"(now {_utc(now)}); no further disclosures",
+        )
+    )
 
 
 def _check_now(now: object) -> None:

@@ -1,1 +1,7 @@
 """The session core and the thin tiers over it (identity, aggregate)."""
+
+__all__ = [
+    "aggregate",
+    "core",
+    "identity",
+]

@@ -1,99 +1,105 @@
-"""Aggregate and cardinality tiers: Private Intersection-Sum-with-Cardinality.
+"""Aggregate and cardinality tiers: the custodian matches and sums; the requester learns a total.
 
-See docs/architecture.md, Aggregate and cardinality tiers.
+See docs/architecture.md, Aggregate and cardinality tiers, and Threat model.
 
-The protocol is the one of Ion et al. ("On Deploying Secure Computing: Private
-Intersection-Sum-with-Cardinality", EuroS&P 2020; Google's Private Join and Compute), with
-the sum delivered to the *requester* through a one-time-pad mask.
+Safe against a deviating (malicious) requester: whatever it sends, it learns the true count
+of the custodian's keys it genuinely named and, when the policy allows a release, the sum
+of their values; no individual's value (issue 13).  The earlier design (Ion et al.'s
+intersection-sum, where the requester matched locally, multiplied Paillier ciphertexts and
+reported the count) let a requester use distinct scalars, dummies, a false count and packed
+ciphertexts to read three named people's values from one decryption.  Here there is no
+ciphertext to pack and no count to report: the custodian computes both.
 
 This module is a thin tier over the session core (``protocol.sessions.core``; see
 docs/architecture.md, Sessions): the core opens, gates every message, counts, closes and
 countersigns; this module holds the tier's messages, its two transition tables
-(``AGGREGATE_CUSTODIAN_TRANSITIONS``, ``AGGREGATE_REQUESTER_TRANSITIONS``, covering what each
-side sends and receives, and only this tier's messages, so an identity-tier message in an
-aggregate session is a ``ProtocolError``), their handlers, and the cryptography.
+(``AGGREGATE_CUSTODIAN_TRANSITIONS``, ``AGGREGATE_REQUESTER_TRANSITIONS``), their handlers
+and the cryptography.
 
 Notation: ``H`` = hash-to-group into ristretto255 with this tier's own DST
-(``HASH_TO_GROUP_DST``); ``a`` / ``b`` = fresh per-session secret scalars of the requester /
-custodian; ``V`` = the requester's distinct match keys under the session's one match rule;
-``W`` = the custodian's distinct match keys of in-scope records, each with the value ``t``
-(the sum of the value column over the records sharing that key); ``Enc`` = Paillier under a
-fresh per-session key of the custodian (``protocol.crypto.paillier``, >= 2048-bit modulus).
+(``HASH_TO_GROUP_DST``); ``G`` = the group generator; ``a`` / ``b`` = fresh per-session secret
+scalars of the requester / custodian; ``V`` = the requester's distinct match keys under the
+session's one rule; ``W`` = the custodian's distinct keys of in-scope records, ``t(w)`` the
+sum of the value column over the records sharing ``w``; ``pi`` = a fresh uniform order of
+``W`` drawn by the custodian from the OS CSPRNG.
 
 ::
 
-    Requester A                                      Custodian B
-    open_request()        --AggregateOpenRequest-->  decide (tier, rule, value field, budget),
-                          <-AggregateOpenResponse--  reserve |V|; Paillier key; scalar b
-    blinded_chunks()      --BlindedChunk*--------->  validate, count, b*(a*H(v))
-                          <-DoubleBlindedChunk*----  double_blinded_chunks(): ALL of them,
-                                                     in one fresh uniform random order
-                          <-CustodianPairsChunk*---  pair_chunks(): (b*H(w), Enc(t)) in a
-                                                     fresh uniform random order
-    match a*(b*H(w)) against the double-blinded set (locally)
-    masked_sum()          --MaskedSum------------->  count >= min? decrypt ONE ciphertext
-                          <-SumReveal--------------  S + R mod n (or withheld)
-    close_request()       --CloseRequest---------->  signed Receipt (ledger)
+    Requester A                                        Custodian B
+    open_request()        --AggregateOpenRequest---->  decide; reserve |V|; fresh b
+                          <-AggregateOpenResponse----  |W|, min_aggregate_count
+    blinded_chunks()      --BlindedChunk* a*H(v)---->  validate, count, keep b*(a*H(v))
+                          <-CustodianChunk* --------   c_j = b*H(w_pi(j)), only after the
+                                                       whole upload is in
+    reblinded_chunks()    --ReblindedChunk* r_j ---->  validate (one element per position);
+                                                       j matched iff r_j in {b*a*H(v)}
+                          <-MatchChallenge ----------  bitmap of matched positions M
+    consistency_proof()   --ConsistencyProof-------->  verify; count = |M|; sum of t over
+                                                       the keys pi(M); min count, overlap
+                          <-AggregateRelease --------  count, and the sum or why withheld
+    close_request()       --CloseRequest------------>  signed Receipt (ledger)
 
-A multiplies the matched ciphertexts, adds a mask ``R`` uniform in ``Z_n`` and re-randomizes
-with a full-strength ``r^n``; B decrypts exactly one ciphertext per session (the state
-machine accepts one ``MaskedSum`` and then drops the private key) and returns ``S + R mod
-n``; A subtracts ``R``.  The ``cardinality`` tier runs the same exchange without any
-Paillier key, ciphertext or decryption.
+Why a deviating requester learns no individual's value
+-------------------------------------------------------
+* **No count to falsify, nothing to pack.** The count is ``|M|``, computed by B; the sum is
+  computed by B in the clear over its own records ``pi(M)``; A sends only group elements.
+* **Consistency proof.** A proves, in zero knowledge, one scalar ``x`` with ``r_j = x*c_j``
+  for every matched position (a batched Chaum-Pedersen proof over a random linear
+  combination whose weights are hashed from the whole exchange, as in RFC 9497's batched
+  VOPRF proofs).  So a matched position ``j`` means ``x*H(w_pi(j))`` was in A's upload:
+  A named that very key under the scalar it proves.  Without the proof a requester could
+  put a multiple ``k*x*c_p`` of one position's element at many positions ("distinct
+  scalars": upload ``k*H(t)`` for k = 1..m) and turn one true match into ``m`` counted
+  ones; with it, an element at the wrong position or under another scalar fails the proof
+  (soundness error ~ 2^-252), and an upload under another scalar never matches.
+* **Dummies** that are not real identities never match; **garbage** fails validation.
+  Only positions can be matched, and each at most once: a requester's deviation can only
+  shrink the matched set.
+* **Upload first.** B sends ``c_j`` only after the whole upload is in, so nothing A uploads
+  can depend on ``b``.  ``b`` is fresh per session (not cached per authorization): the
+  challenge tells A which positions matched, and a ``b`` reused across sessions would let
+  A link matched elements between sessions with different query lists, i.e. test
+  membership of one person.
+* **Minimum count** applies to the true count; **differencing** across releases is refused
+  (``Reason.RELEASE_OVERLAP``): B records, durably and with the audit entry in one
+  transaction, a keyed digest of every contributing record of each released sum, and
+  refuses a release whose contributing set differs from an earlier one to the same
+  requester by fewer than ``min_aggregate_count`` records (a repeat of the same set too).
 
-What each party learns (semi-honest parties; exact leakage)
------------------------------------------------------------
-Requester A: ``|W|`` (the number of pairs, announced at open), the cardinality ``|V ∩ W|``
-and, in the aggregate tier, the sum ``S`` of ``t`` over ``V ∩ W`` unless B withholds it.
-Nothing links a returned element or a pair to a record: the double-blinded set comes back
-as a whole in a fresh CSPRNG permutation, B's pairs arrive in another one, and without
-``b`` A cannot connect ``b*a*H(v)`` to ``a*H(v)``.  Ciphertexts hide every ``t`` (DCR +
-short-exponent assumption, see ``paillier_fast``).  A also sees the public Paillier
-modulus and the custodian's ``min_aggregate_count`` (it is in the authorization).
+What each party learns (exact leakage)
+---------------------------------------
+Requester A: ``|W|`` (at open), the count ``|V ∩ W|`` (the matched positions are random
+positions of a fresh order of elements it cannot open without ``b``), and the sum when it
+is released.  Custodian B: ``|V|`` (the budget unit), and now **which of its own records
+contributed** and the released aggregate, which it computes itself; this is what it learns
+anyway in the identity tier when it discloses.  The elements ``a*H(v)`` remain pseudorandom
+to B (DDH), so B learns nothing about A's queries that are not its records; ``x*G`` in the
+proof reveals nothing about ``a`` beyond what a public key does.
 
-Custodian B: ``|V|`` (the element count, which is also the budget unit), the count A
-reports in ``MaskedSum`` (recorded in the ledger), and ``S + R mod n``, which is uniform in
-``Z_n`` whatever ``S`` is (``R`` is uniform in ``Z_n``: perfectly hiding, not merely
-statistically).  The elements ``a*H(v)`` are pseudorandom to B (DDH in ristretto255), and
-the final ciphertext is re-randomized with a full ``r^n`` so B cannot recognise which of its
-own ciphertexts were multiplied into it.
+Limits (stated, not hidden)
+---------------------------
+* A requester that truly knows ``min_aggregate_count - 1`` real members of ``W`` **and their
+  values** can put them next to a target and subtract.  It must hold real identities that
+  the custodian holds, every such release is an audited ``aggregate_release`` entry whose
+  contributing set oversight can re-verify, each costs budget, and the overlap rule stops
+  the cheap form (the same set with one person added or removed).  Combinations of many
+  releases that pairwise differ by ``min_aggregate_count`` or more are not refused; the
+  budget and the audit are the controls there, as for any statistical release.
+* The count itself is always released (it is the cardinality tier's answer), so counts over
+  overlapping lists can be differenced to learn membership, as before; the overlap rule
+  guards sums, which are what carry values.
+* A custodian that deviates can falsify the result (it computes it); it learns no more
+  about A's list than the count and which of its own records matched.
 
-Policy (decided in ``protocol.policy.decide``, never here): the tier comes from the signed
-authorization and must be ``aggregate`` or ``cardinality`` (the tiers this session serves);
-the session names exactly one match rule and, in the aggregate tier, the value column to sum,
-which the authorization must name in ``disclosure_fields`` (the authority CLI's convention)
-and the custodian policy must not bar; named-subject authorizations are not served.  The
-evaluation budget is reserved at open (``|V|``) and counted chunk by chunk; every later
-message passes the core's gate (owner, validity window).  Every release is an
-``aggregate_release`` entry in the custodian's audit chain.
-
-Limits of the guarantees (stated, not hidden)
----------------------------------------------
-* ``min_aggregate_count`` is enforced by B on the count **A reports**: B cannot verify it.
-  A requester that deviates could report a false count, or submit a ciphertext other than
-  the product of the matched ones (e.g. one custodian ciphertext, learning one unlinked
-  value).  One decryption per session, the budget, the audit entry and named-subject
-  authorizations bound the damage; a malicious requester is outside this tier's model.
-* In the cardinality tier A computes the count itself, so ``min_aggregate_count`` cannot
-  hide it; B records whether it was below the minimum.
-* A custodian that deviates (garbage pairs, chosen elements) can falsify the result, and,
-  because A reports the count, could learn the cardinality of a set *it* chose, e.g.
-  whether one of its own records is on A's list.  The sum stays hidden from it.
-* Aggregates over overlapping query lists allow differencing across sessions; the budget
-  and the oversight ledger are the controls, as for any statistical release.
-* A session id is never reused: the Paillier key and ``b`` live only in the session object,
-  so a broken session cannot be resumed; A opens a new one (and pays budget again).
-
-Every error leaves a session ``FAILED`` with its ``failure_reason`` (the core's rule), and
-the custodian drops ``b`` and the Paillier private key: a session holding one-time secrets is
-not worth repairing.
+Every error leaves a session ``FAILED`` with its ``failure_reason`` (the core's rule) and
+both sides drop their one-time scalars.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import hmac
 import os
-import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -104,11 +110,9 @@ from typing import Any, Protocol
 import numpy as np
 import rbcl
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from phe import paillier
 
-from protocol.accounting.port import Reservation
+from protocol.accounting.port import AggregateReleaseRow, Reservation
 from protocol.crypto import oprf
-from protocol.crypto import paillier as pf
 from protocol.crypto.encoding import encode
 from protocol.domain.engine import Engine
 from protocol.domain.messages import (
@@ -120,8 +124,8 @@ from protocol.domain.messages import (
 from protocol.domain.records import PersonRecord, QueryRecord, match_keys_bulk
 from protocol.domain.recordstore import bulk_match_keys, persons_of
 from protocol.engines.base import BuildCache, utc_date
-from protocol.errors import InvalidElementError, InvalidRecordError, ProtocolError
-from protocol.policy.decide import Mode, SessionRequest, SignedAuthorization, Tier
+from protocol.errors import InvalidElementError, InvalidRecordError, PolicyRefusal, ProtocolError
+from protocol.policy.decide import Mode, Reason, SessionRequest, SignedAuthorization, Tier
 from protocol.sessions.core import (
     CustodianCore,
     RequesterCore,
@@ -137,11 +141,11 @@ __all__ = [
     "AGGREGATE_REQUESTER_TRANSITIONS",
     "AGGREGATE_TIERS",
     "DEFAULT_BLINDED_CHUNK",
-    "DEFAULT_DOUBLE_BLINDED_CHUNK",
-    "DEFAULT_PAIR_CHUNK",
+    "DEFAULT_CUSTODIAN_CHUNK",
     "ELEMENT_SIZE",
     "HASH_TO_GROUP_DST",
-    "MAX_PAIR_CHUNK",
+    "MAX_CUSTODIAN_CHUNK",
+    "RELEASE_DIGEST_SIZE",
     "AggregateCustodian",
     "AggregateCustodianSession",
     "AggregateCustodianState",
@@ -149,27 +153,37 @@ __all__ = [
     "AggregateOpenResponse",
     "AggregateOps",
     "AggregateOutcome",
+    "AggregateRelease",
     "AggregateRequesterSession",
     "AggregateRequesterState",
     "AggregateResult",
     "BlindedChunk",
-    "CustodianPairsChunk",
-    "DoubleBlindedChunk",
-    "MaskedSum",
-    "PaillierSettings",
+    "ConsistencyProof",
+    "CustodianChunk",
+    "MatchChallenge",
+    "ReblindedChunk",
     "SerialAggregateOps",
-    "SumReveal",
     "ValueIndex",
     "check_elements",
+    "consistency_weights",
     "hash_multiply_span",
     "multiply_span",
-    "pairs_job",
+    "overlap_problem",
     "plaintext_answer",
+    "prove_consistency",
     "run_aggregate_in_process",
+    "validate_span",
+    "verify_consistency",
 ]
 
 #: Hash-to-group DST of this tier: its group elements never collide with OPRF inputs.
 HASH_TO_GROUP_DST = b"gated-psi/aggregate/hash-to-group/v1"
+#: Domain of the consistency proof's weights and challenge.
+PROOF_DST = b"gated-psi/aggregate/consistency-proof/v1"
+#: Label of the key (derived from the custodian's master secret) of the release digests.
+RELEASE_DIGEST_LABEL = b"gated-psi/aggregate/release-digest/v1"
+#: Bytes per contributing-record digest: 128 bits, collision-free at any file size here.
+RELEASE_DIGEST_SIZE = 16
 AGGREGATE_TIERS = frozenset({Tier.AGGREGATE, Tier.CARDINALITY})
 #: The engine whose group (ristretto255) and hash-to-group this tier uses.
 ENGINE = Engine.OPRF
@@ -177,22 +191,19 @@ ENGINE = Engine.OPRF
 ELEMENT_SIZE = oprf.ELEMENT_SIZE
 #: Requester -> custodian chunks: 4096 x 32 B = 128 KiB; the custodian accepts up to 65,536.
 DEFAULT_BLINDED_CHUNK = 4096
-#: Custodian -> requester double-blinded chunks: 65,536 x 32 B = 2 MiB (the maximum too).
-DEFAULT_DOUBLE_BLINDED_CHUNK = 65_536
-MAX_DOUBLE_BLINDED_CHUNK = 65_536
-#: Pairs per chunk: 2048 x (32 + 512) B ~ 1.1 MiB at 2048-bit keys; at most 8192 (~4.5 MiB),
-#: under the services' 8 MiB message limit.
-DEFAULT_PAIR_CHUNK = 2048
-MAX_PAIR_CHUNK = 8192
+#: Custodian -> requester chunks: 65,536 x 32 B = 2 MiB (the maximum too).
+DEFAULT_CUSTODIAN_CHUNK = 65_536
+MAX_CUSTODIAN_CHUNK = 65_536
 #: Every per-key value (after folding duplicate keys) satisfies |t| < 2^VALUE_BITS (int64).
 VALUE_BITS = 63
-_MAX_SESSION_ID = 128
 
 _IDENTITY = bytes(ELEMENT_SIZE)
 _scalarmult = rbcl.crypto_scalarmult_ristretto255
-
-
-# --------------------------------------------------------------------------- encodings
+_scalarmult_any = rbcl.crypto_scalarmult_ristretto255_allow_scalar_zero
+_base_any = rbcl.crypto_scalarmult_ristretto255_base_allow_scalar_zero
+_add = rbcl.crypto_core_ristretto255_add
+_is_valid_point = rbcl.crypto_core_ristretto255_is_valid_point
+_DTYPE = np.dtype(f"S{ELEMENT_SIZE}")
 
 
 # --------------------------------------------------------------------------- messages
@@ -219,7 +230,7 @@ class AggregateOpenRequest:
 
 @dataclass(frozen=True)
 class AggregateOpenResponse:
-    """B -> A: what was granted, ``|W|`` and (aggregate tier) the Paillier modulus."""
+    """B -> A: what was granted and ``|W|`` (the number of custodian elements to come)."""
 
     session_id: str
     authorization_id: str
@@ -228,16 +239,16 @@ class AggregateOpenResponse:
     match_rule: str
     value_field: str
     element_count: int
-    pair_count: int
-    paillier_n: bytes  # big-endian modulus; empty in the cardinality tier
+    custodian_count: int
     min_aggregate_count: int
     budget_remaining: int
 
     def transcript_bytes(self) -> bytes:
         return encode(
-            b"aggregate-open-response", self.session_id, self.authorization_id,
-            self.custodian_id, self.tier, self.match_rule, self.value_field, self.paillier_n,
-            self.element_count, self.pair_count, self.min_aggregate_count, self.budget_remaining,
+            b"aggregate-open-response/v2", self.session_id, self.authorization_id,
+            self.custodian_id, self.tier, self.match_rule, self.value_field,
+            self.element_count, self.custodian_count, self.min_aggregate_count,
+            self.budget_remaining,
         )
 
 
@@ -253,59 +264,70 @@ class BlindedChunk:
 
 
 @dataclass(frozen=True)
-class DoubleBlindedChunk:
-    """B -> A: a slice of ``{b*a*H(v)}`` in one random order over the whole set."""
+class CustodianChunk:
+    """B -> A: ``b*H(w)`` for a slice of B's keys in the session's fresh random order."""
 
     seq: int
     elements: bytes
 
     def transcript_bytes(self) -> bytes:
-        return encode(b"aggregate-double-blinded", self.seq, self.elements)
+        return encode(b"aggregate-custodian", self.seq, self.elements)
 
 
 @dataclass(frozen=True)
-class CustodianPairsChunk:
-    """B -> A: ``k`` pairs ``(b*H(w), Enc(t))``: ``k * 32`` element bytes and ``k`` fixed-size
-    ciphertexts (none in the cardinality tier)."""
+class ReblindedChunk:
+    """A -> B: ``a*c_j`` for a slice of the custodian elements, position for position."""
 
     seq: int
     elements: bytes
-    ciphertexts: bytes
 
     def transcript_bytes(self) -> bytes:
-        return encode(b"aggregate-pairs", self.seq, self.elements, self.ciphertexts)
+        return encode(b"aggregate-reblinded", self.seq, self.elements)
 
 
 @dataclass(frozen=True)
-class MaskedSum:
-    """A -> B: the count A found and ``Enc(S + R)``, re-randomized (empty for cardinality)."""
+class MatchChallenge:
+    """B -> A: which positions matched (a bitmap over ``|W|`` positions, MSB first)."""
 
     count: int
-    ciphertext: bytes
+    matched: bytes
 
     def transcript_bytes(self) -> bytes:
-        return encode(b"aggregate-masked-sum", self.count, self.ciphertext)
+        return encode(b"aggregate-match-challenge", self.count, self.matched)
 
 
 @dataclass(frozen=True)
-class SumReveal:
-    """B -> A: ``S + R mod n`` (big-endian), or ``withheld`` with a machine-readable reason."""
+class ConsistencyProof:
+    """A -> B: ``x*G`` and a Chaum-Pedersen proof ``(e, s)`` that every matched ``r_j`` is
+    ``x*c_j``; all three empty when nothing matched."""
+
+    public_element: bytes
+    challenge: bytes
+    response: bytes
+
+    def transcript_bytes(self) -> bytes:
+        return encode(b"aggregate-consistency-proof", self.public_element, self.challenge,
+                      self.response)
+
+
+@dataclass(frozen=True)
+class AggregateRelease:
+    """B -> A: the true count and, in the aggregate tier, the sum, or why it was withheld."""
 
     count: int
+    sum: int | None
     withheld: bool
-    masked_sum: bytes
     reason: str = ""
 
     def transcript_bytes(self) -> bytes:
-        return encode(
-            b"aggregate-sum-reveal", self.count, self.withheld, self.masked_sum, self.reason
-        )
+        total = b"" if self.sum is None else str(self.sum).encode()
+        return encode(b"aggregate-release", self.count, total, self.withheld, self.reason)
 
 
 class AggregateTranscript(Transcript):
     """Transcript with this tier's streams (each in a fixed order on both sides)."""
 
-    STREAMS = ("open", "blinded", "double-blinded", "pairs", "result")
+    STREAMS = ("open", "blinded", "custodian", "reblinded", "result")
 
 
 # --------------------------------------------------------------------------- group ops
@@ -358,18 +380,14 @@ def multiply_span(scalar: bytes, elements: bytes, offset: int) -> bytes:
     return b"".join(out)
 
 
-def pairs_job(
-    scalar: bytes, spec: pf.EncryptorSpec | None, keys: Sequence[bytes], values: Sequence[int]
-) -> tuple[bytes, bytes, float, float]:
-    """One chunk of custodian pairs ``(b*H(w), Enc(t))``: one job of ``AggregateOps.pairs``;
-    also returns (group CPU s, Paillier CPU s) for the session's stats."""
-    t0 = time.process_time()
-    elements = hash_multiply_span(scalar, keys)
-    t1 = time.process_time()
-    ciphertexts = b""
-    if spec is not None:
-        ciphertexts = pf.FastEncryptor.from_spec(spec).encrypt_to_bytes(values)
-    return elements, ciphertexts, t1 - t0, time.process_time() - t1
+def validate_span(elements: bytes, offset: int) -> None:
+    """Every element canonical, in the group, not the identity (``oprf.deserialize_element``),
+    without multiplying: ~5 us per element."""
+    valid, identity = _is_valid_point, _IDENTITY
+    for start in range(0, len(elements), ELEMENT_SIZE):
+        element = elements[start:start + ELEMENT_SIZE]
+        if element == identity or element[31] & 0x80 or not valid(element):
+            raise _element_error(element, offset + start // ELEMENT_SIZE)
 
 
 def check_elements(elements: bytes, what: str) -> int:
@@ -390,11 +408,6 @@ class AggregateOps(Protocol):
 
     def multiply(self, scalar: bytes, elements: bytes) -> bytes: ...
 
-    def pairs(
-        self, scalar: bytes, spec: pf.EncryptorSpec | None,
-        jobs: Iterable[tuple[Sequence[bytes], Sequence[int]]],
-    ) -> Iterator[tuple[bytes, bytes, float, float]]: ...
-
 
 class SerialAggregateOps:
     """Everything in this process: for tests, small sessions and one-core hosts."""
@@ -406,12 +419,73 @@ class SerialAggregateOps:
         check_elements(elements, "element buffer")
         return multiply_span(scalar, bytes(elements), 0)
 
-    def pairs(
-        self, scalar: bytes, spec: pf.EncryptorSpec | None,
-        jobs: Iterable[tuple[Sequence[bytes], Sequence[int]]],
-    ) -> Iterator[tuple[bytes, bytes, float, float]]:
-        for keys, values in jobs:
-            yield pairs_job(scalar, spec, keys, values)
+
+# --------------------------------------------------------------------------- consistency proof
+
+
+def consistency_weights(session_id: str, matched: bytes, custodian_digest: bytes,
+                        reblinded_digest: bytes, count: int) -> list[bytes]:
+    """The proof's ``count`` weights ``d_i``, hashed from the whole exchange (Fiat-Shamir).
+
+    They depend on every custodian element and every reblinded element (through the two
+    stream digests) and on the matched set, so the requester fixed all of them before the
+    weights existed: it cannot choose elements that cancel in the combination.
+    """
+    seed = hashlib.sha512(encode(PROOF_DST, b"weights", session_id, matched, custodian_digest,
+                                 reblinded_digest)).digest()
+    reduce = rbcl.crypto_core_ristretto255_scalar_reduce
+    return [reduce(hashlib.sha512(seed + i.to_bytes(8, "big")).digest()) for i in range(count)]
+
+
+def _combine(weights: Sequence[bytes], elements: Sequence[bytes]) -> bytes:
+    """``sum d_i * P_i`` (one multiplication per term; the sets proved are the matches only)."""
+    total = b""
+    for d, point in zip(weights, elements, strict=True):
+        term = _scalarmult_any(d, point)
+        total = term if not total else _add(total, term)
+    return total
+
+
+def _proof_challenge(public: bytes, composite: bytes, image: bytes, t1: bytes, t2: bytes
+                     ) -> bytes:
+    digest = hashlib.sha512(encode(PROOF_DST, b"challenge", public, composite, image, t1, t2))
+    return rbcl.crypto_core_ristretto255_scalar_reduce(digest.digest())  # type: ignore[no-any-return]
+
+
+def prove_consistency(scalar: bytes, weights: Sequence[bytes], custodian: Sequence[bytes]
+                      ) -> ConsistencyProof:
+    """Chaum-Pedersen proof that ``log_G(x*G) = log_C(x*C)`` for ``C = sum d_i c_i``."""
+    composite = _combine(weights, custodian)
+    image = _scalarmult(scalar, composite)
+    public = rbcl.crypto_scalarmult_ristretto255_base(scalar)
+    k = oprf.random_scalar()
+    t1, t2 = rbcl.crypto_scalarmult_ristretto255_base(k), _scalarmult(k, composite)
+    e = _proof_challenge(public, composite, image, t1, t2)
+    s = rbcl.crypto_core_ristretto255_scalar_sub(
+        k, rbcl.crypto_core_ristretto255_scalar_mul(e, scalar))
+    return ConsistencyProof(public_element=public, challenge=e, response=s)
+
+
+def verify_consistency(proof: ConsistencyProof, weights: Sequence[bytes],
+                       custodian: Sequence[bytes], reblinded: Sequence[bytes]) -> bool:
+    """Whether ``proof`` shows one scalar ``x`` with ``r_j = x*c_j`` for every pair given.
+
+    The combination ``sum d_i (r_i - x c_i) = 0`` with weights the prover could not choose
+    fails for any wrong ``r_i`` except with probability ~2^-252.
+    """
+    try:
+        public = oprf.deserialize_element(proof.public_element)
+        e = oprf.deserialize_scalar(proof.challenge)
+        s = proof.response
+        if len(s) != oprf.SCALAR_SIZE or int.from_bytes(s, "little") >= oprf.GROUP_ORDER:
+            return False
+        composite = _combine(weights, custodian)
+        image = _combine(weights, reblinded)
+        t1 = _add(_base_any(s), _scalarmult_any(e, public))
+        t2 = _add(_scalarmult_any(s, composite), _scalarmult_any(e, image))
+    except (InvalidElementError, RuntimeError):
+        return False
+    return hmac.compare_digest(_proof_challenge(public, composite, image, t1, t2), e)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -423,7 +497,7 @@ def _random_permutation(n: int) -> np.ndarray:
     Sorting n random 64-bit keys gives a uniform permutation when the keys are distinct;
     on the (~n^2 / 2^65) chance of a tie we draw again, so the result is exactly uniform.
     numpy's own generators are not cryptographic, and an order A could predict would link
-    returned elements to its inputs.
+    positions to keys.
     """
     while True:
         keys = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
@@ -435,6 +509,22 @@ def _random_permutation(n: int) -> np.ndarray:
 
 def _shuffled(items: Sequence[bytes]) -> list[bytes]:
     return [items[i] for i in _random_permutation(len(items)).tolist()]
+
+
+def _bitmap(count: int, positions: np.ndarray) -> bytes:
+    mask = np.zeros(count, dtype=np.uint8)
+    mask[positions] = 1
+    return np.packbits(mask).tobytes()
+
+
+def _positions(bitmap: bytes, count: int) -> np.ndarray:
+    """The set bits of a ``count``-position bitmap; ProtocolError unless well formed."""
+    if len(bitmap) != -(-count // 8):
+        raise ProtocolError(f"matched bitmap has {len(bitmap)} bytes for {count} positions")
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8))
+    if bits[count:].any():
+        raise ProtocolError("matched bitmap sets a position past the last element")
+    return np.flatnonzero(bits[:count])
 
 
 def _record_value(record: PersonRecord, value_field: str) -> int:
@@ -477,49 +567,41 @@ def plaintext_answer(
     return len(common), sum(w[k] for k in common)
 
 
-# --------------------------------------------------------------------------- custodian
+def overlap_problem(contributing: bytes, earlier: Sequence[AggregateReleaseRow],
+                    minimum: int) -> str | None:
+    """Why a release with this contributing set must be refused, or None.
 
-
-@dataclass(frozen=True)
-class PaillierSettings:
-    """Paillier parameters of the custodian.  Production minimums are enforced here.
-
-    ``test_mode`` is the only way to get a modulus below 2048 bits (1024-bit keys keep the
-    property tests fast); nothing outside tests sets it.
+    ``contributing`` and each earlier row are sorted concatenations of
+    ``RELEASE_DIGEST_SIZE``-byte record digests.  Two sums over sets that differ by ``d``
+    records give, by subtraction, a sum over ``d`` records: with ``d < minimum`` that is
+    exactly what ``min_aggregate_count`` exists to prevent.
     """
+    if minimum <= 0:
+        return None
+    dtype = np.dtype(f"S{RELEASE_DIGEST_SIZE}")
+    ours = np.frombuffer(contributing, dtype=dtype)
+    for row in earlier:
+        theirs = np.frombuffer(row.contributing, dtype=dtype)
+        common = np.intersect1d(ours, theirs, assume_unique=True).size
+        differ = ours.size + theirs.size - 2 * common
+        if differ < minimum:
+            return (f"the contributing records differ from release {row.session_id!r} "
+                    f"(authorization {row.auth_id!r}) by {differ}, fewer than the minimum "
+                    f"of {minimum}")
+    return None
 
-    key_bits: int = pf.DEFAULT_KEY_BITS
-    exponent_bits: int = pf.DEFAULT_EXPONENT_BITS
-    window_bits: int = pf.DEFAULT_WINDOW_BITS
-    test_mode: bool = False
 
-    def __post_init__(self) -> None:
-        if not self.test_mode:
-            if self.key_bits < pf.MIN_KEY_BITS:
-                raise ValueError(
-                    f"Paillier modulus of {self.key_bits} bits is below the production "
-                    f"minimum of {pf.MIN_KEY_BITS}"
-                )
-            if self.exponent_bits < pf.MIN_EXPONENT_BITS:
-                raise ValueError(
-                    f"randomizer exponent of {self.exponent_bits} bits is below the "
-                    f"production minimum of {pf.MIN_EXPONENT_BITS}"
-                )
-        if not 1 <= self.window_bits <= pf.MAX_WINDOW_BITS:
-            raise ValueError(f"window_bits must be in 1..{pf.MAX_WINDOW_BITS}")
-
-    @property
-    def min_key_bits(self) -> int:
-        return 512 if self.test_mode else pf.MIN_KEY_BITS
+# --------------------------------------------------------------------------- custodian
 
 
 @dataclass(frozen=True)
 class ValueIndex:
     """The custodian's distinct match keys under one rule, with summed values.
 
-    Records sharing a key (duplicates in the file) become one pair whose value is their
-    sum, so ``W`` is a set and A's count is a count of distinct people.  Stored compactly
-    (one blob of keys plus offsets, int64 values): ~35 bytes per key at 1.3M records.
+    Records sharing a key (duplicates in the file) become one key whose value is their
+    sum, so ``W`` is a set and the count is a count of distinct people.  Stored compactly
+    (one blob of keys plus offsets, int64 values, and the record positions behind each
+    key): ~51 bytes per key at 1.3M records.
     """
 
     rule_id: str
@@ -528,6 +610,8 @@ class ValueIndex:
     key_offsets: np.ndarray  # int64, len(self) + 1 entries
     values: np.ndarray  # int64, parallel to the keys; zeros in the cardinality tier
     records: int  # in-scope records that have a key under the rule
+    member_positions: np.ndarray  # int64 record positions, grouped by key
+    member_offsets: np.ndarray  # int64, len(self) + 1 entries into member_positions
     build_seconds: float = 0.0
 
     def __len__(self) -> int:
@@ -537,9 +621,10 @@ class ValueIndex:
         blob, off = self.key_blob, self.key_offsets
         return [blob[off[i]:off[i + 1]] for i in positions]
 
-    def values_at(self, positions: Sequence[int]) -> list[int]:
-        values: list[int] = self.values[np.asarray(positions, dtype=np.int64)].tolist()
-        return values
+    def members_of(self, keys: np.ndarray) -> list[int]:
+        """The record positions behind the given key indexes."""
+        off, members = self.member_offsets, self.member_positions
+        return [int(p) for k in keys.tolist() for p in members[off[k]:off[k + 1]]]
 
     @property
     def folded(self) -> int:
@@ -554,16 +639,16 @@ class AggregateCustodian:
     aggregate ops.  ``session()`` starts one requester session.
     """
 
-    def __init__(
-        self, custodian: Custodian, *, ops: AggregateOps | None = None,
-        paillier_settings: PaillierSettings | None = None,
-    ) -> None:
+    def __init__(self, custodian: Custodian, *, ops: AggregateOps | None = None) -> None:
         self.custodian = custodian
         self.ops: AggregateOps = ops or SerialAggregateOps()
-        self.settings = paillier_settings or PaillierSettings()
         # locks injected through the config: the core runs no threads
         self._indexes: BuildCache[tuple[str, str], ValueIndex] = BuildCache(
             custodian.config.new_lock)
+        # Stable across sessions and restarts (the overlap rule compares releases of
+        # different sessions), secret (a digest must not confirm a guessed record id).
+        self.release_key = hmac.new(custodian.config.master_secret, RELEASE_DIGEST_LABEL,
+                                    hashlib.sha256).digest()
 
     @property
     def config(self) -> CustodianConfig:
@@ -579,6 +664,16 @@ class AggregateCustodian:
         return self._indexes.get((rule_id, value_field),
                                  lambda: self._build(rule_id, value_field))
 
+    def release_digests(self, record_positions: Sequence[int]) -> bytes:
+        """Sorted keyed digests of the records' ids: the durable record of a release."""
+        records, key = self.config.records, self.release_key
+        digests = sorted(
+            hmac.new(key, records[p].record_id.encode(), hashlib.sha256).digest()[
+                :RELEASE_DIGEST_SIZE]
+            for p in record_positions
+        )
+        return b"".join(digests)
+
     def _build(self, rule_id: str, value_field: str) -> ValueIndex:
         started = time.perf_counter()
         records, in_scope = self.config.records, self.custodian.in_scope
@@ -586,22 +681,25 @@ class AggregateCustodian:
         slots: dict[bytes, int] = {}
         key_list: list[bytes] = []
         values: list[int] = []
-        with_key = 0
+        slot_of_record: list[int] = []
+        position_of_record: list[int] = []
         for start in range(0, len(in_scope), INDEX_SLICE):
-            part = [records[int(i)] for i in in_scope[start:start + INDEX_SLICE]]
+            positions = [int(i) for i in in_scope[start:start + INDEX_SLICE]]
+            part = [records[i] for i in positions]
             keys = match_keys_bulk(part, [rule_id], today=today)[rule_id]
-            for record, key in zip(part, keys, strict=True):
+            for position, record, key in zip(positions, part, keys, strict=True):
                 if key is None:
                     continue
-                with_key += 1
                 value = _record_value(record, value_field) if value_field else 0
                 slot = slots.get(key)
                 if slot is None:
-                    slots[key] = len(key_list)
+                    slot = slots[key] = len(key_list)
                     key_list.append(key)
                     values.append(value)
                 else:
                     values[slot] += value
+                slot_of_record.append(slot)
+                position_of_record.append(position)
         del slots
         if any(abs(v) >= 1 << VALUE_BITS for v in values):
             raise InvalidRecordError(
@@ -609,10 +707,16 @@ class AggregateCustodian:
             )
         offsets = np.zeros(len(key_list) + 1, dtype=np.int64)
         np.cumsum([len(k) for k in key_list], out=offsets[1:])
+        slot_array = np.asarray(slot_of_record, dtype=np.int64)
+        order = np.argsort(slot_array, kind="stable")
+        member_offsets = np.zeros(len(key_list) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(slot_array, minlength=len(key_list)), out=member_offsets[1:])
         return ValueIndex(
             rule_id=rule_id, value_field=value_field, key_blob=b"".join(key_list),
-            key_offsets=offsets, values=np.asarray(values, dtype=np.int64), records=with_key,
-            build_seconds=time.perf_counter() - started,
+            key_offsets=offsets, values=np.asarray(values, dtype=np.int64),
+            records=len(slot_of_record),
+            member_positions=np.asarray(position_of_record, dtype=np.int64)[order],
+            member_offsets=member_offsets, build_seconds=time.perf_counter() - started,
         )
 
     def session(self) -> AggregateCustodianSession:
@@ -621,9 +725,10 @@ class AggregateCustodian:
 
 class AggregateCustodianState(StrEnum):
     AWAIT_OPEN = "await_open"
-    RECEIVING = "receiving"  # taking BlindedChunks; pairs may already stream
-    SERVING = "serving"  # every element in; double-blinded set released
-    REVEALED = "revealed"  # the one MaskedSum was answered
+    RECEIVING = "receiving"  # taking BlindedChunks
+    REBLINDING = "reblinding"  # custodian elements sent; taking ReblindedChunks
+    PROVING = "proving"  # matched positions announced; awaiting the consistency proof
+    RELEASED = "released"  # the one release was answered
     CLOSED = "closed"
     FAILED = "failed"
 
@@ -637,15 +742,15 @@ AGGREGATE_CUSTODIAN_TRANSITIONS = TransitionTable(
     {
         **common_custodian_rows(AggregateOpenRequest, initial=_C.AWAIT_OPEN,
                                 opened=_C.RECEIVING, closed=_C.CLOSED,
-                                closable=(_C.RECEIVING, _C.SERVING, _C.REVEALED)),
+                                closable=(_C.RECEIVING, _C.REBLINDING, _C.PROVING,
+                                          _C.RELEASED)),
         (_C.RECEIVING, BlindedChunk): Row("_blinded", _C.RECEIVING),
-        (_C.RECEIVING, Send(DoubleBlindedChunk)): Row("_double_blinded", _C.SERVING,
-                                                      stream=True),
-        # The pairs do not depend on A's input: they may stream while A still uploads.
-        (_C.RECEIVING, Send(CustodianPairsChunk)): Row("_pair_stream", _C.RECEIVING,
-                                                       stream=True),
-        (_C.SERVING, Send(CustodianPairsChunk)): Row("_pair_stream", _C.SERVING, stream=True),
-        (_C.SERVING, MaskedSum): Row("_reveal", _C.REVEALED),  # one decryption per session
+        # Only after the whole upload: nothing A uploads may depend on b.
+        (_C.RECEIVING, Send(CustodianChunk)): Row("_custodian_stream", _C.REBLINDING,
+                                                  stream=True),
+        (_C.REBLINDING, ReblindedChunk): Row("_on_reblinded", _C.REBLINDING),
+        (_C.REBLINDING, Send(MatchChallenge)): Row("_challenge", _C.PROVING),
+        (_C.PROVING, ConsistencyProof): Row("_release", _C.RELEASED),  # one release
     },
     initial=_C.AWAIT_OPEN, failed=_C.FAILED, final=(_C.CLOSED,),
 )
@@ -655,14 +760,14 @@ class AggregateCustodianSession(CustodianCore):
     """One requester session on the custodian side, on the session core.
 
     Received messages go through ``handle(message, peer_id=...)``; what it sends
-    (``double_blinded_chunks()`` once every element is in, ``pair_chunks()`` any time after
-    open) goes through ``send``.  ``stats`` holds per-phase timings.
+    (``custodian_chunks()`` once every element is in, ``challenge()`` once every
+    reblinded element is in) goes through ``send``.  ``stats`` holds per-phase timings.
     """
 
     TABLE = AGGREGATE_CUSTODIAN_TRANSITIONS
     SERVED_TIERS = AGGREGATE_TIERS
     SERVED_ENGINES = frozenset({ENGINE})
-    RESUMABLE = False  # the Paillier key and b live only in this object
+    RESUMABLE = False  # b and the order live only in this object
     AUDIT_STAGE = "aggregate-open"
     TRANSCRIPT = AggregateTranscript
 
@@ -674,19 +779,24 @@ class AggregateCustodianSession(CustodianCore):
         self.value_field = ""
         self.received = 0
         self.index: ValueIndex | None = None
-        self.released: SumReveal | None = None
+        self.released: AggregateRelease | None = None
         self.stats: dict[str, float] = {
-            "keygen_s": 0.0, "evaluate_s": 0.0, "pairs_wall_s": 0.0, "pairs_group_cpu_s": 0.0,
-            "pairs_paillier_cpu_s": 0.0, "decrypt_s": 0.0,
+            "evaluate_s": 0.0, "custodian_elements_s": 0.0, "validate_s": 0.0,
+            "match_s": 0.0, "verify_s": 0.0,
         }
         self._b = b""
         self._double: bytearray = bytearray()
-        self._public_key: paillier.PaillierPublicKey | None = None
-        self._private_key: paillier.PaillierPrivateKey | None = None
-        self._spec: pf.EncryptorSpec | None = None
-        self._pairs_started = False
-        self._pairs_sent = 0
+        self._order: np.ndarray | None = None
+        self._custodian: bytearray = bytearray()
+        self._reblinded: bytearray = bytearray()
+        self._reblinded_count = 0
+        self._custodian_sent = 0
+        self._custodian_hash = hashlib.sha256()
+        self._reblinded_hash = hashlib.sha256()
+        self._matched: np.ndarray | None = None
+        self._bitmap = b""
         self._expected_seq = 0
+        self._reblinded_seq = 0
 
     @property
     def element_count(self) -> int:
@@ -694,8 +804,11 @@ class AggregateCustodianSession(CustodianCore):
         return self.element_limit
 
     def _discard(self) -> None:
-        self._private_key = None
         self._b = b""
+        self._double = bytearray()
+        self._custodian = bytearray()
+        self._reblinded = bytearray()
+        self._order = None
 
     # -- open ------------------------------------------------------------------
 
@@ -727,28 +840,16 @@ class AggregateCustodianSession(CustodianCore):
         self.value_field = req.value_field
         self._b = oprf.random_scalar()
         self._double = bytearray(self.element_count * ELEMENT_SIZE)
-        n_bytes = b""
-        if self.tier is Tier.AGGREGATE:
-            started = time.perf_counter()
-            settings = self.owner.settings
-            pub, priv = pf.generate_keypair(settings.key_bits, min_key_bits=settings.min_key_bits)
-            # The tables are built from this public spec (n, h) by whichever process
-            # encrypts; the private key never leaves this object.
-            self._spec = pf.new_spec(pub, exponent_bits=settings.exponent_bits,
-                                     window_bits=settings.window_bits)
-            self._public_key, self._private_key = pub, priv
-            n_bytes = pub.n.to_bytes((pub.n.bit_length() + 7) // 8, "big")
-            self.stats["keygen_s"] = time.perf_counter() - started
         return AggregateOpenResponse(
             session_id=req.session_id, authorization_id=auth.authorization_id,
             custodian_id=self.context.policy.custodian_id, tier=req.tier,
             match_rule=req.match_rule, value_field=req.value_field,
-            element_count=self.element_count, pair_count=len(self.index), paillier_n=n_bytes,
+            element_count=self.element_count, custodian_count=len(self.index),
             min_aggregate_count=auth.min_aggregate_count,
             budget_remaining=self.context.ledger.budget(auth.authorization_id).remaining,
         )
 
-    # -- evaluate --------------------------------------------------------------
+    # -- upload ----------------------------------------------------------------
 
     def _blinded(self, chunk: BlindedChunk) -> None:
         if chunk.seq != self._expected_seq:
@@ -771,130 +872,180 @@ class AggregateCustodianSession(CustodianCore):
         self._expected_seq += 1
         self.transcript.add("blinded", chunk)
 
-    def double_blinded_chunks(
-        self, chunk_elements: int = DEFAULT_DOUBLE_BLINDED_CHUNK, *, peer_id: str | None = None,
-    ) -> Iterator[DoubleBlindedChunk]:
-        """All of ``{b*a*H(v)}`` in one fresh uniform order, sliced into chunks.
+    # -- custodian elements ----------------------------------------------------
 
-        Shuffling the whole set (not chunk by chunk) is what keeps A from linking a
-        returned element even to the chunk it came from.
-        """
-        return self.send(DoubleBlindedChunk, chunk_elements, peer_id=peer_id)  # type: ignore[no-any-return]
+    def custodian_chunks(
+        self, chunk_elements: int = DEFAULT_CUSTODIAN_CHUNK, *, peer_id: str | None = None,
+    ) -> Iterator[CustodianChunk]:
+        """``b*H(w)`` for every distinct key, in a fresh uniform order this session keeps."""
+        return self.send(CustodianChunk, chunk_elements, peer_id=peer_id)  # type: ignore[no-any-return]
 
-    def _double_blinded(
-        self, chunk_elements: int = DEFAULT_DOUBLE_BLINDED_CHUNK
-    ) -> Iterator[DoubleBlindedChunk]:
-        if not 0 < chunk_elements <= MAX_DOUBLE_BLINDED_CHUNK:
-            raise ProtocolError(f"chunk_elements must be in 1..{MAX_DOUBLE_BLINDED_CHUNK}")
+    def _custodian_stream(self, chunk_elements: int = DEFAULT_CUSTODIAN_CHUNK
+                          ) -> Iterator[CustodianChunk]:
+        if not 0 < chunk_elements <= MAX_CUSTODIAN_CHUNK:
+            raise ProtocolError(f"chunk_elements must be in 1..{MAX_CUSTODIAN_CHUNK}")
         if self.received != self.element_count:
             raise ProtocolError(
                 f"only {self.received} of {self.element_count} blinded elements received"
             )
-        dtype = np.dtype(f"S{ELEMENT_SIZE}")
-        items = np.frombuffer(bytes(self._double), dtype=dtype)
-        shuffled = items[_random_permutation(len(items))].tobytes()
-        self._double = bytearray()
-        return self._slices(shuffled, chunk_elements)
-
-    def _slices(self, buffer: bytes, chunk_elements: int) -> Iterator[DoubleBlindedChunk]:
-        step = chunk_elements * ELEMENT_SIZE
-        for seq, start in enumerate(range(0, len(buffer), step)):
-            chunk = DoubleBlindedChunk(seq=seq, elements=buffer[start:start + step])
-            self.transcript.add("double-blinded", chunk)
-            yield chunk
-
-    def pair_chunks(
-        self, chunk_pairs: int = DEFAULT_PAIR_CHUNK, *, peer_id: str | None = None,
-    ) -> Iterator[CustodianPairsChunk]:
-        """``(b*H(w), Enc(t))`` for every distinct key, in a fresh uniform order.
-
-        Independent of A's input, so it may stream while A is still uploading.  The order
-        is drawn up front and chunks are computed lazily (on the ops pool), so the 1.3M
-        ciphertexts (~0.7 GB) never sit in memory at once.
-        """
-        return self.send(CustodianPairsChunk, chunk_pairs, peer_id=peer_id)  # type: ignore[no-any-return]
-
-    def _pair_stream(self, chunk_pairs: int = DEFAULT_PAIR_CHUNK) -> Iterator[CustodianPairsChunk]:
-        if not 0 < chunk_pairs <= MAX_PAIR_CHUNK:
-            raise ProtocolError(f"chunk_pairs must be in 1..{MAX_PAIR_CHUNK}")
-        if self._pairs_started:
-            raise ProtocolError("the pairs of a session are produced once")
-        self._pairs_started = True
         assert self.index is not None
-        order = _random_permutation(len(self.index)).tolist()
-        return self._pairs(order, chunk_pairs)
+        self._order = _random_permutation(len(self.index))
+        self._reblinded = bytearray(len(self.index) * ELEMENT_SIZE)
+        return self._custodian_slices(chunk_elements)
 
-    def _pairs(self, order: list[int], chunk_pairs: int) -> Iterator[CustodianPairsChunk]:
-        index = self.index
-        assert index is not None
-        aggregate = self.tier is Tier.AGGREGATE
-
-        def jobs() -> Iterator[tuple[list[bytes], list[int]]]:
-            for start in range(0, len(order), chunk_pairs):
-                part = order[start:start + chunk_pairs]
-                yield index.keys_at(part), (index.values_at(part) if aggregate else [])
-
-        started = time.perf_counter()
-        spec = self._spec if aggregate else None
-        for seq, (elements, ciphertexts, group_s, paillier_s) in enumerate(
-            self.owner.ops.pairs(self._b, spec, jobs())
-        ):
-            self.stats["pairs_group_cpu_s"] += group_s
-            self.stats["pairs_paillier_cpu_s"] += paillier_s
-            chunk = CustodianPairsChunk(seq=seq, elements=elements, ciphertexts=ciphertexts)
-            self._pairs_sent += len(elements) // ELEMENT_SIZE
-            self.transcript.add("pairs", chunk)
-            self.stats["pairs_wall_s"] = time.perf_counter() - started
+    def _custodian_slices(self, chunk_elements: int) -> Iterator[CustodianChunk]:
+        index, order = self.index, self._order
+        assert index is not None and order is not None
+        for seq, start in enumerate(range(0, len(order), chunk_elements)):
+            started = time.perf_counter()
+            keys = index.keys_at(order[start:start + chunk_elements].tolist())
+            elements = self.owner.ops.hash_multiply(self._b, keys)
+            self.stats["custodian_elements_s"] += time.perf_counter() - started
+            chunk = CustodianChunk(seq=seq, elements=elements)
+            self._custodian += elements  # the proof needs c_j of the matched positions
+            self._custodian_hash.update(elements)
+            self._custodian_sent += len(keys)
+            self.transcript.add("custodian", chunk)
             yield chunk
 
-    # -- reveal ----------------------------------------------------------------
+    # -- reblinded elements ----------------------------------------------------
 
-    def _reveal(self, msg: MaskedSum) -> SumReveal:
-        assert self.index is not None and self.tier is not None
-        if self._pairs_sent != len(self.index):
+    def _on_reblinded(self, chunk: ReblindedChunk) -> None:
+        assert self.index is not None
+        if self._custodian_sent != len(self.index):
             raise ProtocolError(
-                f"masked sum before all pairs were sent ({self._pairs_sent} of {len(self.index)})"
+                f"reblinded elements before all custodian elements were sent "
+                f"({self._custodian_sent} of {len(self.index)})"
             )
-        if not 0 <= msg.count <= min(self.element_count, len(self.index)):
+        if chunk.seq != self._reblinded_seq:
+            raise ProtocolError(f"reblinded chunk {chunk.seq} out of order "
+                                f"(expected {self._reblinded_seq})")
+        n = check_elements(chunk.elements, f"reblinded chunk {chunk.seq}")
+        if (n == 0 and (len(self.index) or chunk.seq)) or n > MAX_CHUNK_ELEMENTS:
             raise ProtocolError(
-                f"reported count {msg.count} is impossible for {self.element_count} elements "
-                f"and {len(self.index)} pairs"
-            )
+                f"reblinded chunk {chunk.seq} has {n} elements (1..{MAX_CHUNK_ELEMENTS})")
+        if self._reblinded_count + n > len(self.index):
+            raise ProtocolError(
+                f"{self._reblinded_count + n} reblinded elements for {len(self.index)} "
+                "positions: exactly one per position")
+        started = time.perf_counter()
+        validate_span(chunk.elements, self._reblinded_count)
+        self.stats["validate_s"] += time.perf_counter() - started
+        start = self._reblinded_count * ELEMENT_SIZE
+        self._reblinded[start:start + len(chunk.elements)] = chunk.elements
+        self._reblinded_hash.update(chunk.elements)
+        self._reblinded_count += n
+        self._reblinded_seq += 1
+        self.transcript.add("reblinded", chunk)
+
+    def challenge(self, *, peer_id: str | None = None) -> MatchChallenge:
+        """Match every position and announce the matched ones (the proof covers them)."""
+        return self.send(MatchChallenge, peer_id=peer_id)  # type: ignore[no-any-return]
+
+    def _challenge(self) -> MatchChallenge:
+        assert self.index is not None
+        if self._reblinded_count != len(self.index):
+            raise ProtocolError(
+                f"{self._reblinded_count} reblinded elements for {len(self.index)} positions: "
+                "exactly one per position")
+        started = time.perf_counter()
+        table = np.sort(np.frombuffer(bytes(self._double), dtype=_DTYPE))
+        self._double = bytearray()
+        reblinded = np.frombuffer(bytes(self._reblinded), dtype=_DTYPE)
+        hits = np.zeros(0, dtype=np.int64)
+        if len(table) and len(reblinded):
+            pos = np.searchsorted(table, reblinded)
+            pos[pos >= len(table)] = 0
+            hits = np.flatnonzero(table[pos] == reblinded)
+        if np.unique(reblinded[hits]).size != hits.size:
+            raise ProtocolError("the same reblinded element at two positions")
+        self._matched = hits
+        self._bitmap = _bitmap(len(self.index), hits)
+        self.stats["match_s"] = time.perf_counter() - started
+        msg = MatchChallenge(count=int(hits.size), matched=self._bitmap)
+        self.transcript.add("result", msg)
+        return msg
+
+    # -- release ---------------------------------------------------------------
+
+    def _release(self, proof: ConsistencyProof) -> AggregateRelease:
+        assert self.index is not None and self.tier is not None and self._matched is not None
+        assert self._order is not None
+        hits = self._matched
+        started = time.perf_counter()
+        if hits.size == 0:
+            if proof.public_element or proof.challenge or proof.response:
+                raise ProtocolError("nothing matched: the proof must be empty")
+        else:
+            weights = consistency_weights(
+                self.session_id, self._bitmap, self._custodian_hash.digest(),
+                self._reblinded_hash.digest(), int(hits.size))
+            custodian = [bytes(self._custodian[j * ELEMENT_SIZE:(j + 1) * ELEMENT_SIZE])
+                         for j in hits.tolist()]
+            reblinded = [bytes(self._reblinded[j * ELEMENT_SIZE:(j + 1) * ELEMENT_SIZE])
+                         for j in hits.tolist()]
+            if not verify_consistency(proof, weights, custodian, reblinded):
+                raise InvalidElementError(
+                    "consistency proof failed: the reblinded elements at the matched "
+                    "positions are not one scalar times the custodian's elements there")
+        self.stats["verify_s"] = time.perf_counter() - started
+        self._custodian = bytearray()
+        self._reblinded = bytearray()
+        keys = self._order[hits]  # the custodian's own matched keys: the true matched set
+        count = int(keys.size)
         auth = self.authorization
         minimum = auth.min_aggregate_count
-        reason = ""
-        masked = b""
-        if self.tier is Tier.CARDINALITY:
-            if msg.ciphertext:
-                raise ProtocolError("the cardinality tier carries no ciphertext")
-            withheld = False
-        elif msg.count < minimum:
-            withheld, reason = True, "below_minimum_count"
-        else:
-            pub, priv = self._public_key, self._private_key
-            if pub is None or priv is None:
-                raise ProtocolError("this session's decryption was already used")
-            started = time.perf_counter()
-            value = pf.decode_ciphertext(pub, msg.ciphertext)  # in Z*_{n^2}, or raise
-            plain = pf.decrypt_raw(priv, value)
-            masked = plain.to_bytes((pub.n.bit_length() + 7) // 8, "big")
-            self.stats["decrypt_s"] = time.perf_counter() - started
-            withheld = False
-        self._private_key = None  # one decryption per session, whatever happened
-        # Durable account before anything leaves (as for identity-tier disclosures).
-        self.context.ledger.audit("aggregate_release", {
+        # The contributing records, as sorted keyed digests: bounded in the audit entry (a
+        # count and one SHA-256), kept whole only for released sums (the overlap rule).
+        members = self.owner.release_digests(self.index.members_of(keys))
+        entry: dict[str, Any] = {
             "authorization_id": auth.authorization_id, "session_id": self.session_id,
             "peer": self.peer_id, "tier": self.tier.value, "rule": self.match_rule,
-            "value_field": self.value_field, "count": msg.count,
-            "sum_released": bool(masked), "withheld": withheld, "reason": reason,
-            "min_aggregate_count": minimum, "below_minimum": msg.count < minimum,
-            "elements": self.element_count, "pairs": len(self.index),
-        })
-        reply = SumReveal(count=msg.count, withheld=withheld, masked_sum=masked, reason=reason)
+            "value_field": self.value_field, "count": count,
+            "min_aggregate_count": minimum, "below_minimum": count < minimum,
+            "elements": self.element_count, "custodian_elements": len(self.index),
+            "contributing_records": len(members) // RELEASE_DIGEST_SIZE,
+            "contributing_sha256": hashlib.sha256(members).hexdigest(),
+        }
+        if self.tier is Tier.CARDINALITY:
+            reply = AggregateRelease(count=count, sum=None, withheld=False)
+            self.context.ledger.audit("aggregate_release", {**entry, "sum_released": False})
+        elif count < minimum:
+            reply = AggregateRelease(count=count, sum=None, withheld=True,
+                                     reason="below_minimum_count")
+            self.context.ledger.audit("aggregate_release", {
+                **entry, "sum_released": False, "reason": reply.reason})
+        else:
+            total = int(sum(self.index.values[keys].tolist()))
+            release_entry = {**entry, "sum_released": True, "sum": str(total)}
+            refusal: list[str] = []
+
+            def admit(earlier: Sequence[AggregateReleaseRow]) -> None:
+                problem = overlap_problem(members, earlier, minimum)
+                if problem is not None:
+                    refusal.append(problem)
+                    raise PolicyRefusal(f"{Reason.RELEASE_OVERLAP.value}: {problem}",
+                                        reasons=(Reason.RELEASE_OVERLAP.value,))
+
+            try:
+                # Durable account, overlap rule inside the same transaction, before the
+                # sum leaves (as for identity-tier disclosures).
+                self.context.ledger.record_aggregate_release(
+                    auth.authorization_id, self.session_id, self.peer_id, members,
+                    release_entry, admit)
+            except PolicyRefusal:
+                self.context.ledger.audit("aggregate_release_refused", {
+                    **entry, "reason": Reason.RELEASE_OVERLAP.value,
+                    "detail": refusal[0] if refusal else ""})
+                raise
+            reply = AggregateRelease(count=count, sum=total, withheld=False)
         self.released = reply
-        self.transcript.add("result", msg)
+        self.transcript.add("result", proof)
         self.transcript.add("result", reply)
+        self._order = None
+        self._b = b""
         return reply
+
 
 # --------------------------------------------------------------------------- requester
 
@@ -902,9 +1053,11 @@ class AggregateCustodianSession(CustodianCore):
 class AggregateRequesterState(StrEnum):
     START = "start"
     AWAIT_OPEN = "await_open"
-    EXCHANGING = "exchanging"  # uploading; receiving the double-blinded set and pairs
-    AWAIT_REVEAL = "await_reveal"
-    REVEALED = "revealed"
+    EXCHANGING = "exchanging"  # uploading; receiving the custodian elements
+    AWAIT_CHALLENGE = "await_challenge"
+    PROVING = "proving"
+    AWAIT_RELEASE = "await_release"
+    RELEASED = "released"
     AWAIT_RECEIPT = "await_receipt"
     CLOSED = "closed"
     FAILED = "failed"
@@ -920,12 +1073,14 @@ AGGREGATE_REQUESTER_TRANSITIONS = TransitionTable(
         (_R.AWAIT_OPEN, AggregateOpenResponse): Row("_on_open", _R.EXCHANGING),
         (_R.EXCHANGING, Send(BlindedChunk)): Row("_blinded_stream", _R.EXCHANGING,
                                                  stream=True),
-        (_R.EXCHANGING, DoubleBlindedChunk): Row("_on_double", _R.EXCHANGING),
-        (_R.EXCHANGING, CustodianPairsChunk): Row("_on_pairs", _R.EXCHANGING),
-        (_R.EXCHANGING, Send(MaskedSum)): Row("_masked_sum", _R.AWAIT_REVEAL),
-        (_R.AWAIT_REVEAL, SumReveal): Row("_on_reveal", _R.REVEALED),
+        (_R.EXCHANGING, CustodianChunk): Row("_on_custodian", _R.EXCHANGING),
+        (_R.EXCHANGING, Send(ReblindedChunk)): Row("_reblinded_stream", _R.AWAIT_CHALLENGE,
+                                                   stream=True),
+        (_R.AWAIT_CHALLENGE, MatchChallenge): Row("_on_challenge", _R.PROVING),
+        (_R.PROVING, Send(ConsistencyProof)): Row("_proof", _R.AWAIT_RELEASE),
+        (_R.AWAIT_RELEASE, AggregateRelease): Row("_on_release", _R.RELEASED),
         (_R.EXCHANGING, Send(CloseRequest)): Row("_close_request", _R.AWAIT_RECEIPT),
-        (_R.REVEALED, Send(CloseRequest)): Row("_close_request", _R.AWAIT_RECEIPT),
+        (_R.RELEASED, Send(CloseRequest)): Row("_close_request", _R.AWAIT_RECEIPT),
         (_R.AWAIT_RECEIPT, Receipt): Row("_on_receipt", _R.CLOSED),
     },
     initial=_R.START, failed=_R.FAILED, final=(_R.CLOSED,),
@@ -942,7 +1097,7 @@ class AggregateResult:
     withheld: bool
     reason: str = ""
     elements: int = 0  # |V|, distinct query keys sent
-    custodian_pairs: int = 0  # |W|, announced by the custodian
+    custodian_elements: int = 0  # |W|, announced by the custodian
 
 
 class AggregateRequesterSession(RequesterCore):
@@ -967,7 +1122,6 @@ class AggregateRequesterSession(RequesterCore):
         session_id: str | None = None,
         signing_key: Ed25519PrivateKey | None = None,
         custodian_key: Ed25519PublicKey | None = None,
-        min_key_bits: int = pf.MIN_KEY_BITS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``clock`` dates the match keys (a birth date after today has none)."""
@@ -1000,7 +1154,6 @@ class AggregateRequesterSession(RequesterCore):
         self.value_field = value_field
         self.ops: AggregateOps = ops or SerialAggregateOps()
         self.chunk_size = chunk_size
-        self.min_key_bits = min_key_bits
         self.queries_total = len(queries)
         keys = bulk_match_keys(persons_of(queries), [match_rule],
                                executor=getattr(self.ops, "executor", None),
@@ -1015,19 +1168,14 @@ class AggregateRequesterSession(RequesterCore):
         self._a = oprf.random_scalar()
         self.open_response: AggregateOpenResponse | None = None
         self.result: AggregateResult | None = None
-        self.stats: dict[str, float] = {"blind_s": 0.0, "match_s": 0.0, "sum_s": 0.0}
-        self._public_key: paillier.PaillierPublicKey | None = None
-        self._ct_size = 0
-        self._nsquare_bytes = b""
-        self._double_parts: list[bytes] = []
-        self._double_received = 0
-        self._double_seq = 0
-        self._double_set: np.ndarray | None = None
-        self._pairs_seq = 0
-        self._pairs_received = 0
-        self._matched: set[bytes] = set()
-        self._product: Any = 1
-        self._mask = 0
+        self.challenge: MatchChallenge | None = None
+        self.stats: dict[str, float] = {"blind_s": 0.0, "reblind_s": 0.0, "prove_s": 0.0}
+        self._custodian = bytearray()
+        self._custodian_hash = hashlib.sha256()
+        self._reblinded = bytearray()
+        self._reblinded_hash = hashlib.sha256()
+        self._custodian_seq = 0
+        self._custodian_received = 0
         self._uploaded = 0
 
     @property
@@ -1037,8 +1185,8 @@ class AggregateRequesterSession(RequesterCore):
     def _discard(self) -> None:
         self._a = b""
         self._keys = None
-        self._mask = 0
-        self._double_set = None
+        self._custodian = bytearray()
+        self._reblinded = bytearray()
 
     # -- steps (sends go through ``send``, received messages through ``handle``) -----
 
@@ -1065,17 +1213,6 @@ class AggregateRequesterSession(RequesterCore):
             raise ProtocolError("custodian granted a different tier, rule or value field")
         if resp.element_count != self.element_count:
             raise ProtocolError("custodian granted a different element count")
-        if self.tier is Tier.AGGREGATE:
-            if not resp.paillier_n:
-                raise ProtocolError("aggregate tier without a Paillier key")
-            pub = paillier.PaillierPublicKey(int.from_bytes(resp.paillier_n, "big"))
-            pf.check_public_key(pub, min_key_bits=self.min_key_bits)
-            self._public_key = pub
-            self._ct_size = pf.ciphertext_size(pub)
-            self._nsquare_bytes = pub.nsquare.to_bytes(self._ct_size, "big")
-            self._product = pf.to_modular(1)
-        elif resp.paillier_n:
-            raise ProtocolError("the cardinality tier carries no Paillier key")
         self.open_response = resp
         self.transcript.add("open", resp)
 
@@ -1100,141 +1237,106 @@ class AggregateRequesterSession(RequesterCore):
             self._uploaded += len(elements) // ELEMENT_SIZE
             yield chunk
 
-    def _on_double(self, chunk: DoubleBlindedChunk) -> None:
-        if chunk.seq != self._double_seq:
-            raise ProtocolError(f"double-blinded chunk {chunk.seq} out of order")
-        n = check_elements(chunk.elements, f"double-blinded chunk {chunk.seq}")
-        if n == 0 or n > MAX_DOUBLE_BLINDED_CHUNK:
-            raise ProtocolError(f"double-blinded chunk {chunk.seq} has {n} elements")
-        if self._double_received + n > self.element_count:
-            raise ProtocolError("custodian returned more elements than were sent")
-        self._double_parts.append(chunk.elements)
-        self._double_received += n
-        self._double_seq += 1
-        self.transcript.add("double-blinded", chunk)
-        if self._double_received == self.element_count:
-            dtype = np.dtype(f"S{ELEMENT_SIZE}")
-            self._double_set = np.sort(np.frombuffer(b"".join(self._double_parts), dtype=dtype))
-            self._double_parts = []
-
-    def _on_pairs(self, chunk: CustodianPairsChunk) -> None:
-        if self._double_set is None:
-            raise ProtocolError("pairs arrived before the whole double-blinded set")
+    def _on_custodian(self, chunk: CustodianChunk) -> None:
         assert self.open_response is not None
-        if chunk.seq != self._pairs_seq:
-            raise ProtocolError(f"pairs chunk {chunk.seq} out of order")
-        k = check_elements(chunk.elements, f"pairs chunk {chunk.seq}")
-        if k == 0 or k > MAX_PAIR_CHUNK:
-            raise ProtocolError(f"pairs chunk {chunk.seq} has {k} pairs (1..{MAX_PAIR_CHUNK})")
-        if self._pairs_received + k > self.open_response.pair_count:
-            raise ProtocolError("custodian sent more pairs than it announced")
-        if len(chunk.ciphertexts) != k * self._ct_size:
-            raise InvalidElementError(
-                f"pairs chunk {chunk.seq}: {len(chunk.ciphertexts)} ciphertext bytes for {k} pairs"
-            )
+        if self._uploaded != self.element_count:
+            raise ProtocolError("custodian elements before the whole upload was sent")
+        if chunk.seq != self._custodian_seq:
+            raise ProtocolError(f"custodian chunk {chunk.seq} out of order")
+        n = check_elements(chunk.elements, f"custodian chunk {chunk.seq}")
+        if n == 0 or n > MAX_CUSTODIAN_CHUNK:
+            raise ProtocolError(f"custodian chunk {chunk.seq} has {n} elements")
+        if self._custodian_received + n > self.open_response.custodian_count:
+            raise ProtocolError("custodian sent more elements than it announced")
         started = time.perf_counter()
-        ours = self.ops.multiply(self._a, chunk.elements)  # validates every element first
-        dtype = np.dtype(f"S{ELEMENT_SIZE}")
-        candidates = np.frombuffer(ours, dtype=dtype)
-        table = self._double_set
-        hits: list[int] = []
-        if len(table):
-            pos = np.searchsorted(table, candidates)
-            pos[pos >= len(table)] = 0
-            hits = np.flatnonzero(table[pos] == candidates).tolist()
-        found = {ours[i * ELEMENT_SIZE:(i + 1) * ELEMENT_SIZE] for i in hits}
-        if len(found) != len(hits) or found & self._matched:
-            raise ProtocolError("custodian sent the same key twice")
-        self.stats["match_s"] += time.perf_counter() - started
-        if self._public_key is not None and hits:
-            started = time.perf_counter()
-            self._accumulate(chunk, hits)  # validates first; a bad chunk changes nothing
-            self.stats["sum_s"] += time.perf_counter() - started
-        self._matched |= found
-        self._pairs_received += k
-        self._pairs_seq += 1
-        self.transcript.add("pairs", chunk)
+        reblinded = self.ops.multiply(self._a, chunk.elements)  # validates every element first
+        self.stats["reblind_s"] += time.perf_counter() - started
+        self._custodian += chunk.elements
+        self._custodian_hash.update(chunk.elements)
+        self._reblinded += reblinded
+        self._reblinded_hash.update(reblinded)
+        self._custodian_received += n
+        self._custodian_seq += 1
+        self.transcript.add("custodian", chunk)
 
-    def _accumulate(self, chunk: CustodianPairsChunk, hits: list[int]) -> None:
-        """Multiply the matched ciphertexts in, after checking each is in ``Z*_{n^2}``."""
-        pub = self._public_key
-        assert pub is not None
-        size, limit = self._ct_size, self._nsquare_bytes
-        mod = pf.to_modular(pub.nsquare)
-        part: Any = pf.to_modular(1)
-        for i in hits:
-            raw = chunk.ciphertexts[i * size:(i + 1) * size]
-            if raw >= limit or not raw.strip(b"\x00"):  # same length: bytes order = int order
-                raise InvalidElementError(f"pairs chunk {chunk.seq}: ciphertext out of range")
-            part = part * pf.to_modular(int.from_bytes(raw, "big")) % mod
-        # A product is a unit iff every factor is: one gcd per chunk instead of one per hit.
-        if math.gcd(int(part), pub.n) != 1:
-            raise InvalidElementError(f"pairs chunk {chunk.seq}: a ciphertext is not a unit")
-        self._product = self._product * part % mod
+    def reblinded_chunks(self) -> Iterator[ReblindedChunk]:
+        """``a*c_j`` for every custodian element, in the order received."""
+        return self.send(ReblindedChunk)  # type: ignore[no-any-return]
+
+    def _reblinded_stream(self) -> Iterator[ReblindedChunk]:
+        assert self.open_response is not None
+        if self._custodian_received != self.open_response.custodian_count:
+            raise ProtocolError(f"received {self._custodian_received} of "
+                                f"{self.open_response.custodian_count} custodian elements")
+        return self._reblinded_slices(bytes(self._reblinded))
+
+    def _reblinded_slices(self, buffer: bytes) -> Iterator[ReblindedChunk]:
+        """Slices of at most ``MAX_CHUNK_ELEMENTS``; one empty chunk when ``|W| = 0``, so
+        the stream still names its session."""
+        step = MAX_CHUNK_ELEMENTS * ELEMENT_SIZE
+        for seq, start in enumerate(range(0, max(len(buffer), 1), step)):
+            chunk = ReblindedChunk(seq=seq, elements=buffer[start:start + step])
+            self.transcript.add("reblinded", chunk)
+            yield chunk
+
+    def _on_challenge(self, msg: MatchChallenge) -> None:
+        assert self.open_response is not None
+        positions = _positions(msg.matched, self.open_response.custodian_count)
+        if positions.size != msg.count:
+            raise ProtocolError("the matched bitmap disagrees with the count")
+        if msg.count > min(self.element_count, self.open_response.custodian_count):
+            raise ProtocolError(f"count {msg.count} is impossible for {self.element_count} "
+                                "elements")
+        self.challenge = msg
+        self.transcript.add("result", msg)
+
+    def consistency_proof(self) -> ConsistencyProof:
+        """Prove the reblinded elements at the matched positions use this session's scalar."""
+        return self.send(ConsistencyProof)  # type: ignore[no-any-return]
+
+    def _proof(self) -> ConsistencyProof:
+        assert self.challenge is not None and self.open_response is not None
+        positions = _positions(self.challenge.matched, self.open_response.custodian_count)
+        started = time.perf_counter()
+        if positions.size == 0:
+            proof = ConsistencyProof(b"", b"", b"")
+        else:
+            weights = consistency_weights(
+                self.session_id, self.challenge.matched, self._custodian_hash.digest(),
+                self._reblinded_hash.digest(), int(positions.size))
+            custodian = [bytes(self._custodian[j * ELEMENT_SIZE:(j + 1) * ELEMENT_SIZE])
+                         for j in positions.tolist()]
+            proof = prove_consistency(self._a, weights, custodian)
+        self.stats["prove_s"] = time.perf_counter() - started
+        self._a = b""
+        self._custodian = bytearray()
+        self._reblinded = bytearray()
+        self.transcript.add("result", proof)
+        return proof
 
     @property
     def count(self) -> int:
-        """Matches found so far (final once every pair is in)."""
-        return len(self._matched)
+        """The count the custodian announced (0 before its challenge)."""
+        return 0 if self.challenge is None else self.challenge.count
 
-    def masked_sum(self) -> MaskedSum:
-        """The count and ``Enc(S + R)``, freshly re-randomized; ``R`` stays here."""
-        return self.send(MaskedSum)  # type: ignore[no-any-return]
-
-    def _masked_sum(self) -> MaskedSum:
-        assert self.open_response is not None  # EXCHANGING is entered only by the open reply
-        if self._uploaded != self.element_count:
-            raise ProtocolError(f"only {self._uploaded} of {self.element_count} elements sent")
-        if self._double_set is None:
-            raise ProtocolError("the double-blinded set is incomplete")
-        if self._pairs_received != self.open_response.pair_count:
-            raise ProtocolError(
-                f"received {self._pairs_received} of {self.open_response.pair_count} pairs"
-            )
-        ciphertext = b""
-        pub = self._public_key
-        if pub is not None:
-            started = time.perf_counter()
-            self._mask = secrets.randbelow(pub.n)  # uniform in Z_n: S + R hides S perfectly
-            masked = int(self._product) * pf.encrypt_plain(pub, self._mask) % pub.nsquare
-            ciphertext = pf.encode_ciphertext(pub, pf.rerandomize(pub, masked))
-            self.stats["sum_s"] += time.perf_counter() - started
-        msg = MaskedSum(count=self.count, ciphertext=ciphertext)
-        self.transcript.add("result", msg)
-        self._a = b""
-        self._double_set = None
-        return msg
-
-    def _on_reveal(self, reveal: SumReveal) -> None:
+    def _on_release(self, release: AggregateRelease) -> None:
         assert self.open_response is not None
-        if reveal.count != self.count:
-            raise ProtocolError("custodian answered for another count")
-        total: int | None = None
-        pub = self._public_key
-        if reveal.withheld:
-            if reveal.masked_sum:
-                raise ProtocolError("a withheld sum carries no value")
-        elif pub is None:
-            if reveal.masked_sum:
-                raise ProtocolError("the cardinality tier reveals no sum")
-        else:
-            if len(reveal.masked_sum) != (pub.n.bit_length() + 7) // 8:
-                raise ProtocolError("masked sum has the wrong length")
-            masked = int.from_bytes(reveal.masked_sum, "big")
-            if masked >= pub.n:
-                raise ProtocolError("masked sum is not below n")
-            total = (masked - self._mask) % pub.n
-            if total > pub.n // 2:
-                total -= pub.n
-            if abs(total) >= max(self.count, 1) << VALUE_BITS or (self.count == 0 and total):
-                raise ProtocolError("the revealed sum is impossible for the count")
-        self._mask = 0
+        if release.count != self.count:
+            raise ProtocolError("custodian released another count than it announced")
+        if release.withheld or self.tier is Tier.CARDINALITY:
+            if release.sum is not None:
+                raise ProtocolError("a withheld sum or a cardinality release carries no sum")
+        elif release.sum is None:
+            raise ProtocolError("an aggregate release without a sum must say it is withheld")
+        elif abs(release.sum) >= max(self.count, 1) << VALUE_BITS or (
+                self.count == 0 and release.sum):
+            raise ProtocolError("the released sum is impossible for the count")
         self.result = AggregateResult(
-            tier=self.tier.value, count=self.count, sum=total, withheld=reveal.withheld,
-            reason=reveal.reason, elements=self.element_count,
-            custodian_pairs=self.open_response.pair_count,
+            tier=self.tier.value, count=release.count, sum=release.sum,
+            withheld=release.withheld, reason=release.reason, elements=self.element_count,
+            custodian_elements=self.open_response.custodian_count,
         )
-        self.transcript.add("result", reveal)
+        self.transcript.add("result", release)
 
 
 # --------------------------------------------------------------------------- driver
@@ -1271,12 +1373,13 @@ def run_aggregate_in_process(
     requester.handle(send(opened))
     for chunk in requester.blinded_chunks():
         custodian.handle(send(chunk))
-    for double in custodian.double_blinded_chunks():
-        requester.handle(send(double))
-    for pairs in custodian.pair_chunks():
-        requester.handle(send(pairs))
-    reveal = custodian.handle(send(requester.masked_sum()))
-    requester.handle(send(reveal))
+    for element_chunk in custodian.custodian_chunks():
+        requester.handle(send(element_chunk))
+    for reblinded in requester.reblinded_chunks():
+        custodian.handle(send(reblinded))
+    requester.handle(send(custodian.challenge()))
+    release = custodian.handle(send(requester.consistency_proof()))
+    requester.handle(send(release))
     receipt = custodian.handle(send(requester.close_request()))
     countersigned = requester.handle(send(receipt))
     assert isinstance(countersigned, Receipt) and requester.result is not None
@@ -1286,4 +1389,3 @@ def run_aggregate_in_process(
         result=requester.result, receipt=countersigned,
         requester_stats=dict(requester.stats), custodian_stats=dict(custodian.stats),
     )
-

@@ -5,7 +5,7 @@ Rules of this module, in the spirit of h11's ``_state.py`` and h2's ``stream.py`
 
 1. A role's transitions are one :class:`TransitionTable`: ``(state, event) -> Row(handler,
    next state)``.  An event is a received message *type* (``BlindedChunk``), a send
-   (``Send(DoubleBlindedChunk)``) or a local step (``Step("match")``), so what a session
+   (``Send(CustodianChunk)``) or a local step (``Step("match")``), so what a session
    sends, accepts and does are checked in the same place.  A reader can check a table at a
    glance; a test walks every pair.  A session may run on a table derived for it
    (``TransitionTable.derive``, ``SessionMachine._adopt``; e.g. with its engine's rows).
@@ -34,7 +34,7 @@ A custodian-side tier subclasses :class:`CustodianCore` and supplies:
 
 * ``TABLE``: its rows, built from :func:`common_custodian_rows` (open, close, countersign)
   plus its own, e.g. ``(RECEIVING, BlindedChunk): Row("_blinded", RECEIVING)`` and
-  ``(SERVING, Send(CustodianPairsChunk)): Row("_pair_stream", SERVING, stream=True)``.
+  ``(RECEIVING, Send(CustodianChunk)): Row("_custodian_stream", REBLINDING, stream=True)``.
   Rows of messages that only account for finished work (close, countersign) set
   ``window=False``.  A tier whose rows depend on the session (the identity tier: on its
   engine's exchanges) derives a table per session, adopts it in a hook, and lists the
@@ -49,12 +49,15 @@ A custodian-side tier subclasses :class:`CustodianCore` and supplies:
   reservation) -> open response`` (keys, indexes, the reply); ``_discard`` (drop one-time
   secrets when the session closes or fails).
 * handlers named by its rows.  Evaluation handlers call :meth:`CustodianCore._count` before
-  they evaluate; streams are handlers that check eagerly and return an iterator (the core
+  they evaluate (or, when the engine validates while it evaluates, ``_admit_units`` before
+  and ``_record_units`` after, before the reply leaves: ``evaluated`` then counts only what
+  was evaluated); streams are handlers that check eagerly and return an iterator (the core
   gates every item it yields).
 
-Everything else (parse the signed authorization, ``decide``, the bounded audit entry,
-registering the authorization, the idempotent reservation, the gate, count-before-evaluate,
-the signed receipt and the countersignature) is here, once.
+Everything else (the size checks, parse the signed authorization, ``decide``, the bounded and
+per-peer rate-limited audit of refusals, one neutral answer for an unavailable session id,
+registering the authorization, the idempotent reservation, the gate, admitting and counting
+units, the signed receipt and the countersignature) is here, once.
 
 A requester-side tier subclasses :class:`RequesterCore` the same way (its table; an
 ``_open_request`` handler; ``_close_request`` and ``_on_receipt`` are shared).  The two
@@ -63,8 +66,10 @@ tiers on it are ``protocol.sessions.identity`` and ``protocol.sessions.aggregate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
@@ -72,6 +77,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from protocol.accounting.port import LedgerPort, Reservation
 from protocol.accounting.receipts import countersign, issue_receipt, store_countersignature
+from protocol.accounting.refusals import RefusalLimiter
 from protocol.domain.messages import CloseRequest, Receipt, Transcript
 from protocol.errors import LedgerError, PolicyRefusal, ProtocolError, PSIError
 from protocol.policy.decide import (
@@ -87,26 +93,59 @@ from protocol.policy.decide import (
 )
 
 __all__ = [
+    "MAX_OPEN_NAME",
+    "MAX_OPEN_NAMES",
     "MAX_SESSION_ID",
+    "SESSION_ID_UNAVAILABLE",
     "CustodianContext",
     "CustodianCore",
     "Event",
     "OpenMessage",
+    "ReceiptKeyMissing",
     "RequesterCore",
     "Row",
     "Send",
+    "SessionClosed",
     "SessionMachine",
     "Step",
     "TransitionTable",
     "bounded",
     "common_custodian_rows",
+    "request_digest",
 ]
 
 #: Longest session id a custodian accepts (it is a ledger key and appears in every entry).
 MAX_SESSION_ID = 128
+#: Longest rule, field, tier or engine name an open request may carry, and the most names
+#: in one of its lists: checked before anything is parsed, decided or written (every real
+#: name and every real list is far shorter).
+MAX_OPEN_NAME = 64
+MAX_OPEN_NAMES = 32
+_MAX_COUNT = 2**63 - 1  # a signed SQLite INTEGER
+#: The one answer to every refusal of a session id that depends on the ledger (used by
+#: another authorization, another reservation, other metadata, or not resumable): the same
+#: words and status whoever holds the id, so a refusal is no oracle on which ids exist.
+SESSION_ID_UNAVAILABLE = ("session id is not available for this open; open a new session "
+                          "id, or resume with exactly the request that opened it")
 #: Audit payloads are bounded: a hostile open request cannot grow the chain without limit.
 _MAX_AUDIT_TEXT = 256
 _MAX_AUDIT_ITEMS = 32
+
+
+class ReceiptKeyMissing(ProtocolError):
+    """The custodian holds no receipt key for the requester (docs/architecture.md, Late failures).
+
+    Refused at open, before any budget is reserved: without the key the countersignature
+    could never be checked, and the session would fail only after its disclosures.
+    """
+
+    code = "no_receipt_key"
+
+
+class SessionClosed(ProtocolError):
+    """A session id that already closed with a signed receipt cannot be resumed."""
+
+    code = "session_closed"
 
 
 # --------------------------------------------------------------------------- tables
@@ -378,6 +417,9 @@ class CustodianContext(Protocol):
     @property
     def clock(self) -> Callable[[], float]: ...
 
+    @property
+    def refusals(self) -> RefusalLimiter: ...
+
 
 class OpenMessage(Protocol):
     """The fields every tier's open request carries."""
@@ -387,6 +429,45 @@ class OpenMessage(Protocol):
     tier: str
     element_count: int
     engine: str
+
+    def transcript_bytes(self) -> bytes: ...
+
+
+def request_digest(req: OpenMessage) -> str:
+    """SHA-256 of an open request's canonical encoding: what a refusal's audit entry keeps
+    instead of the request (which a hostile peer makes as large as the transport allows)."""
+    try:
+        data = req.transcript_bytes()
+    except ValueError:  # a count no encoding holds; the refusal still needs a digest
+        data = repr(req).encode("utf-8", "replace")
+    return hashlib.sha256(data).hexdigest()
+
+
+def _shape_problem(req: object) -> str | None:
+    """What makes an open request too large to consider, or None (sizes only, no meaning).
+
+    Generic over a tier's open message: every string and every list of strings it carries
+    is bounded (the session id by :data:`MAX_SESSION_ID`), and its counts must fit a ledger
+    integer.  Runs before anything is parsed, decided or written.
+    """
+    session_id = getattr(req, "session_id", "")
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID:
+        size = len(session_id) if isinstance(session_id, str) else 0
+        return f"a session id has 1..{MAX_SESSION_ID} characters, not {size:,}"
+    for name, value in vars(req).items():
+        if name in ("session_id", "signed_authorization"):
+            continue
+        if isinstance(value, str) and len(value) > MAX_OPEN_NAME:
+            return f"{name} has {len(value):,} characters; the limit is {MAX_OPEN_NAME}"
+        if isinstance(value, tuple | list):
+            if len(value) > MAX_OPEN_NAMES:
+                return f"{name} has {len(value):,} items; the limit is {MAX_OPEN_NAMES}"
+            if any(not isinstance(v, str) or len(v) > MAX_OPEN_NAME for v in value):
+                return f"{name} has an item longer than {MAX_OPEN_NAME} characters"
+        if isinstance(value, int) and not isinstance(value, bool) and not (
+                0 <= value <= _MAX_COUNT):
+            return f"{name} must be in 0..{_MAX_COUNT:,}"
+    return None
 
 
 def bounded(value: Any) -> Any:
@@ -408,6 +489,8 @@ def common_custodian_rows(
     rows: dict[tuple[StrEnum, Event], Row] = {(initial, open_message): Row("_open", opened)}
     for state in closable:
         rows[(state, CloseRequest)] = Row("_close", closed, window=False)
+    # A close repeated after a lost reply (or a restart) gets the same signed receipt.
+    rows[(closed, CloseRequest)] = Row("_reclose", closed, window=False)
     rows[(closed, Receipt)] = Row("_countersign", closed, window=False)
     return rows
 
@@ -449,6 +532,11 @@ class CustodianCore(SessionMachine):
         if self.signed is None:  # opening: the peer id is recorded, decide() checks it
             if self.state == self.table.initial and peer_id is not None:
                 self.peer_id = peer_id
+            elif peer_id is not None and self.peer_id and peer_id != self.peer_id:
+                # a session restored from its ledger receipt (restore_closed)
+                raise PolicyRefusal(
+                    f"session {self.session_id!r} belongs to requester {self.peer_id!r}, "
+                    f"not {peer_id!r}", reasons=(Reason.REQUESTER_MISMATCH.value,))
             return
         if peer_id is None:
             return  # an in-process caller speaks for the owner
@@ -463,13 +551,24 @@ class CustodianCore(SessionMachine):
 
     # -- open ---------------------------------------------------------------------
 
-    def _refused(self, stage: str, reason: Reason, message: str) -> PolicyRefusal:
-        """Audit a refusal that happens before ``decide`` can run, and build its error."""
-        self.context.ledger.audit("refusal", bounded({
-            "stage": stage, "reasons": [reason.value], "peer": self.peer_id,
-            "message": message,
-        }))
-        return PolicyRefusal(message, reasons=(reason.value,))
+    def _refused(self, reasons: Sequence[str], message: str, *, digest: str,
+                 authorization_id: str = "") -> PolicyRefusal:
+        """Account for a refused open, and build its error.
+
+        The audit entry is small and bounded whatever the request was: the stage, the peer,
+        the reason codes, the authorization id (if one was parsed) and the request's digest,
+        never its body.  Refusals are rate-limited per peer (``RefusalLimiter``, limits in
+        the policy): beyond the budget they are counted and summarised, so a flood cannot
+        grow the chain (docs/architecture.md, Accounting).
+        """
+        ctx = self.context
+        codes = list(dict.fromkeys(str(r) for r in reasons))[:_MAX_AUDIT_ITEMS]
+        entry: dict[str, Any] = {"stage": self.AUDIT_STAGE, "peer": self.peer_id[:64],
+                                 "reasons": codes, "request_sha256": digest}
+        if authorization_id:
+            entry["authorization_id"] = authorization_id[:MAX_OPEN_NAME]
+        ctx.refusals.record(ctx.ledger, self.peer_id, ctx.clock(), entry)
+        return PolicyRefusal(message, reasons=tuple(codes))
 
     def _budget_remaining(self, auth: Authorization, req: OpenMessage) -> int:
         ledger = self.context.ledger
@@ -489,43 +588,63 @@ class CustodianCore(SessionMachine):
             raise ProtocolError("open requires the transport-authenticated peer id")
         ctx = self.context
         ledger = ctx.ledger
+        digest = request_digest(req)
+        # Sizes first: nothing of an oversized request is parsed, decided or written.
+        problem = _shape_problem(req)
+        if problem is not None:
+            raise self._refused((Reason.MALFORMED,), f"open request refused: {problem}",
+                                digest=digest)
         try:
             signed = SignedAuthorization.from_bytes(req.signed_authorization)
         except ValueError as exc:
-            raise self._refused(self.AUDIT_STAGE, Reason.MALFORMED,
-                                f"malformed authorization: {exc}") from exc
+            raise self._refused((Reason.MALFORMED,), bounded(f"malformed authorization: {exc}"),
+                                digest=digest) from exc
         auth = signed.authorization
-        remaining = self._budget_remaining(auth, req)
         try:
             request = self._session_request(req)
         except ValueError as exc:
-            raise self._refused(self.AUDIT_STAGE, Reason.MALFORMED,
-                                f"malformed session request: {exc}") from exc
+            raise self._refused((Reason.MALFORMED,), bounded(f"malformed session request: {exc}"),
+                                digest=digest, authorization_id=auth.authorization_id) from exc
+        remaining = self._budget_remaining(auth, req)
         decision = decide(signed, request, ctx.policy, now=ctx.clock(),
                           budget_remaining=remaining, served_tiers=self.SERVED_TIERS,
                           served_engines=self.SERVED_ENGINES, **self._decide_options(signed))
-        ledger.audit("decision", bounded({
-            "stage": self.AUDIT_STAGE, "authorization_id": auth.authorization_id,
-            "session_id": req.session_id, "peer": self.peer_id, "allowed": decision.allowed,
-            "reasons": [str(r) for r in decision.reasons], "elements": req.element_count,
-            **self._audit_fields(req),
-        }))
-        decision.raise_if_refused()
-        if not req.session_id or len(req.session_id) > MAX_SESSION_ID:
-            raise ProtocolError(f"session id must be 1..{MAX_SESSION_ID} characters")
+        if not decision.allowed:
+            raise self._refused(decision.reasons, decision.message, digest=digest,
+                                authorization_id=auth.authorization_id)
+        if self.peer_id not in ctx.requester_keys:
+            # Checked before anything is reserved or evaluated: the receipt at the end
+            # could never be countersigned, so the session must not start.
+            message = (f"no receipt key registered for requester {self.peer_id!r}: the "
+                       "custodian could not check its countersignature, so no session is "
+                       "opened (the custodian operator must add the requester's key)")
+            self._refused((ReceiptKeyMissing.code,), message, digest=digest,
+                          authorization_id=auth.authorization_id)
+            raise ReceiptKeyMissing(message)
         earlier = ledger.reservation(req.session_id)
-        if earlier is not None and not self.RESUMABLE:
-            raise ProtocolError(
-                f"session id {req.session_id!r} was already used; {self.table.role} sessions "
-                "cannot be resumed (their keys live only in the session)")
-        if earlier is not None and (earlier.auth_id, earlier.reserved) != (
-                auth.authorization_id, req.element_count):
-            # Only the same authorization and element count resume a session id; anything
-            # else is the caller's mistake, refused here rather than by the ledger's check.
-            raise ProtocolError(
-                f"session id {req.session_id!r} is in use by another authorization or "
-                "reservation; resume it with the same authorization and element count, or "
-                "open a new session id")
+        if earlier is not None and (not self.RESUMABLE or (earlier.auth_id, earlier.reserved)
+                                    != (auth.authorization_id, req.element_count)):
+            # Only the same authorization and element count resume a session id, and only
+            # in a resumable tier (others keep their keys only in the session).  The answer
+            # is the same whoever holds the id: no oracle on which ids exist.
+            raise self._refused((Reason.SESSION_ID_UNAVAILABLE,), SESSION_ID_UNAVAILABLE,
+                                digest=digest, authorization_id=auth.authorization_id)
+        if earlier is not None and self._stored_receipt(earlier.auth_id,
+                                                        req.session_id) is not None:
+            message = (f"session {req.session_id!r} is closed with a signed receipt; send "
+                       "CloseSession again to receive that receipt, or open a new session id")
+            self._refused((SessionClosed.code,), message, digest=digest,
+                          authorization_id=auth.authorization_id)
+            raise SessionClosed(message)
+        if earlier is None:
+            # A new session's decision; a resume adds no entry (its session and reservation
+            # are on the ledger already), so repeating an open cannot grow the chain.
+            ledger.audit("decision", bounded({
+                "stage": self.AUDIT_STAGE, "authorization_id": auth.authorization_id,
+                "session_id": req.session_id, "peer": self.peer_id, "allowed": True,
+                "elements": req.element_count, "request_sha256": digest,
+                **self._audit_fields(req),
+            }))
         self._prepare(req, signed)  # data problems surface before any budget is spent
         # Only a verified authorization is registered (an unverified one could squat its id).
         ledger.ensure_authorization(
@@ -533,9 +652,18 @@ class CustodianCore(SessionMachine):
             max_disclosures=auth.max_disclosures, not_after=auth.not_after,
         )
         # Reserve before any work; idempotent per session id, never refunded.
-        reservation = ledger.reserve(auth.authorization_id, req.session_id, req.element_count)
-        ledger.open_session(auth.authorization_id, req.session_id,
-                            bounded({"peer": self.peer_id, **self._session_meta(req)}))
+        try:
+            reservation = ledger.reserve(auth.authorization_id, req.session_id,
+                                         req.element_count)
+            ledger.open_session(auth.authorization_id, req.session_id,
+                                bounded({"peer": self.peer_id, **self._session_meta(req)}))
+        except LedgerError as exc:
+            # Past the checks above, the ledger refuses only a session id it holds otherwise:
+            # a resume that changes what the session was opened with (its rules, say), or a
+            # concurrent open of the same new id.  Refused like any other unavailable id
+            # (nothing was charged again), never as an internal error.
+            raise PolicyRefusal(SESSION_ID_UNAVAILABLE,
+                                reasons=(Reason.SESSION_ID_UNAVAILABLE.value,)) from exc
         self.signed = signed
         self.session_id = req.session_id
         self.engine = req.engine
@@ -574,8 +702,21 @@ class CustodianCore(SessionMachine):
         Policy decides (``check_evaluation``); the ledger then counts, and its own check of
         the reservation is defence in depth.  An evaluation never exists without its account.
         """
+        self._admit_units(units)
+        self._record_units(units)
+
+    def _admit_units(self, units: int) -> None:
+        """Policy's decision that ``units`` more fit the reservation (before any evaluation)."""
         check_evaluation(self.authorization, reserved=self.element_limit,
                          evaluated=self.evaluated, units=units).raise_if_refused()
+
+    def _record_units(self, units: int) -> None:
+        """Durably count ``units`` that were evaluated, before their result leaves.
+
+        For a tier whose engine validates while it evaluates (the identity tier): what is
+        counted is what was evaluated, never an element refused as invalid.  The ledger's
+        own check of the reservation still applies; if it refuses, the result is dropped.
+        """
         self.evaluated = self.context.ledger.record_evaluation(
             self.authorization.authorization_id, self.session_id, units)
 
@@ -590,6 +731,44 @@ class CustodianCore(SessionMachine):
         )
         self._discard()
         return self.receipt
+
+    def _reclose(self, req: CloseRequest) -> Receipt:
+        """Close again (the reply was lost, or the custodian restarted): the same receipt."""
+        issued = self.receipt
+        if issued is None:
+            raise ProtocolError("closed session has no receipt")
+        if not hmac.compare_digest(req.transcript_hash, issued.transcript_hash):
+            raise ProtocolError("transcript hash mismatch: the session closed over another "
+                                "transcript")
+        return replace(issued, requester_signature=b"")
+
+    def _stored_receipt(self, auth_id: str, session_id: str) -> Receipt | None:
+        """The signed receipt the ledger holds for ``session_id`` (None while it is open)."""
+        for row in self.context.ledger.receipts(auth_id):
+            if row.session_id == session_id:
+                return Receipt.from_signed_bytes(row.receipt, row.custodian_signature,
+                                                 row.requester_signature or b"")
+        return None
+
+    def restore_closed(self, session_id: str, peer_id: str) -> bool:
+        """Become the closed session ``session_id`` of ``peer_id`` from its ledger receipt.
+
+        After a restart a closed session is no longer in memory; restored, it answers a
+        repeated close with the same receipt and accepts the countersignature.  False if the
+        ledger holds no receipt of that session for that peer.
+        """
+        if self.state != self.table.initial or not session_id:
+            return False
+        reservation = self.context.ledger.reservation(session_id)
+        if reservation is None:
+            return False
+        receipt = self._stored_receipt(reservation.auth_id, session_id)
+        if receipt is None or receipt.requester_id != peer_id:
+            return False
+        self.session_id, self.peer_id, self.receipt = session_id, peer_id, receipt
+        self.evaluated, self.disclosed = receipt.evaluated, receipt.disclosed
+        self.state = next(iter(self.table.final))
+        return True
 
     def _countersign(self, receipt: Receipt) -> None:
         ctx = self.context

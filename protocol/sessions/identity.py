@@ -12,7 +12,7 @@ Nothing here depends on which match engine runs: the engine (looked up by name i
 session's table is the role's common rows plus rows derived from those exchanges
 (:func:`custodian_table`, :func:`requester_table`): the requester sends each exchange's
 ``sends`` (``Send``) and accepts its ``replies``; the custodian accepts each ``sends``
-(costed, counted, then evaluated) and streams its server-stream ``replies`` (``Send``).
+(costed and admitted, evaluated, then counted) and streams its server-stream ``replies`` (``Send``).
 The custodian learns its engine at open, so it runs on the common rows until then.
 
 Identity tier, one session (the OPRF engine's exchanges shown):
@@ -21,7 +21,7 @@ Identity tier, one session (the OPRF engine's exchanges shown):
     open_request()         --OpenRequest-->     handle(): decide, reserve budget
                            <--OpenResponse--
                            <--TagChunk*----     tag_chunks(): sorted tags of its records
-    requests(exchange)     --EvaluateChunk*->   handle(): cost, count, evaluate
+    requests(exchange)     --EvaluateChunk*->   handle(): cost, admit, evaluate, count
     handle(EvaluatedChunk) <-EvaluatedChunk*-
     match()  (local; the custodian learns nothing)
     disclosure_requests()  --DisclosureRequest->handle(): verify proofs, account, release
@@ -45,12 +45,14 @@ from enum import StrEnum
 from typing import Any, cast
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
 from protocol.accounting.port import DisclosureRow, LedgerPort, Reservation
+from protocol.accounting.refusals import RefusalLimiter
 from protocol.domain.engine import Engine
 from protocol.domain.messages import (
     DEFAULT_CHUNK,
@@ -65,7 +67,7 @@ from protocol.domain.messages import (
     Receipt,
     Transcript,
 )
-from protocol.domain.records import PersonRecord, QueryRecord
+from protocol.domain.records import PersonRecord, QueryRecord, ValidatedQueries
 from protocol.domain.recordstore import (
     CompactRecords,
     bulk_match_keys,
@@ -100,6 +102,7 @@ from protocol.policy.decide import (
     SignedAuthorization,
     Tier,
     check_disclosure,
+    check_repeat_disclosure,
     permitted_fields,
 )
 from protocol.sessions.core import (
@@ -266,6 +269,16 @@ class CustodianConfig:
     new_lock: LockFactory = nullcontext
     #: Named-subject certifications of these records, by authority key id (protocol.engines.named).
     certifications: Mapping[str, Certification] = field(default_factory=dict)
+    #: Per-peer budgets of refusals recorded one by one, shared by every session of this
+    #: configuration: ``refusals`` for the audit chain, ``refusal_log`` for the service log
+    #: (limits from the policy; docs/architecture.md, Accounting).
+    refusals: RefusalLimiter = field(init=False, repr=False)
+    refusal_log: RefusalLimiter = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_custodian_config(self)
+        self.refusals = RefusalLimiter.from_policy(self.policy, self.new_lock)
+        self.refusal_log = RefusalLimiter.from_policy(self.policy, self.new_lock)
 
 
 class Custodian:
@@ -338,6 +351,9 @@ class CustodianSession(CustodianCore):
         self._engine: EngineSession | None = None
         self._reply_streams: dict[type, str] = {}
         self._tag_kind: type | None = None
+        #: Records this session has released or recorded as replayed (bounded by the
+        #: custodian's records): repeats of them are answered without touching the ledger.
+        self._answered: set[str] = set()
 
     # -- open (the core's hooks) --------------------------------------------------------
 
@@ -422,13 +438,21 @@ class CustodianSession(CustodianCore):
             yield chunk
 
     def _engine_message(self, message: object) -> object | None:
-        """One engine message: validate and cost it, count, then let the engine evaluate."""
+        """One engine message: cost it, let policy admit the units, evaluate, then count.
+
+        Policy decides before any evaluation (``check_evaluation``); the durable count comes
+        after the engine accepted the message and before its reply leaves, so ``evaluated``
+        counts what was evaluated: an invalid element or a refused chunk fails the session
+        and counts nothing (its reservation was charged at open and is never refunded).
+        """
         engine = self._engine
         assert engine is not None  # the table admits engine events only while SERVING
         units = engine.cost(message)
         if units:
-            self._count(units)
+            self._admit_units(units)
         reply = engine.evaluate(message)
+        if units:
+            self._record_units(units)
         self.transcript.add(REQUEST_STREAM, message)
         if reply is not None:
             self.transcript.add(self._reply_streams[type(reply)], reply)
@@ -455,19 +479,28 @@ class CustodianSession(CustodianCore):
         auth = self.authorization
         disclosures: list[Disclosure] = []
         rejected: list[int] = []
-        # Expiry and an already-reached cap refuse the whole request (RESOURCE_EXHAUSTED /
-        # FAILED_PRECONDITION); a cap reached inside this batch withholds the rest.
+        # Expiry refuses the whole request; the cap withholds only records not disclosed
+        # before under this authorization (the ledger decides which, atomically), so a
+        # requester whose reply was lost can fetch what it was given again.
         budget = cfg.ledger.budget(auth.authorization_id)
         assert self.signed is not None  # self.authorization would have raised
-        check_disclosure(self.signed, budget.disclosed, now=cfg.clock()).raise_if_refused()
+        now = cfg.clock()
+        check_repeat_disclosure(self.signed, now=now).raise_if_refused()
+        cap_reached_before = not check_disclosure(self.signed, budget.disclosed, now=now)
         assert self._engine is not None  # a served session has its engine
         # The engine checks each proof against the record it claims (position -> record
         # index); a proof of the wrong length or for an unopened rule is never looked at.
         proof_size = self._engine.proof_size
-        found = self._engine.verify([
-            (i, rule_id, output) for i, (rule_id, output) in enumerate(req.outputs)
-            if rule_id in self.rules and len(output) == proof_size
-        ])
+        candidates = [(i, rule_id, output) for i, (rule_id, output) in enumerate(req.outputs)
+                      if rule_id in self.rules and len(output) == proof_size]
+        # Each distinct proof is verified once: a batch replaying one output costs one check.
+        first_of: dict[tuple[str, bytes], int] = {}
+        for i, rule_id, output in candidates:
+            first_of.setdefault((rule_id, output), i)
+        checked = self._engine.verify([(i, rule_id, output)
+                                       for (rule_id, output), i in first_of.items()])
+        found = {i: checked[first_of[(rule_id, output)]] for i, rule_id, output in candidates
+                 if first_of[(rule_id, output)] in checked}
         records = cfg.records
         verified: list[tuple[int, str, PersonRecord]] = []
         for i, (rule_id, _) in enumerate(req.outputs):
@@ -478,29 +511,33 @@ class CustodianSession(CustodianCore):
                 verified.append((i, rule_id, records[position]))
         # The ledger checks the cap atomically and is the authority on it; the rows are
         # durable (one transaction per batch) before any field leaves this function.
-        rows = self._account(auth.authorization_id, verified)
-        withheld = [i for (i, _, _), row in zip(verified, rows, strict=True) if row is None]
-        for (i, rule_id, record), row in zip(verified, rows, strict=True):
-            if row is None:
+        counted = self._account(auth.authorization_id, verified)
+        withheld = [i for (i, _, _), first in zip(verified, counted, strict=True)
+                    if first is None]
+        for (i, rule_id, record), first in zip(verified, counted, strict=True):
+            if first is None:
                 continue
-            if not row.repeat:
+            if first:
                 self.disclosed += 1
             disclosures.append(Disclosure(
                 index=i, rule_id=rule_id, pseudonym=self.pseudonym(record),
                 fields=self._record_fields(record),
             ))
         if withheld:
-            cfg.ledger.audit("refusal", {
-                "stage": "disclosure", "authorization_id": auth.authorization_id,
-                "session_id": self.session_id, "reasons": ["disclosure_cap_reached"],
-                "withheld": len(withheld),
-            })
+            entry = {"stage": "disclosure", "authorization_id": auth.authorization_id,
+                     "session_id": self.session_id, "reasons": ["disclosure_cap_reached"],
+                     "withheld": len(withheld)}
+            if cap_reached_before:  # asking again past the cap: per peer, rate-limited
+                cfg.refusals.record(cfg.ledger, self.peer_id, now, entry)
+            else:  # the batch that reached the cap: always on the chain
+                cfg.ledger.audit("refusal", entry)
             rejected = sorted(rejected + withheld)
-        if rejected:
-            cfg.ledger.audit("disclosure_rejected", {
+        if rejected:  # per peer, rate-limited like every refusal: a stream of bad proofs
+            # cannot grow the chain (docs/architecture.md, Accounting)
+            cfg.refusals.record(cfg.ledger, self.peer_id, cfg.clock(), {
                 "authorization_id": auth.authorization_id, "session_id": self.session_id,
                 "count": len(rejected),
-            })
+            }, kind="disclosure_rejected")
         reply = DisclosureResponse(seq=req.seq, disclosures=tuple(disclosures),
                                    rejected=tuple(rejected))
         self.transcript.add("disclosure-request", req)
@@ -508,27 +545,51 @@ class CustodianSession(CustodianCore):
         return reply
 
     def _account(self, auth_id: str, verified: list[tuple[int, str, PersonRecord]]
-                 ) -> list[DisclosureRow | None]:
-        """Ledger rows for the verified disclosures, in order; ``None`` where the cap withholds.
+                 ) -> list[bool | None]:
+        """For each verified disclosure, in order: True for a first disclosure (it counts
+        against the cap), False for a repeat (it does not), None where the cap withholds it.
 
-        The batch commits in one transaction; only a batch that crosses the cap falls back
-        to one row at a time, so exactly the records under the cap are released.
+        Only a record's first sight in this session reaches the ledger: one this session
+        already disclosed or already replayed is answered again without a new row or entry,
+        so replaying one output any number of times grows the ledger at most once per
+        session (docs/architecture.md, Accounting).  The new records commit in one
+        transaction; only a batch that crosses the cap falls back to one row at a time, so
+        exactly the records under the cap are released.
         """
         ledger = self.custodian.config.ledger
-        items = [(record.record_id, rule_id) for _, rule_id, record in verified]
-        if not items:
-            return []
-        try:
-            return list(ledger.record_disclosures(auth_id, self.session_id, items))
-        except DisclosureCapReached:
-            rows: list[DisclosureRow | None] = []
-            for record_id, rule_id in items:
-                try:
-                    rows.append(ledger.record_disclosure(auth_id, self.session_id, record_id,
-                                                         rule_id))
-                except DisclosureCapReached:
-                    rows.append(None)
-            return rows
+        pending: dict[str, str] = {}  # record id -> the rule of its first occurrence here
+        for _, rule_id, record in verified:
+            if record.record_id not in self._answered:
+                pending.setdefault(record.record_id, rule_id)
+        outcome: dict[str, bool | None] = {}
+        if pending:
+            items = list(pending.items())
+            rows: list[DisclosureRow | None]
+            try:
+                rows = list(ledger.record_disclosures(auth_id, self.session_id, items))
+            except DisclosureCapReached:
+                rows = []
+                for record_id, rule_id in items:
+                    try:
+                        rows.append(ledger.record_disclosure(auth_id, self.session_id,
+                                                             record_id, rule_id))
+                    except DisclosureCapReached:
+                        rows.append(None)
+            for (record_id, _), row in zip(items, rows, strict=True):
+                outcome[record_id] = None if row is None else not row.repeat
+                if row is not None:
+                    self._answered.add(record_id)
+        counted: list[bool | None] = []
+        for _, _, record in verified:
+            record_id = record.record_id
+            if record_id in outcome:  # its first occurrence in this batch carries the row
+                first = outcome[record_id]
+                counted.append(first)
+                if first:
+                    outcome[record_id] = False  # later occurrences here are repeats
+            else:
+                counted.append(False)  # answered earlier in this session
+        return counted
 
 
 @dataclass(frozen=True)
@@ -574,7 +635,7 @@ class RequesterSession(RequesterCore):
     def __init__(
         self,
         signed_authorization: SignedAuthorization,
-        queries: Sequence[QueryRecord] | Sequence[PersonRecord],
+        queries: ValidatedQueries | CompactRecords | Sequence[QueryRecord],
         *,
         match_rules: Sequence[str] | None = None,
         disclosure_fields: Sequence[str] | None = None,
@@ -590,7 +651,16 @@ class RequesterSession(RequesterCore):
         """``tokens`` ((record id, rule) -> token) are required for a named-subject
         authorization: only subjects the authority reviewed are sent at all.
         ``engine`` names a registered match engine (``protocol.engines.registry``).
-        ``clock`` dates the match keys (a birth date after today has none)."""
+        ``clock`` dates the match keys (a birth date after today has none).
+
+        ``queries``: ``validate_queries(...).accepted``, or the packed records of
+        ``recordstore.load_query_csv``; a plain list of query records is validated here
+        (``ValidatedQueries.ensure``) and refused as a whole if any record would be.
+        Wrong types are a ``TypeError`` naming the expected one."""
+        _check_requester_inputs(signed_authorization, match_rules, disclosure_fields,
+                                signing_key, custodian_key, tokens, engine)
+        if not isinstance(queries, CompactRecords):  # packed: validated by load_query_csv
+            queries = ValidatedQueries.ensure(queries, today=utc_date(clock()))
         auth = signed_authorization.authorization
         if not 0 < chunk_size <= MAX_CHUNK_ELEMENTS:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_ELEMENTS}")
@@ -812,11 +882,18 @@ def run_exchanges(requester: RequesterSession, custodian: CustodianSession) -> N
 
 def run_in_process(
     requester: RequesterSession, custodian: CustodianSession, *, requester_id: str,
+    countersign: bool = True,
 ) -> SessionOutcome:
     """Run both sides of one session in this process, no network.
 
-    ``requester_id`` stands in for the identity the transport would authenticate.
+    ``requester_id`` stands in for the identity the transport would authenticate.  Like the
+    services, the run ends with the requester's countersignature on the custodian's
+    receipt, so the requester needs its ``signing_key`` and the custodian that key's public
+    half under ``requester_id`` (``CustodianConfig.requester_keys``); both are checked
+    before anything is opened or spent.  ``countersign=False`` runs without it (the receipt
+    then carries the custodian's signature only).
     """
+    _check_run_inputs(requester, custodian, requester_id, countersign)
     opened = custodian.handle(requester.open_request(), peer_id=requester_id)
     requester.handle(opened)
     run_exchanges(requester, custodian)
@@ -826,9 +903,97 @@ def run_in_process(
     receipt = custodian.handle(requester.close_request())
     countersigned = requester.handle(receipt)
     assert isinstance(countersigned, Receipt)
-    if countersigned.requester_signature:
+    if countersign:
         custodian.countersign(countersigned)
     return SessionOutcome(
         matches=requester.matches, results=requester.results,
         receipt=countersigned, rejected=requester.rejected,
     )
+
+
+# --------------------------------------------------------------------------- argument checks
+#
+# The public entry points refuse wrong types with a TypeError naming the expected type, and
+# a run the services would refuse with a ValueError, before any work or budget is spent.
+
+
+def _expect(value: object, expected: type | tuple[type, ...], name: str, hint: str = "") -> None:
+    """``TypeError`` unless ``value`` is an ``expected``; the message names both types."""
+    if not isinstance(value, expected):
+        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple)
+                                                 else (expected,)))
+        raise TypeError(f"{name} must be of type {names}{hint}, got {type(value).__name__}")
+
+
+def _expect_names(value: object, name: str) -> None:
+    """A sequence of ids (rules, fields), not one id: a str would split into characters."""
+    if value is not None and (isinstance(value, str | bytes)
+                              or not isinstance(value, Sequence)
+                              or not all(isinstance(v, str) for v in value)):
+        raise TypeError(f"{name} must be a sequence of str (e.g. ('tin+dob',)), got "
+                        f"{type(value).__name__} {value!r:.60}")
+
+
+def _check_requester_inputs(
+    signed: object, match_rules: object, disclosure_fields: object, signing_key: object,
+    custodian_key: object, tokens: object, engine: object,
+) -> None:
+    _expect(signed, SignedAuthorization, "signed_authorization",
+            " (sign_authorization(draft_authorization(...), authority_key))")
+    _expect_names(match_rules, "match_rules")
+    _expect_names(disclosure_fields, "disclosure_fields")
+    _expect(signing_key, (Ed25519PrivateKey, type(None)), "signing_key")
+    _expect(custodian_key, (Ed25519PublicKey, type(None)), "custodian_key")
+    _expect(engine, str, "engine")
+    if tokens is not None:
+        _expect(tokens, Mapping, "tokens", " ((record id, rule id) -> token bytes)")
+        # the first entry shows a wrong shape; checking each would cost at 1M subjects
+        bad = next(iter(cast(Mapping[object, object], tokens).items()), None)
+        if bad is not None and not (isinstance(bad[0], tuple) and len(bad[0]) == 2
+                                    and isinstance(bad[1], bytes)):
+            raise TypeError(f"tokens must map (record id, rule id) to token bytes; entry "
+                            f"{bad[0]!r:.60} does not (see protocol.engines.named.TokenSet.lookup)")
+
+
+def _check_custodian_config(config: CustodianConfig) -> None:
+    _expect(config.policy, CustodianPolicy, "policy")
+    _expect(config.master_secret, bytes, "master_secret", " (32 random bytes)")
+    if len(config.master_secret) != 32:
+        raise ValueError(f"master secret must be 32 bytes, got {len(config.master_secret)}")
+    _expect(config.signing_key, Ed25519PrivateKey, "signing_key")
+    _expect(config.requester_keys, Mapping, "requester_keys",
+            " (requester id -> Ed25519PublicKey)")
+    for requester, key in config.requester_keys.items():
+        _expect(key, Ed25519PublicKey, f"requester_keys[{requester!r}]")
+    records = config.records
+    if isinstance(records, CompactRecords):
+        return
+    _expect(records, Sequence, "records",
+            " (of PersonRecord, or the packed records of load_custodian_csv)")
+    for position, record in enumerate(records):
+        _expect(record, PersonRecord, f"records[{position}]",
+                " (records are dataclasses: PersonRecord(**row), not dicts)"
+                if isinstance(record, dict) else "")
+
+
+def _check_run_inputs(requester: object, custodian: object, requester_id: object,
+                      countersign: bool) -> None:
+    _expect(requester, RequesterSession, "requester")
+    _expect(custodian, CustodianSession, "custodian",
+            " (one session of the Custodian: custodian.session())")
+    _expect(requester_id, str, "requester_id")
+    if not countersign:
+        return
+    assert isinstance(requester, RequesterSession) and isinstance(custodian, CustodianSession)
+    if requester.signing_key is None:
+        raise ValueError("the requester session has no signing_key, so it cannot countersign "
+                         "the receipt as the services do: pass RequesterSession(..., "
+                         "signing_key=...) or run_in_process(..., countersign=False)")
+    known = custodian.custodian.config.requester_keys.get(cast(str, requester_id))
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    if known is None or (known.public_bytes(*raw)
+                         != requester.signing_key.public_key().public_bytes(*raw)):
+        raise ValueError(f"the custodian holds no receipt key for {requester_id!r} that matches "
+                         "the requester's signing_key, so it would refuse the countersignature: "
+                         "add CustodianConfig(requester_keys={requester_id: "
+                         "signing_key.public_key()}) or pass countersign=False")
