@@ -92,9 +92,9 @@ def issue_expired(work: Path) -> Path:
     auth = draft_authorization(
         authority_key=key, requester_id="agency-a", custodian_id="agency-b",
         statute="26 U.S.C. 6103(i)(2)", purpose="locate subjects of open cases",
-        tier="identity", max_queries=1000, max_disclosures=100,
+        tier="identity", max_evaluations=1000, max_disclosures=100,
         match_rules=RULES.split(","), disclosure_fields=FIELDS.split(","), retention_days=90,
-        valid_from=start, valid_seconds=30 * 86400,
+        not_before=start, not_after=start + 30 * 86400,
     )
     out = work / "expired.auth.json"
     out.write_bytes(sign_authorization(auth, key).to_bytes())
@@ -159,7 +159,7 @@ def kkrt_scene(work: Path, scenario: Any, ports: dict[str, int], oprf_summary: d
     """The same authorized match on the OT-extension engine: same matches, less time."""
     console.rule("second match engine: KKRT OT-extension OPRF")
     auth = issue(work, "kkrt", "--rules", RULES, "--engines", Engine.KKRT, "--max-disclosures",
-                 str(oprf_summary["queries_submitted"]), "--max-queries",
+                 str(oprf_summary["queries_submitted"]), "--max-evaluations",
                  str(4 * oprf_summary["elements_evaluated"]), "--valid-days", "30",
                  quiet=True)
     code, summary = match(work, auth, scenario.queries, ports, "kkrt", progress=False,
@@ -494,7 +494,7 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
                 break
             dst.write(line)
     expired = issue_expired(work)
-    weak = issue(work, "weak", "--rules", "first+last+address", "--max-queries", "1000",
+    weak = issue(work, "weak", "--rules", "first+last+address", "--max-evaluations", "1000",
                  "--max-disclosures", "100", "--valid-days", "30")
     checks = []
     code, s = match(work, expired, small, ports, "expired", progress=False)

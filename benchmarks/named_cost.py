@@ -40,7 +40,7 @@ def _authorization(key: Ed25519PrivateKey, n: int, mode: P.Mode) -> P.SignedAuth
         authorization_id=P.new_authorization_id(),
         authority_key_id=P.authority_key_id(key.public_key()), requester_id="agency-a",
         custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)", purpose="benchmark",
-        not_before=now - 60, not_after=now + 86400, tier=P.Tier.IDENTITY, max_queries=n,
+        not_before=now - 60, not_after=now + 86400, tier=P.Tier.IDENTITY, max_evaluations=n,
         max_disclosures=n, match_rules=(RULE,), disclosure_fields=("address",),
         retention_days=1, mode=mode,
         subject_commitment=bytes(32) if mode is P.Mode.NAMED_SUBJECTS else None,

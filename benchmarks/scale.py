@@ -453,14 +453,14 @@ def setup_credentials(work: Path) -> None:
           "--out", str(work / "agency-b" / "policy.json")])
 
 
-def _issue(work: Path, name: str, rules: Sequence[str], max_queries: int,
+def _issue(work: Path, name: str, rules: Sequence[str], max_evaluations: int,
            max_disclosures: int) -> Path:
     out = work / f"{name}.auth.json"
     _cli(["protocol.cli.authority", "issue", "--key", str(work / "authority" / "authority.key"),
           "--requester", "agency-a", "--custodian", "agency-b",
           "--statute", "26 U.S.C. 6103(i)(2)", "--purpose", "benchmark of the match step",
           "--rules", ",".join(rules), "--fields", "address,city,state,zip",
-          "--max-queries", str(max_queries), "--max-disclosures", str(max_disclosures),
+          "--max-evaluations", str(max_evaluations), "--max-disclosures", str(max_disclosures),
           "--valid-days", "2", "--retention-days", "1", "--engines", "oprf,kkrt",
           "--out", str(out), "--force"])
     return out
@@ -576,7 +576,7 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
     cores = os.cpu_count() or 1
     machine = _machine()
     run_dir = Path(tempfile.mkdtemp(prefix=f"q{spec.queries}-", dir=work))
-    auth = _issue(work, run_dir.name, rules, max_queries=2 * spec.queries * len(rules),
+    auth = _issue(work, run_dir.name, rules, max_evaluations=2 * spec.queries * len(rules),
                   max_disclosures=max(spec.queries, 1))
     summary_path = run_dir / "summary.json"
     match_engine = "kkrt" if engine.startswith("kkrt") else engine

@@ -37,10 +37,10 @@ def main() -> None:
     draft = psi.draft_authorization(
         authority_key=authority_key, requester_id="agency-a", custodian_id="agency-b",
         statute="26 U.S.C. 6103(i)(2)", purpose="locate subjects of case 24-117",
-        tier=psi.Tier.IDENTITY, max_queries=len(report.accepted) * len(rules),
+        tier=psi.Tier.IDENTITY, max_evaluations=len(report.accepted) * len(rules),
         max_disclosures=len(report.accepted), match_rules=rules,
         disclosure_fields=("address", "city", "state", "zip"), retention_days=30,
-        valid_from=now - 60, valid_seconds=3600)
+        not_before=now - 60, not_after=now + 3600)
     signed = psi.sign_authorization(draft, authority_key)
 
     # 3. The custodian trusts the authority's key under its key id, keeps its account in a
@@ -72,7 +72,7 @@ def main() -> None:
     print(f"receipt: evaluated {receipt.evaluated}, disclosed {receipt.disclosed}, "
           f"signed by custodian {bool(receipt.custodian_signature)}, "
           f"countersigned by requester {bool(receipt.requester_signature)}")
-    print(f"custodian ledger: {budget.evaluated} of {budget.max_queries} evaluations, "
+    print(f"custodian ledger: {budget.evaluated} of {budget.max_evaluations} evaluations, "
           f"{budget.disclosed} of {budget.max_disclosures} disclosures")
 
 

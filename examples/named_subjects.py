@@ -50,9 +50,9 @@ def main() -> None:
     draft = psi.draft_authorization(
         authority_key=authority_key, requester_id="agency-a", custodian_id="agency-b",
         statute="26 U.S.C. 6103(i)(2)", purpose="named subjects of case 24-117",
-        tier=psi.Tier.IDENTITY, max_queries=len(entries), max_disclosures=len(approved),
+        tier=psi.Tier.IDENTITY, max_evaluations=len(entries), max_disclosures=len(approved),
         match_rules=RULES, disclosure_fields=("city", "state"), retention_days=30,
-        valid_from=now - 60, valid_seconds=3600, mode=psi.Mode.NAMED_SUBJECTS,
+        not_before=now - 60, not_after=now + 3600, mode=psi.Mode.NAMED_SUBJECTS,
         subject_commitment=subject_commitment(approved, today=today))
     signed = psi.sign_authorization(draft, authority_key)
     issued = named.issue_tokens(token_key, request.binding_secret, draft.authorization_id,

@@ -82,7 +82,7 @@ class World:
 
     def authorize(self, *, rules: Sequence[str] = ("tin+dob",),
                   fields: Sequence[str] = ("address", "city", "state", "zip"),
-                  max_queries: int = 10_000, max_disclosures: int = 10_000,
+                  max_evaluations: int = 10_000, max_disclosures: int = 10_000,
                   requester: str = "agency-a", custodian: str = "agency-b",
                   not_before: int | None = None, not_after: int | None = None,
                   tier: P.Tier = P.Tier.IDENTITY, key: Ed25519PrivateKey | None = None,
@@ -97,7 +97,7 @@ class World:
             statute="26 U.S.C. 6103(i)(2)", purpose="locate subjects",
             not_before=now - 60 if not_before is None else not_before,
             not_after=now + 3600 if not_after is None else not_after,
-            tier=tier, max_queries=max_queries, max_disclosures=max_disclosures,
+            tier=tier, max_evaluations=max_evaluations, max_disclosures=max_disclosures,
             match_rules=tuple(rules), disclosure_fields=tuple(fields), retention_days=30,
             engines=tuple(engines),
         )
@@ -112,7 +112,7 @@ class World:
             authority_key_id=P.authority_key_id(self.authority.public_key()),
             requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
             purpose="statistics", not_before=now - 60, not_after=now + 3600, tier=tier,
-            max_queries=1000, max_disclosures=0, match_rules=("tin+dob",),
+            max_evaluations=1000, max_disclosures=0, match_rules=("tin+dob",),
             disclosure_fields=("tax_paid_cents",) if tier is P.Tier.AGGREGATE else (),
             retention_days=30, min_aggregate_count=min_count,
         )

@@ -68,12 +68,12 @@ def world_with(tmp: Path, records: list[PersonRecord], **policy_kw: object) -> W
 
 
 def authorize(world: World, *, tier: P.Tier = P.Tier.AGGREGATE, min_count: int = 0,
-              max_queries: int = 10_000, fields: tuple[str, ...] | None = None,
+              max_evaluations: int = 10_000, fields: tuple[str, ...] | None = None,
               rules: tuple[str, ...] = (RULE,)) -> P.SignedAuthorization:
     if fields is None:
         fields = (VALUE,) if tier is P.Tier.AGGREGATE else ()
     signed = world.authorize(tier=tier, fields=fields, max_disclosures=0, rules=rules,
-                             max_queries=max_queries)
+                             max_evaluations=max_evaluations)
     auth = replace(signed.authorization, min_aggregate_count=min_count)
     return P.sign_authorization(auth, world.authority)
 
@@ -339,13 +339,13 @@ def test_budget_is_reserved_and_counted(tmp_path: Path) -> None:
     records = [person(i, 1) for i in range(8)]
     world = world_with(tmp_path, records)
     queries = [as_query(r) for r in records]
-    small = authorize(world, max_queries=5)
+    small = authorize(world, max_evaluations=5)
     requester, custodian = sessions(world, small, queries)
     with pytest.raises(PolicyRefusal) as refused:
         open_both(requester, custodian)
     assert "budget_exhausted" in refused.value.reasons
 
-    signed = authorize(world, max_queries=8)
+    signed = authorize(world, max_evaluations=8)
     requester, custodian = sessions(world, signed, queries, chunk_size=3)
     open_both(requester, custodian)
     chunks = list(requester.blinded_chunks())
@@ -542,7 +542,7 @@ def test_reblinded_stream_must_have_one_valid_distinct_element_per_position(
         tmp_path: Path) -> None:
     records = [person(i, 5) for i in range(6)]
     world = world_with(tmp_path, records)
-    signed = authorize(world, max_queries=1000)
+    signed = authorize(world, max_evaluations=1000)
 
     def to_reblinding():
         requester, custodian = sessions(world, signed, [as_query(r) for r in records])
@@ -669,7 +669,7 @@ def test_duplicate_records_contribute_all_their_ids(tmp_path: Path) -> None:
 def test_requester_checks_the_challenge_and_the_release(tmp_path: Path) -> None:
     records = [person(i, 3) for i in range(9)]
     world = world_with(tmp_path, records)
-    signed = authorize(world, max_queries=1000)
+    signed = authorize(world, max_evaluations=1000)
     bad = [A.MatchChallenge(1, b"\x00"),  # wrong length for 9 positions
            A.MatchChallenge(1, b"\x00\x01"),  # a bit past the last position
            A.MatchChallenge(2, b"\x80\x00")]  # count disagrees with the bitmap
@@ -690,7 +690,7 @@ def test_requester_checks_the_challenge_and_the_release(tmp_path: Path) -> None:
 def test_custodian_rejects_invalid_uploads_and_early_steps(tmp_path: Path) -> None:
     records = [person(i, 5) for i in range(3)]
     world = world_with(tmp_path, records)
-    signed = authorize(world, max_queries=1000)
+    signed = authorize(world, max_evaluations=1000)
     for bad in [bytes(32), b"\x01" + bytes(31), bytes(33)]:
         requester, custodian = sessions(world, signed, [as_query(r) for r in records])
         open_both(requester, custodian)

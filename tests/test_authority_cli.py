@@ -42,6 +42,7 @@ from protocol.policy.authority import (
     subject_commitment,
 )
 from protocol.policy.decide import (
+    Authorization,
     Mode,
     SessionRequest,
     SignedAuthorization,
@@ -136,13 +137,13 @@ def draft(**changes: Any) -> Any:
         "statute": "26 U.S.C. 6103(i)(2)",
         "purpose": "locate",
         "tier": "identity",
-        "max_queries": 10,
+        "max_evaluations": 10,
         "max_disclosures": 5,
         "match_rules": ["tin+dob"],
         "disclosure_fields": ["address", "zip"],
         "retention_days": 90,
-        "valid_from": T0,
-        "valid_seconds": 30 * DAY,
+        "not_before": T0,
+        "not_after": T0 + 30 * DAY,
     }
     kwargs.update(changes)
     return draft_authorization(**kwargs)
@@ -253,16 +254,15 @@ def test_draft_allows_value_columns_in_aggregate_tier() -> None:
         ({"tier": "aggregate", "disclosure_fields": ["tax_paid_cents"]}, "max_disclosures must"),
         ({"min_aggregate_count": 5}, "min_aggregate_count applies only"),
         ({"tier": "platinum"}, "unknown tier"),
-        ({"max_queries": 0}, "max_queries must be positive"),
-        ({"max_queries": True}, "must be an integer"),
+        ({"max_evaluations": 0}, "max_evaluations must be positive"),
+        ({"max_evaluations": True}, "must be an integer"),
         ({"max_disclosures": -1}, "must not be negative"),
         ({"retention_days": -1}, "must not be negative"),
-        ({"valid_seconds": 0}, "valid_seconds must be positive"),
+        ({"not_after": T0}, "not_after"),
         ({"requester_id": "agency a"}, "invalid agency id"),
         ({"custodian_id": "agency-a"}, "different agencies"),
         ({"statute": "  "}, "statute must not be blank"),
         ({"engines": []}, "at least one match engine"),
-        ({"authority_key": "not a key"}, "Ed25519"),
     ],
 )
 def test_draft_refuses_invalid_requests(changes: dict[str, Any], message: str) -> None:
@@ -398,7 +398,7 @@ def test_describe_signature_statuses() -> None:
     assert mislabeled["signature"]["status"] == SignatureStatus.UNTRUSTED
 
     tampered = SignedAuthorization(
-        dataclasses.replace(signed.authorization, max_queries=10_000), signed.signature
+        dataclasses.replace(signed.authorization, max_evaluations=10_000), signed.signature
     )
     bad = describe(tampered, {kid: AUTHORITY.public_key()}, now=T0)["signature"]
     assert bad["status"] == SignatureStatus.INVALID and bad["verified"] is False
@@ -451,11 +451,11 @@ def test_encrypted_key_needs_its_passphrase(
     key_path = tmp_path / "authority.key"
     assert b"ENCRYPTED" in key_path.read_bytes()
 
-    rc, _, err = run(capsys, *issue_args(key_path, tmp_path / "a.json", "--max-queries", "5"))
+    rc, _, err = run(capsys, *issue_args(key_path, tmp_path / "a.json", "--max-evaluations", "5"))
     assert rc == 2
     assert "--passphrase-env" in err and "Traceback" not in err
 
-    args = issue_args(key_path, tmp_path / "a.json", "--max-queries", "5")
+    args = issue_args(key_path, tmp_path / "a.json", "--max-evaluations", "5")
     rc, _, err = run(capsys, *args, "--passphrase-env", "AUTHORITY_PASS")
     assert rc == 0, err
 
@@ -474,13 +474,13 @@ def test_keygen_issue_inspect_round_trip(
     key_path, pub_path = keygen(capsys, tmp_path)
     out = tmp_path / "auth.json"
     rc, stdout, err = run(
-        capsys, *issue_args(key_path, out, "--max-queries", "2000", "--valid-days", "10")
+        capsys, *issue_args(key_path, out, "--max-evaluations", "2000", "--valid-days", "10")
     )
     assert rc == 0, err
     signed = SignedAuthorization.from_bytes(out.read_bytes())
     auth = signed.authorization
     assert auth.authorization_id in stdout
-    assert auth.max_queries == 2000 and auth.max_disclosures == 100
+    assert auth.max_evaluations == 2000 and auth.max_disclosures == 100
     assert auth.match_rules == ("tin+dob", "tin+last_name")
     assert auth.disclosure_fields == ("address", "city", "state", "zip")
     assert auth.not_after - auth.not_before == 10 * DAY
@@ -518,7 +518,7 @@ def test_issued_authorization_passes_a_template_policy(
     assert policy.min_rule_strength.name == "MEDIUM"
 
     out = tmp_path / "auth.json"
-    rc, _, err = run(capsys, *issue_args(key_path, out, "--max-queries", "500"))
+    rc, _, err = run(capsys, *issue_args(key_path, out, "--max-evaluations", "500"))
     assert rc == 0, err
     signed = SignedAuthorization.from_bytes(out.read_bytes())
     request = SessionRequest(
@@ -545,10 +545,10 @@ def test_inspect_detects_a_tampered_file(
 ) -> None:
     key_path, pub_path = keygen(capsys, tmp_path)
     out = tmp_path / "auth.json"
-    assert run(capsys, *issue_args(key_path, out, "--max-queries", "100"))[0] == 0
+    assert run(capsys, *issue_args(key_path, out, "--max-evaluations", "100"))[0] == 0
 
     doc = json.loads(out.read_text())
-    doc["authorization"]["max_queries"] = 1_280_000
+    doc["authorization"]["max_evaluations"] = 1_280_000
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(doc))
     rc, stdout, err = run(capsys, "inspect", str(tampered), "--trusted", str(pub_path))
@@ -577,7 +577,7 @@ def test_inspect_flags_untrusted_and_unchecked_signers(
     key_path, _ = keygen(capsys, tmp_path / "real")
     _, other_pub = keygen(capsys, tmp_path / "other")
     out = tmp_path / "auth.json"
-    assert run(capsys, *issue_args(key_path, out, "--max-queries", "100"))[0] == 0
+    assert run(capsys, *issue_args(key_path, out, "--max-evaluations", "100"))[0] == 0
 
     rc, stdout, err = run(capsys, "inspect", str(out), "--trusted", str(other_pub), "--json")
     assert rc == 1
@@ -627,7 +627,7 @@ def test_issue_with_queries_lists_refusals_and_excludes_them_from_the_budget(
     ]
 
     auth = SignedAuthorization.from_bytes(out.read_bytes()).authorization
-    assert auth.max_queries == 2 * 2  # accepted subjects x rules; the 3 refused do not count
+    assert auth.max_evaluations == 2 * 2  # accepted subjects x rules; the 3 refused do not count
     assert auth.mode is Mode.BULK
     from protocol.domain.records import read_query_csv
 
@@ -636,17 +636,17 @@ def test_issue_with_queries_lists_refusals_and_excludes_them_from_the_budget(
     assert auth.subject_commitment == subject_commitment(accepted, today=date.today())
 
 
-def test_explicit_max_queries_overrides_the_derived_budget(
+def test_explicit_max_evaluations_overrides_the_derived_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key_path, _ = keygen(capsys, tmp_path)
     csv_path = write_queries(tmp_path / "q.csv", GOOD_ROWS)
     out = tmp_path / "auth.json"
     rc, _, err = run(capsys, *issue_args(key_path, out), "--queries", str(csv_path),
-                     "--max-queries", "3")  # fmt: skip
+                     "--max-evaluations", "3")  # fmt: skip
     assert rc == 0
     assert "differs" in err
-    assert SignedAuthorization.from_bytes(out.read_bytes()).authorization.max_queries == 3
+    assert SignedAuthorization.from_bytes(out.read_bytes()).authorization.max_evaluations == 3
 
 
 def test_refusal_listing_is_truncated_but_the_file_has_all(
@@ -721,12 +721,12 @@ def test_issue_refuses_to_overwrite_an_authorization(
 ) -> None:
     key_path, _ = keygen(capsys, tmp_path)
     out = tmp_path / "auth.json"
-    assert run(capsys, *issue_args(key_path, out, "--max-queries", "5"))[0] == 0
+    assert run(capsys, *issue_args(key_path, out, "--max-evaluations", "5"))[0] == 0
     first = out.read_bytes()
-    rc, _, err = run(capsys, *issue_args(key_path, out, "--max-queries", "5"))
+    rc, _, err = run(capsys, *issue_args(key_path, out, "--max-evaluations", "5"))
     assert rc == 2 and "already exists" in err
     assert out.read_bytes() == first
-    assert run(capsys, *issue_args(key_path, out, "--max-queries", "5", "--force"))[0] == 0
+    assert run(capsys, *issue_args(key_path, out, "--max-evaluations", "5", "--force"))[0] == 0
     assert out.read_bytes() != first
 
 
@@ -738,7 +738,7 @@ def test_issue_explicit_window_and_aggregate_tier(
     rc, _, err = run(
         capsys, "issue", "--key", str(key_path), "--requester", "agency-a",
         "--custodian", "agency-b", "--statute", "S", "--purpose", "P", "--tier", "aggregate",
-        "--rules", "tin+dob", "--fields", "tax_paid_cents", "--max-queries", "1300000",
+        "--rules", "tin+dob", "--fields", "tax_paid_cents", "--max-evaluations", "1300000",
         "--min-aggregate-count", "50", "--not-before", "2025-01-01",
         "--not-after", "2099-01-01T00:00:00+00:00", "--out", str(out),
     )  # fmt: skip
@@ -754,32 +754,32 @@ def test_issue_explicit_window_and_aggregate_tier(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--max-queries", "0"], "--max-queries must be positive"),
-        (["--max-queries", "-3"], "--max-queries must be positive"),
-        ([], "--max-queries is required unless --queries is given"),
-        (["--max-queries", "5", "--rules", "ssn+dob"], "unknown match rule 'ssn+dob'"),
-        (["--max-queries", "5", "--fields", "ssn"], "'ssn' is not disclosable"),
-        (["--max-queries", "5", "--max-disclosures", "-1"], "must not be negative"),
-        (["--max-queries", "5", "--valid-days", "0"], "--valid-days must be positive"),
+        (["--max-evaluations", "0"], "--max-evaluations must be positive"),
+        (["--max-evaluations", "-3"], "--max-evaluations must be positive"),
+        ([], "--max-evaluations is required unless --queries is given"),
+        (["--max-evaluations", "5", "--rules", "ssn+dob"], "unknown match rule 'ssn+dob'"),
+        (["--max-evaluations", "5", "--fields", "ssn"], "'ssn' is not disclosable"),
+        (["--max-evaluations", "5", "--max-disclosures", "-1"], "must not be negative"),
+        (["--max-evaluations", "5", "--valid-days", "0"], "--valid-days must be positive"),
         (
-            ["--max-queries", "5", "--valid-days", "3", "--not-after", "2099-01-01"],
+            ["--max-evaluations", "5", "--valid-days", "3", "--not-after", "2099-01-01"],
             "either --valid-days or --not-after",
         ),
         (
-            ["--max-queries", "5", "--not-before", "2099-02-01", "--not-after", "2099-01-01"],
+            ["--max-evaluations", "5", "--not-before", "2099-02-01", "--not-after", "2099-01-01"],
             "must be later than",
         ),
         (
-            ["--max-queries", "5", "--not-before", "2000-01-01", "--not-after", "2001-01-01"],
+            ["--max-evaluations", "5", "--not-before", "2000-01-01", "--not-after", "2001-01-01"],
             "already have expired",
         ),
-        (["--max-queries", "5", "--not-before", "yesterday"], "not an ISO 8601"),
-        (["--max-queries", "5", "--custodian", "agency-a"], "different agencies"),
-        (["--max-queries", "5", "--requester", "agency/a"], "invalid agency id"),
-        (["--max-queries", "5", "--refusals-out", "r.csv"], "--refusals-out needs --queries"),
-        (["--max-queries", "5", "--retention-days", "-1"], "--retention-days must not be"),
-        (["--max-queries", "five"], "invalid int value"),
-        (["--max-queries", "5", "--tier", "gold"], "invalid choice"),
+        (["--max-evaluations", "5", "--not-before", "yesterday"], "not an ISO 8601"),
+        (["--max-evaluations", "5", "--custodian", "agency-a"], "different agencies"),
+        (["--max-evaluations", "5", "--requester", "agency/a"], "invalid agency id"),
+        (["--max-evaluations", "5", "--refusals-out", "r.csv"], "--refusals-out needs --queries"),
+        (["--max-evaluations", "5", "--retention-days", "-1"], "--retention-days must not be"),
+        (["--max-evaluations", "five"], "invalid int value"),
+        (["--max-evaluations", "5", "--tier", "gold"], "invalid choice"),
     ],
 )
 def test_issue_bad_arguments_exit_2_with_a_message(
@@ -798,7 +798,7 @@ def test_identity_tier_requires_max_disclosures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key_path, _ = keygen(capsys, tmp_path)
-    args = issue_args(key_path, tmp_path / "a.json", "--max-queries", "5")
+    args = issue_args(key_path, tmp_path / "a.json", "--max-evaluations", "5")
     i = args.index("--max-disclosures")
     del args[i : i + 2]
     rc, _, err = run(capsys, *args)
@@ -826,7 +826,7 @@ def test_missing_files_exit_2_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rc, _, err = run(capsys, *issue_args(tmp_path / "nope.key", tmp_path / "a.json",
-                                         "--max-queries", "5"))  # fmt: skip
+                                         "--max-evaluations", "5"))  # fmt: skip
     assert rc == 2 and "nope.key" in err and "Traceback" not in err
     rc, _, err = run(capsys, "inspect", str(tmp_path / "missing.json"), "--no-verify")
     assert rc == 2 and "missing.json" in err
@@ -907,3 +907,30 @@ def test_console_script_entry_point() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("keygen", "issue", "inspect", "dev-ca", "policy-template"):
         assert command in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Old spellings are refused with the new name, never read as aliases
+# --------------------------------------------------------------------------------------------
+
+
+def test_old_budget_spelling_is_refused_in_an_authorization_file() -> None:
+    data = draft().to_json()
+    data["max_queries"] = data.pop("max_evaluations")
+    with pytest.raises(ValueError, match="'max_queries' is now 'max_evaluations'"):
+        Authorization.from_json(data)
+
+
+def test_old_budget_option_is_refused_with_its_new_name(capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    assert main(["issue", "--max-queries", "5"]) == 2
+    assert "--max-queries was renamed: use --max-evaluations" in capsys.readouterr().err
+
+
+def test_old_validity_keywords_and_wrong_key_types_are_refused() -> None:
+    with pytest.raises(TypeError, match="valid_from"):
+        draft(valid_from=T0)
+    with pytest.raises(ValueError, match="must be later than not_before"):
+        draft(not_after=T0)
+    with pytest.raises(TypeError, match="Ed25519PrivateKey or Ed25519PublicKey, not str"):
+        draft(authority_key="not a key")

@@ -16,6 +16,7 @@ from agency_a.cli import build_parser as agency_a_parser
 from agency_a.store import format_result_rows
 from agency_b.cli import build_parser as agency_b_parser
 from protocol.cli.authority import build_parser as authority_parser
+from protocol.cli.help import RenamedOption
 from protocol.domain.records import CSV_SCHEMA_HELP
 
 PARSERS = {"agency-a": agency_a_parser, "agency-b": agency_b_parser,
@@ -42,7 +43,8 @@ def test_every_option_has_help_and_every_subcommand_a_description() -> None:
         if not (parser.description or "").strip():
             undocumented.append(f"{path}: no description")
         for action in parser._actions:
-            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction
+                          | RenamedOption):  # an old spelling, hidden and refused
                 continue
             name = "/".join(action.option_strings) or action.dest
             if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
@@ -57,7 +59,7 @@ def test_every_optional_value_shows_its_default() -> None:
         help_text = parser.format_help()
         for action in parser._actions:
             if (not action.option_strings or action.required or action.nargs == 0
-                    or isinstance(action, argparse._HelpAction)):
+                    or isinstance(action, argparse._HelpAction | RenamedOption)):
                 continue
             formatter = parser._get_formatter()
             rendered = formatter._expand_help(action) if action.help else ""

@@ -8,7 +8,7 @@ before the restart that reuses the same ledger file, the invariants are checked:
 
 * every record the requester received has an accounting row in the custodian ledger;
 * every evaluated element the requester received was counted; evaluated <= reserved <=
-  max_queries, per session and in total;
+  max_evaluations, per session and in total;
 * disclosed records <= max_disclosures, one row per record;
 * the audit chain and every signed checkpoint verify; ``PRAGMA integrity_check`` is ok.
 
@@ -69,7 +69,7 @@ NON_MATCHING_PER_SESSION = 10
 CHUNK = 2  # elements per evaluation chunk: 8 chunks per session, one ledger commit each
 EVAL_CHUNKS = (MATCHING_PER_SESSION + NON_MATCHING_PER_SESSION) // CHUNK
 DISCLOSE_BATCH = 2  # outputs per disclosure request: 3 requests per session
-MAX_QUERIES = 5_000
+MAX_EVALUATIONS = 5_000
 MAX_DISCLOSURES = 48  # below what the sessions ask for: the cap is reached while kills go on
 
 
@@ -198,7 +198,7 @@ def setup(tmp_path: Path):
         authority_key_id=P.authority_key_id(authority.public_key()),
         requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
         purpose="crash test", not_before=now - 60, not_after=now + 3600, tier=P.Tier.IDENTITY,
-        max_queries=MAX_QUERIES, max_disclosures=MAX_DISCLOSURES, match_rules=("tin+dob",),
+        max_evaluations=MAX_EVALUATIONS, max_disclosures=MAX_DISCLOSURES, match_rules=("tin+dob",),
         disclosure_fields=("address", "city", "state", "zip"), retention_days=30,
     )
     signed = P.sign_authorization(auth, authority)
@@ -297,7 +297,7 @@ def check_invariants(setup: dict, outcomes: list[Outcome]) -> None:
             return
         export = ledger.export(auth_id)
         disclosed = {row.record_id for row in ledger.disclosures(auth_id)}
-    assert 0 <= budget.evaluated <= budget.reserved <= budget.max_queries == MAX_QUERIES
+    assert 0 <= budget.evaluated <= budget.reserved <= budget.max_evaluations == MAX_EVALUATIONS
     assert len(disclosed) == budget.disclosed <= budget.max_disclosures == MAX_DISCLOSURES
     sessions = {s["session_id"]: s for s in export["sessions"]}
     for s in sessions.values():

@@ -103,7 +103,7 @@ def _open(stub, signed, *, elements=5, rules=("tin+dob",), fields=("address",),
 
 def _tampered(signed: SignedAuthorization) -> bytes:
     doc = json.loads(signed.to_bytes())
-    doc["authorization"]["max_queries"] = 10**9
+    doc["authorization"]["max_evaluations"] = 10**9
     return json.dumps(doc).encode()
 
 
@@ -157,7 +157,7 @@ def test_each_refusal_has_its_status_code(world, certs, custodian_server, case, 
     elif case == "tier":
         open_kw["tier"] = "aggregate"
     elif case == "budget":
-        kwargs["max_queries"] = 3
+        kwargs["max_evaluations"] = 3
     elif case == "rule_unknown":
         open_kw["rules"] = ("shoe+size",)
     signed = world.authorize(**kwargs)
@@ -225,7 +225,7 @@ def _blinded(n: int) -> bytes:
 def test_disconnect_and_reconnect_neither_refunds_nor_double_spends(
         world, certs, custodian_server) -> None:
     address, _ = custodian_server
-    signed = world.authorize(max_queries=100)
+    signed = world.authorize(max_evaluations=100)
     auth_id = signed.authorization.authorization_id
     with channel_for(certs, address) as ch:
         stub = pb2_grpc.CustodianStub(ch)
@@ -265,7 +265,7 @@ def test_disconnect_and_reconnect_neither_refunds_nor_double_spends(
 
 def test_bad_chunks_are_rejected_and_server_keeps_serving(world, certs, custodian_server) -> None:
     address, _ = custodian_server
-    signed = world.authorize(max_queries=10**6)
+    signed = world.authorize(max_evaluations=10**6)
     with channel_for(certs, address) as ch:
         stub = pb2_grpc.CustodianStub(ch)
         cases = [

@@ -189,7 +189,7 @@ def _run(tmp: Path) -> Iterator[dict[str, Any]]:
         authority_key_id=P.authority_key_id(authority.public_key()),
         requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
         purpose="files and logs test", not_before=now - 60, not_after=now + 3600,
-        tier=P.Tier.IDENTITY, max_queries=1000, max_disclosures=1000,
+        tier=P.Tier.IDENTITY, max_evaluations=1000, max_disclosures=1000,
         match_rules=("tin+dob",), disclosure_fields=("address", "city", "state", "zip"),
         retention_days=30,
     )

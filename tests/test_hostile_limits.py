@@ -288,7 +288,7 @@ def test_no_agency_can_evict_anothers_session(tmp_path: Path, certs: Path) -> No
         agg_id = agg_auth.authorization.authorization_id
         (row,) = ledger.sessions(agg_id)
         assert row.reserved == 20 and row.evaluated == 20 and row.closed_at is not None
-        assert ledger.budget(agg_id).remaining == agg_auth.authorization.max_queries - 20
+        assert ledger.budget(agg_id).remaining == agg_auth.authorization.max_evaluations - 20
         # the refused opens reserved nothing, and none of the honest rows went away
         assert all(ledger.reservation(f"greedy-{i}") is None for i in range(4, 40))
         assert ledger.reservation("honest-2") is None
@@ -358,7 +358,7 @@ def test_an_idle_session_is_closed_and_keeps_its_accounting(tmp_path: Path,
         assert row.closed_at is not None  # settled with a receipt, not dropped
         (receipt,) = ledger.receipts(auth_id)
         assert receipt.custodian_signature
-        assert ledger.budget(auth_id).remaining == auth.authorization.max_queries - reserved
+        assert ledger.budget(auth_id).remaining == auth.authorization.max_evaluations - reserved
 
 
 def test_load_many_honest_requesters_beside_idle_attackers(tmp_path: Path,
@@ -442,7 +442,7 @@ def custodian_process(tmp: Path, certs: Path, *extra: str) -> Iterator[dict[str,
         authority_key_id=P.authority_key_id(authority.public_key()),
         requester_id=HONEST, custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
         purpose="limits test", not_before=now - 60, not_after=now + 3600,
-        tier=P.Tier.IDENTITY, max_queries=1000, max_disclosures=1000,
+        tier=P.Tier.IDENTITY, max_evaluations=1000, max_disclosures=1000,
         match_rules=("tin+dob",), disclosure_fields=("address",), retention_days=30,
     ), authority)
     port_file = tmp / "port"

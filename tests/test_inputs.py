@@ -171,7 +171,7 @@ def test_issue_reads_a_file_without_city_and_with_comma_periods(
     out = capsys.readouterr().out
     assert "2 accepted, 0 refused" in out
     signed = json.loads((tmp_path / "auth.json").read_text())
-    assert signed["authorization"]["max_queries"] == 2
+    assert signed["authorization"]["max_evaluations"] == 2
 
 
 def test_issue_names_the_missing_rule_column(
@@ -204,7 +204,7 @@ def test_issue_budget_covers_every_permitted_engine(
     assert kkrt_units > len(elements)
     assert f"in units per engine: oprf {len(elements):,}, kkrt {kkrt_units:,}" in out
     signed = json.loads((tmp_path / "auth.json").read_text())
-    assert signed["authorization"]["max_queries"] == kkrt_units
+    assert signed["authorization"]["max_evaluations"] == kkrt_units
     assert "the largest need of the permitted engines" in out
 
 
@@ -213,7 +213,7 @@ def test_too_small_budget_names_the_engine_it_fails(
 ) -> None:
     files = generate(ScenarioSpec().scaled(40, 50), tmp_path / "scenario")
     argv = issue(tmp_path, authority_key, files.queries, "--rules", "tin+dob",
-                 "--engines", "oprf,kkrt", "--max-queries", "1")
+                 "--engines", "oprf,kkrt", "--max-evaluations", "1")
     assert authority.main(argv) == 0
     err = capsys.readouterr().err
     assert "too small for oprf, kkrt" in err and "RESOURCE_EXHAUSTED" in err

@@ -61,7 +61,8 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def ledger(db_path: Path) -> Iterator[Ledger]:
     with Ledger(db_path, clock=FakeClock()) as led:
-        led.ensure_authorization("auth-1", max_queries=100, max_disclosures=3, not_after=NOT_AFTER)
+        led.ensure_authorization("auth-1", max_evaluations=100, max_disclosures=3,
+                                 not_after=NOT_AFTER)
         yield led
 
 
@@ -151,29 +152,30 @@ def test_genesis_entry_binds_ledger_id(ledger: Ledger) -> None:
 
 def test_ensure_authorization_is_idempotent(ledger: Ledger) -> None:
     head = ledger.audit_head()
-    ledger.ensure_authorization("auth-1", max_queries=100, max_disclosures=3, not_after=NOT_AFTER)
+    ledger.ensure_authorization("auth-1", max_evaluations=100, max_disclosures=3,
+                                not_after=NOT_AFTER)
     assert ledger.audit_head() == head  # a no-op appends nothing
     b = ledger.budget("auth-1")
-    assert (b.max_queries, b.max_disclosures, b.reserved, b.disclosed) == (100, 3, 0, 0)
+    assert (b.max_evaluations, b.max_disclosures, b.reserved, b.disclosed) == (100, 3, 0, 0)
 
 
 @pytest.mark.parametrize(
     "limits",
     [
-        {"max_queries": 101, "max_disclosures": 3, "not_after": NOT_AFTER},
-        {"max_queries": 100, "max_disclosures": 4, "not_after": NOT_AFTER},
-        {"max_queries": 100, "max_disclosures": 3, "not_after": NOT_AFTER + 1},
+        {"max_evaluations": 101, "max_disclosures": 3, "not_after": NOT_AFTER},
+        {"max_evaluations": 100, "max_disclosures": 4, "not_after": NOT_AFTER},
+        {"max_evaluations": 100, "max_disclosures": 3, "not_after": NOT_AFTER + 1},
     ],
 )
 def test_ensure_authorization_conflicting_limits(ledger: Ledger, limits: dict[str, int]) -> None:
     with pytest.raises(LedgerError, match="different limits"):
         ledger.ensure_authorization("auth-1", **limits)
-    assert ledger.budget("auth-1").max_queries == 100
+    assert ledger.budget("auth-1").max_evaluations == 100
 
 
 def test_invalid_arguments(ledger: Ledger) -> None:
     with pytest.raises(ValueError):
-        ledger.ensure_authorization("a", max_queries=-1, max_disclosures=1, not_after=1)
+        ledger.ensure_authorization("a", max_evaluations=-1, max_disclosures=1, not_after=1)
     with pytest.raises(ValueError):
         ledger.reserve("auth-1", "s", -3)
     with pytest.raises(ValueError):
@@ -186,7 +188,7 @@ def test_invalid_arguments(ledger: Ledger) -> None:
 
 def test_limits_are_immutable_even_via_raw_sql(ledger: Ledger, db_path: Path) -> None:
     with raw(db_path) as c, pytest.raises(sqlite3.IntegrityError, match="immutable"):
-        c.execute("UPDATE authorizations SET max_queries = 1000000")
+        c.execute("UPDATE authorizations SET max_evaluations = 1000000")
     ledger.reserve("auth-1", "s", 10)
     with raw(db_path) as c, pytest.raises(sqlite3.IntegrityError, match="never decrease"):
         c.execute("UPDATE authorizations SET reserved_total = 0")
@@ -215,7 +217,7 @@ def test_reserve_evaluate_disclose_accounting(ledger: Ledger) -> None:
     d = ledger.record_disclosure("auth-1", "s1", "rec-7", "tin+dob")
     assert (d.record_id, d.rule_id, d.session_id, d.repeat) == ("rec-7", "tin+dob", "s1", False)
     b = ledger.budget("auth-1")
-    assert (b.max_queries, b.reserved, b.evaluated, b.remaining) == (100, 40, 40, 60)
+    assert (b.max_evaluations, b.reserved, b.evaluated, b.remaining) == (100, 40, 40, 60)
     assert (b.max_disclosures, b.disclosed) == (3, 1)
     r = ledger.reservation("s1")
     assert r is not None
@@ -258,7 +260,8 @@ def test_reserve_creates_session_and_open_session_attaches_meta(ledger: Ledger) 
 
 
 def test_session_ids_cannot_cross_authorizations(ledger: Ledger) -> None:
-    ledger.ensure_authorization("auth-2", max_queries=10, max_disclosures=1, not_after=NOT_AFTER)
+    ledger.ensure_authorization("auth-2", max_evaluations=10, max_disclosures=1,
+                                not_after=NOT_AFTER)
     ledger.open_session("auth-1", "s1", {})
     with pytest.raises(LedgerError, match="another authorization"):
         ledger.open_session("auth-2", "s1", {})
@@ -295,12 +298,14 @@ def test_reservations_are_never_refunded(ledger: Ledger) -> None:
 
 def test_budget_survives_restart(db_path: Path) -> None:
     with Ledger(db_path) as led:
-        led.ensure_authorization("auth-1", max_queries=50, max_disclosures=2, not_after=NOT_AFTER)
+        led.ensure_authorization("auth-1", max_evaluations=50, max_disclosures=2,
+                                 not_after=NOT_AFTER)
         led.reserve("auth-1", "s1", 30)
         led.record_evaluation("auth-1", "s1", 30)
         led.record_disclosure("auth-1", "s1", "r1", "tin+dob")
     with Ledger(db_path) as led:
-        led.ensure_authorization("auth-1", max_queries=50, max_disclosures=2, not_after=NOT_AFTER)
+        led.ensure_authorization("auth-1", max_evaluations=50, max_disclosures=2,
+                                 not_after=NOT_AFTER)
         b = led.budget("auth-1")
         assert (b.reserved, b.evaluated, b.remaining, b.disclosed) == (30, 30, 20, 1)
         assert led.reserve("auth-1", "s1", 30).reserved == 30  # idempotent across restarts
@@ -352,17 +357,18 @@ def test_closed_session_takes_no_more_work(ledger: Ledger) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    max_queries=st.integers(min_value=0, max_value=60),
+    max_evaluations=st.integers(min_value=0, max_value=60),
     requests=st.lists(st.integers(min_value=0, max_value=25), max_size=12),
 )
 def test_reserve_matches_a_greedy_model(
-    tmp_path_factory: pytest.TempPathFactory, max_queries: int, requests: list[int]
+    tmp_path_factory: pytest.TempPathFactory, max_evaluations: int, requests: list[int]
 ) -> None:
     """Each request is granted iff it fits what is left; totals never exceed the budget."""
     path = tmp_path_factory.mktemp("prop") / "l.sqlite"
     with Ledger(path) as led:
-        led.ensure_authorization("a", max_queries=max_queries, max_disclosures=0, not_after=1)
-        left = max_queries
+        led.ensure_authorization("a", max_evaluations=max_evaluations, max_disclosures=0,
+                                 not_after=1)
+        left = max_evaluations
         for i, n in enumerate(requests):
             if n <= left:
                 assert led.reserve("a", f"s{i}", n).reserved == n
@@ -371,7 +377,7 @@ def test_reserve_matches_a_greedy_model(
                 with pytest.raises(BudgetExhausted):
                     led.reserve("a", f"s{i}", n)
             assert led.budget("a").remaining == left
-        assert led.budget("a").reserved == max_queries - left <= max_queries
+        assert led.budget("a").reserved == max_evaluations - left <= max_evaluations
         assert led.verify_audit_chain().ok
 
 
@@ -408,7 +414,7 @@ def test_disclosure_cap_and_idempotent_repeats(ledger: Ledger) -> None:
 def test_disclosure_needs_known_session_of_same_authorization(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="unknown session"):
         ledger.record_disclosure("auth-1", "ghost", "r", "tin+dob")
-    ledger.ensure_authorization("auth-2", max_queries=1, max_disclosures=1, not_after=NOT_AFTER)
+    ledger.ensure_authorization("auth-2", max_evaluations=1, max_disclosures=1, not_after=NOT_AFTER)
     ledger.open_session("auth-2", "s2", {})
     with pytest.raises(LedgerError, match="another authorization"):
         ledger.record_disclosure("auth-1", "s2", "r", "tin+dob")
@@ -416,7 +422,7 @@ def test_disclosure_needs_known_session_of_same_authorization(ledger: Ledger) ->
 
 
 def test_disclosures_are_per_authorization(ledger: Ledger) -> None:
-    ledger.ensure_authorization("auth-2", max_queries=1, max_disclosures=1, not_after=NOT_AFTER)
+    ledger.ensure_authorization("auth-2", max_evaluations=1, max_disclosures=1, not_after=NOT_AFTER)
     ledger.open_session("auth-1", "s1", {})
     ledger.open_session("auth-2", "s2", {})
     ledger.record_disclosure("auth-1", "s1", "same-record", "tin+dob")
@@ -464,7 +470,7 @@ def test_disclosure_rows_are_append_only(ledger: Ledger, db_path: Path) -> None:
 def test_injected_clock_stamps_rows(db_path: Path) -> None:
     clock = FakeClock(start=1000.0)
     with Ledger(db_path, clock=clock) as led:
-        led.ensure_authorization("a", max_queries=1, max_disclosures=1, not_after=NOT_AFTER)
+        led.ensure_authorization("a", max_evaluations=1, max_disclosures=1, not_after=NOT_AFTER)
         led.open_session("a", "s", {})
         row = led.record_disclosure("a", "s", "r", "tin+dob")
         assert row.disclosed_at == clock.now
@@ -515,7 +521,7 @@ def test_export_is_json_and_complete(ledger: Ledger) -> None:
     round_tripped = json.loads(json.dumps(exported))
     assert round_tripped == exported
     assert exported["budget"] == {
-        "max_queries": 100,
+        "max_evaluations": 100,
         "reserved": 10,
         "evaluated": 10,
         "remaining": 90,
@@ -551,7 +557,7 @@ def _hammer(reserve, errors: list[BaseException], granted: list[int], tid: int) 
 
 
 def test_parallel_reservations_on_one_ledger_never_overspend(ledger: Ledger) -> None:
-    ledger.ensure_authorization("par", max_queries=500, max_disclosures=0, not_after=NOT_AFTER)
+    ledger.ensure_authorization("par", max_evaluations=500, max_disclosures=0, not_after=NOT_AFTER)
     errors: list[BaseException] = []
     granted: list[int] = []
     threads = [
@@ -574,7 +580,7 @@ def test_parallel_reservations_on_one_ledger_never_overspend(ledger: Ledger) -> 
 
 def test_parallel_reservations_across_connections_never_overspend(db_path: Path) -> None:
     with Ledger(db_path) as setup:
-        setup.ensure_authorization("par", max_queries=300, max_disclosures=0, not_after=1)
+        setup.ensure_authorization("par", max_evaluations=300, max_disclosures=0, not_after=1)
     ledgers = [Ledger(db_path) for _ in range(8)]
     errors: list[BaseException] = []
     granted: list[int] = []
@@ -890,9 +896,9 @@ class _Reported:
 def _check_recovered_ledger(
     led: Ledger, reported: dict[str, _Reported], checkpoints: set[int], verify: Verifier
 ) -> None:
-    for auth_id, (max_queries, max_disclosures) in AUTHORIZATIONS.items():
+    for auth_id, (max_evaluations, max_disclosures) in AUTHORIZATIONS.items():
         budget = led.budget(auth_id)
-        assert budget.reserved <= max_queries
+        assert budget.reserved <= max_evaluations
         assert budget.evaluated <= budget.reserved
         assert budget.disclosed <= max_disclosures
         exported = led.export(auth_id)

@@ -129,23 +129,23 @@ class MemoryLedger:
 
     # -- authorizations and sessions -----------------------------------------------------------
 
-    def ensure_authorization(self, auth_id: str, *, max_queries: int, max_disclosures: int,
+    def ensure_authorization(self, auth_id: str, *, max_evaluations: int, max_disclosures: int,
                              not_after: int) -> None:
         require_id("auth_id", auth_id)
-        require_count("max_queries", max_queries)
+        require_count("max_evaluations", max_evaluations)
         require_count("max_disclosures", max_disclosures)
         require_unix_time("not_after", not_after)
-        limits = (max_queries, max_disclosures, not_after)
+        limits = (max_evaluations, max_disclosures, not_after)
         if auth_id in self._auths:
             row = self._auths[auth_id]
-            check_limits_unchanged(auth_id, (row.max_queries, row.max_disclosures,
+            check_limits_unchanged(auth_id, (row.max_evaluations, row.max_disclosures,
                                              row.not_after), limits)
             return
         now = self.now()
         self._auths[auth_id] = AuthorizationRow(auth_id, *limits, now)
         self._totals[auth_id] = {"reserved": 0, "evaluated": 0, "disclosed": 0}
         self._append(now, [("authorization.registered", {
-            "auth_id": auth_id, "max_queries": max_queries,
+            "auth_id": auth_id, "max_evaluations": max_evaluations,
             "max_disclosures": max_disclosures, "not_after": not_after})])
 
     def authorization(self, auth_id: str) -> AuthorizationRow:
@@ -155,8 +155,8 @@ class MemoryLedger:
 
     def budget(self, auth_id: str) -> Budget:
         a, t = self.authorization(auth_id), self._totals[auth_id]
-        return Budget(a.max_queries, t["reserved"], t["evaluated"],
-                      a.max_queries - t["reserved"], a.max_disclosures, t["disclosed"])
+        return Budget(a.max_evaluations, t["reserved"], t["evaluated"],
+                      a.max_evaluations - t["reserved"], a.max_disclosures, t["disclosed"])
 
     def _session(self, auth_id: str, session_id: str, *, open_only: bool = True) -> _Session:
         s = self._sessions.get(session_id)
@@ -357,7 +357,7 @@ def test_memory_ledger_satisfies_the_port() -> None:
 
 def test_sessions_on_a_second_ledger_account_like_sqlite(tmp_path: Path) -> None:
     sql, mem = _both(tmp_path)
-    signed = sql.authorize(rules=("tin+dob", "tin+last_name"), max_queries=100,
+    signed = sql.authorize(rules=("tin+dob", "tin+last_name"), max_evaluations=100,
                            max_disclosures=18)
     first = [as_query(sql.records[i]) for i in range(0, 12)]
     first += [as_query(make_person(i, prefix="x")) for i in range(100, 110)]
@@ -418,7 +418,7 @@ def _open(ledger: LedgerPort, auth_id: str, session_id: str, n: int = 10) -> Non
 
 
 def test_disclosures_report_repeats(ledger: LedgerPort) -> None:
-    ledger.ensure_authorization("auth-1", max_queries=100, max_disclosures=3,
+    ledger.ensure_authorization("auth-1", max_evaluations=100, max_disclosures=3,
                                 not_after=NOT_AFTER)
     _open(ledger, "auth-1", "s1")
     _open(ledger, "auth-1", "s2")
@@ -449,7 +449,7 @@ def test_disclosures_report_repeats(ledger: LedgerPort) -> None:
 
 def test_disclosed_count_per_session(ledger: LedgerPort) -> None:
     for auth_id in ("auth-1", "auth-2"):
-        ledger.ensure_authorization(auth_id, max_queries=100, max_disclosures=10,
+        ledger.ensure_authorization(auth_id, max_evaluations=100, max_disclosures=10,
                                     not_after=NOT_AFTER)
     _open(ledger, "auth-1", "s1")
     _open(ledger, "auth-1", "s2")
@@ -470,7 +470,7 @@ def test_disclosed_count_per_session(ledger: LedgerPort) -> None:
 
 
 def test_refusals_change_nothing(ledger: LedgerPort) -> None:
-    ledger.ensure_authorization("auth-1", max_queries=10, max_disclosures=1,
+    ledger.ensure_authorization("auth-1", max_evaluations=10, max_disclosures=1,
                                 not_after=NOT_AFTER)
     _open(ledger, "auth-1", "s1", n=8)
     before = ledger.audit_head()
@@ -481,7 +481,7 @@ def test_refusals_change_nothing(ledger: LedgerPort) -> None:
     with pytest.raises(DisclosureCapReached):
         ledger.record_disclosures("auth-1", "s1", [("r1", "a"), ("r2", "a")])
     with pytest.raises(LedgerError, match="different limits"):
-        ledger.ensure_authorization("auth-1", max_queries=11, max_disclosures=1,
+        ledger.ensure_authorization("auth-1", max_evaluations=11, max_disclosures=1,
                                     not_after=NOT_AFTER)
     assert ledger.audit_head() == before
     assert ledger.budget("auth-1") == Budget(10, 8, 0, 2, 1, 0)
@@ -500,7 +500,7 @@ def test_sqlite_disclosed_count_uses_an_index(tmp_path: Path) -> None:
 def test_repeats_survive_reopening(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     with Ledger(path) as led:
-        led.ensure_authorization("a", max_queries=5, max_disclosures=5, not_after=NOT_AFTER)
+        led.ensure_authorization("a", max_evaluations=5, max_disclosures=5, not_after=NOT_AFTER)
         _open(led, "a", "s1", n=1)
         led.record_disclosures("a", "s1", [("r1", "x"), ("r1", "y")])
     with Ledger(path) as led:

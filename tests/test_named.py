@@ -38,7 +38,7 @@ def certify_world(world, token_key: bytes):
 
 
 def named_authorization(world, approved, cert, token_key, *, authority=None,
-                        max_queries=None):
+                        max_evaluations=None):
     authority = authority or world.authority
     keys = match_keys_bulk([q.person for q in approved], list(RULES), today=date.today())
     entries = [(q.person.record_id, rule) for rule in RULES for q in approved]
@@ -49,7 +49,7 @@ def named_authorization(world, approved, cert, token_key, *, authority=None,
         authority_key_id=P.authority_key_id(authority.public_key()),
         requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
         purpose="named subjects", not_before=now - 60, not_after=now + 3600,
-        tier=P.Tier.IDENTITY, max_queries=max_queries or len(flat), max_disclosures=1000,
+        tier=P.Tier.IDENTITY, max_evaluations=max_evaluations or len(flat), max_disclosures=1000,
         match_rules=RULES, disclosure_fields=("address", "zip"), retention_days=30,
         mode=P.Mode.NAMED_SUBJECTS, subject_commitment=hashlib.sha256(b"list").digest(),
     )
@@ -96,7 +96,7 @@ def test_unreviewed_subject_never_matches(setup, attack) -> None:
     world, c, _req, cert, kid = setup
     approved = [as_query(world.records[i]) for i in range(10, 14)]
     intruder = as_query(world.records[30])  # in the custodian's file, not reviewed
-    signed, tokens = named_authorization(world, approved, cert, c, max_queries=100)
+    signed, tokens = named_authorization(world, approved, cert, c, max_evaluations=100)
     key = match_keys_bulk([intruder.person], ["tin+dob"], today=date.today())["tin+dob"][0]
     if attack == "raw_hash":
         forged = oprf.hash_to_group(key)
@@ -185,7 +185,7 @@ def test_named_mode_over_grpc(setup, tmp_path: Path) -> None:
         stranger = as_query(make_person(777, prefix="n"))
         intruder = as_query(world.records[25])
         signed, tokens = named_authorization(world, [*approved, stranger], cert, c,
-                                             max_queries=20)
+                                             max_evaluations=20)
         tokens[(intruder.person.record_id, "tin+dob")] = oprf.hash_to_group(
             match_keys_bulk([intruder.person], ["tin+dob"], today=date.today())["tin+dob"][0])
         tls = kit.TLSFiles.from_dir(tmp_path / "pki", "agency-a", "client")

@@ -58,7 +58,7 @@ class Agencies:
         self.world: World = make_world(tmp, n_records=30)
         self.requester_ledger = Ledger(tmp / "requester-ledger.sqlite")
         self.custodian = self.world.custodian()
-        self.signed = self.world.authorize(rules=("tin+dob",), max_queries=500,
+        self.signed = self.world.authorize(rules=("tin+dob",), max_evaluations=500,
                                            max_disclosures=100)
         self.auth_id = self.signed.authorization.authorization_id
 

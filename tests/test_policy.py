@@ -63,7 +63,7 @@ def make_auth(**changes: Any) -> Authorization:
         "not_before": NOT_BEFORE,
         "not_after": NOT_AFTER,
         "tier": Tier.IDENTITY,
-        "max_queries": BUDGET,
+        "max_evaluations": BUDGET,
         "max_disclosures": 50_000,
         "match_rules": ("tin+dob", "first+last+dob+zip", "first+last+address"),
         "disclosure_fields": ("first_name", "last_name", "address", "zip", "tin"),
@@ -319,7 +319,7 @@ def test_budget_message_carries_numbers() -> None:
 
 
 def test_budget_is_capped_by_authorization_even_if_ledger_says_more() -> None:
-    signed = make_signed(max_queries=500)
+    signed = make_signed(max_evaluations=500)
     decision = run(signed, budget_remaining=10**9)
     assert decision.reasons == (Reason.BUDGET_EXHAUSTED,)
 
@@ -530,7 +530,7 @@ TAMPER_CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({}, {"not_before": NOT_BEFORE - 1}),
     ({}, {"not_after": NOT_AFTER + 1}),
     ({}, {"tier": Tier.AGGREGATE}),
-    ({}, {"max_queries": BUDGET + 1}),
+    ({}, {"max_evaluations": BUDGET + 1}),
     ({}, {"max_disclosures": 50_001}),
     ({}, {"match_rules": ("tin+dob", "first+last+dob+zip")}),
     ({}, {"disclosure_fields": ("last_name", "first_name", "address", "zip", "tin")}),
@@ -626,10 +626,10 @@ def test_new_authorization_id_is_random_and_prefixed() -> None:
         ({"statute": ""}, "statute"),
         ({"not_before": NOT_AFTER}, "earlier"),
         ({"not_before": -1}, "not_before"),
-        ({"max_queries": -1}, "max_queries"),
+        ({"max_evaluations": -1}, "max_evaluations"),
         ({"max_disclosures": True}, "max_disclosures"),
         ({"retention_days": 1.5}, "retention_days"),
-        ({"max_queries": 2**64}, "max_queries"),
+        ({"max_evaluations": 2**64}, "max_evaluations"),
         ({"tier": "everything"}, "tier"),
         ({"match_rules": ()}, "match_rules"),
         ({"match_rules": "tin+dob"}, "match_rules"),
@@ -685,7 +685,7 @@ def authorizations(draw: st.DrawFn) -> Authorization:
         not_before=not_before,
         not_after=not_before + draw(st.integers(1, 3)),
         tier=draw(st.sampled_from(Tier)),
-        max_queries=draw(_count),
+        max_evaluations=draw(_count),
         max_disclosures=draw(_count),
         match_rules=draw(st.lists(_small_text, unique=True, min_size=1, max_size=3).map(tuple)),
         disclosure_fields=draw(_names),

@@ -147,7 +147,7 @@ def test_invented_and_replayed_outputs_disclose_nothing(tmp_path: Path) -> None:
 def test_budget_never_exceeded_across_sessions_and_restarts(tmp_path: Path) -> None:
     world = make_world(tmp_path)
     queries = [as_query(world.records[i]) for i in range(10)]
-    signed = world.authorize(max_queries=25)
+    signed = world.authorize(max_evaluations=25)
     _run(world, signed, queries)  # 10 used
     _run(world, signed, queries)  # 20 used
     # restart: a new Ledger object on the same file, a new custodian
@@ -165,7 +165,7 @@ def test_budget_never_exceeded_across_sessions_and_restarts(tmp_path: Path) -> N
 
 def test_evaluating_more_than_reserved_is_refused(tmp_path: Path) -> None:
     world = make_world(tmp_path)
-    signed = world.authorize(max_queries=100)
+    signed = world.authorize(max_evaluations=100)
     _, cs, _rs = _open_session(world, signed, [as_query(world.records[1])])
     blinded = oprf.blind(b"extra")[1]
     with pytest.raises(PolicyRefusal) as refused:  # policy decides before the ledger counts

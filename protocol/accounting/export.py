@@ -90,13 +90,13 @@ def ledger_document(ledger: LedgerPort, auth_id: str) -> dict[str, Any]:
         "auth_id": auth_id,
         "exported_at": ledger.now(),
         "authorization": {
-            "max_queries": limits.max_queries,
+            "max_evaluations": limits.max_evaluations,
             "max_disclosures": limits.max_disclosures,
             "not_after": limits.not_after,
             "registered_at": limits.registered_at,
         },
         "budget": {
-            "max_queries": budget.max_queries,
+            "max_evaluations": budget.max_evaluations,
             "reserved": budget.reserved,
             "evaluated": budget.evaluated,
             "remaining": budget.remaining,

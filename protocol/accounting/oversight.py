@@ -375,13 +375,13 @@ def check(
           f"custodian ledger counts {c_disc} disclosed records; requester receipts account "
           f"for {r_disc}")
     limits = custodian_export.get("authorization", {})
-    max_q, max_d = limits.get("max_queries"), limits.get("max_disclosures")
+    max_q, max_d = limits.get("max_evaluations"), limits.get("max_disclosures")
     within = (
         isinstance(max_q, int) and isinstance(max_d, int)
         and 0 <= int(counts.get("reserved", 0)) <= max_q and c_eval <= max_q and c_disc <= max_d
     )
     f.add("limits", within,
-          f"reserved {counts.get('reserved')}, evaluated {c_eval} of max_queries {max_q}; "
+          f"reserved {counts.get('reserved')}, evaluated {c_eval} of max_evaluations {max_q}; "
           f"disclosed {c_disc} of max_disclosures {max_d}")
 
     sessions = {s["session_id"]: s for s in custodian_export.get("sessions", [])}

@@ -3,7 +3,7 @@
 A ledger is the custodian's single source of truth for three things (docs/architecture.md,
 Accounting):
 
-* **Budget.** ``max_queries`` is a persistent budget per authorization. Sessions reserve part
+* **Budget.** ``max_evaluations`` is a persistent budget per authorization. Sessions reserve part
   of it up front; reservations are never refunded, so a requester cannot regain budget by
   disconnecting. Evaluated elements are then counted against the session's reservation.
 * **Disclosures.** One row per (authorization, record), durable *before* the caller releases
@@ -60,7 +60,7 @@ class Reservation:
 class Budget:
     """Authorization-wide accounting; ``remaining`` is budget not yet reserved by any session."""
 
-    max_queries: int
+    max_evaluations: int
     reserved: int
     evaluated: int
     remaining: int
@@ -103,7 +103,7 @@ class AuthorizationRow:
     """An authorization's limits, fixed when it was first registered."""
 
     auth_id: str
-    max_queries: int
+    max_evaluations: int
     max_disclosures: int
     not_after: int
     registered_at: float
@@ -192,7 +192,7 @@ class LedgerPort(AuditLog, Protocol):
     # -- authorizations and budget -------------------------------------------------------------
 
     def ensure_authorization(
-        self, auth_id: str, *, max_queries: int, max_disclosures: int, not_after: int
+        self, auth_id: str, *, max_evaluations: int, max_disclosures: int, not_after: int
     ) -> None:
         """Register an authorization's limits once; re-registering must repeat them exactly."""
         ...

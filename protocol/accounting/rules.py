@@ -62,7 +62,7 @@ def check_limits_unchanged(
     if tuple(stored) != tuple(given):
         raise LedgerError(
             f"authorization {auth_id!r} already registered with different limits "
-            f"(max_queries={stored[0]}, max_disclosures={stored[1]}, not_after={stored[2]})"
+            f"(max_evaluations={stored[0]}, max_disclosures={stored[1]}, not_after={stored[2]})"
         )
 
 
@@ -71,7 +71,7 @@ def check_reserve(auth_id: str, budget: Budget, n: int) -> None:
     if not within_budget(budget.remaining, n):
         raise BudgetExhausted(
             f"authorization {auth_id!r}: requested {n} queries, "
-            f"remaining {budget.remaining} of {budget.max_queries}"
+            f"remaining {budget.remaining} of {budget.max_evaluations}"
         )
 
 

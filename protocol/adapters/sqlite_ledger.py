@@ -91,12 +91,12 @@ CREATE TABLE ledger_info (
 );
 CREATE TABLE authorizations (
     auth_id          TEXT PRIMARY KEY,
-    max_queries      INTEGER NOT NULL CHECK (max_queries >= 0),
+    max_evaluations      INTEGER NOT NULL CHECK (max_evaluations >= 0),
     max_disclosures  INTEGER NOT NULL CHECK (max_disclosures >= 0),
     not_after        INTEGER NOT NULL,
     registered_at    REAL NOT NULL,
     reserved_total   INTEGER NOT NULL DEFAULT 0
-        CHECK (reserved_total >= 0 AND reserved_total <= max_queries),
+        CHECK (reserved_total >= 0 AND reserved_total <= max_evaluations),
     evaluated_total  INTEGER NOT NULL DEFAULT 0
         CHECK (evaluated_total >= 0 AND evaluated_total <= reserved_total),
     disclosed_total  INTEGER NOT NULL DEFAULT 0
@@ -156,8 +156,8 @@ BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
 CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
 BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
 CREATE TRIGGER authorizations_limits_fixed
-BEFORE UPDATE OF auth_id, max_queries, max_disclosures, not_after ON authorizations
-WHEN NEW.auth_id IS NOT OLD.auth_id OR NEW.max_queries IS NOT OLD.max_queries
+BEFORE UPDATE OF auth_id, max_evaluations, max_disclosures, not_after ON authorizations
+WHEN NEW.auth_id IS NOT OLD.auth_id OR NEW.max_evaluations IS NOT OLD.max_evaluations
   OR NEW.max_disclosures IS NOT OLD.max_disclosures OR NEW.not_after IS NOT OLD.not_after
 BEGIN SELECT RAISE(ABORT, 'authorization limits are immutable'); END;
 CREATE TRIGGER authorizations_no_refund
@@ -396,12 +396,12 @@ class _AccountTables:
     # -- authorizations ------------------------------------------------------------------------
 
     def ensure_authorization(
-        self, auth_id: str, max_queries: int, max_disclosures: int, not_after: int
+        self, auth_id: str, max_evaluations: int, max_disclosures: int, not_after: int
     ) -> None:
-        limits = (max_queries, max_disclosures, not_after)
+        limits = (max_evaluations, max_disclosures, not_after)
         with _write(self._db) as conn:
             row = conn.execute(
-                "SELECT max_queries, max_disclosures, not_after FROM authorizations "
+                "SELECT max_evaluations, max_disclosures, not_after FROM authorizations "
                 "WHERE auth_id = ?",
                 (auth_id,),
             ).fetchone()
@@ -411,32 +411,32 @@ class _AccountTables:
             now = float(self._clock())
             conn.execute(
                 "INSERT INTO authorizations "
-                "(auth_id, max_queries, max_disclosures, not_after, registered_at) "
+                "(auth_id, max_evaluations, max_disclosures, not_after, registered_at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (auth_id, *limits, now),
             )
             self._audit.append(conn, now, "authorization.registered", {
-                "auth_id": auth_id, "max_queries": max_queries,
+                "auth_id": auth_id, "max_evaluations": max_evaluations,
                 "max_disclosures": max_disclosures, "not_after": not_after,
             })
 
     @staticmethod
     def budget(conn: sqlite3.Connection, auth_id: str) -> Budget:
         row = conn.execute(
-            "SELECT max_queries, reserved_total, evaluated_total, max_disclosures, "
+            "SELECT max_evaluations, reserved_total, evaluated_total, max_disclosures, "
             "disclosed_total FROM authorizations WHERE auth_id = ?",
             (auth_id,),
         ).fetchone()
         if row is None:
             raise LedgerError(f"unknown authorization {auth_id!r}")
         max_q, reserved, evaluated, max_d, disclosed = row
-        return Budget(max_queries=max_q, reserved=reserved, evaluated=evaluated,
+        return Budget(max_evaluations=max_q, reserved=reserved, evaluated=evaluated,
                       remaining=max_q - reserved, max_disclosures=max_d, disclosed=disclosed)
 
     def authorization(self, auth_id: str) -> AuthorizationRow:
         with self._db.read() as conn:
             row = conn.execute(
-                "SELECT max_queries, max_disclosures, not_after, registered_at "
+                "SELECT max_evaluations, max_disclosures, not_after, registered_at "
                 "FROM authorizations WHERE auth_id = ?",
                 (auth_id,),
             ).fetchone()
@@ -786,13 +786,13 @@ class Ledger:
     # -- authorizations, sessions and budget ---------------------------------------------------
 
     def ensure_authorization(
-        self, auth_id: str, *, max_queries: int, max_disclosures: int, not_after: int
+        self, auth_id: str, *, max_evaluations: int, max_disclosures: int, not_after: int
     ) -> None:
         require_id("auth_id", auth_id)
-        require_count("max_queries", max_queries)
+        require_count("max_evaluations", max_evaluations)
         require_count("max_disclosures", max_disclosures)
         require_unix_time("not_after", not_after)
-        self._accounts.ensure_authorization(auth_id, max_queries, max_disclosures, not_after)
+        self._accounts.ensure_authorization(auth_id, max_evaluations, max_disclosures, not_after)
 
     def budget(self, auth_id: str) -> Budget:
         with self._db.read() as conn:

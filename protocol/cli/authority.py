@@ -27,7 +27,7 @@ from rich.text import Text
 
 from protocol.adapters.files import open_csv, write_file_atomic, write_policy
 from protocol.cli.dev_pki import write_dev_pki
-from protocol.cli.help import HelpFormatter, HelpfulParser
+from protocol.cli.help import HelpFormatter, HelpfulParser, add_renamed_option
 from protocol.cli.oversight import (
     OVERSIGHT_DESCRIPTION,
     add_oversight_arguments,
@@ -316,7 +316,7 @@ def _draft(
     args: argparse.Namespace,
     key: Ed25519PrivateKey | Ed25519PublicKey,
     window: tuple[int, int],
-    max_queries: int,
+    max_evaluations: int,
     max_disclosures: int,
     commitment: bytes | None,
 ) -> Authorization:
@@ -328,13 +328,13 @@ def _draft(
             statute=args.statute,
             purpose=args.purpose,
             tier=args.tier,
-            max_queries=max_queries,
+            max_evaluations=max_evaluations,
             max_disclosures=max_disclosures,
             match_rules=_csv_list(args.rules),
             disclosure_fields=_csv_list(args.fields),
             retention_days=args.retention_days,
-            valid_from=window[0],
-            valid_seconds=window[1] - window[0],
+            not_before=window[0],
+            not_after=window[1],
             subject_commitment=commitment,
             mode=Mode.NAMED_SUBJECTS if getattr(args, "named", False) else None,
             engines=_csv_list(args.engines),
@@ -348,8 +348,8 @@ def _named_inputs(args: argparse.Namespace) -> tuple[bytes, bytes]:
     """(token key c, the custodian's binding secret) for a named-subject review."""
     if args.queries is None:
         raise CliError("a named-subject review needs --queries (the subjects to review)")
-    if args.max_queries is not None:
-        raise CliError("--max-queries is fixed by the review: the number of tokens issued")
+    if args.max_evaluations is not None:
+        raise CliError("--max-evaluations is fixed by the review: the number of tokens issued")
     token_key = bytes.fromhex(Path(args.token_key).read_text().strip())
     binding = bytes.fromhex(Path(args.binding).read_text().strip())
     if len(token_key) != 32 or len(binding) != 32:
@@ -368,7 +368,7 @@ def _write_tokens(args: argparse.Namespace, auth: Authorization,
                for rule in auth.match_rules
                for q, key in zip(accepted_queries, keys[rule], strict=True)
                if key is not None]
-    if len(entries) != auth.max_queries:
+    if len(entries) != auth.max_evaluations:
         raise CliError("internal: token count differs from the signed budget")
     tokens = issue_tokens(token_key, binding, auth.authorization_id, [k for *_, k in entries])
     token_set = TokenSet(auth.authorization_id, tuple(
@@ -416,10 +416,10 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         raise CliError(f"{out} already exists; pass --force to overwrite it")
     if args.refusals_out is not None and args.queries is None:
         raise CliError("--refusals-out needs --queries")
-    if args.max_queries is not None and args.max_queries <= 0:
-        raise CliError(f"--max-queries must be positive, got {args.max_queries}")
-    if args.max_queries is None and args.queries is None:
-        raise CliError("--max-queries is required unless --queries is given")
+    if args.max_evaluations is not None and args.max_evaluations <= 0:
+        raise CliError(f"--max-evaluations must be positive, got {args.max_evaluations}")
+    if args.max_evaluations is None and args.queries is None:
+        raise CliError("--max-evaluations is required unless --queries is given")
     if args.max_disclosures is None:
         if args.tier == Tier.IDENTITY.value:
             raise CliError("--max-disclosures is required for the identity tier")
@@ -438,7 +438,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         args,
         generate_authority_key().public_key(),
         window,
-        args.max_queries or 1,
+        args.max_evaluations or 1,
         args.max_disclosures,
         dummy_commitment,
     )
@@ -452,18 +452,20 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         accepted, commitment, budgets, accepted_queries = _review_queries(args)
     # One budget serves every permitted engine: the largest need among them.
     derived = max(budgets.values(), default=0)
-    max_queries = args.max_queries if args.max_queries is not None else derived
-    short = {e: n for e, n in budgets.items() if args.max_queries is not None
-             and args.max_queries < n}
-    if args.queries is not None and args.max_queries is not None and args.max_queries != derived:
+    max_evaluations = args.max_evaluations if args.max_evaluations is not None else derived
+    short = {e: n for e, n in budgets.items() if args.max_evaluations is not None
+             and args.max_evaluations < n}
+    if (args.queries is not None and args.max_evaluations is not None
+            and args.max_evaluations != derived):
         _warn(
-            f"--max-queries {args.max_queries:,} differs from the {derived:,} budget units the "
+            f"--max-evaluations {args.max_evaluations:,} differs from the {derived:,} budget "
+            "units the "
             f"{accepted:,} accepted subjects need under {len(rules)} rule(s)"
             + (f"; too small for {', '.join(short)}, which the custodian will refuse with "
                "RESOURCE_EXHAUSTED" if short else "")
         )
 
-    auth = _draft(args, key, window, max_queries, args.max_disclosures, commitment)
+    auth = _draft(args, key, window, max_evaluations, args.max_disclosures, commitment)
     for rule_id in auth.match_rules:
         if MATCH_RULES[rule_id].strength < Strength.MEDIUM:
             _warn(
@@ -487,10 +489,10 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         " (the largest need of the permitted engines: "
         + ", ".join(f"{e} {n:,}" for e, n in budgets.items())
         + f"; {accepted:,} accepted subjects x {len(rules)} rules)"
-        if args.queries is not None and args.max_queries is None
+        if args.queries is not None and args.max_evaluations is None
         else ""
     )
-    print(f"  max queries:     {auth.max_queries:,}{budget_note}")
+    print(f"  max evaluations:{auth.max_evaluations:,}{budget_note}")
     print(f"  max disclosures: {auth.max_disclosures:,}")
     print(
         f"  valid:           {format_timestamp(auth.not_before)} .. "
@@ -540,7 +542,7 @@ def _render(info: dict[str, Any]) -> None:
         ("Mode", auth["mode"]),
         ("Match rules", rules_text(auth["match_rules"])),
         ("Disclosure fields", ", ".join(auth["disclosure_fields"]) or "(none)"),
-        ("Max queries", f"{auth['max_queries']:,}"),
+        ("Max evaluations", f"{auth['max_evaluations']:,}"),
         ("Max disclosures", f"{auth['max_disclosures']:,}"),
         ("Retention", f"{auth['retention_days']} days"),
         ("Engines", ", ".join(auth["engines"])),
@@ -721,8 +723,10 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         help="permitted disclosure fields, comma-separated (identity tier: person "
         "fields; aggregate tier: the value column to sum, e.g. tax_paid_cents)",
     )
+    add_renamed_option(p, "--max-queries", "--max-evaluations (it counts evaluations, not "
+                       "queries: OPRF one per query x rule, KKRT one per cuckoo bin)")
     p.add_argument(
-        "--max-queries",
+        "--max-evaluations",
         type=int,
         metavar="N",
         help="budget in engine units (default with --queries: computed for every permitted "
@@ -826,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults to what the accepted subjects need (see Budget), and the authorization "
         "commits to exactly the "
         "accepted subjects (mode stays bulk; use review for named subjects).\n\n"
-        "Budget: --max-queries counts engine units. OPRF spends one per query x rule with a "
+        "Budget: --max-evaluations counts engine units. OPRF spends one per query x rule with a "
         "usable key; KKRT one per cuckoo bin (about 1.3 x the distinct keys, more for small "
         "files). With --queries the need of every engine in --engines is computed and printed, "
         "and the largest is signed, so each permitted engine can run the whole request.\n\n"

@@ -12,7 +12,7 @@ import argparse
 import textwrap
 from typing import Any
 
-__all__ = ["HelpFormatter", "HelpfulParser"]
+__all__ = ["HelpFormatter", "HelpfulParser", "RenamedOption", "add_renamed_option"]
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -47,3 +47,21 @@ class HelpfulParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+class RenamedOption(argparse.Action):
+    """An option's old spelling: refused with its new name, never read as an alias."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error(f"{option_string} was renamed: use {self.new}")
+
+
+def add_renamed_option(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Refuse ``old`` with a message naming ``new`` (docs/architecture.md, Policy)."""
+    parser.add_argument(old, action=RenamedOption, new=new)

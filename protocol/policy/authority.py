@@ -270,13 +270,13 @@ def draft_authorization(
     statute: str,
     purpose: str,
     tier: Tier | str,
-    max_queries: int,
+    max_evaluations: int,
     max_disclosures: int,
     match_rules: Sequence[str],
     disclosure_fields: Sequence[str],
     retention_days: int,
-    valid_from: int,
-    valid_seconds: int,
+    not_before: int,
+    not_after: int,
     mode: Mode | str | None = None,
     subject_commitment: bytes | None = None,
     engines: Sequence[str] = (Engine.OPRF.value,),
@@ -293,7 +293,8 @@ def draft_authorization(
     elif isinstance(authority_key, Ed25519PublicKey):
         public_key = authority_key
     else:
-        raise ValueError("authority_key must be an Ed25519 private or public key")
+        raise TypeError("authority_key must be an Ed25519PrivateKey or Ed25519PublicKey, "
+                        f"not {type(authority_key).__name__}")
     validate_agency_id(requester_id)
     validate_agency_id(custodian_id)
     if requester_id == custodian_id:
@@ -306,11 +307,14 @@ def draft_authorization(
     except ValueError:
         allowed = ", ".join(t.value for t in Tier)
         raise ValueError(f"unknown tier {tier!r} (known tiers: {allowed})") from None
-    _check_count("max_queries", max_queries, positive=True)
+    _check_count("max_evaluations", max_evaluations, positive=True)
     _check_count("max_disclosures", max_disclosures, positive=False)
     _check_count("retention_days", retention_days, positive=False)
-    _check_count("valid_from", valid_from, positive=False)
-    _check_count("valid_seconds", valid_seconds, positive=True)
+    _check_count("not_before", not_before, positive=False)
+    _check_count("not_after", not_after, positive=True)
+    if not_after <= not_before:
+        raise ValueError(f"not_after ({not_after}) must be later than not_before ({not_before}): "
+                         "the validity window is [not_before, not_after] in unix seconds")
     _check_count("min_aggregate_count", min_aggregate_count, positive=False)
     if tier is not Tier.IDENTITY and max_disclosures:
         raise ValueError(
@@ -333,10 +337,10 @@ def draft_authorization(
         custodian_id=custodian_id,
         statute=statute.strip(),
         purpose=purpose.strip(),
-        not_before=valid_from,
-        not_after=valid_from + valid_seconds,
+        not_before=not_before,
+        not_after=not_after,
         tier=tier,
-        max_queries=max_queries,
+        max_evaluations=max_evaluations,
         max_disclosures=max_disclosures,
         match_rules=rules,
         disclosure_fields=fields,

@@ -194,7 +194,7 @@ _CANONICAL_ENCODERS: tuple[tuple[str, Callable[[Any], Part]], ...] = (
     ("not_before", _same),
     ("not_after", _same),
     ("tier", _enc_value),
-    ("max_queries", _same),
+    ("max_evaluations", _same),
     ("max_disclosures", _same),
     ("match_rules", encode_strs),
     ("disclosure_fields", encode_strs),
@@ -233,13 +233,19 @@ _AUTH_REQUIRED_KEYS = (
     "not_before",
     "not_after",
     "tier",
-    "max_queries",
+    "max_evaluations",
     "max_disclosures",
     "match_rules",
     "disclosure_fields",
     "retention_days",
 )
 _AUTH_OPTIONAL_KEYS = ("mode", "subject_commitment", "min_aggregate_count", "engines")
+#: Spellings an older authorization file may use, refused with the new name (never read as
+#: aliases: a signed field means one thing).
+RENAMED_AUTHORIZATION_KEYS = {
+    "max_queries": "'max_evaluations' (the evaluation budget: one unit per element the "
+                   "custodian evaluates, e.g. subjects x rules for OPRF, bins for KKRT)",
+}
 
 
 @dataclass(frozen=True)
@@ -259,7 +265,7 @@ class Authorization:
     not_before: int
     not_after: int
     tier: Tier
-    max_queries: int
+    max_evaluations: int
     max_disclosures: int
     match_rules: tuple[str, ...]
     disclosure_fields: tuple[str, ...]
@@ -282,7 +288,7 @@ class Authorization:
         for name in (
             "not_before",
             "not_after",
-            "max_queries",
+            "max_evaluations",
             "max_disclosures",
             "retention_days",
             "min_aggregate_count",
@@ -340,7 +346,7 @@ class Authorization:
             "not_before": self.not_before,
             "not_after": self.not_after,
             "tier": self.tier.value,
-            "max_queries": self.max_queries,
+            "max_evaluations": self.max_evaluations,
             "max_disclosures": self.max_disclosures,
             "match_rules": list(self.match_rules),
             "disclosure_fields": list(self.disclosure_fields),
@@ -359,6 +365,10 @@ class Authorization:
         if not isinstance(data, Mapping):
             raise ValueError(f"authorization must be a JSON object, got {type(data).__name__}")
         unknown = set(data) - set(_AUTH_REQUIRED_KEYS) - set(_AUTH_OPTIONAL_KEYS)
+        renamed = sorted(str(k) for k in unknown if k in RENAMED_AUTHORIZATION_KEYS)
+        if renamed:
+            raise ValueError("authorization uses old key names: " + "; ".join(
+                f"{old!r} is now {RENAMED_AUTHORIZATION_KEYS[old]}" for old in renamed))
         if unknown:
             raise ValueError(f"authorization has unknown keys: {sorted(map(str, unknown))}")
         missing = [k for k in _AUTH_REQUIRED_KEYS if k not in data]
@@ -1054,12 +1064,12 @@ def decide(
     refusals.extend(_value_field_refusals(request, auth, policy))
 
     # 8: budget. The authorization's own cap bounds whatever the ledger reports.
-    remaining = max(0, min(budget_remaining, auth.max_queries))
+    remaining = max(0, min(budget_remaining, auth.max_evaluations))
     if not within_budget(remaining, request.query_count):
         refuse(
             Reason.BUDGET_EXHAUSTED,
             f"session asks to evaluate {request.query_count:,} queries but only {remaining:,} "
-            f"of the {auth.max_queries:,} permitted by authorization {auth.authorization_id} "
+            f"of the {auth.max_evaluations:,} permitted by authorization {auth.authorization_id} "
             "remain",
         )
     if request.query_count > policy.max_session_queries:

@@ -575,7 +575,7 @@ class CustodianCore(SessionMachine):
         try:
             remaining = ledger.budget(auth.authorization_id).remaining
         except LedgerError:  # first use of this authorization
-            return auth.max_queries
+            return auth.max_evaluations
         if self.RESUMABLE:
             resumed = ledger.reservation(req.session_id)
             if (resumed is not None and resumed.auth_id == auth.authorization_id
@@ -648,7 +648,7 @@ class CustodianCore(SessionMachine):
         self._prepare(req, signed)  # data problems surface before any budget is spent
         # Only a verified authorization is registered (an unverified one could squat its id).
         ledger.ensure_authorization(
-            auth.authorization_id, max_queries=auth.max_queries,
+            auth.authorization_id, max_evaluations=auth.max_evaluations,
             max_disclosures=auth.max_disclosures, not_after=auth.not_after,
         )
         # Reserve before any work; idempotent per session id, never refunded.

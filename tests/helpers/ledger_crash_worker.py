@@ -30,7 +30,7 @@ from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import BudgetExhausted, DisclosureCapReached
 
 AUTHORIZATIONS: dict[str, tuple[int, int]] = {
-    # auth_id: (max_queries, max_disclosures)
+    # auth_id: (max_evaluations, max_disclosures)
     "crash-small": (120, 15),
     "crash-large": (1_000_000, 1_000_000),
 }
@@ -53,9 +53,10 @@ def main(argv: list[str]) -> int:
     if sys.stdin.readline() != "GO\n":
         return 2  # the test went away before starting this worker
     ledger = Ledger(db)
-    for auth_id, (max_queries, max_disclosures) in AUTHORIZATIONS.items():
+    for auth_id, (max_evaluations, max_disclosures) in AUTHORIZATIONS.items():
         ledger.ensure_authorization(
-            auth_id, max_queries=max_queries, max_disclosures=max_disclosures, not_after=NOT_AFTER
+            auth_id, max_evaluations=max_evaluations, max_disclosures=max_disclosures,
+            not_after=NOT_AFTER
         )
     report("READY")
     if sys.stdin.readline() != "RUN\n":
