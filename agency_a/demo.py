@@ -74,7 +74,9 @@ def issue(work: Path, name: str, *extra: str, queries: Path | None = None,
     args = ["protocol.cli.authority", "issue", "--key", str(work / "authority" / "authority.key"),
             "--requester", "agency-a", "--custodian", "agency-b",
             "--statute", "26 U.S.C. 6103(i)(2)", "--purpose", "locate subjects of open cases",
-            "--fields", FIELDS, "--out", str(out), *extra]
+            "--out", str(out), *extra]
+    if "--tier" not in extra or extra[extra.index("--tier") + 1] == "identity":
+        args += ["--fields", FIELDS]  # only the identity tier discloses fields
     if queries is not None:
         args += ["--queries", str(queries)]
     run(args, quiet=quiet or queries is None)
@@ -232,7 +234,7 @@ def aggregate_scene(work: Path, scenario: Any, ports: dict[str, int]) -> None:
     """Statistics without identities: how many are filers, and what they paid together."""
     console.rule("aggregate tier: a count and a sum, no identity or individual value")
     auth = issue(work, "aggregate", "--tier", "aggregate", "--rules", NAMED_RULE,
-                 "--fields", "tax_paid_cents", "--valid-days", "30", "--min-aggregate-count",
+                 "--value-field", "tax_paid_cents", "--valid-days", "30", "--min-aggregate-count",
                  "10", queries=scenario.queries, quiet=True)
     code, summary = match(work, auth, scenario.queries, ports, "aggregate", progress=False)
     if code != 0:

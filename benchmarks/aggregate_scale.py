@@ -63,7 +63,7 @@ def run_size(size: int, data_dir: Path, workers: int) -> dict[str, object]:
         requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
         purpose="aggregate benchmark", not_before=now - 60, not_after=now + 86400,
         tier=P.Tier.AGGREGATE, max_evaluations=2 * len(queries), max_disclosures=0,
-        match_rules=(RULE,), disclosure_fields=(VALUE,), retention_days=1), authority)
+        match_rules=(RULE,), disclosure_fields=(), value_field=VALUE, retention_days=1), authority)
     requester_key = Ed25519PrivateKey.generate()  # countersigns the receipt
     with AggregatePool(workers) as cpool, AggregatePool(workers) as rpool:
         custodian = Custodian(CustodianConfig(

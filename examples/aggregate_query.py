@@ -36,7 +36,8 @@ def main() -> None:
         authority_key=authority_key, requester_id="agency-a", custodian_id="agency-b",
         statute="26 U.S.C. 6103(i)(2)", purpose="tax paid by the subjects of case 24-117",
         tier=psi.Tier.AGGREGATE, max_evaluations=len(report.accepted), max_disclosures=0,
-        match_rules=("tin+dob",), disclosure_fields=("tax_paid_cents",), retention_days=30,
+        match_rules=("tin+dob",), disclosure_fields=(), value_field="tax_paid_cents",
+        retention_days=30,
         not_before=now - 60, not_after=now + 3600, min_aggregate_count=2)
     signed = psi.sign_authorization(draft, authority_key)
 

@@ -86,7 +86,7 @@ class World:
                   requester: str = "agency-a", custodian: str = "agency-b",
                   not_before: int | None = None, not_after: int | None = None,
                   tier: P.Tier = P.Tier.IDENTITY, key: Ed25519PrivateKey | None = None,
-                  engines: Sequence[str] = ("oprf",),
+                  engines: Sequence[str] = ("oprf",), value_field: str = "",
                   ) -> P.SignedAuthorization:
         key = key or self.authority
         now = int(time.time())
@@ -99,7 +99,7 @@ class World:
             not_after=now + 3600 if not_after is None else not_after,
             tier=tier, max_evaluations=max_evaluations, max_disclosures=max_disclosures,
             match_rules=tuple(rules), disclosure_fields=tuple(fields), retention_days=30,
-            engines=tuple(engines),
+            engines=tuple(engines), value_field=value_field,
         )
         return P.sign_authorization(auth, key)
 
@@ -113,8 +113,8 @@ class World:
             requester_id="agency-a", custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)",
             purpose="statistics", not_before=now - 60, not_after=now + 3600, tier=tier,
             max_evaluations=1000, max_disclosures=0, match_rules=("tin+dob",),
-            disclosure_fields=("tax_paid_cents",) if tier is P.Tier.AGGREGATE else (),
-            retention_days=30, min_aggregate_count=min_count,
+            disclosure_fields=(), retention_days=30, min_aggregate_count=min_count,
+            value_field="tax_paid_cents" if tier is P.Tier.AGGREGATE else "",
         )
         return P.sign_authorization(auth, self.authority)
 

@@ -72,8 +72,9 @@ def authorize(world: World, *, tier: P.Tier = P.Tier.AGGREGATE, min_count: int =
               rules: tuple[str, ...] = (RULE,)) -> P.SignedAuthorization:
     if fields is None:
         fields = (VALUE,) if tier is P.Tier.AGGREGATE else ()
-    signed = world.authorize(tier=tier, fields=fields, max_disclosures=0, rules=rules,
-                             max_evaluations=max_evaluations)
+    signed = world.authorize(tier=tier, fields=(), max_disclosures=0, rules=rules,
+                             max_evaluations=max_evaluations,
+                             value_field=fields[0] if fields else "")
     auth = replace(signed.authorization, min_aggregate_count=min_count)
     return P.sign_authorization(auth, world.authority)
 

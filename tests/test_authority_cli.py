@@ -220,16 +220,27 @@ def test_draft_with_commitment_stays_bulk_unless_reviewed() -> None:
     assert named.mode is Mode.NAMED_SUBJECTS
 
 
+AGGREGATE_DRAFT: dict[str, Any] = {"tier": "aggregate", "max_disclosures": 0,
+                                   "disclosure_fields": []}
+
+
 def test_draft_allows_value_columns_in_aggregate_tier() -> None:
     auth = draft(
         tier="aggregate",
-        disclosure_fields=["tax_paid_cents"],
+        disclosure_fields=[],
+        value_field="tax_paid_cents",
         max_disclosures=0,
         min_aggregate_count=10,
     )
     assert auth.tier is Tier.AGGREGATE
-    assert auth.disclosure_fields == ("tax_paid_cents",)
+    assert auth.disclosure_fields == () and auth.value_field == "tax_paid_cents"
     assert auth.min_aggregate_count == 10
+
+
+def test_aggregate_value_column_named_as_a_disclosure_field_is_refused() -> None:
+    """The old spelling (the summed column among disclosure_fields) is refused by name."""
+    with pytest.raises(ValueError, match=r"aggregate tier discloses no fields.*value_field"):
+        draft(tier="aggregate", disclosure_fields=["tax_paid_cents"], max_disclosures=0)
 
 
 @pytest.mark.parametrize(
@@ -240,18 +251,15 @@ def test_draft_allows_value_columns_in_aggregate_tier() -> None:
         ({"match_rules": ["tin+dob", "tin+dob"]}, "more than once"),
         ({"match_rules": "tin+dob"}, "must be a list"),
         ({"disclosure_fields": ["ssn"]}, "'ssn' is not disclosable"),
-        ({"disclosure_fields": ["tax_paid_cents"]}, "only in the aggregate tier"),
-        (
-            {"tier": "aggregate", "max_disclosures": 0, "disclosure_fields": ["address"]},
-            "person field",
-        ),
-        ({"tier": "aggregate", "max_disclosures": 0, "disclosure_fields": []}, "value column"),
-        (
-            {"tier": "aggregate", "max_disclosures": 0, "disclosure_fields": ["Tax Paid"]},
-            "not a valid column name",
-        ),
-        ({"tier": "cardinality", "max_disclosures": 0}, "discloses only a count"),
-        ({"tier": "aggregate", "disclosure_fields": ["tax_paid_cents"]}, "max_disclosures must"),
+        ({"disclosure_fields": ["tax_paid_cents"]}, "can only be summed"),
+        ({**AGGREGATE_DRAFT, "value_field": "address"}, "person field"),
+        (AGGREGATE_DRAFT, "needs value_field"),
+        ({**AGGREGATE_DRAFT, "value_field": "Tax Paid"}, "not a valid column name"),
+        ({"tier": "cardinality", "max_disclosures": 0}, "cardinality tier discloses no fields"),
+        ({"tier": "cardinality", "max_disclosures": 0, "disclosure_fields": [],
+          "value_field": "tax_paid_cents"}, "sums nothing"),
+        ({"tier": "aggregate", "disclosure_fields": [], "value_field": "tax_paid_cents"},
+         "max_disclosures must"),
         ({"min_aggregate_count": 5}, "min_aggregate_count applies only"),
         ({"tier": "platinum"}, "unknown tier"),
         ({"max_evaluations": 0}, "max_evaluations must be positive"),
@@ -738,14 +746,14 @@ def test_issue_explicit_window_and_aggregate_tier(
     rc, _, err = run(
         capsys, "issue", "--key", str(key_path), "--requester", "agency-a",
         "--custodian", "agency-b", "--statute", "S", "--purpose", "P", "--tier", "aggregate",
-        "--rules", "tin+dob", "--fields", "tax_paid_cents", "--max-evaluations", "1300000",
+        "--rules", "tin+dob", "--value-field", "tax_paid_cents", "--max-evaluations", "1300000",
         "--min-aggregate-count", "50", "--not-before", "2025-01-01",
         "--not-after", "2099-01-01T00:00:00+00:00", "--out", str(out),
     )  # fmt: skip
     assert rc == 0, err
     auth = SignedAuthorization.from_bytes(out.read_bytes()).authorization
     assert auth.tier is Tier.AGGREGATE
-    assert auth.disclosure_fields == ("tax_paid_cents",)
+    assert auth.disclosure_fields == () and auth.value_field == "tax_paid_cents"
     assert auth.max_disclosures == 0 and auth.min_aggregate_count == 50
     assert auth.not_before == 1_735_689_600
     assert auth.not_after == 4_070_908_800

@@ -21,6 +21,7 @@ import pytest
 import protocol
 from protocol.domain.records import ValidatedQueries, validate_queries
 from protocol.errors import InvalidRecordError, LedgerError
+from protocol.sessions.aggregate import AggregateRequesterSession
 from protocol.sessions.identity import (
     CustodianConfig,
     RequesterSession,
@@ -168,6 +169,19 @@ def test_unvalidated_queries_are_validated_and_refused_by_name(tmp_path: Path) -
                      validate_queries(enumerate(plain, 1), today=TODAY).accepted))]
     assert [sorted(r.query_record_id for r in o.results) for o in outcomes] == [
         ["q-c0", "q-c1", "q-c2", "q-c3"]] * 2
+
+
+def test_the_aggregate_tier_refuses_what_the_identity_tier_refuses(tmp_path: Path) -> None:
+    """Aggregate sessions take the same inputs: refused records never enter, dicts are named."""
+    world = make_world(tmp_path, n_records=10)
+    signed = world.authorize_aggregate()
+    placeholder = as_query(make_person(3, address="Failed to Provide"))
+    with pytest.raises(InvalidRecordError, match="placeholder_address"):
+        AggregateRequesterSession(signed, [as_query(world.records[1]), placeholder])
+    with pytest.raises(TypeError, match="QueryRecord"):
+        AggregateRequesterSession(signed, [{"record_id": "q-1"}])  # type: ignore[list-item]
+    accepted = validate_queries(enumerate([as_query(world.records[1])], 1), today=TODAY).accepted
+    assert AggregateRequesterSession(signed, accepted).queries_total == 1
 
 
 def test_wrong_query_types_name_the_expected_type(tmp_path: Path) -> None:

@@ -377,7 +377,7 @@ def test_refusals_are_collected_in_check_order() -> None:
 
 
 def test_non_identity_tier_discloses_no_fields() -> None:
-    signed = make_signed(tier=Tier.AGGREGATE, disclosure_fields=("tax_paid_cents",))
+    signed = make_signed(tier=Tier.AGGREGATE, disclosure_fields=(), value_field="tax_paid_cents")
     request = make_request(tier=Tier.AGGREGATE, disclosure_fields=("last_name",),
                            value_field="tax_paid_cents")
     assert run(signed, request).reasons == (Reason.FIELD_NOT_PERMITTED,)
@@ -390,7 +390,8 @@ def test_non_identity_tier_discloses_no_fields() -> None:
 # The tier's own checks (value field, served tiers and engines, mode), made by decide()
 # --------------------------------------------------------------------------------------------
 
-AGGREGATE_SIGNED = {"tier": Tier.AGGREGATE, "disclosure_fields": ("tax_paid_cents",)}
+AGGREGATE_SIGNED = {"tier": Tier.AGGREGATE, "disclosure_fields": (),
+                    "value_field": "tax_paid_cents"}
 
 
 @pytest.mark.parametrize(
@@ -400,8 +401,8 @@ AGGREGATE_SIGNED = {"tier": Tier.AGGREGATE, "disclosure_fields": ("tax_paid_cent
         ({}, {"value_field": ""}, {}, Reason.MALFORMED, "needs a value field"),
         ({}, {"value_field": "last_name"}, {}, Reason.FIELD_NOT_PERMITTED, "is a person field"),
         ({}, {"value_field": "refund_cents"}, {}, Reason.FIELD_NOT_PERMITTED,
-         "is not named by authorization"),
-        ({"tier": Tier.CARDINALITY}, {"tier": Tier.CARDINALITY}, {},
+         "is not the one authorization"),
+        ({"tier": Tier.CARDINALITY, "value_field": ""}, {"tier": Tier.CARDINALITY}, {},
          Reason.FIELD_NOT_PERMITTED, "sums nothing"),
         ({}, {}, {"served_tiers": frozenset({Tier.IDENTITY})}, Reason.TIER_NOT_PERMITTED,
          "is not served by this session"),
@@ -539,6 +540,7 @@ TAMPER_CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
     (NAMED_BASE, {"subject_commitment": bytes(32)}),
     ({}, {"min_aggregate_count": 1}),
     ({}, {"engines": ("oprf", "kkrt")}),
+    (AGGREGATE_SIGNED, {"value_field": "refund_cents"}),
 ]
 
 
@@ -548,11 +550,13 @@ TAMPER_CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
 def test_any_field_changed_after_signing_is_bad_signature(
     base: dict[str, Any], changes: dict[str, Any]
 ) -> None:
+    request = (make_request(tier=Tier.AGGREGATE, disclosure_fields=(),
+                            value_field=base["value_field"]) if "value_field" in base else None)
     signed = make_signed(**base)
-    assert run(signed).allowed  # the untampered one is fine
+    assert run(signed, request).allowed  # the untampered one is fine
     forged = tampered(signed, **changes)
     assert forged.authorization.canonical_bytes() != signed.authorization.canonical_bytes()
-    assert run(forged).reasons == (Reason.BAD_SIGNATURE,)
+    assert run(forged, request).reasons == (Reason.BAD_SIGNATURE,)
 
 
 def test_tamper_cases_cover_every_field() -> None:

@@ -112,7 +112,7 @@ def _world(tmp: Path) -> World:
 
 
 def _aggregate_walk(world: World) -> Iterator[tuple[Any, Any]]:
-    signed = world.authorize(tier=P.Tier.AGGREGATE, fields=(VALUE,), max_disclosures=0)
+    signed = world.authorize(tier=P.Tier.AGGREGATE, fields=(), value_field=VALUE, max_disclosures=0)
     custodian = A.AggregateCustodian(world.custodian()).session()
     requester = A.AggregateRequesterSession(
         signed, [as_query(r) for r in world.records[:4]], signing_key=world.requester_key,
@@ -187,7 +187,7 @@ def _failed_aggregate_custodian(world: World) -> Any:
 
 
 def _failed_aggregate_requester(world: World) -> Any:
-    signed = world.authorize(tier=P.Tier.AGGREGATE, fields=(VALUE,), max_disclosures=0)
+    signed = world.authorize(tier=P.Tier.AGGREGATE, fields=(), value_field=VALUE, max_disclosures=0)
     session = A.AggregateRequesterSession(signed, [as_query(world.records[0])])
     with pytest.raises(ProtocolError):
         session.handle(object())
@@ -340,7 +340,7 @@ def _open_aggregate(tmp_path: Path, clock: Clock, **authorize: Any
                                list[A.BlindedChunk]]:
     world = _world(tmp_path)
     now = int(clock.now)
-    signed = world.authorize(tier=P.Tier.AGGREGATE, fields=(VALUE,), max_disclosures=0,
+    signed = world.authorize(tier=P.Tier.AGGREGATE, fields=(), value_field=VALUE, max_disclosures=0,
                              not_before=now - 60, not_after=now + 600, **authorize)
     custodian = A.AggregateCustodian(world.custodian(clock=clock)).session()
     requester = A.AggregateRequesterSession(

@@ -332,6 +332,7 @@ def _draft(
             max_disclosures=max_disclosures,
             match_rules=_csv_list(args.rules),
             disclosure_fields=_csv_list(args.fields),
+            value_field=getattr(args, "value_field", ""),
             retention_days=args.retention_days,
             not_before=window[0],
             not_after=window[1],
@@ -341,7 +342,9 @@ def _draft(
             min_aggregate_count=args.min_aggregate_count,
         )
     except ValueError as exc:
-        raise CliError(str(exc)) from exc
+        message = str(exc).replace("value_field", "--value-field").replace(
+            "disclosure_fields", "--fields")
+        raise CliError(message) from exc
 
 
 def _named_inputs(args: argparse.Namespace) -> tuple[bytes, bytes]:
@@ -485,6 +488,8 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     print(f"  tier / mode:     {auth.tier.value} / {auth.mode.value}")
     print(f"  match rules:     {', '.join(auth.match_rules)}")
     print(f"  fields:          {', '.join(auth.disclosure_fields) or '(none)'}")
+    if auth.value_field:
+        print(f"  summed column:   {auth.value_field} (aggregate tier: its sum, never a value)")
     budget_note = (
         " (the largest need of the permitted engines: "
         + ", ".join(f"{e} {n:,}" for e, n in budgets.items())
@@ -542,6 +547,7 @@ def _render(info: dict[str, Any]) -> None:
         ("Mode", auth["mode"]),
         ("Match rules", rules_text(auth["match_rules"])),
         ("Disclosure fields", ", ".join(auth["disclosure_fields"]) or "(none)"),
+        ("Summed column", auth.get("value_field") or "(none)"),
         ("Max evaluations", f"{auth['max_evaluations']:,}"),
         ("Max disclosures", f"{auth['max_disclosures']:,}"),
         ("Retention", f"{auth['retention_days']} days"),
@@ -707,7 +713,7 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         default=Tier.IDENTITY.value,
         choices=[t.value for t in Tier],
         help="what the requester may learn: identity (matched records and the permitted "
-        "fields), aggregate (only how many match and the sum of one --fields column) or "
+        "fields), aggregate (only how many match and the sum of the --value-field column) or "
         "cardinality (only how many match)",
     )
     p.add_argument(
@@ -720,8 +726,15 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         "--fields",
         default="",
         metavar="F1,F2",
-        help="permitted disclosure fields, comma-separated (identity tier: person "
-        "fields; aggregate tier: the value column to sum, e.g. tax_paid_cents)",
+        help="permitted disclosure fields, comma-separated (identity tier only: person "
+        "fields; the aggregate tier discloses none, see --value-field)",
+    )
+    p.add_argument(
+        "--value-field",
+        default="",
+        metavar="COLUMN",
+        help="aggregate tier only: the custodian value column whose sum may be released, "
+        "e.g. tax_paid_cents (summed, never disclosed)",
     )
     add_renamed_option(p, "--max-queries", "--max-evaluations (it counts evaluations, not "
                        "queries: OPRF one per query x rule, KKRT one per cuckoo bin)")
@@ -835,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
         "files). With --queries the need of every engine in --engines is computed and printed, "
         "and the largest is signed, so each permitted engine can run the whole request.\n\n"
         "Tiers: --tier identity (default) discloses the permitted fields of matched records; "
-        "--tier aggregate reveals only the count and the sum of one column (--fields "
+        "--tier aggregate reveals only the count and the sum of one column (--value-field "
         "tax_paid_cents); --tier cardinality only the count.\n\n"
         "example:\n"
         f"  {PROG} issue --key authority.key --requester agency-a --custodian agency-b \\\n"

@@ -227,39 +227,44 @@ def _check_rules(match_rules: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_fields(tier: Tier, disclosure_fields: Sequence[str]) -> tuple[str, ...]:
-    """Fields must make sense for the tier: person fields for identity, value columns for sums."""
+    """Only the identity tier discloses fields, and only person fields."""
     fields = _unique("disclosure_fields", disclosure_fields)
     if tier is Tier.IDENTITY:
         for name in fields:
             if name not in DISCLOSABLE_FIELDS:
                 raise ValueError(
                     f"field {name!r} is not disclosable in the identity tier (disclosable: "
-                    f"{', '.join(DISCLOSABLE_FIELDS)}); extra custodian columns such as "
-                    "tax_paid_cents may be named only in the aggregate tier"
-                )
-    elif tier is Tier.AGGREGATE:
-        if not fields:
-            raise ValueError(
-                "the aggregate tier needs the custodian value column to sum "
-                "(e.g. tax_paid_cents) as its disclosure field"
-            )
-        for name in fields:
-            if name in _RESERVED_COLUMNS:
-                raise ValueError(
-                    f"field {name!r} is a person field; the aggregate tier discloses no person "
-                    "fields, only sums of custodian value columns such as tax_paid_cents"
-                )
-            if _EXTRA_FIELD_RE.fullmatch(name) is None:
-                raise ValueError(
-                    f"field {name!r} is not a valid column name (lower-case letters, digits "
-                    "and underscores, starting with a letter)"
+                    f"{', '.join(DISCLOSABLE_FIELDS)}); a custodian value column such as "
+                    "tax_paid_cents can only be summed, in the aggregate tier (value_field)"
                 )
     elif fields:
         raise ValueError(
-            f"the cardinality tier discloses only a count; remove the disclosure fields "
+            f"the {tier.value} tier discloses no fields; remove disclosure_fields "
             f"({', '.join(fields)})"
+            + ("; name the column to sum with value_field" if tier is Tier.AGGREGATE else "")
         )
     return fields
+
+
+def _check_value_field(tier: Tier, value_field: str) -> str:
+    """The aggregate tier sums exactly one custodian value column; no other tier sums."""
+    if not isinstance(value_field, str):
+        raise TypeError(f"value_field must be a str, not {type(value_field).__name__}")
+    if tier is not Tier.AGGREGATE:
+        if value_field:
+            raise ValueError(f"the {tier.value} tier sums nothing; remove value_field "
+                             f"({value_field!r})")
+        return ""
+    if not value_field:
+        raise ValueError("the aggregate tier needs value_field: the custodian value column to "
+                         "sum (e.g. tax_paid_cents)")
+    if value_field in _RESERVED_COLUMNS:
+        raise ValueError(f"value_field {value_field!r} is a person field; the aggregate tier "
+                         "sums only custodian value columns such as tax_paid_cents")
+    if _EXTRA_FIELD_RE.fullmatch(value_field) is None:
+        raise ValueError(f"value_field {value_field!r} is not a valid column name (lower-case "
+                         "letters, digits and underscores, starting with a letter)")
+    return value_field
 
 
 def draft_authorization(
@@ -281,6 +286,7 @@ def draft_authorization(
     subject_commitment: bytes | None = None,
     engines: Sequence[str] = (Engine.OPRF.value,),
     min_aggregate_count: int = 0,
+    value_field: str = "",
 ) -> Authorization:
     """Build an unsigned Authorization after checking it against the known rules and fields.
 
@@ -325,6 +331,7 @@ def draft_authorization(
         raise ValueError("min_aggregate_count applies only to the aggregate and cardinality tiers")
     rules = _check_rules(match_rules)
     fields = _check_fields(tier, disclosure_fields)
+    summed = _check_value_field(tier, value_field)
     engine_ids = _unique("engines", engines)
     if not engine_ids:
         raise ValueError("at least one match engine is required")
@@ -344,6 +351,7 @@ def draft_authorization(
         max_disclosures=max_disclosures,
         match_rules=rules,
         disclosure_fields=fields,
+        value_field=summed,
         retention_days=retention_days,
         mode=Mode(mode),
         subject_commitment=subject_commitment,

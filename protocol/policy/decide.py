@@ -203,6 +203,7 @@ _CANONICAL_ENCODERS: tuple[tuple[str, Callable[[Any], Part]], ...] = (
     ("subject_commitment", _enc_optional_bytes),
     ("min_aggregate_count", _same),
     ("engines", encode_strs),
+    ("value_field", _same),
 )
 
 
@@ -239,7 +240,8 @@ _AUTH_REQUIRED_KEYS = (
     "disclosure_fields",
     "retention_days",
 )
-_AUTH_OPTIONAL_KEYS = ("mode", "subject_commitment", "min_aggregate_count", "engines")
+_AUTH_OPTIONAL_KEYS = ("mode", "subject_commitment", "min_aggregate_count", "engines",
+                       "value_field")
 #: Spellings an older authorization file may use, refused with the new name (never read as
 #: aliases: a signed field means one thing).
 RENAMED_AUTHORIZATION_KEYS = {
@@ -274,6 +276,9 @@ class Authorization:
     subject_commitment: bytes | None = None
     min_aggregate_count: int = 0
     engines: tuple[str, ...] = (Engine.OPRF.value,)
+    #: The one custodian value column the aggregate tier may sum (empty in other tiers); it
+    #: is summed, never disclosed, so it is not among ``disclosure_fields``.
+    value_field: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -300,6 +305,11 @@ class Authorization:
             )
         _set(self, "tier", _check_enum("tier", Tier, self.tier))
         _set(self, "mode", _check_enum("mode", Mode, self.mode))
+        if not isinstance(self.value_field, str):
+            raise ValueError("value_field must be a string")
+        if self.value_field and self.tier is not Tier.AGGREGATE:
+            raise ValueError(
+                f"value_field applies only to the aggregate tier, not {self.tier.value!r}")
         _set(
             self,
             "match_rules",
@@ -357,6 +367,7 @@ class Authorization:
             ),
             "min_aggregate_count": self.min_aggregate_count,
             "engines": list(self.engines),
+            "value_field": self.value_field,
         }
 
     @classmethod
@@ -375,7 +386,7 @@ class Authorization:
         if missing:
             raise ValueError(f"authorization is missing keys: {missing}")
         kwargs: dict[str, Any] = {k: data[k] for k in _AUTH_REQUIRED_KEYS}
-        for key in ("mode", "min_aggregate_count", "engines"):
+        for key in ("mode", "min_aggregate_count", "engines", "value_field"):
             if key in data:
                 kwargs[key] = data[key]
         commitment = data.get("subject_commitment")
@@ -1085,9 +1096,8 @@ def decide(
 def _value_field_refusals(
     request: SessionRequest, auth: Authorization, policy: CustodianPolicy
 ) -> list[Refused]:
-    """The aggregate tier sums exactly one value column the authorization names (the authority
-    CLI's convention: in ``disclosure_fields``) and the custodian does not bar; no other tier
-    sums anything."""
+    """The aggregate tier sums exactly the value column the authorization names
+    (``value_field``) and the custodian does not bar; no other tier sums anything."""
     value_field = request.value_field
     if request.tier is not Tier.AGGREGATE:
         if not value_field:
@@ -1104,11 +1114,11 @@ def _value_field_refusals(
             Reason.FIELD_NOT_PERMITTED,
             f"{value_field!r} is a person field; only value columns can be summed",
         ))
-    elif value_field not in auth.disclosure_fields:
+    elif value_field != auth.value_field:
         out.append(Refused(
             Reason.FIELD_NOT_PERMITTED,
-            f"value field {value_field!r} is not named by authorization "
-            f"{auth.authorization_id} (named: {', '.join(auth.disclosure_fields) or 'none'})",
+            f"value field {value_field!r} is not the one authorization "
+            f"{auth.authorization_id} permits to sum ({auth.value_field or 'none'!r})",
         ))
     if value_field in policy.never_disclose:
         out.append(Refused(

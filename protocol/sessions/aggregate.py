@@ -121,8 +121,8 @@ from protocol.domain.messages import (
     Receipt,
     Transcript,
 )
-from protocol.domain.records import PersonRecord, QueryRecord, match_keys_bulk
-from protocol.domain.recordstore import bulk_match_keys, persons_of
+from protocol.domain.records import PersonRecord, QueryRecord, ValidatedQueries, match_keys_bulk
+from protocol.domain.recordstore import CompactRecords, bulk_match_keys, persons_of
 from protocol.engines.base import BuildCache, utc_date
 from protocol.errors import InvalidElementError, InvalidRecordError, PolicyRefusal, ProtocolError
 from protocol.policy.decide import Mode, Reason, SessionRequest, SignedAuthorization, Tier
@@ -1103,7 +1103,9 @@ class AggregateResult:
 class AggregateRequesterSession(RequesterCore):
     """The requester's side of one aggregate or cardinality session, on the session core.
 
-    ``queries`` must already be validated (``records.validate_queries``).  Only distinct
+    ``queries``: ``validate_queries(...).accepted`` or the packed records of
+    ``recordstore.load_query_csv``; a plain list of query records is validated here and
+    refused as a whole if any record would be (as in the identity tier).  Only distinct
     match keys are sent, in a random order, and nothing per query is kept after blinding:
     the session could not link a result to a query even if it wanted to.
     """
@@ -1113,7 +1115,7 @@ class AggregateRequesterSession(RequesterCore):
     def __init__(
         self,
         signed_authorization: SignedAuthorization,
-        queries: Sequence[QueryRecord] | Sequence[PersonRecord],
+        queries: ValidatedQueries | CompactRecords | Sequence[QueryRecord],
         *,
         match_rule: str | None = None,
         value_field: str | None = None,
@@ -1125,6 +1127,8 @@ class AggregateRequesterSession(RequesterCore):
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``clock`` dates the match keys (a birth date after today has none)."""
+        if not isinstance(queries, CompactRecords):  # packed: validated by load_query_csv
+            queries = ValidatedQueries.ensure(queries, today=utc_date(clock()))
         auth = signed_authorization.authorization
         if auth.tier not in AGGREGATE_TIERS:
             raise ValueError(
@@ -1140,9 +1144,7 @@ class AggregateRequesterSession(RequesterCore):
         if value_field is None:
             value_field = ""
             if auth.tier is Tier.AGGREGATE:
-                if len(auth.disclosure_fields) != 1:
-                    raise ValueError("name the value_field to sum")
-                value_field = auth.disclosure_fields[0]
+                value_field = auth.value_field
         if not 0 < chunk_size <= MAX_CHUNK_ELEMENTS:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_ELEMENTS}")
         super().__init__(
