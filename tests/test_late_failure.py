@@ -402,3 +402,29 @@ def test_requester_killed_at_each_step_loses_no_disclosure(lab: Lab, agency_a: A
     assert row.requester_signature == receipt.requester_signature
     with Ledger(agency_a.data / LEDGER_FILE) as requester_ledger:
         oversight_agrees(lab, requester_ledger, auth_id)
+
+
+@pytest.mark.slow
+def test_a_reply_lost_after_the_cap_is_fetched_again(lab: Lab, agency_a: AgencyA) -> None:
+    """The batch that reaches the disclosure cap is accounted, then its reply is lost: the
+    resumed session asks again and the custodian answers the records it already disclosed
+    (repeats are served past the cap), so the requester holds every one of them."""
+    signed = lab.world.authorize(max_disclosures=4)
+    auth_id = signed.authorization.authorization_id
+    with lab.custodian() as address:
+        with agency_a.serving(kill_at="disclosed") as (proc, stub):
+            job_id = submit(stub, signed, lab.queries_csv(matching=6), address)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        with agency_a.serving() as (proc, stub):
+            summary = wait_for_receipt(stub, job_id)
+            received = results(stub, job_id)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    disclosed = {row.record_id for row in lab.world.ledger.disclosures(auth_id)}
+    assert len(disclosed) == 4  # the cap: two matches withheld, never accounted
+    assert {query.removeprefix("q-") for query, _ in received} == disclosed
+    assert summary["disclosures_withheld_by_cap"] == 2
+    receipt = Receipt.from_json(summary["receipt"])
+    assert receipt.requester_signature
+    with Ledger(agency_a.data / LEDGER_FILE) as requester_ledger:
+        oversight_agrees(lab, requester_ledger, auth_id)
