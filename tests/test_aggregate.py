@@ -16,6 +16,7 @@ import rbcl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol.accounting.export import custodian_export
 from protocol.adapters.pools import AggregatePool
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.crypto import oprf
@@ -652,6 +653,13 @@ def test_overlap_rule_survives_a_restart_and_oversight_can_reverify(tmp_path: Pa
     assert int(entry["sum"]) == sum(digests[d] for d in stored) == sum(values[:8])
     assert entry["contributing_sha256"] == hashlib.sha256(row.contributing).hexdigest()
     assert entry["contributing_records"] == 8
+    # the oversight export carries the same account (a refused release left no row)
+    exported = custodian_export(world.ledger, signed.authorization.authorization_id)
+    assert exported["counts"]["aggregate_releases"] == 1
+    (item,) = exported["aggregate_releases"]
+    assert item["session_id"] == row.session_id and item["audit_seq"] == row.audit_seq
+    assert bytes.fromhex(item["contributing"]) == row.contributing
+    assert item["contributing_sha256"] == entry["contributing_sha256"]
 
 
 def test_duplicate_records_contribute_all_their_ids(tmp_path: Path) -> None:

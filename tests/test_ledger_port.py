@@ -27,6 +27,7 @@ from protocol.accounting.chain import ZERO_HASH, AuditEntry, Checkpoint, StoredE
 from protocol.accounting.export import custodian_export, ledger_document
 from protocol.accounting.oversight import add_signed_checkpoint, verify_ledger
 from protocol.accounting.port import (
+    AggregateReleaseRow,
     AuthorizationRow,
     Budget,
     DisclosureRow,
@@ -79,6 +80,7 @@ class MemoryLedger:
         self._sessions: dict[str, _Session] = {}
         self._first: dict[tuple[str, str], tuple[int, DisclosureRow]] = {}
         self._events: list[tuple[int, DisclosureRow]] = []  # every release, repeats too
+        self._aggregate_releases: list[AggregateReleaseRow] = []
         self._append(self.now(), [("ledger.created", {"ledger_id": self._id})])
 
     # -- audit log -----------------------------------------------------------------------------
@@ -315,6 +317,23 @@ class MemoryLedger:
         return sum(1 for (aid, _), (_, row) in self._first.items()
                    if aid == auth_id and row.session_id == session_id)
 
+    def record_aggregate_release(
+        self, auth_id: str, session_id: str, requester_id: str, contributing: bytes,
+        audit_payload: Mapping[str, Any],
+        admit: Callable[[Sequence[AggregateReleaseRow]], None],
+    ) -> AggregateReleaseRow:
+        if session_id not in self._sessions:
+            raise LedgerError(f"unknown session {session_id!r}")
+        admit(self.aggregate_releases(requester_id))  # raises to refuse: nothing changes
+        (entry,) = self._append(self.now(), [("aggregate_release", audit_payload)])
+        row = AggregateReleaseRow(auth_id, requester_id, session_id, bytes(contributing),
+                                  entry.at, entry.seq)
+        self._aggregate_releases.append(row)
+        return row
+
+    def aggregate_releases(self, requester_id: str) -> list[AggregateReleaseRow]:
+        return [r for r in self._aggregate_releases if r.requester_id == requester_id]
+
     @contextmanager
     def consistent_read(self) -> Iterator[None]:
         yield  # one thread, no concurrent writer: every read is consistent
@@ -394,7 +413,7 @@ def test_oversight_runs_on_a_second_ledger(tmp_path: Path) -> None:
     assert report.ok and report.checkpoints_verified, report.summary()
     doc = custodian_export(mem.ledger, signed.authorization.authorization_id)
     assert doc["counts"] == {"evaluated": 5, "disclosed": 5, "reserved": 5, "sessions": 1,
-                             "receipts": 1}
+                             "receipts": 1, "aggregate_releases": 0}
     assert doc["receipts"][0]["requester_signature"] == out.receipt.requester_signature.hex()
 
 
@@ -514,3 +533,34 @@ def test_checkpoint_key_id_is_bound(ledger: LedgerPort) -> None:
     assert ledger.checkpoints() == [cp]
     assert verify_ledger(ledger, key.public_key()).ok
     assert not verify_ledger(ledger, Ed25519PrivateKey.generate().public_key()).ok
+
+
+def test_aggregate_releases_are_recorded_with_their_entry_or_not_at_all(
+        ledger: LedgerPort) -> None:
+    """Both ledgers: ``admit`` sees earlier releases; a refusal writes neither row nor entry."""
+    ledger.ensure_authorization("auth-r", max_evaluations=10, max_disclosures=0,
+                                not_after=NOT_AFTER)
+    _open(ledger, "auth-r", "s-1", 1)
+    _open(ledger, "auth-r", "s-2", 1)
+    with pytest.raises(LedgerError):  # a release belongs to a session the ledger knows
+        ledger.record_aggregate_release("auth-r", "s-none", "agency-a", b"", {}, lambda _: None)
+    seen: list[int] = []
+
+    def admit(earlier: Sequence[AggregateReleaseRow]) -> None:
+        seen.append(len(earlier))
+
+    first = ledger.record_aggregate_release("auth-r", "s-1", "agency-a", b"\x01" * 16,
+                                            {"count": 1}, admit)
+    head = ledger.audit_head()
+
+    def refuse(earlier: Sequence[AggregateReleaseRow]) -> None:
+        raise LedgerError("overlap")
+
+    with pytest.raises(LedgerError):
+        ledger.record_aggregate_release("auth-r", "s-2", "agency-a", b"\x02" * 16,
+                                        {"count": 1}, refuse)
+    assert ledger.audit_head() == head
+    assert ledger.aggregate_releases("agency-a") == [first]
+    assert ledger.aggregate_releases("agency-z") == [] and seen == [0]
+    (entry,) = [e for e in ledger.audit_entries() if e.kind == "aggregate_release"]
+    assert entry.seq == first.audit_seq

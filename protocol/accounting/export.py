@@ -9,6 +9,7 @@ compares the two documents; writing them to files is the CLI's job.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -208,20 +209,49 @@ def custodian_export(ledger: LedgerPort, auth_id: str) -> dict[str, Any]:
             item.update(decoded.to_json())
         receipts.append(item)
     evidence = chain_evidence(ledger)
+    releases = aggregate_release_account(ledger, auth_id, doc["sessions"])
     return {
         **doc,
         "format": EXPORT_FORMAT,
         "role": "custodian",
         "receipts": receipts,
+        "aggregate_releases": releases,
         "counts": {
             "evaluated": doc["budget"]["evaluated"],
             "disclosed": doc["budget"]["disclosed"],
             "reserved": doc["budget"]["reserved"],
             "sessions": len(doc["sessions"]),
             "receipts": len(receipts),
+            "aggregate_releases": len(releases),
         },
         **evidence,
     }
+
+
+def aggregate_release_account(ledger: LedgerPort, auth_id: str,
+                              sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every aggregate released under ``auth_id``, with its contributing-record digests.
+
+    The digests are keyed (no record id in the clear); an inspector holding the records and
+    the custodian's key recomputes them and re-adds the values to check the audited sum,
+    and ``contributing_sha256`` ties each row to its ``aggregate_release`` audit entry
+    (docs/architecture.md, Aggregate and cardinality tiers).
+    """
+    peers = sorted({str(s["meta"]["peer"]) for s in sessions
+                    if s.get("meta") and s["meta"].get("peer")})
+    return [
+        {
+            "session_id": row.session_id,
+            "requester_id": row.requester_id,
+            "released_at": row.released_at,
+            "audit_seq": row.audit_seq,
+            "contributing": row.contributing.hex(),
+            "contributing_sha256": hashlib.sha256(row.contributing).hexdigest(),
+        }
+        for peer in peers
+        for row in ledger.aggregate_releases(peer)
+        if row.auth_id == auth_id
+    ]
 
 
 def requester_export(
