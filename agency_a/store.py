@@ -467,10 +467,7 @@ class ResultStore:
                     self._mac(header),
                 ),
             )
-            conn.executemany(
-                "INSERT INTO results (job_id, row_no, nonce, ciphertext) VALUES (?, ?, ?, ?)",
-                self._seal_all(job_id, authorization_id, expires_at, plaintexts),
-            )
+            self._insert_rows(conn, job_id, authorization_id, expires_at, plaintexts, 0)
             # Logged before our COMMIT: stored data is never missing from the accounting.
             self._log(
                 RESULTS_STORED,
@@ -522,11 +519,7 @@ class ResultStore:
                 "UPDATE jobs SET rows = ?, header_mac = ? WHERE job_id = ?",
                 (total, self._mac(header), job_id),
             )
-            sealed = self._seal_all(job_id, authorization_id, expires_at, plaintexts)
-            conn.executemany(
-                "INSERT INTO results (job_id, row_no, nonce, ciphertext) VALUES (?, ?, ?, ?)",
-                [(j, row_no + count, nonce, ct) for j, row_no, nonce, ct in sealed],
-            )
+            self._insert_rows(conn, job_id, authorization_id, expires_at, plaintexts, count)
             self._log(
                 RESULTS_STORED,
                 job_id=job_id,
@@ -590,10 +583,22 @@ class ResultStore:
         return encode(_JOB_STATE_AD_TAG, self._store_id.encode(), job_id.encode(),
                       state.encode())
 
+    def _insert_rows(
+        self, conn: sqlite3.Connection, job_id: str, authorization_id: str,
+        expires_at: float, plaintexts: list[bytes], first_row_no: int,
+    ) -> None:
+        """Encrypt and insert rows numbered from ``first_row_no``; each row's number is in
+        its associated data, so it must be the number it is stored (and read back) under."""
+        conn.executemany(
+            "INSERT INTO results (job_id, row_no, nonce, ciphertext) VALUES (?, ?, ?, ?)",
+            self._seal_all(job_id, authorization_id, expires_at, plaintexts, first_row_no),
+        )
+
     def _seal_all(
-        self, job_id: str, authorization_id: str, expires_at: float, plaintexts: list[bytes]
+        self, job_id: str, authorization_id: str, expires_at: float, plaintexts: list[bytes],
+        first_row_no: int,
     ) -> Iterator[tuple[str, int, bytes, bytes]]:
-        for row_no, plaintext in enumerate(plaintexts):
+        for row_no, plaintext in enumerate(plaintexts, first_row_no):
             nonce = os.urandom(_NONCE_LEN)
             ad = _row_ad(self._store_id, job_id, row_no, authorization_id, expires_at)
             yield job_id, row_no, nonce, self._aead.encrypt(nonce, plaintext, ad)

@@ -756,3 +756,17 @@ def test_property_round_trip(
     meta = next(j for j in shared_store.jobs() if j["job_id"] == job)
     assert meta["rows"] == len(rows)
     assert meta["expires_at"] - meta["stored_at"] == pytest.approx(retention * DAY)
+
+
+def test_rows_appended_in_several_batches_all_read_back(store: ResultStore, db_path: Path
+                                                         ) -> None:
+    """A job whose disclosures arrive in several batches (each stored as it arrives) reads
+    back whole: every row is sealed under the number it is stored at, not its batch index."""
+    rows = make_rows(7)
+    store.put_results("job-b", "auth-1", 30, rows[:1], operator="op")
+    assert store.append_results("job-b", rows[1:3], operator="op") == 2
+    assert store.append_results("job-b", [], operator="op") == 0
+    assert store.append_results("job-b", rows[3:], operator="op") == 4
+    read = store.read_results("job-b", operator="op", purpose="check batches")
+    assert [r["query_record_id"] for r in read] == [r["query_record_id"] for r in rows]
+    assert STREET.encode() not in raw(db_path)
