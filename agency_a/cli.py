@@ -1,4 +1,4 @@
-"""``agency-a``: the requester's operator CLI (init, serve, match, results, purge)."""
+"""``agency-a``: the requester's operator CLI (init, serve, match, results, report, purge)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,17 @@ from protocol.adapters.operators import (
 from protocol.adapters.pools import AggregatePool, BatchPool
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli.help import HelpfulParser
-from protocol.cli.oversight import add_ledger_commands, audit_verify_command, export_command
+from protocol.cli.oversight import (
+    add_ledger_commands,
+    audit_verify_command,
+    export_command,
+    read_accuracy,
+)
 from protocol.domain.engine import Engine
 from protocol.domain.records import CSV_SCHEMA_HELP
 from protocol.engines import registry as engine_registry
+from protocol.report.facts import job_facts
+from protocol.report.render import render_report
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 log = logging.getLogger("agency_a")
@@ -91,6 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signing_key=signing_key, operators=operators,
         store=store, ops=pool, custodian_keys=parse_agency_keys(args.custodian_key),
         chunk_size=args.chunk_size, audit=audit, aggregate_ops=agg_pool,
+        tagset_cache=data / "tagsets",  # created 0700 on the first epoch-mode job
     )
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     server, port = serve(service, tls, args.listen)
@@ -172,6 +181,7 @@ def cmd_match(args: argparse.Namespace) -> int:
                     summary = json.loads(ev.summary_json)
                 elif ev.phase == "failed":
                     failed = ev.message
+                    summary = json.loads(ev.summary_json) if ev.summary_json else {}
                 elif ev.phase in PHASE_LABELS:
                     if ev.phase not in tasks:
                         tasks[ev.phase] = bar.add_task(PHASE_LABELS[ev.phase],
@@ -179,8 +189,12 @@ def cmd_match(args: argparse.Namespace) -> int:
                     bar.update(tasks[ev.phase], completed=ev.done, total=max(ev.total, 1))
     if failed:
         console.print(f"[red]match failed[/red] {failed}")
+        for line in verifiable_summary_lines(summary):
+            console.print(line)
         if args.summary_json:
-            write_file_atomic(args.summary_json, json.dumps({"failed": failed}, indent=2).encode())
+            doc = {"failed": failed, **{k: summary[k] for k in VERIFIABLE_SUMMARY_KEYS
+                                       if k in summary}}
+            write_file_atomic(args.summary_json, json.dumps(doc, indent=2).encode())
         return 1
     print_summary(console, summary)
     if args.summary_json:
@@ -219,8 +233,25 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
                        ("fields disclosed", "fields_disclosed")):
         items = s.get(key) or {}
         console.print(f"{label}: " + (", ".join(f"{k}={v:,}" for k, v in items.items()) or "none"))
-    for line in late_summary_lines(s):
+    for line in late_summary_lines(s) + verifiable_summary_lines(s):
         console.print(line)
+
+
+#: Summary keys of the verifiable option (docs/architecture.md, Verifiable evaluation).
+VERIFIABLE_SUMMARY_KEYS = ("verifiable_evaluation", "evaluation_proofs_verified",
+                           "evaluation_proof_invalid")
+
+
+def verifiable_summary_lines(s: dict[str, Any]) -> list[str]:
+    """Whether the custodian's evaluations were proven under the pinned key, or which failed."""
+    if s.get("evaluation_proof_invalid"):
+        return [f"evaluation proof INVALID after {s.get('evaluation_proofs_verified', 0):,} "
+                f"verified chunks: {s['evaluation_proof_invalid']} (session aborted; nothing "
+                "from that chunk was finalized; recorded in the audit chain)"]
+    if s.get("verifiable_evaluation"):
+        return [f"verifiable evaluation: {s.get('evaluation_proofs_verified', 0):,} chunk "
+                "proofs verified against the authorization's pinned evaluation key"]
+    return []
 
 
 def late_summary_lines(s: dict[str, Any]) -> list[str]:
@@ -314,6 +345,44 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a job's report (docs/architecture.md, Reports); the service logs the access."""
+    out = Path(args.out)
+    if not args.force and (out.exists() or out.is_symlink()):
+        raise FileExistsError(f"--out {out} already exists (use --force to replace it)")
+    oversight = None
+    if args.oversight:
+        try:
+            oversight = json.loads(Path(args.oversight).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--oversight {args.oversight} is not JSON (expected the output "
+                             f"of 'psi-authority oversight --json'): {exc}") from exc
+    accuracy, source = read_accuracy(args.accuracy)
+    with _channel(args) as channel:
+        stub = pb2_grpc.RequesterStub(channel)
+        try:
+            reply = stub.GetReport(pb2.ReportRequest(
+                job_id=args.job, operator=args.operator, purpose=args.purpose,
+                include_rows=args.include_rows), timeout=600)
+        except grpc.RpcError as exc:
+            print(f"agency-a: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    rows = ([{"query_record_id": r.query_record_id, "rule_id": r.rule_id,
+              "pseudonym": r.pseudonym, "fields": {f.name: f.value for f in r.fields}}
+             for r in reply.rows] if args.include_rows else None)
+    facts = job_facts(json.loads(reply.summary_json), generated_at=time.time(),
+                      accuracy=accuracy, accuracy_source=source, oversight=oversight,
+                      rows=rows)
+    # with rows it is a case file (owner-only); counts only, it is meant to be handed on
+    write_file_atomic(out, render_report(facts).encode("utf-8"),
+                      mode=0o600 if rows is not None else 0o644)
+    what = (f"with {len(rows)} disclosed rows (personal data, mode 0600)" if rows is not None
+            else "counts and aggregates only")
+    print(f"report for job {args.job} written to {out} ({what}); access logged for operator "
+          f"{args.operator!r}")
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = pb2_grpc.RequesterStub(channel)
@@ -403,8 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--session-id", help="resume this session id")
     m.add_argument("--tokens", help="named-subject tokens from 'psi-authority review'")
     m.add_argument("--engine", default=Engine.OPRF.value, choices=list(engine_registry.names()),
-                   help="match engine: RFC 9497 OPRF (default) or KKRT OT-extension OPRF "
-                        "(the authorization and the custodian policy must permit it)")
+                   help="match engine: RFC 9497 OPRF (default), KKRT OT-extension OPRF, or "
+                        "oprf-epoch against a national custodian's key-epoch tag set (fetched "
+                        "once per epoch and cached in the service's data directory; the "
+                        "authorization and the custodian policy must permit it)")
     m.add_argument("--show-refused", type=int, default=10, help="refused records to list")
     m.add_argument("--summary-json", help="write the final summary here")
     m.add_argument("--no-progress", action="store_true",
@@ -428,6 +499,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"at most N rows, 0 = all (default: {TERMINAL_ROW_LIMIT} for text on "
                         "stdout, else all); says how many were left out")
     r.set_defaults(func=cmd_results)
+
+    rp = sub.add_parser("report", help="write a job's report: one self-contained HTML page "
+                        "(logged, requires a purpose)",
+                        description="Write one self-contained HTML page for a policymaker: the "
+                        "request, what was refused before anything ran, what each party "
+                        "learned, matches by rule with their misidentification risk, budget "
+                        "and cap used, the signed receipt and a timeline. Counts and "
+                        "aggregates only unless --include-rows. The access is logged with the "
+                        "operator and purpose, like a results read.")
+    _client_args(rp)
+    rp.add_argument("--job", required=True, help="job id printed by 'match'")
+    rp.add_argument("--purpose", required=True, help="why the report is made (logged)")
+    rp.add_argument("--out", required=True, metavar="FILE", help="HTML file to write")
+    rp.add_argument("--include-rows", action="store_true",
+                    help="add the disclosed rows for a case file (personal data: a results "
+                         "read on the audit chain; the page says so at the top; file mode "
+                         "0600)")
+    rp.add_argument("--accuracy", metavar="FILE",
+                    help="accuracy JSON from 'make accuracy' for the per-rule precision, "
+                         "recall and misidentification risk (default: "
+                         "benchmarks/results/accuracy.json of this checkout if present, "
+                         "else 'not measured')")
+    rp.add_argument("--oversight", metavar="FILE",
+                    help="output of 'psi-authority oversight --json' for this job's "
+                         "authorization, to show AGREE or the first disagreement (default: "
+                         "not set: the page says oversight was not checked)")
+    rp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    rp.set_defaults(func=cmd_report)
 
     g = sub.add_parser("purge", help="purge a job's results now",
                        description="Delete a job's stored results before their retention "

@@ -295,6 +295,40 @@ def learned_table(summary: dict[str, Any], true_ids: set[str], matched_ids: set[
     return t
 
 
+def oversight_json(work: Path, auth_id: str, name: str = "report") -> Path:
+    """Both agencies export the authorization's account (each pins its head with a fresh
+    signed checkpoint) and the inspector's check runs on them; its JSON verdict's path."""
+    for agency, where in (("agency_b", ["--ledger", str(work / "agency-b" / "ledger.sqlite")]),
+                          ("agency_a", ["--data", str(work / "agency-a" / "data")])):
+        side = agency[-1]
+        run([f"{agency}.cli", "export", *where, "--authorization", auth_id,
+             "--out", str(work / f"{name}-export-{side}.json"), "--force",
+             "--secrets", str(work / f"agency-{side}" / "secrets")], quiet=True)
+    out = work / f"{name}-oversight.json"
+    proc = run(["protocol.cli.authority", "oversight",
+                "--custodian-export", str(work / f"{name}-export-b.json"),
+                "--requester-export", str(work / f"{name}-export-a.json"),
+                "--custodian-key", str(work / "agency-b" / "secrets" / "signing.pub.json"),
+                "--requester-key", str(work / "agency-a" / "secrets" / "signing.pub.json"),
+                "--json"], check=False, quiet=True)
+    if proc.returncode not in (0, 1):  # 1 = they disagree: the report shows where
+        raise DemoFailure(f"oversight check failed to run: {proc.stderr}")
+    out.write_text(proc.stdout)
+    return out
+
+
+def write_report(work: Path, ports: dict[str, int], job_id: str, auth_id: str,
+                 dest: Path) -> Path:
+    """The policymaker's page for the main match (docs/architecture.md, Reports): the
+    operator's ``agency-a report``, logged like any read, with the inspector's verdict."""
+    verdict = oversight_json(work, auth_id)
+    run(["agency_a.cli", "report", "--server", f"127.0.0.1:{ports['a']}",
+         "--certs", str(work / "certs"), "--operator", "demo-analyst", "--job", job_id,
+         "--purpose", "demo report for policymakers", "--oversight", str(verdict),
+         "--out", str(dest), "--force"], quiet=True)
+    return dest
+
+
 def expect_refusal(label: str, code: int, summary: dict[str, Any], want: str) -> bool:
     text = str(summary.get("failed", ""))
     ok = code != 0 and want in text
@@ -313,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true",
                    help="keep the working directory and print where everything is "
                         "('make demo KEEP=1')")
+    p.add_argument("--report", metavar="FILE",
+                   help="write the main match's HTML report here (default: report.html in "
+                        "the working directory when it is kept, else a new "
+                        "gated-psi-demo-report-*.html in the system's temporary directory)")
     args = p.parse_args(argv)
     if args.scale < MIN_SCALE:  # the named scene needs a dozen reviewable true matches
         p.error(f"--scale must be at least {MIN_SCALE:,}: the scenes need enough true matches "
@@ -322,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     ok = True
     state: dict[str, str] = {}
+    if args.report:
+        state["report"] = str(Path(args.report).resolve())
+    elif args.workdir or args.keep:
+        state["report"] = str(work / "report.html")
+    else:  # outlives the deleted working directory: counts only, no one is named in it
+        fd, name = tempfile.mkstemp(prefix="gated-psi-demo-report-", suffix=".html")
+        os.close(fd)
+        state["report"] = name
     try:
         ok = _demo(work, args.scale, procs, state)
     except DemoFailure as exc:
@@ -344,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
             console.print(f"working directory {work} deleted (keys, ledgers and logs with it); "
                           "'make demo KEEP=1' keeps it")
+    if state.get("report_written"):
+        console.print(f"report for policymakers (one self-contained HTML page): "
+                      f"{state['report']}", soft_wrap=True, highlight=False)
+    elif "report" in state and not args.report and not (args.workdir or args.keep):
+        Path(state["report"]).unlink(missing_ok=True)  # the placeholder of a failed run
     console.print(Panel("[green]demo completed: every step behaved as expected[/green]" if ok
                         else "[red]demo FAILED[/red]"))
     return 0 if ok else 1
@@ -363,6 +414,7 @@ KEPT_PATHS = (
     ("requester data (ledger, encrypted results)", "agency-a/data"),
     ("requester service log (JSON lines)", "agency-a/service.log"),
     ("oversight exports of the main authorization", "export-a.json, export-b.json"),
+    ("the main match's report for policymakers (HTML)", "report.html"),
 )
 
 
@@ -483,6 +535,10 @@ def _demo(work: Path, scale: int, procs: list[subprocess.Popen[bytes]],
     console.print(f"results are stored encrypted at rest for "
                   f"{summary['results_retention_days']} days, then purged; "
                   f"the read above was logged for operator 'demo-analyst'.")
+    write_report(work, ports, summary["job_id"], state["auth_id"], Path(state["report"]))
+    state["report_written"] = "yes"
+    console.print(f"report for policymakers written (counts only, the access logged): "
+                  f"{state['report']}", soft_wrap=True, highlight=False)
 
     kkrt_scene(work, scenario, ports, summary, matched_ids)
     named_scene(work, scenario, ports)

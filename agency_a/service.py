@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,17 +36,21 @@ from agency_a.client import (
     run_remote_aggregate,
     run_remote_session,
 )
+from agency_a.tagset_cache import CachedTagSet, TagSetCache
 from proto import codec
 from proto import service_kit as kit
 from protocol.accounting.export import RECEIPT_AUDIT_KIND, record_receipt
 from protocol.adapters.operators import MAX_OPERATOR_CHARS, OperatorRoster, operator_problem
 from protocol.adapters.sqlite_ledger import Ledger
-from protocol.domain.engine import Engine
+from protocol.domain.engine import Engine, IndexMode
 from protocol.domain.messages import OpenRequest, Receipt
 from protocol.domain.recordstore import load_query_csv
+from protocol.engines import registry as engine_registry
 from protocol.engines.named import TokenSet
+from protocol.engines.oprf import EvaluationProofInvalid
 from protocol.errors import InvalidRecordError, PSIError
 from protocol.policy.decide import SignedAuthorization, Tier
+from protocol.report.facts import pick_refusal_examples
 from protocol.sessions.aggregate import AggregateRequesterSession
 from protocol.sessions.identity import GroupOps, Match, MatchResult, RequesterSession
 
@@ -60,6 +66,10 @@ RECEIPT_PENDING = "done_receipt_pending"
 #: States whose results may be read.
 READABLE_STATES = ("done", RECEIPT_PENDING)
 FINISHED_STATES = ("done", RECEIPT_PENDING, "failed")
+#: Audit-chain kind (and log event) of an evaluation proof that failed to verify.
+EVALUATION_PROOF_INVALID = EvaluationProofInvalid.code
+#: Audit entry and log event of a report access (docs/architecture.md, Reports).
+REPORT_AUDIT_KIND = "report_read"
 
 
 @dataclass
@@ -74,9 +84,12 @@ class Job:
     summary: dict[str, Any] = field(default_factory=dict)
     error_code: str = ""
     error: str = ""
+    #: When each phase was first reported (unix seconds): the report's timeline.
+    phase_started: dict[str, float] = field(default_factory=dict)
 
     def emit(self, phase: str, done: int = 0, total: int = 0, message: str = "",
              summary: dict[str, Any] | None = None) -> None:
+        self.phase_started.setdefault(phase, time.time())
         ev = pb2.JobEvent(job_id=self.job_id, phase=phase, done=done, total=total,
                           message=message,
                           summary_json=json.dumps(summary, default=str) if summary else "")
@@ -107,8 +120,12 @@ class RequesterService(kit.RequesterServicer):
         chunk_size: int = 4096,
         audit: Ledger | None = None,
         aggregate_ops: Any = None,
+        tagset_cache: Path | str | None = None,
     ) -> None:
         self.identity = identity
+        #: key-epoch tag sets, fetched once per epoch (owner-only; engine oprf-epoch)
+        self.tagsets = TagSetCache(tagset_cache if tagset_cache is not None
+                                   else Path(tempfile.mkdtemp(prefix="gated-psi-tagsets-")))
         self.operators = operators if isinstance(operators, OperatorRoster) else OperatorRoster(
             operators)
         self.audit = audit
@@ -223,6 +240,9 @@ class RequesterService(kit.RequesterServicer):
             "queries_submitted": n_rows, "queries_accepted": len(accepted),
             "queries_refused": n_rows - len(accepted),
             "refused_by_reason": refused_by_reason,
+            # for the job's report (docs/architecture.md, Reports)
+            "authorization": auth.to_json(), "refused_examples": pick_refusal_examples(refused),
+            "submitted_at": time.time(),
         }
         kit.log_event(log, "job_submitted", job=job.job_id, operator=header.operator,
                       authorization=auth.authorization_id, queries=n_rows,
@@ -240,6 +260,20 @@ class RequesterService(kit.RequesterServicer):
                      for r in refused[:MAX_REFUSALS_IN_STATUS]],
         )
 
+    def _epoch_tagset(self, engine: str, signed: SignedAuthorization, header: Any,
+                      stats: WireStats) -> CachedTagSet | None:
+        """The custodian's epoch tag set for an engine that matches against one: from the
+        cache, or fetched once per epoch (docs/architecture.md, National custodian)."""
+        if engine_registry.get(engine).traits.index is not IndexMode.EPOCH:
+            return None
+        rules = tuple(header.match_rules) or signed.authorization.match_rules
+        started = time.perf_counter()
+        with kit.secure_channel(header.custodian_address, self.client_tls) as channel:
+            tags, received = self.tagsets.fetch(channel, signed, rules)
+        stats.add("tagset", down=received)
+        stats.seconds["tagset"] = time.perf_counter() - started
+        return tags
+
     def _run(self, job: Job, signed: SignedAuthorization, work: list[Any],
              header: Any, tokens: dict[tuple[str, str], bytes] | None) -> None:
         accepted = work.pop()
@@ -251,6 +285,9 @@ class RequesterService(kit.RequesterServicer):
             if auth.tier is not Tier.IDENTITY:
                 self._run_aggregate(job, signed, accepted, header, started)
                 return
+            engine = header.engine or Engine.OPRF.value
+            stats = WireStats()
+            epoch_tags = self._epoch_tagset(engine, signed, header, stats)
             session = RequesterSession(
                 signed, accepted,
                 match_rules=tuple(header.match_rules) or None,
@@ -258,10 +295,9 @@ class RequesterService(kit.RequesterServicer):
                 ops=self.ops, chunk_size=self.chunk_size,
                 session_id=header.session_id or None, signing_key=self.signing_key,
                 custodian_key=self.custodian_keys.get(auth.custodian_id), tokens=tokens,
-                engine=header.engine or Engine.OPRF.value,
+                engine=engine, tagset=epoch_tags,
             )
             del accepted  # the session keeps ids and match keys only
-            stats = WireStats()
             # session construction (match keys, cuckoo table): part of the timed job
             stats.seconds["prepare"] = time.perf_counter() - started
             # results are stored as each disclosure batch arrives (docs/architecture.md,
@@ -278,6 +314,9 @@ class RequesterService(kit.RequesterServicer):
                                                  progress=self._progress(job), stats=stats,
                                                  journal=journal)
             except (grpc.RpcError, PSIError, OSError, ValueError) as exc:
+                if isinstance(exc, EvaluationProofInvalid):
+                    self._proof_invalid(job, journal, session, exc)
+                    raise
                 if not journal.data["opened"]:
                     journal.save("failed")
                     raise
@@ -296,6 +335,8 @@ class RequesterService(kit.RequesterServicer):
             job.summary.update({
                 "session_id": session.session_id,
                 "custodian_id": auth.custodian_id,
+                "verifiable_evaluation": auth.evaluation_key is not None,
+                "evaluation_proofs_verified": session.evaluation_proofs_verified,
                 "elements_evaluated": session.element_count,
                 "queries_without_usable_key": session.queries_without_key,
                 "mode": auth.mode.value,
@@ -318,9 +359,11 @@ class RequesterService(kit.RequesterServicer):
                 "receipt_pending": False,
                 "bytes_a_to_b": sum(stats.a_to_b.values()),
                 "bytes_b_to_a": sum(stats.b_to_a.values()),
+                "phase_bytes_b_to_a": dict(stats.b_to_a),
                 "phase_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
                 "wall_seconds": round(time.perf_counter() - started, 3),
                 "results_retention_days": auth.retention_days,
+                "phase_started_at": dict(job.phase_started), "finished_at": time.time(),
             })
             job.state = "done"
             journal.save("done")
@@ -341,7 +384,7 @@ class RequesterService(kit.RequesterServicer):
             job.error_code = "FAILED_PRECONDITION" if isinstance(exc, PSIError) else "INTERNAL"
             job.error = kit.error_message(exc)
             kit.log_event(log, "job_failed", logging.WARNING, job=job.job_id, reason=job.error)
-            job.emit("failed", 0, 0, f"{job.error_code}: {job.error}")
+            job.emit("failed", 0, 0, f"{job.error_code}: {job.error}", summary=job.summary)
 
     # -- late failures (docs/architecture.md, Late failures) -------------------------
 
@@ -363,6 +406,28 @@ class RequesterService(kit.RequesterServicer):
         job.emit("failed" if job.state == "failed" else "done", 1, 1,
                  f"job {job.state} (from an earlier run)", summary=job.summary)
         return job
+
+    def _proof_invalid(self, job: Job, journal: JobJournal, session: RequesterSession,
+                       exc: EvaluationProofInvalid) -> None:
+        """A chunk's evaluation proof failed: the session is aborted, nothing of that chunk
+        was finalized, and the failure goes into the audit chain, the journal and the summary
+        (docs/architecture.md, Verifiable evaluation).  No receipt is sought: the custodian
+        broke the protocol, so the job fails rather than waiting for one."""
+        auth = session.signed.authorization
+        event = {"session_id": session.session_id,
+                 "authorization_id": auth.authorization_id,
+                 "custodian_id": auth.custodian_id,
+                 "evaluation_key": (auth.evaluation_key or b"").hex(),
+                 "proofs_verified_before": session.evaluation_proofs_verified,
+                 "reason": kit.error_message(exc)}
+        if self.audit is not None:
+            self.audit.audit(EVALUATION_PROOF_INVALID, event)
+        job.summary.update({"session_id": session.session_id, "verifiable_evaluation": True,
+                            "evaluation_proofs_verified": session.evaluation_proofs_verified,
+                            "evaluation_proof_invalid": event["reason"]})
+        journal.save("failed")
+        kit.log_event(log, EVALUATION_PROOF_INVALID, logging.WARNING, job=job.job_id,
+                      session=session.session_id, reason=event["reason"])
 
     def _receipt_pending(self, job: Job, journal: JobJournal, exc: BaseException) -> None:
         """The session failed after it opened: its results stay readable, the receipt waits."""
@@ -530,6 +595,7 @@ class RequesterService(kit.RequesterServicer):
             "bytes_b_to_a": sum(stats.b_to_a.values()),
             "phase_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
             "wall_seconds": round(time.perf_counter() - started, 3),
+            "phase_started_at": dict(job.phase_started), "finished_at": time.time(),
         })
         job.state = "done"
         kit.log_event(log, "job_done", job=job.job_id, tier=result.tier, count=result.count,
@@ -570,11 +636,36 @@ class RequesterService(kit.RequesterServicer):
         kit.log_event(log, "results_read", job=job.job_id, operator=request.operator,
                       purpose=request.purpose, result_rows=len(rows))
         for row in rows:
-            yield pb2.ResultRow(
-                query_record_id=row["query_record_id"], rule_id=row["rule_id"],
-                pseudonym=row["pseudonym"],
-                fields=[pb2.Field(name=k, value=v) for k, v in row["fields"].items()],
-            )
+            yield _result_row(row)
+
+    def GetReport(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """A finished job's summary for its report; an access like a results read.
+
+        Operator (on the roster) and purpose are required and the access is logged; the
+        disclosed rows are read only when asked, through the store (on the audit chain).
+        """
+        self._operator_peer(context)
+        self._operator(context, request.operator, "GetReport")
+        job = self._job(request, context)
+        if job.state not in READABLE_STATES:
+            kit.abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"job_not_done: job is {job.state}; a report needs a finished match")
+        if not request.purpose.strip():
+            kit.abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      "malformed: a report requires a purpose (not blank)")
+        rows = (self.store.read_results(job.job_id, operator=request.operator,
+                                        purpose=request.purpose)
+                if request.include_rows else [])
+        access = {"job_id": job.job_id, "operator": request.operator,
+                  "purpose": request.purpose, "include_rows": request.include_rows,
+                  "result_rows": len(rows)}
+        if self.audit is not None:  # who saw the job's account, and why, on the chain
+            self.audit.audit(REPORT_AUDIT_KIND, {
+                "authorization_id": job.summary.get("authorization_id"), **access})
+        kit.log_event(log, REPORT_AUDIT_KIND, **access)
+        summary = {"phase_started_at": dict(job.phase_started), **job.summary}
+        return pb2.JobReport(summary_json=json.dumps(summary, default=str),
+                             rows=[_result_row(r) for r in rows])
 
     def PurgeResults(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._operator_peer(context)
@@ -586,6 +677,15 @@ class RequesterService(kit.RequesterServicer):
         kit.log_event(log, "results_purged", job=job.job_id, operator=request.operator,
                       result_rows=n)
         return pb2.PurgeAck(purged=n)
+
+
+def _result_row(row: dict[str, Any]) -> Any:
+    """One stored result row as the operator sees it (GetResults, GetReport)."""
+    return pb2.ResultRow(
+        query_record_id=row["query_record_id"], rule_id=row["rule_id"],
+        pseudonym=row["pseudonym"],
+        fields=[pb2.Field(name=k, value=v) for k, v in row["fields"].items()],
+    )
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ _ROW_AD_TAG = STORE_DOMAIN + b"/row-ad"
 _JOB_MAC_TAG = STORE_DOMAIN + b"/job-header"
 _KEY_CHECK_TAG = STORE_DOMAIN + b"/key-check-value"
 _JOB_STATE_AD_TAG = STORE_DOMAIN + b"/job-state-ad"
+_JOB_MATCHES_AD_TAG = STORE_DOMAIN + b"/job-matches-ad"
+#: The key of a job state's list that is sealed apart from the rest (see ``_put_state``).
+_MATCHES_KEY = "matches"
 
 _SCHEMA_VERSION = 1
 _NONCE_LEN = 12
@@ -305,6 +309,13 @@ _SCHEMA = (
         nonce       BLOB NOT NULL,
         sealed      BLOB NOT NULL
     )""",
+    # A job state's match list (the largest part, fixed once the match is done), sealed on
+    # its own so each disclosure batch rewrites only the part that changed.
+    """CREATE TABLE IF NOT EXISTS job_state_matches (
+        job_id      TEXT PRIMARY KEY,
+        nonce       BLOB NOT NULL,
+        sealed      BLOB NOT NULL
+    )""",
 )
 
 
@@ -343,6 +354,9 @@ class ResultStore:
         self._stop = threading.Event()
         self._purger: threading.Thread | None = None
         self._store_id = ""
+        # digest of the match list last sealed per job (see _put_state); memory only
+        self._matches_written: dict[str, bytes] = {}
+        self._pending_matches: dict[str, bytes] = {}
 
         # The ledger's connection and transaction discipline (protocol.adapters.sqlite),
         # with this store's pragmas: rollback journal and secure_delete.
@@ -501,7 +515,7 @@ class ResultStore:
             if job_state is not None:
                 self.save_job_state(job_id, *job_state)
             return 0
-        with self._db.write() as conn:
+        with self._state_write() as conn:
             found = conn.execute(
                 "SELECT authorization_id, rows, stored_at, expires_at, retention_days "
                 "FROM jobs WHERE job_id = ?",
@@ -535,16 +549,43 @@ class ResultStore:
     def save_job_state(self, job_id: str, state: str, data: Mapping[str, Any]) -> None:
         """Seal and keep a job's state and recovery data (replacing the previous one)."""
         _require_text("job_id", job_id)
-        with self._db.write() as conn:
+        with self._state_write() as conn:
             if not conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone():
                 raise ValueError(f"no stored job {job_id!r} (unknown or purged)")
             self._put_state(conn, job_id, state, data)
+
+    @contextmanager
+    def _state_write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that may save job states: match lists it sealed count as
+        written only once it commits."""
+        with self._lock:
+            self._pending_matches.clear()
+            try:
+                with self._db.write() as conn:
+                    yield conn
+            except BaseException:
+                self._pending_matches.clear()
+                raise
+            self._matches_written.update(self._pending_matches)
+            self._pending_matches.clear()
 
     def _put_state(
         self, conn: sqlite3.Connection, job_id: str, state: str, data: Mapping[str, Any]
     ) -> None:
         _require_text("state", state)
-        plaintext = json.dumps(dict(data), sort_keys=True, separators=(",", ":"), default=str)
+        rest = dict(data)
+        matches = rest.get(_MATCHES_KEY)
+        if isinstance(matches, list):
+            # Sealed apart, and written again only when it changed: at full scale it is
+            # most of the state, and every disclosure batch saves the state (a rewrite of
+            # a multi-MB blob under the rollback journal and secure_delete costs more
+            # than the batch's rows).
+            del rest[_MATCHES_KEY]
+            self._put_matches(conn, job_id, matches)
+        else:
+            conn.execute("DELETE FROM job_state_matches WHERE job_id = ?", (job_id,))
+            self._matches_written.pop(job_id, None)
+        plaintext = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str)
         nonce = os.urandom(_NONCE_LEN)
         sealed = self._aead.encrypt(nonce, plaintext.encode("utf-8"),
                                     self._state_ad(job_id, state))
@@ -555,12 +596,30 @@ class ResultStore:
             (job_id, state, nonce, sealed),
         )
 
+    def _put_matches(self, conn: sqlite3.Connection, job_id: str, matches: list[Any]) -> None:
+        text = json.dumps(matches, separators=(",", ":"), default=str).encode("utf-8")
+        digest = hashlib.sha256(text).digest()  # kept in memory only, never stored
+        if self._matches_written.get(job_id) == digest:
+            return
+        nonce = os.urandom(_NONCE_LEN)
+        conn.execute(
+            "INSERT INTO job_state_matches (job_id, nonce, sealed) VALUES (?, ?, ?) "
+            "ON CONFLICT(job_id) DO UPDATE SET nonce = excluded.nonce, sealed = excluded.sealed",
+            (job_id, nonce, self._aead.encrypt(nonce, text, self._matches_ad(job_id))),
+        )
+        # remembered only once the transaction commits (a rollback must not skip a write)
+        self._pending_matches[job_id] = digest
+
+    def _matches_ad(self, job_id: str) -> bytes:
+        return encode(_JOB_MATCHES_AD_TAG, self._store_id.encode(), job_id.encode())
+
     def job_states(self, job_id: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
         """(job id, state, data) of the stored jobs (or one job), unexpired, oldest first."""
         self.purge_expired()
         query = (
-            "SELECT s.job_id, s.state, s.nonce, s.sealed FROM job_state s "
-            "JOIN jobs j ON j.job_id = s.job_id"
+            "SELECT s.job_id, s.state, s.nonce, s.sealed, m.nonce, m.sealed FROM job_state s "
+            "JOIN jobs j ON j.job_id = s.job_id "
+            "LEFT JOIN job_state_matches m ON m.job_id = s.job_id"
         )
         args: tuple[str, ...] = ()
         if job_id is not None:
@@ -569,14 +628,19 @@ class ResultStore:
             found = self._connection().execute(query + " ORDER BY j.stored_at, s.job_id",
                                                args).fetchall()
         out: list[tuple[str, str, dict[str, Any]]] = []
-        for jid, state, nonce, sealed in found:
+        for jid, state, nonce, sealed, m_nonce, m_sealed in found:
             try:
                 plaintext = self._aead.decrypt(bytes(nonce), bytes(sealed),
                                                self._state_ad(jid, state))
+                matches = None if m_sealed is None else self._aead.decrypt(
+                    bytes(m_nonce), bytes(m_sealed), self._matches_ad(jid))
             except (InvalidTag, ValueError):
                 raise ResultIntegrityError(
                     f"job {jid!r}: its stored state fails authentication") from None
-            out.append((jid, state, json.loads(plaintext.decode("utf-8"))))
+            data = json.loads(plaintext.decode("utf-8"))
+            if matches is not None:
+                data[_MATCHES_KEY] = json.loads(matches.decode("utf-8"))
+            out.append((jid, state, data))
         return out
 
     def _state_ad(self, job_id: str, state: str) -> bytes:
@@ -783,6 +847,11 @@ class ResultStore:
                 orphans += conn.execute(
                     "DELETE FROM job_state WHERE job_id NOT IN (SELECT job_id FROM jobs)"
                 ).rowcount
+                orphans += conn.execute(
+                    "DELETE FROM job_state_matches WHERE job_id NOT IN (SELECT job_id FROM jobs)"
+                ).rowcount
+                if orphans:
+                    self._matches_written.clear()  # cheap to forget: one rewrite each
             if lapsed or orphans:
                 self._vacuum()
         return total
@@ -810,10 +879,11 @@ class ResultStore:
                 self._vacuum()
         return n
 
-    @staticmethod
-    def _delete_job(conn: sqlite3.Connection, job_id: str) -> int:
+    def _delete_job(self, conn: sqlite3.Connection, job_id: str) -> int:
+        self._matches_written.pop(job_id, None)
         n = conn.execute("DELETE FROM results WHERE job_id = ?", (job_id,)).rowcount
         conn.execute("DELETE FROM job_state WHERE job_id = ?", (job_id,))
+        conn.execute("DELETE FROM job_state_matches WHERE job_id = ?", (job_id,))
         conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         return n
 

@@ -9,12 +9,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agency_b.certification import register as register_certification
+from agency_b.national import register as register_national
 from agency_b.service import serve
 from proto import service_kit as kit
 from proto.lifecycle import (
@@ -26,6 +28,7 @@ from proto.lifecycle import (
 )
 from proto.limits import add_limit_arguments, limits_from_args
 from protocol.adapters.checkpointer import Checkpointer
+from protocol.adapters.epoch_index import EpochIndex
 from protocol.adapters.files import (
     make_private_dir,
     open_csv,
@@ -34,14 +37,21 @@ from protocol.adapters.files import (
     read_secret,
     write_secret,
 )
-from protocol.adapters.keys import load_signing_key, parse_agency_keys, write_signing_key
+from protocol.adapters.keys import (
+    load_signing_key,
+    parse_agency_keys,
+    write_evaluation_key,
+    write_signing_key,
+)
 from protocol.adapters.pools import AggregatePool, BatchPool
+from protocol.adapters.shards import ShardedRecords
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli.help import HelpfulParser
 from protocol.cli.oversight import add_ledger_commands, audit_verify_command, export_command
-from protocol.domain.records import CSV_SCHEMA_HELP
+from protocol.domain.records import CSV_SCHEMA_HELP, PersonRecord, Refusal
 from protocol.domain.recordstore import load_custodian_csv
 from protocol.engines import registry
+from protocol.engines.base import RecordsOutOfCore, evaluation_key_pair
 from protocol.sessions.aggregate import AggregateCustodian
 from protocol.sessions.identity import Custodian, CustodianConfig
 
@@ -53,6 +63,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     write_secret(out / "master.secret", os.urandom(32).hex().encode(), force=args.force)
     write_signing_key(out, "signing", force=args.force)
     print(f"custodian secrets written to {out} (master.secret, signing.key, signing.pub.json)")
+    return 0
+
+
+def cmd_evaluation_key(args: argparse.Namespace) -> int:
+    """Publish the POPRF public key derived from master.secret, for the authority to pin."""
+    master = bytes.fromhex(read_secret(Path(args.secrets) / "master.secret").decode().strip())
+    _, public_key = evaluation_key_pair(master)
+    write_evaluation_key(Path(args.out), args.custodian_id, public_key)
+    print(f"evaluation key {public_key.hex()} of {args.custodian_id} written to {args.out}; "
+          "give it to the authority (psi-authority issue --custodian-evaluation-key)")
     return 0
 
 
@@ -90,8 +110,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signing_key = load_signing_key(secrets / "signing.key")
     policy = read_policy(args.policy)
     t0 = time.perf_counter()
-    with open_csv(args.records) as fh:
-        records, refused, rows = load_custodian_csv(fh, today=date.today())
+    records: Sequence[PersonRecord]
+    refused: list[Refusal]
+    if args.records_store:
+        # out of core (docs/architecture.md, National custodian): validated when stored,
+        # read by row for disclosure only, so memory does not grow with the file
+        store = ShardedRecords.open(args.records_store)
+        records, refused, rows = RecordsOutOfCore(store), [], store.count
+    else:
+        with open_csv(args.records) as fh:
+            records, refused, rows = load_custodian_csv(fh, today=date.today())
+    epoch_index = EpochIndex.open(args.epoch_index) if args.epoch_index else None
+    if epoch_index is not None:
+        kit.log_event(log, "epoch_index_loaded", epoch=epoch_index.epoch_id,
+                      bits=epoch_index.bits, rules=list(epoch_index.rules),
+                      tags={r: epoch_index.tags(r) for r in epoch_index.rules})
     certifications = {}
     for path in args.certification:
         cert = read_certification(path)
@@ -108,7 +141,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signing_key=signing_key, requester_keys=requester_keys,
         ops=pool, certifications=certifications,
         new_lock=threading.Lock,  # the service serves sessions from several threads
+        epoch_index=epoch_index,
     ))
+    # what an authority pins for verifiable evaluation (docs/architecture.md, Verifiable
+    # evaluation); the same key as ``agency-b evaluation-key`` publishes
+    kit.log_event(log, "evaluation_key", public_key=custodian.evaluation_key.hex(),
+                  verifiable_evaluation=policy.verifiable_evaluation.value)
     for engine, rules in args.prepare:
         # authorization-independent engine preparation, before the service reports ready
         t1 = time.perf_counter()
@@ -145,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "authorization, evaluates the OPRF and accounts for every disclosure."))
     sub = p.add_subparsers(dest="command", required=True)
     register_certification(sub)
+    register_national(sub)
     i = sub.add_parser("init", help="generate the custodian's master secret and receipt key",
                        description="Write master.secret (derives every per-authorization "
                        "OPRF key) and signing.key/signing.pub.json (signs receipts and audit "
@@ -152,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="secrets directory (files are mode 0600)")
     i.add_argument("--force", action="store_true", help="replace existing secrets")
     i.set_defaults(func=cmd_init)
+    e = sub.add_parser("evaluation-key", help="publish the verifiable-evaluation public key",
+                       description="Write the RFC 9497 POPRF public key derived from "
+                       "master.secret (one key for every authorization) to a JSON file. The "
+                       "authority pins it in an authorization (psi-authority issue "
+                       "--custodian-evaluation-key FILE); the requester then checks a proof "
+                       "on every evaluated chunk.")
+    e.add_argument("--secrets", required=True, help="secrets directory holding master.secret")
+    e.add_argument("--custodian-id", default="agency-b",
+                   help="this custodian's agency id, recorded in the file")
+    e.add_argument("--out", required=True, help="evaluation key file to write (JSON, 0644)")
+    e.set_defaults(func=cmd_evaluation_key)
     s = sub.add_parser("serve", help="run the custodian gRPC service (mTLS only)",
                        description="Load and validate the records, then serve identity-tier "
                        "matches (OPRF or KKRT engine) and aggregate/cardinality tiers to "
@@ -159,7 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "Stops gracefully on SIGTERM/SIGINT.\n\n" + CSV_SCHEMA_HELP)
     add_serve_arguments(s, agency="agency-b", listen="127.0.0.1:50052")
     add_limit_arguments(s)
-    s.add_argument("--records", required=True, help="custodian records CSV (schema below)")
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--records", help="custodian records CSV (schema below), loaded into "
+                        "memory (default: none; this or --records-store is required)")
+    source.add_argument("--records-store", metavar="DIR",
+                        help="sharded record store from 'agency-b import-records' or the "
+                             "national generator, read by row for disclosure only (default: "
+                             "none; this or --records is required)")
+    s.add_argument("--epoch-index", metavar="DIR",
+                   help="key-epoch index from 'agency-b build-index', served when the policy's "
+                        "index_mode is 'epoch' (engine oprf-epoch; default: none)")
     s.add_argument("--policy", required=True,
                    help="custodian policy JSON (write one with 'psi-authority policy-template')")
     s.add_argument("--ledger", required=True, help="SQLite ledger file (created if absent)")

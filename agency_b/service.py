@@ -36,6 +36,7 @@ from protocol.domain.messages import (
     Receipt,
     TagChunk,
 )
+from protocol.engines.epoch import TagSetRequest
 from protocol.errors import ProtocolError, PSIError
 from protocol.sessions.aggregate import (
     ELEMENT_SIZE,
@@ -464,6 +465,24 @@ class CustodianService(kit.CustodianServicer):
             kit.log_event(log, "disclosed", peer=peer, session=pb.session_id,
                           released=len(reply.disclosures), rejected=len(reply.rejected))
             yield codec.to_pb(reply)
+
+    def FetchTagSet(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """The key epoch's tag set (docs/architecture.md, National custodian): decided and
+        accounted before the first chunk; then streamed from the index, chunk by chunk."""
+        peer = kit.peer_agency(context)
+        try:
+            chunks = self.custodian.fetch_tagset(codec.from_pb(TagSetRequest, request),
+                                                 peer_id=peer)
+        except PSIError as exc:
+            self._refuse(context, exc, rpc="FetchTagSet", peer=peer)
+        sent = 0
+        for chunk in chunks:
+            if not context.is_active():
+                return
+            sent += len(chunk.chunk)
+            yield codec.to_pb(chunk)
+        kit.log_event(log, "tagset_sent", peer=peer, rules=list(request.match_rules)[:8],
+                      bytes=sent)
 
     def _closed(self, session_id: str, peer: str) -> _Live | None:
         """A session the ledger holds a receipt for, restored from it (close, countersign).

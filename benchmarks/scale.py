@@ -1,27 +1,32 @@
 """``make bench``: the identity tier at scale, end to end, beside its floor and OpenMined PSI.
 
 Why a separate runner and not a pytest-benchmark suite: the claim to check is about the
-whole system (two service processes, gRPC with mTLS on loopback, every worker process),
+whole system (two service processes, gRPC with mTLS, every worker process),
 at sizes up to the headline 1.28M queries x 1.3M records (docs/architecture.md, Benchmark
 scenario).  For each size it
 
 1. generates (or reuses, from ``benchmarks/data/``) the seeded scenario;
-2. works out in plaintext which queries *should* match under the rule (the same
-   validation and scoping as the services), to check the private result against it;
+2. works out in plaintext which (query, custodian record, rule) triples *should* match
+   (the same validation and scoping as the services), to check the private result
+   against it pair by pair;
 3. starts the custodian (agency-b) and the requester (agency-a) services as processes,
    runs ``agency-a match`` and records per-phase wall time, CPU time and peak RSS of each
    service *process tree* (psutil, sampled every 0.2 s), payload bytes per direction and
-   the matches, then reads the matched query ids back and compares them;
+   the matches, then reads the stored results back and compares them pair by pair;
 4. runs OpenMined PSI on exactly the same match-key bytes in its own virtualenv
-   (``benchmarks/openmined_runner.py``; its protobuf pin conflicts with ours).
+   (``benchmarks/openmined_runner.py``; its protobuf pin conflicts with ours), and checks
+   which client items it put in the intersection.
 
 In the same run it measures the single-core cost of each group operation the protocol
 needs and prints the *floor*: operations needed at that size x per-operation cost / cores.
 The floor is what perfect parallelism with zero protocol, I/O and Python overhead would
 cost; actual / floor is the overhead factor of everything else.
 
-Results are merged into ``benchmarks/results/latest.json`` (a run replaces the previous
-run of the same engine and size) and rendered by :mod:`benchmarks.report`.
+One invocation writes one run file, ``benchmarks/results/runs/<UTC time>.json`` (command
+line, commit, machine, load, per-op costs, every try of every engine, size and network),
+and :mod:`benchmarks.report` renders the report from that file alone: results of different
+runs are never merged (docs/benchmarks.md).  ``--net lan,wan`` runs the services in two
+network namespaces over an emulated link (:mod:`benchmarks.netem`).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.netem import NETS, SHAPES, ShapedLink, shaped_link
 from protocol.adapters.files import open_csv, open_private_log
 from protocol.adapters.scenario import GENERATOR_VERSION, ScenarioFiles, ScenarioSpec, generate
 
@@ -65,11 +71,14 @@ __all__ = [
     "ensure_scenario",
     "main",
     "measure_op_costs",
+    "median_op_costs",
+    "openmined_network_model",
     "plaintext_expectation",
     "run_benchmark",
     "run_openmined",
     "run_oprf",
     "scenario_spec",
+    "write_run",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,10 +90,12 @@ OPENMINED_RUNNER = Path(__file__).resolve().parent / "openmined_runner.py"
 #: ``--sizes 1300000`` means the headline scenario (1.28M queries x 1.3M records).
 HEADLINE_SIZE = 1_300_000
 DEFAULT_RULES = ("tin+dob",)
-ENGINES = ("oprf", "kkrt", "kkrt-prepared", "openmined")
+ENGINES = ("oprf", "oprf-verifiable", "kkrt", "kkrt-prepared", "openmined")
 #: engines that run through our two services (the others run in-process); "kkrt-prepared"
-#: is KKRT with the custodian's authorization-independent key digests built at start-up
-SERVICE_ENGINES = ("oprf", "kkrt", "kkrt-prepared")
+#: is KKRT with the custodian's authorization-independent key digests built at start-up;
+#: "oprf-verifiable" is the OPRF engine under an authorization that pins the custodian's
+#: POPRF key (docs/architecture.md, Verifiable evaluation)
+SERVICE_ENGINES = ("oprf", "oprf-verifiable", "kkrt", "kkrt-prepared")
 PY = sys.executable
 OPENMINED_FPR = 1e-9
 SERVICE_START_TIMEOUT = 1800.0
@@ -335,6 +346,7 @@ class PlaintextExpectation:
 
     ``query_keys`` / ``custodian_keys`` are the exact OPRF inputs of each side (accepted
     queries x rules; in-scope, valid custodian records x rules): OpenMined gets these bytes.
+    ``query_ids[i]`` is the (query record id, rule) of ``query_keys[i]``.
     """
 
     queries: int
@@ -343,10 +355,20 @@ class PlaintextExpectation:
     usable_records: int
     query_keys: list[bytes]
     custodian_keys: list[bytes]
+    query_ids: list[tuple[str, str]]
     expected: set[tuple[str, str]]  # (query_record_id, rule_id) that must match
+    triples: set[tuple[str, str, str]]  # (query_record_id, custodian_record_id, rule_id)
     correct: int  # of those, the ones whose matched record is the ground-truth person
     true_matches: int  # rows in truth.csv
     seconds: float
+
+    def triples_of(self, pairs: set[tuple[str, str]]) -> set[tuple[str, str, str]]:
+        """The (query, record, rule) triples of the plaintext join behind (query, rule) pairs.
+
+        For an engine that reveals only which queries matched (OpenMined): the records are
+        the custodian's holders of that key in the clear.
+        """
+        return {t for t in self.triples if (t[0], t[2]) in pairs}
 
 
 def _read_truth(path: Path) -> dict[str, str]:
@@ -396,21 +418,26 @@ def plaintext_expectation(files: ScenarioFiles, rules: Sequence[str],
     del accepted, report
     truth = _read_truth(files.truth)
     query_keys: list[bytes] = []
+    query_ids: list[tuple[str, str]] = []
     expected: set[tuple[str, str]] = set()
+    triples: set[tuple[str, str, str]] = set()
     correct = 0
     for rule in rules:
         for qid, key in zip(qids, qkeys[rule], strict=True):
             if key is None:
                 continue
             query_keys.append(key)
+            query_ids.append((qid, rule))
             hit = by_key.get(key)
             if hit is not None:
                 expected.add((qid, rule))
+                triples.update((qid, rid, rule) for rid in hit)
                 correct += truth.get(qid) in hit
     return PlaintextExpectation(
         queries=n_queries, records=n_records, accepted_queries=len(qids),
         usable_records=len(ids), query_keys=query_keys, custodian_keys=custodian_keys,
-        expected=expected, correct=correct, true_matches=len(truth),
+        query_ids=query_ids, expected=expected, triples=triples, correct=correct,
+        true_matches=len(truth),
         seconds=time.perf_counter() - t0,
     )
 
@@ -451,18 +478,36 @@ def setup_credentials(work: Path) -> None:
     _cli(["protocol.cli.authority", "policy-template", "--custodian", "agency-b",
           "--trust", str(work / "authority" / "authority.pub.json"), "--engines", "oprf,kkrt",
           "--out", str(work / "agency-b" / "policy.json")])
+    _custodian_cert_for_link(work / "certs")
+    _cli(["agency_b.cli", "evaluation-key", "--secrets", str(work / "agency-b" / "secrets"),
+          "--out", str(work / "agency-b" / "evaluation-key.json")])
+
+
+def _custodian_cert_for_link(certs: Path) -> None:
+    """Re-issue the custodian's server certificate so it is also valid at its address on an
+    emulated link (the requester verifies the IP it dials, as on a real network)."""
+    from benchmarks.netem import CUSTODIAN_IP
+    from protocol.adapters.files import write_file_atomic
+    from protocol.cli.dev_pki import DEFAULT_SERVER_HOSTS, Issued, issue_server_cert
+
+    ca = Issued(cert_pem=(certs / "ca.pem").read_bytes(), key_pem=(certs / "ca.key").read_bytes())
+    issued = issue_server_cert(ca, "agency-b", hosts=[*DEFAULT_SERVER_HOSTS, CUSTODIAN_IP])
+    write_file_atomic(certs / "agency-b.server.pem", issued.cert_pem, mode=0o644)
+    write_file_atomic(certs / "agency-b.server.key", issued.key_pem, mode=0o600)
 
 
 def _issue(work: Path, name: str, rules: Sequence[str], max_evaluations: int,
-           max_disclosures: int) -> Path:
+           max_disclosures: int, *, verifiable: bool = False) -> Path:
     out = work / f"{name}.auth.json"
+    pin = (["--custodian-evaluation-key", str(work / "agency-b" / "evaluation-key.json")]
+           if verifiable else [])
     _cli(["protocol.cli.authority", "issue", "--key", str(work / "authority" / "authority.key"),
           "--requester", "agency-a", "--custodian", "agency-b",
           "--statute", "26 U.S.C. 6103(i)(2)", "--purpose", "benchmark of the match step",
           "--rules", ",".join(rules), "--fields", "address,city,state,zip",
           "--max-evaluations", str(max_evaluations), "--max-disclosures", str(max_disclosures),
           "--valid-days", "2", "--retention-days", "1", "--engines", "oprf,kkrt",
-          "--out", str(out), "--force"])
+          "--out", str(out), "--force", *pin])
     return out
 
 
@@ -486,8 +531,16 @@ class _Services:
 
 @contextmanager
 def _services(work: Path, run_dir: Path, files: ScenarioFiles, sampler: TreeSampler,
-              workers: int | None, prepare_kkrt: str = "") -> Iterator[_Services]:
-    """Start the custodian and the requester as separate processes; stop them afterwards."""
+              workers: int | None, prepare_kkrt: str = "",
+              link: ShapedLink | None = None) -> Iterator[_Services]:
+    """Start the custodian and the requester as separate processes; stop them afterwards.
+
+    With ``link`` each runs in its own network namespace and the custodian listens on its
+    address on the emulated link.
+    """
+    in_a = link.exec_in("a") if link else []
+    in_b = link.exec_in("b") if link else []
+    b_host = link.custodian_ip if link else "127.0.0.1"
     b_dir, a_dir = run_dir / "agency-b", run_dir / "agency-a"
     b_dir.mkdir(parents=True, exist_ok=True)
     a_dir.mkdir(parents=True, exist_ok=True)
@@ -498,11 +551,11 @@ def _services(work: Path, run_dir: Path, files: ScenarioFiles, sampler: TreeSamp
         t0 = time.perf_counter()
         with open_private_log(b_dir / "service.log") as b_log:
             b = subprocess.Popen([
-                PY, "-m", "agency_b.cli", "serve", "--records", str(files.custodian),
+                *in_b, PY, "-m", "agency_b.cli", "serve", "--records", str(files.custodian),
                 "--policy", str(work / "agency-b" / "policy.json"),
                 "--ledger", str(b_dir / "ledger.sqlite"),
                 "--secrets", str(work / "agency-b" / "secrets"), "--certs", str(work / "certs"),
-                "--listen", "127.0.0.1:0", "--port-file", str(b_dir / "port"),
+                "--listen", f"{b_host}:0", "--port-file", str(b_dir / "port"),
                 "--requester-key",
                 f"agency-a={work / 'agency-a' / 'secrets' / 'signing.pub.json'}",
                 "--log-level", "warning", *b_extra,
@@ -511,7 +564,7 @@ def _services(work: Path, run_dir: Path, files: ScenarioFiles, sampler: TreeSamp
         sampler.watch("b", b.pid)
         with open_private_log(a_dir / "service.log") as a_log:
             a = subprocess.Popen([
-                PY, "-m", "agency_a.cli", "serve", "--certs", str(work / "certs"),
+                *in_a, PY, "-m", "agency_a.cli", "serve", "--certs", str(work / "certs"),
                 "--secrets", str(work / "agency-a" / "secrets"), "--data", str(a_dir / "data"),
                 "--listen", "127.0.0.1:0", "--port-file", str(a_dir / "port"),
                 "--custodian-key", f"agency-b={work / 'agency-b' / 'secrets' / 'signing.pub.json'}",
@@ -533,7 +586,11 @@ def _services(work: Path, run_dir: Path, files: ScenarioFiles, sampler: TreeSamp
         sampler.unwatch("b")
 
 
+KEY_PACKAGES = ("rbcl", "cryptography", "grpcio", "protobuf", "numpy", "psutil")
+
+
 def _machine() -> dict[str, Any]:
+    """CPU model, cores, RAM, Python and the versions of the packages the numbers depend on."""
     cpu_model = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -542,10 +599,12 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        sodium = importlib.metadata.version("rbcl")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        sodium = ""
+    packages: dict[str, str | None] = {}
+    for name in KEY_PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
     return {
         "hostname": platform.node(),
         "platform": platform.platform(),
@@ -554,51 +613,127 @@ def _machine() -> dict[str, Any]:
         "cores_logical": os.cpu_count(),
         "cores_physical": psutil.cpu_count(logical=False),
         "memory_bytes": psutil.virtual_memory().total,
-        "rbcl": sodium,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "packages": packages,
     }
+
+
+def _git() -> dict[str, Any]:
+    """The commit measured and whether the working tree differed from it (read-only git)."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                  check=False, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": None if status is None else bool(status),
+            "dirty_files": [] if not status else [ln[3:] for ln in status.splitlines()]}
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
+def _disclosed_triples(rows: list[dict[str, Any]], plain: PlaintextExpectation,
+                       work: Path, auth: Path) -> set[tuple[str, str, str]]:
+    """(query, custodian record, rule) of each stored result row.
+
+    The requester sees a per-authorization pseudonym of the record, not its id; the harness
+    holds the custodian's master secret, so it recomputes the pseudonym of every record of
+    the plaintext join (docs/architecture.md, Identity tier) and maps each row back to its
+    record.  A row whose pseudonym is no record of the join keeps the pseudonym as its id.
+    """
+    import hashlib
+    import hmac
+
+    from protocol.adapters.files import read_secret
+    from protocol.engines.base import authorization_key
+    from protocol.policy.decide import SignedAuthorization
+    from protocol.sessions.identity import PSEUDONYM_DOMAIN
+
+    master = bytes.fromhex(read_secret(work / "agency-b" / "secrets" / "master.secret")
+                           .decode().strip())
+    auth_id = SignedAuthorization.from_bytes(auth.read_bytes()).authorization.authorization_id
+    key = authorization_key(master, auth_id)
+    by_pseudonym = {
+        hmac.new(key, PSEUDONYM_DOMAIN + rid.encode(), hashlib.sha256).hexdigest()[:32]: rid
+        for rid in {t[1] for t in plain.triples}}
+    return {(r["query_record_id"], by_pseudonym.get(r["pseudonym"], r["pseudonym"]),
+             r["rule_id"]) for r in rows}
+
+
+def _pair_check(got: set[tuple[str, str, str]], plain: PlaintextExpectation,
+                want: set[tuple[str, str, str]] | None = None) -> dict[str, Any]:
+    """Pair-level correctness: equal sets, else how many are missing or extra (and examples)."""
+    want = plain.triples if want is None else want
+    missing, extra = sorted(want - got), sorted(got - want)
+    return {"pairs": len(got), "expected_pairs": len(want), "pairs_equal": not missing
+            and not extra, "missing_pairs": len(missing), "extra_pairs": len(extra),
+            "mismatch_examples": [list(t) for t in (missing[:3] + extra[:3])]}
+
+
+def _link_rtt(link: ShapedLink, host: str, port: int, probes: int = 5) -> float:
+    """Median TCP connect time from the requester's namespace to the custodian: the RTT the
+    protocol actually sees on the emulated link (emulator overhead included)."""
+    code = ("import socket,statistics,time\nts=[]\n"
+            f"for _ in range({probes}):\n t=time.perf_counter()\n"
+            f" s=socket.create_connection(({host!r},{port}));ts.append(time.perf_counter()-t)\n"
+            " s.close()\nprint(statistics.median(ts))")
+    out = subprocess.run([*link.exec_in("a"), PY, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    return float(out.stdout.strip())
+
+
 def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectation,
              rules: Sequence[str], costs: OpCosts, work: Path, sampler: TreeSampler,
              console: Console, *, workers: int | None = None,
-             engine: str = "oprf") -> dict[str, Any]:
+             engine: str = "oprf", link: ShapedLink | None = None) -> dict[str, Any]:
     """One identity-tier session over gRPC/mTLS between the two service processes.
 
     ``engine`` is the match engine of the session: ``oprf`` (RFC 9497) or ``kkrt``
-    (OT extension; one budget unit per cuckoo bin, so its budget is larger).
+    (OT extension; one budget unit per cuckoo bin, so its budget is larger).  ``workers``
+    is each service's ``--workers`` (1: no pool, one process per party).  With ``link`` the
+    services run in two namespaces joined by the emulated link.
     """
     # Both services share this machine, so the floor divides by its cores, not by --workers.
     cores = os.cpu_count() or 1
-    machine = _machine()
     run_dir = Path(tempfile.mkdtemp(prefix=f"q{spec.queries}-", dir=work))
     auth = _issue(work, run_dir.name, rules, max_evaluations=2 * spec.queries * len(rules),
-                  max_disclosures=max(spec.queries, 1))
+                  max_disclosures=max(spec.queries, 1),
+                  verifiable=engine == "oprf-verifiable")
     summary_path = run_dir / "summary.json"
-    match_engine = "kkrt" if engine.startswith("kkrt") else engine
+    match_engine = engine.split("-")[0]  # kkrt-prepared: kkrt; oprf-verifiable: oprf
     prepare = ",".join(rules) if engine == "kkrt-prepared" else ""
-    with _services(work, run_dir, files, sampler, workers, prepare) as svc:
-        console.log(f"services up: custodian :{svc.b_port} (loaded records in "
+    in_a = link.exec_in("a") if link else []
+    b_host = link.custodian_ip if link else "127.0.0.1"
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
+    with _services(work, run_dir, files, sampler, workers, prepare, link) as svc:
+        console.log(f"services up: custodian {b_host}:{svc.b_port} (loaded records in "
                     f"{svc.b_startup_s:.1f}s), requester :{svc.a_port}")
+        rtt = _link_rtt(link, b_host, svc.b_port) if link else None
+        wire0 = link.tx_bytes() if link else None
+        relay0 = link.relay_cpu_s() if link else None
         cpu_a0, cpu_b0 = sampler.cpu_seconds("a"), sampler.cpu_seconds("b")
         t0 = time.perf_counter()
         with console.status(f"{engine}: matching {spec.queries:,} x {spec.records:,} "
                             "over gRPC/mTLS"):
             proc = subprocess.run([
-                PY, "-m", "agency_a.cli", "match", "--server", f"127.0.0.1:{svc.a_port}",
+                *in_a, PY, "-m", "agency_a.cli", "match", "--server",
+                f"127.0.0.1:{svc.a_port}",
                 "--certs", str(work / "certs"), "--operator", "bench",
                 "--authorization", str(auth), "--queries", str(files.queries),
-                "--custodian", f"127.0.0.1:{svc.b_port}", "--summary-json", str(summary_path),
+                "--custodian", f"{b_host}:{svc.b_port}", "--summary-json", str(summary_path),
                 "--no-progress", "--show-refused", "0", "--engine", match_engine,
             ], text=True, capture_output=True, check=False, cwd=REPO)
         t_end = time.perf_counter()
         e2e = t_end - t0
         cpu_a_e2e = sampler.cpu_seconds("a") - cpu_a0
         cpu_b_e2e = sampler.cpu_seconds("b") - cpu_b0
+        wire1 = link.tx_bytes() if link else None
+        relay1 = link.relay_cpu_s() if link else None
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if proc.returncode != 0 or "failed" in summary:
             raise RuntimeError(f"agency-a match failed: {summary.get('failed', '')}\n"
@@ -607,12 +742,17 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
         t_session = t_end - float(summary["wall_seconds"])
         cpu_a = sampler.cpu_between("a", t_session, t_end)
         cpu_b = sampler.cpu_between("b", t_session, t_end)
-        got = _cli(["agency_a.cli", "results", "--server", f"127.0.0.1:{svc.a_port}",
-                    "--certs", str(work / "certs"), "--operator", "bench",
-                    "--job", summary["job_id"], "--purpose", "benchmark accuracy check",
-                    "--limit", str(10**9)])
+        got = subprocess.run([
+            *in_a, PY, "-m", "agency_a.cli", "results", "--server", f"127.0.0.1:{svc.a_port}",
+            "--certs", str(work / "certs"), "--operator", "bench",
+            "--job", summary["job_id"], "--purpose", "benchmark accuracy check",
+            "--format", "json", "--limit", "0"],
+            text=True, capture_output=True, check=False, cwd=REPO, timeout=600)
+        if got.returncode != 0:
+            raise RuntimeError(f"agency-a results failed: {got.stderr}{got.stdout}")
         startup = {"custodian_load": svc.b_startup_s, "requester_start": svc.a_startup_s}
-    matched = {tuple(line.split("\t")[:2]) for line in got.stdout.splitlines() if line}
+    rows = json.loads(got.stdout)
+    check = _pair_check(_disclosed_triples(rows, plain, work, auth), plain)
     phases = {k: float(v) for k, v in summary.get("phase_seconds", {}).items()}
     wall = float(summary["wall_seconds"])
     q_el, r_el = int(summary["elements_evaluated"]), int(summary["custodian_tags"])
@@ -620,6 +760,8 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
     floor = costs.floor_seconds(q_el, r_el, cores) if engine == "oprf" else None
     return {
         "engine": engine,
+        "workers": workers,
+        "net": link.shape.name if link else "loopback",
         "queries": spec.queries,
         "records": spec.records,
         "rules": list(rules),
@@ -632,6 +774,13 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
         "e2e_wall_s": round(e2e, 3),
         "bytes_a_to_b": int(summary["bytes_a_to_b"]),
         "bytes_b_to_a": int(summary["bytes_b_to_a"]),
+        "wire": None if link is None or wire0 is None or wire1 is None else {
+            "measured_rtt_s": rtt, "method": link.method,
+            # The TUN relay shares the machine: its CPU is reported, counted to no party.
+            "relay_cpu_s": None if relay0 is None or relay1 is None
+            else round(relay1 - relay0, 3),
+            "a_to_b": wire1["a_to_b"] - wire0["a_to_b"],
+            "b_to_a": wire1["b_to_a"] - wire0["b_to_a"]},
         "peak_rss_a": sampler.peak_rss["a"],
         "peak_rss_b": sampler.peak_rss["b"],
         "peak_rss_tree_a": sampler.peak_tree_rss["a"],
@@ -639,19 +788,24 @@ def run_oprf(files: ScenarioFiles, spec: ScenarioSpec, plain: PlaintextExpectati
         "matches": int(summary["matches"]),
         "true_matches": plain.true_matches,
         "expected_matches": len(plain.expected),
-        "correct_matches": plain.correct if matched == plain.expected else None,
-        "matches_agree_with_plaintext": matched == plain.expected,
+        "correct_matches": plain.correct if check["pairs_equal"] else None,
+        "matches_agree_with_plaintext": check["pairs_equal"],
+        "pair_check": {**check, "checked": "(query, custodian record, rule) of every stored "
+                       "result row; the record from its pseudonym"},
         "accepted_queries": int(summary["queries_accepted"]),
         "query_elements": q_el,
         "custodian_elements": r_el,
         "disclosed_records": int(summary.get("disclosed_records", 0)),
+        "verifiable_evaluation": bool(summary.get("verifiable_evaluation", False)),
+        "evaluation_proofs_verified": summary.get("evaluation_proofs_verified"),
         "phases": {k: round(v, 3) for k, v in {
             **phases, "index_build_est": phases.get("open", 0.0), **startup,
             "cli_upload_validate": max(e2e - wall, 0.0)}.items()},
         "op_costs_us": costs.as_dict(),
         "op_counts": costs.counts(q_el, r_el),
         "cores": cores,
-        "machine": {**machine, "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "loadavg_start": loadavg_start,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "timestamp": _now(),
     }
 
@@ -691,11 +845,11 @@ def run_openmined(spec: ScenarioSpec, plain: PlaintextExpectation, work: Path,
                   venv: Path = OPENMINED_VENV) -> dict[str, Any]:
     """OpenMined PSI, in-process client and server, on exactly our OPRF inputs."""
     py = ensure_openmined_venv(venv, console)
-    machine = _machine()
     tmp = Path(tempfile.mkdtemp(prefix=f"openmined-q{spec.queries}-", dir=work))
     server_file, client_file, out = tmp / "server.hex", tmp / "client.hex", tmp / "result.json"
     _write_hex(server_file, plain.custodian_keys)
     _write_hex(client_file, plain.query_keys)
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
     with console.status(f"openmined: {len(plain.query_keys):,} x {len(plain.custodian_keys):,}"):
         proc = subprocess.Popen([str(py), str(OPENMINED_RUNNER), "--server-keys",
                                  str(server_file), "--client-keys", str(client_file),
@@ -710,32 +864,62 @@ def run_openmined(spec: ScenarioSpec, plain: PlaintextExpectation, work: Path,
                            f"{stdout.decode()}{stderr.decode()}")
     res = json.loads(out.read_text())
     shutil.rmtree(tmp, ignore_errors=True)
+    # OpenMined names the client items in the intersection; each is one (query, rule).
+    pairs = {plain.query_ids[i] for i in res["intersection_indices"]}
+    check = _pair_check(plain.triples_of(pairs), plain)
+    check["extra_pairs"] += len(pairs - plain.expected)
+    check["pairs_equal"] = pairs == plain.expected
     return {
         "engine": "openmined",
+        "workers": 1,
+        "net": "loopback",
         "queries": spec.queries,
         "records": spec.records,
-        "rules": res.get("rules") or [],
+        "rules": sorted({rule for _, rule in plain.query_ids}),
         "wall_s": round(res["wall_s"], 3),
         "cpu_s": round(res["cpu_s"], 3),
         "floor_s": None,
         "bytes_a_to_b": res["bytes_a_to_b"],
         "bytes_b_to_a": res["bytes_b_to_a"],
+        "message_bytes": {k: res[k] for k in ("setup_bytes", "request_bytes", "response_bytes")},
         # Client and server share one process in OpenMined's standard usage.
         "peak_rss_a": res["peak_rss"],
         "peak_rss_b": res["peak_rss"],
         "matches": res["intersection"],
         "true_matches": plain.true_matches,
         "expected_matches": len(plain.expected),
-        "matches_agree_with_plaintext": res["intersection"] == len(plain.expected),
+        "correct_matches": plain.correct if check["pairs_equal"] else None,
+        "matches_agree_with_plaintext": check["pairs_equal"],
+        "pair_check": {**check, "checked": "(query, rule) of every client item in OpenMined's "
+                       "intersection; the record is the custodian's holder of that key (OpenMined "
+                       "releases no record)"},
         "query_elements": res["client_items"],
         "custodian_elements": res["server_items"],
         "phases": res["phases"],
         "process_cpu_s": round(cpu_total, 3),
         "openmined": {k: res[k] for k in ("version", "fpr", "data_structure", "threads")
                       if k in res},
-        "machine": {**machine, "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "loadavg_start": loadavg_start,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "timestamp": _now(),
     }
+
+
+def openmined_network_model(run: dict[str, Any], net: str) -> dict[str, Any]:
+    """OpenMined's figure on an emulated link, as a MODEL (it runs in one process).
+
+    modelled wall = its measured compute wall + all its message bytes x 8 / link rate + one
+    round trip (request up, setup + response down).  Not modelled: TCP/TLS handshakes, slow
+    start, framing, overlap of transfer with compute.
+    """
+    shape = SHAPES[net]
+    total = run["bytes_a_to_b"] + run["bytes_b_to_a"]
+    transfer = total * 8 / shape.rate_bit_s
+    return {**run, "net": net, "modelled": True,
+            "wall_s": round(run["wall_s"] + transfer + shape.rtt_s, 3),
+            "model": {"compute_wall_s": run["wall_s"], "transfer_s": round(transfer, 4),
+                      "rtt_s": shape.rtt_s, "message_bytes": total,
+                      "formula": "compute wall + message bytes x 8 / rate + 1 RTT"}}
 
 
 # --------------------------------------------------------------------------- driver
@@ -749,44 +933,70 @@ def _best(tries: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def _merge(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """New runs replace earlier runs of the same engine and size; the rest are kept."""
-    keys = {(r["engine"], r["queries"], r["records"]) for r in new}
-    kept = [r for r in existing
-            if (r.get("engine"), r.get("queries"), r.get("records")) not in keys]
-    return sorted([*kept, *new], key=lambda r: (r["records"], r["queries"], r["engine"]))
+def median_op_costs(samples: Sequence[OpCosts]) -> OpCosts:
+    """Per-op costs of a run: the median of each operation over every measurement in it."""
+    if not samples:
+        raise ValueError("no per-op measurement")
+    ops = ("hash_to_group", "scalarmult", "unblind", "validate")
+    med = {op: statistics.median(getattr(c, op) for c in samples) for op in ops}
+    return OpCosts(**med, sample=sum(c.sample for c in samples))
 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _label(r: dict[str, Any]) -> str:
+    one = " (1 worker)" if r.get("workers") == 1 and r["engine"] != "openmined" else ""
+    model = " MODEL" if r.get("modelled") else ""
+    return f"{r['engine']}{one} @ {r.get('net', 'loopback')}{model}"
+
+
 def _print_size(console: Console, runs: list[dict[str, Any]]) -> None:
     t = Table(title=f"{runs[0]['queries']:,} queries x {runs[0]['records']:,} records")
-    for col in ("engine", "wall s", "cpu s", "floor s", "actual/floor", "A->B", "B->A",
-                "peak RSS A", "peak RSS B", "matches", "expected", "true"):
-        t.add_column(col, justify="left" if col == "engine" else "right")
+    for col in ("engine [net]", "wall s", "cpu s", "floor s", "actual/floor", "A->B", "B->A",
+                "on the wire", "peak RSS A", "peak RSS B", "matches", "expected", "pairs equal"):
+        t.add_column(col, justify="left" if col.startswith("engine") else "right")
     for r in runs:
         floor = r.get("floor_s")
-        t.add_row(r["engine"], f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+        wire = r.get("wire")
+        t.add_row(_label(r), f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
                   f"{floor:.2f}" if floor else "-",
                   f"{r['wall_s'] / floor:.2f}" if floor else "-",
                   f"{r['bytes_a_to_b']:,}", f"{r['bytes_b_to_a']:,}",
+                  f"{wire['a_to_b'] + wire['b_to_a']:,}" if wire else "-",
                   _gib(r["peak_rss_a"]), _gib(r["peak_rss_b"]),
                   f"{r['matches']:,}", f"{r.get('expected_matches', 0):,}",
-                  f"{r['true_matches']:,}")
+                  str(r.get("matches_agree_with_plaintext")))
     console.print(t)
-    ours = next((r for r in runs if r["engine"] == "oprf"), None)
-    theirs = next((r for r in runs if r["engine"] == "openmined"), None)
-    if ours:
-        ph = ", ".join(f"{k} {v:.2f}s" for k, v in ours["phases"].items())
-        console.print(f"oprf phases: {ph}")
-        console.print(f"oprf: actual {ours['wall_s']:.2f}s vs floor {ours['floor_s']:.2f}s "
-                      f"-> ratio {ours['wall_s'] / max(ours['floor_s'], 1e-9):.2f}; "
-                      f"matches agree with plaintext: {ours['matches_agree_with_plaintext']}")
-    if ours and theirs:
-        console.print(f"OpenMined / ours (wall): [bold]{theirs['wall_s'] / ours['wall_s']:.2f}x"
-                      f"[/bold]   (cpu: {theirs['cpu_s'] / max(ours['cpu_s'], 1e-9):.2f}x)")
+    theirs = next((r for r in runs if r["engine"] == "openmined" and not r.get("modelled")),
+                  None)
+    for ours in runs:
+        if ours["engine"] == "openmined" or theirs is None or ours.get("net") != "loopback":
+            continue
+        console.print(f"OpenMined / {_label(ours)}: wall [bold]"
+                      f"{theirs['wall_s'] / ours['wall_s']:.2f}x[/bold], "
+                      f"CPU {theirs['cpu_s'] / max(ours['cpu_s'], 1e-9):.2f}x")
+
+
+def _run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_run(run: dict[str, Any], results_dir: Path, *, latest: bool = True) -> Path:
+    """Write one run file ``results_dir/runs/<UTC time>.json`` and ``latest.json`` (a copy)."""
+    runs_dir = results_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / f"{run['run_id']}.json"
+    n = 1
+    while path.exists():  # two runs in the same second: never overwrite a run file
+        n += 1
+        path = runs_dir / f"{run['run_id']}-{n}.json"
+    text = json.dumps(run, indent=2) + "\n"
+    path.write_text(text)
+    if latest:
+        (results_dir / "latest.json").write_text(text)
+    return path
 
 
 def run_benchmark(
@@ -794,21 +1004,30 @@ def run_benchmark(
     engines: Sequence[str] = ENGINES,
     rules: Sequence[str] = DEFAULT_RULES,
     *,
+    nets: Sequence[str] = ("loopback",),
+    per_core: bool = True,
     data_dir: Path = DEFAULT_DATA_DIR,
     results_dir: Path = DEFAULT_RESULTS_DIR,
+    readme: Path | None = None,
     op_sample: int = 20_000,
     workers: int | None = None,
-    fresh: bool = False,
     keep_work: bool = False,
     repeat: int = 1,
     repeat_engines: Sequence[str] | None = None,
     console: Console | None = None,
     venv: Path = OPENMINED_VENV,
-) -> list[dict[str, Any]]:
-    """Run every engine at every size; merge into ``results_dir/latest.json`` and render it.
+    command: Sequence[str] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run every engine at every size on every network; write ONE run file and the report.
 
-    ``repeat_engines`` (default: all) are the engines run ``repeat`` times; the others run
-    once, so the short KKRT runs can be repeated in the same run as a 7-minute OpenMined one.
+    Nothing is merged with earlier runs: the run file holds the command line, the commit,
+    the machine, the load, every per-op measurement and every try, and the report
+    (``latest.md``, ``latest.png``, ``latest.json``, optionally the README block) is
+    rendered from it alone.  ``per_core`` adds, on loopback, our service engines with one
+    worker per service beside OpenMined's single thread.  ``repeat_engines`` (default:
+    all) are the engines run ``repeat`` times; the others run once.  OpenMined runs in one
+    process, so it is measured once per repeat and size; on an emulated link its figure is
+    a model (:func:`openmined_network_model`).
     """
     from benchmarks import report
     from protocol.adapters.files import read_policy
@@ -819,13 +1038,30 @@ def run_benchmark(
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engines {unknown}; choose from {ENGINES}")
+    bad_nets = [n for n in nets if n not in NETS]
+    if bad_nets or not nets:
+        raise ValueError(f"unknown networks {bad_nets}; choose from {', '.join(NETS)}")
     data_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     if "openmined" in engines:
         ensure_openmined_venv(venv, console)
 
+    run: dict[str, Any] = {
+        "schema": 2,
+        "run_id": _run_id(),
+        "command": list(command) if command is not None else [sys.executable, *sys.argv],
+        "started": _now(),
+        "git": _git(),
+        "machine": _machine(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "sizes": list(sizes), "engines": list(engines), "rules": list(rules),
+        "nets": {n: (SHAPES[n].as_dict() if n in SHAPES else {"name": n}) for n in nets},
+        "workers": workers, "per_core": per_core, "repeat": repeat,
+        "op_costs": [], "tries": [], "runs": [],
+    }
+    samples: list[OpCosts] = []
+    service = [e for e in engines if e in SERVICE_ENGINES]
     work = Path(tempfile.mkdtemp(prefix="gated-psi-bench-"))
-    new_runs: list[dict[str, Any]] = []
     try:
         setup_credentials(work)
         excluded = read_policy(work / "agency-b" / "policy.json").excluded_record_classes
@@ -841,47 +1077,102 @@ def run_benchmark(
                             f"{len(plain.expected):,} expected matches "
                             f"({plain.correct:,} of {plain.true_matches:,} true) "
                             f"in {plain.seconds:.1f}s")
-                tries: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
-                # Engines alternate within each repeat so a noisy spell hits both alike.
-                for attempt in range(repeat):
-                    for engine in engines:
-                        if attempt and repeat_engines is not None \
-                                and engine not in repeat_engines:
-                            continue
-                        if engine in SERVICE_ENGINES:
-                            # Measured right before the run it bounds: both see the same box.
-                            costs = _measure_costs(op_sample, console)
-                            run = run_oprf(files, spec, plain, rules, costs, work, sampler,
-                                           console, workers=workers, engine=engine)
-                        else:
-                            run = run_openmined(spec, plain, work, sampler, console, venv=venv)
-                        planned = repeat if repeat_engines is None or engine in repeat_engines \
-                            else 1
-                        console.log(f"{engine} (try {attempt + 1}/{planned}): wall "
-                                    f"{run['wall_s']:.2f}s, {run['matches']:,} matches")
-                        tries[engine].append(run)
-                size_runs = [_best(tries[e]) for e in engines]
+                size_tries: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {}
+
+                def record(key: tuple[str, str, int | None], result: dict[str, Any],
+                           attempt: int, into: dict[Any, list[dict[str, Any]]] = size_tries
+                           ) -> None:
+                    result["attempt"] = attempt + 1
+                    into.setdefault(key, []).append(result)
+                    run["tries"].append(result)
+                    console.log(f"{_label(result)} (try {attempt + 1}): wall "
+                                f"{result['wall_s']:.2f}s, {result['matches']:,} matches, "
+                                f"pairs equal: {result['matches_agree_with_plaintext']}")
+
+                def planned(engine: str) -> int:
+                    return repeat if repeat_engines is None or engine in repeat_engines else 1
+
+                for net in nets:
+                    configs: list[tuple[str, int | None]] = [(e, workers) for e in service]
+                    if per_core and net == "loopback" and workers != 1:
+                        configs += [(e, 1) for e in service]
+                    with _maybe_link(net) as link:
+                        if link is not None:
+                            console.log(f"network {net}: {link.shape.describe()} "
+                                        f"({link.method}: {link.requester_ns} <-> "
+                                        f"{link.custodian_ns})")
+                        # Engines alternate within each repeat so a noisy spell hits all.
+                        for attempt in range(repeat):
+                            if (net == nets[0] and "openmined" in engines
+                                    and attempt < planned("openmined")):
+                                om = run_openmined(spec, plain, work, sampler, console,
+                                                   venv=venv)
+                                record(("openmined", "loopback", 1), om, attempt)
+                            for engine, w in configs:
+                                if attempt >= planned(engine):
+                                    continue
+                                # Measured right before the run it bounds: same box state.
+                                costs = _measure_costs(op_sample, console)
+                                samples.append(costs)
+                                run["op_costs"].append(
+                                    {**costs.as_dict(), "timestamp": _now()})
+                                res = run_oprf(files, spec, plain, rules, costs, work,
+                                               sampler, console, workers=w, engine=engine,
+                                               link=link)
+                                record((engine, net, w), res, attempt)
+                size_runs = [_best(t) for t in size_tries.values()]
+                om_best = next((r for r in size_runs if r["engine"] == "openmined"), None)
+                if om_best is not None:
+                    size_runs += [openmined_network_model(om_best, n) for n in nets
+                                  if n in SHAPES]
                 _print_size(console, size_runs)
-                new_runs.extend(size_runs)
+                run["runs"].extend(size_runs)
                 del plain
+    except BaseException as exc:
+        # Keep what was measured (a failure late in an hour-long run loses nothing), but as
+        # a failed run file only: the report and latest.* are never rendered from it.
+        run["failed"] = f"{type(exc).__name__}: {exc}"[:4000]
+        run["finished"] = _now()
+        run["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        if run["tries"]:
+            kept = write_run(run, results_dir, latest=False)
+            console.log(f"run FAILED; its tries so far are kept in {kept}")
+        raise
     finally:
         if keep_work:
             console.log(f"working directory kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    latest = results_dir / "latest.json"
-    existing: list[dict[str, Any]] = []
-    if latest.exists() and not fresh:
-        try:
-            existing = json.loads(latest.read_text())
-        except json.JSONDecodeError:
-            existing = []
-    runs = _merge(existing, new_runs)
-    latest.write_text(json.dumps(runs, indent=2) + "\n")
-    outputs = report.render(runs, results_dir)
-    console.log(f"wrote {latest}, " + ", ".join(str(p) for p in outputs))
-    return new_runs
+    # The floor of every OPRF run uses the run's median per-op costs (robust to one noisy
+    # measurement); each try keeps the measurement taken right before it.
+    if samples:
+        med = median_op_costs(samples)
+        run["op_costs_median_us"] = med.as_dict()
+        cores = os.cpu_count() or 1
+        for r in run["runs"]:
+            if r["engine"] == "oprf":
+                r["floor_s"] = round(med.floor_seconds(r["query_elements"],
+                                                       r["custodian_elements"], cores), 3)
+                r["op_costs_us"] = med.as_dict()
+    run["finished"] = _now()
+    run["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    path = write_run(run, results_dir)
+    outputs = report.render_run(run, results_dir, source=path)
+    if readme is not None:
+        report.update_readme(readme, run, results_dir, source=path)
+        outputs.append(readme)
+    console.log(f"wrote {path}, " + ", ".join(str(p) for p in outputs))
+    return path, run
+
+
+@contextmanager
+def _maybe_link(net: str) -> Iterator[ShapedLink | None]:
+    if net == "loopback":
+        yield None
+        return
+    with shaped_link(SHAPES[net]) as link:
+        yield link
 
 
 def _measure_costs(sample: int, console: Console) -> OpCosts:
@@ -908,46 +1199,75 @@ def _sizes(text: str) -> list[int]:
     return out
 
 
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so services stop and namespaces are deleted."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.scale --sizes 10000,100000,1300000 --engines oprf,openmined``."""
-    p = argparse.ArgumentParser(
+    """``python -m benchmarks.scale --sizes 100000,1300000 --engines oprf,kkrt,openmined``."""
+    from protocol.cli.help import HelpfulParser
+
+    p = HelpfulParser(
         prog="python -m benchmarks.scale",
-        description="Identity tier end to end at scale (two services, gRPC/mTLS on loopback), "
-        "its group-operation floor, and OpenMined PSI on identical inputs. "
+        description="Identity tier end to end at scale (two services, gRPC/mTLS), its "
+        "group-operation floor, and OpenMined PSI on identical inputs. One invocation "
+        "writes one run file, benchmarks/results/runs/<UTC time>.json, and renders the report "
+        "from it alone (docs/benchmarks.md). "
         f"Size {HEADLINE_SIZE} means the headline 1,280,000 x 1,300,000 scenario.")
     p.add_argument("--sizes", type=_sizes, default=[10_000, 100_000],
-                   help="comma-separated N (N queries x N records); default 10000,100000")
+                   help="comma-separated N (N queries x N records; 10k, 1.3m accepted); "
+                        "default 10000,100000")
     p.add_argument("--engines", default=",".join(ENGINES),
-                   help="comma-separated: oprf, openmined (default: both)")
+                   help=f"comma-separated, of {', '.join(ENGINES)}")
+    p.add_argument("--net", default="loopback",
+                   help=f"comma-separated networks, of {', '.join(NETS)}; lan and wan run the "
+                        "services in two network namespaces over an emulated link (root)")
     p.add_argument("--rules", default=",".join(DEFAULT_RULES),
-                   help="match rules (default tin+dob: one set, comparable to OpenMined)")
+                   help="match rules (tin+dob: one set, comparable to OpenMined)")
+    p.add_argument("--per-core", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run our service engines with one worker per service on loopback "
+                        "(the per-core comparison with OpenMined's single thread); default: on")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                   help="scenario cache (default benchmarks/data, gitignored)")
-    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+                   help="scenario cache (gitignored)")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR,
+                   help="where runs/<time>.json, latest.json/.md/.png go")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="also refresh the bench block of this README from the new run "
+                        "(default: README.md when --results-dir is the default)")
     p.add_argument("--op-sample", type=int, default=20_000,
-                   help="elements for the per-op cost measurement (default 20000)")
+                   help="elements per per-op cost measurement")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes per service (default: all cores)")
+                   help="worker processes per service (not set: the services' default, all "
+                        "cores)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="runs per engine and size; the fastest is kept, all walls recorded")
+                   help="tries per engine, size and network; the fastest is reported, every "
+                        "try is in the run file")
     p.add_argument("--repeat-engines", default=None,
-                   help="comma-separated engines that --repeat applies to (default: all); "
-                        "the others run once")
-    p.add_argument("--fresh", action="store_true",
-                   help="replace latest.json instead of merging into it")
+                   help="comma-separated engines that --repeat applies to (not set: all); the "
+                        "others run once")
     p.add_argument("--keep-work", action="store_true", help="keep keys, ledgers and logs")
-    p.add_argument("--openmined-venv", type=Path, default=OPENMINED_VENV)
+    p.add_argument("--openmined-venv", type=Path, default=OPENMINED_VENV,
+                   help="virtualenv for openmined-psi (created on first use)")
     args = p.parse_args(argv)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    readme = args.readme
+    if readme is None and args.results_dir.resolve() == DEFAULT_RESULTS_DIR.resolve():
+        readme = REPO / "README.md"
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        run_benchmark(args.sizes, engines, rules, data_dir=args.data_dir,
-                      results_dir=args.results_dir, op_sample=args.op_sample,
-                      workers=args.workers, fresh=args.fresh, keep_work=args.keep_work,
-                      repeat=args.repeat,
-                      repeat_engines=(None if args.repeat_engines is None else
-                                      [e.strip() for e in args.repeat_engines.split(",")]),
-                      venv=args.openmined_venv)
+        run_benchmark(args.sizes, _names(args.engines), _names(args.rules),
+                      nets=_names(args.net), per_core=args.per_core, data_dir=args.data_dir,
+                      results_dir=args.results_dir, readme=readme, op_sample=args.op_sample,
+                      workers=args.workers, keep_work=args.keep_work, repeat=args.repeat,
+                      repeat_engines=(None if args.repeat_engines is None
+                                      else _names(args.repeat_engines)),
+                      venv=args.openmined_venv,
+                      command=[sys.executable, "-m", "benchmarks.scale",
+                               *(sys.argv[1:] if argv is None else argv)])
     except (RuntimeError, ValueError, OSError, subprocess.CalledProcessError) as exc:
         Console(stderr=True).print(f"[red]benchmark failed:[/red] {exc}")
         return 1

@@ -37,6 +37,7 @@ from proto import service_kit as kit
 from protocol.cli.dev_pki import agency_id_from_auth_context
 from protocol.crypto import kkrt
 from protocol.domain import messages as m
+from protocol.engines import epoch
 from protocol.errors import InvalidElementError
 from protocol.sessions import aggregate as agg
 
@@ -131,6 +132,9 @@ WIRE: dict[type, Wire] = {
     kkrt.KKRTBaseOTReply: Wire("KKRTBaseOTReplyMessage"),
     kkrt.KKRTExtensionChunk: Wire("KKRTExtensionChunkMessage"),
     kkrt.KKRTTagChunk: Wire("KKRTTagChunkMessage"),
+    # key-epoch engine (national custodian)
+    epoch.TagSetRequest: Wire("TagSetRequest"),
+    epoch.TagSetChunk: Wire("TagSetChunkMessage"),
     # aggregate tiers
     agg.AggregateOpenRequest: Wire("AggregateOpenRequest"),
     agg.AggregateOpenResponse: Wire("AggregateOpenResponse"),

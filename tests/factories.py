@@ -87,6 +87,7 @@ class World:
                   not_before: int | None = None, not_after: int | None = None,
                   tier: P.Tier = P.Tier.IDENTITY, key: Ed25519PrivateKey | None = None,
                   engines: Sequence[str] = ("oprf",), value_field: str = "",
+                  evaluation_key: bytes | None = None,
                   ) -> P.SignedAuthorization:
         key = key or self.authority
         now = int(time.time())
@@ -99,7 +100,7 @@ class World:
             not_after=now + 3600 if not_after is None else not_after,
             tier=tier, max_evaluations=max_evaluations, max_disclosures=max_disclosures,
             match_rules=tuple(rules), disclosure_fields=tuple(fields), retention_days=30,
-            engines=tuple(engines), value_field=value_field,
+            engines=tuple(engines), value_field=value_field, evaluation_key=evaluation_key,
         )
         return P.sign_authorization(auth, key)
 

@@ -1,9 +1,11 @@
 """Smoke test of the scale runner (``make bench``) and its report, at a tiny size.
 
-The real benchmark takes minutes; this runs the same code path end to end (scenario,
-both services over gRPC/mTLS, sampling, floor, JSON, Markdown, plot) on 300 x 300 so
-that a change that breaks the runner is caught by ``make test``, and it checks that the
-private match finds exactly what the plaintext tin+dob join finds.
+The real benchmark takes minutes; this runs the same code path end to end (scenario, both
+services over gRPC/mTLS, sampling, per-op costs, the per-core configuration, one run file,
+Markdown, plot) on 300 x 300, into a results directory that already holds an older run file
+and a stale merged ``latest.json``, and checks that the report comes from the new run alone
+and that the private match finds exactly the (query, record, rule) pairs of the plaintext
+tin+dob join.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -22,136 +25,198 @@ from benchmarks.accuracy import measure_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 300
+SmokeRun = tuple[Path, Path, Path, dict[str, Any]]  # data dir, results dir, run file, run
+#: a marker that only the planted older run carries: it must never reach the report
+STALE_WALL = 987.654
 
-RUN_KEYS = {
-    "engine": str, "queries": int, "records": int, "wall_s": float, "cpu_s": float,
-    "floor_s": float, "bytes_a_to_b": int, "bytes_b_to_a": int, "peak_rss_a": int,
-    "peak_rss_b": int, "matches": int, "true_matches": int, "phases": dict, "machine": dict,
-    "timestamp": str,
+ROW_KEYS = {
+    "engine": str, "net": str, "queries": int, "records": int, "wall_s": float,
+    "cpu_s": float, "floor_s": float, "bytes_a_to_b": int, "bytes_b_to_a": int,
+    "peak_rss_a": int, "peak_rss_b": int, "matches": int, "true_matches": int,
+    "phases": dict, "pair_check": dict, "timestamp": str, "loadavg_start": list,
 }
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict]]:
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     base = tmp_path_factory.mktemp("bench")
     data, results = base / "data", base / "results"
+    (results / "runs").mkdir(parents=True)
+    stale = {"schema": 2, "run_id": "20200101T000000Z", "command": ["old"], "tries": [],
+             "runs": [{**_row("oprf", SIZE, STALE_WALL, 1.0), "net": "loopback"}]}
+    (results / "runs" / "20200101T000000Z.json").write_text(json.dumps(stale))
+    (results / "latest.json").write_text(json.dumps([_row("oprf", 10_000, STALE_WALL)]))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.scale", "--sizes", str(SIZE), "--engines", "oprf",
-         "--data-dir", str(data), "--results-dir", str(results), "--op-sample", "400",
-         "--fresh"],
-        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+         "--data-dir", str(data), "--results-dir", str(results), "--op-sample", "400"],
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = json.loads((results / "latest.json").read_text())
-    return data, results, runs
+    new = [p for p in (results / "runs").glob("*.json") if p.name != "20200101T000000Z.json"]
+    assert len(new) == 1, new
+    return data, results, new[0], json.loads(new[0].read_text())
 
 
-def test_json_schema(smoke_run: tuple[Path, Path, list[dict]]) -> None:
-    _data, _results, runs = smoke_run
-    assert isinstance(runs, list) and len(runs) == 1
-    run = runs[0]
-    for key, typ in RUN_KEYS.items():
-        assert isinstance(run[key], typ), (key, run.get(key))
-    assert run["engine"] == "oprf"
-    assert run["queries"] == run["records"] == SIZE
-    assert run["floor_s"] > 0 and run["wall_s"] > 0
-    # A 300-record session can end between two CPU samples (its share then reads 0);
-    # the whole match command always spans several.
-    assert run["cpu_s"] >= 0 and run["cpu_e2e_s"] > 0
-    # Every blinded element goes up and comes back: at least 32 B each way per element.
-    assert run["bytes_a_to_b"] >= 32 * run["query_elements"]
-    assert run["bytes_b_to_a"] >= 32 * run["query_elements"] + 12 * run["custodian_elements"]
-    assert run["peak_rss_tree_b"] >= run["peak_rss_b"] > 0
-    for phase in ("open", "evaluate", "match", "disclose", "close", "custodian_load"):
-        assert run["phases"][phase] >= 0
-    assert run["machine"]["cores_logical"] >= 1
-    assert set(run["op_counts"]) == {"hash_to_group", "scalarmult", "unblind", "validate"}
+def test_one_invocation_writes_one_run_file(smoke_run: SmokeRun) -> None:
+    _data, results, _path, run = smoke_run
+    assert json.loads((results / "latest.json").read_text()) == run
+    assert run["command"][1:3] == ["-m", "benchmarks.scale"]
+    assert run["command"][-4:] == ["--results-dir", str(results), "--op-sample", "400"]
+    assert len(run["git"]["commit"]) == 40 and isinstance(run["git"]["dirty"], bool)
+    m = run["machine"]
+    assert m["cores_logical"] >= 1 and m["memory_bytes"] > 0 and m["python"]
+    assert m["packages"]["rbcl"] and m["packages"]["grpcio"]
+    assert len(run["loadavg_start"]) == len(run["loadavg_end"]) == 3
+    # Default: the engine with the services' default workers and, per core, with one each.
+    assert sorted(str(r["workers"]) for r in run["runs"]) == ["1", "None"]
+    assert len(run["tries"]) == len(run["op_costs"]) == 2
+    for row in run["runs"]:
+        for key, typ in ROW_KEYS.items():
+            assert isinstance(row[key], typ), (key, row.get(key))
+        assert row["net"] == "loopback" and row["queries"] == row["records"] == SIZE
+        assert row["bytes_a_to_b"] >= 32 * row["query_elements"]
+        assert row["peak_rss_tree_b"] >= row["peak_rss_b"] > 0
+        assert row["cpu_e2e_s"] > 0
+        for phase in ("open", "evaluate", "match", "disclose", "close", "custodian_load"):
+            assert row["phases"][phase] >= 0
+    # The floor uses the run's median per-op costs, the same for both rows.
+    med = scale.median_op_costs([scale.OpCosts(**{k: v / 1e6 for k, v in c.items()
+                                                  if k not in ("sample", "timestamp")},
+                                               sample=int(c["sample"]))
+                                 for c in run["op_costs"]])
+    for row in run["runs"]:
+        assert row["floor_s"] == pytest.approx(
+            med.floor_seconds(row["query_elements"], row["custodian_elements"],
+                              row["cores"]), abs=1e-3)
 
 
-def test_matches_equal_plaintext_tin_dob(smoke_run: tuple[Path, Path, list[dict]]) -> None:
-    data, _results, runs = smoke_run
-    run = runs[0]
+def test_pairs_equal_the_plaintext_join(smoke_run: SmokeRun) -> None:
+    data, _results, _path, run = smoke_run
     (scenario_dir,) = data.glob("scenario-*")
     (acc,) = measure_scenario(scenario_dir, ["tin+dob"]).rules
     assert acc.matched_queries > 0
-    assert run["matches"] == acc.matched_queries == run["expected_matches"]
-    assert run["matches_agree_with_plaintext"] is True
-    assert run["correct_matches"] == acc.true_positives
-    assert run["true_matches"] == acc.true_matches
+    for row in run["runs"]:
+        pc = row["pair_check"]
+        assert pc["pairs_equal"] is True and pc["missing_pairs"] == pc["extra_pairs"] == 0
+        assert pc["pairs"] == pc["expected_pairs"] >= acc.matched_queries == row["matches"]
+        assert row["correct_matches"] == acc.true_positives
+        assert row["true_matches"] == acc.true_matches
 
 
-def test_report_files(smoke_run: tuple[Path, Path, list[dict]]) -> None:
-    _data, results, _runs = smoke_run
+def test_report_comes_from_that_run_only(smoke_run: SmokeRun) -> None:
+    _data, results, path, run = smoke_run
     md = (results / "latest.md").read_text()
-    assert "## Targets of issue 4" in md and "| oprf | 300 x 300 |" in md
+    assert f"`runs/{path.name}`" in md and "20200101T000000Z" not in md
+    assert f"{STALE_WALL}" not in md and "987.65" not in md
+    table = md.split("## Runs (fastest try of each)")[1].split("\n\n")[1]
+    body = [ln for ln in table.splitlines()[2:] if ln.startswith("|")]
+    assert len(body) == len(run["runs"]) == 2
+    assert {ln.split(" | ")[0] for ln in body} == {"| oprf", "| oprf (1 worker/service)"}
+    assert md.count("| loopback | 300 x 300 | ") >= 4  # runs table and tries table
+    assert "## The floor: operation counts" in md and "2q + r" in md
     pytest.importorskip("matplotlib")
     assert (results / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_cli_renders_one_named_run_and_refuses_a_merged_list(
+        smoke_run: SmokeRun, tmp_path: Path) -> None:
+    _data, _results, path, run = smoke_run
+    old_list = tmp_path / "merged.json"
+    old_list.write_text(json.dumps([_row("oprf", 10_000, 1.0)]))
+    assert report.main(["--run", str(old_list), "--out-dir", str(tmp_path / "a")]) == 2
+    out = tmp_path / "b"
+    assert report.main(["--run", str(path), "--out-dir", str(out)]) == 0
+    assert json.loads((out / "latest.json").read_text()) == run
+    assert run["run_id"] in (out / "latest.md").read_text()
 
 
 # --------------------------------------------------------------------------- pure parts
 
 
-def _run(engine: str, n: int, wall: float, floor: float | None = None, **extra: object) -> dict:
+def _row(engine: str, n: int, wall: float, floor: float | None = None,
+         **extra: Any) -> dict[str, Any]:
     q = 1_280_000 if n == 1_300_000 else n
-    return {"engine": engine, "queries": q, "records": n, "wall_s": wall, "cpu_s": wall,
-            "floor_s": floor, "bytes_a_to_b": 32 * q, "bytes_b_to_a": 32 * q + 12 * n,
+    return {"engine": engine, "net": "loopback", "workers": None, "queries": q, "records": n,
+            "wall_s": wall, "cpu_s": extra.pop("cpu_s", wall), "floor_s": floor,
+            "bytes_a_to_b": 32 * q, "bytes_b_to_a": 32 * q + 12 * n,
             "peak_rss_a": 2**30, "peak_rss_b": 2**30, "matches": 1, "true_matches": 1,
             "phases": {"open": 1.0, "evaluate": 1.0, "match": 0.1, "disclose": 0.1},
-            **extra}
+            "matches_agree_with_plaintext": True, **extra}
 
 
-def test_targets_judged_from_numbers() -> None:
-    runs = [_run("oprf", 100_000, 10.0, 9.0), _run("openmined", 100_000, 25.0),
-            _run("oprf", 1_300_000, 140.0, 120.0), _run("openmined", 1_300_000, 270.0)]
-    verdicts = [t.met for t in report.evaluate_targets(runs)]
-    # floor, OpenMined speed-up, phases, RSS, bytes
-    assert verdicts == [True, False, True, True, True]
-    # 270 / 140 < 2 at full scale, so the speed-up target is missed even though 100k passes.
-    runs[-1]["wall_s"] = 300.0
-    assert all(t.met for t in report.evaluate_targets(runs))
-    runs[2]["bytes_b_to_a"] += 10**8  # over 80 B/query + 16 B/record
-    runs[2]["wall_s"] = 151.0  # 1.26 x the floor
-    assert [t.met for t in report.evaluate_targets(runs)] == [False, False, True, True, False]
-    missing = report.evaluate_targets([_run("oprf", 10_000, 1.0, 0.5)])
-    assert missing[0].met is None and missing[1].met is None
+def test_targets_judged_from_numbers_with_wall_and_cpu_ratios() -> None:
+    rows = [_row("oprf", 100_000, 10.0, 9.0, cpu_s=19.0),
+            _row("openmined", 100_000, 25.0, workers=1),
+            _row("oprf", 1_300_000, 110.0, 100.0, cpu_s=210.0),
+            _row("openmined", 1_300_000, 230.0, workers=1),
+            _row("kkrt", 1_300_000, 9.0), _row("oprf", 100_000, 24.0, 9.0, workers=1)]
+    speed, floor, kkrt_wall, kkrt_speed, per_core, rss, size, agg = report.evaluate_targets(rows)
+    assert (speed.met, floor.met, kkrt_wall.met, kkrt_speed.met, rss.met, size.met) == (
+        True, True, True, True, True, True)
+    # Wall and CPU ratios side by side: 25 / 10 on the wall, 25 / 19 on CPU.
+    assert "wall **2.50 x**" in speed.detail and "= **1.32 x**" in speed.detail
+    assert agg.verdict == "not measured"  # another command's number is never borrowed
+    assert per_core.verdict == "reported" and "oprf 100,000 x 100,000" in per_core.detail
+    assert "wall **1.04 x**" in per_core.detail  # 25 / 24: only the 1-worker row
+    rows[2]["wall_s"] = 116.0  # 1.16 x its floor, and 230 / 116 < 2
+    rows[4]["wall_s"] = 10.5
+    speed, floor, kkrt_wall, kkrt_speed, *_ = report.evaluate_targets(rows)
+    assert (speed.met, floor.met, kkrt_wall.met, kkrt_speed.met) == (False, False, False, False)
+    assert "missed by 1.0 s" in floor.detail
+    # A row from another network or the per-core configuration never stands in for one.
+    only = [_row("oprf", 100_000, 1.0, 0.5, net="wan"), _row("openmined", 100_000, 5.0)]
+    assert report.evaluate_targets(only)[0].met is None
 
 
-def test_kkrt_targets_judged_from_numbers() -> None:
-    """Issue 8: the best full-scale KKRT run against 20 s and 15 x OpenMined, 2 GiB each."""
-    assert all(t.met is None for t in report.evaluate_kkrt_targets([_run("oprf", 10_000, 1.0)]))
-    runs = [_run("openmined", 1_300_000, 400.0), _run("kkrt", 1_300_000, 30.0),
-            _run("kkrt-prepared", 1_300_000, 19.5)]
-    wall, speed, rss, per = report.evaluate_kkrt_targets(runs)
-    assert (wall.met, speed.met, rss.met, per.met) == (True, True, True, True)
-    assert "kkrt (cold custodian): 30.0 s" in wall.detail
-    assert "kkrt-prepared: 20.5 x" in speed.detail
-    assert "32.0 B/query" in per.detail
-    runs[2]["wall_s"] = 27.0  # 400 / 27 < 15
-    runs[2]["peak_rss_b"] = 3 * 2**30
-    wall, speed, rss, _ = report.evaluate_kkrt_targets(runs)
-    assert (wall.met, speed.met, rss.met) == (False, False, False)
-    md = report.render_markdown(runs)
-    assert "## Targets of issue 8 (KKRT engine)" in md and "| kkrt-prepared | 1,280,000" in md
-    assert "KKRT 1.28M x 1.3M" in report.readme_block(runs, "p.png", "r.md")
+def test_openmined_network_figure_is_a_labelled_model() -> None:
+    om = _row("openmined", 100_000, 30.0, workers=1)
+    wan = scale.openmined_network_model(om, "wan")
+    total = om["bytes_a_to_b"] + om["bytes_b_to_a"]
+    assert wan["modelled"] is True and wan["net"] == "wan"
+    assert wan["wall_s"] == pytest.approx(30.0 + total * 8 / 100e6 + 0.040, abs=1e-3)
+    run = {"runs": [om, wan], "tries": [om], "nets": {"loopback": {}, "wan": {}}}
+    md = report.render_markdown(run)
+    (line,) = [ln for ln in md.splitlines() if ln.startswith("| openmined | wan |")]
+    assert "**MODEL**" in line and "(model)" in line
+
+
+def test_every_engine_states_its_guarantees() -> None:
+    """The table names, for every engine the harness can run, whom it is secure against."""
+    assert set(scale.ENGINES) <= set(report.GUARANTEES)
+    rows = [_row("oprf", 10_000, 1.0), _row("kkrt", 10_000, 1.0)]
+    table = "\n".join(report.render_markdown({"runs": rows, "tries": []}).splitlines())
+    assert "semi-honest parties only, both sides" in table
+    (om,) = [ln for ln in table.splitlines() if ln.startswith("| OpenMined PSI")]
+    assert "no authorization" in om and om.endswith("| not measured |")
+    (ver,) = [ln for ln in table.splitlines() if ln.startswith("| OPRF, verifiable")]
+    assert "malicious custodian" in ver and ver.endswith("| not measured |")
+
+
+def test_median_op_costs_is_per_operation() -> None:
+    mk = scale.OpCosts
+    med = scale.median_op_costs([mk(1, 10, 100, 5, 10), mk(3, 30, 300, 1, 10),
+                                 mk(2, 90, 200, 9, 10)])
+    assert (med.hash_to_group, med.scalarmult, med.unblind, med.validate, med.sample) == (
+        2, 30, 200, 5, 30)
+    with pytest.raises(ValueError):
+        scale.median_op_costs([])
 
 
 def test_readme_block_replaced_in_place(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
-    readme.write_text(f"# X\n\nintro\n\n{report.README_START}\nold\n{report.README_END}\n\ntail\n")
-    runs = [_run("oprf", 10_000, 1.0, 0.5)]
-    report.update_readme(readme, runs, tmp_path / "benchmarks" / "results")
+    readme.write_text(f"# X\n\nintro\n\n{report.README_START}\nstale-block\n"
+                      f"{report.README_END}\n\ntail\n")
+    run = {"run_id": "20260101T000000Z", "runs": [_row("oprf", 10_000, 1.0, 0.5)],
+           "tries": [], "command": ["python", "-m", "benchmarks.scale"]}
+    results = tmp_path / "benchmarks" / "results"
+    source = results / "runs" / "20260101T000000Z.json"
+    report.update_readme(readme, run, results, source=source)
     text = readme.read_text()
-    assert "old" not in text and text.startswith("# X\n\nintro") and text.endswith("tail\n")
+    assert "stale-block" not in text and text.startswith("# X\n\nintro") and text.endswith("tail\n")
     assert "](benchmarks/results/latest.png)" in text
-    report.update_readme(readme, runs, tmp_path / "benchmarks" / "results")
+    assert "`benchmarks/results/runs/20260101T000000Z.json`" in text
+    report.update_readme(readme, run, results, source=source)
     assert readme.read_text() == text  # idempotent
-
-
-def test_merge_replaces_same_engine_and_size() -> None:
-    old = [_run("oprf", 10_000, 5.0, 1.0), _run("oprf", 100_000, 50.0, 10.0)]
-    new = [_run("oprf", 10_000, 2.0, 1.0)]
-    merged = scale._merge(old, new)
-    assert [(r["records"], r["wall_s"]) for r in merged] == [(10_000, 2.0), (100_000, 50.0)]
 
 
 costs = st.floats(min_value=1e-7, max_value=1e-3)

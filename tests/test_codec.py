@@ -7,6 +7,7 @@ import pytest
 from proto import codec
 from protocol.crypto import kkrt
 from protocol.domain import messages as m
+from protocol.engines import epoch
 from protocol.errors import InvalidElementError
 from protocol.sessions import aggregate as agg
 
@@ -46,6 +47,9 @@ SAMPLES: list[object] = [
     agg.AggregateRelease(count=5, sum=None, withheld=True, reason="below_minimum_count"),
     agg.AggregateRelease(count=12, sum=-(2**70), withheld=False),
     agg.AggregateRelease(count=1, sum=0, withheld=False),
+    epoch.TagSetRequest(b"{auth}", ("tin+dob", "tin+last_name"), "2026-10"),
+    epoch.TagSetChunk("2026-11", 77, "tin+dob", 3000, b"GPT1" + b"\x15" * 40),
+    epoch.TagSetChunk("2026-11", 77, "tin+dob", 3000, unchanged=True),
 ]
 
 

@@ -138,7 +138,7 @@ def test_help_is_a_guide_by_task() -> None:
 
 
 @pytest.mark.parametrize("package", ["accounting", "adapters", "cli", "crypto", "domain",
-                                     "engines", "policy", "sessions"])
+                                     "engines", "policy", "report", "sessions"])
 def test_each_subpackage_lists_its_modules(package: str) -> None:
     module = __import__(f"protocol.{package}", fromlist=["__all__"])
     present = {p.stem for p in (ROOT / "protocol" / package).glob("*.py")} - {"__init__"}

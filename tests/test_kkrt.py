@@ -463,3 +463,93 @@ def test_process_pool_gives_the_same_matches() -> None:
     finally:
         executor.shutdown()
     assert {mine[i] for i in result.matches} == set(mine) & set(theirs)
+
+
+# --------------------------------------------------------------------------- overlap and workers
+
+
+def test_custodian_tag_sets_are_the_same_from_worker_tags() -> None:
+    """The workers return tags (not outputs); the sorted sets equal the in-process ones."""
+    mine = _keys("w", range(0, 60_000, 2))
+    theirs = _keys("w", range(0, 60_000, 3))
+    executor = process_pool(2)
+    try:
+        # two custodians with one key and nonce see the same setup and chunks: same q rows
+        local, pooled = (kkrt.KKRTCustodian(theirs, b"k" * 32, seed_context=CTX, nonce=b"n" * 32,
+                                            executor=ex) for ex in (None, executor))
+        requester = kkrt.KKRTRequester(mine, CTX)
+        setup = requester.setup()
+        (reply,) = local.handle(setup)
+        assert pooled.handle(setup) == [reply]
+        requester.handle(reply)
+        for chunk in requester.extension_chunks():
+            local.handle(chunk)
+            pooled.handle(chunk)
+        sets = [list(c.tag_chunks()) for c in (local, pooled)]
+    finally:
+        executor.shutdown()
+    assert sets[0] == sets[1]
+    for tags in sets[1]:
+        requester.handle(tags)
+    assert {mine[i] for i in requester.matches()} == set(mine) & set(theirs)
+
+
+def test_worker_tags_equal_tags_of_the_outputs() -> None:
+    """``_hash_tag_rows`` is H then T: the same bytes as hashing and tagging apart."""
+    rng = np.random.default_rng(5)
+    records = rng.integers(0, 256, size=(1000, 72), dtype=np.uint8)
+    keys = kkrt._SessionKeys(kkrt._session_seed(CTX))
+    outputs = np.frombuffer(kkrt._hash_rows(records, keys.salt), dtype=np.uint8).reshape(-1, 16)
+    assert kkrt._hash_tag_rows(records, keys.salt, keys.tag_key) == keys.tags(outputs).tobytes()
+
+
+def test_custodian_builds_its_tag_sets_with_the_last_chunk() -> None:
+    """The sets are ready when the extension completes, before anyone asks for them."""
+    requester, custodian = _opened(_keys("q", range(200)), _keys("q", range(100, 400)),
+                                   chunk_bins=64)
+    chunks = list(requester.extension_chunks())
+    for chunk in chunks[:-1]:
+        custodian.handle(chunk)
+        assert "tags" not in custodian.timings
+    custodian.handle(chunks[-1])
+    assert "tags" in custodian.timings
+    for tags in custodian.tag_chunks():
+        requester.handle(tags)
+    assert {f"q-{i}".encode() for i in range(100, 200)} == {
+        f"q-{i}".encode() for i in requester.matches()}
+
+
+def test_requester_matches_each_tag_set_as_it_completes() -> None:
+    """Sets are matched while later ones stream; the result equals matching at the end."""
+    mine, theirs = _keys("m", range(0, 3000, 2)), _keys("m", range(0, 3000, 5))
+    requester, custodian = _opened(mine, theirs, chunk_bins=64)
+    lazy, custodian2 = _opened(mine, theirs, chunk_bins=64)
+    for chunk in requester.extension_chunks():  # the generator finishes the outputs
+        custodian.handle(chunk)
+    while lazy.state is kkrt.RequesterState.EXTENDING:  # chunk by chunk: outputs wait
+        custodian2.handle(lazy.extension_chunk())
+    seen: list[int] = []
+    for tags in custodian.tag_chunks(chunk_tags=97):
+        requester.handle(tags)
+        seen.append(len(requester._table_hits))
+    assert seen[0] == 0 and seen[-1] == kkrt.CUCKOO_HASHES  # matched before matches()
+    for tags in custodian2.tag_chunks(chunk_tags=97):
+        lazy.handle(tags)
+    assert lazy._table_hits == {}
+    expected = set(mine) & set(theirs)
+    assert {mine[i] for i in requester.matches()} == expected
+    assert {mine[i] for i in lazy.matches()} == expected
+    assert requester.matches() == requester.matches()  # repeatable
+
+
+def test_dedupe_equals_the_sorted_unique_reference() -> None:
+    rng = np.random.default_rng(11)
+    digests = rng.integers(0, 256, size=(5000, 16), dtype=np.uint8)
+    digests[10] = digests[20] = digests[4000]  # repeated keys
+    digests[30, :8] = digests[31, :8]  # same first word, different digests
+    distinct, item = kkrt._dedupe(digests)
+    ref = np.unique(digests.view("V16").ravel())
+    assert distinct.shape[0] == ref.size == 4998
+    assert np.array_equal(distinct[item], digests)  # every key maps to its own digest
+    assert len(set(item.tolist())) == distinct.shape[0]
+    assert np.array_equal(np.unique(distinct.view("V16").ravel()), ref)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("crypto", "domain", "policy", "engines", "sessions", "accounting")
+CORE = ("crypto", "domain", "policy", "engines", "sessions", "accounting", "report")
 
 #: Modules whose import alone means I/O, processes or a user interface.
 FORBIDDEN_MODULES = frozenset({

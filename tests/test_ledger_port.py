@@ -35,6 +35,9 @@ from protocol.accounting.port import (
     ReceiptRow,
     Reservation,
     SessionRow,
+    TagSetFetchRow,
+    check_evaluated_store,
+    check_tagset_fetch,
 )
 from protocol.accounting.rules import (
     check_evaluation,
@@ -81,6 +84,8 @@ class MemoryLedger:
         self._first: dict[tuple[str, str], tuple[int, DisclosureRow]] = {}
         self._events: list[tuple[int, DisclosureRow]] = []  # every release, repeats too
         self._aggregate_releases: list[AggregateReleaseRow] = []
+        self._evaluated: dict[str, dict[int, bytes]] = {}  # session -> seq -> elements
+        self._fetches: list[TagSetFetchRow] = []
         self._append(self.now(), [("ledger.created", {"ledger_id": self._id})])
 
     # -- audit log -----------------------------------------------------------------------------
@@ -333,6 +338,35 @@ class MemoryLedger:
 
     def aggregate_releases(self, requester_id: str) -> list[AggregateReleaseRow]:
         return [r for r in self._aggregate_releases if r.requester_id == requester_id]
+
+    def store_evaluated(self, auth_id: str, session_id: str, seq: int, elements: bytes) -> None:
+        require_count("seq", seq)
+        s = self._session(auth_id, session_id)
+        stored = self._evaluated.setdefault(session_id, {})
+        elsewhere = sum(len(v) for k, v in stored.items() if k != seq) // 32
+        check_evaluated_store(session_id, s.reserved, elsewhere, bytes(elements))
+        stored[seq] = bytes(elements)
+
+    def evaluated_elements(self, session_id: str, seq: int) -> bytes | None:
+        return self._evaluated.get(session_id, {}).get(seq)
+
+    def record_tagset_fetch(self, auth_id: str, requester_id: str, epoch_id: str,
+                            rules: Sequence[str], bytes_sent: int, cap: int) -> TagSetFetchRow:
+        require_id("requester_id", requester_id)
+        require_count("bytes_sent", bytes_sent)
+        self.authorization(auth_id)
+        done = sum(1 for f in self._fetches if f.auth_id == auth_id and f.epoch_id == epoch_id)
+        check_tagset_fetch(auth_id, epoch_id, done, cap)
+        (entry,) = self._append(self.now(), [("tagset.fetched", {
+            "auth_id": auth_id, "requester_id": requester_id, "epoch_id": epoch_id,
+            "rules": list(rules), "bytes": bytes_sent, "fetch": done + 1})])
+        row = TagSetFetchRow(auth_id, requester_id, epoch_id, tuple(rules), bytes_sent,
+                             entry.at, entry.seq)
+        self._fetches.append(row)
+        return row
+
+    def tagset_fetches(self, auth_id: str) -> list[TagSetFetchRow]:
+        return [f for f in self._fetches if f.auth_id == auth_id]
 
     @contextmanager
     def consistent_read(self) -> Iterator[None]:

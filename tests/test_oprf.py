@@ -675,3 +675,215 @@ def test_pool_spans_cover_input_in_order() -> None:
     assert spans[0] == (0, 8192) and spans[-1][1] == 100_000
     assert all(a == b for (_, a), (b, _) in itertools.pairwise(spans))
     p._executor = None
+
+
+# --- RFC 9497 Appendix A.1.2 / A.1.3: VOPRF (mode 1) and POPRF (mode 2) ------------------
+
+VERIFIABLE_MODES = (oprf.MODE_VOPRF, oprf.MODE_POPRF)
+VERIFIABLE_VECTORS = [
+    pytest.param(mode, vector, id=f"mode{mode}-vector{i}-batch{vector['Batch']}")
+    for mode in VERIFIABLE_MODES
+    for i, vector in enumerate(rfc9497_suite(mode)["vectors"])
+]
+
+
+def _mode_key(mode: int) -> tuple[bytes, bytes]:
+    suite = rfc9497_suite(mode)
+    return oprf.derive_key_pair_mode(
+        bytes.fromhex(suite["seed"]), bytes.fromhex(suite["keyInfo"]), mode)
+
+
+def test_every_verifiable_vector_is_present_including_batches() -> None:
+    for mode in VERIFIABLE_MODES:
+        batches = [v["Batch"] for v in rfc9497_suite(mode)["vectors"]]
+        assert len(batches) == 3 and max(batches) == 2, (mode, batches)
+
+
+@pytest.mark.parametrize("mode", VERIFIABLE_MODES)
+def test_context_string_per_mode_matches_vector_group_dst(mode: int) -> None:
+    suite = rfc9497_suite(mode)
+    assert bytes.fromhex(suite["groupDST"]) == b"HashToGroup-" + oprf.context_string(mode)
+    assert oprf.context_string(oprf.MODE_OPRF) == oprf.CONTEXT_STRING
+    with pytest.raises(ValueError, match="unknown RFC 9497 mode 3"):
+        oprf.context_string(3)
+
+
+@pytest.mark.parametrize("mode", VERIFIABLE_MODES)
+def test_derive_key_pair_per_mode_vector(mode: int) -> None:
+    suite = rfc9497_suite(mode)
+    sk, pk = _mode_key(mode)
+    assert (sk.hex(), pk.hex()) == (suite["skSm"], suite["pkSm"])
+    # the same seed and info give a different key in every mode (the DST carries the mode)
+    assert sk != _suite_key()
+    assert sk != _mode_key(3 - mode)[0]
+
+
+@pytest.mark.parametrize(("mode", "vector"), VERIFIABLE_VECTORS)
+def test_verifiable_protocol_vector(mode: int, vector: dict[str, Any]) -> None:
+    sk, pk = _mode_key(mode)
+    inputs = _split(vector["Input"])
+    blinds = _split(vector["Blind"])
+    blinded = _split(vector["BlindedElement"])
+    evaluated = _split(vector["EvaluationElement"])
+    outputs = _split(vector["Output"])
+    proof = bytes.fromhex(vector["Proof"]["proof"])
+    nonce = bytes.fromhex(vector["Proof"]["r"])
+    assert len(inputs) == vector["Batch"]
+    if mode == oprf.MODE_VOPRF:
+        assert [oprf.voprf_blind(x, r) for x, r in zip(inputs, blinds, strict=True)] == list(
+            zip(blinds, blinded, strict=True))
+        assert oprf.voprf_blind_evaluate(sk, pk, blinded, nonce) == (evaluated, proof)
+        assert oprf.voprf_finalize(inputs, blinds, evaluated, blinded, pk, proof) == outputs
+        assert [oprf.voprf_evaluate(sk, x) for x in inputs] == outputs
+        assert oprf.verify_proof(_GENERATOR, pk, blinded, evaluated, proof, mode=mode)
+    else:
+        info = bytes.fromhex(vector["Info"])
+        tweaked = oprf.poprf_tweaked_key(pk, info)
+        for x, r, b in zip(inputs, blinds, blinded, strict=True):
+            assert oprf.poprf_blind(x, info, pk, r) == (r, b, tweaked)
+        assert oprf.poprf_blind_evaluate(sk, blinded, info, nonce) == (evaluated, proof)
+        assert oprf.poprf_finalize(inputs, blinds, evaluated, blinded, proof, info,
+                                   tweaked) == outputs
+        assert [oprf.poprf_evaluate(sk, x, info) for x in inputs] == outputs
+        # the compact-buffer forms the engine uses give the same bytes
+        assert oprf.poprf_blind_batch(inputs, b"".join(blinds)) == (
+            b"".join(blinds), b"".join(blinded))
+        assert oprf.poprf_finalize_batch(inputs, b"".join(blinds), b"".join(evaluated),
+                                         b"".join(blinded), proof, info, tweaked) == outputs
+        assert oprf.poprf_evaluate_batch(sk, inputs, info) == outputs
+        # the server-side tweak is the discrete log of the client-side tweaked key
+        assert rbcl.crypto_scalarmult_ristretto255_base(oprf.poprf_tweak(sk, info)) == tweaked
+
+
+_GENERATOR = rbcl.crypto_scalarmult_ristretto255_base((1).to_bytes(32, "little"))
+
+
+@pytest.mark.parametrize(("mode", "vector"), VERIFIABLE_VECTORS)
+def test_composites_fast_equals_composites(mode: int, vector: dict[str, Any]) -> None:
+    sk, _ = _mode_key(mode)
+    blinded = _split(vector["BlindedElement"])
+    evaluated = _split(vector["EvaluationElement"])
+    k = sk if mode == oprf.MODE_VOPRF else oprf.poprf_tweak(sk, bytes.fromhex(vector["Info"]))
+    b = rbcl.crypto_scalarmult_ristretto255_base(k)
+    c, d = (blinded, evaluated) if mode == oprf.MODE_VOPRF else (evaluated, blinded)
+    assert oprf.compute_composites_fast(k, b, c, d, mode=mode) == oprf.compute_composites(
+        b, c, d, mode=mode)
+
+
+@pytest.mark.parametrize(("mode", "vector"), VERIFIABLE_VECTORS)
+def test_tampered_proofs_and_elements_fail_verification(mode: int, vector: dict[str, Any]
+                                                         ) -> None:
+    _, pk = _mode_key(mode)
+    inputs = _split(vector["Input"])
+    blinds = _split(vector["Blind"])
+    blinded = _split(vector["BlindedElement"])
+    evaluated = _split(vector["EvaluationElement"])
+    proof = bytes.fromhex(vector["Proof"]["proof"])
+    info = bytes.fromhex(vector.get("Info", ""))
+    other_sk, other_pk = oprf.derive_key_pair_mode(bytes(range(32)), b"another key", mode)
+
+    def finalize(evaluated: list[bytes], proof: bytes, pk: bytes = pk,
+                 info: bytes = info) -> list[bytes]:
+        if mode == oprf.MODE_VOPRF:
+            return oprf.voprf_finalize(inputs, blinds, evaluated, blinded, pk, proof)
+        return oprf.poprf_finalize(inputs, blinds, evaluated, blinded, proof, info,
+                                   oprf.poprf_tweaked_key(pk, info))
+
+    flipped = bytearray(proof)
+    flipped[5] ^= 1
+    swapped = proof[32:] + proof[:32]
+    non_canonical_s = proof[:32] + (int.from_bytes(proof[32:], "little") + L).to_bytes(
+        32, "little")
+    for bad in (bytes(flipped), swapped, proof[:63], proof + b"\0", bytes(64),
+                non_canonical_s):
+        with pytest.raises(oprf.VerifyError):
+            finalize(evaluated, bad)
+    # one element evaluated under another key: the batch proof no longer covers it
+    key = other_sk if mode == oprf.MODE_VOPRF else oprf.poprf_evaluation_key(other_sk, info)
+    mixed = [rbcl.crypto_scalarmult_ristretto255(key, blinded[0]), *evaluated[1:]]
+    with pytest.raises(oprf.VerifyError):
+        finalize(mixed, proof)
+    # a wholly consistent evaluation under another key, proven under that key, still fails
+    # against the published key
+    if mode == oprf.MODE_VOPRF:
+        other_eval, other_proof = oprf.voprf_blind_evaluate(other_sk, other_pk, blinded)
+    else:
+        other_eval, other_proof = oprf.poprf_blind_evaluate(other_sk, blinded, info)
+    with pytest.raises(oprf.VerifyError):
+        finalize(other_eval, other_proof)
+    assert len(finalize(other_eval, other_proof, pk=other_pk)) == len(inputs)
+    if mode == oprf.MODE_POPRF:
+        # another info (another authorization) under the right key also fails
+        with pytest.raises(oprf.VerifyError):
+            finalize(evaluated, proof, info=info + b"x")
+
+
+def test_poprf_inverse_error_and_identity_tweaked_key() -> None:
+    info = b"chosen info"
+    m = int.from_bytes(oprf.hash_to_scalar(
+        b"Info" + len(info).to_bytes(2, "big") + info,
+        b"HashToScalar-" + oprf.context_string(oprf.MODE_POPRF)), "little")
+    sk = ((-m) % L).to_bytes(32, "little")  # skS = -m: t = skS + m = 0
+    pk = rbcl.crypto_scalarmult_ristretto255_base(sk)
+    with pytest.raises(oprf.InverseError):
+        oprf.poprf_tweak(sk, info)
+    with pytest.raises(oprf.InverseError):
+        oprf.poprf_blind_evaluate(sk, [_element(1)], info)
+    with pytest.raises(oprf.InverseError):
+        oprf.poprf_evaluate(sk, b"x", info)
+    with pytest.raises(oprf.InvalidInputError, match="identity"):
+        oprf.poprf_tweaked_key(pk, info)
+    with pytest.raises(oprf.InvalidInputError, match="identity"):
+        oprf.poprf_blind(b"x", info, pk)
+
+
+def test_proof_limits_and_bad_elements() -> None:
+    sk, pk = _mode_key(oprf.MODE_VOPRF)
+    with pytest.raises(ValueError, match="at least one"):
+        oprf.voprf_blind_evaluate(sk, pk, [])
+    with pytest.raises(InvalidElementError, match="identity"):
+        oprf.voprf_blind_evaluate(sk, pk, [bytes(32)])
+    with pytest.raises(InvalidElementError, match="evaluated element 1"):
+        oprf.split_elements(_element(1) + bytes(32), "evaluated element")
+    with pytest.raises(InvalidElementError, match="multiple of 32"):
+        oprf.split_elements(b"\x01" * 33)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=6), st.binary(max_size=20))
+def test_poprf_round_trip_equals_direct_evaluation(inputs: list[bytes], info: bytes) -> None:
+    sk, pk = oprf.derive_key_pair_mode(bytes(32), b"property", oprf.MODE_POPRF)
+    blinds, blinded = oprf.poprf_blind_batch(inputs)
+    blinded_list = oprf.split_elements(blinded)
+    evaluated, proof = oprf.poprf_blind_evaluate(sk, blinded_list, info)
+    outputs = oprf.poprf_finalize_batch(inputs, blinds, b"".join(evaluated), blinded, proof,
+                                        info, oprf.poprf_tweaked_key(pk, info))
+    assert outputs == oprf.poprf_evaluate_batch(sk, inputs, info)
+    # a POPRF output is never the mode-0 output of the same key
+    assert outputs[0] != oprf.evaluate(sk, inputs[0])
+
+
+def test_verifiable_batches_spread_over_workers_equal_serial(pool: BatchPool) -> None:
+    """Spans of 1024 on real worker processes: same blinds, proofs, outputs and verdicts."""
+    n = 2 * 1024 + 300  # three spans
+    sk, pk = oprf.derive_key_pair_mode(bytes(32), b"spread", oprf.MODE_POPRF)
+    info = b"auth-spread"
+    inputs = [b"input-%d" % i for i in range(n)]
+    blinds, blinded = oprf.poprf_blind_batch(inputs)
+    assert oprf.poprf_blind_batch(inputs, blinds, executor=pool.executor) == (blinds, blinded)
+    elements = oprf.split_elements(blinded)
+    evaluated = oprf.blind_evaluate_batch(oprf.poprf_evaluation_key(sk, info), blinded)
+    evaluated_list = oprf.split_elements(evaluated)
+    nonce = oprf.random_scalar()
+    proof = oprf.poprf_prove(sk, info, elements, evaluated_list, nonce)
+    assert oprf.poprf_prove(sk, info, elements, evaluated_list, nonce,
+                            executor=pool.executor) == proof
+    tweaked = oprf.poprf_tweaked_key(pk, info)
+    serial = oprf.poprf_finalize_batch(inputs, blinds, evaluated, blinded, proof, info, tweaked)
+    assert oprf.poprf_finalize_batch(inputs, blinds, evaluated, blinded, proof, info, tweaked,
+                                     executor=pool.executor) == serial
+    assert oprf.poprf_evaluate_batch(sk, inputs, info, executor=pool.executor) == serial
+    bad = evaluated[:-32] + oprf.blind_evaluate(sk, blinded[-32:])
+    with pytest.raises(oprf.VerifyError):
+        oprf.poprf_finalize_batch(inputs, blinds, bad, blinded, proof, info, tweaked,
+                                  executor=pool.executor)

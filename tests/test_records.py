@@ -600,7 +600,22 @@ def test_match_rule_table() -> None:
         "tin+last_name",
         "first+last+dob+zip",
         "first+last+address",
+        "tin+dob+variants",
+        "tin+last_phonetic",
+        "tin+first_phonetic",
+        "tin+zip",
+        "tin+last_phonetic+zip",
+        "last_phonetic+dob+zip",
+        "first_phonetic+dob+zip",
+        "names_phonetic+dob+zip",
+        "names_phonetic+dob",
     }
+    # Measured on the realistic scenario (docs/architecture.md, Recall and
+    # misidentification): a name rule without the ZIP or with one name misidentifies.
+    assert MATCH_RULES["last_phonetic+dob+zip"].strength is Strength.WEAK
+    assert MATCH_RULES["first_phonetic+dob+zip"].strength is Strength.WEAK
+    assert MATCH_RULES["names_phonetic+dob"].strength is Strength.WEAK
+    assert MATCH_RULES["names_phonetic+dob+zip"].strength is Strength.MEDIUM
     assert MATCH_RULES["tin+dob"].strength is Strength.STRONG
     assert MATCH_RULES["tin+last_name"].strength is Strength.STRONG
     assert MATCH_RULES["first+last+dob+zip"].strength is Strength.MEDIUM
@@ -648,6 +663,15 @@ def test_match_key_components_per_rule() -> None:
         "tin+last_name": ("123456789", "obrien", "jr"),
         "first+last+dob+zip": ("jose", "obrien", "jr", "1980-02-03", "20500"),
         "first+last+address": ("jose", "obrien", "jr", "1600 pennsylvania ave nw", "20500"),
+        "tin+dob+variants": ("123456789", "1980-02-03"),
+        "tin+last_phonetic": ("123456789", "OBRAN"),
+        "tin+first_phonetic": ("123456789", "JAS"),
+        "tin+zip": ("123456789", "20500"),
+        "tin+last_phonetic+zip": ("123456789", "OBRAN", "20500"),
+        "last_phonetic+dob+zip": ("OBRAN", "1980-02-03", "20500"),
+        "first_phonetic+dob+zip": ("JAS", "1980-02-03", "20500"),
+        "names_phonetic+dob+zip": ("JAS", "OBRAN", "1980-02-03", "20500"),
+        "names_phonetic+dob": ("JAS", "OBRAN", "1980-02-03"),
     }
 
 
@@ -904,7 +928,7 @@ def test_person_csv_optional_class_and_extras(tmp_path) -> None:  # type: ignore
     ("text", "message"),
     [
         ("", "header"),
-        ("record_id,tin,first_name\nx,y,z\n", "lacks"),
+        ("record_id,first_name,zip\nx,y,z\n", "lacks"),
         (",".join(PERSON_FIELDS) + ",record_id\n", "duplicate"),
         (",".join(PERSON_FIELDS) + ",\n", "empty column"),
         (",".join(PERSON_FIELDS) + "\n" + "a,b,c\n", "line 2"),

@@ -392,7 +392,57 @@ def test_accuracy_cli_writes_json_and_markdown(
     assert [r["rule_id"] for r in payload["rules"]] == list(records.MATCH_RULES)
     assert payload["scenario_spec"]["seed"] == SMALL.seed
     table = md.read_text()
-    assert table.startswith("| rule |")
+    assert table.startswith("# Match-rule accuracy")
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(records.MATCH_RULES)  # header + one row per rule
+    # header + one row per rule + each rule set and the corroborated default
+    assert len(rows) == 1 + len(records.MATCH_RULES) + len(accuracy.RULE_SETS) + 1
+    assert "Estimate validation" in table
     assert accuracy.main([str(tmp_path / "missing")]) == 2
+
+
+# --------------------------------------------------------------------------- realistic errors
+
+
+def test_realistic_error_model_writes_each_error_type(tmp_path: Path) -> None:
+    """Nicknames, exchanged names, missing dates and compound surnames appear only under
+    the realistic model; the baseline draws none of them (its files stay as they were)."""
+    extra = ("nicknames", "name_order_swaps", "missing_dob", "compound_surnames")
+    base = generate(SMALL, tmp_path / "base")
+    counts = json.loads(base.manifest.read_text())["counts"]
+    assert all(counts[k] == 0 for k in extra)
+
+    files = generate(SMALL.realistic(), tmp_path / "real")
+    counts = json.loads(files.manifest.read_text())["counts"]
+    assert all(counts[k] > 0 for k in extra), counts
+    assert counts["name_typos"] > json.loads(base.manifest.read_text())["counts"]["name_typos"]
+    queries = {r["record_id"]: r for r in _rows(files.queries)}
+    custodian = {r["record_id"]: r for r in _rows(files.custodian)}
+    truth = _rows(files.truth)
+    first_names = set(scenario._names().first_text)
+    nicknamed = hyphenated = one_part = 0
+    for pair in truth:
+        q, c = queries[pair["query_record_id"]], custodian[pair["custodian_record_id"]]
+        if q["first_name"].title() not in first_names and q["first_name"] and \
+                q["first_name"].title() != c["last_name"].title():
+            nicknamed += 1
+        if "-" in q["last_name"] or (" " in q["last_name"].strip()
+                                     and not q["last_name"].rstrip(". ").endswith(
+                                         ("Jr", "JR", "Sr", "SR", "jr", "sr"))):
+            hyphenated += 1
+            if "-" not in c["last_name"]:
+                one_part += 1
+    assert nicknamed > 0 and hyphenated > 0 and one_part > 0
+
+
+def test_realistic_error_model_keeps_the_default_rules_recall(tmp_path: Path) -> None:
+    """At 4,000 queries: the default rule set finds >= 95% of the true matches that
+    validation lets through, and misidentifies nobody."""
+    files = generate(SMALL.realistic(), tmp_path)
+    dataset = accuracy.load_scenario(files.custodian.parent, today=TODAY)
+    rows = accuracy.measure_dataset(dataset, [], today=TODAY, estimate=False)
+    default = next(r for r in rows if r.rule_id.startswith("default:"))
+    accepted_truth = sum(p.record_id in dataset.truth for p in dataset.accepted)
+    assert default.false_matches == 0
+    assert default.true_positives >= 0.95 * accepted_truth
+    exact = next(r for r in rows if r.rule_id.startswith("strong exact"))
+    assert default.true_positives > exact.true_positives

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from protocol.crypto import oprf
+from protocol.crypto import oprf, tagset
 from protocol.crypto.kkrt import KKRTBaseOTReply, KKRTExtensionChunk, KKRTSetup, KKRTTagChunk
+from protocol.domain.engine import IndexMode
 from protocol.domain.messages import (
     CloseRequest,
     Disclosure,
@@ -151,14 +152,29 @@ def _identity_walk(engine: str) -> Walk:
     return walk
 
 
+def _epoch_mode(world: World, engine: str) -> Any:
+    """For an engine that matches against a key-epoch index: the world's custodian in epoch
+    mode and its (in-memory) epoch index; None for the other engines."""
+    if registry.get(engine).traits.index is not IndexMode.EPOCH:
+        return None
+    from tests.test_epoch_engine import EPOCH, MemoryEpochIndex
+
+    world.policy = replace(world.policy, index_mode=IndexMode.EPOCH, epoch_id=EPOCH,
+                           epoch_max_evaluations=1 << 14)
+    return MemoryEpochIndex(world.records, tagset.epoch_key(world.master_secret, EPOCH),
+                            max_evaluations=1 << 14)
+
+
 def _walk_identity(world: World, engine: str) -> Iterator[tuple[Any, Any]]:
     world.records = [make_person(i, prefix="c") for i in range(6)]
     signed = world.authorize(engines=(engine,))
-    custodian = CustodianSession(world.custodian())
+    index = _epoch_mode(world, engine)
+    custodian = CustodianSession(world.custodian(epoch_index=index) if index is not None
+                                 else world.custodian())
     requester = RequesterSession(signed, [as_query(r) for r in world.records[:3]],
                                  signing_key=world.requester_key,
                                  custodian_key=world.custodian_key.public_key(),
-                                 engine=engine)
+                                 engine=engine, tagset=index)
     yield requester, custodian
     opened = custodian.handle(requester.open_request(), peer_id=PEER)
     yield requester, custodian

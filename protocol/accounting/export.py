@@ -210,12 +210,18 @@ def custodian_export(ledger: LedgerPort, auth_id: str) -> dict[str, Any]:
         receipts.append(item)
     evidence = chain_evidence(ledger)
     releases = aggregate_release_account(ledger, auth_id, doc["sessions"])
+    # Epoch mode: every accounted fetch of a key epoch's tag set (docs/architecture.md,
+    # National custodian), tied to its audit entry by seq.
+    fetches = [{"requester_id": f.requester_id, "epoch_id": f.epoch_id, "rules": list(f.rules),
+                "bytes": f.bytes_sent, "fetched_at": f.fetched_at, "audit_seq": f.audit_seq}
+               for f in ledger.tagset_fetches(auth_id)]
     return {
         **doc,
         "format": EXPORT_FORMAT,
         "role": "custodian",
         "receipts": receipts,
         "aggregate_releases": releases,
+        "tagset_fetches": fetches,
         "counts": {
             "evaluated": doc["budget"]["evaluated"],
             "disclosed": doc["budget"]["disclosed"],

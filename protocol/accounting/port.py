@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from protocol.accounting.chain import AuditEntry, Checkpoint, StoredEntry
+from protocol.errors import BudgetExhausted, LedgerError
 
 __all__ = [
     "AggregateReleaseRow",
@@ -38,7 +39,13 @@ __all__ = [
     "ReceiptRow",
     "Reservation",
     "SessionRow",
+    "TagSetFetchRow",
+    "check_evaluated_store",
+    "check_tagset_fetch",
 ]
+
+#: Bytes of one stored blinded element (a ristretto255 encoding).
+EVALUATED_ELEMENT_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,47 @@ class AggregateReleaseRow:
     contributing: bytes
     released_at: float
     audit_seq: int
+
+
+@dataclass(frozen=True)
+class TagSetFetchRow:
+    """One fetch of a key epoch's tag set (docs/architecture.md, National custodian): who,
+    under which authorization, which epoch and rules, how many bytes were sent."""
+
+    auth_id: str
+    requester_id: str
+    epoch_id: str
+    rules: tuple[str, ...]
+    bytes_sent: int
+    fetched_at: float
+    audit_seq: int
+
+
+def check_evaluated_store(session_id: str, reserved: int | None, stored_elsewhere: int,
+                          elements: bytes) -> int:
+    """The number of elements in ``elements``; refuses what the reservation does not cover.
+
+    A session stores at most as many blinded elements as it reserved (the chunk being
+    replaced, if any, excluded from ``stored_elsewhere``), so a peer cannot grow the ledger
+    beyond its budget.  Every ledger applies this same rule.
+    """
+    if reserved is None:
+        raise LedgerError(f"session {session_id!r} has no reservation")
+    if not elements or len(elements) % EVALUATED_ELEMENT_SIZE:
+        raise LedgerError(f"session {session_id!r}: {len(elements)} bytes are not whole "
+                          "blinded elements")
+    n = len(elements) // EVALUATED_ELEMENT_SIZE
+    if stored_elsewhere + n > reserved:
+        raise BudgetExhausted(f"session {session_id!r}: storing {n} more evaluated elements "
+                              f"would exceed the {reserved} reserved ({stored_elsewhere} stored)")
+    return n
+
+
+def check_tagset_fetch(auth_id: str, epoch_id: str, done: int, cap: int) -> None:
+    """An authorization fetches one epoch's tag set at most ``cap`` times."""
+    if done >= cap:
+        raise BudgetExhausted(f"authorization {auth_id!r} already fetched the tag set of epoch "
+                              f"{epoch_id!r} {done} times; the custodian allows {cap}")
 
 
 class AuditLog(Protocol):
@@ -291,6 +339,27 @@ class LedgerPort(AuditLog, Protocol):
 
     def aggregate_releases(self, requester_id: str) -> list[AggregateReleaseRow]:
         """The requester's recorded aggregate releases, oldest first."""
+        ...
+
+    # -- the national custodian's epoch mode --------------------------------------------------
+
+    def store_evaluated(self, auth_id: str, session_id: str, seq: int, elements: bytes) -> None:
+        """Durably keep the blinded elements of a session's evaluated chunk ``seq`` (a
+        repeated ``seq`` replaces it), bounded by the reservation (``check_evaluated_store``)."""
+        ...
+
+    def evaluated_elements(self, session_id: str, seq: int) -> bytes | None:
+        """The stored blinded elements of chunk ``seq`` of a session, or None."""
+        ...
+
+    def record_tagset_fetch(self, auth_id: str, requester_id: str, epoch_id: str,
+                            rules: Sequence[str], bytes_sent: int, cap: int) -> TagSetFetchRow:
+        """Account one tag-set fetch (row and audit entry in one step) before it is sent;
+        refuses past ``cap`` fetches of that epoch under that authorization."""
+        ...
+
+    def tagset_fetches(self, auth_id: str) -> list[TagSetFetchRow]:
+        """The authorization's tag-set fetches, oldest first."""
         ...
 
     def consistent_read(self) -> AbstractContextManager[None]:

@@ -2,11 +2,13 @@
 
 __all__ = [
     "checkpointer",
+    "epoch_index",
     "files",
     "keys",
     "operators",
     "pools",
     "scenario",
+    "shards",
     "sqlite",
     "sqlite_ledger",
     "workers",

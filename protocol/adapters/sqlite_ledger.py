@@ -52,6 +52,9 @@ from protocol.accounting.port import (
     ReceiptRow,
     Reservation,
     SessionRow,
+    TagSetFetchRow,
+    check_evaluated_store,
+    check_tagset_fetch,
 )
 from protocol.accounting.rules import (
     DISCLOSURE_REPEATED,
@@ -199,6 +202,31 @@ _ADDED_TABLES = (
     "aggregate_releases BEGIN SELECT RAISE(ABORT, 'aggregate releases are append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS aggregate_releases_no_delete BEFORE DELETE ON "
     "aggregate_releases BEGIN SELECT RAISE(ABORT, 'aggregate releases are append-only'); END",
+    # Epoch mode (docs/architecture.md, National custodian): the blinded elements each
+    # session had evaluated, which its disclosures are bound to (at most its reservation),
+    # and the accounted fetches of an epoch's tag set.
+    """CREATE TABLE IF NOT EXISTS evaluated_elements (
+    session_id  TEXT NOT NULL REFERENCES sessions(session_id),
+    seq         INTEGER NOT NULL CHECK (seq >= 0),
+    elements    BLOB NOT NULL,
+    count       INTEGER NOT NULL CHECK (count > 0),
+    PRIMARY KEY (session_id, seq)
+)""",
+    """CREATE TABLE IF NOT EXISTS tagset_fetches (
+    id            INTEGER PRIMARY KEY,
+    auth_id       TEXT NOT NULL REFERENCES authorizations(auth_id),
+    requester_id  TEXT NOT NULL,
+    epoch_id      TEXT NOT NULL,
+    rules         TEXT NOT NULL,
+    bytes_sent    INTEGER NOT NULL CHECK (bytes_sent >= 0),
+    fetched_at    REAL NOT NULL,
+    audit_seq     INTEGER NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS tagset_fetches_by_auth ON tagset_fetches(auth_id, epoch_id)",
+    "CREATE TRIGGER IF NOT EXISTS tagset_fetches_no_update BEFORE UPDATE ON tagset_fetches "
+    "BEGIN SELECT RAISE(ABORT, 'tag-set fetches are append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS tagset_fetches_no_delete BEFORE DELETE ON tagset_fetches "
+    "BEGIN SELECT RAISE(ABORT, 'tag-set fetches are append-only'); END",
 )
 
 
@@ -896,6 +924,64 @@ class Ledger:
     def aggregate_releases(self, requester_id: str) -> list[AggregateReleaseRow]:
         with self._db.read() as conn:
             return _release_rows(conn, requester_id)
+
+    # -- epoch mode ------------------------------------------------------------------------------
+
+    def store_evaluated(self, auth_id: str, session_id: str, seq: int, elements: bytes) -> None:
+        require_id("auth_id", auth_id)
+        require_id("session_id", session_id)
+        require_count("seq", seq)
+        with _write(self._db) as conn:
+            row = _open_session_row(conn, auth_id, session_id)
+            other = conn.execute(
+                "SELECT COALESCE(SUM(count), 0) FROM evaluated_elements "
+                "WHERE session_id = ? AND seq != ?", (session_id, seq)).fetchone()[0]
+            n = check_evaluated_store(session_id, row["reserved"], int(other), bytes(elements))
+            conn.execute(
+                "INSERT OR REPLACE INTO evaluated_elements (session_id, seq, elements, count) "
+                "VALUES (?, ?, ?, ?)", (session_id, seq, bytes(elements), n))
+
+    def evaluated_elements(self, session_id: str, seq: int) -> bytes | None:
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT elements FROM evaluated_elements WHERE session_id = ? AND seq = ?",
+                (session_id, seq)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def record_tagset_fetch(self, auth_id: str, requester_id: str, epoch_id: str,
+                            rules: Sequence[str], bytes_sent: int, cap: int) -> TagSetFetchRow:
+        require_id("auth_id", auth_id)
+        require_id("requester_id", requester_id)
+        require_id("epoch_id", epoch_id)
+        require_count("bytes_sent", bytes_sent)
+        rules_t = tuple(rules)
+        with _write(self._db) as conn:
+            self._accounts.budget(conn, auth_id)  # LedgerError for an unknown authorization
+            done = conn.execute(
+                "SELECT COUNT(*) FROM tagset_fetches WHERE auth_id = ? AND epoch_id = ?",
+                (auth_id, epoch_id)).fetchone()[0]
+            check_tagset_fetch(auth_id, epoch_id, int(done), cap)
+            now = float(self._clock())
+            entry = self._audit.append(conn, now, "tagset.fetched", {
+                "auth_id": auth_id, "requester_id": requester_id, "epoch_id": epoch_id,
+                "rules": list(rules_t), "bytes": bytes_sent, "fetch": int(done) + 1,
+            })
+            conn.execute(
+                "INSERT INTO tagset_fetches (auth_id, requester_id, epoch_id, rules, "
+                "bytes_sent, fetched_at, audit_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (auth_id, requester_id, epoch_id, json.dumps(list(rules_t)), bytes_sent, now,
+                 entry.seq))
+        return TagSetFetchRow(auth_id, requester_id, epoch_id, rules_t, bytes_sent, now,
+                              entry.seq)
+
+    def tagset_fetches(self, auth_id: str) -> list[TagSetFetchRow]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT auth_id, requester_id, epoch_id, rules, bytes_sent, fetched_at, "
+                "audit_seq FROM tagset_fetches WHERE auth_id = ? ORDER BY id",
+                (auth_id,)).fetchall()
+        return [TagSetFetchRow(a, r, e, tuple(json.loads(ru)), b, at, seq)
+                for a, r, e, ru, b, at, seq in rows]
 
     # -- audit chain ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from protocol.adapters.files import open_csv, write_file_atomic, write_policy
+from protocol.adapters.keys import load_evaluation_key
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.cli.help import HelpFormatter, HelpfulParser, add_renamed_option
 from protocol.cli.oversight import (
@@ -34,14 +35,18 @@ from protocol.cli.oversight import (
     run_oversight_cli,
 )
 from protocol.domain.engine import Engine
+from protocol.domain.estimate import PopulationStats, estimate_false_matches
 from protocol.domain.identity import validate_agency_id
 from protocol.domain.records import (
     CSV_SCHEMA_HELP,
+    DEFAULT_RULES,
     MATCH_RULES,
+    PersonRecord,
     QueryRecord,
     Refusal,
     Strength,
     match_keys_bulk,
+    query_match_keys_bulk,
     read_query_csv_with_lines,
     validate_queries,
 )
@@ -303,13 +308,70 @@ def _review_queries(
     if not report.accepted:
         raise CliError(f"no query record in {path} passed validation; nothing to authorize")
     rules = _csv_list(args.rules)
-    keys = match_keys_bulk([q.person for q in report.accepted], rules, today=today)
+    # Every key the requester will evaluate, query-side variants included: the exact budget.
+    keys = query_match_keys_bulk([q.person for q in report.accepted], rules, today=today)
     engines = [Engine.OPRF.value] if getattr(args, "named", False) else _csv_list(args.engines)
-    budgets = engine_budgets([k for rule in rules for k in keys[rule]], engines)
-    print(f"Budget needed ({len(rules)} rule(s), subjects with a usable key), in units per "
+    budgets = engine_budgets([k for rule in rules for ks in keys[rule] for k in ks], engines)
+    print(f"Budget needed ({len(rules)} rule(s), every key incl. variants), in units per "
           "engine: " + ", ".join(f"{engine} {units:,}" for engine, units in budgets.items()))
+    _print_estimate([q.person for q in report.accepted], rules, args, today)
     commitment = subject_commitment(report.accepted, today=today)
     return accepted, commitment, budgets, report.accepted
+
+
+def _population(args: argparse.Namespace) -> PopulationStats:
+    try:
+        return PopulationStats(custodian_records=args.custodian_records,
+                               persons_per_zip=args.persons_per_zip)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _print_estimate(people: Sequence[PersonRecord], rules: Sequence[str],
+                    args: argparse.Namespace, today: date) -> None:
+    """The misidentification estimate: expected false matches per rule before signing."""
+    stats = _population(args)
+    print(f"Misidentification estimate (expected false matches; custodian of "
+          f"{stats.custodian_records:,} records, {stats.persons_per_zip:,} people per ZIP):")
+    total = 0.0
+    for e in estimate_false_matches(people, rules, stats, today=today):
+        total += e.expected_false_matches
+        print(f"  {e.rule_id:<26} {_expected_text(e.expected_false_matches):>10}  "
+              f"({e.queries:,} subjects, {e.keys:,} keys)")
+    print(f"  {'all rules':<26} {_expected_text(total):>10}")
+
+
+def _expected_text(value: float) -> str:
+    """An expected count: one decimal from 1 up, three below, "<0.001" for a trace."""
+    if value >= 1 or value == 0:
+        return f"{value:,.1f}"
+    return f"{value:.3f}" if value >= 0.001 else "<0.001"
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    """Expected false matches per rule for a request file, before anyone signs."""
+    _check_rules(_csv_list(args.rules))
+    path = Path(args.queries)
+    try:
+        with open_csv(path) as fh:
+            items = read_query_csv_with_lines(fh, rules=_csv_list(args.rules))
+    except PSIError as exc:
+        raise CliError(f"{path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path} is not UTF-8 text") from exc
+    today = date.today()  # the CLI is the edge that reads the clock
+    report = validate_queries(items, today=today)
+    print(f"{len(report.accepted):,} of {len(items):,} query records in {path} pass validation "
+          "and are priced")
+    _print_estimate([q.person for q in report.accepted], _csv_list(args.rules), args, today)
+    return 0
+
+
+def _check_rules(rules: Sequence[str]) -> None:
+    unknown = [r for r in rules if r not in MATCH_RULES]
+    if unknown or not rules:
+        raise CliError(f"unknown match rule(s) {', '.join(unknown) or '(none given)'}; known: "
+                       f"{', '.join(MATCH_RULES)}")
 
 
 def _draft(
@@ -340,11 +402,28 @@ def _draft(
             mode=Mode.NAMED_SUBJECTS if getattr(args, "named", False) else None,
             engines=_csv_list(args.engines),
             min_aggregate_count=args.min_aggregate_count,
+            evaluation_key=_evaluation_key(args),
         )
     except ValueError as exc:
         message = str(exc).replace("value_field", "--value-field").replace(
             "disclosure_fields", "--fields")
         raise CliError(message) from exc
+
+
+def _evaluation_key(args: argparse.Namespace) -> bytes | None:
+    """The custodian's published POPRF key (``agency-b evaluation-key``), checked to be for
+    the authorization's custodian, or None when no key is pinned."""
+    path = getattr(args, "custodian_evaluation_key", None)
+    if not path:
+        return None
+    try:
+        custodian_id, key = load_evaluation_key(path)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--custodian-evaluation-key: {exc}") from exc
+    if custodian_id != args.custodian:
+        raise CliError(f"--custodian-evaluation-key {path} is custodian {custodian_id!r}'s key, "
+                       f"not --custodian {args.custodian!r}'s")
+    return key
 
 
 def _named_inputs(args: argparse.Namespace) -> tuple[bytes, bytes]:
@@ -433,6 +512,11 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         raise CliError(f"--retention-days must not be negative, got {args.retention_days}")
     window = _validity_window(args, int(time.time()))
     rules = _csv_list(args.rules)
+    with_variants = [r for r in rules if r in MATCH_RULES and MATCH_RULES[r].variants]
+    if getattr(args, "named", False) and with_variants:
+        raise CliError("a named-subject review issues one token per subject and rule; "
+                       f"rules with variant keys ({', '.join(with_variants)}) are not "
+                       "available to it")
     named_inputs = _named_inputs(args) if getattr(args, "named", False) else None
 
     # Check every argument before any I/O, so a typo never costs a long validation run.
@@ -493,7 +577,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     budget_note = (
         " (the largest need of the permitted engines: "
         + ", ".join(f"{e} {n:,}" for e, n in budgets.items())
-        + f"; {accepted:,} accepted subjects x {len(rules)} rules)"
+        + f"; {accepted:,} accepted subjects, {len(rules)} rules, every key incl. variants)"
         if args.queries is not None and args.max_evaluations is None
         else ""
     )
@@ -691,6 +775,20 @@ def _subparser(
     return parser
 
 
+#: ``review``'s default rules: a named-subject token covers one key per subject and rule.
+NAMED_DEFAULT_RULES = ("tin+dob", "tin+last_name")
+
+
+def _add_population_arguments(p: argparse.ArgumentParser) -> None:
+    """The population statistics the misidentification estimate needs from the operator."""
+    p.add_argument("--custodian-records", type=int, default=1_300_000, metavar="N",
+                   help="records in the custodian's file, for the misidentification "
+                   "estimate (default 1300000)")
+    p.add_argument("--persons-per-zip", type=int, default=6_000, metavar="N",
+                   help="people per ZIP code in the population, for the misidentification "
+                   "estimate (default 6000)")
+
+
 def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by issue and review."""
     p.add_argument("--key", required=True, metavar="FILE", help=f"the authority's {KEY_FILE}")
@@ -718,10 +816,12 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rules",
-        required=True,
+        default=",".join(DEFAULT_RULES),
         metavar="R1,R2",
-        help=f"permitted match rules, comma-separated ({', '.join(MATCH_RULES)})",
+        help=f"permitted match rules, comma-separated ({', '.join(MATCH_RULES)}; "
+        f"default {','.join(DEFAULT_RULES)})",
     )
+    _add_population_arguments(p)
     p.add_argument(
         "--fields",
         default="",
@@ -795,6 +895,11 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE.csv",
         help="write every refused record (record_id, line, code, detail) here",
     )
+    p.add_argument(
+        "--custodian-evaluation-key", metavar="FILE",
+        help="pin the custodian's published evaluation key (agency-b evaluation-key): its "
+             "OPRF evaluations are then proven per chunk and checked by the requester "
+             "(RFC 9497 POPRF; identity tier, oprf engine, bulk mode)")
     p.add_argument("--out", required=True, metavar="FILE", help="signed authorization to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
@@ -871,6 +976,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(OPRF engine only).\n\n" + CSV_SCHEMA_HELP,
     )
     _add_issue_arguments(p)
+    for action in p._actions:  # one token per subject and rule: no variant keys here
+        if action.dest == "rules":
+            action.default = ",".join(NAMED_DEFAULT_RULES)
+            action.help = ("permitted match rules, comma-separated, without query-side "
+                           f"variants (default {','.join(NAMED_DEFAULT_RULES)})")
     p.add_argument("--token-key", required=True, metavar="FILE",
                    help=f"the authority's {TOKEN_KEY_FILE}")
     p.add_argument("--binding", required=True, metavar="FILE",
@@ -933,6 +1043,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="only display the file; do not require a trusted signature",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = _subparser(
+        sub,
+        "estimate",
+        _cmd_estimate,
+        "expected false matches per rule for a request file",
+        "Validate the request file and price every key each rule would evaluate (query-side "
+        "variants included) against population statistics: name frequencies from faker's "
+        "weighted en_US tables, household structure (Jr/Sr namesakes), date-of-birth "
+        "spread, people per ZIP. Prints the expected number of false matches per rule; "
+        "issue prints the same section (docs/architecture.md, Recall and "
+        "misidentification).",
+    )
+    p.add_argument("--queries", required=True, metavar="FILE", help="query CSV to price")
+    p.add_argument("--rules", default=",".join(DEFAULT_RULES), metavar="R1,R2",
+                   help=f"match rules to price, comma-separated ({', '.join(MATCH_RULES)}; "
+                   f"default {','.join(DEFAULT_RULES)})")
+    _add_population_arguments(p)
 
     p = _subparser(
         sub,

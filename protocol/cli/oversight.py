@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +26,8 @@ from protocol.adapters.files import write_file_atomic
 from protocol.adapters.keys import load_public_key_json
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.errors import PSIError
+from protocol.report.facts import inspector_facts
+from protocol.report.render import render_report
 
 __all__ = [
     "OVERSIGHT_DESCRIPTION",
@@ -32,6 +35,7 @@ __all__ = [
     "add_oversight_arguments",
     "audit_verify_command",
     "export_command",
+    "read_accuracy",
     "run_oversight_cli",
     "write_export",
 ]
@@ -112,6 +116,14 @@ def add_oversight_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requester-key", required=True, metavar="PUB.json",
                         help="the requester's signing.pub.json")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--html", metavar="FILE",
+                        help="also write the inspector's view as one self-contained HTML page "
+                             "(counts only; docs/architecture.md, Reports) (default: not set)")
+    parser.add_argument("--accuracy", metavar="FILE",
+                        help="accuracy JSON from 'make accuracy' for the per-rule "
+                             "misidentification risk on the --html page (default: "
+                             "benchmarks/results/accuracy.json of this checkout if present, "
+                             "else 'not measured')")
 
 
 def run_oversight_cli(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -130,7 +142,36 @@ def run_oversight_cli(args: argparse.Namespace, out: TextIO | None = None) -> in
     else:
         for line in report.lines():
             print(line, file=out)
+    if getattr(args, "html", None):
+        accuracy, source = read_accuracy(getattr(args, "accuracy", None))
+        facts = inspector_facts(docs[0], docs[1], report, generated_at=time.time(),
+                                accuracy=accuracy, accuracy_source=source)
+        write_file_atomic(args.html, render_report(facts).encode("utf-8"), mode=0o644)
+        # stderr: the verdict lines on stdout stay exactly what they were
+        print(f"inspector's report written to {args.html}", file=sys.stderr)
     return 0 if report.agree else 1
+
+
+#: The committed accuracy measurement of this checkout, when there is one (a report's
+#: precision, recall and misidentification risk per rule; else "not measured").
+DEFAULT_ACCURACY = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / \
+    "accuracy.json"
+
+
+def read_accuracy(path: str | os.PathLike[str] | None) -> tuple[Any, str]:
+    """The accuracy JSON and where it came from; ``(None, "")`` when absent or unreadable.
+
+    Read defensively: the benchmark may be rewriting it, and a report without measured
+    accuracy says "not measured" rather than failing.
+    """
+    target = Path(path) if path else DEFAULT_ACCURACY
+    try:
+        return json.loads(target.read_text(encoding="utf-8")), str(target)
+    except (OSError, ValueError):
+        if path:  # asked for by name: say so, then carry on without it
+            print(f"accuracy file {target} is unreadable; the report says 'not measured'",
+                  file=sys.stderr)
+        return None, ""
 
 
 def add_ledger_commands(sub: Any, *, agency: str, location: str, location_help: str,

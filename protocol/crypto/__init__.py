@@ -7,4 +7,5 @@ __all__ = [
     "kkrt_cuckoo",
     "kkrt_matrix",
     "oprf",
+    "tagset",
 ]

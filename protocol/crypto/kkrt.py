@@ -282,6 +282,24 @@ def key_digests(keys: Sequence[bytes], executor: Executor | None = None) -> np.n
     return np.frombuffer(buf, dtype=np.uint8).reshape(n, DIGEST_SIZE)
 
 
+def _tag_blocks(encryptor: CipherContext, outputs: np.ndarray) -> np.ndarray:
+    """T(O) = (AES_kt(O) xor O)[:12] for (k, 16) outputs -> (k, 12)."""
+    if outputs.shape[0] == 0:
+        return np.zeros((0, TAG_SIZE), dtype=np.uint8)
+    tags: np.ndarray = (_aes_blocks(encryptor, outputs) ^ outputs)[:, :TAG_SIZE]
+    return tags
+
+
+def _hash_tag_rows(records: np.ndarray, salt: bytes, tag_key: bytes) -> bytes:
+    """The tags of H over (k, 72) records: what the custodian's workers hand back.
+
+    The custodian never needs its outputs again (disclosure re-evaluates), so its workers
+    return 12-byte tags instead of 16-byte outputs and the tag AES runs beside H.
+    """
+    outputs = np.frombuffer(_hash_rows(records, salt), dtype=np.uint8).reshape(-1, OUTPUT_SIZE)
+    return _tag_blocks(_ecb(tag_key), outputs).tobytes()
+
+
 def _instance_rows(instances: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Pack (j as u64 LE || 64-byte row) records for H: (k, 72) uint8."""
     k = rows.shape[0]
@@ -292,11 +310,17 @@ def _instance_rows(instances: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 class _Hasher:
-    """Runs H jobs in-process or on an executor; results come back in submission order."""
+    """Runs H jobs in-process or on an executor; results come back in submission order.
 
-    def __init__(self, salt: bytes, executor: Executor | None) -> None:
+    With ``tag_key`` every job returns the tags of its outputs instead of the outputs.
+    """
+
+    def __init__(self, salt: bytes, executor: Executor | None,
+                 tag_key: bytes | None = None) -> None:
         self.salt = salt
         self.executor = executor
+        self.tag_key = tag_key
+        self.width = OUTPUT_SIZE if tag_key is None else TAG_SIZE
         self._jobs: list[Job[bytes] | bytes] = []
         self._pending: list[np.ndarray] = []
         self._pending_size = 0
@@ -304,7 +328,7 @@ class _Hasher:
     def submit(self, records: np.ndarray) -> None:
         """Queue H over (k, 72) records."""
         if self.executor is None:
-            self._jobs.append(_hash_rows(records, self.salt))
+            self._jobs.append(self._run(records))
             return
         self._pending.append(records)
         self._pending_size += records.shape[0]
@@ -315,15 +339,24 @@ class _Hasher:
         if self._pending:
             assert self.executor is not None
             batch = np.concatenate(self._pending)
-            self._jobs.append(self.executor.submit(_hash_rows, batch, self.salt))
+            if self.tag_key is None:
+                self._jobs.append(self.executor.submit(_hash_rows, batch, self.salt))
+            else:
+                self._jobs.append(self.executor.submit(_hash_tag_rows, batch, self.salt,
+                                                       self.tag_key))
             self._pending, self._pending_size = [], 0
 
+    def _run(self, records: np.ndarray) -> bytes:
+        if self.tag_key is None:
+            return _hash_rows(records, self.salt)
+        return _hash_tag_rows(records, self.salt, self.tag_key)
+
     def results(self) -> np.ndarray:
-        """All outputs so far, (k, 16) uint8, in submission order."""
+        """All outputs (or tags) so far, (k, 16) (or (k, 12)) uint8, in submission order."""
         self.flush()
         parts = [j if isinstance(j, bytes) else j.result() for j in self._jobs]
         self._jobs = []
-        return np.frombuffer(b"".join(parts), dtype=np.uint8).reshape(-1, OUTPUT_SIZE)
+        return np.frombuffer(b"".join(parts), dtype=np.uint8).reshape(-1, self.width)
 
 
 class _SessionKeys:
@@ -332,7 +365,8 @@ class _SessionKeys:
     def __init__(self, seed: bytes, code_nonce: bytes | None = None) -> None:
         self.seed = seed
         self.salt = _derive(seed, _LABEL_SALT)
-        self.tag = _ecb(_derive(seed, _LABEL_TAG))
+        self.tag_key = _derive(seed, _LABEL_TAG)  # public: workers rebuild the cipher
+        self.tag = _ecb(self.tag_key)
         self.confirm = _derive(seed, _LABEL_CONFIRM, size=32)
         self.code: CipherContext | None = None
         self._cuckoo: dict[int, tuple[CipherContext, ...]] = {}
@@ -370,10 +404,7 @@ class _SessionKeys:
 
     def tags(self, outputs: np.ndarray) -> np.ndarray:
         """T(O) = (AES_kt(O) xor O)[:12] for (k, 16) outputs -> (k, 12)."""
-        if outputs.shape[0] == 0:
-            return np.zeros((0, TAG_SIZE), dtype=np.uint8)
-        tags: np.ndarray = (_aes_blocks(self.tag, outputs) ^ outputs)[:, :TAG_SIZE]
-        return tags
+        return _tag_blocks(self.tag, outputs)
 
 
 def derive_tags(seed_context: bytes, outputs: Sequence[bytes]) -> list[bytes]:
@@ -644,6 +675,7 @@ class KKRTRequester:
         self._item_tags: np.ndarray | None = None
         self._next_chunk = 0
         self._tag_parts: dict[int, list[bytes]] = {}
+        self._table_hits: dict[int, np.ndarray] = {}  # matched items, per complete tag set
         self._tag_sizes: dict[int, int] = {}
         self._tag_counts: dict[int, int] = {}
         self._tag_seq = 0
@@ -727,9 +759,15 @@ class KKRTRequester:
         return -(-self.units // self.chunk_bins)
 
     def extension_chunks(self) -> Iterator[KKRTExtensionChunk]:
-        """All extension chunks, in order (each one is computed when it is pulled)."""
+        """All extension chunks, in order (each one is computed when it is pulled).
+
+        Once the last one is out, the outputs and their tags are finished before the
+        stream ends: the custodian is building its tag sets then, so this work overlaps.
+        """
         while self._next_chunk < self.chunk_count:
             yield self.extension_chunk()
+        if self.state is RequesterState.EXTENDED:
+            self._finish_outputs()
 
     def extension_chunk(self) -> KKRTExtensionChunk:
         """Compute and return the next extension chunk."""
@@ -782,6 +820,19 @@ class KKRTRequester:
         self._tag_parts.setdefault(chunk.table, []).append(chunk.tags)
         self._tag_counts[chunk.table] = have
         self._tag_seq += 1
+        if have == size and self._outputs is not None:
+            # a complete set is matched at once, while the next ones are still streaming
+            self._match_table(chunk.table)
+
+    def _match_table(self, table: int) -> None:
+        """Which of our items placed by ``table`` have their tag in that custodian set."""
+        started = time.perf_counter()
+        assert self._item_tags is not None
+        mine = np.flatnonzero(self._placement.table_of == table)
+        theirs = np.frombuffer(b"".join(self._tag_parts.pop(table)), dtype=np.uint8)
+        self._table_hits[table] = mine[_member(self._item_tags[mine],
+                                                theirs.reshape(-1, TAG_SIZE))]
+        self.timings["match"] = self.timings.get("match", 0.0) + time.perf_counter() - started
 
     def _finish_outputs(self) -> None:
         if self._outputs is not None:
@@ -839,14 +890,12 @@ class KKRTRequester:
         self._finish_outputs()
         if not self.tags_complete:
             raise ProtocolError("matches before every custodian tag set arrived")
-        started = time.perf_counter()
-        assert self._item_tags is not None
-        hit = np.zeros(self.item_count, dtype=bool)
         for table in range(CUCKOO_HASHES + self.stash):
-            mine = np.flatnonzero(self._placement.table_of == table)
-            theirs = np.frombuffer(b"".join(self._tag_parts[table]), dtype=np.uint8)
-            hit[mine] = _member(self._item_tags[mine], theirs.reshape(-1, TAG_SIZE))
-        self.timings["match"] = time.perf_counter() - started
+            if table not in self._table_hits:  # sets that completed before our outputs
+                self._match_table(table)
+        hit = np.zeros(self.item_count, dtype=bool)
+        for items in self._table_hits.values():
+            hit[items] = True
         return np.flatnonzero(hit[self._key_item]).tolist()
 
 
@@ -856,7 +905,16 @@ def _dedupe(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if n == 0:
         return digests.reshape(0, DIGEST_SIZE), np.zeros(0, dtype=np.int64)
     words = np.ascontiguousarray(digests).view("<u8")
-    _, first, inverse = np.unique(words[:, 0], return_index=True, return_inverse=True)
+    # np.unique's index needs a stable sort; any representative of equal digests will do,
+    # so one unstable argsort, run starts and a cumulative sum (same order of items)
+    order = np.argsort(words[:, 0])
+    ranked = words[order, 0]
+    starts = np.empty(n, dtype=bool)
+    starts[0] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=starts[1:])
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    first = order[starts]
     if not np.array_equal(words[first[inverse], 1], words[:, 1]):
         # two digests share their first 64 bits (p ~ n^2 / 2^64): dedupe on all 128
         _, first, inverse = np.unique(
@@ -968,7 +1026,9 @@ class KKRTCustodian:
         self.evaluated = 0
         self._prg: ColumnPRG | None = None
         self._q = np.zeros((0, CODE_BYTES), dtype=np.uint8)
-        self._hasher = _Hasher(self._keys.salt, executor)
+        # the workers return tags: the custodian never needs its outputs again
+        self._hasher = _Hasher(self._keys.salt, executor, tag_key=self._keys.tag_key)
+        self._indexed = False
         self._entry_record = np.zeros(0, dtype=np.int32)
         self._entry_table = np.zeros(0, dtype=np.int8)
         self._entry_bin = np.zeros(0, dtype=np.int32)
@@ -1024,13 +1084,15 @@ class KKRTCustodian:
         self._prg = ColumnPRG(seeds)
         self._q = np.zeros((setup.units, CODE_BYTES), dtype=np.uint8)
         self.setup_message = setup
-        self._index_records(setup)
+        # the records are indexed at the first chunk: the base-OT reply goes out first, and
+        # the requester computes its first chunks meanwhile
         self.state = CustodianState.EXTENDING
         self.timings["setup"] = time.perf_counter() - started
         return KKRTBaseOTReply(code_nonce=self.nonce, base_ot_b=b_points)
 
     def _index_records(self, setup: KKRTSetup) -> None:
         """Simple hashing: every record into its 3 bins, entries grouped by chunk."""
+        self._indexed = True
         cands = self._keys.bins(self._digests, setup.attempt, setup.bins).ravel()
         chunk = cands // setup.chunk_bins
         narrow = np.uint16 if setup.chunk_count < (1 << 16) else np.uint32
@@ -1061,6 +1123,8 @@ class KKRTCustodian:
                 f"need {BASE_OTS * nb // 8}"
             )
         started = time.perf_counter()
+        if not self._indexed:
+            self._index_records(setup)
         u = np.frombuffer(chunk.columns, dtype=np.uint8).reshape(BASE_OTS, nb // 8)
         q = self._prg.next(nb // 8)
         q ^= u & self._s_mask
@@ -1075,10 +1139,12 @@ class KKRTCustodian:
         for row in range(max(lo, setup.bins), hi):  # stash slots: every record
             self._evaluate_everything(row)
         self.evaluated = hi
+        self.timings["extension"] += time.perf_counter() - started
         if hi == setup.units:
             self.state = CustodianState.EXTENDED
             self._prg = None
-        self.timings["extension"] += time.perf_counter() - started
+            # built now, while the requester finishes its own outputs, not when asked for
+            self._finish_tables()
 
     def _evaluate_everything(self, row: int) -> None:
         step = 1 << 16
@@ -1095,9 +1161,8 @@ class KKRTCustodian:
         if self.state is not CustodianState.EXTENDED or self.setup_message is None:
             raise ProtocolError(f"tags before the extension finished ({self.state.value!r})")
         started = time.perf_counter()
-        outputs = self._hasher.results()
+        tags = self._hasher.results()  # the workers' tags of every output
         n_entries = self._entry_bin.size
-        tags = self._keys.tags(outputs)
         tables: list[_TagTable] = []
         for t in range(CUCKOO_HASHES):
             sel = np.flatnonzero(self._entry_table == t)

@@ -1,8 +1,10 @@
-"""RFC 9497 OPRF(ristretto255, SHA-512), base mode (mode 0): the hazmat layer.
+"""RFC 9497 OPRF(ristretto255, SHA-512), modes 0 (OPRF), 1 (VOPRF), 2 (POPRF): hazmat layer.
 
 Names mirror the RFC in snake_case so the code can be read line by line beside it:
 RFC 9497 §3 (protocol), §4.1 (the ristretto255-SHA512 suite) and RFC 9380 §5.3
-(expand_message_xmd). All group and scalar arithmetic is done by libsodium through
+(expand_message_xmd); modes 1 and 2 add §2.2 (DLEQ proofs), §3.3.2 and §3.3.3. The
+unprefixed names are mode 0 (the engines' bulk path); ``voprf_*``/``poprf_*`` are the
+verifiable modes. All group and scalar arithmetic is done by libsodium through
 ``rbcl``; Python integers are used only for arithmetic modulo the group order where
 they are faster (inversion).
 
@@ -24,6 +26,7 @@ evaluate what. It only guarantees that every element taken from outside passes
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -36,17 +39,28 @@ __all__ = [
     "CONTEXT_STRING",
     "ELEMENT_SIZE",
     "GROUP_ORDER",
+    "MAX_PROOF_ELEMENTS",
     "MODE_OPRF",
+    # modes 1 and 2
+    "MODE_POPRF",
+    "MODE_VOPRF",
     "OUTPUT_SIZE",
+    "PROOF_SIZE",
     "SCALAR_SIZE",
     "DeriveKeyPairError",
     "GroupOps",
     "InvalidInputError",
+    "InverseError",
+    "VerifyError",
     "blind",
     "blind_batch",
     "blind_evaluate",
     "blind_evaluate_batch",
+    "compute_composites",
+    "compute_composites_fast",
+    "context_string",
     "derive_key_pair",
+    "derive_key_pair_mode",
     "deserialize_element",
     "deserialize_scalar",
     "evaluate",
@@ -54,9 +68,28 @@ __all__ = [
     "expand_message_xmd",
     "finalize",
     "finalize_batch",
+    "generate_proof",
     "hash_to_group",
     "hash_to_scalar",
+    "poprf_blind",
+    "poprf_blind_batch",
+    "poprf_blind_evaluate",
+    "poprf_evaluate",
+    "poprf_evaluate_batch",
+    "poprf_evaluation_key",
+    "poprf_finalize",
+    "poprf_finalize_batch",
+    "poprf_prove",
+    "poprf_tweak",
+    "poprf_tweaked_key",
+    "poprf_verify",
     "random_scalar",
+    "split_elements",
+    "verify_proof",
+    "voprf_blind",
+    "voprf_blind_evaluate",
+    "voprf_evaluate",
+    "voprf_finalize",
 ]
 
 # --- suite constants (RFC 9497 §3.1, §4.1) ------------------------------------------------
@@ -513,3 +546,482 @@ class GroupOps(Protocol):
         ...
 
     def evaluate(self, sk: bytes, inputs: Sequence[bytes]) -> list[bytes]: ...
+
+
+# ==========================================================================================
+# RFC 9497 modes 1 (VOPRF) and 2 (POPRF): verifiable evaluation
+# ==========================================================================================
+#
+# Everything below is parameterised by the mode's context string (§3.1), which enters
+# every hash: HashToGroup, HashToScalar, DeriveKeyPair, the composite seed. A mode-1 key,
+# element or proof is therefore never confused with a mode-0 or mode-2 one.
+
+MODE_VOPRF = 1
+MODE_POPRF = 2
+PROOF_SIZE = 2 * SCALAR_SIZE  # c || s
+_SUITE_IDENTIFIER = b"ristretto255-SHA512"
+_CHALLENGE_LABEL = b"Challenge"
+_COMPOSITE_LABEL = b"Composite"
+_INFO_LABEL = b"Info"
+_GENERATOR = _scalarmult_base((1).to_bytes(SCALAR_SIZE, "little"))
+_add: Callable[[bytes, bytes], bytes] = rbcl.crypto_core_ristretto255_add
+_scalarmult_zero: Callable[[bytes, bytes], bytes] = (
+    rbcl.crypto_scalarmult_ristretto255_allow_scalar_zero)
+_scalarmult_base_zero: Callable[[bytes], bytes] = (
+    rbcl.crypto_scalarmult_ristretto255_base_allow_scalar_zero)
+
+
+class VerifyError(PSIError):
+    """RFC 9497 VerifyError: the server's DLEQ proof does not verify.
+
+    The client must not finalize any element of the batch the proof covers: the
+    evaluations may come from a key other than the published one.
+    """
+
+    code = "verify_error"
+
+
+class InverseError(PSIError):
+    """RFC 9497 InverseError (POPRF): skS + HashToScalar(framedInfo) is zero.
+
+    Happens only if someone chose ``info`` knowing skS; the evaluation is refused.
+    """
+
+    code = "inverse_error"
+
+
+def context_string(mode: int) -> bytes:
+    """contextString = "OPRFV1-" || I2OSP(mode, 1) || "-" || identifier (RFC 9497 §3.1)."""
+    if mode not in (MODE_OPRF, MODE_VOPRF, MODE_POPRF):
+        raise ValueError(f"unknown RFC 9497 mode {mode}")
+    return b"OPRFV1-" + mode.to_bytes(1, "big") + b"-" + _SUITE_IDENTIFIER
+
+
+def _dst(label: bytes, mode: int) -> bytes:
+    return label + context_string(mode)
+
+
+def _i2osp2(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+def _int(scalar: bytes) -> int:
+    return int.from_bytes(scalar, "little")
+
+
+def _scalar(value: int) -> bytes:
+    return (value % GROUP_ORDER).to_bytes(SCALAR_SIZE, "little")
+
+
+def derive_key_pair_mode(seed: bytes, info: bytes, mode: int) -> tuple[bytes, bytes]:
+    """DeriveKeyPair(seed, info) in ``mode``: the DST carries the mode's context string.
+
+    ``derive_key_pair`` is the mode-0 form and keeps its signature; a mode-1 or mode-2
+    key must be derived here, because the vectors (and every peer) derive it this way.
+    """
+    if len(seed) != SCALAR_SIZE:
+        raise ValueError(f"seed must be {SCALAR_SIZE} bytes, got {len(seed)}")
+    if len(info) > 0xFFFF:
+        raise ValueError("info must be at most 65535 bytes")
+    dst = _dst(b"DeriveKeyPair", mode)
+    derive_input = seed + _i2osp2(info)
+    for counter in range(256):
+        sk = hash_to_scalar(derive_input + counter.to_bytes(1, "big"), dst)
+        if any(sk):
+            return sk, _scalarmult_base(sk)
+    raise DeriveKeyPairError("DeriveKeyPair failed 256 times")
+
+
+def split_elements(buffer: bytes, what: str = "element") -> list[bytes]:
+    """A compact buffer as a list of elements, each passed through deserialize_element."""
+    buffer = _as_bytes(buffer)
+    n = _count(buffer, ELEMENT_SIZE, f"{what} buffer")
+    out = []
+    for i in range(n):
+        element = buffer[i * ELEMENT_SIZE:(i + 1) * ELEMENT_SIZE]
+        if element == _IDENTITY or element[31] & 0x80 or not _is_valid_point(element):
+            raise _element_error(element, i, what)
+        out.append(element)
+    return out
+
+
+# --- RFC 9497 §2.2 discrete-log-equivalence proofs ----------------------------------------
+
+
+def _composite_seed(b: bytes, mode: int) -> bytes:
+    return _sha512(_i2osp2(b) + _i2osp2(_dst(b"Seed-", mode))).digest()
+
+
+MAX_PROOF_ELEMENTS = 0xFFFF  # the composite index is I2OSP(i, 2)
+#: Elements per worker job when a batch is spread: a 4096-element chunk (the default) is
+#: four jobs, so its proof work fills every core.
+_COMPOSITE_SPAN = 1024
+
+
+def _check_batch(c: Sequence[bytes], d: Sequence[bytes]) -> None:
+    if len(c) != len(d):
+        raise ValueError(f"C has {len(c)} elements, D has {len(d)}")
+    if not c:
+        raise ValueError("a proof covers at least one element")
+    if len(c) > MAX_PROOF_ELEMENTS:
+        raise ValueError(f"a proof covers at most {MAX_PROOF_ELEMENTS} elements, got {len(c)}")
+
+
+def _composite_part(seed: bytes, c: Sequence[bytes], d: Sequence[bytes], start: int,
+                    mode: int, with_z: bool) -> tuple[bytes, bytes]:
+    """Partial sums over C[start:], D[start:] of M = sum d_i·C[i] and (if asked) Z = sum d_i·D[i].
+
+    d_i = HashToScalar(I2OSP(len(seed), 2) || seed || I2OSP(i, 2) || C[i] || D[i] ||
+    "Composite") (RFC 9497 §2.2.1), each element length-prefixed. Sums are associative, so
+    spans may be computed on different workers and added.
+    """
+    seed_prefix = _i2osp2(seed)
+    dst = _dst(b"HashToScalar-", mode)
+    mult, add, label = _scalarmult_zero, _add, _COMPOSITE_LABEL
+    m = z = _IDENTITY
+    for i, (ci, di) in enumerate(zip(c, d, strict=True), start):
+        weight = hash_to_scalar(seed_prefix + i.to_bytes(2, "big") + _i2osp2(ci) + _i2osp2(di)
+                                + label, dst)
+        m = add(m, mult(weight, ci))
+        if with_z:
+            z = add(z, mult(weight, di))
+    return m, z
+
+
+def _composites(b: bytes, c: Sequence[bytes], d: Sequence[bytes], mode: int, with_z: bool,
+                executor: Executor | None) -> tuple[bytes, bytes]:
+    _check_batch(c, d)
+    seed = _composite_seed(b, mode)
+    n = len(c)
+    if executor is None or n <= _COMPOSITE_SPAN:
+        return _composite_part(seed, c, d, 0, mode, with_z)
+    starts = list(range(0, n, _COMPOSITE_SPAN))
+    parts = list(executor.map(
+        _composite_part, [seed] * len(starts),
+        [c[a:a + _COMPOSITE_SPAN] for a in starts], [d[a:a + _COMPOSITE_SPAN] for a in starts],
+        starts, [mode] * len(starts), [with_z] * len(starts)))
+    m = z = _IDENTITY
+    for part_m, part_z in parts:
+        m, z = _add(m, part_m), _add(z, part_z)
+    return m, z
+
+
+def compute_composites(b: bytes, c: Sequence[bytes], d: Sequence[bytes], *, mode: int,
+                       executor: Executor | None = None) -> tuple[bytes, bytes]:
+    """ComputeComposites(B, C, D) -> (M, Z): the verifier's form, without the key.
+
+    ``executor`` spreads the 2n scalar multiplications over worker processes.
+    """
+    return _composites(b, c, d, mode, True, executor)
+
+
+def compute_composites_fast(k: bytes, b: bytes, c: Sequence[bytes], d: Sequence[bytes], *,
+                            mode: int, executor: Executor | None = None
+                            ) -> tuple[bytes, bytes]:
+    """ComputeCompositesFast(k, B, C, D) -> (M, Z = k·M): the prover knows k (n multiplications)."""
+    m, _ = _composites(b, c, d, mode, False, executor)
+    return m, _scalarmult_zero(k, m)
+
+
+def _challenge(b: bytes, m: bytes, z: bytes, t2: bytes, t3: bytes, mode: int) -> bytes:
+    transcript = (_i2osp2(b) + _i2osp2(m) + _i2osp2(z) + _i2osp2(t2) + _i2osp2(t3)
+                  + _CHALLENGE_LABEL)
+    return hash_to_scalar(transcript, _dst(b"HashToScalar-", mode))
+
+
+def generate_proof(k: bytes, a: bytes, b: bytes, c: Sequence[bytes], d: Sequence[bytes],
+                   r: bytes | None = None, *, mode: int, executor: Executor | None = None
+                   ) -> bytes:
+    """GenerateProof(k, A, B, C, D): one proof that B = k·A and D[i] = k·C[i] for all i.
+
+    ``r`` (the proof nonce) may be given only to reproduce test vectors.
+    """
+    k = deserialize_scalar(k)
+    m, z = compute_composites_fast(k, b, c, d, mode=mode, executor=executor)
+    nonce = random_scalar() if r is None else deserialize_scalar(r)
+    t2 = _scalarmult(nonce, a)
+    t3 = _scalarmult_zero(nonce, m)
+    challenge = _challenge(b, m, z, t2, t3, mode)
+    s = _scalar(_int(nonce) - _int(challenge) * _int(k))
+    return challenge + s
+
+
+def verify_proof(a: bytes, b: bytes, c: Sequence[bytes], d: Sequence[bytes], proof: bytes,
+                 *, mode: int, executor: Executor | None = None) -> bool:
+    """VerifyProof(A, B, C, D, proof): True only if the proof is valid (constant-time compare).
+
+    A malformed proof (wrong length, a non-canonical scalar) is simply not valid.
+    """
+    if len(proof) != PROOF_SIZE:
+        return False
+    challenge, s = bytes(proof[:SCALAR_SIZE]), bytes(proof[SCALAR_SIZE:])
+    if _int(challenge) >= GROUP_ORDER or _int(s) >= GROUP_ORDER:
+        return False
+    m, z = compute_composites(b, c, d, mode=mode, executor=executor)
+    t2 = _add(_scalarmult_zero(s, a), _scalarmult_zero(challenge, b))
+    t3 = _add(_scalarmult_zero(s, m), _scalarmult_zero(challenge, z))
+    expected = _challenge(b, m, z, t2, t3, mode)
+    return hmac.compare_digest(expected, challenge)
+
+
+# --- RFC 9497 §3.3.2 VOPRF (mode 1) -------------------------------------------------------
+
+
+def _hash_input(input: bytes, mode: int, index: int | None = None) -> bytes:
+    if len(input) > _MAX_INPUT_LEN:
+        _check_input(input, index)
+    element = _from_hash(expand_message_xmd(input, _dst(b"HashToGroup-", mode), 64))
+    if element == _IDENTITY:
+        where = "input" if index is None else f"input {index}"
+        raise InvalidInputError(f"{where}: hashes to the identity element")
+    return element
+
+
+def _blind_mode(input: bytes, blind: bytes | None, mode: int) -> tuple[bytes, bytes]:
+    r = random_scalar() if blind is None else deserialize_scalar(blind)
+    return r, _scalarmult(r, _hash_input(input, mode))
+
+
+def voprf_blind(input: bytes, blind: bytes | None = None) -> tuple[bytes, bytes]:
+    """VOPRF Blind(input) -> (blind, blindedElement), mode-1 HashToGroup."""
+    return _blind_mode(input, blind, MODE_VOPRF)
+
+
+def voprf_blind_evaluate(sk: bytes, pk: bytes, blinded_elements: Sequence[bytes],
+                         r: bytes | None = None) -> tuple[list[bytes], bytes]:
+    """VOPRF BlindEvaluate, batched: every evaluation under skS and one proof for the batch."""
+    sk = deserialize_scalar(sk)
+    blinded = [deserialize_element(e) for e in blinded_elements]
+    evaluated = [_scalarmult(sk, e) for e in blinded]
+    proof = generate_proof(sk, _GENERATOR, pk, blinded, evaluated, r, mode=MODE_VOPRF)
+    return evaluated, proof
+
+
+def _unblind_hash(input: bytes, blind: bytes, evaluated: bytes, info: bytes | None) -> bytes:
+    _check_input(input)
+    unblinded = _scalarmult(_inverse(blind), evaluated)
+    framed = b"" if info is None else _i2osp2(info)
+    return _sha512(_i2osp2(input) + framed + _i2osp2(unblinded) + _FINALIZE_LABEL).digest()
+
+
+def voprf_finalize(inputs: Sequence[bytes], blinds: Sequence[bytes],
+                   evaluated_elements: Sequence[bytes], blinded_elements: Sequence[bytes],
+                   pk: bytes, proof: bytes) -> list[bytes]:
+    """VOPRF Finalize, batched: VerifyProof first; nothing is unblinded if it fails."""
+    evaluated = [deserialize_element(e) for e in evaluated_elements]
+    blinded = [deserialize_element(e) for e in blinded_elements]
+    if not len(inputs) == len(blinds) == len(evaluated) == len(blinded):
+        raise ValueError("inputs, blinds and elements must have one entry per element")
+    if not verify_proof(_GENERATOR, deserialize_element(pk), blinded, evaluated, proof,
+                        mode=MODE_VOPRF):
+        raise VerifyError("the evaluation proof does not verify against the server key")
+    return [_unblind_hash(x, r, e, None)
+            for x, r, e in zip(inputs, blinds, evaluated, strict=True)]
+
+
+def voprf_evaluate(sk: bytes, input: bytes) -> bytes:
+    """VOPRF Evaluate(skS, input): the server's direct computation."""
+    _check_input(input)
+    issued = _scalarmult(deserialize_scalar(sk), _hash_input(input, MODE_VOPRF))
+    return _sha512(_i2osp2(input) + _i2osp2(issued) + _FINALIZE_LABEL).digest()
+
+
+# --- RFC 9497 §3.3.3 POPRF (mode 2) -------------------------------------------------------
+
+
+def _info_scalar(info: bytes) -> int:
+    """m = HashToScalar("Info" || I2OSP(len(info), 2) || info) in the mode-2 context."""
+    if len(info) > 0xFFFF:
+        raise ValueError("info must be at most 65535 bytes")
+    return _int(hash_to_scalar(_INFO_LABEL + _i2osp2(info), _dst(b"HashToScalar-", MODE_POPRF)))
+
+
+def poprf_tweaked_key(pk: bytes, info: bytes) -> bytes:
+    """The client's tweakedKey = G·HashToScalar(framedInfo) + pkS for ``info``.
+
+    Identity (only if ``info`` was chosen against pkS) is InvalidInputError, as in Blind.
+    """
+    pk = deserialize_element(pk)
+    tweaked = _add(_scalarmult_base_zero(_scalar(_info_scalar(info))), pk)
+    if tweaked == _IDENTITY:
+        raise InvalidInputError("the tweaked key for this info is the identity")
+    return tweaked
+
+
+def poprf_tweak(sk: bytes, info: bytes) -> bytes:
+    """The server's t = skS + HashToScalar(framedInfo); InverseError when it is zero."""
+    t = (_int(deserialize_scalar(sk)) + _info_scalar(info)) % GROUP_ORDER
+    if t == 0:
+        raise InverseError("skS + HashToScalar(framedInfo) is zero for this info")
+    return _scalar(t)
+
+
+def poprf_evaluation_key(sk: bytes, info: bytes) -> bytes:
+    """t^-1: the scalar that multiplies every blinded element (and input) under ``info``.
+
+    Bulk callers hand it to ``blind_evaluate_batch`` or a worker pool, then prove the
+    batch with ``poprf_prove``.
+    """
+    return _scalar(pow(_int(poprf_tweak(sk, info)), -1, GROUP_ORDER))
+
+
+def poprf_blind(input: bytes, info: bytes, pk: bytes, blind: bytes | None = None
+                ) -> tuple[bytes, bytes, bytes]:
+    """POPRF Blind(input, info, pkS) -> (blind, blindedElement, tweakedKey)."""
+    tweaked = poprf_tweaked_key(pk, info)
+    r, blinded = _blind_mode(input, blind, MODE_POPRF)
+    return r, blinded, tweaked
+
+
+def poprf_prove(sk: bytes, info: bytes, blinded_elements: Sequence[bytes],
+                evaluated_elements: Sequence[bytes], r: bytes | None = None, *,
+                executor: Executor | None = None) -> bytes:
+    """The POPRF batch proof: GenerateProof(t, G, tweakedKey, evaluated, blinded)."""
+    t = poprf_tweak(sk, info)
+    return generate_proof(t, _GENERATOR, _scalarmult_base(t), evaluated_elements,
+                          blinded_elements, r, mode=MODE_POPRF, executor=executor)
+
+
+def poprf_blind_evaluate(sk: bytes, blinded_elements: Sequence[bytes], info: bytes,
+                         r: bytes | None = None) -> tuple[list[bytes], bytes]:
+    """POPRF BlindEvaluate, batched: t^-1·blindedElement for each, one proof for the batch."""
+    key = poprf_evaluation_key(sk, info)
+    blinded = [deserialize_element(e) for e in blinded_elements]
+    evaluated = [_scalarmult(key, e) for e in blinded]
+    return evaluated, poprf_prove(sk, info, blinded, evaluated, r)
+
+
+def poprf_verify(tweaked_key: bytes, blinded_elements: Sequence[bytes],
+                 evaluated_elements: Sequence[bytes], proof: bytes, *,
+                 executor: Executor | None = None) -> bool:
+    """VerifyProof(G, tweakedKey, evaluated, blinded, proof) for one POPRF batch."""
+    return verify_proof(_GENERATOR, tweaked_key, evaluated_elements, blinded_elements, proof,
+                        mode=MODE_POPRF, executor=executor)
+
+
+def poprf_finalize(inputs: Sequence[bytes], blinds: Sequence[bytes],
+                   evaluated_elements: Sequence[bytes], blinded_elements: Sequence[bytes],
+                   proof: bytes, info: bytes, tweaked_key: bytes) -> list[bytes]:
+    """POPRF Finalize, batched: VerifyProof first; nothing is unblinded if it fails."""
+    evaluated = [deserialize_element(e) for e in evaluated_elements]
+    blinded = [deserialize_element(e) for e in blinded_elements]
+    if not len(inputs) == len(blinds) == len(evaluated) == len(blinded):
+        raise ValueError("inputs, blinds and elements must have one entry per element")
+    if not poprf_verify(tweaked_key, blinded, evaluated, proof):
+        raise VerifyError("the evaluation proof does not verify against the tweaked key")
+    return [_unblind_hash(x, r, e, info)
+            for x, r, e in zip(inputs, blinds, evaluated, strict=True)]
+
+
+def poprf_evaluate(sk: bytes, input: bytes, info: bytes) -> bytes:
+    """POPRF Evaluate(skS, input, info): the server's direct computation."""
+    return poprf_evaluate_batch(sk, [input], info)[0]
+
+
+# --- POPRF over compact buffers (the engine's bulk path) ----------------------------------
+#
+# ``executor`` (worker processes) spreads a batch in spans; each worker runs the same
+# function on its span with no executor, and ``offset`` names bad inputs by batch index.
+
+
+def _spans(n: int, executor: Executor | None) -> list[tuple[int, int]] | None:
+    if executor is None or n <= _COMPOSITE_SPAN:
+        return None
+    return [(a, min(a + _COMPOSITE_SPAN, n)) for a in range(0, n, _COMPOSITE_SPAN)]
+
+
+def poprf_blind_batch(inputs: Sequence[bytes], blinds: bytes | None = None, offset: int = 0,
+                      *, executor: Executor | None = None) -> tuple[bytes, bytes]:
+    """POPRF Blind over many inputs: (blinds_buffer, blinded_buffer), mode-2 HashToGroup."""
+    n = len(inputs)
+    if blinds is not None:
+        blinds = _as_bytes(blinds)
+        if len(blinds) != n * SCALAR_SIZE:
+            raise ValueError(f"blinds buffer holds {len(blinds)} bytes, need {n * SCALAR_SIZE}")
+    spans = _spans(n, executor)
+    if spans is not None and executor is not None:
+        parts = list(executor.map(
+            poprf_blind_batch, [inputs[a:b] for a, b in spans],
+            [None if blinds is None else blinds[a * SCALAR_SIZE:b * SCALAR_SIZE]
+             for a, b in spans],
+            [offset + a for a, _ in spans]))
+        return b"".join(p[0] for p in parts), b"".join(p[1] for p in parts)
+    if blinds is None:
+        scalars = [random_scalar() for _ in range(n)]
+    else:
+        scalars = [deserialize_scalar(blinds[i * SCALAR_SIZE:(i + 1) * SCALAR_SIZE])
+                   for i in range(n)]
+    mult = _scalarmult
+    blinded = [mult(r, _hash_input(x, MODE_POPRF, offset + i))
+               for i, (x, r) in enumerate(zip(inputs, scalars, strict=True))]
+    return b"".join(scalars), b"".join(blinded)
+
+
+def _poprf_unblind_chunk(inputs: Sequence[bytes], blinds: bytes, evaluated: bytes,
+                         info: bytes) -> list[bytes]:
+    """Unblind and hash elements whose batch proof has already verified."""
+    n = len(inputs)
+    values = [_int(blinds[i * SCALAR_SIZE:(i + 1) * SCALAR_SIZE]) % GROUP_ORDER
+              for i in range(n)]
+    if not all(values):
+        raise InvalidElementError("a blind is zero")
+    framed, prefix, label = _i2osp2(info), _ELEMENT_LEN_PREFIX, _FINALIZE_LABEL
+    sha512, mult = _sha512, _scalarmult
+    outputs = []
+    for i, (x, inv) in enumerate(zip(inputs, _batch_invert(values), strict=True)):
+        _check_input(x)
+        element = evaluated[i * ELEMENT_SIZE:(i + 1) * ELEMENT_SIZE]
+        unblinded = mult(inv.to_bytes(SCALAR_SIZE, "little"), element)
+        outputs.append(sha512(_i2osp2(x) + framed + prefix + unblinded + label).digest())
+    return outputs
+
+
+def poprf_finalize_batch(inputs: Sequence[bytes], blinds_buffer: bytes,
+                         evaluated_buffer: bytes, blinded_buffer: bytes, proof: bytes,
+                         info: bytes, tweaked_key: bytes, *,
+                         executor: Executor | None = None) -> list[bytes]:
+    """POPRF Finalize over compact buffers: the batch proof is verified before any unblinding.
+
+    A proof that fails raises VerifyError and no output of the batch exists.
+    """
+    n = len(inputs)
+    evaluated_buffer = _as_bytes(evaluated_buffer)
+    blinds_buffer = _as_bytes(blinds_buffer)
+    evaluated = split_elements(evaluated_buffer, "evaluated element")
+    blinded = split_elements(blinded_buffer, "blinded element")
+    if len(evaluated) != n or len(blinded) != n:
+        raise InvalidElementError(
+            f"wrong length: {len(evaluated)} evaluated and {len(blinded)} blinded elements "
+            f"for {n} inputs")
+    if len(blinds_buffer) != n * SCALAR_SIZE:
+        raise ValueError(f"blinds buffer holds {len(blinds_buffer)} bytes, need {n * SCALAR_SIZE}")
+    if not poprf_verify(tweaked_key, blinded, evaluated, proof, executor=executor):
+        raise VerifyError("the evaluation proof does not verify against the tweaked key")
+    spans = _spans(n, executor)
+    if spans is None or executor is None:
+        return _poprf_unblind_chunk(inputs, blinds_buffer, evaluated_buffer, info)
+    parts = executor.map(
+        _poprf_unblind_chunk, [inputs[a:b] for a, b in spans],
+        [blinds_buffer[a * SCALAR_SIZE:b * SCALAR_SIZE] for a, b in spans],
+        [evaluated_buffer[a * ELEMENT_SIZE:b * ELEMENT_SIZE] for a, b in spans],
+        [info] * len(spans))
+    return [output for part in parts for output in part]
+
+
+def poprf_evaluate_batch(sk: bytes, inputs: Sequence[bytes], info: bytes, offset: int = 0,
+                         *, executor: Executor | None = None) -> list[bytes]:
+    """POPRF Evaluate over many inputs (the custodian's tag index under ``info``)."""
+    key = poprf_evaluation_key(sk, info)
+    spans = _spans(len(inputs), executor)
+    if spans is not None and executor is not None:
+        parts = executor.map(poprf_evaluate_batch, [sk] * len(spans),
+                             [inputs[a:b] for a, b in spans], [info] * len(spans),
+                             [offset + a for a, _ in spans])
+        return [output for part in parts for output in part]
+    framed, prefix, label = _i2osp2(info), _ELEMENT_LEN_PREFIX, _FINALIZE_LABEL
+    sha512, mult = _sha512, _scalarmult
+    return [
+        sha512(_i2osp2(x) + framed + prefix + mult(key, _hash_input(x, MODE_POPRF, offset + i))
+               + label).digest()
+        for i, x in enumerate(inputs)
+    ]

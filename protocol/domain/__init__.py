@@ -2,8 +2,10 @@
 
 __all__ = [
     "engine",
+    "estimate",
     "identity",
     "messages",
     "records",
     "recordstore",
+    "variants",
 ]

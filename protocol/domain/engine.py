@@ -20,6 +20,21 @@ class Engine(StrEnum):
 
     OPRF = "oprf"  # RFC 9497 OPRF over ristretto255, one evaluation per element
     KKRT = "kkrt"  # KKRT16 batched OPRF from OT extension, one unit per cuckoo bin
+    #: RFC 9497 OPRF under the custodian's key-epoch key, matched against the epoch's
+    #: compressed tag set (docs/architecture.md, National custodian)
+    OPRF_EPOCH = "oprf-epoch"
+
+
+class IndexMode(StrEnum):
+    """Which custodian index an engine matches against (docs/architecture.md, National custodian).
+
+    ``per_authorization``: the custodian evaluates its records under a key derived for each
+    authorization, at open (small custodians).  ``epoch``: under a key of the custodian's key
+    epoch, once, offline; the requester fetches the epoch's compressed tag set.
+    """
+
+    PER_AUTHORIZATION = "per_authorization"
+    EPOCH = "epoch"
 
 
 @dataclass(frozen=True)
@@ -29,11 +44,18 @@ class EngineTraits:
     #: The requester's inputs are group elements it blinds, so authority-issued tokens
     #: (group elements) can stand in for them: required by named-subject authorizations.
     group_element_inputs: bool
+    #: The custodian index the engine needs; policy serves it only in that index mode.
+    index: IndexMode = IndexMode.PER_AUTHORIZATION
+    #: The engine evaluates verifiably under a pinned POPRF key (docs/architecture.md,
+    #: Verifiable evaluation): only such engines run authorizations that pin one.
+    verifiable_evaluation: bool = False
 
 
 #: Traits of the built-in engines: the table ``decide`` uses when its caller passes none
 #: (the engine registry passes its own, which also holds engines registered at run time).
 BUILTIN_ENGINE_TRAITS: Mapping[str, EngineTraits] = MappingProxyType({
-    Engine.OPRF: EngineTraits(group_element_inputs=True),
+    Engine.OPRF: EngineTraits(group_element_inputs=True, verifiable_evaluation=True),
     Engine.KKRT: EngineTraits(group_element_inputs=False),
+    # Tokens of named subjects are per-authorization: the epoch index has none.
+    Engine.OPRF_EPOCH: EngineTraits(group_element_inputs=False, index=IndexMode.EPOCH),
 })

@@ -100,12 +100,19 @@ class EvaluateChunk:
 
 @dataclass(frozen=True)
 class EvaluatedChunk:
-    """Custodian -> Requester: the evaluated elements of chunk ``seq``, same order."""
+    """Custodian -> Requester: the evaluated elements of chunk ``seq``, same order.
+
+    ``proof``: under a pinned evaluation key, the RFC 9497 batch DLEQ proof (c || s, 64
+    bytes) that every element was evaluated under it; empty in mode 0.
+    """
 
     seq: int
     elements: bytes
+    proof: bytes = b""
 
     def transcript_bytes(self) -> bytes:
+        if self.proof:  # mode-0 chunks keep the transcript bytes they always had
+            return encode(b"evaluated", self.seq, self.elements, self.proof)
         return encode(b"evaluated", self.seq, self.elements)
 
 

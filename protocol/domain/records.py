@@ -39,13 +39,24 @@ from enum import IntEnum, StrEnum
 from functools import lru_cache
 from itertools import islice
 from operator import itemgetter
-from typing import NoReturn, SupportsIndex, TextIO, overload
+from typing import NoReturn, SupportsIndex, TextIO, cast, overload
 
 from protocol.crypto.encoding import LENGTH_BYTES, decode, encode, lp, u64
+from protocol.domain.variants import (
+    dob_swaps,
+    dob_typos,
+    first_name_alternatives,
+    first_name_canonical,
+    phonetic,
+    surname_canonical,
+    surname_parts,
+    tin_transpositions,
+)
 from protocol.errors import InvalidRecordError
 
 __all__ = [
     "CSV_SCHEMA_HELP",
+    "DEFAULT_RULES",
     "DISCLOSABLE_FIELDS",
     "MATCH_KEY_DST",
     "MATCH_RULES",
@@ -63,10 +74,14 @@ __all__ = [
     "Strength",
     "ValidatedQueries",
     "ValidationReport",
+    "Variant",
     "address_problem",
     "decode_match_key",
     "encode_match_key",
+    "evaluation_count",
+    "field_columns",
     "get_rule",
+    "key_components",
     "match_keys_bulk",
     "match_keys_from_columns",
     "normalize_address",
@@ -75,6 +90,7 @@ __all__ = [
     "normalize_tax_period",
     "normalize_tin",
     "normalize_zip",
+    "query_match_keys_bulk",
     "read_person_csv",
     "read_person_csv_with_lines",
     "read_query_csv",
@@ -1128,6 +1144,10 @@ CSV input files: UTF-8, comma-separated, one header row, columns in any order.
   per rule:  tin+dob -> tin,dob   tin+last_name -> tin,last_name
              first+last+dob+zip -> first_name,last_name,dob,zip
              first+last+address -> first_name,last_name,address,zip
+             typo-tolerant rules read the same columns: tin+dob+variants -> tin,dob
+             tin+last_phonetic -> tin,last_name   tin+first_phonetic -> tin,first_name
+             tin+zip -> tin,zip   tin+last_phonetic+zip -> tin,last_name,zip
+             names_phonetic+dob(+zip) -> first_name,last_name,dob(,zip)
              (a custodian file needs every column of at least one rule)
   optional:  any column no chosen rule needs: city and state only help spot an address
              that is just a city/state; other extra columns are kept (disclosable only
@@ -1140,7 +1160,7 @@ CSV input files: UTF-8, comma-separated, one header row, columns in any order.
 def rule_columns(rule_id: str) -> tuple[str, ...]:
     """CSV columns a match rule reads (an address key also needs the ZIP)."""
     fields = get_rule(rule_id).fields
-    return tuple(dict.fromkeys(c for f in fields for c in ((f, "zip") if f == "address" else (f,))))
+    return tuple(dict.fromkeys(c for f in fields for c in field_columns(f)))
 
 
 _HEADER_SHOWN = 160  # characters of a bad header quoted back
@@ -1476,6 +1496,28 @@ def _place_bytes(raw: str) -> bytes | None:
     return _component(folded) if folded else None
 
 
+def _first_phonetic_code(raw: str) -> str:
+    """Both sides' first-name code: nickname folded to its formal name, then NYSIIS."""
+    return phonetic(first_name_canonical(normalize_name(raw)))
+
+
+def _last_phonetic_code(raw: str) -> str:
+    """Both sides' surname code: suffix dropped, compound parts joined, then NYSIIS."""
+    return phonetic(surname_canonical(split_suffix(raw)[0]))
+
+
+@lru_cache(maxsize=1 << 17)
+def _first_phonetic_part(raw: str) -> bytes | None:
+    code = _first_phonetic_code(raw)
+    return _component(code) if code else None
+
+
+@lru_cache(maxsize=1 << 17)
+def _last_phonetic_part(raw: str) -> bytes | None:
+    code = _last_phonetic_code(raw)
+    return _component(code) if code else None
+
+
 _Column = list[bytes | None]
 #: A field name -> that field's raw values, one per record (PersonRecord attributes, or
 #: columns cut straight out of packed storage without building records).
@@ -1494,7 +1536,21 @@ _FIELD_COLUMNS: dict[str, Callable[[ColumnSource, date], _Column]] = {
     ],
     "city": lambda col, _t: [_place_bytes(v) for v in col("city")],
     "state": lambda col, _t: [_place_bytes(v) for v in col("state")],
+    "first_phonetic": lambda col, _t: [_first_phonetic_part(v) for v in col("first_name")],
+    "last_phonetic": lambda col, _t: [_last_phonetic_part(v) for v in col("last_name")],
 }
+
+#: Raw CSV columns each rule field reads, where that is not just the field itself.
+_FIELD_SOURCES: dict[str, tuple[str, ...]] = {
+    "address": ("address", "zip"),
+    "first_phonetic": ("first_name",),
+    "last_phonetic": ("last_name",),
+}
+
+
+def field_columns(field_name: str) -> tuple[str, ...]:
+    """The CSV columns a rule field is computed from (an address key also needs the ZIP)."""
+    return _FIELD_SOURCES.get(field_name, (field_name,))
 
 #: Components each rule field contributes, in order. ``last_name`` is (name, suffix) so Jr and
 #: Sr stay distinct; ``address`` is (normalized street line, zip5).
@@ -1507,27 +1563,69 @@ RULE_FIELDS: dict[str, tuple[str, ...]] = {
     "address": ("street", "zip5"),
     "city": ("city",),
     "state": ("state",),
+    "first_phonetic": ("first_name_nysiis",),
+    "last_phonetic": ("last_name_nysiis",),
+}
+
+
+class Variant(StrEnum):
+    """A query-side variant a rule may evaluate beyond its canonical key.
+
+    Each names one ordinary error undone on the requester's side only, so the custodian's
+    tags stay one per record and rule while each variant costs the requester one budget
+    unit (docs/architecture.md, Recall and misidentification).  A key carries at most one
+    variant: errors are rare enough that two in one record are left to other rules.
+    """
+
+    TIN_TRANSPOSITION = "tin_transposition"  # two adjacent TIN digits swapped back
+    DOB_SWAP = "dob_swap"  # day and month of the date of birth exchanged back
+    NAME_ORDER = "name_order"  # first and last name exchanged back
+    SURNAME_PART = "surname_part"  # one part of a compound surname alone
+    NICKNAME = "nickname"  # each formal name an ambiguous nickname stands for
+    ZIP_TRANSPOSITION = "zip_transposition"  # two adjacent ZIP digits swapped back
+    DOB_TYPO = "dob_typo"  # the day off by one, or the decade off by one, undone
+
+
+#: The rule field each variant alters (NAME_ORDER alters both names).
+_VARIANT_FIELD: dict[Variant, tuple[str, ...]] = {
+    Variant.TIN_TRANSPOSITION: ("tin",),
+    Variant.DOB_SWAP: ("dob",),
+    Variant.NAME_ORDER: ("first_phonetic", "last_phonetic"),
+    Variant.SURNAME_PART: ("last_phonetic",),
+    Variant.NICKNAME: ("first_phonetic",),
+    Variant.ZIP_TRANSPOSITION: ("zip",),
+    Variant.DOB_TYPO: ("dob",),
 }
 
 
 @dataclass(frozen=True)
 class MatchRule:
-    """An ordered set of normalized fields that, together, identify one person."""
+    """An ordered set of normalized fields that, together, identify one person.
+
+    ``variants`` are the query-side variants the requester also evaluates (see
+    :class:`Variant`); the custodian only ever computes :meth:`match_key`.
+    """
 
     rule_id: str
     fields: tuple[str, ...]
     strength: Strength
     description: str
+    variants: frozenset[Variant] = frozenset()
     _prefix: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.fields if f not in _FIELD_COLUMNS]
         if unknown or not self.fields:
             raise ValueError(f"match rule {self.rule_id!r}: unsupported fields {unknown}")
+        for variant in self.variants:
+            if not set(_VARIANT_FIELD[variant]) <= set(self.fields):
+                raise ValueError(f"match rule {self.rule_id!r}: variant {variant} needs the "
+                                 f"fields {', '.join(_VARIANT_FIELD[variant])}")
         object.__setattr__(self, "_prefix", _rule_prefix(self.rule_id))
 
     def match_key(self, record: PersonRecord, *, today: date) -> bytes | None:
-        """Match-key bytes for ``record``, or None when any component is missing or invalid."""
+        """The canonical match key of ``record`` (what the custodian's tag is made from), or
+        None when any component is missing or invalid."""
         parts = [self._prefix]
         for f in self.fields:
             part = _FIELD_COLUMNS[f](lambda name: (getattr(record, name),), today)[0]
@@ -1535,6 +1633,111 @@ class MatchRule:
                 return None
             parts.append(part)
         return b"".join(parts)
+
+    def match_keys(self, record: PersonRecord, *, today: date) -> list[bytes]:
+        """Every key of ``record`` under this rule: the canonical key first, then each
+        query-side variant that differs from it, without repeats ([] when unusable).
+
+        This is what a requester evaluates, and its length is what the record costs in
+        budget units.
+        """
+        return _variant_keys(self, record, self.match_key(record, today=today), today)
+
+
+def _field_alternatives(variant: Variant, record: PersonRecord, today: date
+                        ) -> list[dict[str, bytes]]:
+    """For one variant: the field components that replace the canonical ones, per key."""
+    if variant is Variant.TIN_TRANSPOSITION:
+        tin = normalize_tin(record.tin)
+        swapped = tin_transpositions(tin) if tin is not None else ()
+        return [{"tin": _TIN_PREFIX + t.encode("ascii")} for t in swapped
+                if normalize_tin(t) is not None]
+    if variant is Variant.DOB_SWAP:
+        parsed = _parse_dob(record.dob)[0]
+        swaps = dob_swaps(parsed) if parsed is not None and parsed <= today else ()
+        return [{"dob": _DOB_PREFIX + d.isoformat().encode("ascii")} for d in swaps
+                if d <= today]
+    if variant is Variant.DOB_TYPO:
+        parsed = _parse_dob(record.dob)[0]
+        near = dob_typos(parsed) if parsed is not None and parsed <= today else ()
+        return [{"dob": _DOB_PREFIX + d.isoformat().encode("ascii")} for d in near
+                if d <= today]
+    if variant is Variant.ZIP_TRANSPOSITION:
+        zip5 = normalize_zip(record.zip)
+        swapped = tin_transpositions(zip5) if zip5 is not None else ()
+        return [{"zip": enc} for z in swapped
+                if normalize_zip(z) is not None and (enc := _component(z)) is not None]
+    if variant is Variant.NAME_ORDER:
+        first = _first_phonetic_part(record.last_name)
+        last = _last_phonetic_part(record.first_name)
+        if first is None or last is None:
+            return []
+        return [{"first_phonetic": first, "last_phonetic": last}]
+    if variant is Variant.SURNAME_PART:
+        codes = (phonetic(p) for p in surname_parts(split_suffix(record.last_name)[0]))
+        return [{"last_phonetic": enc} for code in codes
+                if code and (enc := _component(code)) is not None]
+    formal = first_name_alternatives(normalize_name(record.first_name))
+    return [{"first_phonetic": enc} for name in formal
+            if (code := phonetic(first_name_canonical(name)))
+            and (enc := _component(code)) is not None]
+
+
+def _variant_keys(rule: MatchRule, record: PersonRecord, canonical: bytes | None,
+                  today: date) -> list[bytes]:
+    """The canonical key, then one key per query-side variant (deduplicated)."""
+    if not rule.variants:
+        return [] if canonical is None else [canonical]
+    return [rule._prefix + b"".join(parts[f] for f in rule.fields)
+            for parts in key_components(rule, record, today=today)]
+
+
+def key_components(rule: MatchRule, record: PersonRecord, *, today: date
+                   ) -> list[dict[str, bytes]]:
+    """The encoded components of each of ``rule.match_keys(record)``, in the same order:
+    what the misidentification estimate prices field by field."""
+    parts: dict[str, bytes | None] = {
+        f: _FIELD_COLUMNS[f](lambda name: (getattr(record, name),), today)[0]
+        for f in rule.fields}
+    rows: dict[bytes, dict[str, bytes]] = {}
+    candidates: list[dict[str, bytes]] = [{}] + [replaced for variant in sorted(rule.variants)
+                         for replaced in _field_alternatives(variant, record, today)]
+    for replaced in candidates:
+        row = {f: replaced.get(f, parts[f]) for f in rule.fields}
+        if all(v is not None for v in row.values()):
+            known = cast(dict[str, bytes], row)
+            rows.setdefault(b"".join(known[f] for f in rule.fields), known)
+    return list(rows.values())
+
+
+def query_match_keys_bulk(
+    records: Sequence[PersonRecord],
+    rule_ids: Sequence[str],
+    *,
+    today: date,
+) -> dict[str, list[list[bytes]]]:
+    """Every key a requester evaluates, per rule and record (see :meth:`MatchRule.match_keys`).
+
+    Rules without variants take the bulk path; the lists are parallel to ``records``.
+    """
+    canonical = match_keys_bulk(records, rule_ids, today=today)
+    out: dict[str, list[list[bytes]]] = {}
+    for rule_id, column in canonical.items():
+        rule = MATCH_RULES[rule_id]
+        if not rule.variants:
+            out[rule_id] = [[] if k is None else [k] for k in column]
+        else:
+            out[rule_id] = [_variant_keys(rule, r, k, today)
+                            for r, k in zip(records, column, strict=True)]
+    return out
+
+
+def evaluation_count(records: Sequence[PersonRecord], rule_ids: Sequence[str], *,
+                     today: date) -> int:
+    """Keys a requester evaluates for ``records`` under ``rule_ids``: the exact budget
+    (in OPRF elements) that variant keys need."""
+    keys = query_match_keys_bulk(records, rule_ids, today=today)
+    return sum(len(k) for column in keys.values() for k in column)
 
 
 MATCH_RULES: dict[str, MatchRule] = {
@@ -1560,8 +1763,101 @@ MATCH_RULES: dict[str, MatchRule] = {
             "first name, last name and street address with 5-digit ZIP; "
             "high misidentification risk",
         ),
+        # Typo-tolerant rules; strengths as measured (docs/architecture.md, Recall and
+        # misidentification): STRONG anchors on the TIN and misidentified nobody, MEDIUM
+        # kept precision >= 0.999, WEAK did not (default policies refuse WEAK rules).
+        MatchRule(
+            "tin+dob+variants",
+            ("tin", "dob"),
+            Strength.STRONG,
+            "TIN and date of birth, also with one adjacent TIN transposition or day and "
+            "month swapped (query-side variants, one budget unit each)",
+            frozenset({Variant.TIN_TRANSPOSITION, Variant.DOB_SWAP}),
+        ),
+        MatchRule(
+            "tin+last_phonetic",
+            ("tin", "last_phonetic"),
+            Strength.STRONG,
+            "TIN and phonetic (NYSIIS) surname, compound surnames joined; also each part of "
+            "a compound surname (query-side variants)",
+            frozenset({Variant.SURNAME_PART}),
+        ),
+        MatchRule(
+            "tin+first_phonetic",
+            ("tin", "first_phonetic"),
+            Strength.STRONG,
+            "TIN and phonetic (NYSIIS) first name with nicknames folded to the formal name",
+            frozenset({Variant.NICKNAME}),
+        ),
+        MatchRule(
+            "tin+zip",
+            ("tin", "zip"),
+            Strength.STRONG,
+            "TIN and 5-digit ZIP (for subjects whose names and date of birth carry errors)",
+        ),
+        MatchRule(
+            "tin+last_phonetic+zip",
+            ("tin", "last_phonetic", "zip"),
+            Strength.STRONG,
+            "TIN, phonetic surname and 5-digit ZIP; also one adjacent TIN transposition and "
+            "compound-surname parts (query-side variants)",
+            frozenset({Variant.TIN_TRANSPOSITION, Variant.SURNAME_PART}),
+        ),
+        MatchRule(
+            "last_phonetic+dob+zip",
+            ("last_phonetic", "dob", "zip"),
+            Strength.WEAK,
+            "phonetic surname, date of birth and 5-digit ZIP; also day/month swapped and "
+            "compound-surname parts (query-side variants)",
+            frozenset({Variant.DOB_SWAP, Variant.SURNAME_PART}),
+        ),
+        MatchRule(
+            "first_phonetic+dob+zip",
+            ("first_phonetic", "dob", "zip"),
+            Strength.WEAK,
+            "phonetic first name, date of birth and 5-digit ZIP; also day/month swapped and "
+            "a nickname's formal names (query-side variants)",
+            frozenset({Variant.DOB_SWAP, Variant.NICKNAME}),
+        ),
+        MatchRule(
+            "names_phonetic+dob+zip",
+            ("first_phonetic", "last_phonetic", "dob", "zip"),
+            Strength.MEDIUM,
+            "phonetic first and last name, date of birth and 5-digit ZIP; also day/month "
+            "swapped, the day or decade off by one, two ZIP digits transposed, names "
+            "exchanged, a nickname's formal names and compound-surname parts (query-side "
+            "variants)",
+            frozenset({Variant.DOB_SWAP, Variant.DOB_TYPO, Variant.ZIP_TRANSPOSITION,
+                       Variant.NAME_ORDER, Variant.NICKNAME, Variant.SURNAME_PART}),
+        ),
+        MatchRule(
+            "names_phonetic+dob",
+            ("first_phonetic", "last_phonetic", "dob"),
+            Strength.WEAK,
+            "phonetic first and last name and date of birth; also day/month swapped, names "
+            "exchanged, a nickname's formal names and compound-surname parts (query-side "
+            "variants)",
+            frozenset({Variant.DOB_SWAP, Variant.NAME_ORDER, Variant.NICKNAME,
+                       Variant.SURNAME_PART}),
+        ),
     )
 }
+
+
+#: The rule set ``psi-authority issue`` uses when ``--rules`` is not given: TIN rules that
+#: tolerate one ordinary error each (and the TIN with the ZIP, for subjects whose names and
+#: date of birth both carry errors), plus phonetic names with date of birth and ZIP for
+#: subjects whose TIN is missing.  Chosen by measurement: precision >= 0.999 and recall
+#: >= 0.95 on FEBRL 1-3 and the realistic synthetic scenario (docs/architecture.md, Recall
+#: and misidentification).
+DEFAULT_RULES: tuple[str, ...] = (
+    "tin+dob+variants",
+    "tin+last_phonetic",
+    "tin+first_phonetic",
+    "tin+zip",
+    "tin+last_phonetic+zip",
+    "names_phonetic+dob+zip",
+)
 
 
 def get_rule(rule_id: str) -> MatchRule:

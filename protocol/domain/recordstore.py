@@ -22,6 +22,7 @@ from protocol.domain.records import (
     QueryRecord,
     ReasonCode,
     Refusal,
+    field_columns,
     iter_person_csv,
     iter_query_csv,
     match_keys_bulk,
@@ -35,7 +36,7 @@ _FIELD_INDEX = {name: i for i, name in enumerate(PERSON_FIELDS)}
 #: Raw columns each rule reads (an address needs city, state and ZIP too).
 _RULE_COLUMNS = {
     rule_id: {c for f in rule.fields for c in (("address", "city", "state", "zip")
-                                               if f == "address" else (f,))}
+                                               if f == "address" else field_columns(f))}
     for rule_id, rule in MATCH_RULES.items()
 }
 #: Records per match-key job handed to a worker process: big enough that shipping the

@@ -2,6 +2,7 @@
 
 __all__ = [
     "base",
+    "epoch",
     "kkrt",
     "named",
     "oprf",

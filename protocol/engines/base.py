@@ -40,6 +40,9 @@ from protocol.engines.named import Certification
 from protocol.policy.decide import Mode
 
 AUTH_KEY_INFO_PREFIX = b"gated-psi/authorization-key/v1:"
+#: DeriveKeyPair info of the custodian's one long-term POPRF key (mode 2): its own label, so
+#: it is never any authorization's mode-0 key.
+EVALUATION_KEY_INFO = b"gated-psi/evaluation-key/v1"
 #: Records per slice of the custodian's index builds (bounds their peak memory).
 INDEX_SLICE = 65_536
 #: Transcript stream of every message the requester sends during the exchanges.
@@ -109,6 +112,20 @@ def authorization_key(master_secret: bytes, authorization_id: str) -> bytes:
     return sk
 
 
+def evaluation_key_pair(master_secret: bytes) -> tuple[bytes, bytes]:
+    """The custodian's POPRF key pair (skS, pkS): DeriveKeyPair in mode 2 from its master.
+
+    pkS is what the authority pins in an authorization; one key serves every authorization
+    (info = authorization id) and every key epoch (info = epoch id).
+    """
+    return oprf.derive_key_pair_mode(master_secret, EVALUATION_KEY_INFO, oprf.MODE_POPRF)
+
+
+def evaluation_info(authorization_id: str) -> bytes:
+    """The POPRF public input of an authorization's evaluations: its id, UTF-8."""
+    return authorization_id.encode("utf-8")
+
+
 class Flow(StrEnum):
     """How the messages of one exchange move (what the transport must provide)."""
 
@@ -151,6 +168,50 @@ def request_types(exchanges: Sequence[Exchange]) -> tuple[type, ...]:
 # --------------------------------------------------------------------------- requester
 
 
+class EpochTagSet(Protocol):
+    """A key epoch's tag set as the requester matches against it (docs/architecture.md,
+    National custodian): the custodian's epoch index, or the requester's cached copy of
+    what ``FetchTagSet`` streamed.  Chunks are Golomb-coded fingerprints
+    (``protocol.crypto.tagset``), decoded and merged as a stream."""
+
+    @property
+    def epoch_id(self) -> str: ...
+
+    @property
+    def bits(self) -> int:
+        """Fingerprint length L in bits, fixed for the epoch at build time."""
+        ...
+
+    @property
+    def rules(self) -> Sequence[str]: ...
+
+    def tags(self, rule_id: str) -> int:
+        """Number of tags (custodian records with a key) of ``rule_id``."""
+        ...
+
+    def tagset_chunks(self, rule_id: str) -> Iterator[bytes]:
+        """The coded fingerprints of ``rule_id``, in order, chunk by chunk."""
+        ...
+
+
+class EvaluationStore(Protocol):
+    """The custodian's durable record of the blinded elements a session had evaluated.
+
+    An epoch-index engine binds each disclosure to one of these (docs/architecture.md,
+    National custodian): the session stores each evaluated chunk before its reply leaves,
+    bounded by the session's reservation, and reads it back at disclosure.  The session
+    supplies it from its ledger; engines never see the ledger itself.
+    """
+
+    def store(self, seq: int, elements: bytes) -> None:
+        """Keep chunk ``seq``'s blinded elements (32 bytes each); refuses past the budget."""
+        ...
+
+    def load(self, seq: int) -> bytes | None:
+        """The stored elements of chunk ``seq`` of this session, or None."""
+        ...
+
+
 @dataclass(frozen=True)
 class RequesterInputs:
     """What the requester session hands its engine: the elements, in session order.
@@ -168,6 +229,13 @@ class RequesterInputs:
     ops: GroupOps
     digests: bytes | None = None  # key_digest(inputs), concatenated
     tokens: bytes | None = None
+    #: The epoch's tag set, for an engine that matches against one (fetched once per epoch).
+    tagset: EpochTagSet | None = None
+    #: The custodian's POPRF public key pinned by the signed authorization: every evaluated
+    #: chunk must carry a proof under it (docs/architecture.md, Verifiable evaluation).
+    evaluation_key: bytes | None = None
+    #: The rule id of every input (same order), for engines whose tags depend on the rule.
+    element_rules: Sequence[str] = ()
 
 
 class RequesterEngine(Protocol):
@@ -206,6 +274,53 @@ class RequesterEngine(Protocol):
 # --------------------------------------------------------------------------- custodian
 
 
+class RowSource(Protocol):
+    """Records kept out of core (e.g. ``adapters.shards.ShardedRecords``), read by row."""
+
+    @property
+    def count(self) -> int: ...
+
+    def rows(self, global_rows: Sequence[int]) -> list[PersonRecord]: ...
+
+
+class RecordsOutOfCore(Sequence[PersonRecord]):
+    """The custodian's records on disk, as the sequence sessions index by row.
+
+    Only random access by row (a disclosure reads the few records it releases); nothing
+    iterates all of them in the custodian's process, so its memory does not grow with the
+    file (docs/architecture.md, National custodian).  Slices are refused.
+    """
+
+    def __init__(self, source: RowSource) -> None:
+        self.source = source
+        #: The last batch read (bounded by one disclosure batch's candidates): the session
+        #: reads the records it verified again right after, without going to disk.
+        self._recent: dict[int, PersonRecord] = {}
+
+    def __len__(self) -> int:
+        return int(self.source.count)
+
+    def __getitem__(self, row: Any) -> Any:
+        if not isinstance(row, int | np.integer):
+            raise TypeError("records out of core are read one row at a time")
+        hit = self._recent.get(int(row))
+        return hit if hit is not None else self.source.rows([int(row)])[0]
+
+    def rows(self, global_rows: Sequence[int]) -> list[PersonRecord]:
+        """Records by row in one read (the store groups them by row group)."""
+        wanted = sorted(set(int(r) for r in global_rows))
+        found = dict(zip(wanted, self.source.rows(wanted), strict=True)) if wanted else {}
+        self._recent = found
+        return [found[int(r)] for r in global_rows]
+
+
+def records_at(records: Sequence[PersonRecord], rows: Sequence[int]) -> list[PersonRecord]:
+    """``records[r]`` for each row: one batched read when the records are out of core."""
+    if isinstance(records, RecordsOutOfCore):
+        return records.rows(rows)
+    return [records[int(r)] for r in rows]
+
+
 @dataclass(frozen=True)
 class CustodianData:
     """The custodian's records as its engines see them: only in-scope positions are used."""
@@ -217,6 +332,13 @@ class CustodianData:
     clock: Callable[[], float]  # injected; match keys depend on the date (future birth dates)
     certifications: Mapping[str, Certification] = field(default_factory=dict)
     new_lock: LockFactory = nullcontext
+    #: Epoch index mode (docs/architecture.md, National custodian): the custodian's
+    #: key-epoch index (``adapters.epoch_index.EpochIndex``: ``epoch_id``, ``bits``,
+    #: ``rows_for``, ``tagset_chunks``), the epoch's OPRF key, and the record classes its
+    #: policy excludes (checked per disclosed record, since the index is built offline).
+    epoch_index: Any = None
+    epoch_key: bytes | None = None
+    excluded_record_classes: frozenset[str] = frozenset()
 
     def today(self) -> date:
         return utc_date(self.clock())
@@ -244,6 +366,12 @@ class SessionGrant:
     max_units: int  # budget units reserved for this session
     mode: Mode = Mode.BULK
     certification: Certification | None = None  # named-subject mode only
+    #: The session's stored evaluated elements (epoch-index engines bind disclosures to them).
+    evaluations: EvaluationStore | None = None
+    #: The custodian's long-term POPRF secret when the authorization pins its public key
+    #: (``evaluation_key_pair``): the OPRF engine then evaluates verifiably with info = the
+    #: authorization id instead of using ``key`` (docs/architecture.md, Verifiable evaluation).
+    evaluation_secret: bytes | None = None
 
 
 class CustodianEngineSession(Protocol):

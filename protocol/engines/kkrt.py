@@ -136,11 +136,15 @@ class KkrtCustodianEngine:
         rule_idx: list[np.ndarray] = []
         for r_i, rule_id in enumerate(rules_t):
             column = columns.pop(rule_id)
-            positions = [p for p, k in enumerate(column) if k is not None]
             known = cast(list[bytes], column)  # None only where positions skip
-            keys.extend(known[p] for p in positions)
-            rec.append(data.in_scope[positions])
-            rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
+            if None not in column:  # every record has a key (the usual case): no gather
+                keys.extend(known)
+                rec.append(np.asarray(data.in_scope))
+            else:
+                positions = [p for p, k in enumerate(column) if k is not None]
+                keys.extend(known[p] for p in positions)
+                rec.append(data.in_scope[positions])
+            rule_idx.append(np.full(rec[-1].size, r_i, dtype=np.int8))
         return (keys, np.concatenate(rec) if rec else np.zeros(0, np.int64),
                 np.concatenate(rule_idx) if rule_idx else np.zeros(0, np.int8),
                 np.frombuffer(b"".join(digests[r] for r in rules_t),

@@ -9,6 +9,12 @@ finalizes to ``O = F(k_A, x)`` and matches tags locally.  At disclosure it prese
 Named-subject mode (``protocol.engines.named`` for the token math): the requester blinds
 the authority's tokens instead of hashing its keys, and the custodian's tags come from
 its certified elements under ``k_A · d_A``; everything else is the bulk flow.
+
+Verifiable option (docs/architecture.md, Verifiable evaluation): when the signed
+authorization pins the custodian's POPRF public key, ``F`` is RFC 9497 POPRF (mode 2) under
+the custodian's long-term key with info = the authorization id, every evaluated chunk carries
+one batch DLEQ proof, and the requester verifies it against the pinned key before it
+finalizes anything in that chunk.
 """
 
 from __future__ import annotations
@@ -40,10 +46,23 @@ from protocol.engines.base import (
     GroupOps,
     RequesterInputs,
     SessionGrant,
+    evaluation_info,
 )
 from protocol.engines.named import Certification, blind_tokens, custodian_session_key
 from protocol.errors import InvalidElementError, ProtocolError
 from protocol.policy.decide import Mode
+
+
+class EvaluationProofInvalid(ProtocolError):
+    """An evaluated chunk whose proof does not verify against the pinned evaluation key.
+
+    The custodian evaluated some element under another key (a different key mid-session,
+    another authorization's, or none it can prove): the session aborts and nothing of that
+    chunk is finalized (docs/architecture.md, Verifiable evaluation).
+    """
+
+    code = "evaluation_proof_invalid"
+
 
 TAG_DOMAIN = b"gated-psi/tag/v1"
 #: Tag length in bytes.  12 B = 96 bits: with 1.3M x 1.3M elements a false tag
@@ -108,6 +127,22 @@ class OprfRequester:
         self._custodian_tags: list[bytes] = []
         self._tag_chunks_seen = 0
         self._tag_count: int | None = None
+        #: Verifiable option: the pinned key, info, and the tweaked key every proof is
+        #: checked against; the blinded elements stay until their chunk's proof is checked.
+        self.evaluation_key = inputs.evaluation_key
+        self._info = evaluation_info(inputs.authorization_id)
+        self._tweaked_key = b""
+        self._blinded: dict[int, bytes] = {}
+        #: Chunks whose proof verified (the summary reports it).
+        self.proofs_verified = 0
+        if self.evaluation_key is not None:
+            self._tweaked_key = oprf.poprf_tweaked_key(self.evaluation_key, self._info)
+            self.chunk_size = min(self.chunk_size, oprf.MAX_PROOF_ELEMENTS)
+
+    @property
+    def verifiable(self) -> bool:
+        """Whether every evaluated chunk must carry a proof under a pinned key."""
+        return self.evaluation_key is not None
 
     @property
     def units(self) -> int:
@@ -134,6 +169,11 @@ class OprfRequester:
         inputs = self.element_input[start:start + self.chunk_size]
         if self._tokens is not None:
             blinds, blinded = blind_tokens(self._tokens[start * 32:(start + len(inputs)) * 32])
+            if self.verifiable:
+                self._blinded[seq] = blinded
+        elif self.verifiable:
+            blinds, blinded = oprf.poprf_blind_batch(inputs, executor=self.ops.executor)
+            self._blinded[seq] = blinded
         else:
             blinds, blinded = self.ops.blind(inputs)
         self._blinds[seq] = blinds
@@ -155,11 +195,50 @@ class OprfRequester:
         inputs = self.element_input[start:start + self.chunk_size]
         if len(chunk.elements) != len(inputs) * oprf.ELEMENT_SIZE:
             raise ProtocolError(f"evaluated chunk {chunk.seq} has the wrong length")
-        outputs = self.ops.finalize(inputs, blinds, chunk.elements)
+        if self.verifiable:
+            outputs = self._verified_outputs(chunk, inputs, blinds)
+        elif chunk.proof:
+            raise ProtocolError(f"evaluated chunk {chunk.seq} carries a proof, but the "
+                                "authorization pins no evaluation key")
+        else:
+            outputs = self.ops.finalize(inputs, blinds, chunk.elements)
         o = oprf.OUTPUT_SIZE
         self._outputs[start * o:(start + len(outputs)) * o] = b"".join(outputs)
         self._tags[start * TAG_SIZE:(start + len(outputs)) * TAG_SIZE] = derive_tags(outputs)
         self._evaluated_chunks.add(chunk.seq)
+
+    def _verified_outputs(self, chunk: EvaluatedChunk, inputs: Sequence[bytes], blinds: bytes
+                          ) -> list[bytes]:
+        """Finalize a chunk only after its proof verifies against the pinned key."""
+        blinded = self._blinded.pop(chunk.seq)
+        pinned = self.evaluation_key.hex()[:16] if self.evaluation_key else ""
+        if len(chunk.proof) != oprf.PROOF_SIZE:
+            raise EvaluationProofInvalid(
+                f"evaluated chunk {chunk.seq} carries a {len(chunk.proof)}-byte proof, not the "
+                f"{oprf.PROOF_SIZE}-byte proof the pinned evaluation key {pinned}... requires; "
+                "nothing of it was finalized")
+        try:
+            if self._tokens is None:
+                return self._count_verified(oprf.poprf_finalize_batch(
+                    inputs, blinds, chunk.elements, blinded, chunk.proof, self._info,
+                    self._tweaked_key, executor=self.ops.executor))
+            # Named subjects: the proof covers the tokens' evaluation under t^-1; the outputs
+            # are then finalized as the certified index's are (Finalize over k·token).
+            if not oprf.poprf_verify(self._tweaked_key, oprf.split_elements(blinded),
+                                     oprf.split_elements(chunk.elements), chunk.proof,
+                                     executor=self.ops.executor):
+                raise oprf.VerifyError("the evaluation proof does not verify")
+        except oprf.VerifyError:
+            raise EvaluationProofInvalid(
+                f"the proof of evaluated chunk {chunk.seq} does not verify against the pinned "
+                f"evaluation key {pinned}... under authorization info {self._info.decode()!r}: "
+                "some element was evaluated under another key; nothing of it was finalized"
+            ) from None
+        return self._count_verified(self.ops.finalize(inputs, blinds, chunk.elements))
+
+    def _count_verified(self, outputs: list[bytes]) -> list[bytes]:
+        self.proofs_verified += 1
+        return outputs
 
     def _on_tags(self, chunk: TagChunk) -> None:
         if chunk.seq != self._tag_chunks_seen:
@@ -255,14 +334,29 @@ class OprfCustodian:
     def open(self, grant: SessionGrant) -> OprfCustodianSession:
         return OprfCustodianSession(self, grant)
 
-    def index(self, authorization_id: str, rules: Sequence[str], key: bytes
-              ) -> CustodianIndex:
-        """Build (or fetch) the tag index for an authorization under its key ``key``."""
+    def index(self, authorization_id: str, rules: Sequence[str], key: bytes,
+              evaluation_secret: bytes | None = None) -> CustodianIndex:
+        """Build (or fetch) the tag index for an authorization under its key ``key``.
+
+        With ``evaluation_secret`` (a pinned key) the tags are POPRF outputs under it with
+        info = the authorization id, the same function the requester's proofs pin.
+        """
         rules_t = tuple(sorted(rules))
+        if evaluation_secret is not None:
+            info = evaluation_info(authorization_id)
+            executor = self.data.ops.executor
+
+            def poprf(_: bytes, inputs: Sequence[bytes]) -> list[bytes]:
+                return oprf.poprf_evaluate_batch(evaluation_secret, inputs, info,
+                                                 executor=executor)
+            return self._indexes.get(
+                (f"poprf:{authorization_id}", rules_t),
+                lambda: self._build_index(authorization_id, rules_t, key, poprf))
         return self._indexes.get((authorization_id, rules_t),
                                  lambda: self._build_index(authorization_id, rules_t, key))
 
-    def _build_index(self, authorization_id: str, rules_t: tuple[str, ...], key: bytes
+    def _build_index(self, authorization_id: str, rules_t: tuple[str, ...], key: bytes,
+                     evaluate: Callable[..., list[bytes]] | None = None
                      ) -> CustodianIndex:
         started = time.perf_counter()
         data = self.data
@@ -270,12 +364,13 @@ class OprfCustodian:
         rec_idx: list[np.ndarray] = []
         rule_idx: list[np.ndarray] = []
         step = INDEX_SLICE
+        evaluate = evaluate or data.ops.evaluate
         for r_i, rule_id in enumerate(rules_t):
             for start in range(0, len(data.in_scope), step):
                 keys = data.match_keys(rule_id, start, start + step)
                 positions = [p for p, k in enumerate(keys) if k is not None]
                 inputs = [keys[p] for p in positions]
-                outputs = data.ops.evaluate(key, inputs) if inputs else []
+                outputs = evaluate(key, inputs) if inputs else []
                 all_tags.append(derive_tags(outputs, data.tag_size))
                 rec_idx.append(data.in_scope[start:start + step][positions])
                 rule_idx.append(np.full(len(positions), r_i, dtype=np.int8))
@@ -358,14 +453,25 @@ class OprfCustodianSession:
         self._sk = grant.key
         self._certification: Certification | None = None
         self._index_key = b""
-        if grant.mode is Mode.NAMED_SUBJECTS:
-            # Requester elements are evaluated with k_A; the index uses k_A·d_A on the
-            # certified c·H(y), matching k_A·(c·d_A·H(x)) from a reviewed token.
+        #: Verifiable option: the long-term POPRF secret, this authorization's info, and
+        #: t^-1 (the scalar every blinded element is multiplied by).
+        self._evaluation_secret = grant.evaluation_secret
+        self._info = evaluation_info(grant.authorization_id)
+        if self._evaluation_secret is not None:
+            # Under a pinned key the requester's elements are multiplied by t^-1 (POPRF with
+            # info = the authorization id), which the per-chunk proof pins.
+            self._sk = oprf.poprf_evaluation_key(self._evaluation_secret, self._info)
+        if self._evaluation_secret is not None and grant.mode is not Mode.NAMED_SUBJECTS:
+            self.index = owner.index(grant.authorization_id, grant.rules, grant.key,
+                                     self._evaluation_secret)
+        elif grant.mode is Mode.NAMED_SUBJECTS:
+            # Requester elements are evaluated with k_A (t^-1 under a pinned key); the index
+            # uses k_A·d_A on the certified c·H(y), matching k_A·(c·d_A·H(x)) from a token.
             if grant.certification is None:
                 raise ProtocolError("a named-subject session needs the custodian's certification")
             self._certification = grant.certification
             self._index_key = custodian_session_key(
-                grant.key, grant.certification.binding_secret, grant.authorization_id)
+                self._sk, grant.certification.binding_secret, grant.authorization_id)
             self.index = owner.named_index(grant.authorization_id, grant.rules,
                                            grant.certification, self._index_key)
         else:
@@ -394,6 +500,10 @@ class OprfCustodianSession:
         n = len(message.elements) // size
         if n == 0:
             raise ProtocolError(f"chunk {message.seq} is empty")
+        if self._evaluation_secret is not None and n > oprf.MAX_PROOF_ELEMENTS:
+            raise ProtocolError(
+                f"chunk {message.seq} has {n} elements; one proof covers at most "
+                f"{oprf.MAX_PROOF_ELEMENTS} (RFC 9497 composite index)")
         if n > MAX_CHUNK_ELEMENTS:
             raise ProtocolError(
                 f"chunk {message.seq} has {n} elements; the limit is {MAX_CHUNK_ELEMENTS}"
@@ -402,8 +512,14 @@ class OprfCustodianSession:
 
     def evaluate(self, message: object) -> EvaluatedChunk:
         assert isinstance(message, EvaluateChunk)  # cost() accepted it
-        return EvaluatedChunk(seq=message.seq,
-                              elements=self.data.ops.blind_evaluate(self._sk, message.elements))
+        evaluated = self.data.ops.blind_evaluate(self._sk, message.elements)
+        if self._evaluation_secret is None:
+            return EvaluatedChunk(seq=message.seq, elements=evaluated)
+        # blind_evaluate validated every blinded element; the proof covers them all at once
+        proof = oprf.poprf_prove(
+            self._evaluation_secret, self._info, oprf.split_elements(message.elements),
+            oprf.split_elements(evaluated), executor=self.data.ops.executor)
+        return EvaluatedChunk(seq=message.seq, elements=evaluated, proof=proof)
 
     def tag_chunks(self, chunk_tags: int) -> Iterator[TagChunk]:
         """The sorted tag set in bounded chunks; record order never leaks."""
@@ -436,6 +552,10 @@ class OprfCustodianSession:
                 certified = self._certification.elements[p * 32:(p + 1) * 32]
                 expected.append(oprf.finalize_element(
                     key, oprf.blind_evaluate(self._index_key, certified)))
+        elif self._evaluation_secret is not None:
+            expected = oprf.poprf_evaluate_batch(
+                self._evaluation_secret, [p[3] for p in pending], self._info,
+                executor=self.data.ops.executor)
         else:
             expected = self.data.ops.evaluate(self._sk, [p[3] for p in pending])
         verified: dict[int, int] = {}

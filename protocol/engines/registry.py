@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from protocol.domain.engine import EngineTraits
 from protocol.engines.base import MatchEngine
+from protocol.engines.epoch import EpochEngine
 from protocol.engines.kkrt import KkrtEngine
 from protocol.engines.oprf import OprfEngine
 
@@ -57,3 +58,4 @@ def traits() -> Mapping[str, EngineTraits]:
 
 register(OprfEngine())
 register(KkrtEngine())
+register(EpochEngine())

@@ -287,12 +287,14 @@ def draft_authorization(
     engines: Sequence[str] = (Engine.OPRF.value,),
     min_aggregate_count: int = 0,
     value_field: str = "",
+    evaluation_key: bytes | None = None,
 ) -> Authorization:
     """Build an unsigned Authorization after checking it against the known rules and fields.
 
     ``mode`` defaults to ``bulk``; ``named_subjects`` is set by the review step, which issues
-    per-subject tokens. The authorization id is fresh and random. Raises ValueError with a
-    message naming the offending argument.
+    per-subject tokens.  ``evaluation_key`` pins the custodian's POPRF public key, so its OPRF
+    evaluations are verified (docs/architecture.md, Verifiable evaluation).  The authorization
+    id is fresh and random. Raises ValueError with a message naming the offending argument.
     """
     if isinstance(authority_key, Ed25519PrivateKey):
         public_key = authority_key.public_key()
@@ -357,6 +359,7 @@ def draft_authorization(
         subject_commitment=subject_commitment,
         min_aggregate_count=min_aggregate_count,
         engines=engine_ids,
+        evaluation_key=evaluation_key,
     )
 
 

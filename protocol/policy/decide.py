@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import hmac
 import json
 import math
 import secrets
@@ -29,7 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol.crypto.encoding import Part, encode, encode_strs
-from protocol.domain.engine import BUILTIN_ENGINE_TRAITS, Engine, EngineTraits
+from protocol.crypto.oprf import deserialize_element
+from protocol.domain.engine import BUILTIN_ENGINE_TRAITS, Engine, EngineTraits, IndexMode
 from protocol.domain.records import (
     DISCLOSABLE_FIELDS,
     MATCH_RULES,
@@ -37,7 +39,7 @@ from protocol.domain.records import (
     RECORD_CLASS_FIELD,
     Strength,
 )
-from protocol.errors import PolicyRefusal
+from protocol.errors import InvalidElementError, PolicyRefusal
 
 __all__ = [
     "AUTHORITY_KEY_ID_TAG",
@@ -55,6 +57,7 @@ __all__ = [
     "SessionRequest",
     "SignedAuthorization",
     "Tier",
+    "VerifiableEvaluation",
     "authority_key_id",
     "cap_allows_another",
     "check_disclosure",
@@ -96,6 +99,16 @@ class Mode(StrEnum):
 
     BULK = "bulk"
     NAMED_SUBJECTS = "named_subjects"
+
+
+class VerifiableEvaluation(StrEnum):
+    """A custodian's stance on RFC 9497 POPRF evaluation under a pinned key
+    (docs/architecture.md, Verifiable evaluation): it may refuse authorizations that pin its
+    evaluation key, serve both kinds, or require the pin (every evaluation proven)."""
+
+    REFUSED = "refused"
+    ALLOWED = "allowed"
+    REQUIRED = "required"
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +217,12 @@ _CANONICAL_ENCODERS: tuple[tuple[str, Callable[[Any], Part]], ...] = (
     ("min_aggregate_count", _same),
     ("engines", encode_strs),
     ("value_field", _same),
+    ("evaluation_key", _enc_optional_bytes),
 )
+#: Trailing fields signed only when set, so authorizations issued before they existed keep
+#: their signed bytes (omitting a trailing part keeps the encoding injective: the part count
+#: differs).  Only ever append here, and only fields that come last above.
+_SIGNED_WHEN_SET = ("evaluation_key",)
 
 
 def new_authorization_id() -> str:
@@ -241,7 +259,7 @@ _AUTH_REQUIRED_KEYS = (
     "retention_days",
 )
 _AUTH_OPTIONAL_KEYS = ("mode", "subject_commitment", "min_aggregate_count", "engines",
-                       "value_field")
+                       "value_field", "evaluation_key")
 #: Spellings an older authorization file may use, refused with the new name (never read as
 #: aliases: a signed field means one thing).
 RENAMED_AUTHORIZATION_KEYS = {
@@ -279,6 +297,10 @@ class Authorization:
     #: The one custodian value column the aggregate tier may sum (empty in other tiers); it
     #: is summed, never disclosed, so it is not among ``disclosure_fields``.
     value_field: str = ""
+    #: The custodian's RFC 9497 POPRF public key, pinned by the authority: the OPRF engine
+    #: then evaluates verifiably under it with info = the authorization id, and the requester
+    #: checks one proof per chunk (docs/architecture.md, Verifiable evaluation).  None: mode 0.
+    evaluation_key: bytes | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -336,12 +358,14 @@ class Authorization:
         # the reviewed subject list"), recording which reviewed file it was issued for.
         if self.mode is Mode.NAMED_SUBJECTS and commitment is None:
             raise ValueError("mode 'named_subjects' requires a subject_commitment")
+        _set(self, "evaluation_key", _check_evaluation_key(self))
 
     new_authorization_id = staticmethod(new_authorization_id)
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes the authority signs; injective over all field values."""
-        fields = (enc(getattr(self, name)) for name, enc in _CANONICAL_ENCODERS)
+        fields = (enc(getattr(self, name)) for name, enc in _CANONICAL_ENCODERS
+                  if name not in _SIGNED_WHEN_SET or getattr(self, name) is not None)
         return encode(AUTHORIZATION_TAG, *fields)
 
     def to_json(self) -> dict[str, Any]:
@@ -368,6 +392,8 @@ class Authorization:
             "min_aggregate_count": self.min_aggregate_count,
             "engines": list(self.engines),
             "value_field": self.value_field,
+            **({} if self.evaluation_key is None
+               else {"evaluation_key": self.evaluation_key.hex()}),
         }
 
     @classmethod
@@ -397,7 +423,34 @@ class Authorization:
                 kwargs["subject_commitment"] = bytes.fromhex(commitment)
             except ValueError as exc:
                 raise ValueError("subject_commitment is not valid hex") from exc
+        evaluation_key = data.get("evaluation_key")
+        if evaluation_key is not None:
+            if not isinstance(evaluation_key, str):
+                raise ValueError("evaluation_key must be a hex string")
+            try:
+                kwargs["evaluation_key"] = bytes.fromhex(evaluation_key)
+            except ValueError as exc:
+                raise ValueError("evaluation_key is not valid hex") from exc
         return cls(**kwargs)
+
+
+def _check_evaluation_key(auth: Authorization) -> bytes | None:
+    """A pinned evaluation key is a valid ristretto255 element, for identity-tier use."""
+    key = auth.evaluation_key
+    if key is None:
+        return None
+    if isinstance(key, bytearray | memoryview):
+        key = bytes(key)
+    if not isinstance(key, bytes):
+        raise ValueError("evaluation_key must be bytes or None")
+    try:
+        deserialize_element(key)
+    except InvalidElementError as exc:
+        raise ValueError(f"evaluation_key is not a ristretto255 public key: {exc}") from None
+    if auth.tier is not Tier.IDENTITY:
+        raise ValueError(f"evaluation_key applies only to the identity tier, not "
+                         f"{auth.tier.value!r}")
+    return key
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,7 +609,29 @@ _POLICY_KEYS = (
     "audited_refusals_burst",
     "audited_refusals_per_minute",
     "refusal_summary_s",
+    "index_mode",
+    "epoch_id",
+    "epoch_max_evaluations",
+    "epoch_max_tagset_fetches",
+    "verifiable_evaluation",
 )
+
+#: An epoch id names a key epoch in key info strings, file names and the wire: short and plain.
+_EPOCH_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_EPOCH_ID_MAX = 32
+#: Default cap on evaluations per authorization in epoch mode: the tag-set fingerprints are
+#: sized for it (docs/architecture.md, National custodian).
+DEFAULT_EPOCH_MAX_EVALUATIONS = 1 << 22
+
+
+def check_epoch_id(value: object) -> str:
+    """A key epoch id: 1..32 characters of letters, digits, '.', '_' or '-', starting with a
+    letter or digit (e.g. "2026-11"): it names directories, so "." and ".." never pass."""
+    if (not isinstance(value, str) or not 0 < len(value) <= _EPOCH_ID_MAX
+            or not set(value) <= _EPOCH_ID_CHARS or not value[0].isalnum()):
+        raise ValueError(f"epoch_id must be 1-{_EPOCH_ID_MAX} letters, digits, '.', '_' or '-' "
+                         f"starting with a letter or digit, got {value!r:.60}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -584,6 +659,19 @@ class CustodianPolicy:
     audited_refusals_burst: int = 20
     audited_refusals_per_minute: int = 60
     refusal_summary_s: int = 60
+    #: Which index the identity tier matches against (docs/architecture.md, National
+    #: custodian): ``per_authorization`` (records evaluated under each authorization's key,
+    #: at open) or ``epoch`` (evaluated once per key epoch ``epoch_id``, offline).  In epoch
+    #: mode an authorization may allow at most ``epoch_max_evaluations`` evaluations (the
+    #: tag-set fingerprints are sized for it) and fetch the tag set at most
+    #: ``epoch_max_tagset_fetches`` times per epoch (each fetch is accounted).
+    index_mode: IndexMode = IndexMode.PER_AUTHORIZATION
+    epoch_id: str | None = None
+    epoch_max_evaluations: int = DEFAULT_EPOCH_MAX_EVALUATIONS
+    epoch_max_tagset_fetches: int = 4
+    #: Authorizations that pin this custodian's evaluation key: refused, allowed, or
+    #: required (docs/architecture.md, Verifiable evaluation).
+    verifiable_evaluation: VerifiableEvaluation = VerifiableEvaluation.ALLOWED
 
     def __post_init__(self) -> None:
         _check_str("custodian_id", self.custodian_id)
@@ -619,6 +707,15 @@ class CustodianPolicy:
         _check_int("audited_refusals_burst", self.audited_refusals_burst, minimum=1)
         _check_int("audited_refusals_per_minute", self.audited_refusals_per_minute)
         _check_int("refusal_summary_s", self.refusal_summary_s, minimum=1)
+        _set(self, "index_mode", _check_enum("index_mode", IndexMode, self.index_mode))
+        _set(self, "verifiable_evaluation", _check_enum(
+            "verifiable_evaluation", VerifiableEvaluation, self.verifiable_evaluation))
+        _check_int("epoch_max_evaluations", self.epoch_max_evaluations, minimum=1)
+        _check_int("epoch_max_tagset_fetches", self.epoch_max_tagset_fetches, minimum=1)
+        if self.epoch_id is not None:
+            check_epoch_id(self.epoch_id)
+        if self.index_mode is IndexMode.EPOCH and self.epoch_id is None:
+            raise ValueError("index_mode 'epoch' needs an epoch_id (the key epoch served)")
 
     def __hash__(self) -> int:
         return hash((self.custodian_id, tuple(sorted(self.trusted_authorities))))
@@ -648,6 +745,11 @@ class CustodianPolicy:
             "audited_refusals_burst": self.audited_refusals_burst,
             "audited_refusals_per_minute": self.audited_refusals_per_minute,
             "refusal_summary_s": self.refusal_summary_s,
+            "index_mode": self.index_mode.value,
+            "epoch_id": self.epoch_id,
+            "epoch_max_evaluations": self.epoch_max_evaluations,
+            "epoch_max_tagset_fetches": self.epoch_max_tagset_fetches,
+            "verifiable_evaluation": self.verifiable_evaluation.value,
         }
 
     @classmethod
@@ -702,9 +804,16 @@ class Reason(StrEnum):
     DISCLOSURE_CAP_REACHED = "disclosure_cap_reached"
     SESSION_TOO_LARGE = "session_too_large"
     MODE_NOT_PERMITTED = "mode_not_permitted"
+    #: Epoch mode: the authorization allows more evaluations than the epoch's tag-set
+    #: fingerprints were sized for (its false-positive bound would not hold).
+    EPOCH_EVALUATIONS_EXCEEDED = "epoch_evaluations_exceeded"
     #: An aggregate release whose contributing records differ from an earlier release to the
     #: same requester by fewer than ``min_aggregate_count`` (a differencing attempt).
     RELEASE_OVERLAP = "release_overlap"
+    #: The authorization pins an evaluation key the custodian's policy refuses, or does not
+    #: pin one its policy requires; or it pins a key that is not this custodian's.
+    VERIFIABLE_EVALUATION_NOT_PERMITTED = "verifiable_evaluation_not_permitted"
+    EVALUATION_KEY_MISMATCH = "evaluation_key_mismatch"
     MALFORMED = "malformed"
     #: A session id the ledger cannot open for this request (used, held, or changed); one
     #: reason and one message whoever holds it, so it is no oracle on which ids exist.
@@ -728,7 +837,10 @@ REFUSAL_CATEGORY: dict[Reason, str] = {
     Reason.DISCLOSURE_CAP_REACHED: "resource_exhausted",
     Reason.SESSION_TOO_LARGE: "resource_exhausted",
     Reason.MODE_NOT_PERMITTED: "failed_precondition",
+    Reason.EPOCH_EVALUATIONS_EXCEEDED: "failed_precondition",
     Reason.RELEASE_OVERLAP: "permission_denied",
+    Reason.VERIFIABLE_EVALUATION_NOT_PERMITTED: "failed_precondition",
+    Reason.EVALUATION_KEY_MISMATCH: "failed_precondition",
     Reason.RULE_UNKNOWN: "invalid_argument",
     Reason.ENGINE_UNKNOWN: "invalid_argument",
     Reason.MALFORMED: "invalid_argument",
@@ -868,6 +980,7 @@ def decide(
     engine_traits: Mapping[str, EngineTraits] = BUILTIN_ENGINE_TRAITS,
     served_tiers: Collection[Tier] | None = None,
     served_engines: Collection[str] | None = None,
+    evaluation_key: bytes | None = None,
 ) -> Decision:
     """Decide whether a session may open. Collects every refusal so operators see them all.
 
@@ -878,6 +991,7 @@ def decide(
     ``served_tiers`` / ``served_engines`` are what the session asked to open can run (its
     tier module declares them; ``None`` = no restriction): a request outside them is refused
     here, with a reason, rather than by the session (docs/architecture.md, Policy).
+    ``evaluation_key`` is the custodian's POPRF public key, which a pinned key must equal.
     """
     if not isinstance(policy, CustodianPolicy):
         raise ValueError("policy must be a CustodianPolicy")
@@ -998,6 +1112,14 @@ def decide(
             f"whose inputs are group elements (its tokens are), not {request.engine!r}",
         )
 
+    # 5a: the index mode (docs/architecture.md, National custodian).  An engine declares the
+    # index it matches against; the identity tier serves only the policy's.
+    if traits is not None and request.tier is Tier.IDENTITY:
+        refusals.extend(_index_mode_refusals(auth, request, policy, traits))
+
+    # 5c: verifiable evaluation (docs/architecture.md, Verifiable evaluation).
+    refusals.extend(_verifiable_refusals(auth, request, policy, traits, evaluation_key))
+
     # 5b: a named-subject authorization is served only in the identity tier (the other tiers
     # have no per-subject tokens), and only with a certification of the custodian's records
     # under that authority's token key (see protocol/engines/named.py).
@@ -1091,6 +1213,64 @@ def decide(
         )
 
     return Decision(not refusals, tuple(refusals))
+
+
+def _index_mode_refusals(auth: Authorization, request: SessionRequest,
+                         policy: CustodianPolicy, traits: EngineTraits) -> list[Refused]:
+    """The engine must match against the index the custodian keeps; in epoch mode the
+    authorization's evaluations must fit the cap its fingerprints were sized for."""
+    if traits.index is not policy.index_mode:
+        if policy.index_mode is IndexMode.EPOCH:
+            why = (f"custodian {policy.custodian_id} serves the key-epoch index of epoch "
+                   f"{policy.epoch_id}; match engine {request.engine!r} needs a per-"
+                   "authorization index (its per-session work grows with the custodian's "
+                   "records, which at national scale is refused)")
+        else:
+            why = (f"match engine {request.engine!r} matches against a key-epoch index, but "
+                   f"custodian {policy.custodian_id} keeps per-authorization indexes only")
+        return [Refused(Reason.ENGINE_NOT_PERMITTED, why)]
+    if policy.index_mode is IndexMode.EPOCH and auth.max_evaluations > policy.epoch_max_evaluations:
+        return [Refused(
+            Reason.EPOCH_EVALUATIONS_EXCEEDED,
+            f"authorization {auth.authorization_id} allows {auth.max_evaluations:,} "
+            f"evaluations; epoch {policy.epoch_id} tag-set fingerprints are sized for at most "
+            f"{policy.epoch_max_evaluations:,} per authorization (false-positive bound "
+            "2^-40)")]
+    return []
+
+
+def _verifiable_refusals(auth: Authorization, request: SessionRequest,
+                         policy: CustodianPolicy, traits: EngineTraits | None,
+                         evaluation_key: bytes | None) -> list[Refused]:
+    """A pinned key must be allowed by policy, be this custodian's, and run on an engine
+    that evaluates verifiably; a policy that requires the pin refuses authorizations
+    without one."""
+    stance = policy.verifiable_evaluation
+    if auth.evaluation_key is None:
+        if stance is VerifiableEvaluation.REQUIRED and request.tier is Tier.IDENTITY:
+            return [Refused(
+                Reason.VERIFIABLE_EVALUATION_NOT_PERMITTED,
+                f"custodian {policy.custodian_id} requires verifiable evaluation, but "
+                f"authorization {auth.authorization_id} pins no evaluation key")]
+        return []
+    if stance is VerifiableEvaluation.REFUSED:
+        return [Refused(
+            Reason.VERIFIABLE_EVALUATION_NOT_PERMITTED,
+            f"authorization {auth.authorization_id} pins an evaluation key, but custodian "
+            f"{policy.custodian_id}'s policy refuses verifiable evaluation")]
+    refusals = []
+    if traits is not None and not traits.verifiable_evaluation:
+        refusals.append(Refused(
+            Reason.ENGINE_NOT_PERMITTED,
+            f"authorization {auth.authorization_id} pins an evaluation key, but match engine "
+            f"{request.engine!r} does not evaluate verifiably"))
+    if evaluation_key is None or not hmac.compare_digest(evaluation_key, auth.evaluation_key):
+        refusals.append(Refused(
+            Reason.EVALUATION_KEY_MISMATCH,
+            f"authorization {auth.authorization_id} pins evaluation key "
+            f"{auth.evaluation_key.hex()[:16]}..., which is not custodian "
+            f"{policy.custodian_id}'s evaluation key"))
+    return refusals
 
 
 def _value_field_refusals(

@@ -53,7 +53,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from protocol.accounting.port import DisclosureRow, LedgerPort, Reservation
 from protocol.accounting.refusals import RefusalLimiter
-from protocol.domain.engine import Engine
+from protocol.crypto import tagset
+from protocol.domain.engine import Engine, IndexMode
 from protocol.domain.messages import (
     DEFAULT_CHUNK,
     MAX_CHUNK_ELEMENTS,
@@ -67,7 +68,13 @@ from protocol.domain.messages import (
     Receipt,
     Transcript,
 )
-from protocol.domain.records import PersonRecord, QueryRecord, ValidatedQueries
+from protocol.domain.records import (
+    MATCH_RULES,
+    PersonRecord,
+    QueryRecord,
+    ValidatedQueries,
+    query_match_keys_bulk,
+)
 from protocol.domain.recordstore import (
     CompactRecords,
     bulk_match_keys,
@@ -80,32 +87,40 @@ from protocol.engines.base import (
     REQUEST_STREAM,
     CustodianData,
     CustodianEngine,
+    EpochTagSet,
     Exchange,
     Flow,
     GroupOps,
     LockFactory,
+    RecordsOutOfCore,
     RequesterEngine,
     RequesterInputs,
     SessionGrant,
     authorization_key,
+    evaluation_key_pair,
     reply_streams,
     utc_date,
 )
 from protocol.engines.base import CustodianEngineSession as EngineSession
+from protocol.engines.epoch import TagSetChunk, TagSetRequest
 from protocol.engines.named import Certification
 from protocol.engines.oprf import TAG_SIZE, SerialOps
-from protocol.errors import DisclosureCapReached, ProtocolError
+from protocol.errors import DisclosureCapReached, LedgerError, PolicyRefusal, ProtocolError
 from protocol.policy.decide import (
     CustodianPolicy,
     Mode,
+    Reason,
     SessionRequest,
     SignedAuthorization,
     Tier,
     check_disclosure,
     check_repeat_disclosure,
+    decide,
     permitted_fields,
 )
 from protocol.sessions.core import (
+    MAX_OPEN_NAME,
+    MAX_OPEN_NAMES,
     CustodianCore,
     Event,
     RequesterCore,
@@ -113,6 +128,7 @@ from protocol.sessions.core import (
     Send,
     Step,
     TransitionTable,
+    bounded,
     common_custodian_rows,
 )
 
@@ -269,6 +285,9 @@ class CustodianConfig:
     new_lock: LockFactory = nullcontext
     #: Named-subject certifications of these records, by authority key id (protocol.engines.named).
     certifications: Mapping[str, Certification] = field(default_factory=dict)
+    #: Epoch mode (``policy.index_mode``): the key-epoch index built offline
+    #: (``adapters.epoch_index.EpochIndex``; docs/architecture.md, National custodian).
+    epoch_index: Any = None
     #: Per-peer budgets of refusals recorded one by one, shared by every session of this
     #: configuration: ``refusals`` for the audit chain, ``refusal_log`` for the service log
     #: (limits from the policy; docs/architecture.md, Accounting).
@@ -292,18 +311,28 @@ class Custodian:
         self.config = config
         self.ops: GroupOps = config.ops or SerialOps()
         excluded = config.policy.excluded_record_classes
-        classes = (config.records.record_classes()
-                   if isinstance(config.records, CompactRecords)
-                   else [r.record_class for r in config.records])
-        self.in_scope = np.asarray(
-            [i for i, c in enumerate(classes) if c not in excluded], dtype=np.int64)
-        self.excluded_count = len(config.records) - len(self.in_scope)
+        if isinstance(config.records, RecordsOutOfCore):
+            # Never iterated here: exclusions apply per disclosed record (the epoch engine).
+            self.in_scope = np.zeros(0, dtype=np.int64)
+            self.excluded_count = 0
+        else:
+            classes = (config.records.record_classes()
+                       if isinstance(config.records, CompactRecords)
+                       else [r.record_class for r in config.records])
+            self.in_scope = np.asarray(
+                [i for i, c in enumerate(classes) if c not in excluded], dtype=np.int64)
+            self.excluded_count = len(config.records) - len(self.in_scope)
         self.data = CustodianData(records=config.records, in_scope=self.in_scope, ops=self.ops,
                                   tag_size=config.tag_size, clock=config.clock,
                                   certifications=config.certifications,
-                                  new_lock=config.new_lock)
+                                  new_lock=config.new_lock, epoch_index=config.epoch_index,
+                                  epoch_key=_epoch_key(config),
+                                  excluded_record_classes=frozenset(excluded))
         self._engines: dict[str, CustodianEngine] = {}
         self._lock = config.new_lock()
+        #: The long-term POPRF key pair an authorization may pin (docs/architecture.md,
+        #: Verifiable evaluation); its public half is what ``agency-b`` publishes.
+        self.evaluation_secret, self.evaluation_key = evaluation_key_pair(config.master_secret)
 
     @property
     def custodian_id(self) -> str:
@@ -326,6 +355,133 @@ class Custodian:
 
     def session(self) -> CustodianSession:
         return CustodianSession(self)
+
+    def fetch_tagset(self, request: TagSetRequest, *, peer_id: str) -> Iterator[TagSetChunk]:
+        """The current epoch's tag set, under any valid authorization, accounted before any
+        of it leaves (docs/architecture.md, National custodian).
+
+        Checked eagerly (the returned iterator only reads the index): epoch mode, the sizes,
+        the authorization (``decide`` as for an ``oprf-epoch`` session of those rules, with
+        no evaluations), then the ledger records the fetch (who, epoch, rules, bytes) and
+        refuses past the policy's fetches per epoch.  A requester whose cached epoch is
+        current gets the headers only, unaccounted (nothing of the tag set is sent).
+        """
+        cfg = self.config
+        index = self.data.epoch_index
+        if cfg.policy.index_mode is not IndexMode.EPOCH or index is None:
+            raise ProtocolError("this custodian serves no epoch tag set (its policy keeps "
+                                "per-authorization indexes; use the engine 'oprf')")
+        rules = tuple(request.match_rules)
+        digest = hashlib.sha256(repr(request).encode("utf-8", "replace")).hexdigest()
+
+        def refused(reasons: Sequence[str], message: str, auth_id: str = "") -> PolicyRefusal:
+            entry: dict[str, Any] = {"stage": "tagset", "peer": peer_id[:64],
+                                     "reasons": list(reasons), "request_sha256": digest}
+            if auth_id:
+                entry["authorization_id"] = auth_id[:MAX_OPEN_NAME]
+            cfg.refusals.record(cfg.ledger, peer_id, cfg.clock(), entry)
+            return PolicyRefusal(message, reasons=tuple(reasons))
+
+        if not 0 < len(rules) <= MAX_OPEN_NAMES or any(len(r) > MAX_OPEN_NAME for r in rules):
+            raise refused((Reason.MALFORMED,), f"tag-set request refused: 1 to {MAX_OPEN_NAMES} "
+                          "match rules of bounded length are needed")
+        try:
+            signed = SignedAuthorization.from_bytes(request.signed_authorization)
+        except ValueError as exc:
+            raise refused((Reason.MALFORMED,), bounded(f"malformed authorization: {exc}")) from exc
+        auth = signed.authorization
+        try:
+            remaining = cfg.ledger.budget(auth.authorization_id).remaining
+        except LedgerError:  # first use of this authorization
+            remaining = auth.max_evaluations
+        decision = decide(
+            signed, SessionRequest(peer_id=peer_id, tier=Tier.IDENTITY, match_rules=rules,
+                                   disclosure_fields=(), query_count=0,
+                                   engine=Engine.OPRF_EPOCH),
+            cfg.policy, now=cfg.clock(), budget_remaining=remaining,
+            engine_traits=registry.traits())
+        if not decision.allowed:
+            raise refused(decision.reasons, decision.message, auth.authorization_id)
+        missing = [r for r in rules if r not in index.rules]
+        if missing:
+            raise ProtocolError(f"epoch {index.epoch_id} index has no rule {missing}")
+        epoch_id, bits = str(index.epoch_id), int(index.bits)
+        if request.known_epoch_id == epoch_id:
+            return iter([TagSetChunk(epoch_id, bits, r, int(index.tags(r)), unchanged=True)
+                         for r in rules])
+        cfg.ledger.ensure_authorization(
+            auth.authorization_id, max_evaluations=auth.max_evaluations,
+            max_disclosures=auth.max_disclosures, not_after=auth.not_after)
+        cfg.ledger.record_tagset_fetch(
+            auth.authorization_id, peer_id, epoch_id, rules,
+            sum(int(index.tagset_bytes(r)) for r in rules),
+            cfg.policy.epoch_max_tagset_fetches)
+        return self._tagset_chunks(index, rules)
+
+    @staticmethod
+    def _tagset_chunks(index: Any, rules: Sequence[str]) -> Iterator[TagSetChunk]:
+        for rule_id in rules:
+            tags = int(index.tags(rule_id))
+            sent = False
+            for chunk in index.tagset_chunks(rule_id):
+                sent = True
+                yield TagSetChunk(index.epoch_id, int(index.bits), rule_id, tags, chunk)
+            if not sent:  # an empty rule still announces itself
+                yield TagSetChunk(index.epoch_id, int(index.bits), rule_id, tags)
+
+
+def _epoch_key(config: CustodianConfig) -> bytes | None:
+    """The epoch key in epoch mode, after checking the index fits the policy; else None.
+
+    The index must be of the policy's epoch, and its fingerprints long enough for the
+    policy's evaluation cap (false-positive bound 2^-40 per authorization).
+    """
+    policy, index = config.policy, config.epoch_index
+    if policy.index_mode is not IndexMode.EPOCH:
+        if isinstance(config.records, RecordsOutOfCore):
+            raise ValueError("records out of core are served in epoch mode only (policy "
+                             "index_mode 'epoch' with its epoch index): a per-authorization "
+                             "index would evaluate every record in memory at each open")
+        return None
+    assert policy.epoch_id is not None  # CustodianPolicy requires it in epoch mode
+    if index is None:
+        raise ValueError("custodian policy index_mode 'epoch' needs the epoch index (agency-b "
+                         "build-index; CustodianConfig(epoch_index=EpochIndex.open(DIR)))")
+    if index.epoch_id != policy.epoch_id:
+        raise ValueError(f"the epoch index is of epoch {index.epoch_id!r}; the custodian "
+                         f"policy serves epoch {policy.epoch_id!r}")
+    needed = max((tagset.fingerprint_bits(policy.epoch_max_evaluations, max(index.tags(r), 1))
+                  for r in index.rules), default=0)
+    if index.bits < needed:
+        raise ValueError(f"epoch {index.epoch_id} index has {index.bits}-bit fingerprints; "
+                         f"epoch_max_evaluations {policy.epoch_max_evaluations:,} needs {needed}")
+    # The tag set is public to every requester of the epoch: a record the policy excludes
+    # must not be in it at all (its tag would reveal that the custodian holds it).
+    built_without = set(getattr(index, "manifest", {}).get("excluded_classes", ()))
+    if not policy.excluded_record_classes <= built_without:
+        missing = sorted(policy.excluded_record_classes - built_without)
+        raise ValueError(f"epoch {index.epoch_id} index holds records of classes {missing} "
+                         "that the policy excludes; rebuild it with this policy")
+    if isinstance(config.records, RecordsOutOfCore) and policy.allowed_tiers - {Tier.IDENTITY}:
+        raise ValueError("records out of core serve the identity tier only: set the policy's "
+                         "allowed_tiers to ['identity']")
+    return tagset.epoch_key(config.master_secret, policy.epoch_id)
+
+
+@dataclass(frozen=True)
+class _LedgerEvaluations:
+    """A session's evaluated blinded elements, stored on its ledger
+    (``engines.base.EvaluationStore``; docs/architecture.md, National custodian)."""
+
+    ledger: LedgerPort
+    auth_id: str
+    session_id: str
+
+    def store(self, seq: int, elements: bytes) -> None:
+        self.ledger.store_evaluated(self.auth_id, self.session_id, seq, elements)
+
+    def load(self, seq: int) -> bytes | None:
+        return self.ledger.evaluated_elements(self.session_id, seq)
 
 
 class CustodianSession(CustodianCore):
@@ -369,7 +525,8 @@ class CustodianSession(CustodianCore):
 
     def _decide_options(self, signed: SignedAuthorization) -> dict[str, Any]:
         return {"named_subjects_ready": self._certification(signed) is not None,
-                "engine_traits": registry.traits()}
+                "engine_traits": registry.traits(),
+                "evaluation_key": self.custodian.evaluation_key}
 
     def _audit_fields(self, req: OpenRequest) -> dict[str, Any]:
         return {"rules": list(req.match_rules), "fields": list(req.disclosure_fields)}
@@ -397,7 +554,10 @@ class CustodianSession(CustodianCore):
             authorization_id=auth.authorization_id, session_id=req.session_id,
             rules=self.rules, key=key, max_units=reservation.reserved, mode=auth.mode,
             certification=(self._certification(self.signed)
-                           if auth.mode is Mode.NAMED_SUBJECTS else None)))
+                           if auth.mode is Mode.NAMED_SUBJECTS else None),
+            evaluations=_LedgerEvaluations(cfg.ledger, auth.authorization_id, req.session_id),
+            evaluation_secret=(self.custodian.evaluation_secret
+                               if auth.evaluation_key is not None else None)))
         exchanges = registry.get(req.engine).exchanges
         self._reply_streams = reply_streams(exchanges)
         self._tag_kind = next((ex.replies for ex in exchanges
@@ -647,11 +807,14 @@ class RequesterSession(RequesterCore):
         tokens: Mapping[tuple[str, str], bytes] | None = None,
         engine: str = Engine.OPRF,
         clock: Callable[[], float] = time.time,
+        tagset: EpochTagSet | None = None,
     ) -> None:
         """``tokens`` ((record id, rule) -> token) are required for a named-subject
         authorization: only subjects the authority reviewed are sent at all.
         ``engine`` names a registered match engine (``protocol.engines.registry``).
         ``clock`` dates the match keys (a birth date after today has none).
+        ``tagset``: the custodian's epoch tag set, for an engine that matches against one
+        (``oprf-epoch``; fetched once per epoch, see docs/architecture.md, National custodian).
 
         ``queries``: ``validate_queries(...).accepted``, or the packed records of
         ``recordstore.load_query_csv``; a plain list of query records is validated here
@@ -704,9 +867,26 @@ class RequesterSession(RequesterCore):
                                                      executor=executor, today=today)
         else:
             keys = bulk_match_keys(people, self.rules, executor=executor, today=today)
+        # Rules with query-side variants evaluate several keys per query (each one budget
+        # unit; docs/architecture.md, Recall and misidentification).
+        variant_rules = [r for r in self.rules if MATCH_RULES[r].variants]
+        if variant_rules and self.named:
+            raise ProtocolError("named-subject sessions take one reviewed token per subject "
+                                f"and rule; rules with variant keys ({', '.join(variant_rules)}) "
+                                "are not available to them")
+        variant_keys = query_match_keys_bulk(people, variant_rules, today=today)
         del people
         for r_i, rule_id in enumerate(self.rules):
             column = keys.pop(rule_id)
+            if rule_id in variant_keys:
+                lists = variant_keys.pop(rule_id)
+                flat = [k for ks in lists for k in ks]
+                self.element_query.extend(i for i, ks in enumerate(lists) for _ in ks)
+                self.element_rule.extend([r_i] * len(flat))
+                self.element_input.extend(flat)
+                if key_digest is not None:
+                    digests[rule_id] = key_digest(flat)
+                continue
             if self.named:  # only subjects the authority reviewed are sent at all
                 assert tokens is not None
                 ids = self.query_ids
@@ -723,7 +903,9 @@ class RequesterSession(RequesterCore):
             authorization_id=auth.authorization_id, session_id=self.session_id,
             inputs=self.element_input, chunk_size=chunk_size, ops=self.ops,
             digests=b"".join(digests[r] for r in self.rules) if key_digest else None,
-            tokens=b"".join(token_parts) if self.named else None))
+            tokens=b"".join(token_parts) if self.named else None,
+            tagset=tagset, element_rules=[self.rules[r] for r in self.element_rule],
+            evaluation_key=auth.evaluation_key))
         self._reply_streams = reply_streams(self.exchanges)
         self._sends = {ex.sends: ex for ex in self.exchanges if ex.sends is not None}
         self.queries_without_key = len(self.query_ids) - len(set(self.element_query))
@@ -737,6 +919,12 @@ class RequesterSession(RequesterCore):
     def element_count(self) -> int:
         """Budget units this session asks for (the engine's: elements, bins, ...)."""
         return self._engine.units
+
+    @property
+    def evaluation_proofs_verified(self) -> int:
+        """Evaluated chunks whose proof verified under the pinned evaluation key (0 in mode 0;
+        docs/architecture.md, Verifiable evaluation)."""
+        return int(getattr(self._engine, "proofs_verified", 0))
 
     @property
     def custodian_entries(self) -> int:
@@ -966,7 +1154,7 @@ def _check_custodian_config(config: CustodianConfig) -> None:
     for requester, key in config.requester_keys.items():
         _expect(key, Ed25519PublicKey, f"requester_keys[{requester!r}]")
     records = config.records
-    if isinstance(records, CompactRecords):
+    if isinstance(records, CompactRecords | RecordsOutOfCore):  # checked as they were stored
         return
     _expect(records, Sequence, "records",
             " (of PersonRecord, or the packed records of load_custodian_csv)")

@@ -1,0 +1,233 @@
+"""Expected false matches of a request before anyone signs it (docs/architecture.md, Recall
+and misidentification).
+
+A false match is a custodian record of *somebody else* whose match key equals one of the
+keys a query evaluates.  For each query, rule and key this module prices that from
+population statistics, field by field, assuming the fields of two different people agree
+independently:
+
+* a TIN belongs to one person, so a key carrying the query's own TIN meets nobody else; a
+  transposed-TIN variant meets a random holder with probability ``N / tin_space``;
+* names agree with the frequency of the name (or of its phonetic code) in the US name
+  tables that the scenario generator draws from (``faker``'s weighted en_US tables);
+* a date of birth agrees with probability ``1 / (365.25 * dob_span_years)``;
+* a ZIP or a street address agrees with the share of the population living there;
+* household structure adds the one correlated case: a father and son of the same name in
+  one household (Jr/Sr), who share names and address but never a date of birth.
+
+The sum over the request file is the expected number of false matches per rule, shown by
+``psi-authority estimate`` and in ``issue``'s output.  Pure: the caller supplies the
+records, the rules and the clock's date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from functools import lru_cache
+
+from protocol.crypto.encoding import LENGTH_BYTES
+from protocol.domain.records import (
+    RULE_FIELDS,
+    PersonRecord,
+    encode_match_key,
+    get_rule,
+    normalize_name,
+    normalize_tin,
+    query_match_keys_bulk,
+)
+from protocol.domain.variants import first_name_canonical, phonetic, surname_canonical
+
+__all__ = ["PopulationStats", "RuleEstimate", "estimate_false_matches"]
+
+#: Valid SSN area, group and serial numbers: the space a transposed TIN lands in.
+SSN_SPACE = 898 * 99 * 9999
+
+
+@dataclass(frozen=True)
+class PopulationStats:
+    """What the estimate assumes about the people behind the custodian's file.
+
+    Defaults describe the US adult population as the synthetic scenario models it: about
+    half of all people file, 6,000 people per ZIP code, household of 2.4 people on
+    average, ages spread so that two random adults share a birth date as often as if
+    births were uniform over 58 years, and about 0.9% of people living with a father or
+    son of the same name whose suffix (Jr/Sr) is written down 35% of the time.
+    """
+
+    custodian_records: int
+    custodian_share: float = 0.5
+    persons_per_zip: int = 6_000
+    household_size: float = 2.4
+    dob_span_years: float = 58.0
+    tin_space: int = SSN_SPACE
+    namesake_share: float = 0.009
+    suffix_recorded_rate: float = 0.35
+
+    def __post_init__(self) -> None:
+        if self.custodian_records < 0:
+            raise ValueError("custodian_records must not be negative")
+        if not 0 < self.custodian_share <= 1:
+            raise ValueError("custodian_share must lie in (0, 1]")
+        if min(self.persons_per_zip, self.household_size, self.dob_span_years,
+               self.tin_space) <= 0:
+            raise ValueError("population statistics must be positive")
+
+    @property
+    def population(self) -> float:
+        """People the custodian's records are drawn from."""
+        return self.custodian_records / self.custodian_share
+
+
+@dataclass(frozen=True)
+class RuleEstimate:
+    """Expected false matches of one rule over a request file, and the keys it evaluates."""
+
+    rule_id: str
+    queries: int
+    keys: int
+    expected_false_matches: float
+
+
+@dataclass(frozen=True)
+class _NameTables:
+    first: dict[str, float]
+    last: dict[str, float]
+    first_code: dict[str, float]
+    last_code: dict[str, float]
+    first_floor: float
+    last_floor: float
+
+
+@lru_cache(maxsize=1)
+def _tables() -> _NameTables:
+    """Name and phonetic-code frequencies from faker's weighted en_US tables (the
+    generator's source); first names weigh both sexes equally."""
+    from faker.providers.person.en_US import Provider
+
+    def shares(weights: dict[str, float]) -> dict[str, float]:
+        total = sum(weights.values())
+        return {k: v / total for k, v in weights.items()}
+
+    female = shares(dict(Provider.first_names_female))
+    male = shares(dict(Provider.first_names_male))
+    first: dict[str, float] = {}
+    for table in (female, male):
+        for name, share in table.items():
+            key = normalize_name(name)
+            first[key] = first.get(key, 0.0) + share / 2
+    last = {normalize_name(k): v for k, v in shares(dict(Provider.last_names)).items()}
+    first_code: dict[str, float] = {}
+    for name, share in first.items():
+        code = phonetic(first_name_canonical(name))
+        first_code[code] = first_code.get(code, 0.0) + share
+    last_code: dict[str, float] = {}
+    for name, share in last.items():
+        code = phonetic(surname_canonical(name))
+        last_code[code] = last_code.get(code, 0.0) + share
+    return _NameTables(first=first, last=last, first_code=first_code, last_code=last_code,
+                       first_floor=min(first.values()), last_floor=min(last.values()))
+
+
+def _agreement(field: str, values: tuple[str, ...], own_tin: str | None,
+               stats: PopulationStats) -> float:
+    """Probability that one other random person's ``field`` components equal ``values``."""
+    tables = _tables()
+    value = values[0]
+    if field == "tin":
+        return 0.0 if value == own_tin else 1.0 / stats.tin_space
+    if field == "dob":
+        return 1.0 / (365.25 * stats.dob_span_years)
+    if field == "first_phonetic":
+        return tables.first_code.get(value, tables.first_floor)
+    if field == "last_phonetic":
+        return tables.last_code.get(value, tables.last_floor)
+    if field == "first_name":
+        return tables.first.get(value, tables.first_floor)
+    if field == "last_name":
+        return tables.last.get(value, tables.last_floor)
+    if field == "zip":
+        return min(1.0, stats.persons_per_zip / stats.population)
+    if field == "address":
+        return min(1.0, stats.household_size / stats.population)
+    return 1.0  # a field without a statistic: assume it tells nobody apart
+
+
+def _namesake(rule_fields: Sequence[str], stats: PopulationStats) -> float:
+    """Expected false matches per query from a same-name father or son at home (Jr/Sr):
+    only rules that read names but no TIN and no date of birth can confuse them."""
+    fields = set(rule_fields)
+    if fields & {"tin", "dob"} or not fields & {"address", "zip"}:
+        return 0.0
+    if not fields & {"first_name", "first_phonetic"}:
+        return 0.0
+    # With the suffix in the key, they collide only when neither file wrote it down.
+    same_key = ((1 - stats.suffix_recorded_rate) ** 2 if "last_name" in fields else 1.0)
+    return stats.namesake_share * same_key * stats.custodian_share
+
+
+def _components(key: bytes, start: int) -> tuple[str, ...]:
+    """The components of a match key after its rule prefix (each length-prefixed): the
+    hot path of :func:`decode_match_key`, for millions of keys."""
+    out = []
+    at, end = start, len(key)
+    while at < end:
+        size = int.from_bytes(key[at:at + LENGTH_BYTES], "big")
+        at += LENGTH_BYTES
+        out.append(key[at:at + size].decode("utf-8"))
+        at += size
+    return tuple(out)
+
+
+def estimate_false_matches(
+    records: Sequence[PersonRecord],
+    rule_ids: Sequence[str],
+    stats: PopulationStats,
+    *,
+    today: date,
+    keys: Mapping[str, Sequence[Sequence[bytes]]] | None = None,
+) -> list[RuleEstimate]:
+    """Expected false matches per rule for these query subjects (see the module text).
+
+    ``keys`` may pass in ``query_match_keys_bulk(records, rule_ids)`` when the caller has
+    it already; each key is priced from its components (as ``decode_match_key`` reads
+    them).
+    """
+    rules = list(dict.fromkeys(rule_ids))
+    if keys is None:
+        keys = query_match_keys_bulk(records, rules, today=today)
+    own_tins = [normalize_tin(r.tin) for r in records]
+    out = []
+    for rule_id in rules:
+        rule = get_rule(rule_id)
+        widths = [len(RULE_FIELDS[f]) for f in rule.fields]
+        start = len(encode_match_key(rule_id, ()))  # the rule's fixed key prefix
+        namesake = _namesake(rule.fields, stats)
+        memo: dict[tuple[str, tuple[str, ...], bool], float] = {}
+        expected = 0.0
+        key_count = queries = 0
+        for own_tin, record_keys in zip(own_tins, keys[rule_id], strict=True):
+            if not record_keys:
+                continue
+            queries += 1
+            key_count += len(record_keys)
+            expected += namesake
+            for key in record_keys:
+                comps = _components(key, start)
+                p = float(stats.custodian_records)
+                at = 0
+                for f, width in zip(rule.fields, widths, strict=True):
+                    values = comps[at:at + width]
+                    at += width
+                    memo_key = (f, values, values[0] == own_tin)
+                    agree = memo.get(memo_key)
+                    if agree is None:
+                        agree = memo[memo_key] = _agreement(f, values, own_tin, stats)
+                    p *= agree
+                    if p == 0.0:
+                        break
+                expected += p
+        out.append(RuleEstimate(rule_id=rule_id, queries=queries, keys=key_count,
+                                expected_false_matches=expected))
+    return out
