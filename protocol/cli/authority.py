@@ -45,6 +45,7 @@ from protocol.domain.records import (
     QueryRecord,
     Refusal,
     Strength,
+    ValidationReport,
     match_keys_bulk,
     query_match_keys_bulk,
     read_query_csv_with_lines,
@@ -276,21 +277,29 @@ def engine_budgets(keys: Sequence[bytes | None], engines: Sequence[str]) -> dict
             for name in engines}
 
 
+def _read_and_validate(
+    path: Path, rules: Sequence[str],
+) -> tuple[list[tuple[int, QueryRecord]], ValidationReport, date]:
+    """Read a query file and validate it as of today: the one way ``issue``, ``review`` and
+    ``estimate`` see a request file, so they price and refuse exactly the same records."""
+    try:
+        with open_csv(path) as fh:
+            items = read_query_csv_with_lines(fh, rules=rules)
+    except PSIError as exc:
+        raise CliError(f"{path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path} is not UTF-8 text") from exc
+    today = date.today()  # the CLI is the edge that reads the clock
+    return items, validate_queries(items, today=today), today
+
+
 def _review_queries(
     args: argparse.Namespace,
 ) -> tuple[int, bytes, dict[str, int], list[QueryRecord]]:
     """Validate the query file; return (accepted count, commitment over the accepted subjects,
     budget units each permitted engine needs, the accepted queries)."""
     path = Path(args.queries)
-    try:
-        with open_csv(path) as fh:
-            items = read_query_csv_with_lines(fh, rules=_csv_list(args.rules))
-    except PSIError as exc:
-        raise CliError(f"{path}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{path} is not UTF-8 text") from exc
-    today = date.today()  # the CLI is the edge that reads the clock
-    report = validate_queries(items, today=today)
+    items, report, today = _read_and_validate(path, _csv_list(args.rules))
     accepted, refused = len(report.accepted), report.refused_record_count
     print(
         f"Validated {len(items):,} query records from {path}: {accepted:,} accepted, "
@@ -352,15 +361,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     """Expected false matches per rule for a request file, before anyone signs."""
     _check_rules(_csv_list(args.rules))
     path = Path(args.queries)
-    try:
-        with open_csv(path) as fh:
-            items = read_query_csv_with_lines(fh, rules=_csv_list(args.rules))
-    except PSIError as exc:
-        raise CliError(f"{path}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{path} is not UTF-8 text") from exc
-    today = date.today()  # the CLI is the edge that reads the clock
-    report = validate_queries(items, today=today)
+    items, report, today = _read_and_validate(path, _csv_list(args.rules))
     print(f"{len(report.accepted):,} of {len(items):,} query records in {path} pass validation "
           "and are priced")
     _print_estimate([q.person for q in report.accepted], _csv_list(args.rules), args, today)
