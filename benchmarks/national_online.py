@@ -33,6 +33,7 @@ from benchmarks.scale import (
     _cli,
     _stop,
     _wait_port,
+    setup_identities,
 )
 from protocol.adapters.epoch_index import EpochIndex
 from protocol.adapters.files import open_private_log
@@ -48,13 +49,7 @@ def _credentials(work: Path, master_file: Path, index: EpochIndex, engine: str,
     the index was built from), an epoch-mode policy and one authorization; returns
     (policy, authorization) paths."""
     if not (work / "certs").exists():
-        _cli(["protocol.cli.authority", "keygen", "--out", str(work / "authority")])
-        _cli(["protocol.cli.authority", "dev-ca", "--out", str(work / "certs"),
-              "--agency", "agency-a", "--agency", "agency-b",
-              "--server", "agency-a", "--server", "agency-b"])
-        _cli(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")])
-        _cli(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets"),
-              "--operator", "bench"])
+        setup_identities(work)
     shutil.copyfile(master_file, work / "agency-b" / "secrets" / "master.secret")
     policy = work / "agency-b" / "policy.json"
     _cli(["protocol.cli.authority", "policy-template", "--custodian", "agency-b",

@@ -463,8 +463,9 @@ def _wait_port(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> int
         raise RuntimeError(f"{exc} (see {path.parent / 'service.log'})") from None
 
 
-def setup_credentials(work: Path) -> None:
-    """Authority key, development CA with mTLS certificates, agency secrets, default policy.
+def setup_identities(work: Path) -> None:
+    """Authority key, development CA with mTLS certificates, both agencies' secrets and the
+    requester's operator roster: what every benchmark needs before it writes a policy.
 
     Same layout as ``agency_a.demo`` so its helpers apply.
     """
@@ -475,6 +476,11 @@ def setup_credentials(work: Path) -> None:
     _cli(["agency_b.cli", "init", "--out", str(work / "agency-b" / "secrets")])
     _cli(["agency_a.cli", "init", "--out", str(work / "agency-a" / "secrets"),
           "--operator", "bench"])
+
+
+def setup_credentials(work: Path) -> None:
+    """:func:`setup_identities` plus the custodian's default policy for the match engines."""
+    setup_identities(work)
     _cli(["protocol.cli.authority", "policy-template", "--custodian", "agency-b",
           "--trust", str(work / "authority" / "authority.pub.json"), "--engines", "oprf,kkrt",
           "--out", str(work / "agency-b" / "policy.json")])

@@ -40,6 +40,7 @@ from protocol.crypto import oprf
 from protocol.domain.messages import DEFAULT_CHUNK
 from protocol.engines.base import evaluation_info, evaluation_key_pair
 from protocol.policy import decide as P
+from protocol.policy.authority import draft_authorization
 from protocol.sessions.identity import Custodian, CustodianConfig, RequesterSession, run_in_process
 
 RULE = "tin+dob"
@@ -91,12 +92,11 @@ def measure_proofs(chunk: int, repeats: int) -> dict[str, float]:
 def _authorization(key: Ed25519PrivateKey, n: int, evaluation_key: bytes | None
                    ) -> P.SignedAuthorization:
     now = int(time.time())
-    auth = P.Authorization(
-        authorization_id=P.new_authorization_id(),
-        authority_key_id=P.authority_key_id(key.public_key()), requester_id="agency-a",
-        custodian_id="agency-b", statute="26 U.S.C. 6103(i)(2)", purpose="benchmark",
-        not_before=now - 60, not_after=now + 86400, tier=P.Tier.IDENTITY, max_evaluations=n,
-        max_disclosures=n, match_rules=(RULE,), disclosure_fields=("zip",), retention_days=1,
+    auth = draft_authorization(
+        authority_key=key, requester_id="agency-a", custodian_id="agency-b",
+        statute="26 U.S.C. 6103(i)(2)", purpose="benchmark", tier=P.Tier.IDENTITY,
+        max_evaluations=n, max_disclosures=n, match_rules=(RULE,), disclosure_fields=("zip",),
+        retention_days=1, not_before=now - 60, not_after=now + 86400,
         evaluation_key=evaluation_key)
     return P.sign_authorization(auth, key)
 

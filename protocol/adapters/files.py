@@ -15,6 +15,7 @@ libraries create are covered too.  See docs/architecture.md, Files and logs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -36,6 +37,7 @@ __all__ = [
     "read_certification",
     "read_policy",
     "read_secret",
+    "sha256_file",
     "use_private_umask",
     "write_certification",
     "write_file_atomic",
@@ -206,6 +208,16 @@ def read_certification(path: PathLike) -> Certification:
         return Certification.from_bytes(Path(path).read_bytes())
     except ProtocolError as exc:
         raise ProtocolError(f"{path}: {exc}") from None
+
+
+def sha256_file(path: PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks: manifests pin large shards and scenario
+    files without ever holding one in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def open_csv(path: PathLike, mode: Literal["r", "w"] = "r") -> TextIO:

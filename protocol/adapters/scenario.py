@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -47,7 +46,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from protocol.adapters.files import open_csv
+from protocol.adapters.files import open_csv, sha256_file
 from protocol.domain.recordstore import CompactRecords, load_custodian_csv, load_query_csv
 
 __all__ = [
@@ -982,14 +981,6 @@ def _write_csv(fh: BinaryIO, header: Sequence[str], fields: Sequence[np.ndarray]
         fh.write(flat[flat != 0].tobytes())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def generate(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False) -> ScenarioFiles:
     """Write custodian.csv, queries.csv, truth.csv and manifest.json into ``out_dir``.
 
@@ -1061,7 +1052,7 @@ def generate(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False) -> Sc
         "spec": dataclasses.asdict(spec),
         "counts": counts,
         "files": {
-            name: {"path": path.name, "sha256": _sha256(path)}
+            name: {"path": path.name, "sha256": sha256_file(path)}
             for name, path in (
                 ("custodian", files.custodian),
                 ("queries", files.queries),

@@ -35,7 +35,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from protocol.adapters.files import make_private_dir, open_csv, write_file_atomic
+from protocol.adapters.files import make_private_dir, open_csv, sha256_file, write_file_atomic
 from protocol.domain.records import (
     PERSON_FIELDS,
     RECORD_CLASS_FIELD,
@@ -189,10 +189,11 @@ class ShardWriter:
         self._digests = []
         self.shards.append({
             "file": path.name, "rows": self._in_shard, "first_row": self.count,
-            "bytes": path.stat().st_size, "sha256": _sha256(path),
+            "bytes": path.stat().st_size, "sha256": sha256_file(path),
             "rows_file": rows_path.name, "rows_bytes": rows_path.stat().st_size,
-            "rows_sha256": _sha256(rows_path), "offsets_file": offsets_path.name,
-            "offsets_bytes": offsets_path.stat().st_size, "offsets_sha256": _sha256(offsets_path)})
+            "rows_sha256": sha256_file(rows_path), "offsets_file": offsets_path.name,
+            "offsets_bytes": offsets_path.stat().st_size,
+            "offsets_sha256": sha256_file(offsets_path)})
         self.count += self._in_shard
         self._in_shard = 0
 
@@ -247,14 +248,6 @@ class ShardWriter:
         seen = Counter(record_ids)
         return np.array(sorted(r for r, i in zip(rows, record_ids, strict=True) if seen[i] > 1),
                         dtype=np.int64)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Reader:
@@ -336,7 +329,7 @@ class ShardedRecords:
                 path = root / shard[name]
                 if not path.is_file() or path.stat().st_size != shard[size]:
                     raise ValueError(f"{path}: missing or not {shard[size]} bytes as listed")
-                if verify and _sha256(path) != shard[digest]:
+                if verify and sha256_file(path) != shard[digest]:
                     raise ValueError(f"{path}: SHA-256 differs from the manifest")
         excluded = np.load(root / EXCLUDED).astype(np.int64)
         return cls(root, manifest, excluded)
