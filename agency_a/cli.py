@@ -258,6 +258,15 @@ def late_summary_lines(s: dict[str, Any]) -> list[str]:
     """What the cap withheld and whether the receipt is pending (docs/architecture.md,
     Late failures): silent before, only the custodian's log told."""
     lines = []
+    if s.get("matches_withheld_uncorroborated"):
+        lines.append(f"corroboration: {s['matches_withheld_uncorroborated']:,} matched queries "
+                     f"withheld (fewer than {s.get('corroboration')} independent rules agreed; "
+                     "a single rule never discloses under this authorization)")
+    refused = {r: n for r, n in (s.get("disclosures_rejected_by_reason") or {}).items()
+               if r != "disclosure_cap_reached"}
+    if refused:
+        lines.append("disclosures rejected by the custodian: " + ", ".join(
+            f"{n:,} {r}" for r, n in sorted(refused.items())))
     if s.get("disclosure_cap_reached"):
         lines.append(f"disclosure cap reached: {s.get('disclosures_withheld_by_cap', 0):,} "
                      f"disclosures withheld (the authorization allows "

@@ -41,6 +41,7 @@ from protocol.domain.messages import (
 )
 from protocol.engines.base import Exchange, Flow
 from protocol.errors import ProtocolError
+from protocol.policy.decide import SignedAuthorization
 from protocol.sessions.aggregate import (
     AggregateOpenResponse,
     AggregateOutcome,
@@ -55,6 +56,7 @@ from protocol.sessions.identity import (
     Receipt,
     RequesterSession,
     SessionOutcome,
+    disclosure_plan,
 )
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
@@ -141,7 +143,7 @@ def run_remote_session(
 
     t0 = time.perf_counter()
     open_pb = codec.to_pb(session.open_request())
-    opened = stub.OpenSession(open_pb, timeout=600)
+    opened = _open_blinding_ahead(session, stub, open_pb)
     stats.add("open", open_pb.ByteSize(), opened.ByteSize())
     session.handle(codec.from_pb(OpenResponse, opened))
     _pin_custodian_key(session, opened)
@@ -152,6 +154,35 @@ def run_remote_session(
 
     _run_exchanges(session, stub, opened, progress, stats, rpc_timeout)
     return _finish(session, stub, progress, stats, rpc_timeout, journal)
+
+
+def _open_blinding_ahead(session: RequesterSession, stub: Any, open_pb: Any) -> Any:
+    """OpenSession, while a thread blinds the first chunks (``blind_ahead``).
+
+    The custodian's open (policy, budget reservation, tag index) takes seconds during which
+    the requester's cores would idle; blinding needs nothing from it.  The thread stops
+    as soon as the open returns (or fails) and is joined before the exchanges start, so
+    the session is never touched by two threads at once.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def ahead() -> None:
+        try:
+            session.blind_ahead(stop.is_set)
+        except BaseException as exc:  # re-raised below, once the open is done
+            errors.append(exc)
+
+    thread = threading.Thread(target=ahead, name="blind-ahead", daemon=True)
+    thread.start()
+    try:
+        opened = stub.OpenSession(open_pb, timeout=600)
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+    return opened
 
 
 def _pin_custodian_key(session: RequesterSession | AggregateRequesterSession,
@@ -413,15 +444,20 @@ def finish_session(
     transcript.add("open", response)
     matches = pending.matches or ()
     todo = [i for i in range(len(matches)) if i not in pending.answered]
-    batches = [todo[k:k + MAX_DISCLOSURE_BATCH] for k in range(0, len(todo),
-                                                                  MAX_DISCLOSURE_BATCH)]
+    # The same batching as the first run: corroborated groups presented together.
+    corroboration = SignedAuthorization.from_bytes(
+        pending.open_request.signed_authorization).authorization.corroboration
+    plan = disclosure_plan([(matches[i][0], matches[i][1]) for i in todo], corroboration,
+                           MAX_DISCLOSURE_BATCH)
+    batches = [[todo[p] for p in positions] for positions, _ in plan]
     allowed = set(response.disclosure_fields)
     rejected = 0
 
     def requests() -> Iterator[Any]:
         for seq, batch in enumerate(batches):
             req = DisclosureRequest(seq=seq, outputs=tuple((matches[i][1], matches[i][2])
-                                                           for i in batch))
+                                                           for i in batch),
+                                    groups=plan[seq][1])
             transcript.add("disclosure-request", req)
             yield codec.to_pb(req, session_id=sid)
 

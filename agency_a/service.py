@@ -351,9 +351,14 @@ class RequesterService(kit.RequesterServicer):
                 "custodian_records_in_scope": (session.custodian_entries
                                                // max(len(session.rules), 1)),
                 "disclosures_rejected": outcome.rejected,
+                "disclosures_rejected_by_reason": dict(session.rejected_reasons),
+                "corroboration": auth.corroboration,
+                "matches_withheld_uncorroborated": session.withheld_uncorroborated,
                 **self._cap_summary(auth, session.session_id,
                                     len({r.pseudonym for r in outcome.results}),
-                                    outcome.rejected),
+                                    # with reasons (corroborated sessions), only the cap's
+                                    session.rejected_reasons["disclosure_cap_reached"]
+                                    if session.rejected_reasons else outcome.rejected),
                 "fields_disclosed": dict(fields_disclosed),
                 "receipt": outcome.receipt.to_json(),
                 "receipt_pending": False,

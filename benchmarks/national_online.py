@@ -18,6 +18,9 @@ Run it on its own against an existing build::
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import hashlib
+import hmac
 import json
 import shutil
 import subprocess
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.national import DEFAULT_SERVICE_WORKERS, plaintext_triples
 from benchmarks.scale import (
     PY,
     REPO,
@@ -36,11 +40,17 @@ from benchmarks.scale import (
     setup_identities,
 )
 from protocol.adapters.epoch_index import EpochIndex
-from protocol.adapters.files import open_private_log
+from protocol.adapters.files import open_private_log, read_secret
 from protocol.adapters.shards import ShardedRecords
 from protocol.cli.help import HelpfulParser
 from protocol.crypto import tagset
 from protocol.domain.engine import Engine
+from protocol.engines.base import authorization_key
+from protocol.policy.decide import SignedAuthorization
+from protocol.sessions.identity import PSEUDONYM_DOMAIN
+
+#: Examples of missing or extra pairs kept in the run file.
+MISMATCH_EXAMPLES = 3
 
 
 def _credentials(work: Path, master_file: Path, index: EpochIndex, engine: str,
@@ -79,12 +89,69 @@ def _count_queries(queries_csv: Path) -> int:
         return max(sum(1 for _ in fh) - 1, 0)
 
 
+def _stored_triples(rows: list[dict[str, Any]], work: Path, auth: Path,
+                    record_ids: set[str]) -> set[tuple[str, str, str]]:
+    """(query, custodian record, rule) of each stored result row.
+
+    The requester holds a per-authorization pseudonym of each record (docs/architecture.md,
+    Identity tier); the harness holds the custodian's master secret, so it recomputes the
+    pseudonym of every record of the plaintext join and maps the rows back.  A row whose
+    pseudonym is no record of the join keeps the pseudonym, and counts as extra.
+    """
+    master = bytes.fromhex(read_secret(work / "agency-b" / "secrets" / "master.secret")
+                           .decode().strip())
+    auth_id = SignedAuthorization.from_bytes(auth.read_bytes()).authorization.authorization_id
+    key = authorization_key(master, auth_id)
+    by_pseudonym = {
+        hmac.new(key, PSEUDONYM_DOMAIN + rid.encode(), hashlib.sha256).hexdigest()[:32]: rid
+        for rid in record_ids}
+    return {(r["query_record_id"], by_pseudonym.get(r["pseudonym"], r["pseudonym"]),
+             r["rule_id"]) for r in rows}
+
+
+def pair_check(got: set[tuple[str, str, str]], want: set[tuple[str, str, str]]
+               ) -> dict[str, Any]:
+    """Pair-level correctness: the disclosed (query, record, rule) triples equal the
+    plaintext join's, else how many are missing or extra, with a few examples."""
+    missing, extra = sorted(want - got), sorted(got - want)
+    # A (query, rule) match releases one record; a key two custodian records share leaves
+    # the other holder undisclosed: counted apart from matches that were missed outright.
+    disclosed = {(q, r) for q, _rid, r in got}
+    other_holder = sum(1 for q, _rid, r in missing if (q, r) in disclosed)
+    return {"pairs": len(got), "expected_pairs": len(want),
+            "pairs_equal": not missing and not extra,
+            "missing_pairs": len(missing), "extra_pairs": len(extra),
+            "missing_pairs_of_a_disclosed_match": other_holder,
+            "mismatch_examples": [list(t) for t in (missing[:MISMATCH_EXAMPLES]
+                                                    + extra[:MISMATCH_EXAMPLES])]}
+
+
+def _read_results(a_port: int, work: Path, job_id: str) -> list[dict[str, Any]]:
+    """Every stored result row of the job, through the requester service (a logged read)."""
+    got = subprocess.run([
+        PY, "-m", "agency_a.cli", "results", "--server", f"127.0.0.1:{a_port}",
+        "--certs", str(work / "certs"), "--operator", "bench", "--job", job_id,
+        "--purpose", "benchmark pair check against the plaintext join",
+        "--format", "json", "--limit", "0"],
+        text=True, capture_output=True, check=False, cwd=REPO, timeout=1800)
+    if got.returncode != 0:
+        raise RuntimeError(f"agency-a results failed: {got.stderr[-2000:]}{got.stdout[-2000:]}")
+    rows: list[dict[str, Any]] = json.loads(got.stdout)
+    return rows
+
+
 def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path | str,
                workdir: Path | str, *, engine: str = Engine.OPRF_EPOCH,
-               workers: int | None = None) -> dict[str, Any]:
+               workers: int | None = None, check: bool = True,
+               chunk_size: int | None = None) -> dict[str, Any]:
     """Start both services over mTLS, run one authorization, return what was measured.
 
     ``workers``: each service's ``--workers`` (group-operation processes; None: none).
+    ``chunk_size``: the requester service's ``--chunk-size`` (elements per evaluated chunk;
+    None: its default).  Each chunk costs the custodian two ledger commits.
+    ``check``: read the stored results back and compare them, pair by pair, with the
+    plaintext join of the same files (``expected_matches``, ``pair_check``); the join is
+    worked out after the services stop, so it is not in any measured time.
 
     ``workdir`` holds ``secrets/master.secret`` (the master secret the index's epoch key was
     derived from, as ``benchmarks.national`` writes it); everything else is created under
@@ -107,6 +174,7 @@ def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path
     a_dir.mkdir(parents=True)
     summary_path = run_dir / "summary.json"
     pool = ["--workers", str(workers)] if workers else []
+    chunks = ["--chunk-size", str(chunk_size)] if chunk_size else []
     procs: list[subprocess.Popen[bytes]] = []
     with TreeSampler() as sampler:
         try:
@@ -130,7 +198,7 @@ def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path
                     "--data", str(a_dir / "data"), "--listen", "127.0.0.1:0",
                     "--port-file", str(a_dir / "port"), "--custodian-key",
                     f"agency-b={work / 'agency-b' / 'secrets' / 'signing.pub.json'}",
-                    "--log-level", "warning", *pool], stderr=a_log, cwd=REPO)
+                    "--log-level", "warning", *pool, *chunks], stderr=a_log, cwd=REPO)
             procs.append(a)
             sampler.watch("a", a.pid)
             b_port = _wait_port(b_dir / "port", b, SERVICE_START_TIMEOUT)
@@ -145,10 +213,12 @@ def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path
             ], text=True, capture_output=True, check=False, cwd=REPO)
             e2e = time.perf_counter() - t0
             sampler.sample()
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            rows = (_read_results(a_port, work, summary["job_id"])
+                    if check and proc.returncode == 0 and "job_id" in summary else None)
         finally:
             for p in reversed(procs):
                 _stop(p)
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if proc.returncode != 0 or "failed" in summary:
         raise RuntimeError(f"agency-a match failed: {summary.get('failed', '')}\n"
                            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -156,8 +226,23 @@ def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path
     tagset_bytes = phase_down.get("tagset", 0)
     entries = records * len(rules)
     tags = max(index.tags(r) for r in rules)
+    correctness: dict[str, Any] = {"expected_matches": None,
+                                   "pair_check": {"status": "not run (check=False)"}}
+    if rows is not None:
+        t1 = time.perf_counter()
+        # the services' view: the index's exclusions, today's date
+        expected, want = plaintext_triples(
+            records_dir, queries_csv, rules, dt.date.today(),
+            frozenset(index.manifest.get("excluded_classes", [])))
+        got = _stored_triples(rows, work, auth, {t[1] for t in want})
+        correctness = {"expected_matches": expected,
+                       "pair_check": {**pair_check(got, want),
+                                      "checked": "(query, custodian record, rule) of every "
+                                                 "stored result row against the plaintext join",
+                                      "seconds": round(time.perf_counter() - t1, 2)}}
+        correctness["matches_agree_with_plaintext"] = correctness["pair_check"]["pairs_equal"]
     return {
-        "engine": engine, "service_workers": workers,
+        "engine": engine, "service_workers": workers, "chunk_size": chunk_size,
         "records": records, "queries": queries, "rules": list(rules),
         "online_s": round(float(summary["wall_seconds"]), 3),
         "online_e2e_s": round(e2e, 3),
@@ -179,6 +264,7 @@ def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path
         "matches": int(summary["matches"]),
         "matched_queries": int(summary["matched_queries"]),
         "disclosed_records": int(summary.get("disclosed_records", 0)),
+        **correctness,
     }
 
 
@@ -194,11 +280,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="work directory holding secrets/master.secret of the index's epoch key")
     p.add_argument("--engine", default=Engine.OPRF_EPOCH.value,
                    help="match engine of the session")
-    p.add_argument("--service-workers", type=int, default=None,
-                   help="each service's --workers (group-operation processes)")
+    p.add_argument("--service-workers", type=int, default=DEFAULT_SERVICE_WORKERS,
+                   help="each service's --workers (group-operation processes; 0: none)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="elements per evaluated chunk (the requester service's --chunk-size; "
+                        "default: the service's own)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the pair-level check against the plaintext join")
     args = p.parse_args(argv)
     print(json.dumps(run_online(args.records, args.index, args.queries, args.work,
-                                engine=args.engine, workers=args.service_workers), indent=2))
+                                engine=args.engine, workers=args.service_workers or None,
+                                check=not args.no_check, chunk_size=args.chunk_size),
+                     indent=2))
     return 0
 
 

@@ -9,14 +9,17 @@ and serializes it at the link rate (docs/benchmarks.md, Network emulation):
 * ``lan``: 1 Gbit/s, 0.2 ms round trip;
 * ``wan``: 100 Mbit/s, 40 ms round trip.
 
-Two ways to build the link, the first the kernel supports:
+The rate is always the kernel's: a ``tbf`` qdisc on the egress of each side's link device
+(``_tbf_args`` explains its burst and queue).  The delay comes from the first of these the
+kernel supports:
 
-* ``netem``: a veth pair shaped on both ends with ``tc qdisc ... netem delay D rate R``;
-* ``tun-relay``: for kernels built without ``sch_netem`` (this benchmark machine's VM
-  kernel has none): one TUN device in each namespace, and a relay process (this module's
-  ``relay`` command) that applies the same per-packet model in user space: a packet leaves
-  when the link has finished sending the previous one (``len x 8 / rate``) and arrives
-  ``delay`` later.  TCP sees the real round trip (packets, not streams, are delayed).
+* ``tbf+netem``: a veth pair; each end's ``tbf`` has a ``netem delay RTT/2`` child qdisc;
+* ``tbf+tun-relay``: for kernels built without ``sch_netem`` (this benchmark machine's VM
+  kernel has none, nor ``fq`` or ``etf``, so no other kernel qdisc can hold a packet for a
+  time): one TUN device in each namespace, shaped by its ``tbf``, and a relay process (this
+  module's ``relay`` command) that carries each packet the kernel has let out to the other
+  namespace ``delay`` later.  TCP sees the real round trip (packets, not streams, are
+  delayed) and the real rate (the kernel paces and queues, and pushes back on the sender).
 
 Bytes on the wire are the link's transmit counters (IP packets: TCP/IP and TLS headers,
 acknowledgements and retransmissions included).  Everything is torn down on exit, on an
@@ -125,7 +128,7 @@ class ShapedLink:
     custodian_ns: str
     requester_dev: str
     custodian_dev: str
-    method: str  # "netem" or "tun-relay"
+    method: str  # "tbf+netem" or "tbf+tun-relay"
     requester_ip: str = REQUESTER_IP
     custodian_ip: str = CUSTODIAN_IP
     relay: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -161,10 +164,51 @@ def _tx_bytes(ns: str, dev: str) -> int:
     return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
 
 
-def _netem_args(shape: LinkShape) -> list[str]:
-    # netem's own rate: each packet is held for its serialization time, then the delay.
-    return ["netem", "delay", f"{shape.one_way_s * 1e6:.0f}us",
-            "rate", f"{shape.rate_bit_s}bit", "limit", "100000"]
+#: Largest packet the rate limiter sees on the veth (Ethernet frame of a 1500-byte MTU; GSO
+#: super-packets larger than the burst are cut to that size by tbf itself).
+_VETH_PACKET = 1514
+
+
+def _tbf_args(shape: LinkShape, max_packet: int) -> list[str]:
+    """``tbf`` for the link rate: the token rate is the link rate, both ways.
+
+    * burst (bucket size): tbf lets a packet out only when the bucket holds all of it, so
+      the bucket must hold the largest packet (two, so back-to-back packets do not wait
+      for a timer tick), and at least 1 ms of traffic at the rate (125 kB on the LAN,
+      12.5 kB on the WAN) so timer granularity cannot cut the rate.  Over any interval the
+      bytes sent are at most rate x time + burst, so the average over a bulk transfer is
+      the rate; the burst only lets the first few packets of an idle link go back to back,
+      as a real NIC would.
+    * limit (queue): about one bandwidth-delay product (a router's buffer; 25 kB on the
+      LAN, 500 kB on the WAN), never under eight largest packets (with four, a bulk sender's
+      bursts of 64 kB TUN packets overflowed it about once per hundred packets); beyond it
+      tbf drops, as a router tail-drops, and TCP backs off.
+    """
+    burst = max(2 * max_packet, shape.rate_bit_s // 8 // 1000)
+    limit = max(8 * max_packet, int(shape.rate_bit_s / 8 * shape.rtt_s))
+    return ["tbf", "rate", f"{shape.rate_bit_s}bit", "burst", str(burst),
+            "limit", str(limit)]
+
+
+def _shape_rate(ns: str, dev: str, shape: LinkShape, max_packet: int) -> None:
+    """The kernel's tbf on ``dev``'s egress, as the root qdisc (handle 1:)."""
+    _tc(ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", *_tbf_args(shape, max_packet))
+
+
+def _tc(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = ["tc", "-n", ns, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def rate_qdisc(ns: str, dev: str) -> dict[str, Any]:
+    """The root qdisc of ``dev`` with its counters (``tc -s -j``): kind, rate, bytes, drops,
+    overlimits (how often a packet had to wait for tokens, i.e. the kernel shaped)."""
+    out = _tc(ns, "-s", "-j", "qdisc", "show", "dev", dev, "root").stdout
+    found: dict[str, Any] = json.loads(out)[0]
+    return found
 
 
 def _build_veth(link: ShapedLink) -> None:
@@ -173,7 +217,10 @@ def _build_veth(link: ShapedLink) -> None:
     _ip("link", "set", link.custodian_dev, "netns", link.custodian_ns)
     for ns, dev in ((link.requester_ns, link.requester_dev),
                     (link.custodian_ns, link.custodian_dev)):
-        cmd = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *_netem_args(link.shape)]
+        _shape_rate(ns, dev, link.shape, _VETH_PACKET)
+        # The delay as the tbf's child: a packet is serialized at the rate, then travels.
+        cmd = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:",
+               "netem", "delay", f"{link.shape.one_way_s * 1e6:.0f}us", "limit", "100000"]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise _NoNetem(proc.stderr.strip())
@@ -186,8 +233,7 @@ class _NoNetem(RuntimeError):
 def _start_relay(link: ShapedLink) -> subprocess.Popen[bytes]:
     relay = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.netem", "relay", "--a-dev", link.requester_dev,
-         "--b-dev", link.custodian_dev, "--rate", str(link.shape.rate_bit_s),
-         "--rtt", repr(link.shape.rtt_s)],
+         "--b-dev", link.custodian_dev, "--rtt", repr(link.shape.rtt_s)],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert relay.stdout is not None
@@ -204,17 +250,21 @@ def _start_relay(link: ShapedLink) -> subprocess.Popen[bytes]:
 
 
 def _configure(link: ShapedLink) -> None:
-    mtu = [] if link.method == "netem" else ["mtu", str(_TUN_MTU)]
+    netem = link.method == "tbf+netem"
+    mtu = [] if netem else ["mtu", str(_TUN_MTU)]
     for ns, dev, ip, peer in ((link.requester_ns, link.requester_dev, link.requester_ip,
                                link.custodian_ip),
                               (link.custodian_ns, link.custodian_dev, link.custodian_ip,
                                link.requester_ip)):
         _ip("link", "set", "lo", "up", ns=ns)
-        if link.method == "netem":
+        if netem:
             _ip("addr", "add", f"{ip}/30", "dev", dev, ns=ns)
         else:
             _ip("addr", "add", ip, "peer", f"{peer}/32", "dev", dev, ns=ns)
         _ip("link", "set", dev, *mtu, "up", ns=ns)
+        if not netem:
+            # tbf counts IP packets on a TUN device: the largest is one MTU.
+            _shape_rate(ns, dev, link.shape, _TUN_MTU)
 
 
 @contextmanager
@@ -225,7 +275,8 @@ def shaped_link(shape: LinkShape, tag: str = "") -> Iterator[ShapedLink]:
         raise RuntimeError(reason)
     base = f"gp{os.getpid()}{tag}"[:11]
     link = ShapedLink(shape=shape, requester_ns=f"{base}-a", custodian_ns=f"{base}-b",
-                      requester_dev=f"{base}a", custodian_dev=f"{base}b", method="netem")
+                      requester_dev=f"{base}a", custodian_dev=f"{base}b",
+                      method="tbf+netem")
     try:
         _ip("netns", "add", link.requester_ns)
         _ip("netns", "add", link.custodian_ns)
@@ -234,7 +285,7 @@ def shaped_link(shape: LinkShape, tag: str = "") -> Iterator[ShapedLink]:
         except _NoNetem:
             _run_quiet(["ip", "-n", link.requester_ns, "link", "del", link.requester_dev])
             _run_quiet(["ip", "link", "del", link.requester_dev])
-            link.method = "tun-relay"
+            link.method = "tbf+tun-relay"
             _start_relay(link)
         _configure(link)
         yield link
@@ -251,6 +302,64 @@ def shaped_link(shape: LinkShape, tag: str = "") -> Iterator[ShapedLink]:
         _run_quiet(["ip", "link", "del", link.requester_dev])
 
 
+# --------------------------------------------------------------------------- measuring it
+
+#: The sink in the custodian's namespace: accepts one connection, reads until EOF and
+#: prints how many bytes arrived and when the first quarter and the last byte did.
+_SINK = """import socket,sys,time
+s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+s.bind((sys.argv[1],int(sys.argv[2])));s.listen();print('up',flush=True)
+c,_=s.accept();n=0;q=int(sys.argv[3])//4;tq=None
+while (d:=c.recv(1<<20)):
+    n+=len(d)
+    if tq is None and n>=q:
+        tq=time.perf_counter();nq=n
+t=time.perf_counter();c.sendall(str(n).encode());c.close()
+print(n,nq,tq,t,flush=True)
+"""
+#: The sender in the requester's namespace: times a TCP connect (one round trip), then
+#: sends ``nbytes`` and waits for the sink's count.
+_SEND = """import socket,sys,time
+t=time.perf_counter();s=socket.create_connection((sys.argv[1],int(sys.argv[2])))
+rtt=time.perf_counter()-t;t=time.perf_counter()
+s.sendall(bytes(int(sys.argv[3])));s.shutdown(socket.SHUT_WR);n=int(s.recv(64))
+print(rtt,n,time.perf_counter()-t)
+"""
+
+
+def measure(link: ShapedLink, nbytes: int, port: int = 9200) -> dict[str, float]:
+    """A TCP connect and a bulk transfer from the requester's namespace to the custodian's.
+
+    ``connect_s`` is one round trip (SYN, SYN-ACK).  ``steady_bit_s`` is the receiver's rate
+    over the last three quarters of the transfer (past TCP slow start), the figure that
+    should equal the link rate; ``bulk_bit_s`` includes slow start and the closing round
+    trip.  Both processes are real and run inside their namespaces.
+    """
+    sink = subprocess.Popen([*link.exec_in("b"), sys.executable, "-c", _SINK,
+                             link.custodian_ip, str(port), str(nbytes)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None
+        if sink.stdout.readline().strip() != "up":
+            raise RuntimeError("the measuring sink did not start")
+        sent = subprocess.run([*link.exec_in("a"), sys.executable, "-c", _SEND,
+                               link.custodian_ip, str(port), str(nbytes)],
+                              capture_output=True, text=True, check=True, timeout=300)
+        received, at_quarter, t_quarter, t_last = sink.stdout.readline().split()
+        sink.wait(timeout=30)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait()
+    connect_s, acked, bulk_s = sent.stdout.split()
+    if int(acked) != nbytes or int(received) != nbytes:
+        raise RuntimeError(f"sent {nbytes} bytes, the sink counted {received}")
+    steady_bytes = nbytes - int(at_quarter)
+    return {"connect_s": float(connect_s), "bytes": nbytes, "bulk_s": float(bulk_s),
+            "bulk_bit_s": nbytes * 8 / float(bulk_s),
+            "steady_bit_s": steady_bytes * 8 / (float(t_last) - float(t_quarter))}
+
+
 # --------------------------------------------------------------------------- TUN relay
 
 
@@ -261,21 +370,19 @@ def _open_tun(name: str) -> int:
 
 
 class _Direction:
-    """One direction of the link: serialization at the rate, then the one-way delay."""
+    """One direction of the link after the kernel's tbf: the one-way delay, nothing else."""
 
-    def __init__(self, rate_bit_s: int, delay_s: float) -> None:
-        self.rate, self.delay = rate_bit_s, delay_s
+    def __init__(self, delay_s: float) -> None:
+        self.delay = delay_s
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.queued_bytes = 0
-        self.link_free_at = 0.0
         self.dropped = 0
 
     def admit(self, packet: bytes, now: float) -> None:
         if self.queued_bytes + len(packet) > RELAY_QUEUE_BYTES:
             self.dropped += 1
             return
-        self.link_free_at = max(now, self.link_free_at) + len(packet) * 8 / self.rate
-        self.queue.append((self.link_free_at + self.delay, packet))
+        self.queue.append((now + self.delay, packet))
         self.queued_bytes += len(packet)
 
     def deliver(self, fd: int, now: float) -> None:
@@ -291,10 +398,13 @@ class _Direction:
         return self.queue[0][0] if self.queue else None
 
 
-def relay(a_dev: str, b_dev: str, rate_bit_s: int, rtt_s: float) -> int:
-    """Forward packets between two TUN devices with the link's rate and delay, until killed."""
+def relay(a_dev: str, b_dev: str, rtt_s: float) -> int:
+    """Carry packets between two TUN devices half the round trip later, until killed.
+
+    The rate is not the relay's: each device's tbf lets packets out at the link rate.
+    """
     fds = {"a": _open_tun(a_dev), "b": _open_tun(b_dev)}
-    out = {"a": _Direction(rate_bit_s, rtt_s / 2), "b": _Direction(rate_bit_s, rtt_s / 2)}
+    out = {"a": _Direction(rtt_s / 2), "b": _Direction(rtt_s / 2)}
     peer = {"a": "b", "b": "a"}
     stop = False
 
@@ -340,15 +450,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("relay", help="forward packets between two TUN devices (internal)")
     r.add_argument("--a-dev", required=True, help="requester-side TUN device to create")
     r.add_argument("--b-dev", required=True, help="custodian-side TUN device to create")
-    r.add_argument("--rate", type=int, required=True, help="link rate, bit/s")
-    r.add_argument("--rtt", type=float, required=True, help="round-trip time, seconds")
-    c = sub.add_parser("check", help="build a shaped link, print how, and tear it down")
+    r.add_argument("--rtt", type=float, required=True,
+                   help="round-trip time, seconds (the rate is the kernel tbf's)")
+    c = sub.add_parser("check", help="build a shaped link, measure its round trip and rate "
+                       "against the configured ones, print both as JSON, and tear it down")
     c.add_argument("--net", choices=sorted(SHAPES), default="wan", help="which link")
+    c.add_argument("--bytes", type=int, default=0,
+                   help="bulk transfer size (0: 4 seconds of traffic at the link rate)")
     args = p.parse_args(argv)
     if args.cmd == "relay":
-        return relay(args.a_dev, args.b_dev, args.rate, args.rtt)
-    with shaped_link(SHAPES[args.net]) as link:
-        print(json.dumps(link.as_dict()))
+        return relay(args.a_dev, args.b_dev, args.rtt)
+    shape = SHAPES[args.net]
+    with shaped_link(shape) as link:
+        measured = measure(link, args.bytes or shape.rate_bit_s // 2)
+        qdisc = rate_qdisc(link.requester_ns, link.requester_dev)
+        print(json.dumps({**link.as_dict(), "measured": measured,
+                          "steady_vs_rate": round(measured["steady_bit_s"] / shape.rate_bit_s, 3),
+                          "requester_qdisc": qdisc}))
     return 0
 
 

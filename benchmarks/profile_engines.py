@@ -23,11 +23,13 @@ import pstats
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import protocol as psi
@@ -64,9 +66,25 @@ def _signed(authority: Ed25519PrivateKey, engine: str, rules: Sequence[str], uni
         not_after=now + 3600, engines=[engine]), authority)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its live children (the worker pools): on a loaded
+    machine a steadier A/B figure than wall time."""
+    me = psutil.Process()
+    total = 0.0
+    for p in (me, *me.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def one_session(queries: Any, records: Any, engine: str, rules: Sequence[str],
                 pools: tuple[Any, Any], tmp: Path, profile: bool) -> dict[str, float]:
-    """Seconds per step of one session (a fresh custodian, so its key table is built)."""
+    """Seconds per step of one session (a fresh custodian, so its key table is built), and
+    CPU seconds: per step of this process (``<step>_cpu``: both parties' session work, the
+    pools excluded) and of the whole session (``cpu``: this process and both pools)."""
     authority, a_key, b_key = (Ed25519PrivateKey.generate() for _ in range(3))
     signed = _signed(authority, engine, rules, units=4 * len(queries) * len(rules),
                      disclosures=len(queries))
@@ -79,30 +97,34 @@ def one_session(queries: Any, records: Any, engine: str, rules: Sequence[str],
         policy=policy, records=records, ledger=ledger, master_secret=os.urandom(32),
         signing_key=b_key, requester_keys={"agency-a": a_key.public_key()}, ops=pools[1]))
     seconds: dict[str, float] = {}
+    cpu0 = cpu_seconds()
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
-    t = time.perf_counter()
-    requester = psi.RequesterSession(signed, queries, signing_key=a_key, engine=engine,
-                                     custodian_key=b_key.public_key(), ops=pools[0])
-    seconds["prepare"] = time.perf_counter() - t
+
+    @contextmanager
+    def phase(name: str) -> Iterator[None]:
+        # wall, and CPU of this process: both parties' session work (the pools excluded)
+        t, c = time.perf_counter(), time.process_time()
+        yield
+        seconds[name] = time.perf_counter() - t
+        seconds[f"{name}_cpu"] = time.process_time() - c
+
+    with phase("prepare"):
+        requester = psi.RequesterSession(signed, queries, signing_key=a_key, engine=engine,
+                                         custodian_key=b_key.public_key(), ops=pools[0])
     side = custodian.session()
-    t = time.perf_counter()
-    requester.handle(side.handle(requester.open_request(), peer_id="agency-a"))
-    seconds["open"] = time.perf_counter() - t
-    t = time.perf_counter()
-    run_exchanges(requester, side)
-    seconds["exchanges"] = time.perf_counter() - t
-    t = time.perf_counter()
-    matches = requester.match()
-    seconds["match"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for req in requester.disclosure_requests():
-        requester.handle(side.handle(req))
-    seconds["disclose"] = time.perf_counter() - t
-    t = time.perf_counter()
-    requester.handle(side.handle(requester.close_request()))
-    seconds["close"] = time.perf_counter() - t
+    with phase("open"):
+        requester.handle(side.handle(requester.open_request(), peer_id="agency-a"))
+    with phase("exchanges"):
+        run_exchanges(requester, side)
+    with phase("match"):
+        matches = requester.match()
+    with phase("disclose"):
+        for req in requester.disclosure_requests():
+            requester.handle(side.handle(req))
+    with phase("close"):
+        requester.handle(side.handle(requester.close_request()))
     if profiler is not None:
         profiler.disable()
         out = io.StringIO()
@@ -110,7 +132,8 @@ def one_session(queries: Any, records: Any, engine: str, rules: Sequence[str],
         stats.sort_stats("cumulative").print_stats(45)
         stats.sort_stats("tottime").print_stats(30)
         print(out.getvalue())
-    seconds["total"] = sum(seconds.values())
+    seconds["total"] = sum(v for k, v in seconds.items() if not k.endswith("_cpu"))
+    seconds["cpu"] = cpu_seconds() - cpu0
     seconds["matches"] = float(len(matches))
     ledger.close()
     return seconds

@@ -384,6 +384,20 @@ def _ratio_table(rows: Sequence[Row]) -> list[str]:
     return lines if n else []
 
 
+#: What shaped the link, per ``wire.method`` (``benchmarks.netem``); the last two are how runs
+#: before the kernel's tbf took the rate were built, kept so their reports stay true.
+_SHAPING = {
+    "tbf+netem": "rate: kernel tbf; delay: kernel netem",
+    "tbf+tun-relay": "rate: kernel tbf; delay: user-space relay",
+    "netem": "rate and delay: kernel netem",
+    "tun-relay": "rate and delay: user-space relay",
+}
+
+
+def _shaping(method: str) -> str:
+    return _SHAPING.get(method, method)
+
+
 def _network_table(run: Run, rows: Sequence[Row]) -> list[str]:
     shaped = [n for n in run.get("nets", {}) if n != "loopback"]
     if not shaped:
@@ -412,7 +426,7 @@ def _network_table(run: Run, rows: Sequence[Row]) -> list[str]:
         lines.append(
             f"| {_label(r)} | {net} | {_size(r)} | {r['wall_s']:,.2f} | {vs} | "
             f"{f'{rtt * 1e3:.2f}' if rtt is not None else '-'} | {w.get('a_to_b', 0):,} | "
-            f"{w.get('b_to_a', 0):,} | measured ({w.get('method', '?')}"
+            f"{w.get('b_to_a', 0):,} | measured ({_shaping(w.get('method', '?'))}"
             + (f"; relay CPU {w['relay_cpu_s']:.2f} s" if w.get("relay_cpu_s") is not None
                else "") + ") |")
     return lines
@@ -588,7 +602,10 @@ def render_markdown(run: Run, plot_name: str = "latest.png", source: Path | None
     if net:
         out += ["## Emulated networks", "", *net, "",
                 "Our rows are measured: the two services in separate network namespaces "
-                "joined by one shaped link (docs/benchmarks.md). OpenMined runs client and "
+                "joined by one shaped link (docs/benchmarks.md, Network emulation); the `how` "
+                "column says what shaped it: the rate is the kernel's tbf on each link end "
+                "(user-space in runs that name no tbf), the delay the kernel's netem or, "
+                "where the kernel has no netem, a user-space relay. OpenMined runs client and "
                 "server in one process, so its row is a **MODEL**, not a measurement: its "
                 "measured compute wall plus its message bytes at the link rate plus one "
                 "round trip (no handshakes, no slow start, no overlap).", ""]

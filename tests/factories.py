@@ -88,6 +88,7 @@ class World:
                   tier: P.Tier = P.Tier.IDENTITY, key: Ed25519PrivateKey | None = None,
                   engines: Sequence[str] = ("oprf",), value_field: str = "",
                   evaluation_key: bytes | None = None,
+                  corroboration: int | None = None,
                   ) -> P.SignedAuthorization:
         key = key or self.authority
         now = int(time.time())
@@ -101,6 +102,7 @@ class World:
             tier=tier, max_evaluations=max_evaluations, max_disclosures=max_disclosures,
             match_rules=tuple(rules), disclosure_fields=tuple(fields), retention_days=30,
             engines=tuple(engines), value_field=value_field, evaluation_key=evaluation_key,
+            corroboration=corroboration,
         )
         return P.sign_authorization(auth, key)
 

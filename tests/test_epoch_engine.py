@@ -79,6 +79,9 @@ class MemoryEpochIndex:
     def rows_for(self, rule_id: str, fingerprint: int) -> list[int]:
         return list(self._rows[rule_id].get(fingerprint, []))
 
+    def rows_for_many(self, rule_id: str, fps: tagset.Fingerprints) -> list[list[int]]:
+        return [self.rows_for(rule_id, fp) for fp in tagset.to_ints(fps)]
+
 
 def _epoch_world(tmp_path: Path, n: int = 80, **policy: Any) -> tuple[World, MemoryEpochIndex]:
     world = make_world(tmp_path, n, index_mode=IndexMode.EPOCH, epoch_id=EPOCH,
@@ -212,10 +215,28 @@ def test_honest_run_matches_the_plaintext_join_and_is_accounted(tmp_path: Path) 
     budget = world.ledger.budget(auth_id)
     assert budget.evaluated == requester.element_count == 2 * len(queries)
     assert budget.disclosed == 5
-    # The session's blinded elements are stored, chunk by chunk, exactly as evaluated.
+    # The close purged the blinded elements the session's disclosures were bound to.
     session_id = requester.session_id
-    stored = [world.ledger.evaluated_elements(session_id, seq) for seq in range(3)]
-    assert [len(s or b"") // 32 for s in stored] == [7, 7, 6]
+    assert [world.ledger.evaluated_elements(session_id, seq) for seq in range(4)] == [None] * 4
+
+
+def test_evaluated_elements_are_kept_while_open_and_purged_at_close(tmp_path: Path) -> None:
+    """Bounded twice: at most the session's reservation while it is open (``store_evaluated``
+    refuses more), none once it is closed (the close deletes them in its transaction)."""
+    world, index = _epoch_world(tmp_path)
+    signed = _authorize(world)
+    queries = _queries(world, [0, 3, 17, 42, 79])
+    requester, custodian = _opened_pair(world, index, signed, queries)
+    session_id = requester.session_id
+    stored = [world.ledger.evaluated_elements(session_id, seq) for seq in range(4)]
+    # chunk by chunk, exactly what the requester sent
+    assert [len(s or b"") // 32 for s in stored] == [7, 7, 6, 0]
+    for req in requester.disclosure_requests():
+        requester.handle(custodian.handle(req))
+    assert len(requester.results) == 10  # one row per (query, rule): five subjects
+    requester.handle(custodian.handle(requester.close_request()))
+    assert [world.ledger.evaluated_elements(session_id, seq) for seq in range(4)] == [None] * 4
+    assert world.ledger.budget(signed.authorization.authorization_id).disclosed == 5
 
 
 def _opened_pair(world: World, index: Any, signed: P.SignedAuthorization,

@@ -57,6 +57,7 @@ class _RecordingClient:
 
 
 SENT: list[bytes] = []
+TIMELINE: list[dict[str, Any]] = []
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, cluster: LocalCluster
     # Four tasks per worker at least (row-group aligned), then one task per (rule, bucket).
     assert info.partitions == 6 and info.tasks == 6 + 2 * 4
     SENT[:] = client.sent
+    TIMELINE[:] = [info.timeline]
     yield store, EpochIndex.open(info.out_dir), sk
 
 
@@ -127,6 +129,46 @@ def test_index_holds_exactly_the_epoch_fingerprints(
         assert index.rows_for(rule, 12345) == []
     assert index.manifest["fpr_per_authorization"] <= 2.0**-40
     assert index.manifest["excluded_classes"] == ["protected"]
+
+
+def test_batched_lookup_equals_one_lookup_per_fingerprint(
+        built: tuple[ShardedRecords, EpochIndex, bytes]) -> None:
+    """``rows_for_many`` (a disclosure batch, one open per bucket) gives what ``rows_for``
+    gives one by one: members across all four buckets, repeats, and strangers."""
+    store, index, sk = built
+    expected = _expected(store, sk, index.bits)
+    for rule in RULES:
+        members = list(expected[rule])[::5]
+        strangers = [12345, (1 << index.bits) - 1, 0]
+        asked = [*members, *strangers, members[0]]
+        fps = tagset.from_ints(asked)
+        assert len(set(tagset.top_bits(fps, index.bits, 2).tolist())) == 4
+        found = index.rows_for_many(rule, fps)
+        assert found == [index.rows_for(rule, fp) for fp in asked]
+        assert [set(f) for f in found[:len(members)]] == [expected[rule][m] for m in members]
+        assert found[len(members):-1] == [[], [], []]
+    assert index.rows_for_many(RULES[0], tagset.empty()) == []
+
+
+def test_the_build_timeline_says_where_the_wall_time_went(
+        built: tuple[ShardedRecords, EpochIndex, bytes]) -> None:
+    """Both rounds' spans, the serial gap between them and the workers' busy time come from
+    the tasks' own stamps; the machine's other CPU use is what the build could not have."""
+    from protocol.adapters.epoch_index import build_timeline
+
+    tasks = [[{"pid": 1, "started": 10.0, "finished": 14.0, "cpu_s": 4.0},
+              {"pid": 2, "started": 10.0, "finished": 13.0, "cpu_s": 3.0}],
+             [{"pid": 1, "started": 15.0, "finished": 16.0, "cpu_s": 1.0}]]
+    t = build_timeline(tasks, 9.5, 16.5, 2, machine_busy_s=12.0)
+    assert t["round_s"] == [4.0, 1.0] and t["between_rounds_s"] == [1.0]
+    assert t["before_first_task_s"] == 0.5 and t["after_last_task_s"] == 0.5
+    assert t["worker_busy_s"] == [3.0, 5.0]
+    assert t["task_cpu_s"] == 8.0 and t["worker_utilization"] == round(8 / 14, 3)
+    assert t["other_processes_cpu_s"] == 4.0
+    real = TIMELINE[0]  # the fixture's build on the real 2-worker cluster
+    assert len(real["round_s"]) == 2 and len(real["between_rounds_s"]) == 1
+    assert 1 <= len(real["worker_busy_s"]) <= 2 and real["task_cpu_s"] > 0
+    assert 0 < sum(real["round_s"]) <= real["wall_s"]
 
 
 def test_requester_merge_against_the_index_finds_the_planted_matches(

@@ -494,6 +494,36 @@ def test_custodian_tag_sets_are_the_same_from_worker_tags() -> None:
     assert {mine[i] for i in requester.matches()} == set(mine) & set(theirs)
 
 
+def test_placement_on_a_worker_equals_placement_in_process() -> None:
+    """``place_on`` runs the cuckoo placement as a background job (so it overlaps with the
+    open); the placement and the matches are the in-process run's, and a table that cannot
+    be placed fails at setup with the same specific error."""
+    mine = _keys("c", range(0, 20_000, 2))
+    theirs = _keys("c", range(0, 20_000, 3))
+    executor = process_pool(2)
+    try:
+        local = kkrt.KKRTRequester(mine, CTX)
+        background = kkrt.KKRTRequester(mine, CTX, place_on=executor)
+        assert background.units == local.units  # known before the placement is
+        assert background.attempt == local.attempt
+        for name in ("bin_of", "table_of"):
+            assert np.array_equal(getattr(background._placement, name),
+                                  getattr(local._placement, name))
+        requester = kkrt.KKRTRequester(mine, CTX, place_on=executor)
+        custodian = kkrt.KKRTCustodian(theirs, b"k" * 32, seed_context=CTX)
+        (reply,) = custodian.handle(requester.setup())
+        requester.handle(reply)
+        _extend(requester, custodian)
+        doomed = kkrt.KKRTRequester(_keys("q", range(20)), CTX, bins=8, max_attempts=3,
+                                    place_on=executor)
+        with pytest.raises(kkrt.CuckooHashingError) as info:
+            doomed.setup()
+    finally:
+        executor.shutdown()
+    assert {mine[i] for i in requester.matches()} == set(mine) & set(theirs)
+    assert info.value.code == "cuckoo_failure"
+
+
 def test_worker_tags_equal_tags_of_the_outputs() -> None:
     """``_hash_tag_rows`` is H then T: the same bytes as hashing and tagging apart."""
     rng = np.random.default_rng(5)

@@ -11,7 +11,7 @@ from agency_a.client import run_remote_session
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
 from protocol.cli.dev_pki import write_dev_pki
-from protocol.errors import PolicyRefusal
+from protocol.errors import PolicyRefusal, ProtocolError
 from protocol.sessions.identity import RequesterSession, run_exchanges, run_in_process
 from tests.factories import as_query, make_person, make_world
 
@@ -119,3 +119,39 @@ def test_engines_agree_on_packed_records_with_exclusions(tmp_path: Path) -> None
     matched = {qid for qid, _, _ in results["kkrt"]}
     # queries 30..69 hit records 30..69; every fourth record is protected and never matches
     assert matched == {f"q-{world.records[i].record_id}" for i in range(30, 70) if i % 4}
+
+
+def _evaluated_entries(world) -> list[int]:
+    return [e.payload["n"] for e in world.ledger.audit_entries() if e.kind == "budget.evaluated"]
+
+
+def test_extension_chunks_are_counted_in_one_commit_before_the_tags(tmp_path: Path) -> None:
+    """Extension chunks have no reply: policy admits each one (with the units not yet on the
+    ledger) and the units are counted in one durable commit before the first tag leaves, so
+    the ledger's count is exact without an fsync per chunk; a session that fails mid-stream
+    still accounts every chunk it evaluated."""
+    world = make_world(tmp_path, n_records=40, allowed_engines=ENGINES)
+    queries = [as_query(world.records[i]) for i in range(10)]
+    queries += [as_query(make_person(i, prefix="m")) for i in range(1000, 8000)
+                if i % 700 != 566]  # area 666 is no SSN
+    signed = world.authorize(engines=("kkrt",), max_evaluations=100_000)
+    rs = RequesterSession(signed, queries, engine="kkrt", signing_key=world.requester_key)
+    outcome = run_in_process(rs, world.custodian().session(), requester_id="agency-a")
+    assert rs.element_count > 2 * 4096  # several extension chunks
+    assert _evaluated_entries(world) == [rs.element_count]
+    assert outcome.receipt.evaluated == rs.element_count
+    assert world.ledger.reservation(rs.session_id).evaluated == rs.element_count
+
+    rs = RequesterSession(signed, queries, engine="kkrt", signing_key=world.requester_key)
+    cs = world.custodian().session()
+    rs.handle(cs.handle(rs.open_request(), peer_id="agency-a"))
+    setup_ex, extension_ex, _tags = rs.exchanges
+    (setup,) = rs.requests(setup_ex)
+    rs.handle(cs.handle(setup))
+    chunks = rs.requests(extension_ex)
+    first, second = next(chunks), next(chunks)
+    assert cs.handle(first) is None and cs.handle(second) is None
+    assert world.ledger.reservation(rs.session_id).evaluated == 0  # nothing has left yet
+    with pytest.raises((PolicyRefusal, ProtocolError)):
+        cs.handle(first)  # a replayed chunk (past the reservation, too) fails the session
+    assert world.ledger.reservation(rs.session_id).evaluated == first.bins + second.bins

@@ -231,7 +231,7 @@ def test_reserve_evaluate_disclose_accounting(ledger: Ledger) -> None:
         "budget.reserved",
         "budget.evaluated",
         "budget.evaluated",
-        "disclosure.recorded",
+        "disclosure.batch",
     ]
 
 
@@ -406,9 +406,9 @@ def test_disclosure_cap_and_idempotent_repeats(ledger: Ledger) -> None:
     )
     assert ledger.budget("auth-1").disclosed == 3
     assert [d.record_id for d in ledger.disclosures("auth-1")] == ["r0", "r1", "r2"]
-    kinds = [e.kind for e in ledger.audit_entries()]
-    assert kinds.count("disclosure.recorded") == 3
-    assert kinds.count("disclosure.repeated") == 1
+    batches = [e.payload for e in ledger.audit_entries() if e.kind == "disclosure.batch"]
+    assert sum(p["recorded"] for p in batches) == 3
+    assert sum(p["repeated"] for p in batches) == 1
 
 
 def test_disclosure_needs_known_session_of_same_authorization(ledger: Ledger) -> None:
@@ -925,7 +925,10 @@ def _check_recovered_ledger(
     kinds: dict[str, int] = {}
     for e in led.audit_entries():
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
-    assert kinds.get("disclosure.recorded", 0) == len(led.disclosures())
+    recorded = sum(e.payload["recorded"] for e in led.audit_entries()
+                   if e.kind == "disclosure.batch")
+    assert recorded == len(led.disclosures())
+    assert led.verify_disclosures() is None  # every row matches its batch's digest
     assert kinds.get("audit.checkpoint", 0) == len(led.checkpoints())
 
 

@@ -23,7 +23,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.accounting import chain
-from protocol.accounting.chain import ZERO_HASH, AuditEntry, Checkpoint, StoredEntry
+from protocol.accounting.chain import (
+    DISCLOSURE_BATCH,
+    DISCLOSURE_REPEATED,
+    ZERO_HASH,
+    AuditEntry,
+    Checkpoint,
+    StoredEntry,
+    disclosure_batch,
+)
 from protocol.accounting.export import custodian_export, ledger_document
 from protocol.accounting.oversight import add_signed_checkpoint, verify_ledger
 from protocol.accounting.port import (
@@ -300,15 +308,17 @@ class MemoryLedger:
         first = {rid: row for (aid, rid), (_, row) in self._first.items() if aid == auth_id}
         now = self.now()
         plan = plan_disclosures(auth_id, session_id, items, first, budget, now)
-        appended = self._append(now, plan.entries)
-        new = {id(row): appended[i].seq for row, i in plan.new}
-        for (kind, payload), entry in zip(plan.entries, appended, strict=True):
-            repeat = kind != "disclosure.recorded"
-            event = DisclosureRow(auth_id, session_id, payload["record_id"],
-                                  payload["rule_id"], now, repeat)
-            self._events.append((entry.seq, event))
+        if not plan.entries:
+            return plan.rows
+        payload, accounts = disclosure_batch(auth_id, session_id, now, plan.entries)
+        (entry,) = self._append(now, [(DISCLOSURE_BATCH, payload)])
+        # First disclosures, then repeats, as the SQLite ledger lists one batch's rows.
+        for repeat in (False, True):
+            self._events += [(entry.seq, DisclosureRow(a.auth_id, a.session_id, a.record_id,
+                                                       a.rule_id, now, repeat))
+                             for a in accounts if (a.kind == DISCLOSURE_REPEATED) == repeat]
         for row, _ in plan.new:
-            self._first[(auth_id, row.record_id)] = (new[id(row)], row)
+            self._first[(auth_id, row.record_id)] = (entry.seq, row)
         self._totals[auth_id]["disclosed"] = plan.disclosed
         return plan.rows
 
@@ -485,12 +495,13 @@ def test_disclosures_report_repeats(ledger: LedgerPort) -> None:
     ledger.record_disclosure("auth-1", "s2", "r3", "tin+dob")
     with pytest.raises(DisclosureCapReached):
         ledger.record_disclosures("auth-1", "s2", [("r1", "tin+dob"), ("r4", "tin+dob")])
-    # The listing names each release: who replayed it, under which rule, in recording order.
+    # The listing names each release: who replayed it, under which rule, in recording order
+    # (batch by batch; within one batch, which shares one entry and time, firsts first).
     events = ledger.disclosures("auth-1", include_repeats=True)
     assert [(d.session_id, d.record_id, d.rule_id, d.repeat) for d in events] == [
         ("s1", "r1", "tin+dob", False),
-        ("s1", "r1", "tin+zip", True),
         ("s1", "r2", "tin+dob", False),
+        ("s1", "r1", "tin+zip", True),
         ("s2", "r2", "tin+zip", True),
         ("s2", "r3", "tin+dob", False),
     ]

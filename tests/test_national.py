@@ -102,6 +102,55 @@ def _plaintext_join(records: list[PersonRecord], queries: list[Any]) -> set[tupl
             if (rule, MATCH_RULES[rule].match_key(q.person, today=today)) in keys}
 
 
+def _triples(records: list[PersonRecord], queries: list[Any]) -> set[tuple[str, str, str]]:
+    """(query, record, rule) of the plaintext join, computed here in memory."""
+    today = dt.date.today()
+    holders: dict[tuple[str, bytes | None], list[str]] = {}
+    for r in records:
+        for rule in RULES:
+            holders.setdefault((rule, MATCH_RULES[rule].match_key(r, today=today)),
+                               []).append(r.record_id)
+    return {(q.person.record_id, rid, rule) for q in queries for rule in RULES
+            for rid in holders.get((rule, MATCH_RULES[rule].match_key(q.person, today=today)),
+                                   [])
+            if MATCH_RULES[rule].match_key(q.person, today=today) is not None}
+
+
+def test_the_streamed_plaintext_join_lists_every_pair(national: National) -> None:
+    """``benchmarks.national.plaintext_triples`` over the shards equals the in-memory join,
+    triple for triple, and its summary counts them."""
+    from benchmarks.national import plaintext_triples
+    from protocol.domain.records import write_query_csv
+
+    queries = _queries(national.records)
+    queries_csv = national.tmp / "pairs-queries.csv"
+    with queries_csv.open("w", newline="") as fh:
+        write_query_csv(queries, fh)
+    summary, triples = plaintext_triples(national.store_dir, queries_csv, RULES,
+                                         dt.date.today(), frozenset())
+    assert triples == _triples(national.records, queries)
+    assert len(triples) == summary["pairs"] == summary["matches"] == 2 * len(HITS)
+    assert summary["subjects"] == len(HITS) and summary["accepted_queries"] == len(queries)
+
+
+def test_the_pair_check_counts_missing_and_extra_pairs() -> None:
+    from benchmarks.national_online import pair_check
+
+    want = {("Q1", "C1", "tin+dob"), ("Q2", "C2", "tin+dob"), ("Q2", "C2", "tin+last_name")}
+    assert pair_check(set(want), want)["pairs_equal"]
+    got = (want - {("Q2", "C2", "tin+dob")}) | {("Q3", "pseudonym-x", "tin+dob")}
+    check = pair_check(got, want)
+    assert not check["pairs_equal"]
+    assert (check["missing_pairs"], check["extra_pairs"]) == (1, 1)
+    assert (check["pairs"], check["expected_pairs"]) == (3, 3)
+    assert check["mismatch_examples"] == [["Q2", "C2", "tin+dob"],
+                                          ["Q3", "pseudonym-x", "tin+dob"]]
+    assert check["missing_pairs_of_a_disclosed_match"] == 0
+    # a key two records hold: the match released C1, the other holder C9 stays missing
+    shared = pair_check(set(want), want | {("Q1", "C9", "tin+dob")})
+    assert shared["missing_pairs"] == shared["missing_pairs_of_a_disclosed_match"] == 1
+
+
 def _channel(address: str, tls: kit.TLSFiles) -> Any:
     return kit.secure_channel(address, tls)
 
@@ -309,7 +358,28 @@ def test_the_online_runner_runs_both_services_as_processes(national: National) -
     assert 0 < result["bytes_per_record_per_rule"] < 8.5
     assert result["fpr_per_authorization"] <= 2.0 ** -40
     assert result["peak_rss_custodian"] > 0 and result["peak_rss_requester"] > 0
+    # read back and compared pair by pair with the plaintext join of the same files
+    assert result["expected_matches"]["matches"] == result["matches"]
+    assert result["expected_matches"]["subjects"] == result["matched_queries"] == len(HITS)
+    check = result["pair_check"]
+    assert check["pairs_equal"] and result["matches_agree_with_plaintext"]
+    assert check["pairs"] == check["expected_pairs"] == 2 * len(HITS)
+    assert check["missing_pairs"] == check["extra_pairs"] == 0
+    assert {(q, r) for q, _rid, r in _triples(national.records, queries)} == \
+        _plaintext_join(national.records, queries)
     (ledger_path,) = (work / "online").glob("run-*/agency-b/ledger.sqlite")
     with Ledger(ledger_path) as ledger:
         fetched = [e.payload for e in ledger.audit_entries() if e.kind == "tagset.fetched"]
     assert [(f["epoch_id"], f["bytes"]) for f in fetched] == [(EPOCH, result["tagset_bytes"])]
+
+
+def test_the_machine_parallelism_probe_runs_the_build_kernel_in_k_processes() -> None:
+    """The ceiling a K-worker build can reach here, measured with real processes."""
+    from benchmarks.national import machine_parallelism
+
+    probe = machine_parallelism(2, n=200)
+    assert probe["evaluates_per_process"] == 200
+    assert probe["one_process_s"] > 0 and probe["2_processes_s"] > 0
+    # (from the unrounded times; the rounded ones agree to the rounding)
+    assert probe["speedup"] == pytest.approx(
+        2 * probe["one_process_s"] / probe["2_processes_s"], rel=0.15)

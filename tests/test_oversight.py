@@ -11,6 +11,8 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 
 from agency_a import cli as cli_a
 from agency_b import cli as cli_b
+from protocol.accounting.chain import verify_chain
 from protocol.accounting.export import (
     EXPORT_FORMAT,
     custodian_export,
@@ -140,6 +143,43 @@ def test_agreeing_exports_pass_every_check(agencies: Agencies) -> None:
     assert len(report.by_check("receipt.requester_signature")) == 4
     assert report.lines()[-1].startswith("AGREE")
     assert json.loads(json.dumps(report.to_json()))["agree"] is True
+
+
+def test_disclosure_batches_are_rehashed_from_their_rows(agencies: Agencies) -> None:
+    """The inspector re-hashes each disclosure entry and recomputes its rows' digest, so a
+    row dropped, added or edited in the custodian's export (or tables) does not agree."""
+    c, r = agencies.exports()
+    batches = c["disclosure_batches"]
+    assert sum(b["payload"]["recorded"] for b in batches) == 12
+    assert sum(b["payload"]["repeated"] for b in batches) == 2  # records 4 and 5, run 2
+    (ok,) = agencies.check(c, r).by_check("disclosures.batches")
+    assert ok.ok, ok.detail
+
+    def broken(edit: Callable[[dict], None]) -> str:
+        doc = copy.deepcopy(c)
+        edit(doc)
+        (finding,) = agencies.check(doc, r).by_check("disclosures.batches")
+        assert not finding.ok
+        return finding.detail
+
+    assert "rows are stored" in broken(lambda d: d["disclosure_batches"][0]["rows"].pop())
+    assert "digest" in broken(lambda d: d["disclosure_batches"][0]["rows"][0].__setitem__(
+        2, "someone-else"))
+    assert "hash" in broken(lambda d: d["disclosure_batches"][0]["payload"].__setitem__(
+        "recorded", 1))
+    assert "not the same" in broken(lambda d: d["disclosures"].pop())
+    assert "malformed" in broken(lambda d: d["disclosure_batches"][0].pop("rows"))
+    # ...and a row edited in the custodian's tables shows in its next export
+    path = Path(agencies.world.ledger.path)
+    agencies.world.ledger.close()
+    with tamper.raw(path) as conn:
+        conn.execute("DROP TRIGGER disclosures_no_update")
+        conn.execute("UPDATE disclosures SET rule_id = 'tin+zip' WHERE id = 1")
+    with Ledger(path) as reopened:
+        (finding,) = agencies.check(custodian_export(reopened, agencies.auth_id),
+                                    r).by_check("disclosures.batches")
+    assert not finding.ok and "digest" in finding.detail
+    agencies.world = replace(agencies.world, ledger=Ledger(path))  # for the fixture's close
 
 
 def test_counts_differ_when_custodian_evaluated_without_a_receipt(agencies: Agencies) -> None:
@@ -336,7 +376,10 @@ def test_truncation_is_caught_by_a_checkpoint(agencies: Agencies) -> None:
     ledger.close()
     tamper.truncate_after(path, cp.seq - 3)
     with Ledger(path) as reopened:
-        assert reopened.verify_audit_chain().ok
+        assert verify_chain(reopened.stored_entries()).ok  # the links alone cannot tell
+        # ...but the disclosure rows of the cut-off batch entries point past the head
+        orphaned = reopened.verify_audit_chain()
+        assert not orphaned.ok and "not in the chain" in orphaned.detail
         report = verify_ledger(reopened, key.public_key())
     assert (report.ok, report.damage, report.first_bad_seq) == (False, "truncated", cp.seq - 2)
 

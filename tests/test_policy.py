@@ -271,6 +271,13 @@ REASON_CASES: list[tuple[str, Reason, dict[str, Any]]] = [
         {"signed": lambda: make_signed(evaluation_key=EVALUATION_PK),
          "evaluation_key": OTHER_EVALUATION_PK},
     ),
+    (
+        "corroboration asked for, custodian policy refuses it",
+        Reason.CORROBORATION_NOT_PERMITTED,
+        {"signed": lambda: make_signed(corroboration=2),
+         "request": lambda: make_request(match_rules=("tin+dob", "first+last+dob+zip")),
+         "policy": lambda: make_policy(corroboration="refused")},
+    ),
     ("no match rule", Reason.MALFORMED, {"request": lambda: make_request(match_rules=())}),
     (
         "duplicate rule",
@@ -581,6 +588,7 @@ TAMPER_CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({}, {"engines": ("oprf", "kkrt")}),
     (AGGREGATE_SIGNED, {"value_field": "refund_cents"}),
     ({}, {"evaluation_key": EVALUATION_PK}),  # a pin added after signing
+    ({}, {"corroboration": 2}),  # corroboration added after signing
 ]
 
 

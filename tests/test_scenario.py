@@ -394,8 +394,9 @@ def test_accuracy_cli_writes_json_and_markdown(
     table = md.read_text()
     assert table.startswith("# Match-rule accuracy")
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    # header + one row per rule + each rule set and the corroborated default
-    assert len(rows) == 1 + len(records.MATCH_RULES) + len(accuracy.RULE_SETS) + 1
+    # header + one row per rule + each rule set and each corroborated set
+    assert len(rows) == (1 + len(records.MATCH_RULES) + len(accuracy.RULE_SETS)
+                         + len(accuracy.CORROBORATED_SETS))
     assert "Estimate validation" in table
     assert accuracy.main([str(tmp_path / "missing")]) == 2
 

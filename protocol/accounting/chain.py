@@ -17,25 +17,32 @@ import math
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from protocol.crypto.encoding import encode, lp
 
 __all__ = [
     "AUDIT_CHECKPOINT_TAG",
     "AUDIT_ENTRY_TAG",
+    "DISCLOSURE_BATCH",
+    "DISCLOSURE_RECORDED",
+    "DISCLOSURE_REPEATED",
     "ZERO_HASH",
     "AuditEntry",
     "AuditVerification",
     "Checkpoint",
+    "DisclosureAccount",
     "StoredEntry",
     "audit_entry_hash",
     "canonical_json",
     "canonical_payload",
     "chain_entries",
+    "check_disclosure_accounts",
     "check_link",
     "checkpoint_message",
     "checkpoints_match",
+    "disclosure_batch",
+    "disclosure_rows_digest",
     "receipt_digest",
     "verify_chain",
 ]
@@ -46,6 +53,15 @@ ZERO_HASH = bytes(32)
 """``prev_hash`` of the first audit entry, and the head of an empty chain."""
 
 _RECEIPT_DIGEST_TAG = b"gated-psi/ledger-receipt-digest/v1"
+_DISCLOSURE_ROWS_TAG = b"gated-psi/disclosure-rows/v1"
+
+DISCLOSURE_RECORDED = "disclosure.recorded"
+"""A first disclosure of a record under an authorization (counted against the cap)."""
+DISCLOSURE_REPEATED = "disclosure.repeated"
+"""A replayed disclosure: its payload names the replaying session and rule."""
+DISCLOSURE_BATCH = "disclosure.batch"
+"""One entry per disclosure batch, committing to the digest of the batch's accounting rows
+(docs/architecture.md, Accounting); ledgers written before it hold one entry per row."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,138 @@ def chain_entries(
         out.append((AuditEntry(seq, at, kind, normalized, prev, entry_hash), payload_json))
         seq, prev = seq + 1, entry_hash
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Disclosure batches
+# --------------------------------------------------------------------------------------------
+
+
+class DisclosureAccount(NamedTuple):
+    """One accounting row of a disclosure, as stored next to its batch's audit entry.
+
+    ``kind`` is :data:`DISCLOSURE_RECORDED` or :data:`DISCLOSURE_REPEATED`;
+    ``first_session_id`` is the session of the first disclosure ("" for a first one).
+    Column types are not trusted (SQLite does not enforce them), so the check tests them.
+    (A tuple, not a dataclass: a batch builds thousands of them on the disclosure path.)
+    """
+
+    audit_seq: int
+    kind: str
+    auth_id: str
+    session_id: str
+    record_id: str
+    rule_id: str
+    first_session_id: str
+    at: float
+
+
+def disclosure_rows_digest(rows: Iterable[DisclosureAccount]) -> str:
+    """SHA-256 (hex) over a batch's rows in canonical order: sorted by record, then kind.
+
+    The hashed text is the canonical JSON (compact, UTF-8) of one array per row: kind,
+    authorization, session, record, rule, first session, and the time as the 16 hex digits
+    of its IEEE-754 big-endian double, under a domain-separation tag.  Every accounted field
+    is in it, so deleting, adding or editing any one row changes the digest; the order the
+    rows were stored in does not.  (One C-level JSON encoding per batch, not a Python loop
+    per field: this is on the disclosure path.)
+    """
+    times: dict[float, str] = {}
+    table = [[r.kind, r.auth_id, r.session_id, r.record_id, r.rule_id, r.first_session_id,
+              times.get(r.at) or times.setdefault(r.at, struct.pack(">d", r.at).hex())]
+             for r in sorted(rows, key=lambda r: (r.record_id, r.kind))]
+    return hashlib.sha256(
+        _DISCLOSURE_ROWS_TAG + _CANONICAL_JSON.encode(table).encode("utf-8")).hexdigest()
+
+
+def disclosure_batch(
+    auth_id: str, session_id: str, at: float,
+    entries: Sequence[tuple[str, Mapping[str, Any]]],
+) -> tuple[dict[str, Any], list[DisclosureAccount]]:
+    """The one audit payload of a disclosure batch and its rows (``audit_seq`` still 0).
+
+    ``entries`` are the per-record ``(kind, payload)`` of ``accounting.rules.plan_disclosures``;
+    each becomes a row, and the payload commits to their count and digest.
+    """
+    rows = [DisclosureAccount(0, kind, str(p["auth_id"]), str(p["session_id"]),
+                              str(p["record_id"]), str(p["rule_id"]),
+                              str(p.get("first_session_id", "")), at)
+            for kind, p in entries]
+    recorded = sum(1 for r in rows if r.kind == DISCLOSURE_RECORDED)
+    return {"auth_id": auth_id, "session_id": session_id, "recorded": recorded,
+            "repeated": len(rows) - recorded, "rows_sha256": disclosure_rows_digest(rows)}, rows
+
+
+def check_disclosure_accounts(
+    entries: Iterable[StoredEntry], rows: Iterable[DisclosureAccount]
+) -> tuple[int, str] | None:
+    """The first disclosure row that disagrees with the chain, as ``(seq, detail)``, or None.
+
+    ``rows`` must come in ``audit_seq`` order. A :data:`DISCLOSURE_BATCH` entry must equal
+    the digest and counts of the rows pointing at it; an entry of the per-row form (older
+    ledgers) must have exactly its one row, field for field; and every row must point at
+    one of those entries. Run it on a chain that :func:`verify_chain` accepted.
+    """
+    pending = iter(rows)
+    row = next(pending, None)
+    for entry in entries:
+        group: list[DisclosureAccount] = []
+        while row is not None and row.audit_seq <= entry.seq:
+            if row.audit_seq < entry.seq:
+                return row.audit_seq, (f"disclosure row of record {row.record_id!r} points at "
+                                       f"entry {row.audit_seq}, which accounts no disclosure")
+            group.append(row)
+            row = next(pending, None)
+        if entry.kind not in (DISCLOSURE_BATCH, DISCLOSURE_RECORDED):
+            if group:
+                return entry.seq, (f"{len(group)} disclosure rows point at entry {entry.seq}, "
+                                   f"a {entry.kind!r} entry")
+            continue
+        problem = _disclosure_entry_problem(entry, group)
+        if problem is not None:
+            return entry.seq, f"entry {entry.seq}: {problem}"
+    if row is not None:
+        return row.audit_seq, (f"disclosure row of record {row.record_id!r} points at entry "
+                               f"{row.audit_seq}, which is not in the chain")
+    return None
+
+
+def _disclosure_entry_problem(entry: StoredEntry, group: list[DisclosureAccount]) -> str | None:
+    try:
+        payload = json.loads(str(entry.payload))
+    except json.JSONDecodeError:
+        return "payload is not JSON"
+    if not isinstance(payload, dict):
+        return "payload is not an object"
+    if not all(_well_typed_account(r) for r in group):
+        return "a disclosure row has malformed columns"
+    if entry.kind == DISCLOSURE_RECORDED:  # the per-row form of older ledgers
+        want = (payload.get("auth_id"), payload.get("session_id"), payload.get("record_id"),
+                payload.get("rule_id"), entry.at)
+        if len(group) != 1 or group[0].kind != DISCLOSURE_RECORDED or (
+                group[0].auth_id, group[0].session_id, group[0].record_id, group[0].rule_id,
+                group[0].at) != want:
+            return f"its disclosure row is missing or was edited ({len(group)} rows found)"
+        return None
+    recorded = sum(1 for r in group if r.kind == DISCLOSURE_RECORDED)
+    if (recorded, len(group) - recorded) != (payload.get("recorded"), payload.get("repeated")):
+        return (f"the batch accounts {payload.get('recorded')} recorded and "
+                f"{payload.get('repeated')} repeated disclosures; {recorded} and "
+                f"{len(group) - recorded} rows are stored")
+    if any(r.at != entry.at or r.auth_id != payload.get("auth_id")
+           or r.session_id != payload.get("session_id") for r in group):
+        return "a disclosure row names another authorization, session or time than its batch"
+    digest = payload.get("rows_sha256")
+    if not isinstance(digest, str) or not hmac.compare_digest(
+            disclosure_rows_digest(group), digest):
+        return "the stored disclosure rows do not match the batch digest (a row was edited)"
+    return None
+
+
+def _well_typed_account(r: DisclosureAccount) -> bool:
+    return (all(isinstance(v, str) for v in (r.kind, r.auth_id, r.session_id, r.record_id,
+                                              r.rule_id, r.first_session_id))
+            and isinstance(r.at, float | int) and not isinstance(r.at, bool))
 
 
 def _jsonable(value: Any) -> Any:

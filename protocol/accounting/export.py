@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from protocol.accounting.chain import Checkpoint
+from protocol.accounting.chain import Checkpoint, DisclosureAccount
 from protocol.accounting.port import AuditLog, LedgerPort
 from protocol.domain.messages import Receipt
 from protocol.errors import LedgerError, ProtocolError
@@ -25,6 +25,7 @@ __all__ = [
     "REQUESTER_STORE_KINDS",
     "chain_evidence",
     "custodian_export",
+    "disclosure_batches",
     "ledger_document",
     "parse_receipt_bytes",
     "record_receipt",
@@ -209,6 +210,7 @@ def custodian_export(ledger: LedgerPort, auth_id: str) -> dict[str, Any]:
             item.update(decoded.to_json())
         receipts.append(item)
     evidence = chain_evidence(ledger)
+    batches = disclosure_batches(ledger, auth_id)
     releases = aggregate_release_account(ledger, auth_id, doc["sessions"])
     # Epoch mode: every accounted fetch of a key epoch's tag set (docs/architecture.md,
     # National custodian), tied to its audit entry by seq.
@@ -222,6 +224,7 @@ def custodian_export(ledger: LedgerPort, auth_id: str) -> dict[str, Any]:
         "receipts": receipts,
         "aggregate_releases": releases,
         "tagset_fetches": fetches,
+        **({} if batches is None else {"disclosure_batches": batches}),
         "counts": {
             "evaluated": doc["budget"]["evaluated"],
             "disclosed": doc["budget"]["disclosed"],
@@ -232,6 +235,41 @@ def custodian_export(ledger: LedgerPort, auth_id: str) -> dict[str, Any]:
         },
         **evidence,
     }
+
+
+def disclosure_batches(ledger: LedgerPort, auth_id: str) -> list[dict[str, Any]] | None:
+    """Each audit entry that accounts disclosures under ``auth_id``, with its rows.
+
+    An inspector re-hashes each entry from its content and recomputes its rows' digest
+    (:func:`protocol.accounting.chain.disclosure_rows_digest`) from the rows given here, so
+    a row deleted, added or edited in the custodian's tables shows (docs/architecture.md,
+    Accounting).  Ledgers written before batch entries give one entry per first disclosure.
+    None for a ledger that does not expose its rows (the export then says nothing of them).
+    """
+    accounts = getattr(ledger, "disclosure_accounts", None)
+    if accounts is None:
+        return None
+    rows: dict[int, list[DisclosureAccount]] = {}
+    for a in accounts():
+        if a.auth_id == auth_id:
+            rows.setdefault(a.audit_seq, []).append(a)
+    out: list[dict[str, Any]] = []
+    if not rows:
+        return out
+    for entry in ledger.audit_entries(min(rows)):
+        group = rows.get(entry.seq)
+        if group is None:
+            continue
+        out.append({
+            "seq": entry.seq, "at": entry.at, "kind": entry.kind,
+            "payload": dict(entry.payload), "prev_hash": entry.prev_hash.hex(),
+            "entry_hash": entry.entry_hash.hex(),
+            "rows": [[a.kind, a.session_id, a.record_id, a.rule_id, a.first_session_id]
+                     for a in group],
+        })
+        if len(out) == len(rows):
+            break
+    return out
 
 
 def aggregate_release_account(ledger: LedgerPort, auth_id: str,

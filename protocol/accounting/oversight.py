@@ -34,10 +34,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol.accounting.chain import (
+    DISCLOSURE_RECORDED,
     ZERO_HASH,
     Checkpoint,
+    DisclosureAccount,
+    StoredEntry,
     audit_entry_hash,
     canonical_json,
+    check_disclosure_accounts,
     checkpoint_message,
     checkpoints_match,
     verify_chain,
@@ -158,14 +162,30 @@ def verify_ledger(ledger: AuditLog, public_key: Ed25519PublicKey | None = None) 
         position, damage, detail = _classify(ledger, chain.first_bad_seq, chain.head, chain.detail)
         return replace(base, ok=False, first_bad_seq=position, damage=damage, detail=detail,
                        head=chain.head)
-    if public_key is None:
-        return base
-    problem = _check_checkpoints(ledger, checkpoints, head_seq, public_key)
-    if problem is not None:
-        first, last, damage, detail = problem
-        return replace(base, ok=False, first_bad_seq=first, last_bad_seq=last, damage=damage,
-                       detail=detail, checkpoints_verified=True)
-    return replace(base, checkpoints_verified=True)
+    if public_key is not None:
+        problem = _check_checkpoints(ledger, checkpoints, head_seq, public_key)
+        if problem is not None:
+            first, last, damage, detail = problem
+            return replace(base, ok=False, first_bad_seq=first, last_bad_seq=last,
+                           damage=damage, detail=detail, checkpoints_verified=True)
+        base = replace(base, checkpoints_verified=True)
+    rows = _disclosure_problem(ledger)
+    if rows is not None:
+        return replace(base, ok=False, first_bad_seq=rows[0], damage="disclosure rows",
+                       detail=rows[1])
+    return base
+
+
+def _disclosure_problem(ledger: AuditLog) -> tuple[int, str] | None:
+    """A custodian ledger's disclosure rows against their batch entries' digests.
+
+    Rows are accounting tables, not chain entries, so a ledger that keeps them offers
+    ``disclosure_accounts``; the requester's audit-only ledger has none and passes.
+    """
+    accounts = getattr(ledger, "disclosure_accounts", None)
+    if accounts is None:
+        return None
+    return check_disclosure_accounts(ledger.stored_entries(), accounts())
 
 
 def _stored_links(ledger: AuditLog, start: int) -> tuple[list[tuple[int, bytes, bytes]], bool]:
@@ -357,6 +377,7 @@ def check(
           f"{requester_export.get('auth_id')!r}")
     _check_chain(f, "custodian", custodian_export, custodian_key)
     _check_chain(f, "requester", requester_export, requester_key)
+    _check_disclosure_batches(f, custodian_export)
 
     c_receipts = _index_receipts(f, "custodian", custodian_export.get("receipts", []))
     r_receipts = _index_receipts(f, "requester", requester_export.get("receipts", []))
@@ -426,6 +447,49 @@ def _check_chain(f: _Findings, label: str, doc: Mapping[str, Any],
           else f"do not verify under key {kid}: {', '.join(bad)}")
     ok, detail = _head_covered(doc, key, kid)
     f.add(f"chain.{label}", ok, detail)
+
+
+def _check_disclosure_batches(f: _Findings, doc: Mapping[str, Any]) -> None:
+    """Each disclosure entry hashes to its stated hash, its rows to its digest, and its rows'
+    first disclosures are exactly the export's disclosure list; entries in the tail must be
+    the tail's (so those are tied to the signed head)."""
+    batches = doc.get("disclosure_batches")
+    if batches is None:  # an export written before batch entries existed
+        f.add("disclosures.batches", True, "not checked: the export lists no disclosure batches")
+        return
+    auth_id = str(doc.get("auth_id", ""))
+    tail = {int(e["seq"]): str(e["entry_hash"]) for e in doc.get("tail") or []
+            if isinstance(e, Mapping) and "seq" in e and "entry_hash" in e}
+    firsts: list[tuple[str, str, str, float]] = []
+    problems: list[str] = []
+    try:
+        for b in batches:
+            seq, at, kind, payload = int(b["seq"]), float(b["at"]), str(b["kind"]), b["payload"]
+            h = audit_entry_hash(bytes.fromhex(b["prev_hash"]), seq, at, kind,
+                                 canonical_json(payload))
+            if not hmac.compare_digest(h, bytes.fromhex(b["entry_hash"])):
+                problems.append(f"entry {seq} does not match its hash")
+            elif seq in tail and tail[seq] != b["entry_hash"]:
+                problems.append(f"entry {seq} is not the tail's entry {seq}")
+            rows = [DisclosureAccount(seq, str(k), auth_id, str(sid), str(rid), str(rule),
+                                      str(first), at) for k, sid, rid, rule, first in b["rows"]]
+            one = StoredEntry(seq, at, kind, canonical_json(payload), b"", h)
+            bad = check_disclosure_accounts([one], rows)
+            if bad is not None:
+                problems.append(bad[1])
+            firsts += [(r.session_id, r.record_id, r.rule_id, at) for r in rows
+                       if r.kind == DISCLOSURE_RECORDED]
+    except (KeyError, TypeError, ValueError) as exc:
+        f.add("disclosures.batches", False, f"malformed disclosure batches: {exc}")
+        return
+    listed = sorted((str(d.get("session_id")), str(d.get("record_id")), str(d.get("rule_id")),
+                     float(d.get("disclosed_at", 0.0))) for d in doc.get("disclosures", []))
+    if sorted(firsts) != listed:
+        problems.append(f"the batches account {len(firsts)} first disclosures; the export "
+                        f"lists {len(listed)} disclosure rows, not the same ones")
+    f.add("disclosures.batches", not problems,
+          f"{len(batches)} disclosure entries re-hashed; every row matches its entry's digest"
+          if not problems else "; ".join(problems[:3]))
 
 
 def _head_covered(doc: Mapping[str, Any], key: Ed25519PublicKey, kid: str) -> tuple[bool, str]:

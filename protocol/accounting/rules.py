@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.accounting.chain import DISCLOSURE_RECORDED, DISCLOSURE_REPEATED
 from protocol.accounting.port import Budget, DisclosureRow
 from protocol.errors import BudgetExhausted, DisclosureCapReached, LedgerError
 from protocol.policy.decide import cap_allows_another, within_budget
@@ -32,9 +33,6 @@ __all__ = [
     "require_unix_time",
 ]
 
-DISCLOSURE_RECORDED = "disclosure.recorded"
-DISCLOSURE_REPEATED = "disclosure.repeated"
-"""Audit kind of a replayed disclosure: its payload names the replaying session and rule."""
 
 
 def require_id(name: str, value: str) -> None:

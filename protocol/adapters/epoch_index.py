@@ -32,13 +32,14 @@ import struct
 import sys
 import time
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import psutil
 
 from protocol.adapters.files import make_private_dir, read_secret, write_file_atomic
 from protocol.adapters.shards import ShardedRecords
@@ -92,6 +93,55 @@ def read_epoch_key(path: Path | str) -> bytes:
         raise ValueError(f"{path}: not an epoch key ({exc})") from None
 
 
+# --- where the build's time goes -----------------------------------------------------------
+
+
+def _stamp(started: float) -> dict[str, Any]:
+    """When and where a task ran (its worker process, wall clock start and end)."""
+    return {"pid": os.getpid(), "started": started, "finished": time.time()}
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (every process, all cores)."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
+def build_timeline(rounds: Sequence[Sequence[dict[str, Any]]], t_start: float, t_end: float,
+                   workers: int, machine_busy_s: float) -> dict[str, Any]:
+    """What limited a build's wall time, from its tasks' stamps: each round's span, the gap
+    between rounds (serial), each worker's busy time, the workers' utilization (task CPU over
+    wall x workers) and the CPU the rest of the machine took meanwhile (starvation, when
+    the machine is shared).  Wall times are the runner's clock; tasks stamp ``time.time``."""
+    spans = []
+    for tasks in rounds:
+        if tasks:
+            spans.append((min(t["started"] for t in tasks), max(t["finished"] for t in tasks)))
+    busy: dict[int, float] = {}
+    for tasks in rounds:
+        for t in tasks:
+            busy[t["pid"]] = busy.get(t["pid"], 0.0) + t["finished"] - t["started"]
+    wall = max(t_end - t_start, 1e-9)
+    cpu = sum(t["cpu_s"] for tasks in rounds for t in tasks)
+    cores = os.cpu_count() or 1
+    return {
+        "wall_s": round(wall, 3),
+        "round_s": [round(b - a, 3) for a, b in spans],
+        "before_first_task_s": round(spans[0][0] - t_start, 3) if spans else None,
+        "between_rounds_s": [round(spans[i + 1][0] - spans[i][1], 3)
+                             for i in range(len(spans) - 1)],
+        "after_last_task_s": round(t_end - spans[-1][1], 3) if spans else None,
+        "worker_busy_s": sorted(round(v, 3) for v in busy.values()),
+        "task_cpu_s": round(cpu, 3),
+        "worker_utilization": round(cpu / (wall * max(workers, 1)), 3),
+        "machine_busy_s": round(machine_busy_s, 3),
+        "machine_cores": cores,
+        "other_processes_cpu_s": round(max(machine_busy_s - cpu, 0.0), 3),
+        "cores_left_for_build": round(max(cores - max(machine_busy_s - cpu, 0.0) / wall, 0.0),
+                                      2),
+    }
+
+
 # --- round 1: evaluate one partition ------------------------------------------------------
 
 
@@ -114,7 +164,7 @@ def _evaluate_partition(records_dir: str, part: int, start: int, end: int,
                         bucket_bits: int, work_dir: str, today: str,
                         excluded_classes: tuple[str, ...]) -> dict[str, Any]:
     """Round-1 task: keys, Evaluate, fingerprints and bucket offsets of rows [start, end)."""
-    cpu0 = time.process_time()
+    cpu0, started = time.process_time(), time.time()
     store = ShardedRecords.open(records_dir)
     wanted = key_columns(rules)
     present = [c for c in wanted if c in store.columns]
@@ -153,7 +203,7 @@ def _evaluate_partition(records_dir: str, part: int, start: int, end: int,
         np.save(out / f"{rule}.bounds.npy", bounds)
         counts[rule] = len(idx)
     return {"part": part, "rows": n, "entries": counts,
-            "cpu_s": time.process_time() - cpu0}
+            "cpu_s": time.process_time() - cpu0, **_stamp(started)}
 
 
 # --- round 2: merge one bucket of one rule ------------------------------------------------
@@ -166,7 +216,7 @@ def _bucket_name(bucket: int) -> str:
 def _merge_bucket(work_dir: str, out_dir: str, rule: str, bucket: int, parts: int,
                   bits: int, rule_entries: int) -> dict[str, Any]:
     """Round-2 task: one bucket's sorted fingerprints and rows, and its tag-set chunks."""
-    cpu0 = time.process_time()
+    cpu0, started = time.process_time(), time.time()
     fp_parts, row_parts = [], []
     for part in range(parts):
         d = _part_dir(Path(work_dir), part)
@@ -195,7 +245,7 @@ def _merge_bucket(work_dir: str, out_dir: str, rule: str, bucket: int, parts: in
             "tags": int(distinct.size), "tagset_bytes": tagset_bytes,
             "index_bytes": (rule_dir / f"{name}.fp.npy").stat().st_size
             + (rule_dir / f"{name}.rows.npy").stat().st_size,
-            "cpu_s": time.process_time() - cpu0}
+            "cpu_s": time.process_time() - cpu0, **_stamp(started)}
 
 
 # --- the build ----------------------------------------------------------------------------
@@ -216,6 +266,8 @@ class EpochIndexInfo:
     seconds: float
     cpu_seconds: float
     manifest: dict[str, Any]
+    #: ``build_timeline``: where the wall time went (rounds, serial gaps, starvation)
+    timeline: dict[str, Any] = field(default_factory=dict)
 
 
 def _bucket_bits(records: int) -> int:
@@ -281,7 +333,7 @@ def build_epoch_index(records_dir: Path | str, out_dir: Path | str, *, epoch_id:
             n_workers=workers, threads_per_worker=1, processes=True,
             memory_limit=WORKER_MEMORY_LIMIT, dashboard_address=":0")
         client = distributed.Client(own_cluster)
-    t0 = time.perf_counter()
+    t0, t0_wall, busy0 = time.perf_counter(), time.time(), _machine_busy_s()
     try:
         n_workers = len(client.scheduler_info().get("workers", {})) or workers
         # At least four tasks per worker, so a small file still spreads over the cluster.
@@ -296,6 +348,7 @@ def build_epoch_index(records_dir: Path | str, out_dir: Path | str, *, epoch_id:
             (os.fspath(work.resolve()), os.fspath(out.resolve()), r, bucket, len(parts), bits,
              entries[r])
             for r in rule_ids for bucket in range(1 << b_bits)], "merge buckets", progress)
+        t1_wall, busy1 = time.time(), _machine_busy_s()
     finally:
         if own_cluster is not None:
             client.close()
@@ -319,6 +372,7 @@ def build_epoch_index(records_dir: Path | str, out_dir: Path | str, *, epoch_id:
                         for r in mine],
         }
     cpu = sum(r["cpu_s"] for r in round1) + sum(r["cpu_s"] for r in round2)
+    timeline = build_timeline([round1, round2], t0_wall, t1_wall, n_workers, busy1 - busy0)
     manifest = {
         "kind": INDEX_KIND, "schema_version": SCHEMA_VERSION, "epoch_id": epoch_id,
         "bits": bits, "max_evaluations": max_evaluations, "bucket_bits": b_bits,
@@ -335,7 +389,8 @@ def build_epoch_index(records_dir: Path | str, out_dir: Path | str, *, epoch_id:
     write_file_atomic(out / MANIFEST,
                       (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return EpochIndexInfo(out, epoch_id, bits, rule_info, store.count, len(parts),
-                          len(round1) + len(round2), n_workers, seconds, cpu, manifest)
+                          len(round1) + len(round2), n_workers, seconds, cpu, manifest,
+                          timeline)
 
 
 # --- reading an index ---------------------------------------------------------------------
@@ -417,6 +472,30 @@ class EpochIndex:
             return []
         rows: npt.NDArray[Any] = np.load(f"{base}.rows.npy", mmap_mode="r")
         return [int(r) for r in rows[lo:hi]]
+
+    def rows_for_many(self, rule: str, fingerprints: tagset.Fingerprints) -> list[list[int]]:
+        """:meth:`rows_for` of many fingerprints (a disclosure batch): each bucket they fall
+        in is opened once and searched for all of them at once, so a batch costs one open per
+        bucket touched rather than two file opens per fingerprint."""
+        self._rule(rule)
+        found: list[list[int]] = [[] for _ in range(fingerprints.size)]
+        if not fingerprints.size:
+            return found
+        buckets = tagset.top_bits(fingerprints, self.bits, int(self.manifest["bucket_bits"]))
+        for bucket in np.unique(buckets).tolist():
+            chosen = np.flatnonzero(buckets == bucket)
+            base = self.root / rule / _bucket_name(int(bucket))
+            fps: npt.NDArray[Any] = np.load(f"{base}.fp.npy", mmap_mode="r")
+            wanted = fingerprints[chosen]
+            lo = np.searchsorted(fps, wanted, side="left")
+            hi = np.searchsorted(fps, wanted, side="right")
+            if not (hi > lo).any():
+                continue
+            rows: npt.NDArray[Any] = np.load(f"{base}.rows.npy", mmap_mode="r")
+            for j, a, b in zip(chosen.tolist(), lo.tolist(), hi.tolist(), strict=True):
+                if b > a:
+                    found[j] = [int(r) for r in rows[a:b]]
+        return found
 
     @property
     def disk_bytes(self) -> int:

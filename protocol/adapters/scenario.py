@@ -54,8 +54,10 @@ __all__ = [
     "PLACEHOLDER_ADDRESSES",
     "QUERY_HEADER",
     "TRUTH_HEADER",
+    "Progress",
     "ScenarioFiles",
     "ScenarioSpec",
+    "ensure_scenario",
     "generate",
     "main",
 ]
@@ -262,7 +264,7 @@ class ScenarioFiles:
         return records, queries
 
 
-class _Progress:
+class Progress:
     """Stage timings on stderr, so a full-scale run shows where its time goes."""
 
     def __init__(self, enabled: bool) -> None:
@@ -989,7 +991,7 @@ def generate(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False) -> Sc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ScenarioFiles.in_dir(out_dir)
-    tick = _Progress(progress)
+    tick = Progress(progress)
     rng_pop, rng_assign, rng_cust, rng_query = (
         np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(4)
     )
@@ -1066,6 +1068,24 @@ def generate(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False) -> Sc
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def ensure_scenario(spec: ScenarioSpec, out_dir: Path, *, progress: bool = False
+                    ) -> tuple[ScenarioFiles, bool]:
+    """The scenario of ``spec`` in ``out_dir``, generated only when the directory does not
+    already hold it (its manifest records the exact spec and generator version); returns the
+    files and whether they were generated now.  A directory holding another spec is
+    regenerated, so a cached file never stands in for a different scenario."""
+    files = ScenarioFiles.in_dir(Path(out_dir))
+    try:
+        manifest = json.loads(files.manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        manifest = {}
+    same = (manifest.get("spec") == dataclasses.asdict(spec)
+            and manifest.get("generator_version") == GENERATOR_VERSION)
+    if same and all(p.exists() for p in (files.custodian, files.queries, files.truth)):
+        return files, False
+    return generate(spec, out_dir, progress=progress), True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

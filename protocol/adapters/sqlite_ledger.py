@@ -36,10 +36,13 @@ from typing import Any, cast
 
 from protocol.accounting import chain
 from protocol.accounting.chain import (
+    DISCLOSURE_BATCH,
+    DISCLOSURE_RECORDED,
     ZERO_HASH,
     AuditEntry,
     AuditVerification,
     Checkpoint,
+    DisclosureAccount,
     StoredEntry,
     canonical_json,
 )
@@ -227,6 +230,22 @@ _ADDED_TABLES = (
     "BEGIN SELECT RAISE(ABORT, 'tag-set fetches are append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS tagset_fetches_no_delete BEFORE DELETE ON tagset_fetches "
     "BEGIN SELECT RAISE(ABORT, 'tag-set fetches are append-only'); END",
+    # Replayed disclosures, one row each, under their batch's audit entry (docs/architecture.md,
+    # Accounting); ledgers written before batch entries audited each replay as its own entry.
+    """CREATE TABLE IF NOT EXISTS disclosure_repeats (
+    id                INTEGER PRIMARY KEY,
+    auth_id           TEXT NOT NULL REFERENCES authorizations(auth_id),
+    session_id        TEXT NOT NULL REFERENCES sessions(session_id),
+    record_id         TEXT NOT NULL,
+    rule_id           TEXT NOT NULL,
+    first_session_id  TEXT NOT NULL,
+    repeated_at       REAL NOT NULL,
+    audit_seq         INTEGER NOT NULL
+)""",
+    "CREATE TRIGGER IF NOT EXISTS disclosure_repeats_no_update BEFORE UPDATE ON "
+    "disclosure_repeats BEGIN SELECT RAISE(ABORT, 'disclosures are append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS disclosure_repeats_no_delete BEFORE DELETE ON "
+    "disclosure_repeats BEGIN SELECT RAISE(ABORT, 'disclosures are append-only'); END",
 )
 
 
@@ -391,19 +410,38 @@ class _AuditTables:
         return [Checkpoint(r[0], bytes(r[1]), r[2], bytes(r[3]), r[4]) for r in rows]
 
     def repeats(self, auth_id: str | None) -> list[tuple[int, DisclosureRow]]:
-        """Replayed disclosures (audited, not counted) with their entry's seq."""
+        """Replayed disclosures (audited, not counted) with their entry's seq: rows under
+        batch entries, and the per-replay entries of ledgers written before them."""
         with self._db.read() as conn:
             rows = conn.execute(
                 "SELECT seq, at, payload FROM audit_log WHERE kind = ? ORDER BY seq",
                 (DISCLOSURE_REPEATED,),
             ).fetchall()
+            batched = conn.execute(
+                "SELECT audit_seq, auth_id, session_id, record_id, rule_id, repeated_at "
+                "FROM disclosure_repeats" + (" WHERE auth_id = ?" if auth_id else "")
+                + " ORDER BY id", (auth_id,) if auth_id else ()).fetchall()
         out: list[tuple[int, DisclosureRow]] = []
         for seq, at, payload in rows:
             p = json.loads(payload)
             if auth_id is None or p["auth_id"] == auth_id:
                 out.append((seq, DisclosureRow(p["auth_id"], p["session_id"], p["record_id"],
                                                p["rule_id"], at, True)))
+        out += [(seq, DisclosureRow(aid, sid, rid, rule, at, True))
+                for seq, aid, sid, rid, rule, at in batched]
         return out
+
+    def accounts(self) -> Iterator[DisclosureAccount]:
+        """Every disclosure row (first and repeated) in ``audit_seq`` order, as stored."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT audit_seq, ?, auth_id, session_id, record_id, rule_id, '', disclosed_at "
+                "FROM disclosures UNION ALL "
+                "SELECT audit_seq, ?, auth_id, session_id, record_id, rule_id, first_session_id, "
+                "repeated_at FROM disclosure_repeats ORDER BY 1",
+                (DISCLOSURE_RECORDED, DISCLOSURE_REPEATED)).fetchall()
+        for row in rows:
+            yield DisclosureAccount(*row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,6 +631,9 @@ class _AccountTables:
                 "requester_signature = ? WHERE session_id = ?",
                 (now, receipt, custodian_signature, requester_signature, session_id),
             )
+            # Epoch mode: a closed session discloses nothing more, so the blinded elements
+            # its disclosures were bound to go with the close, in the same transaction.
+            conn.execute("DELETE FROM evaluated_elements WHERE session_id = ?", (session_id,))
             self._audit.append(conn, now, "session.closed", {
                 "auth_id": auth_id, "session_id": session_id,
                 "receipt_sha256": chain.receipt_digest(receipt),
@@ -673,14 +714,27 @@ class _AccountTables:
                     first[rid] = DisclosureRow(auth_id, sid, rid, rule, at, False)
             now = float(self._clock())
             plan = plan_disclosures(auth_id, session_id, items, first, budget, now)
-            appended = self._audit.append_many(conn, now, plan.entries)
+            if not plan.entries:
+                return plan.rows
+            # One audit entry per batch, committing to the digest of its rows, which go in
+            # with it in this transaction (docs/architecture.md, Accounting).
+            payload, accounts = chain.disclosure_batch(auth_id, session_id, now, plan.entries)
+            seq = self._audit.append(conn, now, DISCLOSURE_BATCH, payload).seq
             conn.executemany(
                 "INSERT INTO disclosures "
                 "(auth_id, session_id, record_id, rule_id, disclosed_at, audit_seq) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                [(r.auth_id, r.session_id, r.record_id, r.rule_id, r.disclosed_at,
-                  appended[e].seq) for r, e in plan.new],
+                [(r.auth_id, r.session_id, r.record_id, r.rule_id, r.disclosed_at, seq)
+                 for r, _ in plan.new],
             )
+            repeats = [a for a in accounts if a.kind == DISCLOSURE_REPEATED]
+            if repeats:
+                conn.executemany(
+                    "INSERT INTO disclosure_repeats (auth_id, session_id, record_id, rule_id, "
+                    "first_session_id, repeated_at, audit_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(a.auth_id, a.session_id, a.record_id, a.rule_id, a.first_session_id,
+                      a.at, seq) for a in repeats],
+                )
             if plan.disclosed != budget.disclosed:
                 conn.execute(
                     "UPDATE authorizations SET disclosed_total = ? WHERE auth_id = ?",
@@ -1004,8 +1058,24 @@ class Ledger:
         return self._audit.checkpoints()
 
     def verify_audit_chain(self) -> AuditVerification:
-        """Re-derive every hash and check every link (see :func:`chain.verify_chain`)."""
-        return chain.verify_chain(self.stored_entries())
+        """Re-derive every hash and check every link (see :func:`chain.verify_chain`), then
+        every disclosure row against its entry (:meth:`verify_disclosures`)."""
+        report = chain.verify_chain(self.stored_entries())
+        if not report.ok:
+            return report
+        problem = self.verify_disclosures()
+        if problem is None:
+            return report
+        return AuditVerification(False, report.entries, problem[0], problem[1], report.head)
+
+    def disclosure_accounts(self) -> Iterator[DisclosureAccount]:
+        """Every stored disclosure row, first and repeated, in ``audit_seq`` order."""
+        return self._audit.accounts()
+
+    def verify_disclosures(self) -> tuple[int, str] | None:
+        """The first disclosure row that disagrees with its audit entry, as ``(seq, detail)``
+        (see :func:`chain.check_disclosure_accounts`), or None."""
+        return chain.check_disclosure_accounts(self.stored_entries(), self.disclosure_accounts())
 
     def verify_checkpoints(self, verify: Callable[[bytes, bytes], bool]) -> bool:
         """Every checkpoint verifies and matches the recomputed chain (see

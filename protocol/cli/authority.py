@@ -35,7 +35,11 @@ from protocol.cli.oversight import (
     run_oversight_cli,
 )
 from protocol.domain.engine import Engine
-from protocol.domain.estimate import PopulationStats, estimate_false_matches
+from protocol.domain.estimate import (
+    PopulationStats,
+    estimate_corroborated_false_matches,
+    estimate_false_matches,
+)
 from protocol.domain.identity import validate_agency_id
 from protocol.domain.records import (
     CSV_SCHEMA_HELP,
@@ -83,6 +87,7 @@ from protocol.policy.decide import (
     authority_key_id,
     sign_authorization,
 )
+from protocol.sessions.aggregate import AGGREGATE_TIERS, aggregate_element_counts
 
 __all__ = ["main"]
 
@@ -293,6 +298,27 @@ def _read_and_validate(
     return items, validate_queries(items, today=today), today
 
 
+def _aggregate_tier(args: argparse.Namespace) -> bool:
+    return getattr(args, "tier", Tier.IDENTITY.value) in {t.value for t in AGGREGATE_TIERS}
+
+
+def _aggregate_budget(accepted: Sequence[QueryRecord], rules: Sequence[str], today: date
+                      ) -> dict[str, int]:
+    """The aggregate and cardinality tiers evaluate canonical keys only, one session per
+    rule, each sending its distinct keys (docs/architecture.md, Aggregate and cardinality
+    tiers): the budget is exactly their sum, whatever engines are listed."""
+    counts = aggregate_element_counts(accepted, rules, today=today)
+    with_variants = [r for r in rules if r in MATCH_RULES and MATCH_RULES[r].variants]
+    print(f"Budget needed (aggregate tier, {len(rules)} rule(s), one session each, distinct "
+          "canonical keys; variant keys are not evaluated in this tier): "
+          + ", ".join(f"{r} {n:,}" for r, n in counts.items())
+          + f"; total {sum(counts.values()):,}")
+    if with_variants:
+        print(f"  note: {', '.join(with_variants)} match on canonical keys only in this tier, "
+              "so their recall there is that of their canonical key")
+    return {"aggregate": sum(counts.values())}
+
+
 def _review_queries(
     args: argparse.Namespace,
 ) -> tuple[int, bytes, dict[str, int], list[QueryRecord]]:
@@ -317,12 +343,16 @@ def _review_queries(
     if not report.accepted:
         raise CliError(f"no query record in {path} passed validation; nothing to authorize")
     rules = _csv_list(args.rules)
-    # Every key the requester will evaluate, query-side variants included: the exact budget.
-    keys = query_match_keys_bulk([q.person for q in report.accepted], rules, today=today)
-    engines = [Engine.OPRF.value] if getattr(args, "named", False) else _csv_list(args.engines)
-    budgets = engine_budgets([k for rule in rules for ks in keys[rule] for k in ks], engines)
-    print(f"Budget needed ({len(rules)} rule(s), every key incl. variants), in units per "
-          "engine: " + ", ".join(f"{engine} {units:,}" for engine, units in budgets.items()))
+    if _aggregate_tier(args):
+        budgets = _aggregate_budget(report.accepted, rules, today)
+    else:
+        # Every key the requester will evaluate, query-side variants included: the exact budget.
+        keys = query_match_keys_bulk([q.person for q in report.accepted], rules, today=today)
+        engines = ([Engine.OPRF.value] if getattr(args, "named", False)
+                   else _csv_list(args.engines))
+        budgets = engine_budgets([k for rule in rules for ks in keys[rule] for k in ks], engines)
+        print(f"Budget needed ({len(rules)} rule(s), every key incl. variants), in units per "
+              "engine: " + ", ".join(f"{engine} {units:,}" for engine, units in budgets.items()))
     _print_estimate([q.person for q in report.accepted], rules, args, today)
     commitment = subject_commitment(report.accepted, today=today)
     return accepted, commitment, budgets, report.accepted
@@ -348,6 +378,21 @@ def _print_estimate(people: Sequence[PersonRecord], rules: Sequence[str],
         print(f"  {e.rule_id:<26} {_expected_text(e.expected_false_matches):>10}  "
               f"({e.queries:,} subjects, {e.keys:,} keys)")
     print(f"  {'all rules':<26} {_expected_text(total):>10}")
+    k = getattr(args, "corroboration", None)
+    if k is not None:
+        sample = people[::max(1, -(-len(people) // _CORROBORATION_SAMPLE))]
+        scale = len(people) / max(len(sample), 1)
+        corroborated = scale * estimate_corroborated_false_matches(
+            sample, rules, k, stats, today=today)
+        note = (f"; priced on {len(sample):,} of {len(people):,} subjects, scaled"
+                if len(sample) < len(people) else "")
+        print(f"  {f'corroborated by {k} rules':<26} {_expected_text(corroborated):>10}  "
+              f"(a disclosure needs {k} independent rules to agree; upper estimate{note})")
+
+
+#: Subjects the corroborated estimate prices one by one (every independent group of rules
+#: and every key combination); a larger file is priced on an even sample and scaled.
+_CORROBORATION_SAMPLE = 5_000
 
 
 def _expected_text(value: float) -> str:
@@ -360,6 +405,8 @@ def _expected_text(value: float) -> str:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     """Expected false matches per rule for a request file, before anyone signs."""
     _check_rules(_csv_list(args.rules))
+    if args.corroboration is not None and args.corroboration < 2:
+        raise CliError(f"--corroboration must be at least 2, got {args.corroboration}")
     path = Path(args.queries)
     items, report, today = _read_and_validate(path, _csv_list(args.rules))
     print(f"{len(report.accepted):,} of {len(items):,} query records in {path} pass validation "
@@ -404,6 +451,7 @@ def _draft(
             engines=_csv_list(args.engines),
             min_aggregate_count=args.min_aggregate_count,
             evaluation_key=_evaluation_key(args),
+            corroboration=getattr(args, "corroboration", None),
         )
     except ValueError as exc:
         message = str(exc).replace("value_field", "--value-field").replace(
@@ -559,6 +607,8 @@ def _cmd_issue(args: argparse.Namespace) -> int:
             _warn(
                 f"match rule {rule_id!r} is WEAK (high misidentification risk); custodians "
                 "refuse it unless their policy explicitly allows it"
+                + (" (or allows weak rules under corroboration)"
+                   if auth.corroboration is not None else "")
             )
     if "tin" in auth.disclosure_fields:
         _warn("'tin' is a disclosure field; the default custodian policy never discloses it")
@@ -578,12 +628,17 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     budget_note = (
         " (the largest need of the permitted engines: "
         + ", ".join(f"{e} {n:,}" for e, n in budgets.items())
-        + f"; {accepted:,} accepted subjects, {len(rules)} rules, every key incl. variants)"
+        + f"; {accepted:,} accepted subjects, {len(rules)} rules, "
+        + ("distinct canonical keys per rule)" if _aggregate_tier(args)
+           else "every key incl. variants)")
         if args.queries is not None and args.max_evaluations is None
         else ""
     )
     print(f"  max evaluations:{auth.max_evaluations:,}{budget_note}")
     print(f"  max disclosures: {auth.max_disclosures:,}")
+    if auth.corroboration is not None:
+        print(f"  corroboration:   {auth.corroboration} independent rules must agree on a "
+              "record before it is disclosed (same budget: the same keys are evaluated)")
     print(
         f"  valid:           {format_timestamp(auth.not_before)} .. "
         f"{format_timestamp(auth.not_after)}"
@@ -638,6 +693,9 @@ def _render(info: dict[str, Any]) -> None:
         ("Retention", f"{auth['retention_days']} days"),
         ("Engines", ", ".join(auth["engines"])),
     ]
+    if auth.get("corroboration") is not None:
+        rows.append(("Corroboration", f"{auth['corroboration']} independent rules per "
+                     "disclosure"))
     if auth["tier"] != Tier.IDENTITY.value:
         rows.append(("Min aggregate count", f"{auth['min_aggregate_count']:,}"))
     rows.append(("Subject commitment", auth["subject_commitment"] or "(none)"))
@@ -844,7 +902,8 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="budget in engine units (default with --queries: computed for every permitted "
-        "engine, the largest is signed; OPRF: one per query x rule, KKRT: one per cuckoo bin)",
+        "engine, the largest is signed; OPRF: one per query x rule, KKRT: one per cuckoo bin; "
+        "aggregate and cardinality tiers: the distinct canonical keys of each rule, summed)",
     )
     p.add_argument(
         "--max-disclosures",
@@ -901,6 +960,12 @@ def _add_issue_arguments(p: argparse.ArgumentParser) -> None:
         help="pin the custodian's published evaluation key (agency-b evaluation-key): its "
              "OPRF evaluations are then proven per chunk and checked by the requester "
              "(RFC 9497 POPRF; identity tier, oprf engine, bulk mode)")
+    p.add_argument(
+        "--corroboration", type=int, default=None, metavar="K",
+        help="identity tier: disclose a record only when K >= 2 pairwise independent rules "
+             "(each comparing a field the others do not) agree on it; the custodian checks "
+             "every group. The budget is unchanged (the same keys are evaluated) "
+             "(default: none, one rule suffices)")
     p.add_argument("--out", required=True, metavar="FILE", help="signed authorization to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
@@ -1062,6 +1127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"match rules to price, comma-separated ({', '.join(MATCH_RULES)}; "
                    f"default {','.join(DEFAULT_RULES)})")
     _add_population_arguments(p)
+    p.add_argument(
+        "--corroboration", type=int, default=None, metavar="K",
+        help="also price disclosures that need K >= 2 pairwise independent rules to agree "
+             "(an upper estimate, one more line) (default: none)")
 
     p = _subparser(
         sub,

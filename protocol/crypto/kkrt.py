@@ -619,6 +619,9 @@ class KKRTRequester:
     ``seed_context`` must equal the custodian's (e.g. authorization id + session id).
     ``bins`` overrides the table size (tests); ``executor`` (a process pool from
     ``protocol.adapters.workers.process_pool``) spreads the hashing over processes.
+    ``place_on``: an executor that runs the cuckoo placement as one background job, so it
+    overlaps with the session's open (the units depend only on the distinct-key count);
+    the first message, ``setup``, waits for it.
     """
 
     def __init__(
@@ -632,6 +635,7 @@ class KKRTRequester:
         max_attempts: int = DEFAULT_ATTEMPTS,
         executor: Executor | None = None,
         digests: np.ndarray | None = None,
+        place_on: Executor | None = None,
     ) -> None:
         if not 0 <= stash <= MAX_STASH:
             raise ValueError(f"stash must be in 0..{MAX_STASH}")
@@ -662,7 +666,14 @@ class KKRTRequester:
         if bins + stash > MAX_BINS:
             raise ValueError(f"{bins + stash} instances exceed the limit {MAX_BINS}")
         self.bins = bins
-        self.attempt, self._placement = self._cuckoo(max_attempts)
+        self._placed: tuple[int, CuckooPlacement] | None = None
+        self._placing: Job[tuple[int, CuckooPlacement]] | None = None
+        if place_on is None:
+            self._placed = cuckoo_placement(self._seed, self._digests, bins, stash,
+                                            max_attempts)
+        else:
+            self._placing = place_on.submit(cuckoo_placement, self._seed, self._digests,
+                                            bins, stash, max_attempts)
         self.timings["cuckoo"] = time.perf_counter() - started
         self.state = RequesterState.START
         self._base_ot: BaseOTSender | None = None
@@ -693,19 +704,23 @@ class KKRTRequester:
         """Distinct keys (the items actually placed)."""
         return int(self._digests.shape[0])
 
-    def _cuckoo(self, max_attempts: int) -> tuple[int, CuckooPlacement]:
-        for attempt in range(max_attempts):
-            cands = self._keys.bins(self._digests, attempt, self.bins)
-            rng = np.random.default_rng(np.frombuffer(
-                _derive(self._seed, b"cuckoo-walk", bytes([attempt])), dtype=np.uint32))
-            try:
-                return attempt, place(cands, self.bins, self.stash, rng)
-            except OverflowError:
-                continue
-        raise CuckooHashingError(
-            f"{self.item_count} items did not fit {self.bins} bins and {self.stash} stash "
-            f"slots in {max_attempts} attempts"
-        )
+    @property
+    def attempt(self) -> int:
+        """The cuckoo attempt whose hash functions placed every item (waits for placement)."""
+        return self._placement_result()[0]
+
+    @property
+    def _placement(self) -> CuckooPlacement:
+        return self._placement_result()[1]
+
+    def _placement_result(self) -> tuple[int, CuckooPlacement]:
+        if self._placed is None:
+            assert self._placing is not None
+            started = time.perf_counter()
+            self._placed = self._placing.result()  # CuckooHashingError re-raised here
+            self._placing = None
+            self.timings["cuckoo_wait"] = time.perf_counter() - started
+        return self._placed
 
     def setup(self) -> KKRTSetup:
         """First message: the table shape and the base-OT sender's A = a*G."""
@@ -897,6 +912,27 @@ class KKRTRequester:
         for items in self._table_hits.values():
             hit[items] = True
         return np.flatnonzero(hit[self._key_item]).tolist()
+
+
+def cuckoo_placement(seed: bytes, digests: np.ndarray, bins: int, stash: int,
+                     max_attempts: int) -> tuple[int, CuckooPlacement]:
+    """The first attempt (and its placement) whose hash functions fit every distinct digest.
+
+    Deterministic in the session seed, so it can run in a worker process.
+    """
+    keys = _SessionKeys(seed)
+    for attempt in range(max_attempts):
+        cands = keys.bins(digests, attempt, bins)
+        rng = np.random.default_rng(np.frombuffer(
+            _derive(seed, b"cuckoo-walk", bytes([attempt])), dtype=np.uint32))
+        try:
+            return attempt, place(cands, bins, stash, rng)
+        except OverflowError:
+            continue
+    raise CuckooHashingError(
+        f"{digests.shape[0]} items did not fit {bins} bins and {stash} stash "
+        f"slots in {max_attempts} attempts"
+    )
 
 
 def _dedupe(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -49,13 +49,20 @@ class EngineTraits:
     #: The engine evaluates verifiably under a pinned POPRF key (docs/architecture.md,
     #: Verifiable evaluation): only such engines run authorizations that pin one.
     verifiable_evaluation: bool = False
+    #: The custodian can check that every proof of a corroborated group names one record
+    #: (its proofs resolve to records, and nothing binds them to separate query slots the
+    #: custodian cannot group): only such engines run authorizations asking corroboration.
+    corroborated_disclosure: bool = False
 
 
 #: Traits of the built-in engines: the table ``decide`` uses when its caller passes none
 #: (the engine registry passes its own, which also holds engines registered at run time).
 BUILTIN_ENGINE_TRAITS: Mapping[str, EngineTraits] = MappingProxyType({
-    Engine.OPRF: EngineTraits(group_element_inputs=True, verifiable_evaluation=True),
-    Engine.KKRT: EngineTraits(group_element_inputs=False),
-    # Tokens of named subjects are per-authorization: the epoch index has none.
+    Engine.OPRF: EngineTraits(group_element_inputs=True, verifiable_evaluation=True,
+                              corroborated_disclosure=True),
+    Engine.KKRT: EngineTraits(group_element_inputs=False, corroborated_disclosure=True),
+    # Tokens of named subjects are per-authorization: the epoch index has none.  Its proofs
+    # bind to single evaluation slots, which the custodian cannot group into one query, so
+    # it serves no corroboration.
     Engine.OPRF_EPOCH: EngineTraits(group_element_inputs=False, index=IndexMode.EPOCH),
 })

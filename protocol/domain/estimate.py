@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache
+from itertools import combinations, product
 
 from protocol.crypto.encoding import LENGTH_BYTES
 from protocol.domain.records import (
@@ -33,13 +34,15 @@ from protocol.domain.records import (
     PersonRecord,
     encode_match_key,
     get_rule,
+    independent_group,
     normalize_name,
     normalize_tin,
     query_match_keys_bulk,
 )
 from protocol.domain.variants import first_name_canonical, phonetic, surname_canonical
 
-__all__ = ["PopulationStats", "RuleEstimate", "estimate_false_matches"]
+__all__ = ["PopulationStats", "RuleEstimate", "estimate_corroborated_false_matches",
+           "estimate_false_matches"]
 
 #: Valid SSN area, group and serial numbers: the space a transposed TIN lands in.
 SSN_SPACE = 898 * 99 * 9999
@@ -231,3 +234,68 @@ def estimate_false_matches(
         out.append(RuleEstimate(rule_id=rule_id, queries=queries, keys=key_count,
                                 expected_false_matches=expected))
     return out
+
+
+#: A phonetic field adds nothing where the exact spelling of the same name is compared.
+_IMPLIED_BY = {"first_phonetic": "first_name", "last_phonetic": "last_name"}
+
+
+def estimate_corroborated_false_matches(
+    records: Sequence[PersonRecord],
+    rule_ids: Sequence[str],
+    corroboration: int,
+    stats: PopulationStats,
+    *,
+    today: date,
+    keys: Mapping[str, Sequence[Sequence[bytes]]] | None = None,
+) -> float:
+    """Expected false matches when a disclosure needs ``corroboration`` pairwise independent
+    rules (docs/architecture.md, Recall and misidentification).
+
+    Another person is disclosed only if one of their records carries, for every rule of
+    some independent group, one of the query's keys.  Per query this sums, over every
+    such group and every choice of one key per rule whose shared fields agree, the chance
+    that a random other person agrees on the union of the group's fields (each field
+    priced once; a phonetic code not again beside its exact spelling), plus the namesake
+    term of that union: a union bound, so an upper estimate.
+    """
+    rules = list(dict.fromkeys(rule_ids))
+    if keys is None:
+        keys = query_match_keys_bulk(records, rules, today=today)
+    groups = [g for g in combinations(rules, corroboration) if independent_group(g)]
+    layout = {}
+    for rule_id in rules:
+        rule = get_rule(rule_id)
+        widths = [len(RULE_FIELDS[f]) for f in rule.fields]
+        layout[rule_id] = (rule.fields, widths, len(encode_match_key(rule_id, ())))
+    memo: dict[tuple[str, tuple[str, ...], bool], float] = {}
+    expected = 0.0
+    for q, record in enumerate(records):
+        own_tin = normalize_tin(record.tin)
+        parsed: dict[str, list[dict[str, tuple[str, ...]]]] = {}
+        for rule_id in rules:
+            fields, widths, start = layout[rule_id]
+            parsed[rule_id] = []
+            for key in keys[rule_id][q]:
+                comps, at, values = _components(key, start), 0, {}
+                for f, width in zip(fields, widths, strict=True):
+                    values[f] = comps[at:at + width]
+                    at += width
+                parsed[rule_id].append(values)
+        for group in groups:
+            for choice in product(*(parsed[r] for r in group)):
+                union: dict[str, tuple[str, ...]] = {}
+                if any(union.setdefault(f, v) != v for values in choice
+                       for f, v in values.items()):
+                    continue  # the keys disagree on a shared field: nobody holds both
+                p = float(stats.custodian_records)
+                for f, v in union.items():
+                    if _IMPLIED_BY.get(f) in union:
+                        continue
+                    memo_key = (f, v, v[0] == own_tin)
+                    agree = memo.get(memo_key)
+                    if agree is None:
+                        agree = memo[memo_key] = _agreement(f, v, own_tin, stats)
+                    p *= agree
+                expected += p + _namesake(list(union), stats)
+    return expected

@@ -118,14 +118,23 @@ class EvaluatedChunk:
 
 @dataclass(frozen=True)
 class DisclosureRequest:
-    """Requester -> Custodian: OPRF outputs of matched queries (proof of having queried)."""
+    """Requester -> Custodian: OPRF outputs of matched queries (proof of having queried).
+
+    ``groups`` (corroborated sessions only, else empty) is parallel to ``outputs``: items
+    with one group id present one record under several independent rules and disclose it
+    once, together (docs/architecture.md, Recall and misidentification).
+    """
 
     seq: int
     outputs: tuple[tuple[str, bytes], ...]  # (rule_id, 64-byte OPRF output)
+    groups: tuple[int, ...] = ()
 
     def transcript_bytes(self) -> bytes:
         outputs = (encode(rule_id, output) for rule_id, output in self.outputs)
-        return encode(b"disclosure-request", self.seq, encode(*outputs))
+        if not self.groups:  # the encoding of requests before corroboration existed
+            return encode(b"disclosure-request", self.seq, encode(*outputs))
+        return encode(b"disclosure-request", self.seq, encode(*outputs),
+                      encode(*self.groups))
 
 
 @dataclass(frozen=True)
@@ -153,18 +162,21 @@ class Disclosure:
 class DisclosureResponse:
     """Custodian -> Requester: disclosures for the verified outputs of request ``seq``.
 
-    ``rejected`` lists indexes whose output did not verify (invented or replayed).
+    ``rejected`` lists indexes whose output did not verify (invented or replayed);
+    ``reasons``, when sent, is parallel to it (``policy.decide.DisclosureRejection`` codes).
     """
 
     seq: int
     disclosures: tuple[Disclosure, ...]
     rejected: tuple[int, ...] = ()
+    reasons: tuple[str, ...] = ()
 
     def transcript_bytes(self) -> bytes:
-        return encode(
-            b"disclosure-response", self.seq,
-            encode(*(d.transcript_bytes() for d in self.disclosures)), encode(*self.rejected),
-        )
+        parts = [encode(*(d.transcript_bytes() for d in self.disclosures)),
+                 encode(*self.rejected)]
+        if self.reasons:  # absent: the encoding of replies before reasons were sent
+            parts.append(encode(*self.reasons))
+        return encode(b"disclosure-response", self.seq, *parts)
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ import csv
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from enum import IntEnum, StrEnum
 from functools import lru_cache
-from itertools import islice
+from itertools import combinations, islice
 from operator import itemgetter
 from typing import NoReturn, SupportsIndex, TextIO, cast, overload
 
@@ -60,6 +60,7 @@ __all__ = [
     "DISCLOSABLE_FIELDS",
     "MATCH_KEY_DST",
     "MATCH_RULES",
+    "MAX_CORROBORATION",
     "PERSON_FIELDS",
     "QUERY_META_FIELDS",
     "QUERY_REVIEW_COLUMNS",
@@ -76,11 +77,14 @@ __all__ = [
     "ValidationReport",
     "Variant",
     "address_problem",
+    "corroborated_pairs",
+    "corroborating_group",
     "decode_match_key",
     "encode_match_key",
     "evaluation_count",
     "field_columns",
     "get_rule",
+    "independent_group",
     "key_components",
     "match_keys_bulk",
     "match_keys_from_columns",
@@ -96,6 +100,7 @@ __all__ = [
     "read_query_csv",
     "read_query_csv_with_lines",
     "rule_columns",
+    "rules_independent",
     "split_suffix",
     "validate_person",
     "validate_persons",
@@ -1866,6 +1871,65 @@ def get_rule(rule_id: str) -> MatchRule:
     if rule is None:
         raise ValueError(f"unknown match rule: {rule_id!r}")
     return rule
+
+
+# --------------------------------------------------------------------------- corroboration
+#
+# A corroborated disclosure needs agreement on ``k`` independent rules (docs/architecture.md,
+# Recall and misidentification: Corroboration).  Two rules are *independent* when each reads
+# a source column the other does not: a rule whose columns are a subset of another's (the
+# same rule with variants, ``tin+last_phonetic`` inside ``tin+last_phonetic+zip``, an exact
+# and a phonetic spelling of the same name) is implied by it, so its agreement adds no
+# evidence about the pair.
+
+#: The most rules one corroborated group may carry (every built-in rule at once).
+MAX_CORROBORATION = len(MATCH_RULES)
+
+
+def rules_independent(rule_a: str, rule_b: str) -> bool:
+    """Whether ``rule_a`` and ``rule_b`` are independent evidence: each compares a source
+    column the other does not (so neither is implied by the other)."""
+    a, b = set(rule_columns(rule_a)), set(rule_columns(rule_b))
+    return not a <= b and not b <= a
+
+
+def independent_group(rule_ids: Sequence[str]) -> bool:
+    """Whether the rules are distinct and pairwise independent."""
+    rules = list(rule_ids)
+    return len(set(rules)) == len(rules) and all(
+        rules_independent(a, b) for i, a in enumerate(rules) for b in rules[i + 1:])
+
+
+def corroborating_group(rule_ids: Sequence[str], k: int) -> tuple[str, ...] | None:
+    """The first ``k`` pairwise independent rules among ``rule_ids`` (in their order, repeats
+    ignored), or None when no ``k`` of them are independent.  Both the requester (which
+    rules it presents) and the plaintext corroborated join use it, so they agree."""
+    distinct = list(dict.fromkeys(rule_ids))
+    if k < 1 or len(distinct) < k:
+        return None
+    for combo in combinations(distinct, k):
+        if independent_group(combo):
+            return combo
+    return None
+
+
+def corroborated_pairs(pairs: Mapping[str, Mapping[str, Collection[int]]], k: int
+                       ) -> dict[str, set[int]]:
+    """The plaintext corroborated join: per query, the records on which at least ``k``
+    pairwise independent rules agree, from ``pairs`` (rule -> query -> matched records)."""
+    votes: dict[str, dict[int, list[str]]] = {}
+    for rule_id, found in pairs.items():
+        for query_id, hits in found.items():
+            per_query = votes.setdefault(query_id, {})
+            for h in hits:
+                per_query.setdefault(h, []).append(rule_id)
+    agreed: dict[str, set[int]] = {}
+    for query_id, per_record in votes.items():
+        hits = {h for h, rules in per_record.items()
+                if corroborating_group(rules, k) is not None}
+        if hits:
+            agreed[query_id] = hits
+    return agreed
 
 
 def match_keys_bulk(

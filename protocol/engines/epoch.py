@@ -12,12 +12,13 @@ epoch's tag set: per rule, the sorted ``L``-bit fingerprints of the outputs, Gol
 2. the requester finalizes, fingerprints its outputs and merges them with the tag set it
    fetched once for the epoch (``FetchTagSet``, accounted) as a stream;
 3. each disclosure presents ``(chunk, index, blind r, output y)``: the custodian takes its
-   stored blinded element ``B`` of that chunk and index in *this* session, computes
-   ``Z = r^-1 · (k_E · B)``, looks up the candidate rows of ``fingerprint(y)`` in its index
-   and accepts only a row whose key ``x`` gives ``Z == k_E · H(x)`` and
-   ``y == Finalize(x, Z)``, both compared in constant time.  So every disclosure is bound to
-   an evaluation counted under the presenting authorization's session: an output learned
-   in another session, another authorization, or not by evaluation at all, is refused.
+   stored blinded element ``B`` of that chunk and index in *this* session, looks up the
+   candidate rows of ``fingerprint(y)`` in its index and accepts only a row whose key ``x``
+   gives ``r · H(x) == B`` (equivalently ``r^-1 · (k_E · B) == k_E · H(x)``) and
+   ``y == Finalize(x, k_E · H(x))``, both compared in constant time.  So every disclosure
+   is bound to an evaluation counted under the presenting authorization's session: an
+   output learned in another session, another authorization, or not by evaluation at all,
+   is refused.
 """
 
 from __future__ import annotations
@@ -98,12 +99,6 @@ def decode_proof(proof: bytes) -> tuple[int, int, bytes, bytes]:
             proof[8:8 + s], proof[8 + s:])
 
 
-def _unblind_scalar(blind: bytes) -> bytes:
-    """r^-1 mod L of a valid blind (``deserialize_scalar`` refuses zero and non-canonical)."""
-    value = int.from_bytes(oprf.deserialize_scalar(blind), "little")
-    return pow(value, -1, oprf.GROUP_ORDER).to_bytes(oprf.SCALAR_SIZE, "little")
-
-
 # --------------------------------------------------------------------------- requester
 
 
@@ -126,6 +121,9 @@ class EpochRequester:
         self._outputs = bytearray(n * oprf.OUTPUT_SIZE)
         self._evaluated_chunks: set[int] = set()
         self._rules: tuple[str, ...] = ()
+        # each output's fingerprint, taken as its chunk arrives (while later chunks are
+        # still being evaluated), so the match after the last chunk only sorts and merges
+        self._fingerprints = np.empty(n, dtype=tagset.FP_DTYPE)
 
     @property
     def units(self) -> int:
@@ -181,7 +179,18 @@ class EpochRequester:
         o, s = oprf.OUTPUT_SIZE, oprf.SCALAR_SIZE
         self._outputs[start * o:(start + len(outputs)) * o] = b"".join(outputs)
         self._blinds[start * s:(start + len(outputs)) * s] = blinds
+        self._fingerprint(start, outputs)
         self._evaluated_chunks.add(message.seq)
+
+    def _fingerprint(self, start: int, outputs: Sequence[bytes]) -> None:
+        """Fingerprints of one evaluated chunk, rule by rule (the rule is in the hash)."""
+        tags = self.tagset
+        rules = self.element_rules[start:start + len(outputs)]
+        for rule_id in dict.fromkeys(rules):
+            at = [j for j, r in enumerate(rules) if r == rule_id]
+            self._fingerprints[[start + j for j in at]] = tagset.fingerprints(
+                [outputs[j] for j in at], epoch_id=tags.epoch_id, rule_id=rule_id,
+                bits=tags.bits)
 
     def output(self, element: int) -> bytes:
         o = oprf.OUTPUT_SIZE
@@ -190,8 +199,9 @@ class EpochRequester:
     def match(self) -> list[int]:
         """Positions whose fingerprint is in the epoch's tag set of their rule.
 
-        One rule at a time: the requester's fingerprints are sorted in memory (they are
-        the small side), the custodian's are decoded chunk by chunk and merged.
+        One rule at a time: the requester's fingerprints (taken chunk by chunk in
+        :meth:`handle`) are sorted in memory (they are the small side), the custodian's are
+        decoded chunk by chunk and merged.
         """
         if len(self._evaluated_chunks) != self.chunk_count:
             raise ProtocolError(
@@ -201,9 +211,7 @@ class EpochRequester:
         rules = np.asarray(self.element_rules, dtype=object)
         for rule_id in dict.fromkeys(self.element_rules):
             positions = np.flatnonzero(rules == rule_id)
-            fps = tagset.fingerprints([self.output(int(p)) for p in positions],
-                                      epoch_id=tags.epoch_id, rule_id=rule_id, bits=tags.bits)
-            ours, order = tagset.sort_with_positions(fps)
+            ours, order = tagset.sort_with_positions(self._fingerprints[positions])
             blocks = tagset.decode_chunks(tags.tagset_chunks(rule_id), bits=tags.bits,
                                           max_tags=tags.tags(rule_id))
             hits.extend(pos for pos, _fp in tagset.merge_matches(ours, positions[order], blocks))
@@ -313,16 +321,19 @@ class EpochCustodianSession:
         """The binding check of a batch (see the module docstring): verified rows, and why
         each other proof failed.
 
-        Batched: the stored elements ``B`` of every proof go through ``k_E`` in one call
-        and the candidates' ``H(x)`` in another (on the worker pool when the custodian has
-        one), the candidate records are read in one go (out of core: one read per row
-        group); what remains per proof is ``r^-1 · (k_E · B)`` and the comparisons.
+        The check is ``r · H(x) == B`` (the counted blinded element was this key under
+        this blind) and ``y == Finalize(x, k_E · H(x))``.  In a group of prime order with
+        ``r != 0`` the first is equivalent to ``r^-1 · (k_E · B) == k_E · H(x)`` and needs
+        one scalar multiplication and one inversion fewer per proof.  Batched: the candidates'
+        ``k_E · H(x)`` go through ``k_E`` in one call (on the worker pool when the custodian
+        has one) and the candidate records are read in one go (out of core: one read per
+        row group); what remains per candidate is ``r · H(x)`` and the comparisons.
         """
         index, sid, size = self.epoch_index, self._grant.session_id, oprf.ELEMENT_SIZE
         why: dict[int, str] = {}
         chunks: dict[int, bytes | None] = {}
-        # (position, rule, stored element, r^-1, output, candidate rows)
-        parsed: list[tuple[int, str, bytes, bytes, bytes, list[int]]] = []
+        # (position, rule, stored element B, blind r, output y)
+        held: list[tuple[int, str, bytes, bytes, bytes]] = []
         for i, rule_id, proof in items:
             seq, at, blind, output = decode_proof(proof)
             if seq not in chunks:
@@ -332,40 +343,45 @@ class EpochCustodianSession:
                 why[i] = f"no evaluation {seq}/{at} was counted in session {sid}"
                 continue
             try:
-                unblind = _unblind_scalar(blind)
+                blind = oprf.deserialize_scalar(blind)  # refuses zero and non-canonical
             except InvalidElementError as exc:
                 why[i] = f"invalid blind: {exc}"
                 continue
-            fingerprint = tagset.to_ints(tagset.fingerprints(
-                [output], epoch_id=index.epoch_id, rule_id=rule_id, bits=index.bits))[0]
             why[i] = (f"evaluation {seq}/{at} of session {sid} with this blind does not give "
                       "the presented output for any record")
-            parsed.append((i, rule_id, chunk[at * size:(at + 1) * size], unblind, output,
-                           [int(r) for r in index.rows_for(rule_id, fingerprint)]))
-        if not parsed:
+            held.append((i, rule_id, chunk[at * size:(at + 1) * size], blind, output))
+        if not held:
             return {}, why
-        ops, today = self.data.ops, self.data.today()
-        stored = ops.blind_evaluate(self._sk, b"".join(p[2] for p in parsed))  # k_E · B
+        # candidate rows of each output's fingerprint, one index lookup per rule
+        candidates: list[list[int]] = [[] for _ in held]
+        for rule_id in dict.fromkeys(h[1] for h in held):
+            mine = [j for j, h in enumerate(held) if h[1] == rule_id]
+            fps = tagset.fingerprints([held[j][4] for j in mine], epoch_id=index.epoch_id,
+                                      rule_id=rule_id, bits=index.bits)
+            for j, rows_of in zip(mine, index.rows_for_many(rule_id, fps), strict=True):
+                candidates[j] = [int(r) for r in rows_of]
+        parsed = [(*h, c) for h, c in zip(held, candidates, strict=True)]
+        today = self.data.today()
         rows = sorted({r for p in parsed for r in p[5]})
         records = dict(zip(rows, records_at(self.data.records, rows), strict=True))
         excluded = self.data.excluded_record_classes
-        pending: list[tuple[int, int, bytes, bytes, bytes]] = []  # (i, row, x, Z, y)
-        for j, (i, rule_id, _, unblind, output, candidates) in enumerate(parsed):
-            z = oprf.blind_evaluate(unblind, stored[j * size:(j + 1) * size])
+        # (position, row, key x, H(x), stored B, blind r, output y)
+        pending: list[tuple[int, int, bytes, bytes, bytes, bytes, bytes]] = []
+        for i, rule_id, stored, blind, output, candidate_rows in parsed:
             rule = MATCH_RULES[rule_id]
-            for row in candidates:
+            for row in candidate_rows:
                 key = rule.match_key(records[row], today=today)
                 if key is not None and records[row].record_class not in excluded:
-                    pending.append((i, row, key, z, output))
+                    pending.append((i, row, key, oprf.hash_to_group(key), stored, blind, output))
         if not pending:
             return {}, why
         # k_E · H(x) of every candidate key, in one batch
-        expected = ops.blind_evaluate(self._sk, b"".join(
-            oprf.hash_to_group(p[2]) for p in pending))
+        issued = self.data.ops.blind_evaluate(self._sk, b"".join(p[3] for p in pending))
         verified: dict[int, int] = {}
-        for j, (i, row, key, z, output) in enumerate(pending):
-            same_element = hmac.compare_digest(z, expected[j * size:(j + 1) * size])
-            same_output = hmac.compare_digest(oprf.finalize_element(key, z), output)
+        for j, (i, row, key, element, stored, blind, output) in enumerate(pending):
+            same_element = hmac.compare_digest(oprf.blind_evaluate(blind, element), stored)
+            same_output = hmac.compare_digest(
+                oprf.finalize_element(key, issued[j * size:(j + 1) * size]), output)
             if same_element and same_output and i not in verified:
                 verified[i] = row
                 why.pop(i, None)

@@ -65,12 +65,15 @@ class KkrtRequesterEngine:
     """Cuckoo-hashes the requester's keys and drives the OT extension."""
 
     def __init__(self, inputs: RequesterInputs) -> None:
-        # No worker pool here: during the extension the requester and the custodian
-        # already fill both cores, and shipping H jobs to workers measured slower.
+        # No worker pool for H: during the extension the requester and the custodian
+        # already fill both cores, and shipping H jobs to workers measured slower.  The
+        # cuckoo placement, though, goes to a worker: it then runs while the custodian
+        # builds its key table for the open, not before the open is sent.
         self._kkrt = KKRTRequester(
             inputs.inputs, seed_context=kkrt_context(inputs.authorization_id, inputs.session_id),
             digests=None if inputs.digests is None else np.frombuffer(
-                inputs.digests, dtype=np.uint8).reshape(-1, DIGEST_SIZE))
+                inputs.digests, dtype=np.uint8).reshape(-1, DIGEST_SIZE),
+            place_on=getattr(inputs.ops, "executor", None))
 
     @property
     def units(self) -> int:

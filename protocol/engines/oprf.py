@@ -124,6 +124,8 @@ class OprfRequester:
         self._outputs = bytearray(n * oprf.OUTPUT_SIZE)
         self._tags = bytearray(n * TAG_SIZE)
         self._evaluated_chunks: set[int] = set()
+        #: Chunks blinded ahead of sending (``blind_ahead``): message, blinds, blinded.
+        self._ahead: dict[int, tuple[EvaluateChunk, bytes, bytes | None]] = {}
         self._custodian_tags: list[bytes] = []
         self._tag_chunks_seen = 0
         self._tag_count: int | None = None
@@ -164,20 +166,47 @@ class OprfRequester:
             yield self.evaluation_chunk(seq)
 
     def evaluation_chunk(self, seq: int) -> EvaluateChunk:
-        """Blind chunk ``seq``; the blinds stay here until its reply arrives."""
+        """Blind chunk ``seq`` (unless it was blinded ahead); its blinds stay here until its
+        reply arrives.  Only a chunk handed out here counts as requested."""
+        ready = self._ahead.pop(seq) if seq in self._ahead else self._blind_chunk(seq)
+        message, blinds, blinded = ready
+        if blinded is not None:
+            self._blinded[seq] = blinded
+        self._blinds[seq] = blinds
+        return message
+
+    def _blind_chunk(self, seq: int) -> tuple[EvaluateChunk, bytes, bytes | None]:
+        """Chunk ``seq`` blinded: the message, its blinds, and (verifiable) the blinded."""
         start = seq * self.chunk_size
         inputs = self.element_input[start:start + self.chunk_size]
         if self._tokens is not None:
             blinds, blinded = blind_tokens(self._tokens[start * 32:(start + len(inputs)) * 32])
-            if self.verifiable:
-                self._blinded[seq] = blinded
         elif self.verifiable:
             blinds, blinded = oprf.poprf_blind_batch(inputs, executor=self.ops.executor)
-            self._blinded[seq] = blinded
         else:
             blinds, blinded = self.ops.blind(inputs)
-        self._blinds[seq] = blinds
-        return EvaluateChunk(seq=seq, elements=blinded)
+        return (EvaluateChunk(seq=seq, elements=blinded), blinds,
+                blinded if self.verifiable else None)
+
+    def blind_ahead(self, stop: Callable[[], bool]) -> int:
+        """Blind chunks in sending order until ``stop()`` is true or all are; returns how many.
+
+        Why: blinding needs nothing from the custodian, so the requester can do it while
+        the custodian opens the session (checks policy, reserves budget, builds its tag
+        index) instead of leaving its cores idle (docs/architecture.md, Engines).  Nothing
+        is sent or counted as requested here: a chunk becomes requested only when
+        :meth:`evaluation_chunk` hands it out, so a reply to a chunk blinded ahead but
+        never sent is still refused.  Not thread-safe against ``evaluation_chunk``: the
+        caller stops this before the exchanges start.
+        """
+        done = 0
+        for seq in range(self.chunk_count):
+            if stop():
+                break
+            if seq not in self._ahead and seq not in self._blinds:
+                self._ahead[seq] = self._blind_chunk(seq)
+            done += 1
+        return done
 
     def handle(self, message: object) -> None:
         if isinstance(message, EvaluatedChunk):

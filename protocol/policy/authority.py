@@ -32,6 +32,7 @@ from protocol.domain.records import (
     PERSON_FIELDS,
     QUERY_META_FIELDS,
     QueryRecord,
+    corroborating_group,
     normalize_address,
     normalize_dob,
     normalize_name,
@@ -288,12 +289,15 @@ def draft_authorization(
     min_aggregate_count: int = 0,
     value_field: str = "",
     evaluation_key: bytes | None = None,
+    corroboration: int | None = None,
 ) -> Authorization:
     """Build an unsigned Authorization after checking it against the known rules and fields.
 
     ``mode`` defaults to ``bulk``; ``named_subjects`` is set by the review step, which issues
     per-subject tokens.  ``evaluation_key`` pins the custodian's POPRF public key, so its OPRF
-    evaluations are verified (docs/architecture.md, Verifiable evaluation).  The authorization
+    evaluations are verified (docs/architecture.md, Verifiable evaluation).  ``corroboration``
+    (k >= 2) makes every disclosure need k pairwise independent rules of ``match_rules``
+    (docs/architecture.md, Recall and misidentification).  The authorization
     id is fresh and random. Raises ValueError with a message naming the offending argument.
     """
     if isinstance(authority_key, Ed25519PrivateKey):
@@ -339,6 +343,10 @@ def draft_authorization(
         raise ValueError("at least one match engine is required")
     if mode is None:
         mode = Mode.BULK
+    if corroboration is not None and corroborating_group(rules, corroboration) is None:
+        raise ValueError(f"corroboration by {corroboration} rules needs {corroboration} "
+                         f"pairwise independent rules (each comparing a field the others do "
+                         f"not); {', '.join(rules)} hold none")
     return Authorization(
         authorization_id=new_authorization_id(),
         authority_key_id=authority_key_id(public_key),
@@ -360,6 +368,7 @@ def draft_authorization(
         min_aggregate_count=min_aggregate_count,
         engines=engine_ids,
         evaluation_key=evaluation_key,
+        corroboration=corroboration,
     )
 
 

@@ -19,7 +19,7 @@ import hmac
 import json
 import math
 import secrets
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -35,9 +35,12 @@ from protocol.domain.engine import BUILTIN_ENGINE_TRAITS, Engine, EngineTraits, 
 from protocol.domain.records import (
     DISCLOSABLE_FIELDS,
     MATCH_RULES,
+    MAX_CORROBORATION,
     PERSON_FIELDS,
     RECORD_CLASS_FIELD,
     Strength,
+    corroborating_group,
+    independent_group,
 )
 from protocol.errors import InvalidElementError, PolicyRefusal
 
@@ -49,8 +52,10 @@ __all__ = [
     "REFUSAL_CATEGORY",
     "SIGNED_AUTHORIZATION_FORMAT",
     "Authorization",
+    "Corroboration",
     "CustodianPolicy",
     "Decision",
+    "DisclosureRejection",
     "Mode",
     "Reason",
     "Refused",
@@ -61,6 +66,7 @@ __all__ = [
     "authority_key_id",
     "cap_allows_another",
     "check_disclosure",
+    "check_disclosure_group",
     "check_evaluation",
     "check_message",
     "decide",
@@ -109,6 +115,35 @@ class VerifiableEvaluation(StrEnum):
     REFUSED = "refused"
     ALLOWED = "allowed"
     REQUIRED = "required"
+
+
+class Corroboration(StrEnum):
+    """A custodian's stance on corroborated disclosure (docs/architecture.md, Recall and
+    misidentification): it may refuse authorizations that ask for it, serve both kinds, or
+    require it (every disclosure backed by independent rules)."""
+
+    REFUSED = "refused"
+    ALLOWED = "allowed"
+    REQUIRED = "required"
+
+
+class DisclosureRejection(StrEnum):
+    """Why a disclosure item (or its whole corroborated group) released nothing; sent back
+    beside each rejected index and counted in the custodian's audit entry."""
+
+    PROOF_INVALID = "proof_invalid"  # no in-scope record gives this proof under this rule
+    RULE_NOT_OPENED = "rule_not_opened"  # a rule this session did not open
+    DISCLOSURE_CAP_REACHED = "disclosure_cap_reached"
+    #: Corroborated sessions: an item presented alone, outside any group.
+    CORROBORATION_REQUIRED = "corroboration_required"
+    CORROBORATION_TOO_FEW_RULES = "corroboration_too_few_rules"
+    CORROBORATION_GROUP_OVERSIZED = "corroboration_group_oversized"
+    CORROBORATION_RULE_REPEATED = "corroboration_rule_repeated"
+    CORROBORATION_RULES_NOT_INDEPENDENT = "corroboration_rules_not_independent"
+    #: The group's proofs hold, but for different records.
+    CORROBORATION_RECORDS_DIFFER = "corroboration_records_differ"
+    #: Disclosure groups sent in a session whose authorization asks for no corroboration.
+    CORROBORATION_NOT_AUTHORIZED = "corroboration_not_authorized"
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,11 +253,14 @@ _CANONICAL_ENCODERS: tuple[tuple[str, Callable[[Any], Part]], ...] = (
     ("engines", encode_strs),
     ("value_field", _same),
     ("evaluation_key", _enc_optional_bytes),
+    ("corroboration", _same),
 )
 #: Trailing fields signed only when set, so authorizations issued before they existed keep
 #: their signed bytes (omitting a trailing part keeps the encoding injective: the part count
-#: differs).  Only ever append here, and only fields that come last above.
-_SIGNED_WHEN_SET = ("evaluation_key",)
+#: differs).  Only ever append here, and only fields that come last above.  An unset one is
+#: left out only when every field after it is unset too (it is encoded as absent otherwise),
+#: so the part count still says which fields are present.
+_SIGNED_WHEN_SET = ("evaluation_key", "corroboration")
 
 
 def new_authorization_id() -> str:
@@ -259,7 +297,7 @@ _AUTH_REQUIRED_KEYS = (
     "retention_days",
 )
 _AUTH_OPTIONAL_KEYS = ("mode", "subject_commitment", "min_aggregate_count", "engines",
-                       "value_field", "evaluation_key")
+                       "value_field", "evaluation_key", "corroboration")
 #: Spellings an older authorization file may use, refused with the new name (never read as
 #: aliases: a signed field means one thing).
 RENAMED_AUTHORIZATION_KEYS = {
@@ -301,6 +339,10 @@ class Authorization:
     #: then evaluates verifiably under it with info = the authorization id, and the requester
     #: checks one proof per chunk (docs/architecture.md, Verifiable evaluation).  None: mode 0.
     evaluation_key: bytes | None = None
+    #: Corroboration (docs/architecture.md, Recall and misidentification): a record is
+    #: disclosed only when this many pairwise independent rules agree on it, each presented
+    #: and checked by the custodian.  None: one rule suffices (signed only when set).
+    corroboration: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -359,14 +401,17 @@ class Authorization:
         if self.mode is Mode.NAMED_SUBJECTS and commitment is None:
             raise ValueError("mode 'named_subjects' requires a subject_commitment")
         _set(self, "evaluation_key", _check_evaluation_key(self))
+        _check_corroboration(self)
 
     new_authorization_id = staticmethod(new_authorization_id)
 
     def canonical_bytes(self) -> bytes:
         """The exact bytes the authority signs; injective over all field values."""
-        fields = (enc(getattr(self, name)) for name, enc in _CANONICAL_ENCODERS
-                  if name not in _SIGNED_WHEN_SET or getattr(self, name) is not None)
-        return encode(AUTHORIZATION_TAG, *fields)
+        encoders = list(_CANONICAL_ENCODERS)
+        while (encoders and encoders[-1][0] in _SIGNED_WHEN_SET
+               and getattr(self, encoders[-1][0]) is None):
+            encoders.pop()
+        return encode(AUTHORIZATION_TAG, *(enc(getattr(self, name)) for name, enc in encoders))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-friendly dict (enums as values, tuples as lists, bytes as hex)."""
@@ -394,6 +439,8 @@ class Authorization:
             "value_field": self.value_field,
             **({} if self.evaluation_key is None
                else {"evaluation_key": self.evaluation_key.hex()}),
+            **({} if self.corroboration is None
+               else {"corroboration": self.corroboration}),
         }
 
     @classmethod
@@ -412,7 +459,7 @@ class Authorization:
         if missing:
             raise ValueError(f"authorization is missing keys: {missing}")
         kwargs: dict[str, Any] = {k: data[k] for k in _AUTH_REQUIRED_KEYS}
-        for key in ("mode", "min_aggregate_count", "engines", "value_field"):
+        for key in ("mode", "min_aggregate_count", "engines", "value_field", "corroboration"):
             if key in data:
                 kwargs[key] = data[key]
         commitment = data.get("subject_commitment")
@@ -432,6 +479,22 @@ class Authorization:
             except ValueError as exc:
                 raise ValueError("evaluation_key is not valid hex") from exc
         return cls(**kwargs)
+
+
+def _check_corroboration(auth: Authorization) -> None:
+    """Corroboration is a count of rules from 2 up to the authorization's rules, and applies
+    only where records are disclosed (the identity tier)."""
+    k = auth.corroboration
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"corroboration must be an integer or None, got {k!r}")
+    if not 2 <= k <= min(len(auth.match_rules), MAX_CORROBORATION):
+        raise ValueError(f"corroboration must be between 2 and the authorization's "
+                         f"{len(auth.match_rules)} match rules, got {k}")
+    if auth.tier is not Tier.IDENTITY:
+        raise ValueError(f"corroboration applies only to the identity tier, not "
+                         f"{auth.tier.value!r}")
 
 
 def _check_evaluation_key(auth: Authorization) -> bytes | None:
@@ -614,6 +677,8 @@ _POLICY_KEYS = (
     "epoch_max_evaluations",
     "epoch_max_tagset_fetches",
     "verifiable_evaluation",
+    "corroboration",
+    "weak_rules_when_corroborated",
 )
 
 #: An epoch id names a key epoch in key info strings, file names and the wire: short and plain.
@@ -672,6 +737,12 @@ class CustodianPolicy:
     #: Authorizations that pin this custodian's evaluation key: refused, allowed, or
     #: required (docs/architecture.md, Verifiable evaluation).
     verifiable_evaluation: VerifiableEvaluation = VerifiableEvaluation.ALLOWED
+    #: Authorizations that ask for corroborated disclosure: refused, allowed, or required
+    #: (docs/architecture.md, Recall and misidentification).
+    corroboration: Corroboration = Corroboration.ALLOWED
+    #: Rules below ``min_rule_strength`` are served when the authorization asks for
+    #: corroboration: each of their matches discloses only with independent agreement.
+    weak_rules_when_corroborated: bool = False
 
     def __post_init__(self) -> None:
         _check_str("custodian_id", self.custodian_id)
@@ -710,6 +781,10 @@ class CustodianPolicy:
         _set(self, "index_mode", _check_enum("index_mode", IndexMode, self.index_mode))
         _set(self, "verifiable_evaluation", _check_enum(
             "verifiable_evaluation", VerifiableEvaluation, self.verifiable_evaluation))
+        _set(self, "corroboration", _check_enum(
+            "corroboration", Corroboration, self.corroboration))
+        if not isinstance(self.weak_rules_when_corroborated, bool):
+            raise ValueError("weak_rules_when_corroborated must be true or false")
         _check_int("epoch_max_evaluations", self.epoch_max_evaluations, minimum=1)
         _check_int("epoch_max_tagset_fetches", self.epoch_max_tagset_fetches, minimum=1)
         if self.epoch_id is not None:
@@ -750,6 +825,8 @@ class CustodianPolicy:
             "epoch_max_evaluations": self.epoch_max_evaluations,
             "epoch_max_tagset_fetches": self.epoch_max_tagset_fetches,
             "verifiable_evaluation": self.verifiable_evaluation.value,
+            "corroboration": self.corroboration.value,
+            "weak_rules_when_corroborated": self.weak_rules_when_corroborated,
         }
 
     @classmethod
@@ -814,6 +891,9 @@ class Reason(StrEnum):
     #: pin one its policy requires; or it pins a key that is not this custodian's.
     VERIFIABLE_EVALUATION_NOT_PERMITTED = "verifiable_evaluation_not_permitted"
     EVALUATION_KEY_MISMATCH = "evaluation_key_mismatch"
+    #: The authorization asks for corroboration the custodian's policy refuses, or lacks
+    #: the corroboration its policy requires, or the session's rules cannot corroborate.
+    CORROBORATION_NOT_PERMITTED = "corroboration_not_permitted"
     MALFORMED = "malformed"
     #: A session id the ledger cannot open for this request (used, held, or changed); one
     #: reason and one message whoever holds it, so it is no oracle on which ids exist.
@@ -841,6 +921,7 @@ REFUSAL_CATEGORY: dict[Reason, str] = {
     Reason.RELEASE_OVERLAP: "permission_denied",
     Reason.VERIFIABLE_EVALUATION_NOT_PERMITTED: "failed_precondition",
     Reason.EVALUATION_KEY_MISMATCH: "failed_precondition",
+    Reason.CORROBORATION_NOT_PERMITTED: "failed_precondition",
     Reason.RULE_UNKNOWN: "invalid_argument",
     Reason.ENGINE_UNKNOWN: "invalid_argument",
     Reason.MALFORMED: "invalid_argument",
@@ -1119,6 +1200,8 @@ def decide(
 
     # 5c: verifiable evaluation (docs/architecture.md, Verifiable evaluation).
     refusals.extend(_verifiable_refusals(auth, request, policy, traits, evaluation_key))
+    # 5d: corroborated disclosure (docs/architecture.md, Recall and misidentification).
+    refusals.extend(_corroboration_refusals(auth, request, policy, traits))
 
     # 5b: a named-subject authorization is served only in the identity tier (the other tiers
     # have no per-subject tokens), and only with a certification of the custodian's records
@@ -1157,7 +1240,9 @@ def decide(
                 f"{auth.authorization_id} (permitted: {', '.join(auth.match_rules)})",
             )
         strength = Strength(rule.strength)
-        if strength < policy.min_rule_strength and rule_id not in policy.allowed_weak_rules:
+        corroborated = auth.corroboration is not None and policy.weak_rules_when_corroborated
+        if (strength < policy.min_rule_strength and rule_id not in policy.allowed_weak_rules
+                and not corroborated):
             refuse(
                 Reason.RULE_TOO_WEAK,
                 f"match rule {rule_id!r} is {strength.name}; custodian policy requires at "
@@ -1271,6 +1356,68 @@ def _verifiable_refusals(auth: Authorization, request: SessionRequest,
             f"{auth.evaluation_key.hex()[:16]}..., which is not custodian "
             f"{policy.custodian_id}'s evaluation key"))
     return refusals
+
+
+def _corroboration_refusals(auth: Authorization, request: SessionRequest,
+                            policy: CustodianPolicy, traits: EngineTraits | None
+                            ) -> list[Refused]:
+    """Corroboration must be allowed (or, where required, present), run on an engine that
+    can check a group's proofs against one record, and be reachable with the session's
+    rules (``k`` of them pairwise independent)."""
+    stance, k = policy.corroboration, auth.corroboration
+    if k is None:
+        if stance is Corroboration.REQUIRED and request.tier is Tier.IDENTITY:
+            return [Refused(
+                Reason.CORROBORATION_NOT_PERMITTED,
+                f"custodian {policy.custodian_id} requires corroborated disclosure, but "
+                f"authorization {auth.authorization_id} does not ask for it")]
+        return []
+    if stance is Corroboration.REFUSED:
+        return [Refused(
+            Reason.CORROBORATION_NOT_PERMITTED,
+            f"authorization {auth.authorization_id} asks for corroboration by {k} rules, but "
+            f"custodian {policy.custodian_id}'s policy refuses corroborated disclosure")]
+    refusals = []
+    if traits is not None and not traits.corroborated_disclosure:
+        refusals.append(Refused(
+            Reason.ENGINE_NOT_PERMITTED,
+            f"authorization {auth.authorization_id} asks for corroboration, but match engine "
+            f"{request.engine!r} cannot check that a group of proofs names one record of "
+            "one query"))
+    known = [r for r in dict.fromkeys(request.match_rules) if r in MATCH_RULES]
+    if corroborating_group(known, k) is None:
+        refusals.append(Refused(
+            Reason.CORROBORATION_NOT_PERMITTED,
+            f"authorization {auth.authorization_id} asks for corroboration by {k} "
+            f"independent rules, but the session's rules ({', '.join(request.match_rules)}) "
+            f"hold no {k} pairwise independent ones"))
+    return refusals
+
+
+def check_disclosure_group(auth: Authorization, session_rules: Collection[str],
+                           group_rules: Sequence[str]) -> DisclosureRejection | None:
+    """Why a group of disclosure items (their rules, in order) may not disclose, or None.
+
+    Without corroboration every item stands alone (a group of one); with it a group needs
+    at least ``auth.corroboration`` distinct, opened, pairwise independent rules, and at
+    most one item per opened rule.  Whether the proofs hold and name one record is the
+    engine's to say after this."""
+    k = auth.corroboration
+    if any(r not in session_rules for r in group_rules):
+        return DisclosureRejection.RULE_NOT_OPENED
+    if k is None:
+        return None if len(group_rules) == 1 else DisclosureRejection.CORROBORATION_NOT_AUTHORIZED
+    if len(group_rules) > min(len(session_rules), MAX_CORROBORATION):
+        return DisclosureRejection.CORROBORATION_GROUP_OVERSIZED
+    if len(set(group_rules)) != len(group_rules):
+        return DisclosureRejection.CORROBORATION_RULE_REPEATED
+    if len(group_rules) == 1:
+        return DisclosureRejection.CORROBORATION_REQUIRED
+    if len(group_rules) < k:
+        return DisclosureRejection.CORROBORATION_TOO_FEW_RULES
+    if not independent_group(group_rules):
+        return DisclosureRejection.CORROBORATION_RULES_NOT_INDEPENDENT
+    return None
 
 
 def _value_field_refusals(

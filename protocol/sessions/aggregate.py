@@ -91,6 +91,16 @@ Limits (stated, not hidden)
 * A custodian that deviates can falsify the result (it computes it); it learns no more
   about A's list than the count and which of its own records matched.
 
+Canonical keys only (docs/architecture.md, Aggregate and cardinality tiers)
+------------------------------------------------------------------------------
+Both sides use each record's one canonical key under the session's rule; a rule's
+query-side variant keys (``MatchRule.match_keys`` beyond the first) are not evaluated in
+this tier.  ``V`` is a set of keys with no link back to a query, so a query whose canonical
+key and one of its variants matched two different custodian keys would be counted twice,
+and the custodian could only prevent that by learning which keys belong to one query.  The
+budget is priced accordingly: :func:`aggregate_element_counts` is exactly the ``|V|`` each
+session sends, and ``psi-authority issue`` signs that for these tiers.
+
 Every error leaves a session ``FAILED`` with its ``failure_reason`` (the core's rule) and
 both sides drop their one-time scalars.
 """
@@ -104,6 +114,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -164,6 +175,7 @@ __all__ = [
     "ReblindedChunk",
     "SerialAggregateOps",
     "ValueIndex",
+    "aggregate_element_counts",
     "check_elements",
     "consistency_weights",
     "hash_multiply_span",
@@ -565,6 +577,26 @@ def plaintext_answer(
             w[key] = w.get(key, 0) + value
     common = v & w.keys()
     return len(common), sum(w[k] for k in common)
+
+
+def _distinct_keys(keys: Iterable[bytes | None]) -> list[bytes]:
+    """``V``: the distinct canonical keys, first occurrence first (``None`` = no key)."""
+    return list(dict.fromkeys(k for k in keys if k is not None))
+
+
+def aggregate_element_counts(
+    queries: ValidatedQueries | CompactRecords | Sequence[QueryRecord] | Sequence[PersonRecord],
+    rule_ids: Sequence[str],
+    *,
+    today: date,
+) -> dict[str, int]:
+    """Per rule, the elements ``|V|`` one aggregate or cardinality session under that rule
+    sends (and the custodian counts against the budget): the distinct canonical keys of the
+    queries.  Variant keys are not evaluated in these tiers (see the module text), so they
+    are not priced either."""
+    rules = list(dict.fromkeys(rule_ids))
+    keys = bulk_match_keys(persons_of(queries), rules, today=today)
+    return {r: len(_distinct_keys(keys[r])) for r in rules}
 
 
 def overlap_problem(contributing: bytes, earlier: Sequence[AggregateReleaseRow],
@@ -1160,11 +1192,9 @@ class AggregateRequesterSession(RequesterCore):
         keys = bulk_match_keys(persons_of(queries), [match_rule],
                                executor=getattr(self.ops, "executor", None),
                                today=utc_date(clock()))[match_rule]
-        seen = dict.fromkeys(k for k in keys if k is not None)
-        self.queries_without_key = len(keys) - sum(1 for k in keys if k is not None)
+        self.queries_without_key = sum(1 for k in keys if k is None)
+        distinct = _distinct_keys(keys)
         del keys
-        distinct = list(seen)
-        del seen
         self._keys: list[bytes] | None = _shuffled(distinct)
         self.element_count = len(distinct)
         self._a = oprf.random_scalar()

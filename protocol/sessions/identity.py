@@ -38,8 +38,9 @@ import hashlib
 import hmac
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast
@@ -73,6 +74,7 @@ from protocol.domain.records import (
     PersonRecord,
     QueryRecord,
     ValidatedQueries,
+    corroborating_group,
     query_match_keys_bulk,
 )
 from protocol.domain.recordstore import (
@@ -105,15 +107,23 @@ from protocol.engines.base import CustodianEngineSession as EngineSession
 from protocol.engines.epoch import TagSetChunk, TagSetRequest
 from protocol.engines.named import Certification
 from protocol.engines.oprf import TAG_SIZE, SerialOps
-from protocol.errors import DisclosureCapReached, LedgerError, PolicyRefusal, ProtocolError
+from protocol.errors import (
+    BudgetExhausted,
+    DisclosureCapReached,
+    LedgerError,
+    PolicyRefusal,
+    ProtocolError,
+)
 from protocol.policy.decide import (
     CustodianPolicy,
+    DisclosureRejection,
     Mode,
     Reason,
     SessionRequest,
     SignedAuthorization,
     Tier,
     check_disclosure,
+    check_disclosure_group,
     check_repeat_disclosure,
     decide,
     permitted_fields,
@@ -152,7 +162,9 @@ __all__ = [
     "RequesterSession",
     "RequesterState",
     "SessionOutcome",
+    "corroboration_groups",
     "custodian_table",
+    "disclosure_plan",
     "requester_table",
     "run_exchanges",
     "run_in_process",
@@ -510,6 +522,9 @@ class CustodianSession(CustodianCore):
         #: Records this session has released or recorded as replayed (bounded by the
         #: custodian's records): repeats of them are answered without touching the ledger.
         self._answered: set[str] = set()
+        #: Units evaluated for messages that have no reply (a KKRT extension chunk), admitted
+        #: by policy and counted durably in one commit before anything next leaves.
+        self._uncounted = 0
 
     # -- open (the core's hooks) --------------------------------------------------------
 
@@ -572,6 +587,21 @@ class CustodianSession(CustodianCore):
 
     def _discard(self) -> None:
         self._engine = None  # its per-session secrets and index references
+        if self._uncounted:  # a session failing mid-stream still accounts what it evaluated
+            # the failure being recorded may be the ledger's own
+            with suppress(LedgerError, BudgetExhausted):
+                self._count_uncounted()
+
+    def _count_uncounted(self) -> None:
+        """Durably count the evaluated units of reply-less messages: before the first tag
+        or reply leaves, and before the receipt (one fsync, not one per extension chunk)."""
+        if self._uncounted:
+            units, self._uncounted = self._uncounted, 0
+            self._record_units(units)
+
+    def _close(self, req: CloseRequest) -> Receipt:
+        self._count_uncounted()
+        return super()._close(req)
 
     # -- the engine's messages -------------------------------------------------------------
 
@@ -593,6 +623,7 @@ class CustodianSession(CustodianCore):
     def _tag_stream(self, chunk_tags: int = DEFAULT_TAG_CHUNK) -> Iterator[object]:
         engine = self._engine
         assert engine is not None  # the table admits engine events only while SERVING
+        self._count_uncounted()  # what was evaluated is on the ledger before a tag leaves
         for chunk in engine.tag_chunks(chunk_tags):
             self.transcript.add(self._reply_streams[type(chunk)], chunk)
             yield chunk
@@ -600,19 +631,24 @@ class CustodianSession(CustodianCore):
     def _engine_message(self, message: object) -> object | None:
         """One engine message: cost it, let policy admit the units, evaluate, then count.
 
-        Policy decides before any evaluation (``check_evaluation``); the durable count comes
-        after the engine accepted the message and before its reply leaves, so ``evaluated``
-        counts what was evaluated: an invalid element or a refused chunk fails the session
-        and counts nothing (its reservation was charged at open and is never refunded).
+        Policy decides before any evaluation (``check_evaluation``, counting units not yet
+        on the ledger); the durable count comes after the engine accepted the message and
+        before its reply leaves, so ``evaluated`` counts what was evaluated: an invalid
+        element or a refused chunk fails the session and counts nothing (its reservation was
+        charged at open and is never refunded).  A message without a reply leaves nothing to
+        wait for: its units join the next count (``_count_uncounted``), since a durable
+        commit per KKRT extension chunk was seconds of fsync at 1.28M x 1.3M.
         """
         engine = self._engine
         assert engine is not None  # the table admits engine events only while SERVING
         units = engine.cost(message)
         if units:
-            self._admit_units(units)
+            self._admit_units(self._uncounted + units)
         reply = engine.evaluate(message)
         if units:
-            self._record_units(units)
+            self._uncounted += units
+        if reply is not None:
+            self._count_uncounted()
         self.transcript.add(REQUEST_STREAM, message)
         if reply is not None:
             self.transcript.add(self._reply_streams[type(reply)], reply)
@@ -630,6 +666,7 @@ class CustodianSession(CustodianCore):
         return mac.hexdigest()[:32]
 
     def _disclose(self, req: DisclosureRequest) -> DisclosureResponse:
+        self._count_uncounted()  # every evaluation is on the ledger before a record leaves
         if len(req.outputs) > MAX_DISCLOSURE_BATCH:
             raise ProtocolError(
                 f"disclosure request has {len(req.outputs)} outputs; "
@@ -638,7 +675,6 @@ class CustodianSession(CustodianCore):
         cfg = self.custodian.config
         auth = self.authorization
         disclosures: list[Disclosure] = []
-        rejected: list[int] = []
         # Expiry refuses the whole request; the cap withholds only records not disclosed
         # before under this authorization (the ledger decides which, atomically), so a
         # requester whose reply was lost can fetch what it was given again.
@@ -648,11 +684,27 @@ class CustodianSession(CustodianCore):
         check_repeat_disclosure(self.signed, now=now).raise_if_refused()
         cap_reached_before = not check_disclosure(self.signed, budget.disclosed, now=now)
         assert self._engine is not None  # a served session has its engine
+        # Units of disclosure: every item alone, or (corroborated sessions) the items of one
+        # group together; policy says which units may disclose before any proof is checked.
+        if req.groups and len(req.groups) != len(req.outputs):
+            raise ProtocolError(f"disclosure request has {len(req.groups)} group ids for "
+                                f"{len(req.outputs)} outputs; send one per output")
+        units: dict[int, list[int]] = {}
+        for i, group in enumerate(req.groups or range(len(req.outputs))):
+            units.setdefault(group, []).append(i)
+        why: dict[int, str] = {}
+        admitted: list[list[int]] = []
+        for unit in units.values():
+            refused = check_disclosure_group(auth, self.rules, [req.outputs[i][0] for i in unit])
+            if refused is None:
+                admitted.append(unit)
+            else:
+                why.update(dict.fromkeys(unit, refused.value))
         # The engine checks each proof against the record it claims (position -> record
-        # index); a proof of the wrong length or for an unopened rule is never looked at.
+        # index); a proof of the wrong length is never looked at.
         proof_size = self._engine.proof_size
-        candidates = [(i, rule_id, output) for i, (rule_id, output) in enumerate(req.outputs)
-                      if rule_id in self.rules and len(output) == proof_size]
+        candidates = [(i, req.outputs[i][0], req.outputs[i][1]) for unit in admitted
+                      for i in unit if len(req.outputs[i][1]) == proof_size]
         # Each distinct proof is verified once: a batch replaying one output costs one check.
         first_of: dict[tuple[str, bytes], int] = {}
         for i, rule_id, output in candidates:
@@ -663,12 +715,19 @@ class CustodianSession(CustodianCore):
                  if first_of[(rule_id, output)] in checked}
         records = cfg.records
         verified: list[tuple[int, str, PersonRecord]] = []
-        for i, (rule_id, _) in enumerate(req.outputs):
-            position = found.get(i)
-            if position is None:
-                rejected.append(i)
+        unit_of: dict[int, list[int]] = {}  # a verified unit's first index -> its items
+        for unit in admitted:
+            positions = [found.get(i) for i in unit]
+            position = positions[0]
+            if position is None or None in positions:
+                why.update(dict.fromkeys(unit, DisclosureRejection.PROOF_INVALID.value))
+            elif any(p != position for p in positions):  # each holds, for another record
+                why.update(dict.fromkeys(
+                    unit, DisclosureRejection.CORROBORATION_RECORDS_DIFFER.value))
             else:
-                verified.append((i, rule_id, records[position]))
+                unit_of[unit[0]] = unit
+                verified.append((unit[0], req.outputs[unit[0]][0], records[position]))
+        rejected = sorted(why)
         # The ledger checks the cap atomically and is the authority on it; the rows are
         # durable (one transaction per batch) before any field leaves this function.
         counted = self._account(auth.authorization_id, verified)
@@ -684,6 +743,9 @@ class CustodianSession(CustodianCore):
                 fields=self._record_fields(record),
             ))
         if withheld:
+            why.update(dict.fromkeys(
+                (i for lead in withheld for i in unit_of[lead]),
+                DisclosureRejection.DISCLOSURE_CAP_REACHED.value))
             entry = {"stage": "disclosure", "authorization_id": auth.authorization_id,
                      "session_id": self.session_id, "reasons": ["disclosure_cap_reached"],
                      "withheld": len(withheld)}
@@ -691,15 +753,21 @@ class CustodianSession(CustodianCore):
                 cfg.refusals.record(cfg.ledger, self.peer_id, now, entry)
             else:  # the batch that reached the cap: always on the chain
                 cfg.ledger.audit("refusal", entry)
-            rejected = sorted(rejected + withheld)
+            rejected = sorted(why)
+        # Reasons go back only where the requester expects them (a corroborated session,
+        # or one that sent groups), so older requesters' transcripts are unchanged.
+        explain = auth.corroboration is not None or bool(req.groups)
         if rejected:  # per peer, rate-limited like every refusal: a stream of bad proofs
             # cannot grow the chain (docs/architecture.md, Accounting)
-            cfg.refusals.record(cfg.ledger, self.peer_id, cfg.clock(), {
-                "authorization_id": auth.authorization_id, "session_id": self.session_id,
-                "count": len(rejected),
-            }, kind="disclosure_rejected")
-        reply = DisclosureResponse(seq=req.seq, disclosures=tuple(disclosures),
-                                   rejected=tuple(rejected))
+            entry = {"authorization_id": auth.authorization_id, "session_id": self.session_id,
+                     "count": len(rejected)}
+            if explain:
+                entry["reasons"] = dict(Counter(why[i] for i in rejected))
+            cfg.refusals.record(cfg.ledger, self.peer_id, cfg.clock(), entry,
+                                kind="disclosure_rejected")
+        reply = DisclosureResponse(
+            seq=req.seq, disclosures=tuple(disclosures), rejected=tuple(rejected),
+            reasons=tuple(why[i] for i in rejected) if explain else ())
         self.transcript.add("disclosure-request", req)
         self.transcript.add("disclosure-response", reply)
         return reply
@@ -750,6 +818,48 @@ class CustodianSession(CustodianCore):
             else:
                 counted.append(False)  # answered earlier in this session
         return counted
+
+
+def corroboration_groups(keys: Sequence[tuple[str, str]], k: int
+                         ) -> tuple[list[list[int]], int]:
+    """One group per query: the positions of ``k`` pairwise independent rules among its
+    matches (``keys``: (query id, rule) per match), and how many matched queries have no
+    such group (withheld: a match under fewer independent rules never discloses)."""
+    by_query: dict[str, dict[str, int]] = {}
+    for i, (query_id, rule_id) in enumerate(keys):
+        by_query.setdefault(query_id, {}).setdefault(rule_id, i)
+    groups: list[list[int]] = []
+    withheld = 0
+    for rules in by_query.values():
+        chosen = corroborating_group(list(rules), k)
+        if chosen is None:
+            withheld += 1
+        else:
+            groups.append([rules[r] for r in chosen])
+    return groups, withheld
+
+
+def disclosure_plan(keys: Sequence[tuple[str, str]], corroboration: int | None, batch: int
+                    ) -> list[tuple[list[int], tuple[int, ...]]]:
+    """The disclosure batches of matches ``keys`` ((query id, rule) each): positions and
+    group ids per batch, at most ``batch`` items, a group never split across batches.
+    Without corroboration every match goes alone, in order, with no group ids."""
+    if corroboration is None:
+        return [(list(range(lo, min(lo + batch, len(keys)))), ())
+                for lo in range(0, len(keys), batch)]
+    plan: list[tuple[list[int], tuple[int, ...]]] = []
+    positions: list[int] = []
+    group_ids: list[int] = []
+    for group in corroboration_groups(keys, corroboration)[0]:
+        if positions and len(positions) + len(group) > batch:
+            plan.append((positions, tuple(group_ids)))
+            positions, group_ids = [], []
+        gid = group_ids[-1] + 1 if group_ids else 0
+        positions.extend(group)
+        group_ids.extend([gid] * len(group))
+    if positions:
+        plan.append((positions, tuple(group_ids)))
+    return plan
 
 
 @dataclass(frozen=True)
@@ -913,6 +1023,12 @@ class RequesterSession(RequesterCore):
         self.matches: list[Match] = []
         self.results: list[MatchResult] = []
         self.rejected = 0
+        #: Why the custodian rejected disclosures, by reason (when it says).
+        self.rejected_reasons: Counter[str] = Counter()
+        #: Corroborated sessions: queries whose matches were never presented because fewer
+        #: than the required independent rules matched them (docs/architecture.md, Recall
+        #: and misidentification).
+        self.withheld_uncorroborated = 0
         self._pending: dict[int, list[Match]] = {}
 
     @property
@@ -944,6 +1060,19 @@ class RequesterSession(RequesterCore):
         if exchange.sends is None:
             raise ProtocolError(f"the {exchange.phase!r} exchange has no requester messages")
         return cast(Iterator[object], self.send(exchange.sends))
+
+    def blind_ahead(self, stop: Callable[[], bool]) -> int:
+        """Let the engine prepare its messages while the session opens, until ``stop()``.
+
+        Only for an engine whose messages need nothing from the custodian (the OPRF
+        engine's blinded chunks); nothing is sent, counted or added to the transcript here.
+        Returns how many messages are ready (0 for an engine that prepares nothing ahead,
+        or once the session is open).  The caller stops it before the exchanges start.
+        """
+        ahead = getattr(self._engine, "blind_ahead", None)
+        if ahead is None or self.open_response is not None:
+            return 0
+        return int(ahead(stop))
 
     def match(self) -> list[Match]:
         """Local match (step 4): queries whose tag is in the custodian's set."""
@@ -998,6 +1127,13 @@ class RequesterSession(RequesterCore):
                   output=proof)
             for e, proof in zip(hits, self._engine.proofs(hits), strict=True)
         ]
+        k = self.signed.authorization.corroboration
+        if k is not None:  # each query's group first, in order; what has none comes last
+            groups, self.withheld_uncorroborated = corroboration_groups(
+                [(m.query_record_id, m.rule_id) for m in self.matches], k)
+            grouped = [i for group in groups for i in group]
+            rest = sorted(set(range(len(self.matches))) - set(grouped))
+            self.matches = [self.matches[i] for i in grouped + rest]
         return self.matches
 
     def _disclosure_requests(self, batch: int = MAX_DISCLOSURE_BATCH
@@ -1005,10 +1141,13 @@ class RequesterSession(RequesterCore):
         return self._disclosure_batches(min(batch, MAX_DISCLOSURE_BATCH))
 
     def _disclosure_batches(self, batch: int) -> Iterator[DisclosureRequest]:
-        for seq, start in enumerate(range(0, len(self.matches), batch)):
-            part = self.matches[start:start + batch]
+        plan = disclosure_plan([(m.query_record_id, m.rule_id) for m in self.matches],
+                               self.signed.authorization.corroboration, batch)
+        for seq, (positions, groups) in enumerate(plan):
+            part = [self.matches[i] for i in positions]
             self._pending[seq] = part
-            req = DisclosureRequest(seq=seq, outputs=tuple((m.rule_id, m.output) for m in part))
+            req = DisclosureRequest(seq=seq, outputs=tuple((m.rule_id, m.output) for m in part),
+                                    groups=groups)
             self.transcript.add("disclosure-request", req)
             yield req
 
@@ -1028,7 +1167,11 @@ class RequesterSession(RequesterCore):
                 query_record_id=m.query_record_id, rule_id=d.rule_id,
                 pseudonym=d.pseudonym, fields=d.as_dict(),
             ))
+        if resp.reasons and len(resp.reasons) != len(resp.rejected):
+            raise ProtocolError(f"disclosure response {resp.seq} gives {len(resp.reasons)} "
+                                f"reasons for {len(resp.rejected)} rejections")
         self.rejected += len(resp.rejected)
+        self.rejected_reasons.update(resp.reasons)
         self.transcript.add("disclosure-response", resp)
 
     def _close_request(self) -> CloseRequest:
