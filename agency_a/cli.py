@@ -262,6 +262,11 @@ def late_summary_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"corroboration: {s['matches_withheld_uncorroborated']:,} matched queries "
                      f"withheld (fewer than {s.get('corroboration')} independent rules agreed; "
                      "a single rule never discloses under this authorization)")
+    if s.get("matches_held_by_several_records"):
+        lines.append(f"shared keys: {s['matches_held_by_several_records']:,} matches name more "
+                     "than one custodian record; each holder was disclosed and counted against "
+                     "the cap. Review them before acting on any (docs/architecture.md, Shared "
+                     "keys)")
     refused = {r: n for r, n in (s.get("disclosures_rejected_by_reason") or {}).items()
                if r != "disclosure_cap_reached"}
     if refused:

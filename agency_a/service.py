@@ -332,6 +332,7 @@ class RequesterService(kit.RequesterServicer):
             stats.seconds["store"] = time.perf_counter() - stored
             by_rule = Counter(m.rule_id for m in outcome.matches)
             fields_disclosed = Counter(f for r in outcome.results for f in r.fields)
+            holders = Counter((r.query_record_id, r.rule_id) for r in outcome.results)
             job.summary.update({
                 "session_id": session.session_id,
                 "custodian_id": auth.custodian_id,
@@ -347,6 +348,9 @@ class RequesterService(kit.RequesterServicer):
                 "matches_by_rule": dict(by_rule),
                 "disclosed_records": len({r.pseudonym for r in outcome.results}),
                 "disclosure_rows": len(outcome.results),
+                # one query's key held by several custodian records (docs/architecture.md,
+                # Shared keys): each was disclosed; the operator is told to review them
+                "matches_held_by_several_records": sum(n > 1 for n in holders.values()),
                 # entries, not tags: an engine may send several tags per entry (KKRT: 3)
                 "custodian_records_in_scope": (session.custodian_entries
                                                // max(len(session.rules), 1)),

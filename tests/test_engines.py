@@ -173,16 +173,18 @@ class PlainCustodianSession:
         for seq, start in enumerate(range(0, max(len(tags), 1), chunk_tags)):
             yield PlainTags(seq, b"".join(tags[start:start + chunk_tags]))
 
-    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, int]:
+    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, tuple[int, ...]]:
         today = self.data.today()
-        found: dict[int, int] = {}
+        found: dict[int, tuple[int, ...]] = {}
         for i, rule_id, proof in items:
+            holders = []
             for position, rule in self.index.get(proof[:TAG_BYTES], []):
                 key = MATCH_RULES[rule_id].match_key(self.data.records[position], today=today)
                 if rule == rule_id and key is not None and hmac.compare_digest(
                         _keyed(self.key, hashlib.sha256(key).digest()), proof):
-                    found[i] = position
-                    break
+                    holders.append(position)
+            if holders:
+                found[i] = tuple(sorted(holders))
         return found
 
 

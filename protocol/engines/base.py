@@ -402,11 +402,13 @@ class CustodianEngineSession(Protocol):
         """The custodian's tags, in bounded chunks (its server-streamed exchange)."""
         ...
 
-    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, int]:
-        """``(position, rule, proof)`` -> {position: record index} for the proofs that hold.
+    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, tuple[int, ...]]:
+        """``(position, rule, proof)`` -> {position: record indexes} for the proofs that hold.
 
         Each proof is compared in constant time with the value recomputed from the
-        candidate record; a proof that holds for no in-scope record is left out.
+        candidate record; a proof that holds for no in-scope record is left out.  A key
+        held by several in-scope records gives all of them, in ascending order
+        (docs/architecture.md, Shared keys).
         """
         ...
 

@@ -307,17 +307,19 @@ class EpochCustodianSession:
         """None in the session: the tag set is fetched once per epoch (``FetchTagSet``)."""
         return iter(())
 
-    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, int]:
-        """Position -> record row for the proofs bound to this session's evaluations."""
+    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, tuple[int, ...]]:
+        """Position -> every record row of the proofs bound to this session's evaluations."""
         return self._verify(items)[0]
 
     def verify_one(self, rule_id: str, proof: bytes) -> tuple[int | None, str]:
-        """``(row, "")`` for a proof that holds, else ``(None, why)`` (for tests and logs)."""
+        """``(row, "")`` for a proof that holds, else ``(None, why)`` (for tests and logs);
+        of a key several records hold, the first row."""
         verified, why = self._verify([(0, rule_id, proof)])
-        return verified.get(0), why.get(0, "")
+        rows = verified.get(0)
+        return (rows[0] if rows else None), why.get(0, "")
 
     def _verify(self, items: Sequence[tuple[int, str, bytes]]
-                ) -> tuple[dict[int, int], dict[int, str]]:
+                ) -> tuple[dict[int, tuple[int, ...]], dict[int, str]]:
         """The binding check of a batch (see the module docstring): verified rows, and why
         each other proof failed.
 
@@ -377,15 +379,15 @@ class EpochCustodianSession:
             return {}, why
         # k_E · H(x) of every candidate key, in one batch
         issued = self.data.ops.blind_evaluate(self._sk, b"".join(p[3] for p in pending))
-        verified: dict[int, int] = {}
+        verified: dict[int, list[int]] = {}
         for j, (i, row, key, element, stored, blind, output) in enumerate(pending):
             same_element = hmac.compare_digest(oprf.blind_evaluate(blind, element), stored)
             same_output = hmac.compare_digest(
                 oprf.finalize_element(key, issued[j * size:(j + 1) * size]), output)
-            if same_element and same_output and i not in verified:
-                verified[i] = row
+            if same_element and same_output:  # every holder of the key (Shared keys)
+                verified.setdefault(i, []).append(row)
                 why.pop(i, None)
-        return verified, why
+        return {i: tuple(sorted(set(rows))) for i, rows in verified.items()}, why
 
 
 # --------------------------------------------------------------------------- engine

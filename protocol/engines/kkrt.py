@@ -202,15 +202,16 @@ class KkrtCustodianSession:
         """The sorted tag sets, once the extension is complete."""
         return self._kkrt.tag_chunks(chunk_tags)
 
-    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, int]:
-        """One vectorized lookup, bin check and re-evaluation for the whole batch."""
+    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, tuple[int, ...]]:
+        """One vectorized lookup, bin check and re-evaluation for the whole batch; every
+        record holding the key (docs/architecture.md, Shared keys)."""
         found = self._kkrt.find_many([parse_proof(proof) for _, _, proof in items])
-        out: dict[int, int] = {}
+        out: dict[int, tuple[int, ...]] = {}
         for (i, rule_id, _), hits in zip(items, found, strict=True):
-            for k in hits:
-                if self._rules[int(self._rule_idx[k])] == rule_id:
-                    out[i] = int(self._rec_idx[k])
-                    break
+            rows = {int(self._rec_idx[k]) for k in hits
+                    if self._rules[int(self._rule_idx[k])] == rule_id}
+            if rows:
+                out[i] = tuple(sorted(rows))
         return out
 
 

@@ -555,12 +555,13 @@ class OprfCustodianSession:
         for seq, start in enumerate(range(0, max(len(self.index), 1), chunk_tags)):
             yield TagChunk(seq=seq, tags=self.index.tag_bytes(start, start + chunk_tags))
 
-    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, int]:
-        """Position -> record whose OPRF output equals the presented one (constant-time).
+    def verify(self, items: Sequence[tuple[int, str, bytes]]) -> dict[int, tuple[int, ...]]:
+        """Position -> every record whose OPRF output equals the presented one (constant-time).
 
         Only a requester that queried this exact match key can know the output; invented
-        outputs and outputs from other authorizations find nothing.  The whole batch is
-        evaluated at once on the worker pool.
+        outputs and outputs from other authorizations find nothing.  A key held by several
+        records verifies for each of them (docs/architecture.md, Shared keys).  The whole
+        batch is evaluated at once on the worker pool.
         """
         records = self.data.records
         today = self.data.today()
@@ -587,11 +588,11 @@ class OprfCustodianSession:
                 executor=self.data.ops.executor)
         else:
             expected = self.data.ops.evaluate(self._sk, [p[3] for p in pending])
-        verified: dict[int, int] = {}
+        verified: dict[int, list[int]] = {}
         for (i, output, rec_i, _, _), want in zip(pending, expected, strict=True):
-            if i not in verified and hmac.compare_digest(want, output):
-                verified[i] = rec_i
-        return verified
+            if hmac.compare_digest(want, output):
+                verified.setdefault(i, []).append(rec_i)
+        return {i: tuple(sorted(set(rows))) for i, rows in verified.items()}
 
 
 # --------------------------------------------------------------------------- engine

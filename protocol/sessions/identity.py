@@ -717,16 +717,20 @@ class CustodianSession(CustodianCore):
         verified: list[tuple[int, str, PersonRecord]] = []
         unit_of: dict[int, list[int]] = {}  # a verified unit's first index -> its items
         for unit in admitted:
-            positions = [found.get(i) for i in unit]
-            position = positions[0]
-            if position is None or None in positions:
+            held = [found.get(i) for i in unit]
+            if any(rows is None for rows in held):
                 why.update(dict.fromkeys(unit, DisclosureRejection.PROOF_INVALID.value))
-            elif any(p != position for p in positions):  # each holds, for another record
+                continue
+            # A key several records hold discloses each of them; a group discloses the
+            # records every one of its keys names (docs/architecture.md, Shared keys).
+            common = sorted(set.intersection(*(set(rows or ()) for rows in held)))
+            if not common:  # each holds, for another record
                 why.update(dict.fromkeys(
                     unit, DisclosureRejection.CORROBORATION_RECORDS_DIFFER.value))
-            else:
-                unit_of[unit[0]] = unit
-                verified.append((unit[0], req.outputs[unit[0]][0], records[position]))
+                continue
+            unit_of[unit[0]] = unit
+            verified.extend((unit[0], req.outputs[unit[0]][0], records[position])
+                            for position in common)
         rejected = sorted(why)
         # The ledger checks the cap atomically and is the authority on it; the rows are
         # durable (one transaction per batch) before any field leaves this function.
