@@ -17,9 +17,13 @@ from typing import Any
 import pytest
 
 from agency_a.cli import late_summary_lines
+from proto import service_kit as kit
+from proto.codec import validate
 from protocol.crypto import tagset
 from protocol.domain.engine import Engine, IndexMode
+from protocol.domain.messages import MAX_DISCLOSURE_BATCH, MAX_HOLDERS_PER_KEY
 from protocol.domain.records import MATCH_RULES
+from protocol.errors import InvalidElementError
 from protocol.sessions.identity import RequesterSession, SessionOutcome, run_in_process
 from tests.factories import World, as_query, make_world
 from tests.test_epoch_engine import EPOCH, MAX_EVALUATIONS, MemoryEpochIndex
@@ -131,3 +135,29 @@ def test_the_operator_is_told_to_review_matches_with_several_records() -> None:
     assert any(line.startswith("shared keys: 2 matches name more than one custodian record")
                for line in lines)
     assert not any("shared keys" in line for line in late_summary_lines({}))
+
+
+def test_a_key_held_by_more_records_than_the_limit_discloses_none_of_them(
+        tmp_path: Path) -> None:
+    world = make_world(tmp_path, 20)
+    filers = [replace(world.records[5], record_id=f"c-filer{j}", first_name=f"Other{j}",
+                      last_name=f"Filer{j}") for j in range(MAX_HOLDERS_PER_KEY)]
+    world.records = [*world.records, *filers]
+    outcome, pairs, auth_id = _run(world, Engine.OPRF, [as_query(world.records[5])])
+    # tin+dob is held by 9 records: refused; the name rule names person 5 alone
+    assert pairs == {("q-c5", "c5", "first+last+dob+zip")}
+    assert outcome.rejected == 1
+    assert {row.record_id for row in world.ledger.disclosures(auth_id)} == {"c5"}
+
+
+def test_a_full_batch_with_shared_keys_fits_the_wire_limit() -> None:
+    # a 1.28M x 10M run: 4,096 outputs gave 4,097 disclosures, which the old limit refused
+    reply = kit.pb2.DisclosureResponse(seq=1, disclosures=[
+        kit.pb2.Disclosure(index=i % MAX_DISCLOSURE_BATCH, rule_id="tin+dob", pseudonym="p")
+        for i in range(MAX_DISCLOSURE_BATCH + 1)])
+    validate(reply)
+    too_many = MAX_DISCLOSURE_BATCH * MAX_HOLDERS_PER_KEY + 1
+    del reply.disclosures[:]
+    reply.disclosures.extend(kit.pb2.Disclosure(index=0) for _ in range(too_many))
+    with pytest.raises(InvalidElementError, match=r"has \d+ entries; the limit is"):
+        validate(reply)

@@ -28,6 +28,10 @@ DEFAULT_CHUNK = 4096
 MAX_CHUNK_ELEMENTS = 65_536
 #: Hard upper bound on outputs in one disclosure request.
 MAX_DISCLOSURE_BATCH = 4096
+#: Most custodian records one presented key may disclose (docs/architecture.md, Shared
+#: keys); a key held by more names no one in particular and is refused.  A reply may so
+#: carry up to ``MAX_DISCLOSURE_BATCH * MAX_HOLDERS_PER_KEY`` disclosures.
+MAX_HOLDERS_PER_KEY = 8
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,8 @@ class DisclosureRejection(StrEnum):
     CORROBORATION_RULES_NOT_INDEPENDENT = "corroboration_rules_not_independent"
     #: The group's proofs hold, but for different records.
     CORROBORATION_RECORDS_DIFFER = "corroboration_records_differ"
+    #: The key is held by more than ``MAX_HOLDERS_PER_KEY`` records: it identifies no one.
+    KEY_HELD_BY_TOO_MANY_RECORDS = "key_held_by_too_many_records"
     #: Disclosure groups sent in a session whose authorization asks for no corroboration.
     CORROBORATION_NOT_AUTHORIZED = "corroboration_not_authorized"
 

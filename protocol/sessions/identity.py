@@ -60,6 +60,7 @@ from protocol.domain.messages import (
     DEFAULT_CHUNK,
     MAX_CHUNK_ELEMENTS,
     MAX_DISCLOSURE_BATCH,
+    MAX_HOLDERS_PER_KEY,
     CloseRequest,
     Disclosure,
     DisclosureRequest,
@@ -727,6 +728,10 @@ class CustodianSession(CustodianCore):
             if not common:  # each holds, for another record
                 why.update(dict.fromkeys(
                     unit, DisclosureRejection.CORROBORATION_RECORDS_DIFFER.value))
+                continue
+            if len(common) > MAX_HOLDERS_PER_KEY:  # names no one in particular
+                why.update(dict.fromkeys(
+                    unit, DisclosureRejection.KEY_HELD_BY_TOO_MANY_RECORDS.value))
                 continue
             unit_of[unit[0]] = unit
             verified.extend((unit[0], req.outputs[unit[0]][0], records[position])
