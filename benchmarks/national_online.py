@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import hmac
 import json
 import shutil
 import subprocess
@@ -38,16 +36,14 @@ from benchmarks.scale import (
     _stop,
     _wait_port,
     setup_identities,
+    stored_triples,
 )
 from protocol.adapters.epoch_index import EpochIndex
-from protocol.adapters.files import open_private_log, read_secret
+from protocol.adapters.files import open_private_log
 from protocol.adapters.shards import ShardedRecords
 from protocol.cli.help import HelpfulParser
 from protocol.crypto import tagset
 from protocol.domain.engine import Engine
-from protocol.engines.base import authorization_key
-from protocol.policy.decide import SignedAuthorization
-from protocol.sessions.identity import PSEUDONYM_DOMAIN
 
 #: Examples of missing or extra pairs kept in the run file.
 MISMATCH_EXAMPLES = 3
@@ -87,26 +83,6 @@ def _credentials(work: Path, master_file: Path, index: EpochIndex, engine: str,
 def _count_queries(queries_csv: Path) -> int:
     with queries_csv.open("rb") as fh:
         return max(sum(1 for _ in fh) - 1, 0)
-
-
-def _stored_triples(rows: list[dict[str, Any]], work: Path, auth: Path,
-                    record_ids: set[str]) -> set[tuple[str, str, str]]:
-    """(query, custodian record, rule) of each stored result row.
-
-    The requester holds a per-authorization pseudonym of each record (docs/architecture.md,
-    Identity tier); the harness holds the custodian's master secret, so it recomputes the
-    pseudonym of every record of the plaintext join and maps the rows back.  A row whose
-    pseudonym is no record of the join keeps the pseudonym, and counts as extra.
-    """
-    master = bytes.fromhex(read_secret(work / "agency-b" / "secrets" / "master.secret")
-                           .decode().strip())
-    auth_id = SignedAuthorization.from_bytes(auth.read_bytes()).authorization.authorization_id
-    key = authorization_key(master, auth_id)
-    by_pseudonym = {
-        hmac.new(key, PSEUDONYM_DOMAIN + rid.encode(), hashlib.sha256).hexdigest()[:32]: rid
-        for rid in record_ids}
-    return {(r["query_record_id"], by_pseudonym.get(r["pseudonym"], r["pseudonym"]),
-             r["rule_id"]) for r in rows}
 
 
 def pair_check(got: set[tuple[str, str, str]], want: set[tuple[str, str, str]]
@@ -234,7 +210,7 @@ def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path
         expected, want = plaintext_triples(
             records_dir, queries_csv, rules, dt.date.today(),
             frozenset(index.manifest.get("excluded_classes", [])))
-        got = _stored_triples(rows, work, auth, {t[1] for t in want})
+        got = stored_triples(rows, work, auth, {t[1] for t in want})
         correctness = {"expected_matches": expected,
                        "pair_check": {**pair_check(got, want),
                                       "checked": "(query, custodian record, rule) of every "

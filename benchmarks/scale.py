@@ -645,12 +645,18 @@ def _now() -> str:
 
 def _disclosed_triples(rows: list[dict[str, Any]], plain: PlaintextExpectation,
                        work: Path, auth: Path) -> set[tuple[str, str, str]]:
+    """(query, custodian record, rule) of each stored result row (``stored_triples``)."""
+    return stored_triples(rows, work, auth, {t[1] for t in plain.triples})
+
+
+def stored_triples(rows: list[dict[str, Any]], work: Path, auth: Path,
+                   record_ids: set[str]) -> set[tuple[str, str, str]]:
     """(query, custodian record, rule) of each stored result row.
 
     The requester sees a per-authorization pseudonym of the record, not its id; the harness
-    holds the custodian's master secret, so it recomputes the pseudonym of every record of
-    the plaintext join (docs/architecture.md, Identity tier) and maps each row back to its
-    record.  A row whose pseudonym is no record of the join keeps the pseudonym as its id.
+    holds the custodian's master secret, so it recomputes the pseudonym of every record in
+    ``record_ids`` (docs/architecture.md, Identity tier) and maps each row back to its
+    record.  A row whose pseudonym is none of them keeps the pseudonym, and counts as extra.
     """
     import hashlib
     import hmac
@@ -666,7 +672,7 @@ def _disclosed_triples(rows: list[dict[str, Any]], plain: PlaintextExpectation,
     key = authorization_key(master, auth_id)
     by_pseudonym = {
         hmac.new(key, PSEUDONYM_DOMAIN + rid.encode(), hashlib.sha256).hexdigest()[:32]: rid
-        for rid in {t[1] for t in plain.triples}}
+        for rid in record_ids}
     return {(r["query_record_id"], by_pseudonym.get(r["pseudonym"], r["pseudonym"]),
              r["rule_id"]) for r in rows}
 
