@@ -196,6 +196,13 @@ def cmd_match(args: argparse.Namespace) -> int:
                                        if k in summary}}
             write_file_atomic(args.summary_json, json.dumps(doc, indent=2).encode())
         return 1
+    if not summary:
+        # the watch stream ended with neither "done" nor "failed": the job is still on the
+        # service (its results and receipts stay stored), so say so rather than print nothing
+        console.print(f"[red]the job watch ended before job {status.job_id} finished[/red]; "
+                      f"what it stored stays on the service (`agency-a results --job "
+                      f"{status.job_id}`)")
+        return 1
     print_summary(console, summary)
     if args.summary_json:
         # the receipt and per-field counts: audit material, owner-only like the ledgers

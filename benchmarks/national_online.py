@@ -195,7 +195,7 @@ def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path
         finally:
             for p in reversed(procs):
                 _stop(p)
-    if proc.returncode != 0 or "failed" in summary:
+    if proc.returncode != 0 or "failed" in summary or "wall_seconds" not in summary:
         raise RuntimeError(f"agency-a match failed: {summary.get('failed', '')}\n"
                            f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     phase_down = {k: int(v) for k, v in summary.get("phase_bytes_b_to_a", {}).items()}
