@@ -82,3 +82,53 @@ def test_nothing_to_measure_and_febrl_4_are_refused(capsys: pytest.CaptureFixtur
     assert "nothing to measure" in capsys.readouterr().err
     assert accuracy.main(["--febrl", "4", "--quiet"]) == 2
     assert "held out" in capsys.readouterr().err
+
+
+def test_misses_are_explained_by_refusal_or_by_the_fields_that_disagree(tmp_path: Path) -> None:
+    """Every true match the default set misses is counted once, under its refusal reasons
+    when the policy refused its query, else under the identifying fields that disagree; and
+    the admissible recall is the recall over the true matches whose query was accepted."""
+    spec, out = accuracy.scenario_for(3_000, "realistic", tmp_path)
+    scenario.generate(spec, out)
+    dataset = accuracy.load_scenario(out, today=TODAY)
+    rows = accuracy.measure_dataset(dataset, today=TODAY, estimate=False)
+    default = next(r for r in rows if r.rule_id.startswith("default:"))
+    causes = default.missed_by_cause
+    assert causes is not None and sum(causes.values()) == \
+        default.true_matches - default.true_positives
+    refused_truth = [q for q in dataset.truth if q in dataset.refused_codes]
+    assert refused_truth, "the realistic model should refuse some true matches' queries"
+    assert sum(n for c, n in causes.items() if c.startswith("refused: ")) == len(refused_truth)
+    assert default.admissible_true_matches == default.true_matches - len(refused_truth)
+    assert default.recall_admissible == pytest.approx(
+        default.true_positives / default.admissible_true_matches)
+    assert default.recall_admissible > default.recall
+    for cause in causes:
+        if not cause.startswith("refused: "):
+            assert all(p.rsplit(" ", 1)[1] in ("missing", "differs") for p in cause.split(" + "))
+    # only the default set carries the breakdown
+    assert all(r.missed_by_cause is None for r in rows if r is not default)
+
+    # a query with the TIN blanked and a moved ZIP, matched by no rule, is explained so
+    qid, cid = next((q, c) for q, c in dataset.truth.items() if q not in dataset.refused_codes)
+    query = next(q for q in dataset.accepted if q.record_id == qid)
+    record = next(r for r in dataset.records if r.record_id == cid)
+    changed = dataclasses.replace(query, tin="", zip="99999" if record.zip != "99999" else "11111",
+                                  first_name="Zzyzx")
+    custom = dataclasses.replace(dataset, accepted=[changed], truth={qid: cid},
+                                 refused_codes={})
+    assert accuracy.miss_causes(custom, {}, today=TODAY) == {
+        "tin missing + first_name differs + zip differs": 1}
+    # found under any rule: no miss
+    position = [r.record_id for r in dataset.records].index(cid)
+    assert accuracy.miss_causes(custom, {qid: {position}}, today=TODAY) == {}
+
+
+def test_the_report_says_how_many_misses_the_policy_refused(tmp_path: Path) -> None:
+    md = tmp_path / "acc.md"
+    assert accuracy.main(["--sizes", "2000", "--data-dir", str(tmp_path / "data"),
+                          "--markdown", str(md), "--quiet"]) == 0
+    text = md.read_text()
+    assert "recall, admissible" in text
+    assert "were in queries the policy refused before matching" in text
+    assert "whose query was accepted" in text
