@@ -297,16 +297,31 @@ def print_aggregate_summary(console: Console, s: dict[str, Any]) -> None:
     t = Table(title=f"{s['tier']} job summary", show_header=False)
     t.add_column("item")
     t.add_column("value", justify="right")
-    total = s.get("aggregate_sum")
-    rows = [
+    def shown_sum(withheld: Any, reason: Any, total: Any) -> str:
+        if withheld:
+            return f"withheld: {reason}"
+        return "-" if total is None else f"{total:,} (${total / 100:,.2f} if cents)"
+
+    by_rule = s.get("aggregate_by_rule") or []
+    rows: list[tuple[str, Any]] = [
         ("queries submitted", f"{s.get('queries_submitted', 0):,}"),
         ("queries accepted", f"{s.get('queries_accepted', 0):,}"),
-        ("match rule", s.get("match_rule")),
-        ("intersection count", f"{s.get('aggregate_count', 0):,}"),
-        ("intersection sum", "withheld: " + str(s.get("aggregate_reason"))
-         if s.get("aggregate_withheld") else
-         ("-" if total is None else f"{total:,} (${total / 100:,.2f} if cents)")),
-        ("custodian elements reblinded", f"{s.get('custodian_elements', 0):,}"),
+    ]
+    if len(by_rule) > 1:  # one session per rule (docs/architecture.md, Aggregate tier)
+        for r in by_rule:
+            rows += [(f"rule {r['rule']}: count", f"{r['count']:,}"),
+                     (f"rule {r['rule']}: sum", shown_sum(r["withheld"], r["reason"],
+                                                         r["sum"]))]
+        rows.append(("elements evaluated (all rules)", f"{s.get('elements_evaluated', 0):,}"))
+    else:
+        rows += [
+            ("match rule", s.get("match_rule")),
+            ("intersection count", f"{s.get('aggregate_count', 0):,}"),
+            ("intersection sum", shown_sum(s.get("aggregate_withheld"),
+                                           s.get("aggregate_reason"), s.get("aggregate_sum"))),
+            ("custodian elements reblinded", f"{s.get('custodian_elements', 0):,}"),
+        ]
+    rows += [
         ("bytes requester -> custodian", f"{s.get('bytes_a_to_b', 0):,}"),
         ("bytes custodian -> requester", f"{s.get('bytes_b_to_a', 0):,}"),
         ("wall seconds", str(s.get("wall_seconds"))),
@@ -314,6 +329,9 @@ def print_aggregate_summary(console: Console, s: dict[str, Any]) -> None:
     for k, v in rows:
         t.add_row(k, str(v))
     console.print(t)
+    if len(by_rule) > 1:
+        console.print("the counts are per rule and must not be added up: one person can "
+                      "match under several rules")
 
 
 TERMINAL_ROW_LIMIT = 20

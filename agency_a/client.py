@@ -56,6 +56,7 @@ from protocol.sessions.identity import (
     Receipt,
     RequesterSession,
     SessionOutcome,
+    corroboration_groups,
     disclosure_plan,
 )
 
@@ -443,12 +444,19 @@ def finish_session(
     transcript.add("open", pending.open_request)
     transcript.add("open", response)
     matches = pending.matches or ()
-    todo = [i for i in range(len(matches)) if i not in pending.answered]
+    keys = [(query_id, rule_id) for query_id, rule_id, _ in matches]
     # The same batching as the first run: corroborated groups presented together.
     corroboration = SignedAuthorization.from_bytes(
         pending.open_request.signed_authorization).authorization.corroboration
-    plan = disclosure_plan([(matches[i][0], matches[i][1]) for i in todo], corroboration,
-                           MAX_DISCLOSURE_BATCH)
+    if corroboration is None:
+        todo = [i for i in range(len(matches)) if i not in pending.answered]
+    else:
+        # The first run's groups, chosen over all its matches; each was answered whole or
+        # not at all.  Re-choosing among the unanswered matches only would pair a query's
+        # left-over matches into a group the first run never presented.
+        todo = [i for group in corroboration_groups(keys, corroboration)[0]
+                if pending.answered.isdisjoint(group) for i in group]
+    plan = disclosure_plan([keys[i] for i in todo], corroboration, MAX_DISCLOSURE_BATCH)
     batches = [[todo[p] for p in positions] for positions, _ in plan]
     allowed = set(response.disclosure_fields)
     rejected = 0

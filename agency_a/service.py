@@ -48,10 +48,11 @@ from protocol.domain.recordstore import load_query_csv
 from protocol.engines import registry as engine_registry
 from protocol.engines.named import TokenSet
 from protocol.engines.oprf import EvaluationProofInvalid
-from protocol.errors import InvalidRecordError, PSIError
-from protocol.policy.decide import SignedAuthorization, Tier
+from protocol.errors import InvalidRecordError, PolicyRefusal, ProtocolError, PSIError
+from protocol.policy.decide import Reason, SignedAuthorization, Tier
 from protocol.report.facts import pick_refusal_examples
 from protocol.sessions.aggregate import AggregateRequesterSession
+from protocol.sessions.core import MAX_SESSION_ID
 from protocol.sessions.identity import GroupOps, Match, MatchResult, RequesterSession
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
@@ -64,8 +65,12 @@ MAX_REFUSALS_IN_STATUS = 1000
 #: are readable and the receipt is retried (docs/architecture.md, Late failures).
 RECEIPT_PENDING = "done_receipt_pending"
 #: States whose results may be read.
-READABLE_STATES = ("done", RECEIPT_PENDING)
-FINISHED_STATES = ("done", RECEIPT_PENDING, "failed")
+#: An aggregate job of several rules that failed on a later rule: the job failed (with that
+#: rule's refusal), but the rules answered before it are stored and readable
+#: (docs/architecture.md, Aggregate and cardinality tiers).
+ANSWERED_IN_PART = "failed_answered_in_part"
+READABLE_STATES = ("done", RECEIPT_PENDING, ANSWERED_IN_PART)
+FINISHED_STATES = ("done", RECEIPT_PENDING, "failed", ANSWERED_IN_PART)
 #: Audit-chain kind (and log event) of an evaluation proof that failed to verify.
 EVALUATION_PROOF_INVALID = EvaluationProofInvalid.code
 #: Audit entry and log event of a report access (docs/architecture.md, Reports).
@@ -573,43 +578,148 @@ class RequesterService(kit.RequesterServicer):
 
     def _run_aggregate(self, job: Job, signed: SignedAuthorization, accepted: Any,
                        header: Any, started: float) -> None:
-        """Aggregate / cardinality tier: the requester learns a count (and a sum), no one."""
+        """Aggregate / cardinality tier: the requester learns a count (and a sum), no one.
+
+        One session per rule of the job (the header's rules, else the authorization's), in
+        order, over one mTLS channel: ``psi-authority issue`` prices these tiers as one
+        session per permitted rule, so a job that ran only the first would pay for answers it
+        never received (docs/architecture.md, Aggregate and cardinality tiers).  Each answered
+        rule's row (and receipt) is stored as soon as it is released, so a later rule's
+        failure loses nothing already disclosed; the job then fails with that rule's refusal
+        and names the rules it answered.
+        """
         auth = signed.authorization
-        rules = tuple(header.match_rules) or auth.match_rules
-        session = AggregateRequesterSession(
-            signed, accepted, match_rule=rules[0], ops=self.aggregate_ops,
-            session_id=header.session_id or None, signing_key=self.signing_key,
-            custodian_key=self.custodian_keys.get(auth.custodian_id))
-        del accepted
+        rules = list(dict.fromkeys(tuple(header.match_rules) or auth.match_rules))
+        outside = [r for r in rules if r not in auth.match_rules]
+        if outside:  # the custodian would refuse it at its open, after earlier rules spent
+            raise PolicyRefusal(
+                f"the job names rule(s) {', '.join(outside)} that the authorization does not "
+                f"permit ({', '.join(auth.match_rules)}); no session was run",
+                reasons=(Reason.RULE_NOT_PERMITTED.value,))
+        session_ids = _aggregate_session_ids(header.session_id, len(rules))
+        answered: list[dict[str, Any]] = []
         stats = WireStats()
+        job.summary["tier"] = auth.tier.value
+        pending: Any = accepted  # dropped once the last rule's session holds its keys
+        del accepted
         with kit.secure_channel(header.custodian_address, self.client_tls) as channel:
+            for index, rule in enumerate(rules):
+                try:
+                    session = AggregateRequesterSession(
+                        signed, pending, match_rule=rule, ops=self.aggregate_ops,
+                        session_id=session_ids[index], signing_key=self.signing_key,
+                        custodian_key=self.custodian_keys.get(auth.custodian_id))
+                    if index == len(rules) - 1:
+                        pending = None  # the sessions keep distinct match keys only
+                    self._aggregate_rule(job, signed, session, channel, stats, answered)
+                except (grpc.RpcError, PSIError, OSError, ValueError) as exc:
+                    if not answered:
+                        raise  # nothing released: the job fails as any other
+                    self._aggregate_answered_in_part(job, rules, answered, rule, exc, stats,
+                                                     started)
+                    return
+        self._aggregate_summary(job, rules, answered, stats, started)
+        job.state = "done"
+        kit.log_event(log, "job_done", job=job.job_id, tier=auth.tier.value,
+                      count=answered[0]["count"], withheld=answered[0]["withheld"],
+                      count_by_rule={a["rule"]: a["count"] for a in answered})
+        job.emit("done", 1, 1, "aggregate complete", summary=job.summary)
+
+    def _aggregate_rule(self, job: Job, signed: SignedAuthorization,
+                        session: AggregateRequesterSession, channel: grpc.Channel,
+                        stats: WireStats, answered: list[dict[str, Any]]) -> None:
+        """Run one rule's session; store its answer as soon as the custodian released it.
+
+        A failure after the release (the close, say) still stores the answer, without a
+        receipt, before it propagates: what left the custodian is not lost.
+        """
+        auth = signed.authorization
+        rule_stats = WireStats()
+        receipt: Receipt | None = None
+        try:
             outcome = run_remote_aggregate(session, channel, progress=self._progress(job),
-                                           stats=stats)
-        if self.audit is not None:
-            record_receipt(self.audit, outcome.receipt)
-        result = outcome.result
-        row = {"query_record_id": "", "rule_id": rules[0], "pseudonym": f"{result.tier}",
-               "fields": {"count": str(result.count),
-                          "sum": "" if result.sum is None else str(result.sum),
-                          "withheld": str(result.withheld).lower()}}
-        self.store.put_results(job.job_id, auth.authorization_id, auth.retention_days, [row],
-                               operator=job.operator)
+                                           stats=rule_stats)
+            receipt = outcome.receipt
+        finally:
+            for phase, up in rule_stats.a_to_b.items():
+                stats.add(phase, up, rule_stats.b_to_a.get(phase, 0))
+            for phase, seconds in rule_stats.seconds.items():
+                stats.seconds[phase] = stats.seconds.get(phase, 0.0) + seconds
+            result = session.result
+            if result is not None:
+                row = {"query_record_id": "", "rule_id": session.match_rule,
+                       "pseudonym": f"{result.tier}",
+                       "fields": {"count": str(result.count),
+                                  "sum": "" if result.sum is None else str(result.sum),
+                                  "withheld": str(result.withheld).lower()}}
+                if answered:
+                    self.store.append_results(job.job_id, [row], operator=job.operator)
+                else:
+                    self.store.put_results(job.job_id, auth.authorization_id,
+                                           auth.retention_days, [row], operator=job.operator)
+                if receipt is not None and self.audit is not None:
+                    record_receipt(self.audit, receipt)
+                answered.append({
+                    "rule": session.match_rule, "count": result.count, "sum": result.sum,
+                    "withheld": result.withheld, "reason": result.reason,
+                    "elements": result.elements,
+                    "custodian_elements": result.custodian_elements,
+                    "session_id": session.session_id,
+                    "receipt": None if receipt is None else receipt.to_json(),
+                })
+
+    def _aggregate_summary(self, job: Job, rules: Sequence[str],
+                           answered: Sequence[dict[str, Any]], stats: WireStats,
+                           started: float) -> None:
+        """The job summary: every answered rule in ``aggregate_by_rule``; the top-level keys
+        of one-rule jobs (``match_rule``, ``aggregate_count``, ...) carry the first rule's
+        answer, so their readers keep working.  Counts of several rules are never added up:
+        one person can match under several rules."""
+        first = answered[0]
         job.summary.update({
-            "tier": result.tier, "match_rule": rules[0], "aggregate_count": result.count,
-            "aggregate_sum": result.sum, "aggregate_withheld": result.withheld,
-            "aggregate_reason": result.reason, "elements_evaluated": result.elements,
-            "custodian_elements": result.custodian_elements,
-            "receipt": outcome.receipt.to_json(),
+            "match_rule": first["rule"], "aggregate_count": first["count"],
+            "aggregate_sum": first["sum"], "aggregate_withheld": first["withheld"],
+            "aggregate_reason": first["reason"],
+            "aggregate_by_rule": list(answered),
+            "aggregate_rules": list(rules),
+            "aggregate_rules_answered": [a["rule"] for a in answered],
+            "aggregate_rules_unanswered": [r for r in rules
+                                           if r not in {a["rule"] for a in answered}],
+            "elements_evaluated": sum(a["elements"] for a in answered),
+            "custodian_elements": first["custodian_elements"],
+            "receipt": first["receipt"],
             "bytes_a_to_b": sum(stats.a_to_b.values()),
             "bytes_b_to_a": sum(stats.b_to_a.values()),
             "phase_seconds": {k: round(v, 3) for k, v in stats.seconds.items()},
             "wall_seconds": round(time.perf_counter() - started, 3),
             "phase_started_at": dict(job.phase_started), "finished_at": time.time(),
         })
-        job.state = "done"
-        kit.log_event(log, "job_done", job=job.job_id, tier=result.tier, count=result.count,
-                      withheld=result.withheld)
-        job.emit("done", 1, 1, "aggregate complete", summary=job.summary)
+
+    def _aggregate_answered_in_part(self, job: Job, rules: Sequence[str],
+                                    answered: Sequence[dict[str, Any]], rule: str,
+                                    exc: BaseException, stats: WireStats,
+                                    started: float) -> None:
+        """A later rule failed after earlier ones were answered: the job fails with that
+        rule's own refusal, and its answered rules stay stored and readable."""
+        code = exc.code().name if isinstance(exc, grpc.RpcError) else (
+            "FAILED_PRECONDITION" if isinstance(exc, PSIError) else "INTERNAL")
+        reason = ((exc.details() or "") if isinstance(exc, grpc.RpcError)
+                  else kit.error_message(exc))
+        self._aggregate_summary(job, rules, answered, stats, started)
+        done = ", ".join(f"{a['rule']} (count {a['count']:,})" for a in answered)
+        unanswered = job.summary["aggregate_rules_unanswered"]
+        where = (f"rule {rule}, after its answer was released and stored; its receipt is "
+                 "missing" if answered[-1]["rule"] == rule else f"rule {rule}")
+        job.summary["aggregate_failed_rule"] = rule
+        job.error_code, job.error = code, reason
+        job.state = ANSWERED_IN_PART
+        kit.log_event(log, "job_failed", logging.WARNING, job=job.job_id, status=code,
+                      reason=reason, failed_rule=rule,
+                      rules_answered=job.summary["aggregate_rules_answered"])
+        job.emit("failed", 0, 0,
+                 f"{code}: {reason} ({where}); answered and stored (readable with agency-a "
+                 f"results): {done}; not answered: {', '.join(unanswered) or 'none'}",
+                 summary=job.summary)
 
     def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._operator_peer(context)
@@ -686,6 +796,27 @@ class RequesterService(kit.RequesterServicer):
         kit.log_event(log, "results_purged", job=job.job_id, operator=request.operator,
                       result_rows=n)
         return pb2.PurgeAck(purged=n)
+
+
+def _aggregate_session_ids(base: str, rules: int) -> list[str | None]:
+    """Session ids of an aggregate job's sessions, one per rule.
+
+    No id given: each session draws its own.  One rule: the id as given (unchanged).  Several:
+    ``<id>-<n>``, since an aggregate session id is never reopened (the custodian refuses a
+    repeat as ``session_id_unavailable``); refused here, before any session, if that would
+    exceed the custodian's limit.
+    """
+    if not base:
+        return [None] * rules
+    if rules == 1:
+        return [base]
+    ids: list[str | None] = [f"{base}-{n}" for n in range(1, rules + 1)]
+    longest = max(len(i or "") for i in ids)
+    if longest > MAX_SESSION_ID:
+        raise ProtocolError(f"session id {base[:32]!r}...: with one session per rule "
+                         f"(<id>-<n>) it would have {longest} characters; the limit is "
+                         f"{MAX_SESSION_ID}")
+    return ids
 
 
 def _result_row(row: dict[str, Any]) -> Any:

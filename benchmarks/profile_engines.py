@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import os
 import pickle
@@ -23,6 +24,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date
@@ -80,6 +82,37 @@ def cpu_seconds() -> float:
     return total
 
 
+_OLDEST = 2  # CPython's generations are 0, 1, 2
+#: the timed steps of one session, in order
+PHASES = ("prepare", "open", "exchanges", "match", "disclose", "close")
+
+
+class GcClock:
+    """Wall seconds the cyclic garbage collector ran, and its full (oldest-generation)
+    passes: a pass walks every tracked object, and cProfile books it as time inside
+    whatever Python code happened to allocate (a loaded host inflates it like any wall
+    time)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._started = 0.0
+
+    def __enter__(self) -> GcClock:
+        gc.callbacks.append(self._tick)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._tick)
+
+    def _tick(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._started
+        self.full += info["generation"] == _OLDEST
+
+
 def one_session(queries: Any, records: Any, engine: str, rules: Sequence[str],
                 pools: tuple[Any, Any], tmp: Path, profile: bool) -> dict[str, float]:
     """Seconds per step of one session (a fresh custodian, so its key table is built), and
@@ -97,6 +130,7 @@ def one_session(queries: Any, records: Any, engine: str, rules: Sequence[str],
         policy=policy, records=records, ledger=ledger, master_secret=os.urandom(32),
         signing_key=b_key, requester_keys={"agency-a": a_key.public_key()}, ops=pools[1]))
     seconds: dict[str, float] = {}
+    collector = GcClock()
     cpu0 = cpu_seconds()
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
@@ -104,27 +138,35 @@ def one_session(queries: Any, records: Any, engine: str, rules: Sequence[str],
 
     @contextmanager
     def phase(name: str) -> Iterator[None]:
-        # wall, and CPU of this process: both parties' session work (the pools excluded)
-        t, c = time.perf_counter(), time.process_time()
+        # wall, CPU of this process (both parties' session work, the pools excluded), and
+        # the part of it the garbage collector took
+        t, c, g = time.perf_counter(), time.process_time(), collector.seconds
         yield
         seconds[name] = time.perf_counter() - t
         seconds[f"{name}_cpu"] = time.process_time() - c
+        seconds[f"{name}_gc"] = collector.seconds - g
 
-    with phase("prepare"):
-        requester = psi.RequesterSession(signed, queries, signing_key=a_key, engine=engine,
-                                         custodian_key=b_key.public_key(), ops=pools[0])
-    side = custodian.session()
-    with phase("open"):
-        requester.handle(side.handle(requester.open_request(), peer_id="agency-a"))
-    with phase("exchanges"):
-        run_exchanges(requester, side)
-    with phase("match"):
-        matches = requester.match()
-    with phase("disclose"):
-        for req in requester.disclosure_requests():
-            requester.handle(side.handle(req))
-    with phase("close"):
-        requester.handle(side.handle(requester.close_request()))
+    with collector:
+        with phase("prepare"):
+            requester = psi.RequesterSession(signed, queries, signing_key=a_key, engine=engine,
+                                             custodian_key=b_key.public_key(), ops=pools[0])
+        side = custodian.session()
+        with phase("open"):
+            requester.handle(side.handle(requester.open_request(), peer_id="agency-a"))
+        with phase("exchanges"):
+            run_exchanges(requester, side)
+        with phase("match"):
+            matches = requester.match()
+        # what every full collection pass walks, at the session's most allocating phase
+        seconds["tracked_objects"] = float(len(gc.get_objects()))
+        if profile:
+            print("objects the collector tracks, by type:", Counter(
+                type(o).__name__ for o in gc.get_objects()).most_common(12))
+        with phase("disclose"):
+            for req in requester.disclosure_requests():
+                requester.handle(side.handle(req))
+        with phase("close"):
+            requester.handle(side.handle(requester.close_request()))
     if profiler is not None:
         profiler.disable()
         out = io.StringIO()
@@ -132,8 +174,10 @@ def one_session(queries: Any, records: Any, engine: str, rules: Sequence[str],
         stats.sort_stats("cumulative").print_stats(45)
         stats.sort_stats("tottime").print_stats(30)
         print(out.getvalue())
-    seconds["total"] = sum(v for k, v in seconds.items() if not k.endswith("_cpu"))
+    seconds["total"] = sum(seconds[k] for k in PHASES)
     seconds["cpu"] = cpu_seconds() - cpu0
+    seconds["gc"] = collector.seconds
+    seconds["gc_full_passes"] = float(collector.full)
     seconds["matches"] = float(len(matches))
     ledger.close()
     return seconds

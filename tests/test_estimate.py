@@ -5,8 +5,10 @@ measured on a generated scenario."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import date
+from itertools import combinations, product
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,24 @@ import pytest
 from benchmarks import accuracy
 from protocol.adapters import scenario
 from protocol.cli.authority import main as authority_main
-from protocol.domain.estimate import PopulationStats, estimate_false_matches
-from protocol.domain.records import MATCH_RULES, PersonRecord
+from protocol.domain import estimate as E
+from protocol.domain.estimate import (
+    PopulationStats,
+    corroborated_false_matches_per_query,
+    estimate_corroborated_false_matches,
+    estimate_false_matches,
+)
+from protocol.domain.records import (
+    DEFAULT_RULES,
+    MATCH_RULES,
+    RULE_FIELDS,
+    PersonRecord,
+    encode_match_key,
+    independent_group,
+    normalize_tin,
+    query_match_keys_bulk,
+    read_query_csv,
+)
 
 TODAY = date(2025, 6, 15)
 PERSON = PersonRecord(record_id="q1", tin="123-45-6789", first_name="Mary",
@@ -117,3 +135,81 @@ def test_estimate_cli_prints_expected_false_matches(tmp_path: Path,
     assert float(lines["first+last+address"].split()[1].replace(",", "")) > 0.0  # Jr/Sr
     rc = authority_main(["estimate", "--queries", str(queries), "--rules", "nope"])
     assert rc == 2 and "unknown match rule(s) nope" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- corroborated
+
+
+def _every_choice(records: Sequence[PersonRecord], rule_ids: Sequence[str], k: int,
+                  stats: PopulationStats) -> float:
+    """The corroborated estimate by its definition, one choice of keys at a time: every
+    independent group, every choice of one key per rule whose shared fields agree, priced
+    on the union of the group's fields (the first implementation, kept as the oracle)."""
+    keys = query_match_keys_bulk(records, rule_ids, today=TODAY)
+    total = 0.0
+    for q, record in enumerate(records):
+        own_tin = normalize_tin(record.tin)
+        parsed: dict[str, list[dict[str, tuple[str, ...]]]] = {}
+        for rule_id in rule_ids:
+            fields = MATCH_RULES[rule_id].fields
+            start = len(encode_match_key(rule_id, ()))
+            parsed[rule_id] = []
+            for key in keys[rule_id][q]:
+                comps, at, values = E._components(key, start), 0, {}
+                for f in fields:
+                    values[f] = comps[at:at + len(RULE_FIELDS[f])]
+                    at += len(RULE_FIELDS[f])
+                parsed[rule_id].append(values)
+        for group in combinations(rule_ids, k):
+            if not independent_group(group):
+                continue
+            for choice in product(*(parsed[r] for r in group)):
+                union: dict[str, tuple[str, ...]] = {}
+                if any(union.setdefault(f, v) != v for values in choice
+                       for f, v in values.items()):
+                    continue
+                p = float(stats.custodian_records)
+                for f, v in union.items():
+                    if E._IMPLIED_BY.get(f) not in union:
+                        p *= E._agreement(f, v, own_tin, stats)
+                total += p + E._namesake(list(union), stats)
+    return total
+
+
+#: Rule sets whose corroborated groups share fields (tin, dob, zip, names) and mix weak,
+#: variant and address rules, so that every part of the pricing is exercised.
+CORROBORATED_SETS = [
+    (DEFAULT_RULES, 2),
+    (("first+last+address", "tin+dob+variants", "last_phonetic+dob+zip",
+      "first_phonetic+dob+zip", "tin+zip"), 2),
+    (("first+last+address", "tin+dob+variants", "last_phonetic+dob+zip",
+      "first_phonetic+dob+zip", "tin+zip"), 3),
+    (("names_phonetic+dob", "first+last+address", "tin+last_phonetic+zip"), 2),
+]
+
+
+@pytest.mark.parametrize("rules, k", CORROBORATED_SETS)
+def test_corroborated_estimate_equals_pricing_every_choice_of_keys(
+        realistic_queries: list[PersonRecord], rules: tuple[str, ...], k: int) -> None:
+    """The grouped sums price exactly what enumerating every choice of keys prices, on
+    a generated scenario with the realistic error model (variants, typos, namesakes)."""
+    people = realistic_queries
+    stats = PopulationStats(custodian_records=2_000)
+    fast = estimate_corroborated_false_matches(people, rules, k, stats, today=TODAY)
+    assert fast == pytest.approx(_every_choice(people, rules, k, stats), rel=1e-9, abs=0)
+    assert fast > 0.0
+    per_query = corroborated_false_matches_per_query(people, rules, k, stats, today=TODAY)
+    assert len(per_query) == len(people) and sum(per_query) == pytest.approx(fast)
+    # keys passed in are the keys it would compute
+    keys = query_match_keys_bulk(people, rules, today=TODAY)
+    assert estimate_corroborated_false_matches(people, rules, k, stats, today=TODAY,
+                                               keys=keys) == fast
+
+
+@pytest.fixture(scope="module")
+def realistic_queries(tmp_path_factory: pytest.TempPathFactory) -> list[PersonRecord]:
+    out = tmp_path_factory.mktemp("corroborated")
+    spec = dataclasses.replace(scenario.ScenarioSpec().realistic().scaled(150, 150), seed=11)
+    scenario.generate(spec, out)
+    with (out / "queries.csv").open(encoding="utf-8") as fh:
+        return [q.person for q in read_query_csv(fh)]

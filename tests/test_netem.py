@@ -91,6 +91,7 @@ def test_kernel_tbf_shapes_a_bulk_transfer_at_the_link_rate() -> None:
     assert got["connect_s"] >= WAN.rtt_s
 
 
+@pytest.mark.slow  # 105 s under load: a full harness run on the shaped WAN link
 def test_match_across_namespaces_over_mtls(tmp_path: Path) -> None:
     """The harness at 200 x 200 on the WAN link: services in two namespaces, the custodian
     dialled at its link address over mTLS, pairs equal to the plaintext join, the shaped

@@ -37,8 +37,9 @@ from protocol.cli.oversight import (
 from protocol.domain.engine import Engine
 from protocol.domain.estimate import (
     PopulationStats,
-    estimate_corroborated_false_matches,
+    corroborated_false_matches_per_query,
     estimate_false_matches,
+    sample_total,
 )
 from protocol.domain.identity import validate_agency_id
 from protocol.domain.records import (
@@ -353,7 +354,8 @@ def _review_queries(
         budgets = engine_budgets([k for rule in rules for ks in keys[rule] for k in ks], engines)
         print(f"Budget needed ({len(rules)} rule(s), every key incl. variants), in units per "
               "engine: " + ", ".join(f"{engine} {units:,}" for engine, units in budgets.items()))
-    _print_estimate([q.person for q in report.accepted], rules, args, today)
+    _print_estimate([q.person for q in report.accepted], rules, args, today,
+                    keys=None if _aggregate_tier(args) else keys)
     commitment = subject_commitment(report.accepted, today=today)
     return accepted, commitment, budgets, report.accepted
 
@@ -367,27 +369,39 @@ def _population(args: argparse.Namespace) -> PopulationStats:
 
 
 def _print_estimate(people: Sequence[PersonRecord], rules: Sequence[str],
-                    args: argparse.Namespace, today: date) -> None:
-    """The misidentification estimate: expected false matches per rule before signing."""
+                    args: argparse.Namespace, today: date,
+                    keys: dict[str, list[list[bytes]]] | None = None) -> None:
+    """The misidentification estimate: expected false matches per rule before signing.
+
+    ``keys`` are the subjects' keys when the caller computed them already (``issue``, for
+    the budget): at a million subjects computing them is most of the time this takes."""
     stats = _population(args)
     print(f"Misidentification estimate (expected false matches; custodian of "
           f"{stats.custodian_records:,} records, {stats.persons_per_zip:,} people per ZIP):")
+    if keys is None:
+        keys = query_match_keys_bulk(people, rules, today=today)
     total = 0.0
-    for e in estimate_false_matches(people, rules, stats, today=today):
+    for e in estimate_false_matches(people, rules, stats, today=today, keys=keys):
         total += e.expected_false_matches
         print(f"  {e.rule_id:<26} {_expected_text(e.expected_false_matches):>10}  "
               f"({e.queries:,} subjects, {e.keys:,} keys)")
     print(f"  {'all rules':<26} {_expected_text(total):>10}")
     k = getattr(args, "corroboration", None)
     if k is not None:
-        sample = people[::max(1, -(-len(people) // _CORROBORATION_SAMPLE))]
-        scale = len(people) / max(len(sample), 1)
-        corroborated = scale * estimate_corroborated_false_matches(
-            sample, rules, k, stats, today=today)
-        note = (f"; priced on {len(sample):,} of {len(people):,} subjects, scaled"
-                if len(sample) < len(people) else "")
+        step = max(1, -(-len(people) // _CORROBORATION_SAMPLE))
+        sample = people[::step]
+        per_query = corroborated_false_matches_per_query(
+            sample, rules, k, stats, today=today,
+            keys={rule: keys[rule][::step] for rule in rules})
+        corroborated, error = sample_total(per_query, len(people))
         print(f"  {f'corroborated by {k} rules':<26} {_expected_text(corroborated):>10}  "
-              f"(a disclosure needs {k} independent rules to agree; upper estimate{note})")
+              f"(a disclosure needs {k} independent rules to agree; upper estimate)")
+        if len(sample) < len(people):
+            print(f"  {'':<26} {'':>10}  sample-based: priced on a sample of "
+                  f"{len(sample):,} of {len(people):,} subjects (every {step:,}th) and "
+                  f"scaled; sampling standard error {_expected_text(error)}")
+        else:
+            print(f"  {'':<26} {'':>10}  priced on all {len(people):,} subjects (no sample)")
 
 
 #: Subjects the corroborated estimate prices one by one (every independent group of rules

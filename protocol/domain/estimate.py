@@ -41,8 +41,8 @@ from protocol.domain.records import (
 )
 from protocol.domain.variants import first_name_canonical, phonetic, surname_canonical
 
-__all__ = ["PopulationStats", "RuleEstimate", "estimate_corroborated_false_matches",
-           "estimate_false_matches"]
+__all__ = ["PopulationStats", "RuleEstimate", "corroborated_false_matches_per_query",
+           "estimate_corroborated_false_matches", "estimate_false_matches", "sample_total"]
 
 #: Valid SSN area, group and serial numbers: the space a transposed TIN lands in.
 SSN_SPACE = 898 * 99 * 9999
@@ -239,6 +239,37 @@ def estimate_false_matches(
 #: A phonetic field adds nothing where the exact spelling of the same name is compared.
 _IMPLIED_BY = {"first_phonetic": "first_name", "last_phonetic": "last_name"}
 
+#: One parsed key: its components per field of its rule.
+_Parsed = dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """How one group of independent rules is priced: the fields it prices (the union of
+    its rules' fields, a phonetic code not beside its exact spelling), the fields several
+    of its rules read (their keys must agree there), and per rule the fields it shares and
+    the priced fields it reads alone."""
+
+    rules: tuple[str, ...]
+    shared: tuple[str, ...]
+    shared_priced: tuple[str, ...]
+    own_shared: tuple[tuple[str, ...], ...]
+    own_priced: tuple[tuple[str, ...], ...]
+    namesake: float
+
+    @classmethod
+    def of(cls, rules: tuple[str, ...], stats: PopulationStats) -> _Group:
+        fields = [get_rule(r).fields for r in rules]
+        union = list(dict.fromkeys(f for rule_fields in fields for f in rule_fields))
+        priced = {f for f in union if _IMPLIED_BY.get(f) not in union}
+        shared = tuple(f for f in union if sum(f in rf for rf in fields) > 1)
+        return cls(rules=rules, shared=shared,
+                   shared_priced=tuple(f for f in shared if f in priced),
+                   own_shared=tuple(tuple(f for f in shared if f in rf) for rf in fields),
+                   own_priced=tuple(tuple(f for f in rf if f in priced and f not in shared)
+                                    for rf in fields),
+                   namesake=_namesake(union, stats))
+
 
 def estimate_corroborated_false_matches(
     records: Sequence[PersonRecord],
@@ -257,22 +288,55 @@ def estimate_corroborated_false_matches(
     such group and every choice of one key per rule whose shared fields agree, the chance
     that a random other person agrees on the union of the group's fields (each field
     priced once; a phonetic code not again beside its exact spelling), plus the namesake
-    term of that union: a union bound, so an upper estimate.
+    term of that union: a union bound, so an upper estimate.  The sum of
+    :func:`corroborated_false_matches_per_query`.
+    """
+    return sum(corroborated_false_matches_per_query(records, rule_ids, corroboration, stats,
+                                                    today=today, keys=keys))
+
+
+def corroborated_false_matches_per_query(
+    records: Sequence[PersonRecord],
+    rule_ids: Sequence[str],
+    corroboration: int,
+    stats: PopulationStats,
+    *,
+    today: date,
+    keys: Mapping[str, Sequence[Sequence[bytes]]] | None = None,
+) -> list[float]:
+    """Each query's term of :func:`estimate_corroborated_false_matches` (a caller that prices
+    a sample needs them for its sampling error).  ``keys`` as for
+    :func:`estimate_false_matches`.
+
+    A choice of keys prices as a product: the group's shared fields (equal in every key of
+    the choice) times, per rule, the fields only that rule reads.  So the keys of each
+    rule are summed per value of their shared fields first, and only those sums are
+    combined: a few products per group instead of one per choice of keys, which is what
+    kept a sample of 5,000 subjects from pricing in minutes.
     """
     rules = list(dict.fromkeys(rule_ids))
     if keys is None:
         keys = query_match_keys_bulk(records, rules, today=today)
-    groups = [g for g in combinations(rules, corroboration) if independent_group(g)]
+    groups = [_Group.of(g, stats) for g in combinations(rules, corroboration)
+              if independent_group(g)]
     layout = {}
     for rule_id in rules:
         rule = get_rule(rule_id)
         widths = [len(RULE_FIELDS[f]) for f in rule.fields]
         layout[rule_id] = (rule.fields, widths, len(encode_match_key(rule_id, ())))
     memo: dict[tuple[str, tuple[str, ...], bool], float] = {}
-    expected = 0.0
+
+    def agree(f: str, v: tuple[str, ...], own_tin: str | None) -> float:
+        memo_key = (f, v, v[0] == own_tin)
+        found = memo.get(memo_key)
+        if found is None:
+            found = memo[memo_key] = _agreement(f, v, own_tin, stats)
+        return found
+
+    out: list[float] = []
     for q, record in enumerate(records):
         own_tin = normalize_tin(record.tin)
-        parsed: dict[str, list[dict[str, tuple[str, ...]]]] = {}
+        parsed: dict[str, list[_Parsed]] = {}
         for rule_id in rules:
             fields, widths, start = layout[rule_id]
             parsed[rule_id] = []
@@ -282,20 +346,50 @@ def estimate_corroborated_false_matches(
                     values[f] = comps[at:at + width]
                     at += width
                 parsed[rule_id].append(values)
+        expected = 0.0
         for group in groups:
-            for choice in product(*(parsed[r] for r in group)):
+            # per rule: value of its shared fields -> (sum of its own fields' agreement
+            # over its keys with that value, how many keys)
+            sums: list[dict[tuple[tuple[str, ...], ...], tuple[float, int]]] = []
+            for rule_id, shared, own in zip(group.rules, group.own_shared, group.own_priced,
+                                            strict=True):
+                by_value: dict[tuple[tuple[str, ...], ...], tuple[float, int]] = {}
+                for values in parsed[rule_id]:
+                    p = 1.0
+                    for f in own:
+                        p *= agree(f, values[f], own_tin)
+                    at_value = tuple(values[f] for f in shared)
+                    total, count = by_value.get(at_value, (0.0, 0))
+                    by_value[at_value] = (total + p, count + 1)
+                sums.append(by_value)
+            for choice in product(*(s.items() for s in sums)):
                 union: dict[str, tuple[str, ...]] = {}
-                if any(union.setdefault(f, v) != v for values in choice
-                       for f, v in values.items()):
+                if any(union.setdefault(f, v) != v
+                       for shared, (at_value, _) in zip(group.own_shared, choice, strict=True)
+                       for f, v in zip(shared, at_value, strict=True)):
                     continue  # the keys disagree on a shared field: nobody holds both
                 p = float(stats.custodian_records)
-                for f, v in union.items():
-                    if _IMPLIED_BY.get(f) in union:
-                        continue
-                    memo_key = (f, v, v[0] == own_tin)
-                    agree = memo.get(memo_key)
-                    if agree is None:
-                        agree = memo[memo_key] = _agreement(f, v, own_tin, stats)
-                    p *= agree
-                expected += p + _namesake(list(union), stats)
-    return expected
+                for f in group.shared_priced:
+                    p *= agree(f, union[f], own_tin)
+                count = 1
+                for _, (total, keys_at_value) in choice:
+                    p *= total
+                    count *= keys_at_value
+                expected += p + group.namesake * count
+        out.append(expected)
+    return out
+
+
+def sample_total(sample: Sequence[float], population: int) -> tuple[float, float]:
+    """A population total estimated from a sample of its per-subject terms, and the
+    standard error of that estimate (as for a simple random sample without replacement,
+    with the finite-population correction: zero when the sample is everyone)."""
+    n = len(sample)
+    if n == 0:
+        return 0.0, 0.0
+    mean = sum(sample) / n
+    if n == 1:
+        return population * mean, 0.0
+    variance = sum((x - mean) ** 2 for x in sample) / (n - 1)
+    correction = max(0.0, 1 - n / population) if population else 0.0
+    return population * mean, population * (variance * correction / n) ** 0.5
