@@ -529,7 +529,8 @@ def _print_table(accuracy: ScenarioAccuracy, scenario_dir: Path) -> None:
         table.add_column(heading, justify="left" if attr in ("rule_id", "strength") else "right")
     for r in (*rules, *accuracy.rule_sets):
         table.add_row(*(_cell(getattr(r, attr), attr) for _, attr in _COLUMNS))
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    # a pipe gets every column and the rule names unwrapped (a log, or a test reading it)
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
     if accuracy.refusals_by_reason:
         reasons = ", ".join(f"{k}: {v:,}" for k, v in accuracy.refusals_by_reason.items())
