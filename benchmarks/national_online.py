@@ -236,6 +236,9 @@ def run_online(records_dir: Path | str, index_dir: Path | str, queries_csv: Path
         "peak_rss_requester": sampler.peak_rss["a"],
         "peak_rss_tree_custodian": sampler.peak_tree_rss["b"],
         "peak_rss_tree_requester": sampler.peak_tree_rss["a"],
+        # without the memory-mapped files' pages (row files, index buckets, tag-set cache)
+        "peak_anon_rss_custodian": sampler.peak_anon_rss["b"],
+        "peak_anon_rss_requester": sampler.peak_anon_rss["a"],
         "elements_evaluated": int(summary["elements_evaluated"]),
         "matches": int(summary["matches"]),
         "matched_queries": int(summary["matched_queries"]),

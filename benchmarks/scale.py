@@ -243,7 +243,10 @@ class TreeSampler:
     the sum over every pid ever seen of its last observed user+system time, so a worker's
     time survives its exit up to one sampling interval.  RSS is tracked for the root process
     alone and for the tree (sum of RSS, so pages shared after fork count more than once:
-    an upper bound).
+    an upper bound).  ``peak_anon_rss`` is the root's RSS without its file-backed and shared
+    pages: a process that memory-maps large files (the record store's row files, the epoch
+    index's buckets) holds the pages it touched in RSS, but the kernel can drop those at any
+    time, so this is the part that measures the process's own memory.
     """
 
     def __init__(self, interval: float = 0.2) -> None:
@@ -252,6 +255,7 @@ class TreeSampler:
         self._cpu: dict[str, dict[tuple[int, float], float]] = {}
         self.peak_rss: dict[str, int] = {}
         self.peak_tree_rss: dict[str, int] = {}
+        self.peak_anon_rss: dict[str, int] = {}
         self._history: dict[str, list[tuple[float, float]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -271,6 +275,7 @@ class TreeSampler:
             self._cpu[label] = {}
             self.peak_rss[label] = 0
             self.peak_tree_rss[label] = 0
+            self.peak_anon_rss[label] = 0
             self._history[label] = []
         self.sample()
 
@@ -295,7 +300,8 @@ class TreeSampler:
                     try:
                         with p.oneshot():
                             t = p.cpu_times()
-                            rss = p.memory_info().rss
+                            memory = p.memory_info()
+                            rss = memory.rss
                             created = p.create_time()
                     except psutil.Error:
                         continue
@@ -303,6 +309,8 @@ class TreeSampler:
                     tree_rss += rss
                     if p.pid == root.pid:
                         self.peak_rss[label] = max(self.peak_rss[label], rss)
+                        anon = rss - getattr(memory, "shared", 0)  # Linux: RssFile + RssShmem
+                        self.peak_anon_rss[label] = max(self.peak_anon_rss[label], anon)
                 self.peak_tree_rss[label] = max(self.peak_tree_rss[label], tree_rss)
                 self._history[label].append((time.perf_counter(), sum(cpu.values())))
 
