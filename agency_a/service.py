@@ -388,15 +388,13 @@ class RequesterService(kit.RequesterServicer):
             job.emit("done", 1, 1, "match complete", summary=job.summary)
         except grpc.RpcError as exc:
             job.state = "failed"
-            job.error_code = exc.code().name
-            job.error = exc.details() or ""
+            job.error_code, job.error = _failure_status(exc, otherwise="INTERNAL")
             kit.log_event(log, "job_failed", logging.WARNING, job=job.job_id,
                           status=job.error_code, reason=job.error)
             job.emit("failed", 0, 0, f"{job.error_code}: {job.error}")
         except (PSIError, OSError, ValueError) as exc:
             job.state = "failed"
-            job.error_code = "FAILED_PRECONDITION" if isinstance(exc, PSIError) else "INTERNAL"
-            job.error = kit.error_message(exc)
+            job.error_code, job.error = _failure_status(exc, otherwise="INTERNAL")
             kit.log_event(log, "job_failed", logging.WARNING, job=job.job_id, reason=job.error)
             job.emit("failed", 0, 0, f"{job.error_code}: {job.error}", summary=job.summary)
 
@@ -445,10 +443,7 @@ class RequesterService(kit.RequesterServicer):
 
     def _receipt_pending(self, job: Job, journal: JobJournal, exc: BaseException) -> None:
         """The session failed after it opened: its results stay readable, the receipt waits."""
-        code = exc.code().name if isinstance(exc, grpc.RpcError) else (
-            "FAILED_PRECONDITION" if isinstance(exc, PSIError) else "UNAVAILABLE")
-        reason = ((exc.details() or "") if isinstance(exc, grpc.RpcError)
-                  else kit.error_message(exc))
+        code, reason = _failure_status(exc, otherwise="UNAVAILABLE")
         job.error_code, job.error = code, reason
         job.summary.update(journal.summary_counts())
         job.summary.update({"receipt_pending": True, "receipt_error": f"{code}: {reason}"})
@@ -701,10 +696,7 @@ class RequesterService(kit.RequesterServicer):
                                     started: float) -> None:
         """A later rule failed after earlier ones were answered: the job fails with that
         rule's own refusal, and its answered rules stay stored and readable."""
-        code = exc.code().name if isinstance(exc, grpc.RpcError) else (
-            "FAILED_PRECONDITION" if isinstance(exc, PSIError) else "INTERNAL")
-        reason = ((exc.details() or "") if isinstance(exc, grpc.RpcError)
-                  else kit.error_message(exc))
+        code, reason = _failure_status(exc, otherwise="INTERNAL")
         self._aggregate_summary(job, rules, answered, stats, started)
         done = ", ".join(f"{a['rule']} (count {a['count']:,})" for a in answered)
         unanswered = job.summary["aggregate_rules_unanswered"]
@@ -796,6 +788,16 @@ class RequesterService(kit.RequesterServicer):
         kit.log_event(log, "results_purged", job=job.job_id, operator=request.operator,
                       result_rows=n)
         return pb2.PurgeAck(purged=n)
+
+
+def _failure_status(exc: BaseException, *, otherwise: str) -> tuple[str, str]:
+    """(gRPC status name, reason) a failed job reports: the peer's own status and details
+    for an RPC error, FAILED_PRECONDITION for a protocol or policy error, else
+    ``otherwise`` (INTERNAL for a local fault; UNAVAILABLE where the receipt is retried)."""
+    if isinstance(exc, grpc.RpcError):
+        return exc.code().name, exc.details() or ""
+    return ("FAILED_PRECONDITION" if isinstance(exc, PSIError) else otherwise,
+            kit.error_message(exc))
 
 
 def _aggregate_session_ids(base: str, rules: int) -> list[str | None]:

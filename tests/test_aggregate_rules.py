@@ -10,7 +10,6 @@ the requester's real encrypted result store; the two-rule job goes through the o
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
@@ -21,13 +20,10 @@ import pytest
 from rich.console import Console
 
 from agency_a import cli as cli_a
-from agency_a.service import ANSWERED_IN_PART, RequesterService
-from agency_a.service import serve as serve_requester
-from agency_a.store import KEY_LEN, ResultStore
+from agency_a.service import ANSWERED_IN_PART
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
 from protocol.adapters.files import open_csv
-from protocol.adapters.sqlite_ledger import Ledger
 from protocol.cli.authority import main as authority_main
 from protocol.cli.dev_pki import write_dev_pki
 from protocol.domain.records import QueryRecord, match_keys_bulk, write_query_csv
@@ -40,6 +36,7 @@ from protocol.sessions.aggregate import (
     plaintext_answer,
 )
 from tests.factories import World, as_query, make_person, make_world
+from tests.helpers.report_job import serve_requester_service
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
 OPERATOR = "analyst-3"
@@ -81,13 +78,7 @@ def services(tmp_path: Path) -> Iterator[Services]:
     world.with_tax_paid()
     pki = tmp_path / "pki"
     write_dev_pki(pki, ["agency-a", "agency-b"], server_agencies=["agency-a", "agency-b"])
-    audit = Ledger(tmp_path / "requester-ledger.sqlite")
-    store = ResultStore(tmp_path / "results.sqlite", os.urandom(KEY_LEN), audit)
-    service = RequesterService(
-        "agency-a", kit.TLSFiles.from_dir(pki, "agency-a", "client"),
-        signing_key=world.requester_key, operators=[OPERATOR], store=store,
-        custodian_keys={"agency-b": world.custodian_key.public_key()}, audit=audit)
-    server, port = serve_requester(service, kit.TLSFiles.from_dir(pki, "agency-a", "server"))
+    server, port, _ = serve_requester_service(world, tmp_path, pki, operator=OPERATOR)
     svc = Services(world, tmp_path, pki, f"127.0.0.1:{port}", [server])
     try:
         yield svc

@@ -14,13 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +29,9 @@ from protocol.sessions.identity import CustodianSession
 from tests import test_corroboration as corroboration
 from tests.factories import as_query, make_person, make_world
 from tests.helpers.batch_kill_launcher import KILL_AT_ENV, SIZE_ENV
-from tests.helpers.requester_launcher import KILL_ENV
 from tests.test_late_failure import (
     OPERATOR,
     PURPOSE,
-    REPO,
     RPC_TIMEOUT,
     AgencyA,
     Lab,
@@ -101,41 +94,11 @@ def seen(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> list[Disclosed]:
     return calls
 
 
-@contextmanager
-def serving(agency: AgencyA, kill_at: int | None = None) -> Iterator[tuple[Any, Any]]:
+def serving(agency: AgencyA, kill_at: int | None = None) -> Any:
     """A real ``agency-a serve`` process batching ``BATCH`` outputs; with ``kill_at`` it dies
     when that batch is answered, before storing it (tests/helpers/batch_kill_launcher.py)."""
-    from proto import service_kit as kit
-    agency.starts += 1
-    tmp = agency.lab.tmp
-    port_file = tmp / f"agency-a-port-{agency.starts}"
-    env = {k: v for k, v in os.environ.items() if k not in (KILL_ENV, KILL_AT_ENV)}
-    env[SIZE_ENV] = str(BATCH)
-    if kill_at is not None:
-        env[KILL_AT_ENV] = str(kill_at)
-    argv = [sys.executable, "-m", "tests.helpers.batch_kill_launcher", "serve",
-            "--secrets", str(agency.secrets), "--certs", str(agency.lab.pki),
-            "--data", str(agency.data), "--listen", "127.0.0.1:0",
-            "--port-file", str(port_file), "--workers", "1", "--grace", "0",
-            "--custodian-key", f"agency-b={agency.custodian_pub}",
-            "--receipt-retry-interval", "0.3", "--checkpoint-interval", "0",
-            "--log-level", "warning"]
-    log_path = tmp / f"agency-a-{agency.starts}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 60
-            while not port_file.exists():
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "agency-a serve did not start"
-                time.sleep(0.05)
-            tls = kit.TLSFiles.from_dir(agency.lab.pki, "agency-a", "client")
-            with kit.secure_channel(f"127.0.0.1:{int(port_file.read_text())}", tls) as ch:
-                yield proc, kit.pb2_grpc.RequesterStub(ch)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
+    env = {SIZE_ENV: str(BATCH), **({KILL_AT_ENV: str(kill_at)} if kill_at is not None else {})}
+    return agency.serving(launcher="tests.helpers.batch_kill_launcher", launcher_env=env)
 
 
 def _queries(lab: Lab) -> list[QueryRecord]:

@@ -315,15 +315,20 @@ class AgencyA:
     starts: int = 0
 
     @contextmanager
-    def serving(self, kill_at: str | None = None) -> Iterator[tuple[subprocess.Popen[bytes],
-                                                                   Any]]:
-        """A real ``agency-a serve`` process and an operator's stub on it."""
+    def serving(self, kill_at: str | None = None, *,
+                launcher: str = "tests.helpers.requester_launcher",
+                launcher_env: dict[str, str] | None = None,
+                ) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+        """A real ``agency-a serve`` process and an operator's stub on it, started through
+        ``launcher`` (a module that can kill it at a chosen point, told by ``kill_at`` or by
+        ``launcher_env``)."""
         self.starts += 1
         port_file = self.lab.tmp / f"agency-a-port-{self.starts}"
         env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
         if kill_at:
             env[KILL_ENV] = kill_at
-        argv = [sys.executable, "-m", "tests.helpers.requester_launcher", "serve",
+        env.update(launcher_env or {})
+        argv = [sys.executable, "-m", launcher, "serve",
                 "--secrets", str(self.secrets), "--certs", str(self.lab.pki),
                 "--data", str(self.data), "--listen", "127.0.0.1:0",
                 "--port-file", str(port_file), "--workers", "1", "--grace", "0",

@@ -30,7 +30,7 @@ from protocol.domain.records import write_query_csv
 from protocol.policy.authority import public_key_to_json
 from protocol.policy.decide import Tier
 from protocol.sessions.aggregate import AggregateCustodian
-from tests.factories import as_query, make_person, make_world
+from tests.factories import World, as_query, make_person, make_world
 
 OPERATOR = "analyst-7"
 N_RECORDS = 40
@@ -61,6 +61,20 @@ class ReportedJob:
                 "--out", str(out), *extra]
 
 
+def serve_requester_service(world: World, tmp: Path, pki: Path, *, operator: str = OPERATOR
+                            ) -> tuple[Any, int, Ledger]:
+    """The requester service in process over mTLS for ``operator``, with its SQLite ledger
+    and encrypted result store under ``tmp``: (server, port, ledger)."""
+    audit = Ledger(tmp / "requester-ledger.sqlite")
+    store = ResultStore(tmp / "results.sqlite", os.urandom(KEY_LEN), audit)
+    service = RequesterService(
+        "agency-a", kit.TLSFiles.from_dir(pki, "agency-a", "client"),
+        signing_key=world.requester_key, operators=[operator], store=store,
+        custodian_keys={"agency-b": world.custodian_key.public_key()}, audit=audit)
+    server, port = serve_requester(service, kit.TLSFiles.from_dir(pki, "agency-a", "server"))
+    return server, port, audit
+
+
 @contextmanager
 def reported_job(tmp: Path, *, tier: Tier = Tier.IDENTITY) -> Iterator[ReportedJob]:
     """Run the job (identity, or aggregate over tax paid); the requester service keeps
@@ -74,14 +88,7 @@ def reported_job(tmp: Path, *, tier: Tier = Tier.IDENTITY) -> Iterator[ReportedJ
     custodian_server, custodian_port = serve_custodian(
         custodian, kit.TLSFiles.from_dir(pki, "agency-b", "server"), "127.0.0.1:0",
         aggregate=AggregateCustodian(custodian) if tier is not Tier.IDENTITY else None)
-    audit = Ledger(tmp / "requester-ledger.sqlite")
-    store = ResultStore(tmp / "results.sqlite", os.urandom(KEY_LEN), audit)
-    service = RequesterService(
-        "agency-a", kit.TLSFiles.from_dir(pki, "agency-a", "client"),
-        signing_key=world.requester_key, operators=[OPERATOR], store=store,
-        custodian_keys={"agency-b": world.custodian_key.public_key()}, audit=audit)
-    requester_server, requester_port = serve_requester(
-        service, kit.TLSFiles.from_dir(pki, "agency-a", "server"))
+    requester_server, requester_port, audit = serve_requester_service(world, tmp, pki)
     try:
         signed = (world.authorize(rules=("tin+dob", "tin+last_name"), max_evaluations=500,
                                   max_disclosures=100) if tier is Tier.IDENTITY
