@@ -703,6 +703,7 @@ class RequesterService(kit.RequesterServicer):
         where = (f"rule {rule}, after its answer was released and stored; its receipt is "
                  "missing" if answered[-1]["rule"] == rule else f"rule {rule}")
         job.summary["aggregate_failed_rule"] = rule
+        job.summary["aggregate_failure"] = f"{code}: {reason}"  # the report quotes it
         job.error_code, job.error = code, reason
         job.state = ANSWERED_IN_PART
         kit.log_event(log, "job_failed", logging.WARNING, job=job.job_id, status=code,
@@ -850,6 +851,8 @@ class JobJournal:
         self.store = store
         self.job = job
         self.data = data
+        if isinstance(data.get("matches"), list):  # read back from the store: freeze it
+            data["matches"] = tuple(tuple(m) for m in data["matches"])
 
     @classmethod
     def begin(cls, store: Any, job: Job, auth: Any, session: RequesterSession,
@@ -922,8 +925,9 @@ class JobJournal:
         self.save("running")
 
     def matched(self, matches: Sequence[Match]) -> None:
-        self.data["matches"] = [[m.query_record_id, m.rule_id, m.output.hex()]
-                                for m in matches]
+        # a tuple of tuples: the store seals it once, not again with every batch's state
+        self.data["matches"] = tuple((m.query_record_id, m.rule_id, m.output.hex())
+                                     for m in matches)
         self.save("running")
 
     def disclosed(self, answered: Sequence[int], results: Sequence[MatchResult],

@@ -354,9 +354,10 @@ class ResultStore:
         self._stop = threading.Event()
         self._purger: threading.Thread | None = None
         self._store_id = ""
-        # digest of the match list last sealed per job (see _put_state); memory only
-        self._matches_written: dict[str, bytes] = {}
-        self._pending_matches: dict[str, bytes] = {}
+        # per job, the digest of the match list last sealed and, when it was a tuple (taken
+        # as immutable), that very object (see _put_state); memory only
+        self._matches_written: dict[str, tuple[bytes, tuple[Any, ...] | None]] = {}
+        self._pending_matches: dict[str, tuple[bytes, tuple[Any, ...] | None]] = {}
 
         # The ledger's connection and transaction discipline (protocol.adapters.sqlite),
         # with this store's pragmas: rollback journal and secure_delete.
@@ -575,7 +576,7 @@ class ResultStore:
         _require_text("state", state)
         rest = dict(data)
         matches = rest.get(_MATCHES_KEY)
-        if isinstance(matches, list):
+        if isinstance(matches, (list, tuple)):
             # Sealed apart, and written again only when it changed: at full scale it is
             # most of the state, and every disclosure batch saves the state (a rewrite of
             # a multi-MB blob under the rollback journal and secure_delete costs more
@@ -596,10 +597,19 @@ class ResultStore:
             (job_id, state, nonce, sealed),
         )
 
-    def _put_matches(self, conn: sqlite3.Connection, job_id: str, matches: list[Any]) -> None:
+    def _put_matches(self, conn: sqlite3.Connection, job_id: str,
+                     matches: list[Any] | tuple[Any, ...]) -> None:
+        """Seal a job's match list unless it is what was sealed last.  A tuple (of tuples)
+        is taken as immutable: the same object again is not even serialized, which at full
+        scale saves re-encoding megabytes of JSON for every disclosure batch."""
+        kept = matches if isinstance(matches, tuple) else None
+        written = self._matches_written.get(job_id)
+        if written is not None and kept is not None and written[1] is kept:
+            return
         text = json.dumps(matches, separators=(",", ":"), default=str).encode("utf-8")
         digest = hashlib.sha256(text).digest()  # kept in memory only, never stored
-        if self._matches_written.get(job_id) == digest:
+        if written is not None and written[0] == digest:
+            self._pending_matches[job_id] = (digest, kept)
             return
         nonce = os.urandom(_NONCE_LEN)
         conn.execute(
@@ -608,7 +618,7 @@ class ResultStore:
             (job_id, nonce, self._aead.encrypt(nonce, text, self._matches_ad(job_id))),
         )
         # remembered only once the transaction commits (a rollback must not skip a write)
-        self._pending_matches[job_id] = digest
+        self._pending_matches[job_id] = (digest, kept)
 
     def _matches_ad(self, job_id: str) -> bytes:
         return encode(_JOB_MATCHES_AD_TAG, self._store_id.encode(), job_id.encode())

@@ -285,6 +285,13 @@ def test_refusal_examples_are_a_few_per_reason() -> None:
     assert picked[0] == {"line": 0, "code": "missing_reason", "detail": "detail 0"}
 
 
+def test_a_refused_count_without_reasons_is_said_not_invented() -> None:
+    summary = copy.deepcopy(SUMMARY) | {"refused_by_reason": {}, "refused_examples": []}
+    page = unescape(re.sub(r"<[^>]+>", "", render(summary)))
+    assert "45 of 1,000 records were refused; the summary does not list their reasons." in page
+    assert "the most common" not in page
+
+
 def test_rendering_does_not_change_the_facts() -> None:
     summary = copy.deepcopy(SUMMARY)
     render(summary, accuracy=ACCURACY, rows=ROWS)

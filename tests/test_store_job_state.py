@@ -74,6 +74,43 @@ def test_unchanged_matches_are_not_written_again(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_the_same_match_tuple_is_not_even_serialized_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The requester's journal keeps its match list as a tuple of tuples: every later
+    batch's save skips it by identity, without re-encoding megabytes of JSON."""
+    import agency_a.store as store_module
+
+    encoded: list[object] = []
+    real_dumps = store_module.json.dumps
+
+    def counting_dumps(obj: Any, **kw: Any) -> str:
+        encoded.append(obj)
+        return real_dumps(obj, **kw)
+
+    monkeypatch.setattr(store_module.json, "dumps", counting_dumps)
+    store = _store(tmp_path)
+    matches = (("q-1", "tin+dob", "ab" * 20), ("q-2", "tin+dob", "cd" * 20))
+    store.save_job_state("job-1", "running", _state(matches, []))
+    first = _matches_row(store)
+    for batch in range(3):
+        store.append_results("job-1", [ROW], operator="op",
+                             job_state=("running", _state(matches, [[0, batch + 1]])))
+    assert sum(obj is matches for obj in encoded) == 1
+    assert _matches_row(store) == first
+    # an equal list (e.g. read back after a restart) is compared by content: not rewritten
+    store.save_job_state("job-1", "running", _state([list(m) for m in matches], [[0, 2]]))
+    assert _matches_row(store) == first
+    assert store.job_states("job-1")[0][2]["matches"] == [list(m) for m in matches]
+    # a failed save of a new tuple does not count as written: the next save writes it
+    grown = (*matches, ("q-3", "tin+dob", "ef" * 20))
+    with pytest.raises(ValueError, match="no stored job"):  # rolled back after sealing
+        store.append_results("job-2", [ROW], operator="op",
+                             job_state=("running", _state(grown, [])))
+    store.save_job_state("job-1", "running", _state(grown, [[0, 2]]))
+    assert store.job_states("job-1")[0][2]["matches"] == [list(m) for m in grown]
+    store.close()
+
+
 def test_a_failed_save_does_not_count_as_written(tmp_path: Path) -> None:
     store = _store(tmp_path)
     matches = [["q-1", "tin+dob", "ab" * 20]]

@@ -146,10 +146,15 @@ def _key_jobs(records: Sequence[PersonRecord], rule_ids: Sequence[str],
 
 
 class CompactRecords(Sequence[PersonRecord]):
-    """A read-only sequence of ``PersonRecord`` stored as packed blobs."""
+    """A read-only sequence of ``PersonRecord`` stored as packed blobs.
+
+    Once loaded (``seal``) the blobs are a tuple of bytes, which the cyclic garbage
+    collector untracks after one pass: its full passes then skip the millions of blobs a
+    large file holds (docs/architecture.md, Long-lived bulk data).
+    """
 
     def __init__(self) -> None:
-        self._blobs: list[bytes] = []
+        self._blobs: list[bytes] | tuple[bytes, ...] = []
         self._extra_names: tuple[str, ...] | None = None
 
     def _pack(self, r: PersonRecord) -> bytes:
@@ -166,14 +171,26 @@ class CompactRecords(Sequence[PersonRecord]):
         return _SEP.join(parts).encode("utf-8")
 
     def append(self, record: PersonRecord) -> None:
+        if isinstance(self._blobs, tuple):  # appending after seal: a list again
+            self._blobs = list(self._blobs)
         self._blobs.append(self._pack(record))
+
+    def seal(self) -> CompactRecords:
+        """Done appending: keep the blobs as a tuple the collector stops walking."""
+        self._blobs = tuple(self._blobs)
+        return self
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickled records are sealed, whichever form was pickled."""
+        self.__dict__.update(state)
+        self.seal()
 
     @classmethod
     def of(cls, records: Iterable[PersonRecord]) -> CompactRecords:
         out = cls()
         for r in records:
             out.append(r)
-        return out
+        return out.seal()
 
     def _unpack(self, blob: bytes) -> PersonRecord:
         parts = blob.decode("utf-8").split(_SEP)
@@ -252,7 +269,7 @@ def _load(items: Iterable[tuple[int, PersonRecord, list[Refusal]]]
         kept._extra_names = store._extra_names
         kept._blobs = [b for b, k in zip(store._blobs, keep, strict=True) if k]
         store = kept
-    return store, refused, rows
+    return store.seal(), refused, rows
 
 
 def load_custodian_csv(

@@ -52,7 +52,9 @@ EXCHANGES = (
 TAGS_PER_ENTRY = CUCKOO_HASHES
 
 #: (keys, record index, rule index, key digests) of the in-scope entries of a rule set.
-KeyTable = tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]
+#: The keys are a tuple, which the garbage collector untracks (docs/architecture.md,
+#: Long-lived bulk data): the table lives as long as the service.
+KeyTable = tuple[tuple[bytes, ...], np.ndarray, np.ndarray, np.ndarray]
 
 
 def kkrt_context(authorization_id: str, session_id: str) -> bytes:
@@ -148,7 +150,7 @@ class KkrtCustodianEngine:
                 keys.extend(known[p] for p in positions)
                 rec.append(data.in_scope[positions])
             rule_idx.append(np.full(rec[-1].size, r_i, dtype=np.int8))
-        return (keys, np.concatenate(rec) if rec else np.zeros(0, np.int64),
+        return (tuple(keys), np.concatenate(rec) if rec else np.zeros(0, np.int64),
                 np.concatenate(rule_idx) if rule_idx else np.zeros(0, np.int8),
                 np.frombuffer(b"".join(digests[r] for r in rules_t),
                               dtype=np.uint8).reshape(-1, DIGEST_SIZE))

@@ -27,6 +27,7 @@ from protocol.accounting.oversight import OversightReport
 from protocol.domain.records import MATCH_RULES, ReasonCode, Strength
 
 __all__ = [
+    "AGGREGATE_FAILURE_KEYS",
     "PHASE_WORDS",
     "REASON_WORDS",
     "STRENGTH_WORDS",
@@ -38,9 +39,11 @@ __all__ = [
     "RefusalExample",
     "ReportFacts",
     "RequestFacts",
+    "RuleAnswer",
     "RuleFacts",
     "TimelineEvent",
     "accuracy_by_rule",
+    "aggregate_facts",
     "inspector_facts",
     "job_facts",
     "oversight_facts",
@@ -187,8 +190,26 @@ class OversightFacts:
 
 
 @dataclass(frozen=True)
+class RuleAnswer:
+    """One rule's aggregate answer, released in that rule's own session."""
+
+    rule_id: str
+    count: int
+    total: int | None
+    withheld: bool
+    reason: str
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
 class AggregateFacts:
-    """An aggregate or cardinality answer (no identity behind it)."""
+    """An aggregate or cardinality answer (no identity behind it).
+
+    ``match_rule`` .. ``reason`` are the first rule's answer (a one-rule job's only one);
+    ``by_rule`` holds every answered rule, in the order run (docs/architecture.md, Aggregate
+    and cardinality tiers). A job stopped by a later rule's refusal names that rule, the
+    refusal when the summary carries it, and the rules never answered.
+    """
 
     tier: str
     match_rule: str
@@ -198,6 +219,19 @@ class AggregateFacts:
     reason: str
     value_field: str = ""
     min_count: int = 0
+    by_rule: tuple[RuleAnswer, ...] = ()
+    rules_unanswered: tuple[str, ...] = ()
+    failed_rule: str = ""
+    failure: str = ""
+
+    @property
+    def several_rules(self) -> bool:
+        """Counts of several rules overlap (one person can match under each): never added."""
+        return len(self.by_rule) > 1 or bool(self.failed_rule)
+
+    @property
+    def answered_in_part(self) -> bool:
+        return bool(self.failed_rule)
 
 
 @dataclass(frozen=True)
@@ -406,19 +440,22 @@ def job_facts(summary: Mapping[str, Any], *, generated_at: float,
     aggregate = None
     parties: tuple[Party, ...]
     gauges: tuple[Gauge, ...]
+    receipts: tuple[Mapping[str, Any], ...] = (receipt,) if isinstance(receipt, Mapping) else ()
+    receipt_note = ""
+    matches_label = "matches"
     if tier in ("aggregate", "cardinality"):
-        aggregate = AggregateFacts(
-            tier=tier, match_rule=str(summary.get("match_rule", "")),
-            count=int(summary.get("aggregate_count") or 0),
-            total=(summary["aggregate_sum"] if isinstance(summary.get("aggregate_sum"), int)
-                   else None),
-            withheld=bool(summary.get("aggregate_withheld")),
-            reason=str(summary.get("aggregate_reason") or ""),
-            value_field=request.value_field, min_count=request.min_aggregate_count)
-        numbers.append(KeyNumber("aggregate_count", "subjects in the custodian's file",
-                                 aggregate.count))
-        rules = _rule_facts({aggregate.match_rule: aggregate.count}, (aggregate.match_rule,),
-                            measured)
+        aggregate = aggregate_facts(summary, tier, request)
+        if aggregate.several_rules:  # one number per rule: they overlap, so no total
+            numbers += [KeyNumber(f"aggregate_by_rule.{a.rule_id}.count",
+                                  f"subjects found by rule {a.rule_id}", a.count)
+                        for a in aggregate.by_rule]
+            matches_label = "subjects found (per rule; they overlap, never added up)"
+            receipts, receipt_note = _aggregate_receipts(summary)
+        else:
+            numbers.append(KeyNumber("aggregate_count", "subjects in the custodian's file",
+                                     aggregate.count))
+        rules = _rule_facts({a.rule_id: a.count for a in aggregate.by_rule},
+                            [a.rule_id for a in aggregate.by_rule], measured)
         gauges = (Gauge("evaluations used (this job)",
                         int(summary.get("elements_evaluated") or 0), request.max_evaluations),)
         parties = _aggregate_parties(summary, aggregate)
@@ -444,7 +481,6 @@ def job_facts(summary: Mapping[str, Any], *, generated_at: float,
         notes.append(f"The disclosure cap was reached: "
                      f"{int(summary.get('disclosures_withheld_by_cap') or 0):,} further "
                      "disclosures were withheld.")
-    receipt_note = ""
     if summary.get("receipt_pending"):
         receipt_note = ("The receipt is pending: the results are stored and the service "
                         f"retries the receipt ({summary.get('receipt_error', '')}).")
@@ -453,12 +489,63 @@ def job_facts(summary: Mapping[str, Any], *, generated_at: float,
         request=request, key_numbers=tuple(numbers), queries_submitted=submitted,
         queries_refused=int(summary.get("queries_refused") or 0),
         refused_by_reason=refused, refusal_examples=examples, parties=parties, rules=rules,
+        matches_label=matches_label,
         accuracy_source=accuracy_source if measured else "", gauges=gauges,
-        receipts=(receipt,) if isinstance(receipt, Mapping) else (),
-        receipt_note=receipt_note,
+        receipts=receipts, receipt_note=receipt_note,
         oversight=oversight_facts(oversight) if oversight is not None else None,
         aggregate=aggregate, timeline=_timeline(summary, tier, request),
         rows=tuple(rows) if rows is not None else None, notes=tuple(notes))
+
+
+#: Summary keys that may carry the refusal which stopped a several-rule aggregate job, in
+#: order of preference: the service's own record of it, else the failure message that
+#: ``agency-a match --summary-json`` writes for a failed job.
+AGGREGATE_FAILURE_KEYS = ("aggregate_failure", "failed")
+
+
+def _sum_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def aggregate_facts(summary: Mapping[str, Any], tier: str, request: RequestFacts
+                    ) -> AggregateFacts:
+    """The aggregate answer of a job: every answered rule from ``aggregate_by_rule``.
+
+    A summary written before jobs answered every rule has only the one-rule keys
+    (``match_rule``, ``aggregate_count``, ...); its single answer is read from those.
+    """
+    first = RuleAnswer(rule_id=str(summary.get("match_rule", "")),
+                       count=int(summary.get("aggregate_count") or 0),
+                       total=_sum_or_none(summary.get("aggregate_sum")),
+                       withheld=bool(summary.get("aggregate_withheld")),
+                       reason=str(summary.get("aggregate_reason") or ""),
+                       session_id=str(summary.get("session_id") or ""))
+    by_rule = tuple(
+        RuleAnswer(rule_id=str(e["rule"]), count=int(e.get("count") or 0),
+                   total=_sum_or_none(e.get("sum")), withheld=bool(e.get("withheld")),
+                   reason=str(e.get("reason") or ""), session_id=str(e.get("session_id") or ""))
+        for e in summary.get("aggregate_by_rule") or ()
+        if isinstance(e, Mapping) and e.get("rule"))
+    failed_rule = str(summary.get("aggregate_failed_rule") or "")
+    failure = next((str(summary[k]) for k in AGGREGATE_FAILURE_KEYS
+                    if failed_rule and summary.get(k)), "")
+    return AggregateFacts(
+        tier=tier, match_rule=first.rule_id, count=first.count, total=first.total,
+        withheld=first.withheld, reason=first.reason, value_field=request.value_field,
+        min_count=request.min_aggregate_count, by_rule=by_rule or (first,),
+        rules_unanswered=tuple(str(r) for r in summary.get("aggregate_rules_unanswered") or ()),
+        failed_rule=failed_rule, failure=failure)
+
+
+def _aggregate_receipts(summary: Mapping[str, Any]
+                        ) -> tuple[tuple[Mapping[str, Any], ...], str]:
+    """Every answered rule's receipt (one session each), and which rule has none."""
+    entries = [e for e in summary.get("aggregate_by_rule") or () if isinstance(e, Mapping)]
+    receipts = tuple(e["receipt"] for e in entries if isinstance(e.get("receipt"), Mapping))
+    missing = [str(e.get("rule")) for e in entries if not isinstance(e.get("receipt"), Mapping)]
+    note = (f"No receipt for rule {', '.join(missing)}: its session failed after the answer "
+            "was released and stored, before the receipt was signed." if missing else "")
+    return receipts, note
 
 
 def _identity_parties(s: Mapping[str, Any]) -> tuple[Party, ...]:
@@ -486,13 +573,27 @@ def _identity_parties(s: Mapping[str, Any]) -> tuple[Party, ...]:
 
 def _aggregate_parties(s: Mapping[str, Any], a: AggregateFacts) -> tuple[Party, ...]:
     accepted = int(s.get("queries_accepted") or 0)
-    what = ("a count" if a.tier == "cardinality" or a.total is None
-            else "a count and the total of " + (a.value_field or "the value field"))
+    if a.several_rules:
+        summed = a.tier != "cardinality" and any(r.total is not None or r.withheld
+                                                 for r in a.by_rule)
+        what = ("a count per rule" + (" and the total of " + (a.value_field or "the value "
+                                       "field") + " per rule" if summed else ""))
+        each = "; ".join(f"rule {r.rule_id}: {r.count:,}"
+                         + (f" (the total was withheld: {r.reason})" if r.withheld else "")
+                         for r in a.by_rule)
+        learned = (f"{what.capitalize()}, each from its own session, of its {accepted:,} "
+                   f"accepted subjects in the custodian's file: {each}. The counts overlap "
+                   "(one person can match under several rules), so they are not added up"
+                   + (f"; not answered: rule {', '.join(a.rules_unanswered)}"
+                      if a.rules_unanswered else "") + ".")
+    else:
+        what = ("a count" if a.tier == "cardinality" or a.total is None
+                else "a count and the total of " + (a.value_field or "the value field"))
+        learned = (f"{what.capitalize()}: {a.count:,} of its {accepted:,} accepted subjects "
+                   "are in the custodian's file" + (f" (the total was withheld: {a.reason})"
+                                                    if a.withheld else "") + ".")
     return (
-        Party("The requester",
-              f"{what.capitalize()}: {a.count:,} of its {accepted:,} accepted subjects are in "
-              "the custodian's file" + (f" (the total was withheld: {a.reason})"
-                                        if a.withheld else "") + ".",
+        Party("The requester", learned,
               "Which of its subjects are in the file, or any one person's value."),
         Party("The custodian",
               "Which of its own records contributed to the answer (it computed the answer), "

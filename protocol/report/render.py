@@ -18,12 +18,14 @@ from protocol.report.charts import Bar, bar_chart, grouped_bar_chart
 from protocol.report.facts import (
     REASON_WORDS,
     STRENGTH_WORDS,
+    AggregateFacts,
     Gauge,
     ReportFacts,
+    RuleAnswer,
     RuleFacts,
 )
 
-__all__ = ["COLOURS", "render_report"]
+__all__ = ["COLOURS", "OVERLAP_WORDS", "render_report"]
 
 #: Colour pairs of the page (text on background); each pair has at least 4.5:1 contrast
 #: (WCAG 1.4.3), which tests/test_report_browser.py recomputes from the CSS.
@@ -179,6 +181,23 @@ def _lede(f: ReportFacts) -> str:
                      f"people{law}. The custodian's ledger records "
                      f"{_fmt(n.get('custodian_disclosed', 0))} records disclosed in "
                      f"{_fmt(n.get('receipts', 0))} signed sessions.")
+    elif f.aggregate is not None and f.aggregate.several_rules:
+        a = f.aggregate
+        asked = len(a.by_rule) + len(a.rules_unanswered)
+        answers = "; ".join(
+            f"rule <code>{escape(r.rule_id)}</code>: {_fmt(r.count)}"
+            + ("" if r.total is None or r.withheld else
+               f", together {_fmt(r.total)} in {escape(a.value_field or 'value')}")
+            + (" (total withheld)" if r.withheld else "") for r in a.by_rule)
+        parts.append(f"{who} asked {whom}{law}{why} how many of its "
+                     f"{_fmt(n.get('queries_accepted', 0))} subjects are in the custodian's "
+                     f"file under each of {_fmt(asked)} match rules, without learning which. "
+                     f"{_fmt(n.get('queries_refused', 0))} of the "
+                     f"{_fmt(n.get('queries_submitted', 0))} records it submitted were refused "
+                     f"before anything ran. The answers, one per rule: {answers}. "
+                     f"{OVERLAP_WORDS}"
+                     + (f" {_stopped_words(a)}" if a.answered_in_part else "")
+                     + " No one's identity was released.")
     elif f.aggregate is not None:
         a = f.aggregate
         parts.append(f"{who} asked {whom}{law}{why} how many of its "
@@ -270,6 +289,10 @@ def _refusals(f: ReportFacts) -> str:
                       "refused.</p></section>"
     items = sorted(f.refused_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))
     words = [REASON_WORDS.get(code, code) for code, _ in items]
+    if not items:  # a count without its reasons: say so rather than invent any
+        return head + (f"<p>{plain}<strong>{_fmt(total)}</strong> of "
+                       f"{_fmt(f.queries_submitted or 0)} records were refused; the summary "
+                       "does not list their reasons.</p></section>")
     plain += (f"<strong>{_fmt(total)}</strong> of {_fmt(f.queries_submitted or 0)} records "
               f"were refused, for {_fmt(reasons)} reasons (a record can have more than one); "
               f"the most common: {escape(words[0])}.")
@@ -375,29 +398,77 @@ def _budget(f: ReportFacts) -> str:
             f"{_table(('limit', 'used'), rows)}{chart}{notes}</section>")
 
 
+def _total(answer: RuleAnswer, value_field: str) -> str:
+    """One answer's total in words (HTML): the number, why it was withheld, or not asked."""
+    if answer.withheld:
+        return f"withheld: {escape(answer.reason)}"
+    if answer.total is None:
+        return "not asked (cardinality tier: a count only)"
+    return _fmt(answer.total) + (f" ({answer.total / 100:,.2f} if the values are cents)"
+                                 if value_field.endswith("_cents") else "")
+
+
+#: Said wherever several rules' counts stand side by side (docs/architecture.md, Aggregate
+#: and cardinality tiers).
+OVERLAP_WORDS = ("These counts overlap: one person can be found by several rules, so they "
+                 "must not be added up (nor their totals).")
+
+
+def _stopped_words(a: AggregateFacts) -> str:
+    """A job stopped by a later rule's refusal: which rule, which refusal, what was kept."""
+    what = ("failed after its answer was released and stored (so it has no receipt)"
+            if a.failed_rule in {r.rule_id for r in a.by_rule} else "refused")
+    refusal = (f": \u201c{escape(a.failure)}\u201d" if a.failure else
+               "; the refusal's message is not in this summary (the job's failure message, "
+               "printed by <code>agency-a match</code>, names it)")
+    answered = ", ".join(f"<code>{escape(r.rule_id)}</code>" for r in a.by_rule)
+    rest = ", ".join(f"<code>{escape(r)}</code>" for r in a.rules_unanswered) or "none"
+    return (f"The job stopped before every rule was answered: rule "
+            f"<code>{escape(a.failed_rule)}</code> {what}{refusal}. Answered and stored "
+            f"(readable with <code>agency-a results</code>): {answered}. Not answered: {rest}.")
+
+
 def _aggregate(f: ReportFacts) -> str:
     a = f.aggregate
     if a is None:
         return ""
-    if a.withheld:
-        total = f"withheld: {escape(a.reason)}"
-    elif a.total is None:
-        total = "not asked (cardinality tier: a count only)"
-    else:
-        total = _fmt(a.total) + (f" ({a.total / 100:,.2f} if the values are cents)"
-                                 if a.value_field.endswith("_cents") else "")
-    rows = [("Matched by rule", f"<code>{escape(a.match_rule)}</code>"),
-            ("Subjects in the custodian's file", f'<span data-fact="aggregate_answer_count">'
-             f"{_fmt(a.count)}</span>"),
-            (f"Total of {a.value_field or 'the value'}", total)]
-    if a.min_count:
-        rows.append(("Smallest group a total is released for", _fmt(a.min_count)))
     plain = ("The custodian counted the matches and added up their values itself; the "
              "requester received only the answer, never which people or any one value. A "
              "total is withheld when fewer people contribute than the authorization's "
              "minimum, and a release differing from an earlier one by fewer people is refused.")
+    if a.several_rules:
+        return _aggregate_by_rule(a, plain)
+    rows = [("Matched by rule", f"<code>{escape(a.match_rule)}</code>"),
+            ("Subjects in the custodian's file", f'<span data-fact="aggregate_answer_count">'
+             f"{_fmt(a.count)}</span>"),
+            (f"Total of {a.value_field or 'the value'}", _total(a.by_rule[0], a.value_field))]
+    if a.min_count:
+        rows.append(("Smallest group a total is released for", _fmt(a.min_count)))
     return (f'<section id="aggregate"><h2>The aggregate answer</h2><p>{plain}</p>'
             f"{_pairs(rows)}</section>")
+
+
+def _aggregate_by_rule(a: AggregateFacts, plain: str) -> str:
+    """Several rules: one answer per rule, each from its own session, side by side."""
+    plain += (" Each rule was answered in its own session, with its own receipt; the "
+              "minimum and the overlap rule apply to each rule on its own.")
+    value = a.value_field or "the value"
+    rows = ((f"<code>{escape(r.rule_id)}</code>",
+             f'<span data-fact="aggregate_by_rule.{escape(r.rule_id)}.count">'
+             f"{_fmt(r.count)}</span>", _total(r, a.value_field),
+             f"<code>{escape(r.session_id)}</code>" if r.session_id else "not recorded")
+            for r in a.by_rule)
+    table = _table(("rule", "subjects found", f"total of {value}", "session"), rows,
+                   numeric=(1,), caption="One answer per rule, in the order they ran.")
+    extra = ""
+    if a.min_count:
+        extra += (f"<p>Smallest group a total is released for: {_fmt(a.min_count)} "
+                  "people, per rule.</p>")
+    if a.answered_in_part:
+        extra += f'<p id="aggregate-stopped"><strong>{_stopped_words(a)}</strong></p>'
+    return (f'<section id="aggregate"><h2>The aggregate answers, one per rule</h2>'
+            f"<p>{plain}</p>{table}"
+            f'<p id="aggregate-overlap"><strong>{OVERLAP_WORDS}</strong></p>{extra}</section>')
 
 
 def _receipt(f: ReportFacts) -> str:
@@ -406,6 +477,9 @@ def _receipt(f: ReportFacts) -> str:
              "countersigns it; both keep it. An inspector compares the two agencies' ledgers "
              "and receipts.")
     parts = [f"<p>{plain}</p>"]
+    # several aggregate rules: one session, so one receipt, per rule
+    rule_of_session = {a.session_id: a.rule_id for a in f.aggregate.by_rule
+                       if a.session_id} if f.aggregate is not None else {}
     if f.receipt_note:
         parts.append(f"<p><strong>{escape(f.receipt_note)}</strong></p>")
     for i, r in enumerate(f.receipts[:20]):
@@ -418,7 +492,9 @@ def _receipt(f: ReportFacts) -> str:
                 ("Requester's countersignature",
                  f"<code>{escape(str(r.get('requester_signature', '') or 'missing'))}</code>")]
         if len(f.receipts) > 1:
-            parts.append(f"<h3>Receipt {i + 1} of {len(f.receipts)}</h3>")
+            rule = rule_of_session.get(str(r.get("session_id", "")))
+            parts.append(f"<h3>Receipt {i + 1} of {len(f.receipts)}"
+                         + (f": rule {escape(rule)}" if rule else "") + "</h3>")
         parts.append(_pairs(rows))
     if len(f.receipts) > 20:
         parts.append(f"<p>{len(f.receipts) - 20:,} more receipts are in the exports.</p>")

@@ -970,11 +970,14 @@ class RequesterSession(RequesterCore):
         executor = getattr(self.ops, "executor", None)
         today = utc_date(clock())
         people = persons_of(queries)
-        self.query_ids: list[str] = (people.record_ids() if isinstance(people, CompactRecords)
-                                     else [p.record_id for p in people])
-        self.element_query: list[int] = []
-        self.element_rule: list[int] = []
-        self.element_input: list[bytes] = []
+        # Built as lists, kept as tuples of atomic values: the cyclic collector untracks
+        # those after one pass instead of walking a million items in each full pass
+        # (docs/architecture.md, Long-lived bulk data).
+        query_ids = (people.record_ids() if isinstance(people, CompactRecords)
+                     else [p.record_id for p in people])
+        element_query: list[int] = []
+        element_rule: list[int] = []
+        element_input: list[bytes] = []
         token_parts: list[bytes] = []
         digests: dict[str, bytes] = {}
         key_digest = spec.key_digest
@@ -1000,30 +1003,33 @@ class RequesterSession(RequesterCore):
             if rule_id in variant_keys:
                 lists = variant_keys.pop(rule_id)
                 flat = [k for ks in lists for k in ks]
-                self.element_query.extend(i for i, ks in enumerate(lists) for _ in ks)
-                self.element_rule.extend([r_i] * len(flat))
-                self.element_input.extend(flat)
+                element_query.extend(i for i, ks in enumerate(lists) for _ in ks)
+                element_rule.extend([r_i] * len(flat))
+                element_input.extend(flat)
                 if key_digest is not None:
                     digests[rule_id] = key_digest(flat)
                 continue
             if self.named:  # only subjects the authority reviewed are sent at all
                 assert tokens is not None
-                ids = self.query_ids
                 positions = [i for i, k in enumerate(column)
-                             if k is not None and (ids[i], rule_id) in tokens]
-                token_parts.extend(tokens[(ids[i], rule_id)] for i in positions)
+                             if k is not None and (query_ids[i], rule_id) in tokens]
+                token_parts.extend(tokens[(query_ids[i], rule_id)] for i in positions)
             else:
                 positions = [i for i, k in enumerate(column) if k is not None]
-            self.element_query.extend(positions)
-            self.element_rule.extend([r_i] * len(positions))
+            element_query.extend(positions)
+            element_rule.extend([r_i] * len(positions))
             known = cast(list[bytes], column)  # None only where positions skip
-            self.element_input.extend([known[i] for i in positions])
+            element_input.extend([known[i] for i in positions])
+        self.query_ids: tuple[str, ...] = tuple(query_ids)
+        self.element_query: tuple[int, ...] = tuple(element_query)
+        self.element_rule: tuple[int, ...] = tuple(element_rule)
+        self.element_input: tuple[bytes, ...] = tuple(element_input)
         self._engine: RequesterEngine = spec.requester(RequesterInputs(
             authorization_id=auth.authorization_id, session_id=self.session_id,
             inputs=self.element_input, chunk_size=chunk_size, ops=self.ops,
             digests=b"".join(digests[r] for r in self.rules) if key_digest else None,
             tokens=b"".join(token_parts) if self.named else None,
-            tagset=tagset, element_rules=[self.rules[r] for r in self.element_rule],
+            tagset=tagset, element_rules=tuple(self.rules[r] for r in self.element_rule),
             evaluation_key=auth.evaluation_key))
         self._reply_streams = reply_streams(self.exchanges)
         self._sends = {ex.sends: ex for ex in self.exchanges if ex.sends is not None}
