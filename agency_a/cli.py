@@ -172,21 +172,28 @@ def cmd_match(args: argparse.Namespace) -> int:
             console.print(f"  refused line {r.line} {r.record_id or '-'}: {r.code} ({r.detail})")
         summary: dict[str, Any] = {}
         failed = ""
+        last_phase = ""
+        watch_ended = WATCH_STREAM_CLOSED  # unless "done" or "failed" arrives
         with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, disable=args.no_progress) as bar:
             tasks: dict[str, Any] = {}
-            for ev in stub.WatchJob(pb2.JobRef(job_id=status.job_id, operator=args.operator),
-                                    timeout=6 * 3600):
-                if ev.phase == "done":
-                    summary = json.loads(ev.summary_json)
-                elif ev.phase == "failed":
-                    failed = ev.message
-                    summary = json.loads(ev.summary_json) if ev.summary_json else {}
-                elif ev.phase in PHASE_LABELS:
-                    if ev.phase not in tasks:
-                        tasks[ev.phase] = bar.add_task(PHASE_LABELS[ev.phase],
-                                                       total=max(ev.total, 1))
-                    bar.update(tasks[ev.phase], completed=ev.done, total=max(ev.total, 1))
+            try:
+                for ev in stub.WatchJob(pb2.JobRef(job_id=status.job_id,
+                                                   operator=args.operator),
+                                        timeout=6 * 3600):
+                    if ev.phase == "done":
+                        summary = json.loads(ev.summary_json)
+                    elif ev.phase == "failed":
+                        failed = ev.message
+                        summary = json.loads(ev.summary_json) if ev.summary_json else {}
+                    elif ev.phase in PHASE_LABELS:
+                        last_phase = ev.phase
+                        if ev.phase not in tasks:
+                            tasks[ev.phase] = bar.add_task(PHASE_LABELS[ev.phase],
+                                                           total=max(ev.total, 1))
+                        bar.update(tasks[ev.phase], completed=ev.done, total=max(ev.total, 1))
+            except grpc.RpcError as exc:  # the service stopped, crashed or became unreachable
+                watch_ended = f"{exc.code().name}: {exc.details() or ''}"
     if failed:
         console.print(f"[red]match failed[/red] {failed}")
         for line in verifiable_summary_lines(summary):
@@ -197,18 +204,34 @@ def cmd_match(args: argparse.Namespace) -> int:
             write_file_atomic(args.summary_json, json.dumps(doc, indent=2).encode())
         return 1
     if not summary:
-        # the watch stream ended with neither "done" nor "failed": the job is still on the
-        # service (its results and receipts stay stored), so say so rather than print nothing
-        console.print(f"[red]the job watch ended before job {status.job_id} finished[/red]; "
-                      f"what it stored stays on the service (`agency-a results --job "
-                      f"{status.job_id}`)")
-        return 1
+        return watch_ended_early(args, status.job_id, last_phase, watch_ended)
     print_summary(console, summary)
     if args.summary_json:
         # the receipt and per-field counts: audit material, owner-only like the ledgers
         write_file_atomic(args.summary_json,
                           json.dumps(summary, indent=2, default=str).encode())
     return 0
+
+
+#: Why a watch ended when its stream closed normally without a final event.
+WATCH_STREAM_CLOSED = "stream_closed: the service closed the watch without a final event"
+
+
+def watch_ended_early(args: argparse.Namespace, job_id: str, last_phase: str,
+                      reason: str) -> int:
+    """The watch ended before "done" or "failed": nothing is known of the job's end, so say
+    so on stderr (and in --summary-json) and exit 1, never a summary that reads as success.
+
+    The job's state stays on the service (its results and receipts are stored as they arrive
+    and a restarted service finishes the job, docs/architecture.md, Late failures)."""
+    print(f"agency-a: the job watch ended before job {job_id} finished (last phase: "
+          f"{last_phase or 'none'}; {reason}); whatever the job stored stays on the service: "
+          f"check it later with 'agency-a results --job {job_id}'", file=sys.stderr)
+    if args.summary_json:
+        doc = {"job_id": job_id, "finished": False, "watch_ended": reason,
+               "last_phase": last_phase}
+        write_file_atomic(args.summary_json, json.dumps(doc, indent=2).encode())
+    return 1
 
 
 def print_summary(console: Console, s: dict[str, Any]) -> None:
@@ -516,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "once per epoch and cached in the service's data directory; the "
                         "authorization and the custodian policy must permit it)")
     m.add_argument("--show-refused", type=int, default=10, help="refused records to list")
-    m.add_argument("--summary-json", help="write the final summary here")
+    m.add_argument("--summary-json", metavar="FILE",
+                   help="write the final summary here as JSON; a failed job writes "
+                        "{\"failed\": ...}, a watch that ended before the job did "
+                        "{\"finished\": false, \"watch_ended\": ...} (default: not written)")
     m.add_argument("--no-progress", action="store_true",
                    help="no progress bars (for logs and scripts)")
     m.set_defaults(func=cmd_match)

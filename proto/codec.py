@@ -94,7 +94,8 @@ def _nested(pb_field: str, kind: type) -> Convert:
     return Convert(
         pb_field,
         lambda items: [to_pb(i) for i in items],
-        lambda items: tuple(from_pb(kind, i) for i in items),
+        # the enclosing message was validated whole (``validate`` recurses): decode only
+        lambda items: tuple(_decode(kind, i) for i in items),
     )
 
 
@@ -172,6 +173,11 @@ def from_pb(kind: type[T], pb: Any) -> T:
     default engine).  Raises :class:`InvalidElementError` when ``pb`` breaks a wire limit.
     """
     validate(pb)
+    return _decode(kind, pb)
+
+
+def _decode(kind: type[T], pb: Any) -> T:
+    """``from_pb`` of a message already validated (with everything nested in it)."""
     wire = WIRE[kind]
     values: dict[str, Any] = {}
     for f in _FIELDS[kind]:

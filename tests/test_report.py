@@ -381,6 +381,20 @@ def test_aggregate_job_report_has_the_answer_and_no_identity(
         assert cli_a.main(agg.report_args(out, "--purpose", "statistics for the committee",
                                           "--oversight", str(agg.oversight))) == 0
         summary, text = agg.summary, unescape(out.read_text())
+        inspector = agg.tmp / "inspector.html"
+        with redirect_stdout(io.StringIO()):
+            assert authority_cli.main([
+                "oversight", "--custodian-export", str(agg.custodian_export),
+                "--requester-export", str(agg.requester_export),
+                "--custodian-key", str(agg.custodian_pub),
+                "--requester-key", str(agg.requester_pub), "--html", str(inspector)]) == 0
+        seen_by_inspector = unescape(re.sub(r"<[^>]+>", " ", inspector.read_text()))
+    # the inspector's page names the aggregate session's rule and counts its answer, not
+    # (absent) disclosed records
+    rules_row = re.search(r"Match rules allowed\s+(\S+)\s+Fields", seen_by_inspector)
+    assert rules_row is not None and rules_row.group(1) == summary["match_rule"]
+    assert re.search(r"Tier\s+aggregate: a count and a total", seen_by_inspector)
+    assert "Aggregate answers given (closed sessions, by rule)" in seen_by_inspector
     page = Page(text)
     assert summary["tier"] == "aggregate" and summary["aggregate_count"] == N_MATCHING
     assert page.facts["aggregate_count"] == page.facts["aggregate_answer_count"] == str(

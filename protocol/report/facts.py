@@ -616,20 +616,30 @@ def inspector_facts(custodian: Mapping[str, Any], requester: Mapping[str, Any],
     limits = custodian.get("authorization") or {}
     receipts = [r for r in custodian.get("receipts") or () if isinstance(r, Mapping)]
     first = receipts[0] if receipts else {}
-    metas = [s.get("meta") or {} for s in custodian.get("sessions") or ()
-             if isinstance(s, Mapping)]
-    rule_ids = [str(r) for m in metas for r in (m.get("rules") or ())]
+    sessions = [s for s in custodian.get("sessions") or () if isinstance(s, Mapping)]
+    metas = [s.get("meta") or {} for s in sessions]
+    # identity sessions list their rules; an aggregate or cardinality session runs one
+    rule_ids = [str(r) for m in metas
+                for r in (m.get("rules") or ([m["rule"]] if m.get("rule") else ()))]
+    tiers = list(dict.fromkeys(str(m["tier"]) for m in metas if m.get("tier")))
+    aggregate_tier = bool(tiers) and set(tiers) <= {"aggregate", "cardinality"}
     request = RequestFacts(
         authorization_id=auth_id,
         requester_id=str(first.get("requester_id", "")),
         custodian_id=str(first.get("custodian_id", "")),
         not_after=limits.get("not_after"), max_evaluations=limits.get("max_evaluations"),
         max_disclosures=limits.get("max_disclosures"),
-        match_rules=tuple(dict.fromkeys(rule_ids)))
+        match_rules=tuple(dict.fromkeys(rule_ids)),
+        tier=tiers[0] if len(tiers) == 1 else "")
     counts_b = custodian.get("counts") or {}
     counts_a = requester.get("counts") or {}
     disclosures = [d for d in custodian.get("disclosures") or () if isinstance(d, Mapping)]
     by_rule = Counter(str(d.get("rule_id")) for d in disclosures)
+    matches_label = "records disclosed (by the rule that first matched)"
+    if aggregate_tier:  # no record is disclosed: what each rule gave is one answer a session
+        by_rule = Counter(str((s.get("meta") or {}).get("rule")) for s in sessions
+                          if isinstance(s.get("closed_at"), int | float))
+        matches_label = "aggregate answers given (closed sessions, by rule)"
     numbers = (
         KeyNumber("custodian_evaluated", "evaluations (custodian's ledger)",
                   int(counts_b.get("evaluated") or 0)),
@@ -682,7 +692,7 @@ def inspector_facts(custodian: Mapping[str, Any], requester: Mapping[str, Any],
         key_numbers=numbers, refusals_known=False, parties=parties,
         rules=_rule_facts(dict(by_rule), request.match_rules, accuracy_by_rule(accuracy)),
         # the custodian's ledger keeps one row per record, under the rule that first matched
-        matches_label="records disclosed (by the rule that first matched)",
+        matches_label=matches_label,
         accuracy_source=accuracy_source if accuracy_by_rule(accuracy) else "",
         gauges=(Gauge("evaluations used (all sessions)", int(counts_b.get("evaluated") or 0),
                       request.max_evaluations),
