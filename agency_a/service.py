@@ -69,6 +69,9 @@ RECEIPT_PENDING = "done_receipt_pending"
 #: rule's refusal), but the rules answered before it are stored and readable
 #: (docs/architecture.md, Aggregate and cardinality tiers).
 ANSWERED_IN_PART = "failed_answered_in_part"
+#: Job summary key: rule -> the count the custodian announced in its match challenge before
+#: it refused or failed to release that rule's answer (the requester learned the count).
+UNRELEASED_COUNTS = "aggregate_counts_not_released"
 READABLE_STATES = ("done", RECEIPT_PENDING, ANSWERED_IN_PART)
 FINISHED_STATES = ("done", RECEIPT_PENDING, "failed", ANSWERED_IN_PART)
 #: Audit-chain kind (and log event) of an evaluation proof that failed to verify.
@@ -391,7 +394,7 @@ class RequesterService(kit.RequesterServicer):
             job.error_code, job.error = _failure_status(exc, otherwise="INTERNAL")
             kit.log_event(log, "job_failed", logging.WARNING, job=job.job_id,
                           status=job.error_code, reason=job.error)
-            job.emit("failed", 0, 0, f"{job.error_code}: {job.error}")
+            job.emit("failed", 0, 0, f"{job.error_code}: {job.error}", summary=job.summary)
         except (PSIError, OSError, ValueError) as exc:
             job.state = "failed"
             job.error_code, job.error = _failure_status(exc, otherwise="INTERNAL")
@@ -641,6 +644,14 @@ class RequesterService(kit.RequesterServicer):
             for phase, seconds in rule_stats.seconds.items():
                 stats.seconds[phase] = stats.seconds.get(phase, 0.0) + seconds
             result = session.result
+            if result is None and session.challenge is not None:
+                # The custodian announced the count in its match challenge and then refused
+                # (or failed) the release: the requester has learned that count, so the job
+                # says so rather than read as if nothing were learned.
+                job.summary.setdefault(UNRELEASED_COUNTS, {})[session.match_rule] = (
+                    session.count)
+                kit.log_event(log, "aggregate_count_not_released", logging.WARNING,
+                              job=job.job_id, rule=session.match_rule, count=session.count)
             if result is not None:
                 row = {"query_record_id": "", "rule_id": session.match_rule,
                        "pseudonym": f"{result.tier}",

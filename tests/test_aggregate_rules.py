@@ -20,7 +20,7 @@ import pytest
 from rich.console import Console
 
 from agency_a import cli as cli_a
-from agency_a.service import ANSWERED_IN_PART
+from agency_a.service import ANSWERED_IN_PART, UNRELEASED_COUNTS
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
 from protocol.adapters.files import open_csv
@@ -298,6 +298,10 @@ def test_a_refused_later_rule_fails_the_job_and_keeps_the_answered_rule(
     assert summary["aggregate_rules_answered"] == ["tin+dob"]
     assert summary["aggregate_rules_unanswered"] == ["tin+last_name"]
     assert summary["aggregate_failed_rule"] == "tin+last_name"
+    if refusal == "release_overlap":  # refused after its challenge announced the count
+        assert summary[UNRELEASED_COUNTS] == {"tin+last_name": 12}
+    else:  # refused at its open: nothing of that rule was learned
+        assert UNRELEASED_COUNTS not in summary
     want = _plaintext(world, queries, "tin+dob")
     assert (summary["aggregate_count"], summary["aggregate_sum"]) == want
     assert summary["receipt"]["custodian_signature"]  # the answered rule's receipt is kept
@@ -309,6 +313,40 @@ def test_a_refused_later_rule_fails_the_job_and_keeps_the_answered_rule(
         report = pb2_grpc.RequesterStub(channel).GetReport(ref, timeout=RPC_TIMEOUT)
     assert json.loads(report.summary_json)["aggregate_rules_answered"] == ["tin+dob"]
     assert ANSWERED_IN_PART.startswith("failed")
+
+
+def test_a_first_rule_refused_after_its_challenge_says_the_count_it_announced(
+        services: Services, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused at release (the overlap rule), after the match challenge announced the count:
+    the failed job's summary and ``agency-a match`` say which count the requester learned,
+    and nothing else of that rule."""
+    svc, world = services, services.world
+    queries = _request(world, both=range(12), dob_only=range(0), last_name_only=range(0))
+    signed = _authorize(world, ("tin+dob",), min_count=5)
+    _, first, released = _job(svc, signed, queries, rules=("tin+dob",))
+    assert first.phase == "done" and UNRELEASED_COUNTS not in released
+    _, again, summary = _job(svc, signed, queries, rules=("tin+dob",))  # the same sum again
+    assert again.phase == "failed"
+    assert again.message.startswith("PERMISSION_DENIED: release_overlap: "), again.message
+    assert summary[UNRELEASED_COUNTS] == {"tin+dob": 12}
+    assert "aggregate_sum" not in summary
+
+    auth_file, summary_file = svc.tmp / "overlap-auth.json", svc.tmp / "overlap-summary.json"
+    auth_file.write_bytes(signed.to_bytes())
+    capsys.readouterr()
+    code = cli_a.main(["match", "--server", svc.requester, "--certs", str(svc.pki),
+                       "--operator", OPERATOR, "--authorization", str(auth_file),
+                       "--queries", str(_write(svc.tmp / "overlap.csv", queries)),
+                       "--custodian", svc.custodian, "--no-progress",
+                       "--summary-json", str(summary_file)])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert code == 1
+    assert "match failed PERMISSION_DENIED: release_overlap: " in printed
+    assert ("rule tin+dob: the custodian announced a count of 12 in its match challenge, "
+            "then did not release the answer") in printed
+    written = json.loads(summary_file.read_text())
+    assert written["failed"].startswith("PERMISSION_DENIED: release_overlap: ")
+    assert written[UNRELEASED_COUNTS] == {"tin+dob": 12}
 
 
 def test_a_rule_the_authorization_does_not_permit_runs_no_session(services: Services) -> None:
