@@ -50,7 +50,7 @@ from protocol.engines.named import TokenSet
 from protocol.engines.oprf import EvaluationProofInvalid
 from protocol.errors import InvalidRecordError, PolicyRefusal, ProtocolError, PSIError
 from protocol.policy.decide import Reason, SignedAuthorization, Tier
-from protocol.report.facts import pick_refusal_examples
+from protocol.report.facts import UNRELEASED_COUNTS_KEY, pick_refusal_examples
 from protocol.sessions.aggregate import AggregateRequesterSession
 from protocol.sessions.core import MAX_SESSION_ID
 from protocol.sessions.identity import GroupOps, Match, MatchResult, RequesterSession
@@ -71,7 +71,7 @@ RECEIPT_PENDING = "done_receipt_pending"
 ANSWERED_IN_PART = "failed_answered_in_part"
 #: Job summary key: rule -> the count the custodian announced in its match challenge before
 #: it refused or failed to release that rule's answer (the requester learned the count).
-UNRELEASED_COUNTS = "aggregate_counts_not_released"
+UNRELEASED_COUNTS = UNRELEASED_COUNTS_KEY
 READABLE_STATES = ("done", RECEIPT_PENDING, ANSWERED_IN_PART)
 FINISHED_STATES = ("done", RECEIPT_PENDING, "failed", ANSWERED_IN_PART)
 #: Audit-chain kind (and log event) of an evaluation proof that failed to verify.

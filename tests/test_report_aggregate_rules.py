@@ -268,6 +268,29 @@ def test_withheld_totals_and_a_rule_failing_after_its_release_are_told_apart() -
     assert "subjects found (per rule; they overlap, never added up)" in words
 
 
+def test_a_count_announced_but_not_released_is_on_the_page() -> None:
+    """The second rule's release was refused after its match challenge (the overlap rule):
+    the page says which count the requester learned from the challenge, and only that."""
+    summary = _aggregate_summary(
+        aggregate_by_rule=[
+            {"rule": "tin+dob", "count": 321, "sum": 123_456_789, "withheld": False,
+             "reason": "", "session_id": "s-1", "receipt": SUMMARY["receipt"]}],
+        aggregate_rules_unanswered=["tin+last_name"], aggregate_failed_rule="tin+last_name",
+        aggregate_failure="PERMISSION_DENIED: release_overlap: 3 records differ",
+        aggregate_counts_not_released={"tin+last_name": 318})
+    facts = job_facts(summary, generated_at=NOW)
+    assert facts.aggregate is not None
+    assert facts.aggregate.counts_not_released == (("tin+last_name", 318),)
+    html = render_report(facts)
+    assert Page(html).facts["aggregate_not_released.tin+last_name.count"] == "318"
+    assert ("Rule tin+last_name: the custodian announced a count of 318 in its match "
+            "challenge, then did not release the answer.") in _words(html)
+    # a summary without the key: nothing of the kind is said
+    plain = _aggregate_summary()
+    assert "match challenge, then did not release" not in _words(
+        render_report(job_facts(plain, generated_at=NOW)))
+
+
 def test_cardinality_rules_show_counts_and_no_total() -> None:
     summary = _aggregate_summary(aggregate_sum=None, tier="cardinality", aggregate_by_rule=[
         {"rule": rule, "count": count, "sum": None, "withheld": False, "reason": "",

@@ -31,6 +31,7 @@ __all__ = [
     "PHASE_WORDS",
     "REASON_WORDS",
     "STRENGTH_WORDS",
+    "UNRELEASED_COUNTS_KEY",
     "AggregateFacts",
     "Gauge",
     "KeyNumber",
@@ -223,6 +224,8 @@ class AggregateFacts:
     rules_unanswered: tuple[str, ...] = ()
     failed_rule: str = ""
     failure: str = ""
+    #: (rule, count) announced in a match challenge whose answer was then not released
+    counts_not_released: tuple[tuple[str, int], ...] = ()
 
     @property
     def several_rules(self) -> bool:
@@ -501,6 +504,9 @@ def job_facts(summary: Mapping[str, Any], *, generated_at: float,
 #: order of preference: the service's own record of it, else the failure message that
 #: ``agency-a match --summary-json`` writes for a failed job.
 AGGREGATE_FAILURE_KEYS = ("aggregate_failure", "failed")
+#: Summary key: rule -> the count the custodian announced in its match challenge before it
+#: refused or failed to release that rule's answer (the requester learned that count).
+UNRELEASED_COUNTS_KEY = "aggregate_counts_not_released"
 
 
 def _sum_or_none(value: Any) -> int | None:
@@ -534,7 +540,10 @@ def aggregate_facts(summary: Mapping[str, Any], tier: str, request: RequestFacts
         withheld=first.withheld, reason=first.reason, value_field=request.value_field,
         min_count=request.min_aggregate_count, by_rule=by_rule or (first,),
         rules_unanswered=tuple(str(r) for r in summary.get("aggregate_rules_unanswered") or ()),
-        failed_rule=failed_rule, failure=failure)
+        failed_rule=failed_rule, failure=failure,
+        counts_not_released=tuple(
+            (str(rule), int(count)) for rule, count
+            in (summary.get(UNRELEASED_COUNTS_KEY) or {}).items() if isinstance(count, int)))
 
 
 def _aggregate_receipts(summary: Mapping[str, Any]

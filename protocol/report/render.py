@@ -428,6 +428,16 @@ def _stopped_words(a: AggregateFacts) -> str:
             f"(readable with <code>agency-a results</code>): {answered}. Not answered: {rest}.")
 
 
+def _not_released(a: AggregateFacts) -> str:
+    """Counts the requester learned from a match challenge whose answer was not released."""
+    return "".join(
+        f'<p class="not-released"><strong>Rule <code>{escape(rule)}</code>: the custodian '
+        f'announced a count of <span data-fact="aggregate_not_released.{escape(rule)}.count">'
+        f"{_fmt(count)}</span> in its match challenge, then did not release the answer. "
+        "The requester knows this count and nothing else of that rule.</strong></p>"
+        for rule, count in a.counts_not_released)
+
+
 def _aggregate(f: ReportFacts) -> str:
     a = f.aggregate
     if a is None:
@@ -445,7 +455,7 @@ def _aggregate(f: ReportFacts) -> str:
     if a.min_count:
         rows.append(("Smallest group a total is released for", _fmt(a.min_count)))
     return (f'<section id="aggregate"><h2>The aggregate answer</h2><p>{plain}</p>'
-            f"{_pairs(rows)}</section>")
+            f"{_pairs(rows)}{_not_released(a)}</section>")
 
 
 def _aggregate_by_rule(a: AggregateFacts, plain: str) -> str:
@@ -466,6 +476,7 @@ def _aggregate_by_rule(a: AggregateFacts, plain: str) -> str:
                   "people, per rule.</p>")
     if a.answered_in_part:
         extra += f'<p id="aggregate-stopped"><strong>{_stopped_words(a)}</strong></p>'
+    extra += _not_released(a)
     return (f'<section id="aggregate"><h2>The aggregate answers, one per rule</h2>'
             f"<p>{plain}</p>{table}"
             f'<p id="aggregate-overlap"><strong>{OVERLAP_WORDS}</strong></p>{extra}</section>')
