@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agency_a.service import UNRELEASED_COUNTS, RequesterService, serve
+from agency_a.service import RequesterService, serve
 from agency_a.store import (
     RESULT_FORMATS,
     ResultStore,
@@ -53,7 +53,7 @@ from protocol.cli.oversight import (
 from protocol.domain.engine import Engine
 from protocol.domain.records import CSV_SCHEMA_HELP
 from protocol.engines import registry as engine_registry
-from protocol.report.facts import job_facts
+from protocol.report.facts import UNRELEASED_COUNTS_KEY, job_facts
 from protocol.report.render import render_report
 
 pb2, pb2_grpc = kit.pb2, kit.pb2_grpc
@@ -198,13 +198,13 @@ def cmd_match(args: argparse.Namespace) -> int:
         console.print(f"[red]match failed[/red] {failed}")
         for line in verifiable_summary_lines(summary):
             console.print(line)
-        for rule, count in (summary.get(UNRELEASED_COUNTS) or {}).items():
+        for rule, count in (summary.get(UNRELEASED_COUNTS_KEY) or {}).items():
             console.print(f"rule {rule}: the custodian announced a count of {count:,} in its "
                           "match challenge, then did not release the answer; the count is "
                           "known to this agency and nothing else of that rule is")
         if args.summary_json:
             doc = {"failed": failed, **{k: summary[k] for k in (*VERIFIABLE_SUMMARY_KEYS,
-                                                                UNRELEASED_COUNTS)
+                                                                UNRELEASED_COUNTS_KEY)
                                        if k in summary}}
             write_file_atomic(args.summary_json, json.dumps(doc, indent=2).encode())
         return 1

@@ -69,9 +69,6 @@ RECEIPT_PENDING = "done_receipt_pending"
 #: rule's refusal), but the rules answered before it are stored and readable
 #: (docs/architecture.md, Aggregate and cardinality tiers).
 ANSWERED_IN_PART = "failed_answered_in_part"
-#: Job summary key: rule -> the count the custodian announced in its match challenge before
-#: it refused or failed to release that rule's answer (the requester learned the count).
-UNRELEASED_COUNTS = UNRELEASED_COUNTS_KEY
 READABLE_STATES = ("done", RECEIPT_PENDING, ANSWERED_IN_PART)
 FINISHED_STATES = ("done", RECEIPT_PENDING, "failed", ANSWERED_IN_PART)
 #: Audit-chain kind (and log event) of an evaluation proof that failed to verify.
@@ -648,7 +645,7 @@ class RequesterService(kit.RequesterServicer):
                 # The custodian announced the count in its match challenge and then refused
                 # (or failed) the release: the requester has learned that count, so the job
                 # says so rather than read as if nothing were learned.
-                job.summary.setdefault(UNRELEASED_COUNTS, {})[session.match_rule] = (
+                job.summary.setdefault(UNRELEASED_COUNTS_KEY, {})[session.match_rule] = (
                     session.count)
                 kit.log_event(log, "aggregate_count_not_released", logging.WARNING,
                               job=job.job_id, rule=session.match_rule, count=session.count)

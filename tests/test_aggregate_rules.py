@@ -20,7 +20,7 @@ import pytest
 from rich.console import Console
 
 from agency_a import cli as cli_a
-from agency_a.service import ANSWERED_IN_PART, UNRELEASED_COUNTS
+from agency_a.service import ANSWERED_IN_PART
 from agency_b.service import serve as serve_custodian
 from proto import service_kit as kit
 from protocol.adapters.files import open_csv
@@ -30,6 +30,7 @@ from protocol.domain.records import QueryRecord, match_keys_bulk, write_query_cs
 from protocol.errors import LedgerError
 from protocol.policy import decide as P
 from protocol.policy.authority import private_key_from_pem
+from protocol.report.facts import UNRELEASED_COUNTS_KEY
 from protocol.sessions.aggregate import (
     AggregateCustodian,
     aggregate_element_counts,
@@ -299,9 +300,9 @@ def test_a_refused_later_rule_fails_the_job_and_keeps_the_answered_rule(
     assert summary["aggregate_rules_unanswered"] == ["tin+last_name"]
     assert summary["aggregate_failed_rule"] == "tin+last_name"
     if refusal == "release_overlap":  # refused after its challenge announced the count
-        assert summary[UNRELEASED_COUNTS] == {"tin+last_name": 12}
+        assert summary[UNRELEASED_COUNTS_KEY] == {"tin+last_name": 12}
     else:  # refused at its open: nothing of that rule was learned
-        assert UNRELEASED_COUNTS not in summary
+        assert UNRELEASED_COUNTS_KEY not in summary
     want = _plaintext(world, queries, "tin+dob")
     assert (summary["aggregate_count"], summary["aggregate_sum"]) == want
     assert summary["receipt"]["custodian_signature"]  # the answered rule's receipt is kept
@@ -324,11 +325,11 @@ def test_a_first_rule_refused_after_its_challenge_says_the_count_it_announced(
     queries = _request(world, both=range(12), dob_only=range(0), last_name_only=range(0))
     signed = _authorize(world, ("tin+dob",), min_count=5)
     _, first, released = _job(svc, signed, queries, rules=("tin+dob",))
-    assert first.phase == "done" and UNRELEASED_COUNTS not in released
+    assert first.phase == "done" and UNRELEASED_COUNTS_KEY not in released
     _, again, summary = _job(svc, signed, queries, rules=("tin+dob",))  # the same sum again
     assert again.phase == "failed"
     assert again.message.startswith("PERMISSION_DENIED: release_overlap: "), again.message
-    assert summary[UNRELEASED_COUNTS] == {"tin+dob": 12}
+    assert summary[UNRELEASED_COUNTS_KEY] == {"tin+dob": 12}
     assert "aggregate_sum" not in summary
 
     auth_file, summary_file = svc.tmp / "overlap-auth.json", svc.tmp / "overlap-summary.json"
@@ -346,7 +347,7 @@ def test_a_first_rule_refused_after_its_challenge_says_the_count_it_announced(
             "then did not release the answer") in printed
     written = json.loads(summary_file.read_text())
     assert written["failed"].startswith("PERMISSION_DENIED: release_overlap: ")
-    assert written[UNRELEASED_COUNTS] == {"tin+dob": 12}
+    assert written[UNRELEASED_COUNTS_KEY] == {"tin+dob": 12}
 
 
 def test_a_rule_the_authorization_does_not_permit_runs_no_session(services: Services) -> None:
