@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.crypto.encoding import LENGTH_BYTES, decode, encode, encode_strs, lp, u64
+from protocol.crypto.encoding import (
+    LENGTH_BYTES,
+    decode,
+    encode,
+    encode_pairs,
+    encode_strs,
+    lp,
+    u64,
+)
 from protocol.domain.messages import RECEIPT_DOMAIN, Receipt
 from protocol.domain.records import MATCH_KEY_DST, encode_match_key
 from protocol.policy.decide import AUTHORIZATION_TAG
@@ -33,6 +41,15 @@ def test_different_part_tuples_never_encode_equal(
 @given(st.lists(st.text(max_size=8), max_size=5), st.lists(st.text(max_size=8), max_size=5))
 def test_string_tuples_are_injective_when_nested(a: list[str], b: list[str]) -> None:
     assert (encode(b"tag", encode_strs(a)) == encode(b"tag", encode_strs(b))) == (a == b)
+
+
+_part = st.text(max_size=6) | st.binary(max_size=6) | st.integers(0, 2**64 - 1)
+
+
+@given(st.lists(st.tuples(_part, _part), max_size=6))
+def test_encode_pairs_is_the_nested_encoding(pairs: list[tuple[str | bytes | int, ...]]) -> None:
+    """The one-pass pair encoder (disclosure transcripts) gives exactly the nested bytes."""
+    assert encode_pairs(pairs) == encode(*(encode(a, b) for a, b in pairs))
 
 
 def test_layout_is_eight_byte_big_endian_length_then_bytes() -> None:

@@ -5,11 +5,12 @@ measured on a generated scenario."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import date
 from itertools import combinations, product
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -17,6 +18,8 @@ from benchmarks import accuracy
 from protocol.adapters import scenario
 from protocol.cli.authority import main as authority_main
 from protocol.domain import estimate as E
+from protocol.domain import records as R
+from protocol.domain import variants as V
 from protocol.domain.estimate import (
     PopulationStats,
     corroborated_false_matches_per_query,
@@ -28,11 +31,17 @@ from protocol.domain.records import (
     MATCH_RULES,
     RULE_FIELDS,
     PersonRecord,
+    Variant,
     encode_match_key,
     independent_group,
+    key_components,
+    key_rows_bulk,
+    normalize_name,
     normalize_tin,
+    normalize_zip,
     query_match_keys_bulk,
     read_query_csv,
+    split_suffix,
 )
 
 TODAY = date(2025, 6, 15)
@@ -141,11 +150,13 @@ def test_estimate_cli_prints_expected_false_matches(tmp_path: Path,
 
 
 def _every_choice(records: Sequence[PersonRecord], rule_ids: Sequence[str], k: int,
-                  stats: PopulationStats) -> float:
+                  stats: PopulationStats,
+                  keys: Mapping[str, Sequence[Sequence[bytes]]] | None = None) -> float:
     """The corroborated estimate by its definition, one choice of keys at a time: every
     independent group, every choice of one key per rule whose shared fields agree, priced
     on the union of the group's fields (the first implementation, kept as the oracle)."""
-    keys = query_match_keys_bulk(records, rule_ids, today=TODAY)
+    if keys is None:
+        keys = query_match_keys_bulk(records, rule_ids, today=TODAY)
     total = 0.0
     for q, record in enumerate(records):
         own_tin = normalize_tin(record.tin)
@@ -213,3 +224,176 @@ def realistic_queries(tmp_path_factory: pytest.TempPathFactory) -> list[PersonRe
     scenario.generate(spec, out)
     with (out / "queries.csv").open(encoding="utf-8") as fh:
         return [q.person for q in read_query_csv(fh)]
+
+
+# ------------------------------------------------------------- fast paths against definitions
+#
+# The estimate builds keys field by field (``key_rows_bulk``: variants expanded once per
+# distinct value, rows of components instead of dicts) and prices them batch by batch with
+# per-value memos.  These oracles are the straightforward definitions it replaced: every
+# key built from its record alone, dicts of components, each key parsed back and priced
+# field by field, in file order.  The results must be equal to the last bit.
+
+#: Records that exercise every variant and every way a component goes missing: TIN
+#: transpositions (some landing on an invalid TIN), day/month swaps, day and decade typos
+#: (a 29 February), a future date, names exchanged, nicknames, compound surnames and
+#: suffixes, ZIP+4 and transposable ZIPs, blanks and placeholder values.
+VARIED = [
+    PERSON,
+    replace(PERSON, record_id="v1", tin="100-45-6789", dob="02/29/1984", first_name="Bill",
+            last_name="Garcia-Lopez"),
+    replace(PERSON, record_id="v2", tin="912-70-1234", first_name="Smith", last_name="Mary",
+            dob="1975-11-12", zip="62701-1234"),
+    replace(PERSON, record_id="v3", tin="", dob="1990-12-31", first_name="Jim",
+            last_name="de la Cruz Jr."),
+    replace(PERSON, record_id="v4", tin="666-12-3456", dob="2025-06-20", zip="00000"),
+    replace(PERSON, record_id="v5", tin="123-00-6789", first_name="", last_name="O'Brien Sr",
+            dob="1960-01-01", zip="12345"),
+    replace(PERSON, record_id="v6", tin="001-01-0001", dob="", first_name="Liz",
+            last_name="Smith", address="unknown", zip="n/a"),
+    replace(PERSON, record_id="v7", tin="098-76-5432", dob="1900-01-02", first_name="Abe",
+            last_name="Van Der Berg-Smith", address="PO Box 12", zip="2070"),
+    replace(PERSON, record_id="v8", tin="123456789", dob="19800304", first_name="N/A",
+            last_name="Unknown", zip="62710"),
+    replace(PERSON, record_id="v9", tin="999-99-9999", dob="13/13/1980", first_name="Mary Ann",
+            last_name="Smith", zip="62701"),
+]
+
+
+def _variant_parts_oracle(variant: Variant, record: PersonRecord, today: date
+                          ) -> list[dict[str, bytes]]:
+    """Each variant's replacement components for one record, computed from it alone."""
+    enc = R._component
+    if variant is Variant.TIN_TRANSPOSITION:
+        tin = normalize_tin(record.tin)
+        return [{"tin": R._TIN_PREFIX + t.encode("ascii")}
+                for t in (V.tin_transpositions(tin) if tin else ()) if normalize_tin(t)]
+    if variant in (Variant.DOB_SWAP, Variant.DOB_TYPO):
+        parsed = R._parse_dob(record.dob)[0]
+        if parsed is None or parsed > today:
+            return []
+        near = V.dob_swaps(parsed) if variant is Variant.DOB_SWAP else V.dob_typos(parsed)
+        return [{"dob": R._DOB_PREFIX + d.isoformat().encode("ascii")}
+                for d in near if d <= today]
+    if variant is Variant.ZIP_TRANSPOSITION:
+        zip5 = normalize_zip(record.zip)
+        return [{"zip": cast(bytes, enc(z))}
+                for z in (V.tin_transpositions(zip5) if zip5 else ()) if normalize_zip(z)]
+    if variant is Variant.NAME_ORDER:
+        first, last = (R._first_phonetic_part(record.last_name),
+                       R._last_phonetic_part(record.first_name))
+        return [] if first is None or last is None else [{"first_phonetic": first,
+                                                           "last_phonetic": last}]
+    if variant is Variant.SURNAME_PART:
+        codes = [V.phonetic(p) for p in V.surname_parts(split_suffix(record.last_name)[0])]
+        return [{"last_phonetic": cast(bytes, enc(c))} for c in codes if c]
+    codes = [V.phonetic(V.first_name_canonical(n))
+             for n in V.first_name_alternatives(normalize_name(record.first_name))]
+    return [{"first_phonetic": cast(bytes, enc(c))} for c in codes if c]
+
+
+def _keys_oracle(rule_id: str, record: PersonRecord) -> list[bytes]:
+    """A record's keys by definition: the canonical key, then each variant's, joined and
+    deduplicated, leaving out keys that miss a component."""
+    rule = MATCH_RULES[rule_id]
+    canonical = {f: R._FIELD_COLUMNS[f](lambda name: (getattr(record, name),), TODAY)[0]
+                 for f in rule.fields}
+    out: dict[bytes, None] = {}
+    replacements: list[dict[str, bytes]] = [{}]
+    for v in sorted(rule.variants):
+        replacements += _variant_parts_oracle(v, record, TODAY)
+    for replaced in replacements:
+        parts = [replaced.get(f, canonical[f]) for f in rule.fields]
+        if all(p is not None for p in parts):
+            out.setdefault(encode_match_key(rule_id, ()) + b"".join(cast(list[bytes], parts)))
+    return list(out)
+
+
+def _priced_oracle(records: Sequence[PersonRecord], rule_id: str, stats: PopulationStats,
+                   keys: Sequence[Sequence[bytes]]) -> tuple[float, int, int]:
+    """(expected false matches, subjects, keys) of one rule: every key parsed back and
+    priced field by field, in file order."""
+    fields = MATCH_RULES[rule_id].fields
+    start = len(encode_match_key(rule_id, ()))
+    expected, queries, count = 0.0, 0, 0
+    for record, record_keys in zip(records, keys, strict=True):
+        if not record_keys:
+            continue
+        queries, count = queries + 1, count + len(record_keys)
+        expected += E._namesake(fields, stats)
+        for key in record_keys:
+            comps, at, p = E._components(key, start), 0, float(stats.custodian_records)
+            for f in fields:
+                width = len(RULE_FIELDS[f])
+                p *= E._agreement(f, comps[at:at + width], normalize_tin(record.tin), stats)
+                at += width
+                if p == 0.0:
+                    break  # nobody else: the other fields need no statistic
+            expected += p
+    return expected, queries, count
+
+
+@pytest.fixture(scope="module")
+def varied_queries(realistic_queries: list[PersonRecord]) -> list[PersonRecord]:
+    """The edge cases and a generated scenario with the realistic error model."""
+    return VARIED + realistic_queries
+
+
+def test_keys_built_field_by_field_are_the_keys_by_definition(
+        varied_queries: list[PersonRecord]) -> None:
+    people, rules = varied_queries, list(MATCH_RULES)
+    oracle = {r: [_keys_oracle(r, p) for p in people] for r in rules}
+    assert any(len(k) > 1 for r in rules for k in oracle[r])  # variants present
+    assert any(not k for r in rules for k in oracle[r])  # and subjects without a key
+    assert query_match_keys_bulk(people, rules, today=TODAY) == oracle
+    rows = key_rows_bulk(people, rules, today=TODAY)
+    for r in rules:
+        rule = MATCH_RULES[r]
+        prefix = encode_match_key(r, ())
+        assert [[prefix + b"".join(row) for row in per] for per in rows[r]] == oracle[r]
+        for person, keys in zip(people, oracle[r], strict=True):
+            assert rule.match_keys(person, today=TODAY) == keys
+            assert [prefix + b"".join(c[f] for f in rule.fields)
+                    for c in key_components(rule, person, today=TODAY)] == keys
+
+
+@pytest.mark.parametrize("stats", [STATS, PopulationStats(custodian_records=2_000),
+                                   PopulationStats(custodian_records=0)])
+def test_batched_estimate_equals_pricing_every_key_by_definition(
+        varied_queries: list[PersonRecord], stats: PopulationStats,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(E, "_BATCH", 7)  # many batches, one straddling the edge cases
+    people, rules = varied_queries, list(MATCH_RULES)
+    keys = query_match_keys_bulk(people, rules, today=TODAY)
+    oracle = [(r, *_priced_oracle(people, r, stats, keys[r])) for r in rules]
+    assert any(expected > 0.0 for _, expected, _, _ in oracle) or not stats.custodian_records
+
+    def flat(got: list[E.RuleEstimate]) -> list[tuple[str, float, int, int]]:
+        return [(e.rule_id, e.expected_false_matches, e.queries, e.keys) for e in got]
+
+    assert flat(estimate_false_matches(people, rules, stats, today=TODAY)) == oracle
+    assert flat(estimate_false_matches(people, rules, stats, today=TODAY, keys=keys)) == oracle
+    # keys that are not the records' own are priced as given (split, not rebuilt)
+    shifted = {r: [*keys[r][1:], keys[r][0]] for r in rules}
+    assert flat(estimate_false_matches(people, rules, stats, today=TODAY, keys=shifted)) == [
+        (r, *_priced_oracle(people, r, stats, shifted[r])) for r in rules]
+
+
+@pytest.mark.parametrize("rules, k", CORROBORATED_SETS)
+def test_corroborated_estimate_on_edge_cases_and_keys_passed_in(
+        varied_queries: list[PersonRecord], rules: tuple[str, ...], k: int) -> None:
+    """The edge cases priced per choice of keys; keys passed in are what is priced, also
+    when they are not the records' own (split, not rebuilt); the records' own keys passed
+    in change nothing."""
+    stats = PopulationStats(custodian_records=2_000)
+    assert estimate_corroborated_false_matches(VARIED, rules, k, stats, today=TODAY) == \
+        pytest.approx(_every_choice(VARIED, rules, k, stats), rel=1e-9, abs=0)
+    mine = query_match_keys_bulk(VARIED, rules, today=TODAY)
+    others = {r: mine[r][::-1] for r in rules}
+    assert estimate_corroborated_false_matches(VARIED, rules, k, stats, today=TODAY,
+                                               keys=others) == \
+        pytest.approx(_every_choice(VARIED, rules, k, stats, keys=others), rel=1e-9, abs=0)
+    own = query_match_keys_bulk(varied_queries, rules, today=TODAY)
+    assert corroborated_false_matches_per_query(varied_queries, rules, k, stats, today=TODAY,
+                                                keys=own) == \
+        corroborated_false_matches_per_query(varied_queries, rules, k, stats, today=TODAY)

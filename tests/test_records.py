@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import time
 from dataclasses import replace
 from datetime import date, timedelta
@@ -27,6 +28,8 @@ from protocol.domain.records import (
     Refusal,
     Strength,
     ValidationReport,
+    _tin_bytes,
+    _tin_column,
     address_problem,
     decode_match_key,
     encode_match_key,
@@ -391,6 +394,43 @@ def test_tin_matches_specification(n: int) -> None:
     d = f"{n:09d}"
     assert (normalize_tin(d) == d) is _tin_spec(d)
     assert normalize_tin(f"{d[:3]}-{d[3:5]}-{d[5:]}") == normalize_tin(d)
+
+
+_TIN_CHARS = "0123456789- \uff11\u0663a\t"
+
+
+@given(st.builds(lambda a, b, c: f"{a}-{b}-{c}",
+                 st.text(_TIN_CHARS, min_size=3, max_size=3),
+                 st.text(_TIN_CHARS, min_size=2, max_size=2),
+                 st.text(_TIN_CHARS, min_size=4, max_size=4))
+       | st.text(_TIN_CHARS, min_size=9, max_size=13))
+def test_the_dashed_tin_shortcut_agrees_with_the_pattern(raw: str) -> None:
+    """normalize_tin reads "ddd-dd-dddd" without its regex; the answer must be the one the
+    pattern (ASCII digits, one separator used twice, surrounding blanks allowed) gives."""
+    m = re.fullmatch(r"(\d{3})([- ]?)(\d{2})\2(\d{4})", raw.strip(), re.ASCII)
+    want = None if m is None else normalize_tin(m[1] + m[3] + m[4])
+    assert normalize_tin(raw) == want
+
+
+def _tin_like(draw_text: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.builds(lambda a, b, c: f"{a}-{b}-{c}", st.text(_TIN_CHARS, min_size=3, max_size=3),
+                  st.text(_TIN_CHARS, min_size=2, max_size=2),
+                  st.text(_TIN_CHARS, min_size=4, max_size=4)),
+        st.integers(0, 999_999_999).map(lambda n: f"{n:09d}"),
+        st.integers(0, 999_999_999).map(lambda n: f"{n // 1000000:03d}-{n // 10000 % 100:02d}-"
+                                                  f"{n % 10000:04d}"),
+        draw_text,
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_tin_like(st.text(_TIN_CHARS + "\x00\U0001d7d8", max_size=14)),
+                min_size=256, max_size=600))
+def test_the_tin_column_agrees_with_each_value(values: list[str]) -> None:
+    """Key derivation reads a whole TIN column as arrays; every value, valid, malformed or
+    odd (blanks, NULs, non-ASCII digits, too long), must encode as it does alone."""
+    assert _tin_column(values) == [_tin_bytes(v) for v in values]
 
 
 @pytest.mark.parametrize(

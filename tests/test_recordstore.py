@@ -6,6 +6,7 @@ import io
 from dataclasses import replace
 from datetime import date
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,9 @@ from protocol.domain.records import (
 from protocol.domain.recordstore import (
     KEY_JOB_RECORDS,
     CompactRecords,
+    _blob_match_keys,
+    _pack_job,
+    bulk_keyed_records,
     bulk_match_keys,
     bulk_match_keys_digested,
     load_custodian_csv,
@@ -134,3 +138,23 @@ def test_bulk_match_keys_from_packed_storage_equals_the_record_path() -> None:
                                for r in rules}
         assert bulk_match_keys(store, ["tin+dob"], positions=positions,
                                executor=pool, today=TODAY) == {"tin+dob": picked["tin+dob"]}
+        # a requester's ids, keys and digests in one pass over its packed queries
+        ids = [p.record_id for p in people]
+        for source in (store, people):
+            for executor in (pool, None):
+                got = bulk_keyed_records(source, rules, digest_bytes, executor=executor,
+                                         today=TODAY)
+                assert got.record_ids == ids == store.record_ids()
+                assert got.keys == want
+                assert got.digests == digests
+        assert bulk_keyed_records(store, rules, executor=pool, today=TODAY).digests == {}
+
+
+def test_packed_records_of_another_width_are_refused_not_misread() -> None:
+    """Columns are cut from one split of a whole job, which is only right when every blob
+    has the same fields; a job mixing widths is an error, not a shifted column."""
+    wide = CompactRecords.of([replace(make_person(1), extra=(("alias", "x"),))])
+    narrow = CompactRecords.of([make_person(2)])
+    with pytest.raises(ValueError, match="different widths"):
+        _blob_match_keys(_pack_job(narrow.blobs() + narrow.blobs() + wide.blobs()),
+                         ("tin+dob",), TODAY)

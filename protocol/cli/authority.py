@@ -354,8 +354,7 @@ def _review_queries(
         budgets = engine_budgets([k for rule in rules for ks in keys[rule] for k in ks], engines)
         print(f"Budget needed ({len(rules)} rule(s), every key incl. variants), in units per "
               "engine: " + ", ".join(f"{engine} {units:,}" for engine, units in budgets.items()))
-    _print_estimate([q.person for q in report.accepted], rules, args, today,
-                    keys=None if _aggregate_tier(args) else keys)
+    _print_estimate([q.person for q in report.accepted], rules, args, today)
     commitment = subject_commitment(report.accepted, today=today)
     return accepted, commitment, budgets, report.accepted
 
@@ -369,19 +368,16 @@ def _population(args: argparse.Namespace) -> PopulationStats:
 
 
 def _print_estimate(people: Sequence[PersonRecord], rules: Sequence[str],
-                    args: argparse.Namespace, today: date,
-                    keys: dict[str, list[list[bytes]]] | None = None) -> None:
+                    args: argparse.Namespace, today: date) -> None:
     """The misidentification estimate: expected false matches per rule before signing.
 
-    ``keys`` are the subjects' keys when the caller computed them already (``issue``, for
-    the budget): at a million subjects computing them is most of the time this takes."""
+    It builds the subjects' keys itself, a batch at a time and field by field, which is
+    faster than pricing keys joined already (``issue``'s, for the budget) and holds few."""
     stats = _population(args)
     print(f"Misidentification estimate (expected false matches; custodian of "
           f"{stats.custodian_records:,} records, {stats.persons_per_zip:,} people per ZIP):")
-    if keys is None:
-        keys = query_match_keys_bulk(people, rules, today=today)
     total = 0.0
-    for e in estimate_false_matches(people, rules, stats, today=today, keys=keys):
+    for e in estimate_false_matches(people, rules, stats, today=today):
         total += e.expected_false_matches
         print(f"  {e.rule_id:<26} {_expected_text(e.expected_false_matches):>10}  "
               f"({e.queries:,} subjects, {e.keys:,} keys)")
@@ -390,9 +386,8 @@ def _print_estimate(people: Sequence[PersonRecord], rules: Sequence[str],
     if k is not None:
         step = max(1, -(-len(people) // _CORROBORATION_SAMPLE))
         sample = people[::step]
-        per_query = corroborated_false_matches_per_query(
-            sample, rules, k, stats, today=today,
-            keys={rule: keys[rule][::step] for rule in rules})
+        per_query = corroborated_false_matches_per_query(sample, rules, k, stats,
+                                                         today=today)
         corroborated, error = sample_total(per_query, len(people))
         print(f"  {f'corroborated by {k} rules':<26} {_expected_text(corroborated):>10}  "
               f"(a disclosure needs {k} independent rules to agree; upper estimate)")

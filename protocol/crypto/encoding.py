@@ -72,6 +72,28 @@ def encode(*parts: Part) -> bytes:
     return b"".join(out)
 
 
+def encode_pairs(pairs: Iterable[tuple[Part, Part]]) -> bytes:
+    """``encode(*(encode(a, b) for a, b in pairs))`` in one pass: the same bytes.
+
+    A disclosure batch's transcript is a few hundred thousand such pairs (each record's
+    fields, each request's outputs) on both sides; one call per pair was a visible share of
+    the disclosure phase at full scale.
+    """
+    out: list[bytes] = []
+    append = out.append
+    for a, b in pairs:
+        first = a if isinstance(a, bytes) else a.encode("utf-8") if isinstance(a, str) \
+            else _as_bytes(a)
+        second = b if isinstance(b, bytes) else b.encode("utf-8") if isinstance(b, str) \
+            else _as_bytes(b)
+        append((len(first) + len(second) + 2 * LENGTH_BYTES).to_bytes(LENGTH_BYTES, "big"))
+        append(len(first).to_bytes(LENGTH_BYTES, "big"))
+        append(first)
+        append(len(second).to_bytes(LENGTH_BYTES, "big"))
+        append(second)
+    return b"".join(out)
+
+
 def encode_strs(items: Iterable[str]) -> bytes:
     """A tuple of strings as one nested encoding (``()`` and ``("",)`` differ)."""
     return encode(*items)

@@ -230,13 +230,13 @@ def _blake2b_each(items: list[bytes], size: int, person: bytes, salt: bytes) -> 
     call.  Copying a parameterized state is ~30% cheaper than constructing one per item.
     """
     fresh = hashlib.blake2b(digest_size=size, person=person, salt=salt).copy
-
-    def one(item: bytes) -> bytes:
+    out: list[bytes] = []
+    append = out.append
+    for item in items:  # inlined: a call per item costs ~10% of the loop
         h = fresh()
         h.update(item)
-        return h.digest()
-
-    return b"".join([one(item) for item in items])
+        append(h.digest())
+    return b"".join(out)
 
 
 def digest_bytes(keys: Sequence[bytes]) -> bytes:

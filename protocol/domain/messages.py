@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from protocol.crypto.encoding import decode, encode, encode_strs
+from protocol.crypto.encoding import decode, encode, encode_pairs, encode_strs
 from protocol.domain.engine import Engine
 from protocol.errors import ProtocolError
 
@@ -134,10 +134,10 @@ class DisclosureRequest:
     groups: tuple[int, ...] = ()
 
     def transcript_bytes(self) -> bytes:
-        outputs = (encode(rule_id, output) for rule_id, output in self.outputs)
+        outputs = encode_pairs(self.outputs)
         if not self.groups:  # the encoding of requests before corroboration existed
-            return encode(b"disclosure-request", self.seq, encode(*outputs))
-        return encode(b"disclosure-request", self.seq, encode(*outputs),
+            return encode(b"disclosure-request", self.seq, outputs)
+        return encode(b"disclosure-request", self.seq, outputs,
                       encode(*self.groups))
 
 
@@ -155,8 +155,7 @@ class Disclosure:
     fields: tuple[tuple[str, str], ...]
 
     def transcript_bytes(self) -> bytes:
-        fields = (encode(name, value) for name, value in self.fields)
-        return encode(self.index, self.rule_id, self.pseudonym, encode(*fields))
+        return encode(self.index, self.rule_id, self.pseudonym, encode_pairs(self.fields))
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.fields)

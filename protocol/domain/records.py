@@ -41,6 +41,8 @@ from itertools import combinations, islice
 from operator import itemgetter
 from typing import NoReturn, SupportsIndex, TextIO, cast, overload
 
+import numpy as np
+
 from protocol.crypto.encoding import LENGTH_BYTES, decode, encode, lp, u64
 from protocol.domain.variants import (
     dob_swaps,
@@ -86,6 +88,7 @@ __all__ = [
     "get_rule",
     "independent_group",
     "key_components",
+    "key_rows_bulk",
     "match_keys_bulk",
     "match_keys_from_columns",
     "normalize_address",
@@ -898,7 +901,11 @@ def normalize_tin(s: str) -> str | None:
     group not 00; serial not 0000. ITIN: area 9xx with digits 4-5 in 50-65, 70-88, 90-92 or
     94-99.
     """
-    if len(s) != 9 or not (s.isascii() and s.isdigit()):
+    if len(s) == 11 and s[3] == "-" == s[6]:  # the common dashed form, without the regex
+        s = s[:3] + s[4:6] + s[7:]
+        if not (s.isascii() and s.isdigit()):
+            return None
+    elif len(s) != 9 or not (s.isascii() and s.isdigit()):
         m = _TIN_RE.fullmatch(s.strip())
         if m is None:
             return None
@@ -1480,6 +1487,48 @@ def _tin_bytes(raw: str) -> bytes | None:
     return None if tin is None else _TIN_PREFIX + tin.encode("ascii")
 
 
+#: Below this many values the per-value path is cheaper than building arrays.
+_TIN_COLUMN_MIN = 256
+_DIGITS_OF_DASHED = [0, 1, 2, 4, 5, 7, 8, 9, 10]  # "ddd-dd-dddd" without its dashes
+_ITIN_GROUP_TABLE = np.zeros(100, dtype=bool)
+_ITIN_GROUP_TABLE[[int(g) for g in _ITIN_GROUPS]] = True
+
+
+def _tin_column(values: Sequence[str]) -> list[bytes | None]:
+    """``[_tin_bytes(v) for v in values]``, with the two plain forms done as arrays.
+
+    A million-query file is almost all "ddd-dd-dddd" or nine digits; those are checked and
+    encoded as whole columns (digits, SSN and ITIN ranges as in ``normalize_tin``). Any
+    other value, e.g. with blanks around it, takes ``_tin_bytes`` itself, so the answer
+    is the per-value one for every input (pinned by a test).
+    """
+    n = len(values)
+    if n < _TIN_COLUMN_MIN:
+        return [_tin_bytes(v) for v in values]
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    chars = np.array(values, dtype="U11").view(np.uint32).reshape(n, 11)
+    dashed = (lengths == 11) & (chars[:, 3] == 0x2D) & (chars[:, 6] == 0x2D)
+    digits = np.where(dashed[:, None], chars[:, _DIGITS_OF_DASHED], chars[:, :9])
+    plain = dashed | (lengths == 9)
+    plain &= ((digits >= 0x30) & (digits <= 0x39)).all(axis=1)
+    d = (digits - 0x30).astype(np.int64)
+    area = d[:, 0] * 100 + d[:, 1] * 10 + d[:, 2]
+    group = d[:, 3] * 10 + d[:, 4]
+    serial = ((d[:, 5] * 10 + d[:, 6]) * 10 + d[:, 7]) * 10 + d[:, 8]
+    valid = np.where(area >= 900, _ITIN_GROUP_TABLE[np.clip(group, 0, 99)],
+                     (area != 0) & (area != 666) & (group != 0) & (serial != 0))
+    encoded = np.empty((n, len(_TIN_PREFIX) + 9), dtype=np.uint8)
+    encoded[:, :len(_TIN_PREFIX)] = np.frombuffer(_TIN_PREFIX, dtype=np.uint8)
+    encoded[:, len(_TIN_PREFIX):] = digits.astype(np.uint8)
+    # each row ends in an ASCII digit, so reading rows as bytes drops no trailing NUL
+    rows: list[bytes | None] = encoded.view(f"S{encoded.shape[1]}").ravel().tolist()
+    for i in np.flatnonzero(~plain).tolist():
+        rows[i] = _tin_bytes(values[i])
+    for i in np.flatnonzero(plain & ~valid).tolist():
+        rows[i] = None
+    return rows
+
+
 def _dob_bytes(raw: str, today: date) -> bytes | None:
     got = _dob_part(raw)
     return None if got is None or got[0] > today else got[1]
@@ -1530,7 +1579,7 @@ ColumnSource = Callable[[str], Sequence[str]]
 
 # Column builders: one tight comprehension per field over all records (the bulk fast path).
 _FIELD_COLUMNS: dict[str, Callable[[ColumnSource, date], _Column]] = {
-    "tin": lambda col, _t: [_tin_bytes(v) for v in col("tin")],
+    "tin": lambda col, _t: _tin_column(col("tin")),
     "dob": lambda col, t: [_dob_bytes(v, t) for v in col("dob")],
     "first_name": lambda col, _t: [_first_part(v) for v in col("first_name")],
     "last_name": lambda col, _t: [_last_part(v) for v in col("last_name")],
@@ -1649,43 +1698,80 @@ class MatchRule:
         return _variant_keys(self, record, self.match_key(record, today=today), today)
 
 
+#: One key of a rule as its encoded components per field, in the rule's field order: the
+#: key is the rule's prefix followed by these, joined.  Pricing and deduplication read the
+#: fields from this directly instead of parsing the joined key back.
+KeyRow = tuple[bytes, ...]
+#: A variant's replacements for one record: per alternative, the encoded components of the
+#: fields it alters (``_VARIANT_FIELD`` order).
+_Alternatives = tuple[tuple[bytes, ...], ...]
+
+
+def _tin_transposition_parts(record: PersonRecord, _today: date) -> _Alternatives:
+    """Not cached: a TIN belongs to one person, so its transpositions never repeat."""
+    tin = normalize_tin(record.tin)
+    swapped = tin_transpositions(tin) if tin is not None else ()
+    return tuple((_TIN_PREFIX + t.encode("ascii"),) for t in swapped
+                 if normalize_tin(t) is not None)
+
+
+@lru_cache(maxsize=1 << 16)
+def _dob_alternative_parts(raw: str, today: date, typos: bool) -> _Alternatives:
+    """Dates of birth repeat heavily across a file: each distinct one is expanded once."""
+    parsed = _parse_dob(raw)[0]
+    if parsed is None or parsed > today:
+        return ()
+    near = dob_typos(parsed) if typos else dob_swaps(parsed)
+    return tuple((_DOB_PREFIX + d.isoformat().encode("ascii"),) for d in near if d <= today)
+
+
+@lru_cache(maxsize=1 << 16)
+def _zip_transposition_parts(raw: str) -> _Alternatives:
+    zip5 = normalize_zip(raw)
+    swapped = tin_transpositions(zip5) if zip5 is not None else ()
+    return tuple((enc,) for z in swapped
+                 if normalize_zip(z) is not None and (enc := _component(z)) is not None)
+
+
+def _name_order_parts(record: PersonRecord, _today: date) -> _Alternatives:
+    first = _first_phonetic_part(record.last_name)
+    last = _last_phonetic_part(record.first_name)
+    return () if first is None or last is None else ((first, last),)
+
+
+@lru_cache(maxsize=1 << 17)
+def _surname_part_parts(raw: str) -> _Alternatives:
+    codes = (phonetic(p) for p in surname_parts(split_suffix(raw)[0]))
+    return tuple((enc,) for code in codes if code and (enc := _component(code)) is not None)
+
+
+@lru_cache(maxsize=1 << 17)
+def _nickname_parts(raw: str) -> _Alternatives:
+    formal = first_name_alternatives(normalize_name(raw))
+    return tuple((enc,) for name in formal
+                 if (code := phonetic(first_name_canonical(name)))
+                 and (enc := _component(code)) is not None)
+
+
+#: Per variant, its alternatives for one record (cached per distinct raw value where values
+#: repeat: dates, ZIPs, names).
+_VARIANT_PARTS: dict[Variant, Callable[[PersonRecord, date], _Alternatives]] = {
+    Variant.TIN_TRANSPOSITION: _tin_transposition_parts,
+    Variant.DOB_SWAP: lambda r, today: _dob_alternative_parts(r.dob, today, False),
+    Variant.DOB_TYPO: lambda r, today: _dob_alternative_parts(r.dob, today, True),
+    Variant.ZIP_TRANSPOSITION: lambda r, _today: _zip_transposition_parts(r.zip),
+    Variant.NAME_ORDER: _name_order_parts,
+    Variant.SURNAME_PART: lambda r, _today: _surname_part_parts(r.last_name),
+    Variant.NICKNAME: lambda r, _today: _nickname_parts(r.first_name),
+}
+
+
 def _field_alternatives(variant: Variant, record: PersonRecord, today: date
                         ) -> list[dict[str, bytes]]:
     """For one variant: the field components that replace the canonical ones, per key."""
-    if variant is Variant.TIN_TRANSPOSITION:
-        tin = normalize_tin(record.tin)
-        swapped = tin_transpositions(tin) if tin is not None else ()
-        return [{"tin": _TIN_PREFIX + t.encode("ascii")} for t in swapped
-                if normalize_tin(t) is not None]
-    if variant is Variant.DOB_SWAP:
-        parsed = _parse_dob(record.dob)[0]
-        swaps = dob_swaps(parsed) if parsed is not None and parsed <= today else ()
-        return [{"dob": _DOB_PREFIX + d.isoformat().encode("ascii")} for d in swaps
-                if d <= today]
-    if variant is Variant.DOB_TYPO:
-        parsed = _parse_dob(record.dob)[0]
-        near = dob_typos(parsed) if parsed is not None and parsed <= today else ()
-        return [{"dob": _DOB_PREFIX + d.isoformat().encode("ascii")} for d in near
-                if d <= today]
-    if variant is Variant.ZIP_TRANSPOSITION:
-        zip5 = normalize_zip(record.zip)
-        swapped = tin_transpositions(zip5) if zip5 is not None else ()
-        return [{"zip": enc} for z in swapped
-                if normalize_zip(z) is not None and (enc := _component(z)) is not None]
-    if variant is Variant.NAME_ORDER:
-        first = _first_phonetic_part(record.last_name)
-        last = _last_phonetic_part(record.first_name)
-        if first is None or last is None:
-            return []
-        return [{"first_phonetic": first, "last_phonetic": last}]
-    if variant is Variant.SURNAME_PART:
-        codes = (phonetic(p) for p in surname_parts(split_suffix(record.last_name)[0]))
-        return [{"last_phonetic": enc} for code in codes
-                if code and (enc := _component(code)) is not None]
-    formal = first_name_alternatives(normalize_name(record.first_name))
-    return [{"first_phonetic": enc} for name in formal
-            if (code := phonetic(first_name_canonical(name)))
-            and (enc := _component(code)) is not None]
+    altered = _VARIANT_FIELD[variant]
+    return [dict(zip(altered, alt, strict=True))
+            for alt in _VARIANT_PARTS[variant](record, today)]
 
 
 def _variant_keys(rule: MatchRule, record: PersonRecord, canonical: bytes | None,
@@ -1693,26 +1779,92 @@ def _variant_keys(rule: MatchRule, record: PersonRecord, canonical: bytes | None
     """The canonical key, then one key per query-side variant (deduplicated)."""
     if not rule.variants:
         return [] if canonical is None else [canonical]
-    return [rule._prefix + b"".join(parts[f] for f in rule.fields)
-            for parts in key_components(rule, record, today=today)]
+    join = b"".join
+    return [rule._prefix + join(row) for row in _record_rows(rule, record, today)]
 
 
 def key_components(rule: MatchRule, record: PersonRecord, *, today: date
                    ) -> list[dict[str, bytes]]:
     """The encoded components of each of ``rule.match_keys(record)``, in the same order:
     what the misidentification estimate prices field by field."""
-    parts: dict[str, bytes | None] = {
-        f: _FIELD_COLUMNS[f](lambda name: (getattr(record, name),), today)[0]
-        for f in rule.fields}
-    rows: dict[bytes, dict[str, bytes]] = {}
-    candidates: list[dict[str, bytes]] = [{}] + [replaced for variant in sorted(rule.variants)
-                         for replaced in _field_alternatives(variant, record, today)]
-    for replaced in candidates:
-        row = {f: replaced.get(f, parts[f]) for f in rule.fields}
-        if all(v is not None for v in row.values()):
-            known = cast(dict[str, bytes], row)
-            rows.setdefault(b"".join(known[f] for f in rule.fields), known)
-    return list(rows.values())
+    return [dict(zip(rule.fields, row, strict=True))
+            for row in _record_rows(rule, record, today)]
+
+
+def key_rows_bulk(records: Sequence[PersonRecord], rule_ids: Sequence[str], *, today: date
+                  ) -> dict[str, list[list[KeyRow]]]:
+    """Per rule and record, each key of ``rule.match_keys(record)`` as a :data:`KeyRow`, in
+    the same order: ``query_match_keys_bulk`` without joining the keys, for callers that read
+    them field by field (the misidentification estimate).  Fields are normalized column by
+    column and each variant expanded once per record, whichever rules share it."""
+    raw: dict[str, list[str]] = {}
+
+    def column(name: str) -> list[str]:
+        if name not in raw:
+            raw[name] = [getattr(r, name) for r in records]
+        return raw[name]
+
+    built: dict[str, _Column] = {}
+    expanded: dict[Variant, list[_Alternatives]] = {}
+    out: dict[str, list[list[KeyRow]]] = {}
+    for rule in (get_rule(r) for r in dict.fromkeys(rule_ids)):
+        for f in rule.fields:
+            if f not in built:
+                built[f] = _FIELD_COLUMNS[f](column, today)
+        bases = zip(*(built[f] for f in rule.fields), strict=True)
+        plan = _variant_plan(rule)
+        for variant, _ in plan:
+            if variant not in expanded:
+                expanded[variant] = [_VARIANT_PARTS[variant](r, today) for r in records]
+        out[rule.rule_id] = _expand(list(bases),
+                                    [(at, expanded[variant]) for variant, at in plan])
+    return out
+
+
+@lru_cache(maxsize=64)  # one entry per rule
+def _variant_plan(rule: MatchRule) -> tuple[tuple[Variant, tuple[int, ...]], ...]:
+    """The rule's variants in key order, each with the positions of the fields it alters."""
+    return tuple((variant, tuple(rule.fields.index(f) for f in _VARIANT_FIELD[variant]))
+                 for variant in sorted(rule.variants))
+
+
+def _record_rows(rule: MatchRule, record: PersonRecord, today: date) -> list[KeyRow]:
+    """One record's keys under one rule as rows (the per-record path of key_rows_bulk)."""
+    base = tuple(_FIELD_COLUMNS[f](lambda name: (getattr(record, name),), today)[0]
+                 for f in rule.fields)
+    return _expand([base], [(at, [_VARIANT_PARTS[variant](record, today)])
+                            for variant, at in _variant_plan(rule)])[0]
+
+
+def _expand(bases: list[tuple[bytes | None, ...]],
+            variants: Sequence[tuple[tuple[int, ...], Sequence[_Alternatives]]]
+            ) -> list[list[KeyRow]]:
+    """Per record: its canonical row, then one row per alternative of each variant (given
+    per variant as the positions it alters and its alternatives per record), without
+    repeats and without rows that miss a component.  Equal rows are equal keys (each
+    field's components are length-prefixed), so this keeps the first of each key, as
+    joining first would.  Variant by variant over all records: most records have no
+    alternative for most variants."""
+    out = [[base] for base in bases]
+    for at, per_record in variants:
+        if len(at) == 1:
+            i, j = at[0], at[0] + 1
+            for rows, alternatives in zip(out, per_record, strict=True):
+                if alternatives:
+                    head, tail = rows[0][:i], rows[0][j:]
+                    rows.extend([head + alt + tail for alt in alternatives])
+            continue
+        for rows, alternatives in zip(out, per_record, strict=True):
+            for alt in alternatives:
+                row = list(rows[0])
+                for i, part in zip(at, alt, strict=True):
+                    row[i] = part
+                rows.append(tuple(row))
+    for q, rows in enumerate(out):
+        if len(rows) > 1 or None in rows[0]:
+            # only alternatives that fill every missing component make a key
+            out[q] = [row for row in dict.fromkeys(rows) if None not in row]
+    return cast(list[list[KeyRow]], out)
 
 
 def query_match_keys_bulk(

@@ -80,8 +80,7 @@ from protocol.domain.records import (
 )
 from protocol.domain.recordstore import (
     CompactRecords,
-    bulk_match_keys,
-    bulk_match_keys_digested,
+    bulk_keyed_records,
     persons_of,
 )
 from protocol.engines import registry
@@ -973,22 +972,18 @@ class RequesterSession(RequesterCore):
         # Built as lists, kept as tuples of atomic values: the cyclic collector untracks
         # those after one pass instead of walking a million items in each full pass
         # (docs/architecture.md, Long-lived bulk data).
-        query_ids = (people.record_ids() if isinstance(people, CompactRecords)
-                     else [p.record_id for p in people])
         element_query: list[int] = []
         element_rule: list[int] = []
         element_input: list[bytes] = []
         token_parts: list[bytes] = []
-        digests: dict[str, bytes] = {}
         key_digest = spec.key_digest
         if key_digest is not None and self.named:  # tokens replace keys: nothing to digest
             raise ProtocolError(f"the {engine} engine digests match keys; named-subject "
                                 "sessions send tokens instead")
-        if key_digest is not None:  # the workers digest the keys they just derived
-            keys, digests = bulk_match_keys_digested(people, self.rules, key_digest,
-                                                     executor=executor, today=today)
-        else:
-            keys = bulk_match_keys(people, self.rules, executor=executor, today=today)
+        # The workers cut the ids out of the packed queries, derive the keys and, for an
+        # engine that digests them, digest them, all in one job per slice.
+        query_ids, keys, digests = bulk_keyed_records(people, self.rules, key_digest,
+                                                      executor=executor, today=today)
         # Rules with query-side variants evaluate several keys per query (each one budget
         # unit; docs/architecture.md, Recall and misidentification).
         variant_rules = [r for r in self.rules if MATCH_RULES[r].variants]
@@ -1009,17 +1004,22 @@ class RequesterSession(RequesterCore):
                 if key_digest is not None:
                     digests[rule_id] = key_digest(flat)
                 continue
+            known = cast(list[bytes], column)  # None only where positions skip
+            positions: Sequence[int]
             if self.named:  # only subjects the authority reviewed are sent at all
                 assert tokens is not None
                 positions = [i for i, k in enumerate(column)
                              if k is not None and (query_ids[i], rule_id) in tokens]
                 token_parts.extend(tokens[(query_ids[i], rule_id)] for i in positions)
+                element_input.extend([known[i] for i in positions])
+            elif None not in column:  # every query has a key (the usual case): no scan
+                positions = range(len(column))
+                element_input.extend(known)
             else:
                 positions = [i for i, k in enumerate(column) if k is not None]
+                element_input.extend([k for k in known if k is not None])
             element_query.extend(positions)
             element_rule.extend([r_i] * len(positions))
-            known = cast(list[bytes], column)  # None only where positions skip
-            element_input.extend([known[i] for i in positions])
         self.query_ids: tuple[str, ...] = tuple(query_ids)
         self.element_query: tuple[int, ...] = tuple(element_query)
         self.element_rule: tuple[int, ...] = tuple(element_rule)
@@ -1029,11 +1029,14 @@ class RequesterSession(RequesterCore):
             inputs=self.element_input, chunk_size=chunk_size, ops=self.ops,
             digests=b"".join(digests[r] for r in self.rules) if key_digest else None,
             tokens=b"".join(token_parts) if self.named else None,
-            tagset=tagset, element_rules=tuple(self.rules[r] for r in self.element_rule),
+            tagset=tagset, element_rules=tuple(map(self.rules.__getitem__, self.element_rule)),
             evaluation_key=auth.evaluation_key))
         self._reply_streams = reply_streams(self.exchanges)
         self._sends = {ex.sends: ex for ex in self.exchanges if ex.sends is not None}
-        self.queries_without_key = len(self.query_ids) - len(set(self.element_query))
+        # one rule without variants holds each query at most once: no set needed
+        with_key = (len(self.element_query) if len(self.rules) == 1 and not variant_rules
+                    else len(set(self.element_query)))
+        self.queries_without_key = len(self.query_ids) - with_key
         self.open_response: OpenResponse | None = None
         self.matches: list[Match] = []
         self.results: list[MatchResult] = []
