@@ -639,12 +639,21 @@ def _git() -> dict[str, Any]:
                                   check=False, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
+        return proc.stdout if proc.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"),
-            "dirty": None if status is None else bool(status),
-            "dirty_files": [] if not status else [ln[3:] for ln in status.splitlines()]}
+    # "XY path" entries, NUL-separated; not stripped, since X may be a blank
+    status = git("status", "--porcelain", "-z", "--untracked-files=no")
+    commit = git("rev-parse", "HEAD")
+    files: list[str] = []
+    parts = iter((status or "").split("\0"))
+    for entry in parts:
+        if entry:
+            files.append(entry[3:])
+            if entry[0] in "RC":  # a rename or copy: its source path follows
+                next(parts, None)
+    return {"commit": None if commit is None else commit.strip(),
+            "dirty": None if status is None else bool(files),
+            "dirty_files": files}
 
 
 def _now() -> str:

@@ -249,3 +249,29 @@ def test_aggregate_runner_is_exact_and_reports_the_defence(tmp_path: Path) -> No
     assert row["exact"] is True and row["count"] == row["plaintext_count"] > 0
     assert set(row["defence_s"]) == {"validate_reblinded_s", "prove_s", "verify_s"}
     assert row["defence_s"]["verify_s"] > 0
+
+
+def test_the_run_file_names_every_modified_file_exactly(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``git status`` starts an unstaged change with a blank; the run file must still name
+    the whole path (it once read "EADME.md"), and a staged rename only its new path."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("README.md", "old.txt", "same.txt"):
+        (tmp_path / name).write_text("v1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    (tmp_path / "README.md").write_text("v2\n")  # unstaged: " M README.md"
+    git("mv", "old.txt", "new.txt")  # staged rename: "R  new.txt", then "old.txt"
+    (tmp_path / "untracked.txt").write_text("not counted\n")
+    monkeypatch.setattr(scale, "REPO", tmp_path)
+    got = scale._git()
+    assert got["dirty"] is True
+    assert sorted(got["dirty_files"]) == ["README.md", "new.txt"]
+    assert len(got["commit"]) == 40
+    git("checkout", "-q", "--", "README.md")
+    git("mv", "new.txt", "old.txt")
+    assert scale._git() == {"commit": got["commit"], "dirty": False, "dirty_files": []}
