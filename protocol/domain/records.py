@@ -1875,17 +1875,24 @@ def query_match_keys_bulk(
 ) -> dict[str, list[list[bytes]]]:
     """Every key a requester evaluates, per rule and record (see :meth:`MatchRule.match_keys`).
 
-    Rules without variants take the bulk path; the lists are parallel to ``records``.
+    Rules without variants take the bulk path; rules with variants are built field by field
+    (:func:`key_rows_bulk`, each variant expanded once per record) and joined.  The lists
+    are parallel to ``records``.
     """
-    canonical = match_keys_bulk(records, rule_ids, today=today)
+    rules = [get_rule(r) for r in dict.fromkeys(rule_ids)]
+    plain = [rule.rule_id for rule in rules if not rule.variants]
+    canonical = match_keys_bulk(records, plain, today=today) if plain else {}
+    varied = [rule.rule_id for rule in rules if rule.variants]
+    rows = key_rows_bulk(records, varied, today=today) if varied else {}
+    join = b"".join
     out: dict[str, list[list[bytes]]] = {}
-    for rule_id, column in canonical.items():
-        rule = MATCH_RULES[rule_id]
+    for rule in rules:
         if not rule.variants:
-            out[rule_id] = [[] if k is None else [k] for k in column]
+            out[rule.rule_id] = [[] if k is None else [k] for k in canonical[rule.rule_id]]
         else:
-            out[rule_id] = [_variant_keys(rule, r, k, today)
-                            for r, k in zip(records, column, strict=True)]
+            prefix = rule._prefix
+            out[rule.rule_id] = [[prefix + join(row) for row in record_rows]
+                                 for record_rows in rows.pop(rule.rule_id)]
     return out
 
 
