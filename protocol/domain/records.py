@@ -1520,7 +1520,8 @@ def _tin_column(values: Sequence[str]) -> list[bytes | None]:
     encoded = np.empty((n, len(_TIN_PREFIX) + 9), dtype=np.uint8)
     encoded[:, :len(_TIN_PREFIX)] = np.frombuffer(_TIN_PREFIX, dtype=np.uint8)
     encoded[:, len(_TIN_PREFIX):] = digits.astype(np.uint8)
-    # each row ends in an ASCII digit, so reading rows as bytes drops no trailing NUL
+    # a plain row ends in an ASCII digit, so reading it as bytes drops no trailing NUL;
+    # every other row is replaced below
     rows: list[bytes | None] = encoded.view(f"S{encoded.shape[1]}").ravel().tolist()
     for i in np.flatnonzero(~plain).tolist():
         rows[i] = _tin_bytes(values[i])
@@ -1764,14 +1765,6 @@ _VARIANT_PARTS: dict[Variant, Callable[[PersonRecord, date], _Alternatives]] = {
     Variant.SURNAME_PART: lambda r, _today: _surname_part_parts(r.last_name),
     Variant.NICKNAME: lambda r, _today: _nickname_parts(r.first_name),
 }
-
-
-def _field_alternatives(variant: Variant, record: PersonRecord, today: date
-                        ) -> list[dict[str, bytes]]:
-    """For one variant: the field components that replace the canonical ones, per key."""
-    altered = _VARIANT_FIELD[variant]
-    return [dict(zip(altered, alt, strict=True))
-            for alt in _VARIANT_PARTS[variant](record, today)]
 
 
 def _variant_keys(rule: MatchRule, record: PersonRecord, canonical: bytes | None,

@@ -270,8 +270,7 @@ class CompactRecords(Sequence[PersonRecord]):
 
     def record_ids(self) -> list[str]:
         """Every record's id, without building the records."""
-        sep = _SEP.encode()
-        return [b.split(sep, 1)[0].decode("utf-8") for b in self._blobs]
+        return _blob_columns(*_pack_job(self._blobs), ("record_id",))["record_id"]
 
     def record_classes(self) -> list[str]:
         """Each record's class, without building the records."""
