@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -40,6 +41,7 @@ from agency_a.tagset_cache import CachedTagSet, TagSetCache
 from proto import codec
 from proto import service_kit as kit
 from protocol.accounting.export import RECEIPT_AUDIT_KIND, record_receipt
+from protocol.adapters import collector
 from protocol.adapters.operators import MAX_OPERATOR_CHARS, OperatorRoster, operator_problem
 from protocol.adapters.sqlite_ledger import Ledger
 from protocol.domain.engine import Engine, IndexMode
@@ -254,7 +256,7 @@ class RequesterService(kit.RequesterServicer):
                       accepted=len(accepted), refused=refused_by_reason)
         work = [accepted]  # handed over and cleared by the job thread, not kept alive here
         thread = threading.Thread(
-            target=self._run, args=(job, signed, work, header, tokens), daemon=True,
+            target=self._run_job, args=(job, signed, work, header, tokens), daemon=True,
             name=job.job_id,
         )
         thread.start()
@@ -279,8 +281,16 @@ class RequesterService(kit.RequesterServicer):
         stats.seconds["tagset"] = time.perf_counter() - started
         return tags
 
+    def _run_job(self, job: Job, signed: SignedAuthorization, work: list[Any],
+                 header: Any, tokens: dict[tuple[str, str], bytes] | None) -> None:
+        """The job's thread: once its session's bulk data is built, the collector's full
+        passes skip it until the job ends (docs/architecture.md, Long-lived bulk data)."""
+        with ExitStack() as held:
+            self._run(job, signed, work, header, tokens, held)
+
     def _run(self, job: Job, signed: SignedAuthorization, work: list[Any],
-             header: Any, tokens: dict[tuple[str, str], bytes] | None) -> None:
+             header: Any, tokens: dict[tuple[str, str], bytes] | None,
+             held: ExitStack) -> None:
         accepted = work.pop()
         job.state = "running"
         job.emit("validate", len(accepted), len(accepted), "query records validated")
@@ -303,6 +313,7 @@ class RequesterService(kit.RequesterServicer):
                 engine=engine, tagset=epoch_tags,
             )
             del accepted  # the session keeps ids and match keys only
+            held.enter_context(collector.hold())
             # session construction (match keys, cuckoo table): part of the timed job
             stats.seconds["prepare"] = time.perf_counter() - started
             # results are stored as each disclosure batch arrives (docs/architecture.md,
@@ -606,7 +617,8 @@ class RequesterService(kit.RequesterServicer):
                         custodian_key=self.custodian_keys.get(auth.custodian_id))
                     if index == len(rules) - 1:
                         pending = None  # the sessions keep distinct match keys only
-                    self._aggregate_rule(job, signed, session, channel, stats, answered)
+                    with collector.hold():  # the session's keys and elements are built
+                        self._aggregate_rule(job, signed, session, channel, stats, answered)
                 except (grpc.RpcError, PSIError, OSError, ValueError) as exc:
                     if not answered:
                         raise  # nothing released: the job fails as any other

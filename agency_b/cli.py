@@ -27,6 +27,7 @@ from proto.lifecycle import (
     start_serve_process,
 )
 from proto.limits import add_limit_arguments, limits_from_args
+from protocol.adapters import collector
 from protocol.adapters.checkpointer import Checkpointer
 from protocol.adapters.epoch_index import EpochIndex
 from protocol.adapters.files import (
@@ -156,6 +157,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls = kit.TLSFiles.from_dir(Path(args.certs), args.agency_id, "server")
     agg_pool = AggregatePool(args.workers) if args.workers > 1 else None
     aggregate = AggregateCustodian(custodian, ops=agg_pool)
+    # the records and prepared tables live as long as the process: full collections skip
+    # them from here on (docs/architecture.md, Long-lived bulk data)
+    kit.log_event(log, "heap_settled", frozen_objects=collector.settle())
     server, port = serve(custodian, tls, args.listen, aggregate=aggregate, limits=limits)
     serve_until_signal(log, port, args.port_file, service="custodian", agency=args.agency_id,
                        in_scope=len(custodian.in_scope), excluded=custodian.excluded_count)

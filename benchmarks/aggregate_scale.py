@@ -43,6 +43,12 @@ VALUE = "tax_paid_cents"
 
 
 def run_size(size: int, data_dir: Path, workers: int) -> dict[str, object]:
+    """One aggregate session at ``size``; its keys, certificates and ledger are removed after."""
+    with tempfile.TemporaryDirectory(prefix="agg-bench-") as tmp:
+        return _run_size(size, data_dir, workers, Path(tmp))
+
+
+def _run_size(size: int, data_dir: Path, workers: int, work: Path) -> dict[str, object]:
     files = ensure_scenario(scenario_spec(size), data_dir, Console())
     spec = scenario_spec(size)
     today = date.today()
@@ -51,7 +57,6 @@ def run_size(size: int, data_dir: Path, workers: int) -> dict[str, object]:
     want = plaintext_answer(
         (rule.match_key(q, today=today) for q in queries),
         ((rule.match_key(r, today=today), int(r.get(VALUE) or 0)) for r in records))
-    work = Path(tempfile.mkdtemp(prefix="agg-bench-"))
     write_dev_pki(work / "pki", ["agency-a", "agency-b"], server_agencies=["agency-b"])
     authority = Ed25519PrivateKey.generate()
     kid = P.authority_key_id(authority.public_key())

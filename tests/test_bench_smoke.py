@@ -11,6 +11,7 @@ tin+dob join.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -237,14 +238,19 @@ def test_floor_is_linear_in_work_and_divides_by_cores(h: float, m: float, u: flo
 
 def test_aggregate_runner_is_exact_and_reports_the_defence(tmp_path: Path) -> None:
     """``benchmarks.aggregate_scale`` end to end at 300 x 300: exact, and the cost of issue
-    13's defence (validation, consistency proof) reported."""
+    13's defence (validation, consistency proof) reported; its keys and ledger removed."""
     out = tmp_path / "aggregate.json"
+    scratch = tmp_path / "tmp"  # the runner's temporary directory, to see it is emptied
+    scratch.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.aggregate_scale", "--sizes", str(SIZE),
          "--data-dir", str(tmp_path / "data"), "--out", str(out), "--workers", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # it once left a PKI and a ledger per run in /tmp (libraries' own scratch files aside)
+    assert [p.name for p in scratch.iterdir() if p.is_dir()] == []
     (row,) = json.loads(out.read_text())
     assert row["exact"] is True and row["count"] == row["plaintext_count"] > 0
     assert set(row["defence_s"]) == {"validate_reblinded_s", "prove_s", "verify_s"}

@@ -115,6 +115,33 @@ def test_an_overlong_string_is_refused_even_nested() -> None:
         "field_too_long", "Field.value has 4097 characters; the limit is 4096")
 
 
+def test_one_bad_message_among_thousands_is_found() -> None:
+    """Nested messages are checked a field at a time across the whole batch: the one
+    overlong value or oversized list is found wherever it sits."""
+    def reply(bad: m.Disclosure | None, at: int) -> object:
+        good = [m.Disclosure(index=i, rule_id="tin", pseudonym=f"p{i}",
+                             fields=(("zip", "20500"), ("dob", "1980-02-03")))
+                for i in range(3000)]
+        if bad is not None:
+            good[at] = bad
+        return codec.to_pb(m.DisclosureResponse(seq=1, disclosures=tuple(good)))
+
+    assert len(codec.from_pb(m.DisclosureResponse, reply(None, 0)).disclosures) == 3000
+    long_value = "x" * (codec.MAX_STRING_CHARS + 1)
+    many = tuple((f"f{i}", "v") for i in range(codec.MAX_REPEATED_ENTRIES + 1))
+    cases = [
+        (m.Disclosure(index=7, rule_id="tin", pseudonym="p", fields=(("zip", long_value),)),
+         "field_too_long", "Field.value has 4097 characters"),
+        (m.Disclosure(index=7, rule_id="tin", pseudonym="p", fields=many),
+         "too_many_entries", f"Disclosure.fields has {codec.MAX_REPEATED_ENTRIES + 1} entries"),
+    ]
+    for bad, code, text in cases:
+        for at in (0, 1499, 2999):
+            with pytest.raises(InvalidElementError) as err:
+                codec.from_pb(m.DisclosureResponse, reply(bad, at))
+            assert err.value.code == code and text in str(err.value)
+
+
 BROKEN_WIRE = {
     "invalid UTF-8 in a string": b"\x0a\x02\xc3\x28",
     "a varint longer than 64 bits": b"\x10" + b"\xff" * 10 + b"\x01",

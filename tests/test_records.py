@@ -28,6 +28,8 @@ from protocol.domain.records import (
     Refusal,
     Strength,
     ValidationReport,
+    _dob_bytes,
+    _dob_column,
     _tin_bytes,
     _tin_column,
     address_problem,
@@ -431,6 +433,48 @@ def test_the_tin_column_agrees_with_each_value(values: list[str]) -> None:
     """Key derivation reads a whole TIN column as arrays; every value, valid, malformed or
     odd (blanks, NULs, non-ASCII digits, too long), must encode as it does alone."""
     assert _tin_column(values) == [_tin_bytes(v) for v in values]
+
+
+_DOB_CHARS = "0123456789-/ \uff11\u0663a\x00"
+
+
+def _dob_like() -> st.SearchStrategy[str]:
+    """Mostly "YYYY-MM-DD" with every part at its edges (1899/1900, month 0/13, day 0/32,
+    29 February in leap and common years, the day after ``today``), and the other forms."""
+    return st.one_of(
+        st.builds(lambda y, m, d: f"{y:04d}-{m:02d}-{d:02d}", st.integers(1890, 2030),
+                  st.integers(0, 13), st.integers(0, 32)),
+        st.builds(lambda y, m, d: f"{y:04d}-{m:02d}-{d:02d}",
+                  st.sampled_from([1900, 1996, 2000, 2023, 2024, 2100]), st.just(2),
+                  st.integers(27, 30)),
+        st.builds(lambda y, m, d: f"{m}/{d}/{y}", st.integers(1890, 2030),
+                  st.integers(1, 12), st.integers(1, 31)),
+        st.dates().map(lambda d: d.isoformat()),
+        st.text(_DOB_CHARS, max_size=12),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_dob_like(), min_size=256, max_size=600),
+       st.dates(date(1950, 1, 1), date(2030, 12, 31)))
+def test_the_dob_column_agrees_with_each_value(values: list[str], today: date) -> None:
+    """Key derivation reads a whole date-of-birth column as arrays; every value, valid,
+    impossible, in the future, before 1900 or in another form, must encode as it does
+    alone."""
+    assert _dob_column(values, today) == [_dob_bytes(v, today) for v in values]
+
+
+def test_the_dob_column_refuses_the_iso_dates_the_parser_refuses() -> None:
+    """The array path's own checks, one by one, at the column size that takes it."""
+    today = date(2024, 3, 1)
+    cases = {"2024-02-29": True, "2023-02-29": False, "1900-02-29": False,
+             "2000-02-29": True, "1899-12-31": False, "1900-01-01": True,
+             "2024-03-01": True, "2024-03-02": False, "2024-13-01": False,
+             "2024-00-10": False, "2024-01-00": False, "2024-04-31": False}
+    values = list(cases) * 30
+    got = _dob_column(values, today)
+    assert [row is not None for row in got[:len(cases)]] == list(cases.values())
+    assert got == [_dob_bytes(v, today) for v in values]
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from protocol.domain.recordstore import (
     bulk_keyed_records,
     bulk_match_keys,
     bulk_match_keys_digested,
+    ids_and_fields,
     load_custodian_csv,
 )
 from tests.factories import make_person
@@ -48,6 +49,34 @@ def test_round_trip(values) -> None:
     assert [store[i] for i in range(len(store))] == records
     assert store.record_classes() == [r.record_class for r in records]
     assert store.record_ids() == [r.record_id for r in records]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(text, text, text), min_size=1, max_size=20),
+       st.lists(st.sampled_from(["first_name", "dob", "record_class", "tax_paid_cents",
+                                 "zip", "city", "note"]), max_size=7),
+       st.data())
+def test_ids_and_fields_from_packed_records_are_the_records_own(values, names, data) -> None:
+    """A disclosure reads ids and granted fields straight from the packed blobs; they must
+    be what each record's ``get`` gives, extras (even one named like a person field, which
+    ``get`` never reaches) and the record class included."""
+    records = [
+        PersonRecord(f"r{i}", "123-45-6789", a, "Doe", "1980-01-01", "1 Main St", b, "IL",
+                     "62701", record_class=c,
+                     extra=(("tax_paid_cents", str(i)), ("city", "shadow"), ("note", a)))
+        for i, (a, b, c) in enumerate(values)
+    ]
+    positions = data.draw(st.lists(st.integers(0, len(records) - 1), max_size=30))
+    want = [(records[p].record_id, tuple((f, records[p].get(f)) for f in names))
+            for p in positions]
+    assert ids_and_fields(CompactRecords.of(records), positions, names) == want
+    assert ids_and_fields(records, positions, names) == want
+
+
+def test_ids_and_fields_refuse_a_field_no_record_has() -> None:
+    store = CompactRecords.of([make_person(1), make_person(2)])
+    with pytest.raises(KeyError, match="shoe_size"):
+        ids_and_fields(store, [1], ["first_name", "shoe_size"])
 
 
 def _csv(records) -> io.StringIO:

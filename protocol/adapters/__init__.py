@@ -1,7 +1,8 @@
-"""I/O at the edge: the SQLite ledger, worker pools, files."""
+"""I/O at the edge: the SQLite ledger, worker pools, files, the services' collector policy."""
 
 __all__ = [
     "checkpointer",
+    "collector",
     "epoch_index",
     "files",
     "keys",

@@ -1535,6 +1535,50 @@ def _dob_bytes(raw: str, today: date) -> bytes | None:
     return None if got is None or got[0] > today else got[1]
 
 
+_ISO_DOB_DIGITS = [0, 1, 2, 3, 5, 6, 8, 9]  # "YYYY-MM-DD" without its dashes
+_DAYS_IN_MONTH = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+
+
+def _dob_column(values: Sequence[str], today: date) -> list[bytes | None]:
+    """``[_dob_bytes(v, today) for v in values]``, with "YYYY-MM-DD" done as arrays.
+
+    Files in bulk are almost all in the ISO form, which is already the encoding's text:
+    those rows are checked as whole columns (a calendar date from 1900 on, not after
+    ``today``) and prefixed. Any other value (other formats, blanks, one-digit parts) takes
+    ``_dob_bytes`` itself, so the answer is the per-value one for every input (pinned by a
+    test).
+    """
+    n = len(values)
+    if n < _TIN_COLUMN_MIN:
+        return [_dob_bytes(v, today) for v in values]
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    chars = np.array(values, dtype="U10").view(np.uint32).reshape(n, 10)
+    digits = chars[:, _ISO_DOB_DIGITS]
+    iso = (lengths == 10) & (chars[:, 4] == 0x2D) & (chars[:, 7] == 0x2D)
+    iso &= ((digits >= 0x30) & (digits <= 0x39)).all(axis=1)
+    d = (digits - 0x30).astype(np.int64)
+    year = ((d[:, 0] * 10 + d[:, 1]) * 10 + d[:, 2]) * 10 + d[:, 3]
+    month = d[:, 4] * 10 + d[:, 5]
+    day = d[:, 6] * 10 + d[:, 7]
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_days = _DAYS_IN_MONTH[np.clip(month, 0, 12)] + (leap & (month == 2))
+    valid = ((year >= _MIN_YEAR) & (month >= 1) & (month <= 12) & (day >= 1)
+             & (day <= month_days)
+             & (year * 10000 + month * 100 + day
+                <= today.year * 10000 + today.month * 100 + today.day))
+    encoded = np.empty((n, len(_DOB_PREFIX) + 10), dtype=np.uint8)
+    encoded[:, :len(_DOB_PREFIX)] = np.frombuffer(_DOB_PREFIX, dtype=np.uint8)
+    encoded[:, len(_DOB_PREFIX):] = chars.astype(np.uint8)
+    # an ISO row ends in an ASCII digit, so reading it as bytes drops no trailing NUL; every
+    # other row is replaced below
+    rows: list[bytes | None] = encoded.view(f"S{encoded.shape[1]}").ravel().tolist()
+    for i in np.flatnonzero(~iso).tolist():
+        rows[i] = _dob_bytes(values[i], today)
+    for i in np.flatnonzero(iso & ~valid).tolist():
+        rows[i] = None
+    return rows
+
+
 def _address_bytes(address: str, city: str, state: str, zip_code: str) -> bytes | None:
     z = _zip_part(zip_code)
     if z is None:
@@ -1581,7 +1625,7 @@ ColumnSource = Callable[[str], Sequence[str]]
 # Column builders: one tight comprehension per field over all records (the bulk fast path).
 _FIELD_COLUMNS: dict[str, Callable[[ColumnSource, date], _Column]] = {
     "tin": lambda col, _t: _tin_column(col("tin")),
-    "dob": lambda col, t: [_dob_bytes(v, t) for v in col("dob")],
+    "dob": lambda col, t: _dob_column(col("dob"), t),
     "first_name": lambda col, _t: [_first_part(v) for v in col("first_name")],
     "last_name": lambda col, _t: [_last_part(v) for v in col("last_name")],
     "zip": lambda col, _t: [_zip_part(v) for v in col("zip")],

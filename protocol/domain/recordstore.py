@@ -18,6 +18,7 @@ from protocol.crypto.executor import Executor
 from protocol.domain.records import (
     MATCH_RULES,
     PERSON_FIELDS,
+    RECORD_CLASS_FIELD,
     PersonRecord,
     QueryRecord,
     ReasonCode,
@@ -188,6 +189,25 @@ def _key_jobs(records: Sequence[PersonRecord], rule_ids: Sequence[str],
                         if digest is not None else {})
 
 
+def ids_and_fields(records: Sequence[PersonRecord], positions: Sequence[int],
+                   names: Sequence[str]) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """The id and the ``names`` fields, as (name, value) pairs, of the record at each
+    position: what a disclosure releases. Packed records are read without building a
+    ``PersonRecord`` each (a tenth of a disclosure batch's time at full scale)."""
+    if isinstance(records, CompactRecords):
+        return records.ids_and_fields(positions, names)
+    return _ids_and_fields_of(records, positions, names)
+
+
+def _ids_and_fields_of(records: Sequence[PersonRecord], positions: Sequence[int],
+                       names: Sequence[str]) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    out: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+    for p in positions:
+        record = records[p]
+        out.append((record.record_id, tuple([(f, record.get(f)) for f in names])))
+    return out
+
+
 class CompactRecords(Sequence[PersonRecord]):
     """A read-only sequence of ``PersonRecord`` stored as packed blobs.
 
@@ -271,6 +291,27 @@ class CompactRecords(Sequence[PersonRecord]):
     def record_ids(self) -> list[str]:
         """Every record's id, without building the records."""
         return _blob_columns(*_pack_job(self._blobs), ("record_id",))["record_id"]
+
+    def ids_and_fields(self, positions: Sequence[int], names: Sequence[str]
+                       ) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+        """:func:`ids_and_fields` read straight from the blobs: one decode and split per
+        record, no record built. A name that is no column takes the record's own ``get``
+        (which refuses it)."""
+        n = len(PERSON_FIELDS)
+        column = {name: i for i, name in enumerate(PERSON_FIELDS)}
+        column[RECORD_CLASS_FIELD] = n
+        for k, name in enumerate(self._extra_names or ()):
+            column.setdefault(name, n + 1 + k)  # as ``get``: person fields first, then extras
+        if any(f not in column for f in names):
+            return _ids_and_fields_of(self, positions, names)
+        picks = [(f, column[f]) for f in names]
+        rid = column["record_id"]
+        blobs = self._blobs
+        out: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+        for p in positions:
+            parts = blobs[p].decode("utf-8").split(_SEP)
+            out.append((parts[rid], tuple([(f, parts[i]) for f, i in picks])))
+        return out
 
     def record_classes(self) -> list[str]:
         """Each record's class, without building the records."""

@@ -81,6 +81,7 @@ from protocol.domain.records import (
 from protocol.domain.recordstore import (
     CompactRecords,
     bulk_keyed_records,
+    ids_and_fields,
     persons_of,
 )
 from protocol.engines import registry
@@ -656,12 +657,12 @@ class CustodianSession(CustodianCore):
 
     # -- disclosure ---------------------------------------------------------------------
 
-    def _record_fields(self, record: PersonRecord) -> tuple[tuple[str, str], ...]:
-        return tuple((f, record.get(f)) for f in self.fields)
-
     def pseudonym(self, record: PersonRecord) -> str:
         """Per-authorization pseudonym of a custodian record: stable within, unlinkable across."""
-        mac = hmac.new(self._pseudonym_key, PSEUDONYM_DOMAIN + record.record_id.encode(),
+        return self._pseudonym_of(record.record_id)
+
+    def _pseudonym_of(self, record_id: str) -> str:
+        mac = hmac.new(self._pseudonym_key, PSEUDONYM_DOMAIN + record_id.encode(),
                        hashlib.sha256)
         return mac.hexdigest()[:32]
 
@@ -713,8 +714,7 @@ class CustodianSession(CustodianCore):
                                        for (rule_id, output), i in first_of.items()])
         found = {i: checked[first_of[(rule_id, output)]] for i, rule_id, output in candidates
                  if first_of[(rule_id, output)] in checked}
-        records = cfg.records
-        verified: list[tuple[int, str, PersonRecord]] = []
+        verified: list[tuple[int, str, int]] = []  # (unit's first index, rule, position)
         unit_of: dict[int, list[int]] = {}  # a verified unit's first index -> its items
         for unit in admitted:
             held = [found.get(i) for i in unit]
@@ -733,23 +733,27 @@ class CustodianSession(CustodianCore):
                     unit, DisclosureRejection.KEY_HELD_BY_TOO_MANY_RECORDS.value))
                 continue
             unit_of[unit[0]] = unit
-            verified.extend((unit[0], req.outputs[unit[0]][0], records[position])
-                            for position in common)
+            rule_id = req.outputs[unit[0]][0]
+            verified.extend((unit[0], rule_id, position) for position in common)
         rejected = sorted(why)
+        # each verified record's id and the granted fields, read in one pass
+        released = ids_and_fields(cfg.records, [p for _, _, p in verified], self.fields)
         # The ledger checks the cap atomically and is the authority on it; the rows are
         # durable (one transaction per batch) before any field leaves this function.
-        counted = self._account(auth.authorization_id, verified)
+        counted = self._account(auth.authorization_id,
+                                [(record_id, rule_id) for (_, rule_id, _), (record_id, _)
+                                 in zip(verified, released, strict=True)])
         withheld = [i for (i, _, _), first in zip(verified, counted, strict=True)
                     if first is None]
-        for (i, rule_id, record), first in zip(verified, counted, strict=True):
+        for (i, rule_id, _), (record_id, fields), first in zip(verified, released, counted,
+                                                                strict=True):
             if first is None:
                 continue
             if first:
                 self.disclosed += 1
-            disclosures.append(Disclosure(
-                index=i, rule_id=rule_id, pseudonym=self.pseudonym(record),
-                fields=self._record_fields(record),
-            ))
+            disclosures.append(Disclosure(index=i, rule_id=rule_id,
+                                          pseudonym=self._pseudonym_of(record_id),
+                                          fields=fields))
         if withheld:
             why.update(dict.fromkeys(
                 (i for lead in withheld for i in unit_of[lead]),
@@ -780,9 +784,8 @@ class CustodianSession(CustodianCore):
         self.transcript.add("disclosure-response", reply)
         return reply
 
-    def _account(self, auth_id: str, verified: list[tuple[int, str, PersonRecord]]
-                 ) -> list[bool | None]:
-        """For each verified disclosure, in order: True for a first disclosure (it counts
+    def _account(self, auth_id: str, verified: list[tuple[str, str]]) -> list[bool | None]:
+        """For each verified (record id, rule), in order: True for a first disclosure (it counts
         against the cap), False for a repeat (it does not), None where the cap withholds it.
 
         Only a record's first sight in this session reaches the ledger: one this session
@@ -794,9 +797,9 @@ class CustodianSession(CustodianCore):
         """
         ledger = self.custodian.config.ledger
         pending: dict[str, str] = {}  # record id -> the rule of its first occurrence here
-        for _, rule_id, record in verified:
-            if record.record_id not in self._answered:
-                pending.setdefault(record.record_id, rule_id)
+        for record_id, rule_id in verified:
+            if record_id not in self._answered:
+                pending.setdefault(record_id, rule_id)
         outcome: dict[str, bool | None] = {}
         if pending:
             items = list(pending.items())
@@ -816,8 +819,7 @@ class CustodianSession(CustodianCore):
                 if row is not None:
                     self._answered.add(record_id)
         counted: list[bool | None] = []
-        for _, _, record in verified:
-            record_id = record.record_id
+        for record_id, _ in verified:
             if record_id in outcome:  # its first occurrence in this batch carries the row
                 first = outcome[record_id]
                 counted.append(first)
