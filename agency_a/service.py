@@ -130,9 +130,14 @@ class RequesterService(kit.RequesterServicer):
         tagset_cache: Path | str | None = None,
     ) -> None:
         self.identity = identity
+        #: Without a cache directory (an embedded service), a private one that is removed
+        #: with the service or at exit; it once stayed behind in /tmp, one per service.
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if tagset_cache is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="gated-psi-tagsets-")
+            tagset_cache = self._scratch.name
         #: key-epoch tag sets, fetched once per epoch (owner-only; engine oprf-epoch)
-        self.tagsets = TagSetCache(tagset_cache if tagset_cache is not None
-                                   else Path(tempfile.mkdtemp(prefix="gated-psi-tagsets-")))
+        self.tagsets = TagSetCache(tagset_cache)
         self.operators = operators if isinstance(operators, OperatorRoster) else OperatorRoster(
             operators)
         self.audit = audit

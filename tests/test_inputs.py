@@ -4,6 +4,7 @@ the bad-header error, and the budget ``psi-authority issue`` signs for each engi
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import os
@@ -11,6 +12,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agency_a import cli as cli_a
 from agency_a.service import RequesterService
@@ -257,3 +259,21 @@ def test_agency_a_match_refuses_a_bad_header_with_the_schema(
     assert "characters cut" not in out
     for line in CSV_SCHEMA_HELP.splitlines():
         assert line in out
+
+
+def test_an_embedded_requester_service_removes_its_own_tagset_directory(
+        tmp_path: Path) -> None:
+    """Given no tag-set cache, the service makes a private one and removes it with itself
+    (it once stayed behind in /tmp: one empty directory per service ever built)."""
+    pki = tmp_path / "pki"
+    write_dev_pki(pki, ["agency-a"], server_agencies=["agency-a"])
+    store = ResultStore(tmp_path / "results.sqlite", os.urandom(KEY_LEN),
+                        Ledger(tmp_path / "requester-ledger.sqlite"))
+    service = RequesterService("agency-a", kit.TLSFiles.from_dir(pki, "agency-a", "client"),
+                               signing_key=Ed25519PrivateKey.generate(),
+                               operators=["analyst-7"], store=store)
+    scratch = service.tagsets.root
+    assert scratch.is_dir() and (scratch.stat().st_mode & 0o777) == 0o700
+    del service
+    gc.collect()
+    assert not scratch.exists()
