@@ -31,9 +31,13 @@ def settle() -> int:
     """Collect the garbage, then freeze everything still alive: what the process holds now
     lives as long as it does. Returns how many objects are frozen."""
     with _lock:
-        gc.collect()
-        gc.freeze()
-        return gc.get_freeze_count()
+        return _collect_and_freeze()
+
+
+def _collect_and_freeze() -> int:
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 @contextmanager
@@ -52,8 +56,7 @@ def hold() -> Iterator[None]:
             _holders -= 1
             if _holders == 0:
                 gc.unfreeze()
-                gc.collect()
-                gc.freeze()
+                _collect_and_freeze()
 
 
 def holders() -> int:

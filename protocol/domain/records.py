@@ -1488,10 +1488,38 @@ def _tin_bytes(raw: str) -> bytes | None:
 
 
 #: Below this many values the per-value path is cheaper than building arrays.
-_TIN_COLUMN_MIN = 256
+_ARRAY_COLUMN_MIN = 256
 _DIGITS_OF_DASHED = [0, 1, 2, 4, 5, 7, 8, 9, 10]  # "ddd-dd-dddd" without its dashes
 _ITIN_GROUP_TABLE = np.zeros(100, dtype=bool)
 _ITIN_GROUP_TABLE[[int(g) for g in _ITIN_GROUPS]] = True
+
+
+def _code_points(values: Sequence[str], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each value's length, and its first ``width`` code points as an (n, width) array
+    (0 past a shorter value's end): what the array paths of a column read."""
+    n = len(values)
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    chars = np.array(values, dtype=f"U{width}").view(np.uint32).reshape(n, width)
+    return lengths, chars
+
+
+def _column_rows(prefix: bytes, body: np.ndarray, plain: np.ndarray, valid: np.ndarray,
+                 per_value: Callable[[int], bytes | None]) -> list[bytes | None]:
+    """``prefix || body`` for each plain, valid row; None for a plain, invalid row; and
+    ``per_value(i)`` for every other row (the form the array path does not read).
+
+    A plain row's body ends in an ASCII digit, so reading it as bytes drops no trailing
+    NUL; every other row is replaced.
+    """
+    encoded = np.empty((body.shape[0], len(prefix) + body.shape[1]), dtype=np.uint8)
+    encoded[:, :len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    encoded[:, len(prefix):] = body.astype(np.uint8)
+    rows: list[bytes | None] = encoded.view(f"S{encoded.shape[1]}").ravel().tolist()
+    for i in np.flatnonzero(~plain).tolist():
+        rows[i] = per_value(i)
+    for i in np.flatnonzero(plain & ~valid).tolist():
+        rows[i] = None
+    return rows
 
 
 def _tin_column(values: Sequence[str]) -> list[bytes | None]:
@@ -1502,11 +1530,9 @@ def _tin_column(values: Sequence[str]) -> list[bytes | None]:
     other value, e.g. with blanks around it, takes ``_tin_bytes`` itself, so the answer
     is the per-value one for every input (pinned by a test).
     """
-    n = len(values)
-    if n < _TIN_COLUMN_MIN:
+    if len(values) < _ARRAY_COLUMN_MIN:
         return [_tin_bytes(v) for v in values]
-    lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
-    chars = np.array(values, dtype="U11").view(np.uint32).reshape(n, 11)
+    lengths, chars = _code_points(values, 11)
     dashed = (lengths == 11) & (chars[:, 3] == 0x2D) & (chars[:, 6] == 0x2D)
     digits = np.where(dashed[:, None], chars[:, _DIGITS_OF_DASHED], chars[:, :9])
     plain = dashed | (lengths == 9)
@@ -1517,17 +1543,7 @@ def _tin_column(values: Sequence[str]) -> list[bytes | None]:
     serial = ((d[:, 5] * 10 + d[:, 6]) * 10 + d[:, 7]) * 10 + d[:, 8]
     valid = np.where(area >= 900, _ITIN_GROUP_TABLE[np.clip(group, 0, 99)],
                      (area != 0) & (area != 666) & (group != 0) & (serial != 0))
-    encoded = np.empty((n, len(_TIN_PREFIX) + 9), dtype=np.uint8)
-    encoded[:, :len(_TIN_PREFIX)] = np.frombuffer(_TIN_PREFIX, dtype=np.uint8)
-    encoded[:, len(_TIN_PREFIX):] = digits.astype(np.uint8)
-    # a plain row ends in an ASCII digit, so reading it as bytes drops no trailing NUL;
-    # every other row is replaced below
-    rows: list[bytes | None] = encoded.view(f"S{encoded.shape[1]}").ravel().tolist()
-    for i in np.flatnonzero(~plain).tolist():
-        rows[i] = _tin_bytes(values[i])
-    for i in np.flatnonzero(plain & ~valid).tolist():
-        rows[i] = None
-    return rows
+    return _column_rows(_TIN_PREFIX, digits, plain, valid, lambda i: _tin_bytes(values[i]))
 
 
 def _dob_bytes(raw: str, today: date) -> bytes | None:
@@ -1548,11 +1564,9 @@ def _dob_column(values: Sequence[str], today: date) -> list[bytes | None]:
     ``_dob_bytes`` itself, so the answer is the per-value one for every input (pinned by a
     test).
     """
-    n = len(values)
-    if n < _TIN_COLUMN_MIN:
+    if len(values) < _ARRAY_COLUMN_MIN:
         return [_dob_bytes(v, today) for v in values]
-    lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
-    chars = np.array(values, dtype="U10").view(np.uint32).reshape(n, 10)
+    lengths, chars = _code_points(values, 10)
     digits = chars[:, _ISO_DOB_DIGITS]
     iso = (lengths == 10) & (chars[:, 4] == 0x2D) & (chars[:, 7] == 0x2D)
     iso &= ((digits >= 0x30) & (digits <= 0x39)).all(axis=1)
@@ -1566,17 +1580,7 @@ def _dob_column(values: Sequence[str], today: date) -> list[bytes | None]:
              & (day <= month_days)
              & (year * 10000 + month * 100 + day
                 <= today.year * 10000 + today.month * 100 + today.day))
-    encoded = np.empty((n, len(_DOB_PREFIX) + 10), dtype=np.uint8)
-    encoded[:, :len(_DOB_PREFIX)] = np.frombuffer(_DOB_PREFIX, dtype=np.uint8)
-    encoded[:, len(_DOB_PREFIX):] = chars.astype(np.uint8)
-    # an ISO row ends in an ASCII digit, so reading it as bytes drops no trailing NUL; every
-    # other row is replaced below
-    rows: list[bytes | None] = encoded.view(f"S{encoded.shape[1]}").ravel().tolist()
-    for i in np.flatnonzero(~iso).tolist():
-        rows[i] = _dob_bytes(values[i], today)
-    for i in np.flatnonzero(iso & ~valid).tolist():
-        rows[i] = None
-    return rows
+    return _column_rows(_DOB_PREFIX, chars, iso, valid, lambda i: _dob_bytes(values[i], today))
 
 
 def _address_bytes(address: str, city: str, state: str, zip_code: str) -> bytes | None:
